@@ -1,0 +1,130 @@
+"""Typed configs from YAML/JSON files and command-line overrides, with errors that name the source.
+
+Every stage has one dataclass config whose defaults are the documented recipe. A config is
+built as: defaults < file < overrides. Unknown keys and values of the wrong type are errors
+naming the file (or option), the field and what was expected; the dataclass's own
+`validate()` checks ranges and raises `ConfigError` with `field` set, and the source of that
+field is prefixed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from effcifar.atomic import atomic_write
+from effcifar.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def field_error(field: str, expected: str, value: Any) -> ConfigError:
+    """A ConfigError about one field, for `validate()` methods; the caller adds the source."""
+    err = ConfigError(f"field '{field}': expected {expected}, got {value!r}")
+    err.field = field  # type: ignore[attr-defined]
+    return err
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type annotation of each field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def base_type(annotation: Any) -> tuple[type, bool]:
+    """(scalar type, None allowed) for annotations like int, float, str | None."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def coerce_value(annotation: Any, value: Any, from_text: bool = False) -> Any:
+    """Check (and, for command-line text, parse) one value; raise ValueError with what was expected."""
+    kind, optional = base_type(annotation)
+    if value is None or (from_text and optional and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ValueError(f"a value of type {kind.__name__}")
+    if from_text:
+        if kind is bool:
+            if value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if value.lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError("true or false")
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"a value of type {kind.__name__}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"a value of type {kind.__name__}")
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field names to values, got {type(data).__name__}")
+    return data
+
+
+def build_config(
+    cls: type[C], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+    overrides_from_text: bool = False, override_source: str = "command line",
+) -> C:
+    """Defaults < file < overrides, type-checked and validated; errors name the source and field."""
+    types_ = field_types(cls)
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    layers = []
+    if file is not None:
+        layers.append((str(file), read_config_file(file), False))
+    if overrides:
+        layers.append((override_source, overrides, overrides_from_text))
+    for source, mapping, from_text in layers:
+        for key, value in mapping.items():
+            if key not in types_:
+                raise ConfigError(f"{source}: unknown field '{key}' (known fields: {', '.join(types_)})")
+            try:
+                values[key] = coerce_value(types_[key], value, from_text=from_text)
+            except ValueError as e:
+                raise ConfigError(f"{source}: field '{key}': expected {e}, got {value!r}") from None
+            origin[key] = source
+    config = cls(**values)
+    try:
+        config.validate()  # type: ignore[attr-defined]
+    except ConfigError as e:
+        source = origin.get(getattr(e, "field", ""), "default config")
+        raise ConfigError(f"{source}: {e}") from None
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass, ready for YAML/JSON."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically), loadable again with `build_config`."""
+    atomic_write(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -1,0 +1,13 @@
+"""Typed errors. The CLI prints any `EffcifarError` as one line and exits non-zero."""
+
+
+class EffcifarError(Exception):
+    """Base class for errors caused by user input or the environment, not by a bug."""
+
+
+class ConfigError(EffcifarError):
+    """A configuration file or option has a bad value; the message names file, field and expectation."""
+
+
+class DataError(EffcifarError):
+    """A dataset cannot be found, downloaded, verified or parsed."""

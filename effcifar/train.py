@@ -1,0 +1,408 @@
+"""One training run from one config: the cifar10-fast recipe, made configurable.
+
+`train(TrainConfig(...), out_dir)` loads the data onto the device, builds the network, runs SGD
+with the piecewise-linear schedule and writes the run directory: `config.yaml`, `logs.tsv`
+(one row per epoch), `summary.json` and `model.pt`. Callbacks see each epoch's metrics and may
+stop the run (hyper-parameter search prunes through them).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import effcifar
+from effcifar.atomic import atomic_torch_save, atomic_write
+from effcifar.config import field_error, save_config
+from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
+from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
+
+
+@dataclass
+class TrainConfig:
+    """Everything one run depends on. The defaults are cifar10-fast's ResNet-9 recipe (24 epochs).
+
+    The learning rate follows cifar10-fast: it rises linearly from 0 to `peak_lr` at `peak_epoch`
+    and falls linearly to 0 at `total_epoch`, updated every step. cifar10-fast sums the loss over
+    the batch, divides the LR by the batch size and multiplies the weight decay by it; that is the
+    same update as the mean loss with LR `peak_lr` and weight decay `base_wd`, which we compute.
+    """
+
+    # data
+    dataset: str = "cifar10"
+    data_dir: str | None = None  # a folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar
+    subset: int = 0  # train on this many training images (0: all)
+    holdout: int = 0  # validate on this many held-out training images (0: on the test set, as cifar10-fast)
+    batch_size: int = 512
+    crop_pad: int = 4
+    flip: bool = True
+    cutout: int = 8
+    # optimisation
+    peak_lr: float = 0.4
+    peak_epoch: float = 5
+    total_epoch: int = 24
+    base_wd: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    label_smoothing: float = 0.2
+    # network (the seed's search-space names)
+    logits_weight: float = 0.125
+    prep: int = 64
+    layer1: int = 128
+    layer2: int = 256
+    layer3: int = 512
+    res_prep: int = 0
+    res_layer1: int = 1
+    res_layer2: int = 0
+    res_layer3: int = 1
+    extra_prep: int = 0
+    extra_layer1: int = 0
+    extra_layer2: int = 0
+    extra_layer3: int = 0
+    # execution
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    precision: str = "auto"  # auto: bf16 on GPUs and AMX CPUs that support it, else fp16 on GPU, fp32 on CPU
+    channels_last: bool = True
+    compile: bool = False
+    tta: bool = False  # average the logits of each test image and its mirror image
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    eval_batch_size: int = 1024
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for the first value outside its range."""
+        if self.dataset not in DATASET_NAMES:
+            raise field_error("dataset", f"one of {', '.join(DATASET_NAMES)}", self.dataset)
+        positive = ["batch_size", "total_epoch", "eval_batch_size", *STAGES]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise field_error(name, "a positive integer", getattr(self, name))
+        non_negative = ["subset", "holdout", "crop_pad", "threads", *self.depth_fields()]
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise field_error(name, "an integer >= 0", getattr(self, name))
+        if not 0 <= self.cutout <= 32:
+            raise field_error("cutout", "an integer in [0, 32]", self.cutout)
+        if self.crop_pad > 16:
+            raise field_error("crop_pad", "an integer in [0, 16]", self.crop_pad)
+        if not 0 <= self.peak_epoch <= self.total_epoch:
+            raise field_error("peak_epoch", f"a number in [0, total_epoch={self.total_epoch}]", self.peak_epoch)
+        for name in ("peak_lr", "logits_weight"):
+            if not getattr(self, name) > 0:
+                raise field_error(name, "a number > 0", getattr(self, name))
+        if not self.base_wd >= 0:
+            raise field_error("base_wd", "a number >= 0", self.base_wd)
+        if not 0 <= self.momentum < 1:
+            raise field_error("momentum", "a number in [0, 1)", self.momentum)
+        if not 0 <= self.label_smoothing < 1:
+            raise field_error("label_smoothing", "a number in [0, 1)", self.label_smoothing)
+        if self.precision not in PRECISIONS:
+            raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise field_error("device", "auto, cpu, cuda or cuda:N", self.device)
+
+    @staticmethod
+    def depth_fields() -> list[str]:
+        """Names of the res_*/extra_* depth fields."""
+        return [f"{kind}_{stage}" for kind in ("res", "extra") for stage in STAGES]
+
+    def net_config(self, num_classes: int) -> NetConfig:
+        """The network this config describes."""
+        return NetConfig(
+            channels={s: getattr(self, s) for s in STAGES},
+            res_layers={s: getattr(self, f"res_{s}") for s in STAGES},
+            extra_layers={s: getattr(self, f"extra_{s}") for s in STAGES},
+            logits_weight=self.logits_weight,
+            num_classes=num_classes,
+        )
+
+
+@dataclass
+class EpochMetrics:
+    """One row of logs.tsv. Times in seconds; train_time excludes evaluation (as DAWNBench)."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    valid_loss: float
+    valid_acc: float
+    epoch_time: float
+    train_time: float
+    total_time: float
+
+
+EpochCallback = Callable[[EpochMetrics], "bool | None"]  # return True to stop the run after this epoch
+StepHook = Callable[[int, int], None]  # (steps done, total steps), for progress bars
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; `summary` is what summary.json holds."""
+
+    model: nn.Module
+    history: list[EpochMetrics]
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+    stopped_early: bool = field(default=False)
+
+
+def lr_at(config: TrainConfig, epoch: float) -> float:
+    """Piecewise-linear schedule 0 -> peak_lr at peak_epoch -> 0 at total_epoch."""
+    return float(np.interp(epoch, [0, config.peak_epoch, config.total_epoch], [0, config.peak_lr, 0]))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' means the first GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16_matrix_units() -> bool:
+    """True on CPUs with AMX-BF16 tiles, where bf16 convolutions run 2-3x faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' means bf16 where the hardware runs it natively (most GPUs, AMX CPUs), else fp16 on GPU, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16_matrix_units() else "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (model init); the data order has its own generator."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def split_data(data: CifarData, subset: int, holdout: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, y_train, x_valid, y_valid): optional subset and hold-out from a fixed shuffle; else valid = test."""
+    n = len(data.y_train)
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    valid_idx = order[n - holdout:] if holdout else None
+    train_idx = order[: n - holdout]
+    if subset:
+        train_idx = train_idx[:subset]
+    train_idx = np.sort(train_idx)
+    if valid_idx is None:
+        return data.x_train[train_idx], data.y_train[train_idx], data.x_test, data.y_test
+    valid_idx = np.sort(valid_idx)
+    return data.x_train[train_idx], data.y_train[train_idx], data.x_train[valid_idx], data.y_train[valid_idx]
+
+
+class TrainStep:
+    """One SGD step of the recipe: forward under autocast, label-smoothed loss, backward, update.
+
+    Mixed precision: bf16 autocast needs no loss scaling; fp16 uses a GradScaler. With
+    `config.compile` the forward/backward runs through torch.compile.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, precision: str):
+        self.model = model
+        self.model_to_run = torch.compile(model) if config.compile else model
+        self.label_smoothing = config.label_smoothing
+        self.device_type = next(model.parameters()).device.type
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=config.base_wd,
+        )
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of this run's precision (a no-op for fp32)."""
+        return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the weights on one batch at learning rate `lr`; return (loss, logits), detached."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            logits = self.model_to_run(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), logits.detach()
+
+
+def evaluate(model: nn.Module, loader: DeviceLoader, autocast: Any, label_smoothing: float, tta: bool) -> tuple[float, float]:
+    """(mean loss, accuracy) on a loader; with tta, logits of the image and its mirror are averaged."""
+    model.eval()
+    loss_sum = torch.zeros((), device=loader.labels.device)
+    correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
+    with torch.inference_mode(), autocast():
+        for x, y in loader:
+            logits = model(x)
+            if tta:
+                logits = (logits + model(x.flip(3))) / 2
+            loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+    n = len(loader.labels)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that a result depends on, for summary.json."""
+    return {
+        "effcifar": effcifar.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": np.__version__,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """Human-readable device name (GPU model or CPU with thread count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write_logs(path: Path, history: Sequence[EpochMetrics]) -> None:
+    """Rewrite logs.tsv atomically with every epoch so far."""
+    names = list(asdict(history[0]))
+    rows = ["\t".join(names)]
+    for m in history:
+        rows.append("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in asdict(m).values()))
+    atomic_write(path, "\n".join(rows) + "\n")
+
+
+def train(
+    config: TrainConfig, out_dir: str | Path | None = None, *, callbacks: Sequence[EpochCallback] = (),
+    on_step: StepHook | None = None, data: CifarData | None = None,
+) -> TrainResult:
+    """Run one training run; write the run directory if `out_dir` is given.
+
+    `data` lets a caller that runs many trials load the dataset once. Each callback receives
+    the metrics of every epoch; if one returns True the run stops after that epoch.
+    """
+    config.validate()
+    start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = data if data is not None else load_dataset(config.dataset, config.data_dir)
+    x_train, y_train, x_valid, y_valid = split_data(data, config.subset, config.holdout)
+    if len(y_train) < config.batch_size:
+        raise field_error("batch_size", f"at most the number of training images ({len(y_train)})", config.batch_size)
+    mean, std = data.mean_std()
+    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
+    train_loader = DeviceLoader(
+        x_train, y_train, batch_size=config.batch_size, shuffle=True, drop_last=True, seed=config.seed,
+        augment=Augment(crop_pad=config.crop_pad, flip=config.flip, cutout=config.cutout), **common,
+    )
+    valid_loader = DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size, **common)
+    test_loader = valid_loader
+    if config.holdout:
+        test_loader = DeviceLoader(data.x_test, data.y_test, batch_size=config.eval_batch_size, **common)
+
+    seed_everything(config.seed)
+    model = ResNet(config.net_config(data.num_classes)).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params, flops = count_parameters(model), count_flops(model)
+    step_fn = TrainStep(model, config, precision)
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * config.total_epoch
+    history: list[EpochMetrics] = []
+    train_time = 0.0
+    step = 0
+    stopped_early = False
+    for epoch in range(1, config.total_epoch + 1):
+        step_fn.model_to_run.train()
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for x, y in train_loader:
+            lr = lr_at(config, step / steps_per_epoch)
+            loss, logits = step_fn(x, y, lr)
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            step += 1
+            if on_step is not None:
+                on_step(step, total_steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - epoch_start
+        train_time += epoch_time
+        n_seen = steps_per_epoch * config.batch_size
+        valid_loss, valid_acc = evaluate(step_fn.model_to_run, valid_loader, step_fn.autocast, config.label_smoothing, config.tta)
+        metrics = EpochMetrics(
+            epoch=epoch, lr=lr, train_loss=loss_sum.item() / n_seen, train_acc=correct.item() / n_seen,
+            valid_loss=valid_loss, valid_acc=valid_acc, epoch_time=epoch_time, train_time=train_time,
+            total_time=time.perf_counter() - start,
+        )
+        history.append(metrics)
+        if out is not None:
+            write_logs(out / "logs.tsv", history)
+        if any([bool(cb(metrics)) for cb in callbacks]) and epoch < config.total_epoch:
+            stopped_early = True
+            break
+
+    test_acc = history[-1].valid_acc
+    if config.holdout:
+        test_acc = evaluate(step_fn.model_to_run, test_loader, step_fn.autocast, config.label_smoothing, config.tta)[1]
+    summary = {
+        "config": asdict(config),
+        "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
+                    "train_images": len(y_train), "valid_images": len(y_valid),
+                    "valid_split": "holdout" if config.holdout else "test"},
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "final_valid_acc": history[-1].valid_acc,
+        "best_valid_acc": max(m.valid_acc for m in history),
+        "test_acc": test_acc,
+        "train_time": train_time,
+        "total_time": time.perf_counter() - start,
+        "params": params,
+        "flops": flops,
+        "device": device_name(device),
+        "precision": precision,
+        "seed": config.seed,
+        "versions": library_versions(),
+    }
+    if out is not None:
+        atomic_torch_save(model.state_dict(), out / "model.pt")
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return TrainResult(model=model, history=history, summary=summary, out_dir=out, stopped_early=stopped_early)
+
+
+def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a trained network from a run directory (config.yaml + model.pt, weights_only)."""
+    run = Path(run_dir)
+    summary = json.loads((run / "summary.json").read_text())
+    config = TrainConfig(**summary["config"])
+    model = ResNet(config.net_config(summary["dataset"]["num_classes"]))
+    model.load_state_dict(torch.load(run / "model.pt", map_location=map_location, weights_only=True))
+    return model

@@ -1,0 +1,79 @@
+"""The effcifar command as users run it: a real subprocess, real files, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = ["--dataset", "synthetic", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--peak-epoch", "0.5",
+        "--prep", "8", "--layer1", "8", "--layer2", "16", "--layer3", "16"]
+
+
+def effcifar(*args, cwd=None, env=None):
+    """Run the installed console script's module form (same entry point) and capture output."""
+    return subprocess.run([sys.executable, "-m", "effcifar", *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_train_runs_and_prints_the_final_table(tmp_path):
+    out = tmp_path / "run"
+    r = effcifar("train", *TINY, "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "epoch   1" in r.stdout and "test accuracy" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["layer3"] == 16 and summary["epochs_run"] == 1
+
+
+def test_config_file_and_option_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("peak_lr: 0.05\ncutout: 4\n")
+    out = tmp_path / "run"
+    r = effcifar("train", "--config", str(cfg), *TINY, "--cutout", "6", "--no-flip", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    resolved = json.loads((out / "summary.json").read_text())["config"]
+    assert (resolved["peak_lr"], resolved["cutout"], resolved["flip"]) == (0.05, 6, False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "field 'total_epoch': expected a positive integer, got 0"),
+    (["--epochs", "4", "--peak-epoch", "5"], "field 'peak_epoch': expected a number in [0, total_epoch=4]"),
+    (["--layer2", "-8"], "field 'layer2': expected a positive integer"),
+    (["--cutout", "33"], "field 'cutout': expected an integer in [0, 32], got 33"),
+    (["--dataset", "imagenet"], "field 'dataset': expected one of cifar10, cifar100, synthetic"),
+    (["--peak-lr", "fast"], "field 'peak_lr': expected a value of type float, got 'fast'"),
+    (["--config", "missing.yaml"], "missing.yaml: cannot read config file"),
+])
+def test_bad_values_give_one_line_and_write_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    r = effcifar("train", "--dataset", "synthetic", *args, "--out", str(out))
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_missing_dataset_without_network_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    r = effcifar("train", "--dataset", "cifar100", "--out", str(out),
+                 env={"EFFCIFAR_DATA": str(tmp_path / "cache"), "EFFCIFAR_MIRROR": "http://127.0.0.1:9/"})
+    assert r.returncode == 2
+    assert "http://127.0.0.1:9/cifar-100-python.tar.gz" in r.stderr and "EFFCIFAR_DATA" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_data_info_on_synthetic():
+    r = effcifar("data", "info", "--dataset", "synthetic100")
+    assert r.returncode == 0, r.stderr
+    assert "10000 / 2000" in r.stdout and "100: class_0" in r.stdout
+
+
+def test_help_lists_every_config_field():
+    r = effcifar("train", "--help")
+    for option in ("--peak-lr", "--base-wd", "--logits-weight", "--peak-epoch", "--cutout", "--epochs",
+                   "--prep", "--layer1", "--res-layer1", "--extra-layer3", "--tta", "--compile", "--data-dir"):
+        assert option in r.stdout

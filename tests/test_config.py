@@ -1,0 +1,65 @@
+"""Config files and overrides: types, unknown keys and range errors name their source."""
+
+import json
+
+import pytest
+
+from effcifar.config import build_config, read_config_file, save_config
+from effcifar.errors import ConfigError
+from effcifar.train import TrainConfig
+
+
+def test_defaults_are_the_cifar10_fast_recipe():
+    c = build_config(TrainConfig)
+    assert (c.batch_size, c.peak_lr, c.peak_epoch, c.total_epoch, c.base_wd) == (512, 0.4, 5, 24, 5e-4)
+    assert (c.momentum, c.nesterov, c.label_smoothing, c.cutout, c.logits_weight) == (0.9, True, 0.2, 8, 0.125)
+    assert (c.prep, c.layer1, c.layer2, c.layer3) == (64, 128, 256, 512)
+    assert (c.res_layer1, c.res_layer3, c.res_prep, c.res_layer2) == (1, 1, 0, 0)
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("peak_lr: 0.2\ntotal_epoch: 10\nlayer1: 96\n")
+    c = build_config(TrainConfig, path, {"total_epoch": "12", "tta": "true"}, overrides_from_text=True)
+    assert (c.peak_lr, c.total_epoch, c.layer1, c.tta) == (0.2, 12, 96, True)
+
+
+def test_json_and_roundtrip(tmp_path):
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps({"peak_lr": 0.1, "cutout": 6, "data_dir": None}))
+    c = build_config(TrainConfig, path)
+    save_config(c, tmp_path / "resolved.yaml")
+    assert build_config(TrainConfig, tmp_path / "resolved.yaml") == c
+
+
+@pytest.mark.parametrize("content, message", [
+    ("peak_lr: 0.1\nwarmup: 3\n", "unknown field 'warmup'"),
+    ("total_epoch: ten\n", "field 'total_epoch': expected a value of type int, got 'ten'"),
+    ("total_epoch: 2.5\n", "field 'total_epoch': expected a value of type int"),
+    ("tta: 1\n", "field 'tta': expected a value of type bool"),
+    ("cutout: 40\n", "field 'cutout': expected an integer in [0, 32], got 40"),
+    ("total_epoch: 0\n", "field 'total_epoch': expected a positive integer, got 0"),
+    ("total_epoch: 4\npeak_epoch: 5\n", "field 'peak_epoch': expected a number in [0, total_epoch=4], got 5"),
+    ("layer2: 0\n", "field 'layer2': expected a positive integer"),
+    ("dataset: imagenet\n", "field 'dataset': expected one of cifar10, cifar100, synthetic"),
+    ("- 1\n- 2\n", "expected a mapping"),
+    ("peak_lr: [1\n", "not valid YAML"),
+])
+def test_bad_files_name_file_and_field(tmp_path, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as e:
+        build_config(TrainConfig, path)
+    assert str(e.value).startswith(str(path))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_override_errors_name_the_option_source(tmp_path):
+    with pytest.raises(ConfigError, match=r"^command line: field 'cutout'"):
+        build_config(TrainConfig, None, {"cutout": "33"}, overrides_from_text=True)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config file"):
+        read_config_file("nope.yaml")
