@@ -4,12 +4,14 @@
     python bench/train_step.py --widths 16,32,64,128 --repeats 7
 
 (a) effcifar: the device loader's batched augmentation + normalisation, then `TrainStep`
-    (the recipe's SGD step at the default precision of the device: fp32 on CPU, bf16 on GPU).
+    (the recipe's SGD step at the device's default precision: bf16 on GPUs and on CPUs with
+    AMX-BF16, else fp32); (a32) the same forced to fp32, for a like-for-like comparison.
 (b) a plain loop written here: the same architecture defined independently, fp32,
     channels_last, eager, SGD Nesterov, label-smoothed cross entropy, on a ready-made batch.
-Rounds alternate a and b; we report medians, the ratio a/b, achieved GFLOP/s (FLOPs of the
-step counted by torch.utils.flop_counter), the device's matmul GFLOP/s measured in the same
-run (the practical ceiling) and augmentation time as a share of a's step time.
+Rounds alternate a, a32 and b (rotating which goes first); we report medians, the ratios a/b and a32/b, achieved GFLOP/s
+(FLOPs of the step counted by torch.utils.flop_counter), the device's matmul GFLOP/s measured
+in the same run in fp32 and bf16 (the practical ceilings) and augmentation time as a share of
+a's step time.
 """
 
 from __future__ import annotations
@@ -79,10 +81,9 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
 
 
 def bench_widths(widths: list[int], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Time (a) and (b) for one width setting, alternating rounds."""
+    """Time (a), (a32) and (b) for one width setting, alternating rounds."""
     config = TrainConfig(prep=widths[0], layer1=widths[1], layer2=widths[2], layer3=widths[3],
                          batch_size=args.batch, device=str(device))
-    precision = resolve_precision(config.precision, device)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch * 4, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, args.batch * 4)
@@ -91,19 +92,20 @@ def bench_widths(widths: list[int], args: argparse.Namespace, device: torch.devi
     raw = loader.images[: args.batch]
     y = loader.labels[: args.batch]
 
-    torch.manual_seed(0)
-    ours = ResNet(config.net_config(10)).to(device).to(memory_format=torch.channels_last)
-    step = TrainStep(ours, config, precision)
-    flops = count_flops(ours, (args.batch, 3, 32, 32), backward=True)
+    def ours(precision: str):
+        torch.manual_seed(0)
+        model = ResNet(config.net_config(10)).to(device).to(memory_format=torch.channels_last)
+        step = TrainStep(model, config, precision)
+
+        def run() -> None:
+            for _ in range(args.steps):
+                step(loader.transform(raw), y, 0.01)
+        return run, model
 
     torch.manual_seed(0)
     plain = plain_resnet9(widths).to(device).to(memory_format=torch.channels_last)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     x_ready = loader.transform(raw)
-
-    def run_ours() -> None:
-        for _ in range(args.steps):
-            step(loader.transform(raw), y, 0.01)
 
     def run_plain() -> None:
         for _ in range(args.steps):
@@ -112,16 +114,23 @@ def bench_widths(widths: list[int], args: argparse.Namespace, device: torch.devi
             plain_opt.step()
             plain_opt.zero_grad()
 
-    run_ours(), run_plain()  # warm-up: allocation, kernel choice
-    t_ours, t_plain = [], []
-    for _ in range(args.repeats):
-        t_ours.append(timed(run_ours, device, 1) / args.steps)
-        t_plain.append(timed(run_plain, device, 1) / args.steps)
+    precision = resolve_precision(config.precision, device)
+    run_a, model = ours(precision)
+    run_a32, _ = ours("fp32")
+    flops = count_flops(model, (args.batch, 3, 32, 32), backward=True)
+    runs = {"a": run_a, "a32": run_a32, "b": run_plain}
+    for run in runs.values():  # warm-up: allocation, kernel choice
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_ in range(args.repeats):
+        for name in names[round_ % 3:] + names[: round_ % 3]:  # rotate the order: no variant always goes first
+            times[name].append(timed(runs[name], device, 1) / args.steps)
+    t = {name: statistics.median(v) for name, v in times.items()}
     t_aug = timed(lambda: loader.transform(raw), device, 20)
-    a, b = statistics.median(t_ours), statistics.median(t_plain)
-    return {"a_img_s": args.batch / a, "b_img_s": args.batch / b, "ratio": b / a,
-            "a_gflops": flops / a / 1e9, "b_gflops": flops / b / 1e9, "aug_share": t_aug / a,
-            "precision": precision}
+    return {"precision": precision, "a_img_s": args.batch / t["a"], "a32_img_s": args.batch / t["a32"],
+            "b_img_s": args.batch / t["b"], "a_gflops": flops / t["a"] / 1e9, "a32_gflops": flops / t["a32"] / 1e9,
+            "b_gflops": flops / t["b"] / 1e9, "aug_share": t_aug / t["a"]}
 
 
 def main() -> None:
@@ -139,18 +148,21 @@ def main() -> None:
     else:
         torch.backends.cudnn.benchmark = True
     settings = [[int(w) for w in s.split(",")] for s in (args.widths or ["64,128,256,512", "16,32,64,128"])]
-    ceiling_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    ceiling = matmul_gflops(device, ceiling_dtype, 2048 if device.type == "cpu" else 8192)
+    size = 2048 if device.type == "cpu" else 8192
+    ceilings = {"fp32": matmul_gflops(device, torch.float32, size), "bf16": matmul_gflops(device, torch.bfloat16, size)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; "
           f"{args.repeats} alternating rounds of {args.steps} step(s)")
-    print(f"matmul ceiling ({str(ceiling_dtype).replace('torch.', '')}): {ceiling:.1f} GFLOP/s")
-    header = f"{'widths':<16}{'effcifar img/s':>15}{'plain img/s':>13}{'a/b':>7}{'GFLOP/s (a)':>13}{'% ceiling':>11}{'aug share':>11}"
-    print(header)
+    print(f"matmul ceiling ({size}x{size}): fp32 {ceilings['fp32']:.1f} GFLOP/s, bf16 {ceilings['bf16']:.1f} GFLOP/s")
+    print(f"{'widths':<16}{'prec (a)':>9}{'a img/s':>9}{'a32 img/s':>10}{'b img/s':>9}{'a/b':>7}{'a32/b':>7}"
+          f"{'GFLOP/s a':>10}{'a32':>8}{'b':>8}{'a % ceil':>9}{'a32 % ceil':>11}{'b % ceil':>9}{'aug share':>10}")
     for widths in settings:
         r = bench_widths(widths, args, device)
-        print(f"{'/'.join(map(str, widths)):<16}{r['a_img_s']:>15.1f}{r['b_img_s']:>13.1f}{r['ratio']:>7.3f}"
-              f"{r['a_gflops']:>13.1f}{r['a_gflops'] / ceiling:>11.1%}{r['aug_share']:>11.2%}", flush=True)
+        print(f"{'/'.join(map(str, widths)):<16}{r['precision']:>9}{r['a_img_s']:>9.1f}{r['a32_img_s']:>10.1f}"
+              f"{r['b_img_s']:>9.1f}{r['a_img_s'] / r['b_img_s']:>7.2f}{r['a32_img_s'] / r['b_img_s']:>7.2f}"
+              f"{r['a_gflops']:>10.1f}{r['a32_gflops']:>8.1f}{r['b_gflops']:>8.1f}"
+              f"{r['a_gflops'] / ceilings[r['precision']]:>9.1%}{r['a32_gflops'] / ceilings['fp32']:>11.1%}"
+              f"{r['b_gflops'] / ceilings['fp32']:>9.1%}{r['aug_share']:>10.2%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
 from rich.table import Table
 
 import effcifar
@@ -102,14 +104,18 @@ def run_train(args: argparse.Namespace, console: Console) -> int:
 
 def run_data(args: argparse.Namespace, console: Console) -> int:
     """effcifar data download|info|verify."""
+    if args.action != "info" and args.dataset not in data_lib.ARCHIVES:
+        choices = ", ".join(data_lib.ARCHIVES)
+        raise EffcifarError(f"--dataset: expected one of {choices} to {args.action}, got {args.dataset!r}")
     if args.action == "download":
-        if args.dataset not in data_lib.ARCHIVES:
-            raise EffcifarError(f"--dataset: expected one of {', '.join(data_lib.ARCHIVES)} to download, got {args.dataset!r}")
-        path = data_lib.download(args.dataset, args.data_dir)
-        console.print(f"{args.dataset}: {path} (md5 verified)")
+        columns = [TextColumn(f"[bold]{args.dataset}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn()]
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("", total=None)
+            path = data_lib.download(args.dataset, args.data_dir,
+                                     progress=lambda done, total: progress.update(task, completed=done, total=total))
+        console.print(f"{args.dataset}: {path} (md5 verified, extracted)")
     elif args.action == "verify":
-        if args.dataset not in data_lib.ARCHIVES:
-            raise EffcifarError(f"--dataset: expected one of {', '.join(data_lib.ARCHIVES)} to verify, got {args.dataset!r}")
         console.print(data_lib.verify(args.dataset, args.data_dir))
     else:
         dataset = data_lib.load_dataset(args.dataset, args.data_dir, download_missing=False)

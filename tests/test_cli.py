@@ -77,3 +77,20 @@ def test_help_lists_every_config_field():
     for option in ("--peak-lr", "--base-wd", "--logits-weight", "--peak-epoch", "--cutout", "--epochs",
                    "--prep", "--layer1", "--res-layer1", "--extra-layer3", "--tta", "--compile", "--data-dir"):
         assert option in r.stdout
+
+
+def test_data_download_of_a_generated_dataset_is_refused():
+    r = effcifar("data", "download", "--dataset", "synthetic")
+    assert r.returncode == 2
+    assert "--dataset: expected one of cifar10, cifar100 to download, got 'synthetic'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not os.environ.get("EFFCIFAR_DATA", "").endswith(".npz"), reason="needs EFFCIFAR_DATA=<cifar10 .npz>")
+def test_data_verify_and_info_on_the_real_copy():
+    r = effcifar("data", "verify", "--dataset", "cifar10")
+    assert r.returncode == 0, r.stderr
+    assert "50000 train / 10000 test images, 10 classes" in r.stdout
+    r = effcifar("data", "info", "--dataset", "cifar10")
+    assert r.returncode == 0, r.stderr
+    assert "airplane" in r.stdout and "5000" in r.stdout

@@ -88,16 +88,16 @@ def test_flip_tta_averages_mirror_logits(synthetic):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("EFFCIFAR_DATA"), reason="needs EFFCIFAR_DATA (real CIFAR-10)")
-def test_real_cifar10_narrow_network_one_epoch(tmp_path):
-    """The recipe at widths 16/32/64/128 on real CIFAR-10, one epoch (about 3 minutes on 2 cores).
+def test_real_cifar10_narrow_network(tmp_path):
+    """The recipe at widths 16/32/64/128 on real CIFAR-10 for 2 epochs (about a minute here).
 
-    A plain PyTorch loop reached 52% after the first epoch of a 3-epoch run here; a one-epoch
-    schedule with flip TTA should be at least that good. The bound fails if the recipe, the
-    data pipeline or the augmentation is broken.
+    bench/accuracy.py reaches 77% with 3 epochs; a plain PyTorch loop reached 72% after the
+    second of 3 epochs. The bound fails if the recipe, the data pipeline, the normalisation or
+    the augmentation is broken.
     """
     data = load_dataset("cifar10")
     assert data.num_classes == 10 and len(data.y_train) == 50000
-    cfg = TrainConfig(prep=16, layer1=32, layer2=64, layer3=128, total_epoch=1, peak_epoch=0.25, tta=True, threads=2)
+    cfg = TrainConfig(prep=16, layer1=32, layer2=64, layer3=128, total_epoch=2, peak_epoch=0.5, tta=True, threads=2)
     result = train(cfg, tmp_path / "run", data=data)
-    print(result.summary["test_acc"], result.summary["train_time"])
-    assert result.summary["test_acc"] >= 0.50
+    accuracies = [round(m.valid_acc, 4) for m in result.history]
+    assert result.summary["test_acc"] >= 0.66, accuracies
