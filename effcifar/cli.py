@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from rich.table import Table
 
 import effcifar
 from effcifar import data as data_lib
+from effcifar.atomic import atomic_write
 from effcifar.config import base_type, build_config, field_types
 from effcifar.errors import EffcifarError
 from effcifar.train import EpochMetrics, TrainConfig, train
@@ -136,6 +139,92 @@ def run_data(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def run_hpo(args: argparse.Namespace, console: Console) -> int:
+    """effcifar hpo run|status|best|export."""
+    from effcifar.hpo import study as hpo  # optuna is imported only by the commands that need it
+
+    if args.action == "run":
+        return run_hpo_study(args, console, hpo)
+    if args.action == "best":
+        path, best = hpo.write_best(args.run, args.tie)
+        console.print(f"best: trial {best.number}, valid acc {best.user_attrs['accuracy']:.2%}, "
+                      f"train time {best.user_attrs['train_time']:.1f} s -> {path}")
+    elif args.action == "export":
+        for path in hpo.export_trials(args.run):
+            console.print(f"wrote {path}")
+    else:
+        config, study = hpo.load_run(args.run)
+        print_study(study, config.tie, console, hpo)
+    return 0
+
+
+def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> Any:
+    """--config (NNI experiment file) < explicit options; inline NNI spaces are written into the run dir."""
+    from effcifar.hpo.experiment import load_experiment, parse_duration
+    from effcifar.hpo.space import SearchSpace
+
+    values: dict[str, Any] = {}
+    out = Path(args.out)
+    if args.config:
+        exp = load_experiment(args.config)
+        for warning in exp.warnings:
+            console_warning(f"{args.config}: {warning}")
+        if exp.search_space is not None:  # an inline v2 space: validated, then kept in the run directory
+            SearchSpace.from_dict(exp.search_space, str(args.config), field_types(TrainConfig))
+            atomic_write(out / "search_space.json", json.dumps(exp.search_space, indent=2))
+            values["space"] = str(out / "search_space.json")
+        elif exp.search_space_file is not None:
+            values["space"] = exp.search_space_file
+        values.update({k: v for k, v in {"trials": exp.trials, "timeout": exp.timeout, "workers": exp.workers,
+                                           "sampler": exp.sampler, "seed": exp.seed, "study": exp.name}.items()
+                       if v is not None})
+    option_names = ("space", "base", "dataset", "trials", "workers", "sampler", "pruner", "objective", "study", "seed", "tie")
+    values.update({k: getattr(args, k) for k in option_names if getattr(args, k) is not None})
+    if args.timeout is not None:
+        values["timeout"] = parse_duration(args.timeout, "--timeout")
+    return build_config(hpo.HpoConfig, None, values, override_source=args.config or "command line")
+
+
+def console_warning(message: str) -> None:
+    """A warning line on stderr."""
+    print(f"effcifar: warning: {message}", file=sys.stderr)
+
+
+def run_hpo_study(args: argparse.Namespace, console: Console, hpo: Any) -> int:
+    """effcifar hpo run: start or resume a study and print its table at the end."""
+    config = hpo_config_from_args(args, hpo)
+
+    def on_trial(t: Any) -> None:
+        a = t.user_attrs
+        detail = a.get("fail_reason") or (f"valid acc {a['accuracy']:.2%}  train time {a['train_time']:.1f} s"
+                                          if "accuracy" in a else "")
+        console.print(f"trial {t.number:4d}  {t.state.name:<8}  {detail}")
+
+    study = hpo.run_study(config, args.out, on_trial=on_trial)
+    print_study(study, config.tie, console, hpo)
+    return 0
+
+
+def print_study(study: Any, tie: float, console: Console, hpo: Any, top: int = 10) -> None:
+    """Counts by state and a table of the top trials by accuracy, marking the one the tie rule picks."""
+    trials = study.get_trials(deepcopy=False)
+    counts = collections.Counter(t.state.name for t in trials)
+    console.print(f"study {study.study_name}: {len(trials)} trials (" +
+                  ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")")
+    records = sorted((hpo.trial_record(t) for t in trials if t.user_attrs.get("accuracy") is not None),
+                     key=lambda r: -r["accuracy"])[:top]
+    if not records:
+        return
+    chosen = hpo.select_best(trials, tie).number if counts.get("COMPLETE") else None
+    table = Table(title=f"top {len(records)} trials (* = best by the tie rule, {tie} points)")
+    for column in ("trial", "state", "valid acc", "train time", "epochs", "params"):
+        table.add_column(column, justify="right")
+    for r in records:
+        table.add_row(f"{r['number']}{'*' if r['number'] == chosen else ''}", r["state"], f"{r['accuracy']:.2%}",
+                      f"{r['train_time']:.1f} s", str(r["epochs"] or ""), f"{r['params']:,}" if r["params"] else "")
+    console.print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The effcifar command and its subcommands."""
     parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
@@ -154,6 +243,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 (info also: synthetic, synthetic100)")
     p.add_argument("--data-dir", help="folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar")
     p.set_defaults(handler=run_data)
+
+    hpo = sub.add_parser("hpo", help="hyper-parameter search (Optuna study; NNI search spaces and configs)")
+    hpo_sub = hpo.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = hpo_sub.add_parser("run", help="run or resume a study (the same command again resumes)")
+    p.add_argument("--space", help="NNI search space (.json or .yaml), e.g. examples/search_space.json")
+    p.add_argument("--config", help="NNI experiment config (v1 or v2 keys), e.g. examples/config.yml")
+    p.add_argument("--base", help="TrainConfig file the sampled values override (default: the recipe)")
+    p.add_argument("--dataset", help="cifar10, cifar100, synthetic, ... (overrides the base config)")
+    p.add_argument("--trials", type=int, help="budget of finished trials, across restarts (default 20)")
+    p.add_argument("--timeout", help="stop starting trials after this long: seconds or 30m, 2h, 1d")
+    p.add_argument("--workers", type=int, help="trial processes on this machine (default 1)")
+    p.add_argument("--sampler", help="tpe (default), random, cmaes, nsga2")
+    p.add_argument("--pruner", help="median (default), hyperband, none")
+    p.add_argument("--objective", help="acc (default) or acc,time (Pareto front with train time)")
+    p.add_argument("--study", help="study name (default: the run directory's name)")
+    p.add_argument("--seed", type=int, help="sampler seed")
+    p.add_argument("--tie", type=float, help="percentage points within which the shorter trial wins (default 0.1)")
+    p.add_argument("--out", required=True, help="run directory, e.g. runs/hpo1")
+    for action, text in (("status", "counts by state and the top trials"),
+                         ("best", "write best.json (usable as effcifar train --config best.json)"),
+                         ("export", "write trials.csv and trials.json")):
+        p = hpo_sub.add_parser(action, help=text)
+        p.add_argument("run", help="the study's run directory")
+        if action == "best":
+            p.add_argument("--tie", type=float, help="override the study's tie rule (percentage points)")
+    hpo.set_defaults(handler=run_hpo)
     return parser
 
 
@@ -163,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         return args.handler(args, console)
-    except EffcifarError as e:
+    except EffcifarError as e:  # our errors are one line; anything else is a bug and keeps its traceback
         print(f"effcifar {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,3 +11,7 @@ class ConfigError(EffcifarError):
 
 class DataError(EffcifarError):
     """A dataset cannot be found, downloaded, verified or parsed."""
+
+
+class TrainingDiverged(EffcifarError):
+    """The training loss became NaN or infinite; the run stops at the end of that epoch."""

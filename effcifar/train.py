@@ -9,6 +9,7 @@ stop the run (hyper-parameter search prunes through them).
 from __future__ import annotations
 
 import json
+import math
 import platform
 import random
 import time
@@ -24,6 +25,7 @@ from torch import nn
 import effcifar
 from effcifar.atomic import atomic_torch_save, atomic_write
 from effcifar.config import field_error, save_config
+from effcifar.errors import TrainingDiverged
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
 
@@ -366,6 +368,8 @@ def train(
         history.append(metrics)
         if out is not None:
             write_logs(out / "logs.tsv", history)
+        if not math.isfinite(metrics.train_loss):
+            raise TrainingDiverged(f"train loss is {metrics.train_loss} at epoch {epoch} (peak_lr {config.peak_lr})")
         if any([bool(cb(metrics)) for cb in callbacks]) and epoch < config.total_epoch:
             stopped_early = True
             break

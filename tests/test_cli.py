@@ -94,3 +94,56 @@ def test_data_verify_and_info_on_the_real_copy():
     r = effcifar("data", "info", "--dataset", "cifar10")
     assert r.returncode == 0, r.stderr
     assert "airplane" in r.stdout and "5000" in r.stdout
+
+
+HPO_BASE = {"dataset": "synthetic", "subset": 256, "batch_size": 64, "prep": 8, "layer1": 8, "layer2": 16,
+            "layer3": 16, "total_epoch": 2, "peak_epoch": 1, "eval_batch_size": 500}
+
+
+def test_hpo_run_from_nni_v2_config_then_status_best_export(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(HPO_BASE))
+    config = tmp_path / "config.yml"
+    config.write_text(
+        "experimentName: tiny\n"
+        "trialCommand: python3 main.py\n"
+        "trialConcurrency: 1\n"
+        "maxTrialNumber: 2\n"
+        "searchSpace:\n"
+        "  peak_lr: {_type: loguniform, _value: [0.01, 0.5]}\n"
+        "  cutout: {_type: choice, _value: [0, 8]}\n"
+        "tuner:\n  name: Random\n  classArgs: {optimize_mode: maximize, seed: 3}\n"
+        "trainingService: {platform: local}\n")
+    run = tmp_path / "hpo"
+    r = effcifar("hpo", "run", "--config", str(config), "--base", str(base), "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "trialCommand" in r.stderr and "trainingService" in r.stderr  # ignored keys are named
+    assert r.stdout.count("COMPLETE") >= 2 and "2 trials (2 complete)" in r.stdout
+    r = effcifar("hpo", "status", str(run))
+    assert r.returncode == 0 and "top 2 trials" in r.stdout
+    r = effcifar("hpo", "best", str(run))
+    assert r.returncode == 0, r.stderr
+    r = effcifar("train", "--config", str(run / "best.json"), "--epochs", "1", "--peak-epoch", "1",
+                 "--out", str(tmp_path / "retrain"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = effcifar("hpo", "export", str(run))
+    assert r.returncode == 0
+    rows = (run / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("number,state,accuracy")
+    assert len(json.loads((run / "trials.json").read_text())) == 2
+
+
+@pytest.mark.parametrize("space, message", [
+    ({"peak_lr": {"_type": "loguniform", "_value": [0.4, 0.1]}}, "key 'peak_lr'"),
+    ({"peak_lrr": {"_type": "uniform", "_value": [0.1, 0.4]}}, "peak_lr"),
+    ({"cutout": {"_type": "gaussian", "_value": [1, 2]}}, "key 'cutout'"),
+])
+def test_hpo_bad_space_is_one_line_and_writes_nothing(tmp_path, space, message):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(space))
+    run = tmp_path / "hpo"
+    r = effcifar("hpo", "run", "--space", str(path), "--dataset", "synthetic", "--out", str(run))
+    assert r.returncode == 2
+    assert str(path) in r.stderr and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not run.exists()

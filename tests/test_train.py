@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from effcifar.data import load_dataset, make_synthetic
+from effcifar.errors import TrainingDiverged
 from effcifar.train import TrainConfig, load_model, lr_at, train
 
 TINY = dict(dataset="synthetic", prep=8, layer1=16, layer2=16, layer3=32, batch_size=64, subset=512,
@@ -101,3 +102,9 @@ def test_real_cifar10_narrow_network(tmp_path):
     result = train(cfg, tmp_path / "run", data=data)
     accuracies = [round(m.valid_acc, 4) for m in result.history]
     assert result.summary["test_acc"] >= 0.66, accuracies
+
+
+def test_diverging_run_stops_with_a_clear_error(synthetic, tmp_path):
+    with pytest.raises(TrainingDiverged, match="train loss is nan at epoch 1"):
+        train(TrainConfig(**{**TINY, "peak_lr": 1e30, "total_epoch": 3}), tmp_path / "run", data=synthetic)
+    assert len((tmp_path / "run" / "logs.tsv").read_text().splitlines()) == 2  # header + the epoch that diverged

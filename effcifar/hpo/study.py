@@ -1,0 +1,325 @@
+"""Hyper-parameter studies: an Optuna study whose trials are effcifar training runs.
+
+`run_study(HpoConfig(...), "runs/NAME")` opens (or resumes) the study in the run directory's
+journal file, then runs trials until the budget is spent: each trial samples the NNI search
+space over the base config, trains, reports validation accuracy per epoch to the pruner and
+records accuracy, train time, parameters, FLOPs and its run directory as user attributes.
+The trial budget is shared by all workers and counts across restarts; trials of a worker that
+died are failed and retried when the study is resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import io
+import json
+import multiprocessing
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from effcifar.atomic import atomic_write
+from effcifar.config import build_config, field_error, field_types, save_config
+from effcifar.data import CifarData, load_dataset
+from effcifar.errors import ConfigError
+from effcifar.hpo.experiment import SAMPLERS
+from effcifar.hpo.space import SearchSpace
+from effcifar.train import EpochMetrics, TrainConfig, train
+
+PRUNERS = ("median", "hyperband", "none")
+OBJECTIVES = ("acc", "acc,time")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class HpoConfig:
+    """One study. Trials = base TrainConfig (file) + the search space's sampled values."""
+
+    space: str | None = None  # NNI search space (.json/.yaml)
+    base: str | None = None  # TrainConfig file the sampled values override
+    dataset: str | None = None  # overrides the base config's dataset
+    trials: int = 20  # budget of finished (complete, pruned or failed) trials, across restarts
+    timeout: float | None = None  # seconds this invocation may start new trials for
+    workers: int = 1  # trial processes on this machine
+    sampler: str = "tpe"
+    pruner: str = "median"
+    objective: str = "acc"  # acc: maximise validation accuracy; acc,time: Pareto front with train time
+    study: str | None = None  # study name (default: the run directory's name)
+    seed: int | None = None  # sampler seed (reproducible suggestions)
+    tie: float = 0.1  # percentage points: among trials this close to the best, the shortest wins
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for the first bad value."""
+        if self.space is None:
+            raise field_error("space", "a search space file (--space FILE)", None)
+        for name, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("objective", OBJECTIVES)):
+            if getattr(self, name) not in choices:
+                raise field_error(name, f"one of {', '.join(choices)}", getattr(self, name))
+        for name in ("trials", "workers"):
+            if getattr(self, name) < 1:
+                raise field_error(name, "a positive integer", getattr(self, name))
+        if self.timeout is not None and not self.timeout > 0:
+            raise field_error("timeout", "a positive number of seconds", self.timeout)
+        if not self.tie >= 0:
+            raise field_error("tie", "a number of percentage points >= 0", self.tie)
+
+
+def load_space(config: HpoConfig) -> SearchSpace:
+    """The validated search space of a study: its names are TrainConfig fields (errors name the file and key)."""
+    return SearchSpace.from_file(config.space, fields=field_types(TrainConfig))
+
+
+def trial_config(config: HpoConfig, values: dict[str, Any], number: int) -> TrainConfig:
+    """Base config file < --dataset < sampled values, validated like any TrainConfig."""
+    overrides = {"dataset": config.dataset} if config.dataset else {}
+    overrides.update(values)
+    return build_config(TrainConfig, config.base, overrides, override_source=f"trial {number}")
+
+
+def open_study(config: HpoConfig, run_dir: Path) -> optuna.Study:
+    """Create or load the study in the run directory's journal file."""
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "study.journal")))
+    multi = config.objective == "acc,time"
+    sampler = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=config.seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=config.seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=config.seed, warn_independent_sampling=False),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=config.seed),
+    }[config.sampler]()
+    pruner = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
+        "none": optuna.pruners.NopPruner,
+    }[config.pruner]()
+    return optuna.create_study(
+        storage=storage, study_name=config.study or run_dir.name, sampler=sampler, pruner=pruner,
+        directions=["maximize", "minimize"] if multi else ["maximize"], load_if_exists=True,
+    )
+
+
+@contextlib.contextmanager
+def budget_lock(run_dir: Path) -> Iterator[None]:
+    """Serialise "count the trials, then ask for one" among the workers of this run directory."""
+    with open(run_dir / ".budget.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def counts_toward_budget(trial: FrozenTrial) -> bool:
+    """Every trial but those failed because their worker died (they are retried instead)."""
+    return not trial.user_attrs.get("worker_lost", False)
+
+
+def fail_lost_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose worker process on this host is gone, and enqueue a retry of each."""
+    host = socket.gethostname()
+    lost = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("worker_host") != host or pid_alive(attrs.get("worker_pid", -1)):
+            continue
+        # Optuna has no public call to fail another process's trial outside heartbeat storages.
+        study._storage.set_trial_user_attr(trial._trial_id, "worker_lost", True)
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process died")
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        lost.append(trial.number)
+    return lost
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class TrialRunner:
+    """The objective: one trial = one training run in runs/NAME/trials/NNNN."""
+
+    def __init__(self, config: HpoConfig, run_dir: Path, data: CifarData | None = None):
+        self.config, self.run_dir = config, run_dir
+        self.space = load_space(config)
+        self.data = data
+        self.prune = config.pruner != "none" and config.objective == "acc"
+
+    def dataset(self, train_config: TrainConfig) -> CifarData:
+        """Load the dataset once per worker and reuse it for every trial."""
+        if self.data is None or self.data.name != train_config.dataset:
+            self.data = load_dataset(train_config.dataset, train_config.data_dir)
+        return self.data
+
+    def __call__(self, study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+        """Run one trial and tell the study how it ended (complete, pruned or failed with a reason)."""
+        trial.set_user_attr("worker_host", socket.gethostname())
+        trial.set_user_attr("worker_pid", os.getpid())
+        trial_dir = self.run_dir / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(trial_dir.relative_to(self.run_dir)))
+        try:
+            train_config = trial_config(self.config, self.space.suggest(trial), trial.number)
+            trial.set_user_attr("config", dataclasses.asdict(train_config))
+
+            def report(m: EpochMetrics) -> None:
+                trial.set_user_attr("accuracy", m.valid_acc)
+                trial.set_user_attr("train_time", m.train_time)
+                trial.set_user_attr("epochs", m.epoch)
+                if self.prune:
+                    trial.report(m.valid_acc, m.epoch)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
+
+            result = train(train_config, trial_dir, callbacks=[report], data=self.dataset(train_config))
+        except optuna.TrialPruned:
+            return study.tell(trial, state=TrialState.PRUNED)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception as e:  # a failed trial is recorded and the study goes on
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}".splitlines()[0])
+            return study.tell(trial, state=TrialState.FAIL)
+        s = result.summary
+        for key in ("params", "flops", "test_acc"):
+            trial.set_user_attr(key, s[key])
+        trial.set_user_attr("accuracy", s["final_valid_acc"])
+        trial.set_user_attr("train_time", s["train_time"])
+        values = [s["final_valid_acc"]] + ([s["train_time"]] if self.config.objective == "acc,time" else [])
+        return study.tell(trial, values)
+
+
+def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: float | None = None,
+               on_trial: Callable[[FrozenTrial], None] | None = None) -> None:
+    """Take trials until the budget is spent or the deadline passes."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(config, run_dir)
+    runner = TrialRunner(config, run_dir)
+    while deadline is None or time.time() < deadline:
+        with budget_lock(run_dir):
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
+            if not waiting and sum(counts_toward_budget(t) for t in trials) >= config.trials:
+                return
+            trial = study.ask()
+        frozen = runner(study, trial)
+        if on_trial is not None:
+            on_trial(frozen)
+
+
+def _worker_main(config: HpoConfig, run_dir: Path, index: int, threads: int, deadline: float | None) -> None:
+    """Entry point of a worker process: pin a GPU if there are several, then take trials."""
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    run_worker(config, run_dir, threads, deadline)
+
+
+def run_study(config: HpoConfig, run_dir: str | Path, on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
+    """Run (or resume) a study in `run_dir` with `config.workers` trial processes; return the study."""
+    config.validate()
+    load_space(config)  # validate the space (and the base config) before any trial or file
+    trial_config(config, {}, 0)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "hpo.yaml")
+    study = open_study(config, run_dir)
+    fail_lost_trials(study)
+    deadline = time.time() + config.timeout if config.timeout else None
+    if config.workers == 1:
+        run_worker(config, run_dir, deadline=deadline, on_trial=on_trial)
+        return study
+    threads = max(1, (os.cpu_count() or 1) // config.workers)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker_main, args=(config, run_dir, i, threads, deadline))
+               for i in range(config.workers)]
+    for w in workers:
+        w.start()
+    seen: set[int] = set()
+    while any(w.is_alive() for w in workers):
+        time.sleep(0.5)
+        if on_trial is not None:
+            for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
+                if t.number not in seen:
+                    seen.add(t.number)
+                    on_trial(t)
+    for w in workers:
+        w.join()
+    failed = [w.exitcode for w in workers if w.exitcode]
+    if failed:
+        raise ConfigError(f"{len(failed)} of {config.workers} workers exited with an error (exit codes {failed})")
+    return study
+
+
+def select_best(trials: list[FrozenTrial], tie: float) -> FrozenTrial:
+    """The seed's rule: among complete trials within `tie` points of the best accuracy, the shortest train time."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise ConfigError("no complete trial yet")
+    best_acc = max(t.user_attrs["accuracy"] for t in complete)
+    close = [t for t in complete if t.user_attrs["accuracy"] >= best_acc - tie / 100]
+    return min(close, key=lambda t: (t.user_attrs["train_time"], -t.user_attrs["accuracy"], t.number))
+
+
+def load_run(run_dir: str | Path) -> tuple[HpoConfig, optuna.Study]:
+    """The config and study of an existing HPO run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "hpo.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not an HPO run directory (no hpo.yaml)")
+    config = build_config(HpoConfig, run_dir / "hpo.yaml")
+    return config, open_study(config, run_dir)
+
+
+def trial_record(t: FrozenTrial) -> dict[str, Any]:
+    """One trial as a flat record for tables and exports."""
+    a = t.user_attrs
+    return {
+        "number": t.number, "state": t.state.name, "accuracy": a.get("accuracy"), "train_time": a.get("train_time"),
+        "epochs": a.get("epochs"), "params": a.get("params"), "flops": a.get("flops"), "test_acc": a.get("test_acc"),
+        "duration": t.duration.total_seconds() if t.duration else None, "run_dir": a.get("run_dir"),
+        "fail_reason": a.get("fail_reason"), **{f"param:{k}": v for k, v in t.params.items()},
+    }
+
+
+def write_best(run_dir: str | Path, tie: float | None = None) -> tuple[Path, FrozenTrial]:
+    """Write best.json (the chosen trial's full TrainConfig, usable as `effcifar train --config`)."""
+    config, study = load_run(run_dir)
+    best = select_best(study.get_trials(deepcopy=False), config.tie if tie is None else tie)
+    path = Path(run_dir) / "best.json"
+    atomic_write(path, json.dumps(best.user_attrs["config"], indent=2) + "\n")
+    return path, best
+
+
+def export_trials(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write trials.csv and trials.json (every trial, any state) into the run directory."""
+    _, study = load_run(run_dir)
+    records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(records)
+    csv_path, json_path = Path(run_dir) / "trials.csv", Path(run_dir) / "trials.json"
+    atomic_write(csv_path, out.getvalue())
+    atomic_write(json_path, json.dumps(records, indent=2) + "\n")
+    return csv_path, json_path

@@ -1,0 +1,146 @@
+"""Studies end to end on synthetic data: budget, workers, resume after a killed worker, failures, best.json."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from effcifar.config import build_config
+from effcifar.hpo.study import HpoConfig, load_run, open_study, run_study, select_best, write_best
+from effcifar.train import TrainConfig
+
+BASE = {"dataset": "synthetic", "subset": 256, "batch_size": 64, "prep": 8, "layer1": 8, "layer2": 16,
+        "layer3": 16, "total_epoch": 2, "peak_epoch": 1, "eval_batch_size": 500}
+SPACE = {"peak_lr": {"_type": "loguniform", "_value": [0.01, 0.5]}, "cutout": {"_type": "choice", "_value": [0, 4, 8]}}
+
+
+@pytest.fixture
+def files(tmp_path):
+    base, space = tmp_path / "base.yaml", tmp_path / "space.json"
+    base.write_text(json.dumps(BASE))
+    space.write_text(json.dumps(SPACE))
+    return base, space
+
+
+def states(run_dir):
+    _, study = load_run(run_dir)
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def test_study_runs_trials_records_attributes_and_best_reloads(tmp_path, files):
+    base, space = files
+    run = tmp_path / "hpo"
+    seen = []
+    run_study(HpoConfig(space=str(space), base=str(base), trials=3, seed=0), run, on_trial=seen.append)
+    assert [t.number for t in seen] == [0, 1, 2]
+    _, study = load_run(run)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    for t in trials:
+        a = t.user_attrs
+        assert set(a) >= {"accuracy", "train_time", "params", "flops", "run_dir", "config"}
+        assert t.values == [a["accuracy"]] and list(t.intermediate_values) == [1, 2]
+        assert (run / a["run_dir"] / "summary.json").is_file()
+        assert a["config"]["peak_lr"] == t.params["peak_lr"] and a["config"]["subset"] == 256
+    path, best = write_best(run)
+    config = build_config(TrainConfig, path)  # usable as `effcifar train --config best.json`
+    assert config.peak_lr == best.params["peak_lr"] and config.dataset == "synthetic"
+
+
+def test_budget_counts_across_restarts_and_seed_reproduces(tmp_path, files):
+    base, space = files
+    cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=7, sampler="random")
+    run_study(cfg, tmp_path / "a")
+    run_study(cfg, tmp_path / "a")  # nothing left to do
+    assert len(states(tmp_path / "a")) == 2
+    run_study(HpoConfig(**{**cfg.__dict__, "trials": 3}), tmp_path / "a")
+    assert states(tmp_path / "a") == [TrialState.COMPLETE] * 3
+    run_study(cfg, tmp_path / "b")
+    params = lambda run: [t.params for t in load_run(run)[1].get_trials()[:2]]  # noqa: E731
+    assert params(tmp_path / "a") == params(tmp_path / "b")
+
+
+def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files):
+    base, _ = files
+    space = tmp_path / "explode.json"
+    space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [1e30, 0.1]}}))
+    run_study(HpoConfig(space=str(space), base=str(base), trials=4, sampler="random", seed=1), tmp_path / "hpo")
+    _, study = load_run(tmp_path / "hpo")
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(trials) == 4 and failed and len(failed) < 4
+    assert all(t.params["peak_lr"] == 1e30 and "TrainingDiverged: train loss is nan" in t.user_attrs["fail_reason"]
+               for t in failed)
+
+
+def test_two_workers_share_the_budget_without_duplicates(tmp_path, files):
+    base, space = files
+    run_study(HpoConfig(space=str(space), base=str(base), trials=4, workers=2, seed=0), tmp_path / "hpo")
+    _, study = load_run(tmp_path / "hpo")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+
+
+def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
+    base, space = files
+    cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=0)
+    run = tmp_path / "hpo"
+    run.mkdir()
+    study = open_study(cfg, run)
+    orphan = study.ask({"peak_lr": optuna.distributions.FloatDistribution(0.01, 0.5, log=True)})
+    orphan.set_user_attr("worker_host", socket.gethostname())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan.set_user_attr("worker_pid", dead.pid)
+    run_study(cfg, run)
+    trials = load_run(run)[1].get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["worker_lost"]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params["peak_lr"] == trials[0].params["peak_lr"]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+
+
+def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
+    base, space = files
+    run = tmp_path / "hpo"
+    slow = {**BASE, "subset": 2048, "total_epoch": 4}
+    base.write_text(json.dumps(slow))
+    cmd = [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
+           "--trials", "2", "--seed", "0", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the first trial has finished an epoch
+        if list(run.glob("trials/0000/logs.tsv")):
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = states(run).count(TrialState.RUNNING)
+    assert killed == 1
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    final = states(run)
+    assert final.count(TrialState.COMPLETE) == 2 and final.count(TrialState.FAIL) == killed
+
+
+def test_tie_rule_prefers_the_shorter_trial():
+    def trial(number, acc, time_):
+        t = optuna.trial.create_trial(value=acc, user_attrs={"accuracy": acc, "train_time": time_})
+        t.number = number
+        return t
+
+    trials = [trial(0, 0.800, 100.0), trial(1, 0.7995, 60.0), trial(2, 0.790, 10.0)]
+    assert select_best(trials, tie=0.1).number == 1  # within 0.1 points of the best, and shorter
+    assert select_best(trials, tie=0.0).number == 0
+    assert select_best(trials, tie=1.0).number == 2
