@@ -146,14 +146,14 @@ def run_hpo(args: argparse.Namespace, console: Console) -> int:
     if args.action == "run":
         return run_hpo_study(args, console, hpo)
     if args.action == "best":
-        path, best = hpo.write_best(args.run, args.tie)
+        path, best = hpo.write_best(args.run, args.tie, args.storage)
         console.print(f"best: trial {best.number}, valid acc {best.user_attrs['accuracy']:.2%}, "
                       f"train time {best.user_attrs['train_time']:.1f} s -> {path}")
     elif args.action == "export":
-        for path in hpo.export_trials(args.run):
+        for path in hpo.export_trials(args.run, args.storage):
             console.print(f"wrote {path}")
     else:
-        config, study = hpo.load_run(args.run)
+        config, study = hpo.load_run(args.run, args.storage)
         print_study(study, config.tie, console, hpo)
     return 0
 
@@ -178,7 +178,8 @@ def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> Any:
         values.update({k: v for k, v in {"trials": exp.trials, "timeout": exp.timeout, "workers": exp.workers,
                                            "sampler": exp.sampler, "seed": exp.seed, "study": exp.name}.items()
                        if v is not None})
-    option_names = ("space", "base", "dataset", "trials", "workers", "sampler", "pruner", "objective", "study", "seed", "tie")
+    option_names = ("space", "base", "dataset", "trials", "workers", "sampler", "pruner", "objective", "study", "seed",
+                    "tie", "storage", "heartbeat")
     values.update({k: getattr(args, k) for k in option_names if getattr(args, k) is not None})
     if args.timeout is not None:
         values["timeout"] = parse_duration(args.timeout, "--timeout")
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", help="median (default), hyperband, none")
     p.add_argument("--objective", help="acc (default) or acc,time (Pareto front with train time)")
     p.add_argument("--study", help="study name (default: the run directory's name)")
+    p.add_argument("--heartbeat", type=float, help="seconds between worker heartbeats with --storage (default 10)")
+    p.add_argument("--storage", help="postgresql://USER@HOST/DB shared by several machines (password: PGPASSWORD "
+                                     "or ~/.pgpass; never printed); default: a journal file in the run directory")
     p.add_argument("--seed", type=int, help="sampler seed")
     p.add_argument("--tie", type=float, help="percentage points within which the shorter trial wins (default 0.1)")
     p.add_argument("--out", required=True, help="run directory, e.g. runs/hpo1")
@@ -266,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("export", "write trials.csv and trials.json")):
         p = hpo_sub.add_parser(action, help=text)
         p.add_argument("run", help="the study's run directory")
+        p.add_argument("--storage", help="the study's database URL, if it used one (default: as saved, without password)")
         if action == "best":
             p.add_argument("--tie", type=float, help="override the study's tie rule (percentage points)")
     hpo.set_defaults(handler=run_hpo)

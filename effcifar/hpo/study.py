@@ -14,17 +14,20 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import hashlib
 import io
 import json
 import multiprocessing
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
@@ -38,6 +41,7 @@ from effcifar.train import EpochMetrics, TrainConfig, train
 PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("acc", "acc,time")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_RETRY = 3  # PostgreSQL: retries of a trial whose worker went silent
 
 
 @dataclass
@@ -54,6 +58,8 @@ class HpoConfig:
     pruner: str = "median"
     objective: str = "acc"  # acc: maximise validation accuracy; acc,time: Pareto front with train time
     study: str | None = None  # study name (default: the run directory's name)
+    storage: str | None = None  # postgresql://user@host/db shared by several machines (default: the run dir's journal)
+    heartbeat: float = 10.0  # seconds (PostgreSQL): a trial silent for 3 heartbeats is failed and retried
     seed: int | None = None  # sampler seed (reproducible suggestions)
     tie: float = 0.1  # percentage points: among trials this close to the best, the shortest wins
 
@@ -69,6 +75,10 @@ class HpoConfig:
                 raise field_error(name, "a positive integer", getattr(self, name))
         if self.timeout is not None and not self.timeout > 0:
             raise field_error("timeout", "a positive number of seconds", self.timeout)
+        if self.storage is not None and not self.storage.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise field_error("storage", "a postgresql:// URL", redact_url(self.storage))
+        if not self.heartbeat >= 1:
+            raise field_error("heartbeat", "a number of seconds >= 1", self.heartbeat)
         if not self.tie >= 0:
             raise field_error("tie", "a number of percentage points >= 0", self.tie)
 
@@ -85,15 +95,44 @@ def trial_config(config: HpoConfig, values: dict[str, Any], number: int) -> Trai
     return build_config(TrainConfig, config.base, overrides, override_source=f"trial {number}")
 
 
-def open_study(config: HpoConfig, run_dir: Path) -> optuna.Study:
-    """Create or load the study in the run directory's journal file."""
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "study.journal")))
+def redact_url(url: str) -> str:
+    """A database URL without its password, safe to print, log or save."""
+    try:
+        return sqlalchemy.engine.make_url(url)._replace(password=None).render_as_string(hide_password=False)
+    except sqlalchemy.exc.ArgumentError:
+        return "<unparseable storage URL>"
+
+
+def open_storage(config: HpoConfig, run_dir: Path) -> optuna.storages.BaseStorage:
+    """The journal file in the run directory, or the shared PostgreSQL database with heartbeats and retries."""
+    if config.storage is None:
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "study.journal")))
+    try:
+        with warnings.catch_warnings(), advisory_lock(config.storage, "effcifar schema"):  # workers start together
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                config.storage, heartbeat_interval=max(1, round(config.heartbeat)),
+                grace_period=max(3, round(3 * config.heartbeat)),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        password = sqlalchemy.engine.make_url(config.storage).password
+        if password:
+            reason = reason.replace(str(password), "***")
+        raise ConfigError(f"cannot open storage {redact_url(config.storage)}: {reason}") from None
+
+
+def open_study(config: HpoConfig, run_dir: Path, worker: int = 0) -> optuna.Study:
+    """Create or load the study; local worker i seeds its sampler with seed + i so workers do not repeat each other."""
+    storage = open_storage(config, run_dir)
     multi = config.objective == "acc,time"
+    seed = None if config.seed is None else config.seed + worker
     sampler = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=config.seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=config.seed),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=config.seed, warn_independent_sampling=False),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=config.seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
     }[config.sampler]()
     pruner = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
@@ -107,8 +146,16 @@ def open_study(config: HpoConfig, run_dir: Path) -> optuna.Study:
 
 
 @contextlib.contextmanager
-def budget_lock(run_dir: Path) -> Iterator[None]:
-    """Serialise "count the trials, then ask for one" among the workers of this run directory."""
+def budget_lock(config: HpoConfig, run_dir: Path, study_name: str) -> Iterator[None]:
+    """Serialise "count the trials, then ask for one" among all workers of the study.
+
+    A file lock in the run directory for the journal; a PostgreSQL advisory lock keyed by the
+    study name when workers on several machines share a database.
+    """
+    if config.storage is not None:
+        with advisory_lock(config.storage, f"effcifar budget {study_name}"):
+            yield
+        return
     with open(run_dir / ".budget.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -117,26 +164,58 @@ def budget_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def counts_toward_budget(trial: FrozenTrial) -> bool:
-    """Every trial but those failed because their worker died (they are retried instead)."""
-    return not trial.user_attrs.get("worker_lost", False)
+@contextlib.contextmanager
+def advisory_lock(url: str, name: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock named by a string, held on its own connection."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
 
 
-def fail_lost_trials(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker process on this host is gone, and enqueue a retry of each."""
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that were re-queued (by us, or by Optuna's heartbeat retry callback)."""
+    numbers = set()
+    for t in trials:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            source = t.user_attrs.get("retry_of", optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t))
+        if source is not None:
+            numbers.add(source)
+    return numbers
+
+
+def budget_used(trials: list[FrozenTrial]) -> int:
+    """Trials that count toward the budget: all but those replaced by a retry."""
+    retried = retried_numbers(trials)
+    return sum(t.number not in retried for t in trials)
+
+
+def fail_lost_trials(study: optuna.Study, config: HpoConfig) -> None:
+    """Fail RUNNING trials whose worker process on this host is gone, and enqueue a retry of each.
+
+    With PostgreSQL, Optuna's heartbeat does this for workers on any machine.
+    """
+    if config.storage is not None:
+        optuna.storages.fail_stale_trials(study)
+        return
     host = socket.gethostname()
-    lost = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = trial.user_attrs
-        if attrs.get("worker_host") != host or pid_alive(attrs.get("worker_pid", -1)):
+        attrs = trial.user_attrs  # a trial just asked for may not carry its worker's host and pid yet
+        if attrs.get("worker_host") != host or "worker_pid" not in attrs or pid_alive(attrs["worker_pid"]):
             continue
         # Optuna has no public call to fail another process's trial outside heartbeat storages.
         study._storage.set_trial_user_attr(trial._trial_id, "worker_lost", True)
         study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process died")
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
-        lost.append(trial.number)
-    return lost
 
 
 def pid_alive(pid: int) -> bool:
@@ -205,24 +284,34 @@ class TrialRunner:
         return study.tell(trial, values)
 
 
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractContextManager:
+    """Beat for the trial while it runs (PostgreSQL), so that the trials of a dead worker are failed and retried."""
+    # study.optimize does this itself; with ask/tell Optuna offers only its internal helper.
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, study._storage)
+
+
 def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: float | None = None,
-               on_trial: Callable[[FrozenTrial], None] | None = None) -> None:
+               on_trial: Callable[[FrozenTrial], None] | None = None, worker: int = 0) -> None:
     """Take trials until the budget is spent or the deadline passes."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(config, run_dir)
+    study = open_study(config, run_dir, worker)
     runner = TrialRunner(config, run_dir)
     while deadline is None or time.time() < deadline:
-        with budget_lock(run_dir):
+        with budget_lock(config, run_dir, study.study_name):
+            fail_lost_trials(study, config)
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
-            if not waiting and sum(counts_toward_budget(t) for t in trials) >= config.trials:
+            if not waiting and budget_used(trials) >= config.trials:
                 return
             trial = study.ask()
-        frozen = runner(study, trial)
+        with heartbeat(study, trial):
+            frozen = runner(study, trial)
         if on_trial is not None:
             on_trial(frozen)
 
@@ -232,7 +321,7 @@ def _worker_main(config: HpoConfig, run_dir: Path, index: int, threads: int, dea
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    run_worker(config, run_dir, threads, deadline)
+    run_worker(config, run_dir, threads, deadline, worker=index)
 
 
 def run_study(config: HpoConfig, run_dir: str | Path, on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
@@ -242,9 +331,10 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: Callable[[Frozen
     trial_config(config, {}, 0)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "hpo.yaml")
+    saved = config if config.storage is None else dataclasses.replace(config, storage=redact_url(config.storage))
+    save_config(saved, run_dir / "hpo.yaml")  # never the database password
     study = open_study(config, run_dir)
-    fail_lost_trials(study)
+    fail_lost_trials(study, config)
     deadline = time.time() + config.timeout if config.timeout else None
     if config.workers == 1:
         run_worker(config, run_dir, deadline=deadline, on_trial=on_trial)
@@ -281,12 +371,18 @@ def select_best(trials: list[FrozenTrial], tie: float) -> FrozenTrial:
     return min(close, key=lambda t: (t.user_attrs["train_time"], -t.user_attrs["accuracy"], t.number))
 
 
-def load_run(run_dir: str | Path) -> tuple[HpoConfig, optuna.Study]:
-    """The config and study of an existing HPO run directory."""
+def load_run(run_dir: str | Path, storage: str | None = None) -> tuple[HpoConfig, optuna.Study]:
+    """The config and study of an existing HPO run directory.
+
+    A PostgreSQL study is saved without its password: give `storage` again, or let libpq find
+    the password (PGPASSWORD, ~/.pgpass).
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "hpo.yaml").is_file():
         raise ConfigError(f"{run_dir}: not an HPO run directory (no hpo.yaml)")
     config = build_config(HpoConfig, run_dir / "hpo.yaml")
+    if storage is not None:
+        config = dataclasses.replace(config, storage=storage)
     return config, open_study(config, run_dir)
 
 
@@ -301,18 +397,18 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     }
 
 
-def write_best(run_dir: str | Path, tie: float | None = None) -> tuple[Path, FrozenTrial]:
+def write_best(run_dir: str | Path, tie: float | None = None, storage: str | None = None) -> tuple[Path, FrozenTrial]:
     """Write best.json (the chosen trial's full TrainConfig, usable as `effcifar train --config`)."""
-    config, study = load_run(run_dir)
+    config, study = load_run(run_dir, storage)
     best = select_best(study.get_trials(deepcopy=False), config.tie if tie is None else tie)
     path = Path(run_dir) / "best.json"
     atomic_write(path, json.dumps(best.user_attrs["config"], indent=2) + "\n")
     return path, best
 
 
-def export_trials(run_dir: str | Path) -> tuple[Path, Path]:
+def export_trials(run_dir: str | Path, storage: str | None = None) -> tuple[Path, Path]:
     """Write trials.csv and trials.json (every trial, any state) into the run directory."""
-    _, study = load_run(run_dir)
+    _, study = load_run(run_dir, storage)
     records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
     columns = list(dict.fromkeys(k for r in records for k in r))
     out = io.StringIO()
