@@ -226,6 +226,15 @@ def print_study(study: Any, tie: float, console: Console, hpo: Any, top: int = 1
     console.print(table)
 
 
+def run_dashboard(args: argparse.Namespace, console: Console) -> int:
+    """effcifar dashboard: serve the run's study in Optuna's web dashboard until Ctrl-C."""
+    from effcifar.dashboard import dashboard_url, serve_dashboard  # optuna-dashboard only for this command
+
+    console.print(f"dashboard of {args.run}: {dashboard_url(args.host, args.port)} (Ctrl-C stops it)")
+    serve_dashboard(args.run, host=args.host, port=args.port, storage=args.storage)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The effcifar command and its subcommands."""
     parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
@@ -274,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "best":
             p.add_argument("--tie", type=float, help="override the study's tie rule (percentage points)")
     hpo.set_defaults(handler=run_hpo)
+
+    p = sub.add_parser("dashboard", help="browse a study's trials in Optuna's web dashboard",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="the study's run directory, e.g. runs/hpo1")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 exposes the dashboard (which can edit the study) to the network")
+    p.add_argument("--storage", help="the study's database URL, if it used one (default: as saved, without password)")
+    p.set_defaults(handler=run_dashboard)
     return parser
 
 

@@ -204,7 +204,9 @@ def fail_lost_trials(study: optuna.Study, config: HpoConfig) -> None:
     With PostgreSQL, Optuna's heartbeat does this for workers on any machine.
     """
     if config.storage is not None:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         return
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -303,7 +305,9 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
     study = open_study(config, run_dir, worker)
     runner = TrialRunner(config, run_dir)
     while deadline is None or time.time() < deadline:
-        with budget_lock(config, run_dir, study.study_name):
+        with budget_lock(config, run_dir, study.study_name), warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for study.optimize; our ask/tell loop beats itself.
+            warnings.simplefilter("ignore", UserWarning)
             fail_lost_trials(study, config)
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already

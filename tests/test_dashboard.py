@@ -1,0 +1,161 @@
+"""The dashboard end to end: a served study whose trials a real headless Chromium lists."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from effcifar.config import save_config
+from effcifar.dashboard import dashboard_url, serve_dashboard
+from effcifar.errors import ConfigError
+from effcifar.hpo.study import HpoConfig, open_study
+
+SPACE = str(Path(__file__).resolve().parents[1] / "examples" / "search_space.json")
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ACCURACIES = (0.91, 0.93, 0.92)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """An HPO run directory whose study has three finished trials (no training)."""
+    run = tmp_path / "hpo"
+    run.mkdir()
+    config = HpoConfig(space=SPACE)
+    save_config(config, run / "hpo.yaml")
+    study = open_study(config, run)
+    lr = optuna.distributions.FloatDistribution(0.01, 0.5, log=True)
+    for i, acc in enumerate(ACCURACIES):
+        study.add_trial(optuna.trial.create_trial(
+            params={"peak_lr": 0.05 * (i + 1)}, distributions={"peak_lr": lr}, value=acc,
+            user_attrs={"accuracy": acc, "train_time": 10.0 + i},
+        ))
+    return run
+
+
+def free_port() -> int:
+    """A port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_studies(url: str, process: subprocess.Popen, log: Path, timeout: float = 15.0) -> list[dict]:
+    """Poll the dashboard's study list until the server answers (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(url + "/api/studies", timeout=2) as response:
+                return json.load(response)["study_summaries"]
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    raise AssertionError(f"dashboard did not answer at {url} within {timeout} s")
+
+
+@pytest.fixture
+def server(run_dir: Path, tmp_path: Path):
+    """serve_dashboard(run_dir, port=P) in a subprocess with the default host; stopped with Ctrl-C."""
+    port, log = free_port(), tmp_path / "server.log"
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # background jobs ignore it
+            f"from effcifar.dashboard import serve_dashboard; serve_dashboard({str(run_dir)!r}, port={port})")
+    with log.open("wb") as out:  # a file, not a pipe: the request log must never block the server
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        studies = wait_for_studies(f"http://127.0.0.1:{port}", process, log)
+        yield port, studies
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            assert process.wait(timeout=5) == 0, log.read_text()  # Ctrl-C stops it cleanly
+        finally:
+            process.kill()
+            process.wait(timeout=5)
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    """Headless Chromium driven by the system chromedriver (never a downloaded one)."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(15)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def page_text(driver: webdriver.Chrome) -> str:
+    """What the page shows (rendered text of the body)."""
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_browser_lists_the_study_trials(browser, server, run_dir, tmp_path):
+    port, studies = server
+    (study,) = [s for s in studies if s["study_name"] == run_dir.name]
+    browser.get(f"{dashboard_url('127.0.0.1', port)}/studies/{study['study_id']}/trials")
+    names = [f"Trial {i}" for i in range(len(ACCURACIES))]
+    WebDriverWait(browser, 15).until(lambda d: all(n in page_text(d) for n in names))
+    assert all(n in page_text(browser) for n in names) and f"{len(names)} Trials" in page_text(browser)
+    screenshot = tmp_path / "dashboard.png"
+    assert browser.save_screenshot(str(screenshot))
+    assert screenshot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and screenshot.stat().st_size > 1000
+
+
+def outward_address() -> str | None:
+    """This machine's address on its default route, if it has one other than loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # UDP: no packet is sent, the kernel only picks the interface
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_binds_loopback_by_default(server):
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+    outward = outward_address()
+    if outward is not None:  # a machine without a network has nothing else to refuse on
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((outward, port), timeout=2).close()
+
+
+def test_not_a_run_dir_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not an HPO run directory") as error:
+        serve_dashboard(tmp_path, port=free_port())
+    assert "\n" not in str(error.value)
+
+
+def test_port_in_use_names_the_port_and_suggests_another(run_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} is in use.*--port") as error:
+            serve_dashboard(run_dir, port=port)
+    assert "\n" not in str(error.value)
+
+
+def test_dashboard_url():
+    assert dashboard_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
