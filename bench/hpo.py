@@ -7,7 +7,7 @@ overhead: a study is pre-filled with 100 finished trials of the seed's space, th
 run through the real worker loop (budget lock, sampling, storage writes, one tiny training run
 each). Overhead per trial = wall time per trial - the training run's own total time.
 study: the seed's space without its epoch and width choices (1 epoch of narrow networks, 16/32/64/
-128, on a 10,000-image subset of the training set, validated on a 5,000-image hold-out), TPE vs
+128, batch 128, on a 10,000-image subset of the training set, validated on a 5,000-image hold-out), TPE vs
 random with the same seed; best validation accuracy after 10 and 20 trials.
 """
 
@@ -74,7 +74,8 @@ def small_study(trials: int, work: Path) -> None:
     """TPE vs random on real data; best validation accuracy after 10 and `trials` trials."""
     base = work / "base.json"
     base.write_text(json.dumps({"prep": 16, "layer1": 32, "layer2": 64, "layer3": 128, "total_epoch": 1,
-                                "peak_epoch": 0.25, "subset": 10000, "holdout": 5000, "threads": 2}))
+                                "peak_epoch": 0.25, "subset": 10000, "holdout": 5000, "batch_size": 128,
+                                "threads": 2}))
     space = {k: v for k, v in json.loads(SEED_SPACE.read_text()).items()
              if k in ("peak_lr", "base_wd", "logits_weight", "cutout")}
     (work / "space.json").write_text(json.dumps(space))

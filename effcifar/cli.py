@@ -217,6 +217,9 @@ def print_study(study: Any, tie: float, console: Console, hpo: Any, top: int = 1
     if not records:
         return
     chosen = hpo.select_best(trials, tie).number if counts.get("COMPLETE") else None
+    if len(study.directions) == 2 and counts.get("COMPLETE"):
+        front = sorted(t.number for t in study.best_trials)
+        console.print(f"Pareto front (accuracy vs train time): trials {', '.join(map(str, front))}")
     table = Table(title=f"top {len(records)} trials (* = best by the tie rule, {tie} points)")
     for column in ("trial", "state", "valid acc", "train time", "epochs", "params"):
         table.add_column(column, justify="right")

@@ -89,6 +89,9 @@ def test_two_workers_share_the_budget_without_duplicates(tmp_path, files):
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert len({(t.params["peak_lr"], t.params["cutout"]) for t in trials}) == 4  # workers do not repeat each other
+    path, best = write_best(tmp_path / "hpo")
+    assert build_config(TrainConfig, path).peak_lr == best.params["peak_lr"]
 
 
 def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
@@ -144,3 +147,17 @@ def test_tie_rule_prefers_the_shorter_trial():
     assert select_best(trials, tie=0.1).number == 1  # within 0.1 points of the best, and shorter
     assert select_best(trials, tie=0.0).number == 0
     assert select_best(trials, tie=1.0).number == 2
+
+
+def test_accuracy_and_time_objective_gives_a_pareto_front(tmp_path, files):
+    base, space = files
+    study = run_study(HpoConfig(space=str(space), base=str(base), trials=3, objective="acc,time", seed=0,
+                                sampler="nsga2"), tmp_path / "hpo")
+    trials = study.get_trials()
+    assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials)
+    assert all(t.values[1] == t.user_attrs["train_time"] for t in trials)
+    front = study.best_trials
+    assert front and all(t in trials for t in front)
+    # no trial on the front is beaten on both accuracy and time by another trial
+    for f in front:
+        assert not any(t.values[0] > f.values[0] and t.values[1] < f.values[1] for t in trials)

@@ -4,8 +4,9 @@
 journal file, then runs trials until the budget is spent: each trial samples the NNI search
 space over the base config, trains, reports validation accuracy per epoch to the pruner and
 records accuracy, train time, parameters, FLOPs and its run directory as user attributes.
-The trial budget is shared by all workers and counts across restarts; trials of a worker that
-died are failed and retried when the study is resumed.
+The trial budget is shared by all workers and counts across restarts; the trial of a worker
+that died is failed and retried (found by its process id on this machine, or by missed
+heartbeats with PostgreSQL).
 """
 
 from __future__ import annotations
