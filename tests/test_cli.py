@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_BASE
+
 TINY = ["--dataset", "synthetic", "--subset", "256", "--batch-size", "64", "--epochs", "1", "--peak-epoch", "0.5",
         "--prep", "8", "--layer1", "8", "--layer2", "16", "--layer3", "16"]
 
@@ -96,13 +98,9 @@ def test_data_verify_and_info_on_the_real_copy():
     assert "airplane" in r.stdout and "5000" in r.stdout
 
 
-HPO_BASE = {"dataset": "synthetic", "subset": 256, "batch_size": 64, "prep": 8, "layer1": 8, "layer2": 16,
-            "layer3": 16, "total_epoch": 2, "peak_epoch": 1, "eval_batch_size": 500}
-
-
 def test_hpo_run_from_nni_v2_config_then_status_best_export(tmp_path):
     base = tmp_path / "base.json"
-    base.write_text(json.dumps(HPO_BASE))
+    base.write_text(json.dumps(TINY_BASE))
     config = tmp_path / "config.yml"
     config.write_text(
         "experimentName: tiny\n"

@@ -18,21 +18,10 @@ from optuna.trial import TrialState
 
 from effcifar.hpo.study import load_run, redact_url
 
+from conftest import TINY_BASE
+
 URL = os.environ.get("EFFCIFAR_TEST_POSTGRES")
 pytestmark = pytest.mark.skipif(not URL, reason="needs EFFCIFAR_TEST_POSTGRES (a PostgreSQL URL; .ci/run sets it)")
-BASE = {"dataset": "synthetic", "subset": 256, "batch_size": 64, "prep": 8, "layer1": 8, "layer2": 16,
-        "layer3": 16, "total_epoch": 2, "peak_epoch": 1, "eval_batch_size": 500}
-SPACE = {"peak_lr": {"_type": "loguniform", "_value": [0.01, 0.5]}, "cutout": {"_type": "choice", "_value": [0, 4, 8]}}
-
-
-@pytest.fixture
-def files(tmp_path):
-    base, space = tmp_path / "base.json", tmp_path / "space.json"
-    base.write_text(json.dumps(BASE))
-    space.write_text(json.dumps(SPACE))
-    return base, space
-
-
 def hpo_command(files, out, study, trials, *extra):
     base, space = files
     return [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
@@ -67,7 +56,7 @@ def test_two_machines_share_one_study_exactly(tmp_path, files):
 def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(tmp_path, files):
     study = f"killed-{uuid.uuid4().hex[:8]}"
     base, _ = files
-    base.write_text(json.dumps({**BASE, "subset": 2048, "total_epoch": 4}))
+    base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "total_epoch": 4}))
     out = tmp_path / "w"
     cmd = hpo_command(files, out, study, 2, "--heartbeat", "1", "--seed", "0")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

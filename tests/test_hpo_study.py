@@ -17,17 +17,7 @@ from effcifar.config import build_config
 from effcifar.hpo.study import HpoConfig, load_run, open_study, run_study, select_best, write_best
 from effcifar.train import TrainConfig
 
-BASE = {"dataset": "synthetic", "subset": 256, "batch_size": 64, "prep": 8, "layer1": 8, "layer2": 16,
-        "layer3": 16, "total_epoch": 2, "peak_epoch": 1, "eval_batch_size": 500}
-SPACE = {"peak_lr": {"_type": "loguniform", "_value": [0.01, 0.5]}, "cutout": {"_type": "choice", "_value": [0, 4, 8]}}
-
-
-@pytest.fixture
-def files(tmp_path):
-    base, space = tmp_path / "base.yaml", tmp_path / "space.json"
-    base.write_text(json.dumps(BASE))
-    space.write_text(json.dumps(SPACE))
-    return base, space
+from conftest import TINY_BASE
 
 
 def states(run_dir):
@@ -117,7 +107,7 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
 def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     base, space = files
     run = tmp_path / "hpo"
-    slow = {**BASE, "subset": 2048, "total_epoch": 4}
+    slow = {**TINY_BASE, "subset": 2048, "total_epoch": 4}
     base.write_text(json.dumps(slow))
     cmd = [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
            "--trials", "2", "--seed", "0", "--out", str(run)]
