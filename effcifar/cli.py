@@ -79,7 +79,7 @@ def run_train(args: argparse.Namespace, console: Console) -> int:
             task = progress.add_task("", total=None)
 
             def on_epoch(m: EpochMetrics) -> None:
-                progress.console.print(format_epoch(m))
+                progress.console.print(format_epoch(m), soft_wrap=True)
                 progress.update(task, description=f"valid acc {m.valid_acc:.2%}")
 
             callbacks.append(on_epoch)
