@@ -88,3 +88,4 @@ def test_bad_password_is_one_line_and_not_printed(tmp_path, files):
     assert r.returncode == 2
     assert "not-the-password-42" not in r.stderr + r.stdout
     assert "cannot open storage postgresql" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -20,6 +20,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import socket
 import time
 import warnings
@@ -335,10 +336,16 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: Callable[[Frozen
     load_space(config)  # validate the space (and the base config) before any trial or file
     trial_config(config, {}, 0)
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study = open_study(config, run_dir)
+    except ConfigError:  # e.g. the database is unreachable: leave nothing behind
+        if created:
+            shutil.rmtree(run_dir)
+        raise
     saved = config if config.storage is None else dataclasses.replace(config, storage=redact_url(config.storage))
     save_config(saved, run_dir / "hpo.yaml")  # never the database password
-    study = open_study(config, run_dir)
     fail_lost_trials(study, config)
     deadline = time.time() + config.timeout if config.timeout else None
     if config.workers == 1:
