@@ -1,0 +1,1 @@
+"""One-shot architecture search: the space, supernet training, search, export and ranking."""
