@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
@@ -23,6 +25,7 @@ from effcifar import data as data_lib
 from effcifar.atomic import atomic_write
 from effcifar.config import base_type, build_config, field_types
 from effcifar.errors import EffcifarError
+from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 ALIASES = {"total_epoch": ["--epochs"]}
@@ -44,12 +47,16 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
                                default=argparse.SUPPRESS, help=f"(default: {default})")
 
 
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Build a config from --config FILE and the per-field options that were given."""
+def config_from_args(cls: type, args: argparse.Namespace, load: Callable[..., Any] | None = None) -> Any:
+    """Build a config from --config FILE and the per-field options that were given.
+
+    `load(file, overrides, overrides_from_text=True)` builds it (default: `build_config(cls, ...)`).
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     text_overrides = {k: v for k, v in overrides.items() if isinstance(v, str)}
-    config = build_config(cls, args.config, text_overrides, overrides_from_text=True)
+    load = load or functools.partial(build_config, cls)
+    config = load(args.config, text_overrides, overrides_from_text=True)
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if not isinstance(v, str)})
 
 
@@ -238,6 +245,71 @@ def run_dashboard(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def run_supernet(args: argparse.Namespace, console: Console) -> int:
+    """effcifar supernet train|space."""
+    from effcifar.nas import space as space_lib, supernet
+
+    if args.action == "space":
+        space = space_lib.ArchSpace.load(args.space)
+        table = Table(title=f"architecture space ({args.space}): {space.size():,} paths")
+        table.add_column("choice key")
+        table.add_column("candidates")
+        for key, candidates in space.choices().items():
+            table.add_row(key, ", ".join(candidates))
+        console.print(table)
+        if args.export:
+            atomic_write(args.export, space_lib.nni_space_json(space))
+            console.print(f"wrote {args.export} (NNI search-space JSON)")
+        if args.declaration:
+            atomic_write(args.declaration, yaml.safe_dump(space.to_dict(), sort_keys=False, default_flow_style=None, width=120))
+            console.print(f"wrote {args.declaration} (space declaration; edit it and pass --space)")
+        return 0
+    out = Path(args.out)
+    if args.resume and args.config is None and (out / "config.yaml").exists():
+        args.config = str(out / "config.yaml")  # resume with the run's own config unless told otherwise
+    config = config_from_args(supernet.SupernetConfig, args, supernet.load_config)
+    if args.quiet:
+        result = supernet.train_supernet(config, out, resume=args.resume, warn=console_warning,
+                                         on_epoch=lambda row: print(format_supernet_epoch(row), flush=True))
+    else:
+        columns = [TextColumn("[bold]supernet {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("steps"), TimeRemainingColumn()]
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("", total=None, epoch="")
+
+            def on_step(epoch: int, step: int, steps: int) -> None:
+                progress.update(task, completed=step, total=steps, epoch=f"epoch {epoch}/{config.epochs}")
+
+            result = supernet.train_supernet(
+                config, out, resume=args.resume, warn=console_warning, on_step=on_step,
+                on_epoch=lambda row: progress.console.print(format_supernet_epoch(row), soft_wrap=True),
+            )
+    s = result.summary
+    table = Table(title=f"effcifar supernet train: {out}", show_header=False)
+    for key, value in [
+        ("dataset", f"{s['dataset']['name']} ({s['dataset']['train_images']} train, {s['dataset']['valid_images']} held out)"),
+        ("epochs", str(s["epochs"])),
+        ("final panel (valid acc)", ", ".join(f"{k[6:]} {v:.2%}" for k, v in s["final_panel"].items())),
+        ("space", f"{s['space_size']:,} paths" + (f" after {len(result.shrink_log)} shrink steps" if result.shrink_log else "")),
+        ("train time", f"{s['train_time']:.1f} s"),
+        ("device", f"{s['device']} · {s['precision']} · {s['processes']} process(es)"),
+        ("supernet", str(out / "supernet.pt")),
+    ]:
+        table.add_row(key, value)
+    console.print(table)
+    return 0
+
+
+def format_supernet_epoch(row: dict[str, Any]) -> str:
+    """One log line per supernet epoch: training figures and the reference panel."""
+    randoms = [v for k, v in row.items() if k.startswith("valid_random")]
+    random_text = f"  random mean {sum(randoms) / len(randoms):6.2%}" if randoms else ""
+    return (f"epoch {row['epoch']:3d}  lr {row['lr']:7.4f}  train loss {row['train_loss']:.3f} acc {row['train_acc']:6.2%}  "
+            f"valid largest {row['valid_largest']:6.2%} smallest {row['valid_smallest']:6.2%}{random_text}  "
+            f"space {row['space_size']:,}  time {row['epoch_time']:6.1f}s")
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The effcifar command and its subcommands."""
     parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
@@ -295,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on; 0.0.0.0 exposes the dashboard (which can edit the study) to the network")
     p.add_argument("--storage", help="the study's database URL, if it used one (default: as saved, without password)")
     p.set_defaults(handler=run_dashboard)
+    supernet_parser = sub.add_parser("supernet", help="one-shot architecture search: the SPOS supernet")
+    supernet_sub = supernet_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = supernet_sub.add_parser("train", help="train a supernet (SPOS); --resume continues a stopped run",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML or JSON file of SupernetConfig fields")
+    p.add_argument("--out", required=True, help="run directory, e.g. runs/supernet1")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest good checkpoint in --out (with its config.yaml unless --config)")
+    p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
+    add_config_options(p, SupernetConfig)
+    p = supernet_sub.add_parser("space", help="show a space; --export writes it as NNI search-space JSON")
+    p.add_argument("--space", default="seed", help="'seed' or a YAML/JSON space declaration")
+    p.add_argument("--export", help="write the NNI-format search space (layer_choice / input_choice) here")
+    p.add_argument("--declaration", help="write the space declaration (YAML) here, to start your own")
+    supernet_parser.set_defaults(handler=run_supernet)
     return parser
 
 

@@ -92,12 +92,17 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def build_config(
     cls: type[C], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
     overrides_from_text: bool = False, override_source: str = "command line",
+    base: tuple[str, dict[str, Any]] | None = None,
 ) -> C:
-    """Defaults < file < overrides, type-checked and validated; errors name the source and field."""
+    """Defaults < base (source, values) < file < overrides, type-checked and validated.
+
+    Errors name the source and field. `base` is an extra layer under the file, e.g. the
+    hyper-parameters a search found.
+    """
     types_ = field_types(cls)
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    layers = []
+    layers = [(base[0], base[1], False)] if base is not None else []
     if file is not None:
         layers.append((str(file), read_config_file(file), False))
     if overrides:

@@ -282,13 +282,18 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def write_tsv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rewrite a tab-separated table atomically (columns of the first row; floats to 6 digits)."""
+    names = list(rows[0])
+    lines = ["\t".join(names)]
+    for row in rows:
+        lines.append("\t".join(f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]) for k in names))
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
 def write_logs(path: Path, history: Sequence[EpochMetrics]) -> None:
     """Rewrite logs.tsv atomically with every epoch so far."""
-    names = list(asdict(history[0]))
-    rows = ["\t".join(names)]
-    for m in history:
-        rows.append("\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in asdict(m).values()))
-    atomic_write(path, "\n".join(rows) + "\n")
+    write_tsv(path, [asdict(m) for m in history])
 
 
 def train(

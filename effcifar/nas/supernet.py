@@ -1,0 +1,697 @@
+"""Single-path one-shot (SPOS) supernet training with exact resume, search-space shrinking and DDP.
+
+Each step samples one path uniformly from the current space (optionally only paths within a
+FLOPs range, resampling as NNI's SPOS mutator did) and trains it with the core trainer's step:
+device-resident batches, label smoothing, SGD Nesterov, autocast. After every epoch a fixed
+panel of reference subnets (largest, smallest, seeded random ones) is evaluated on held-out
+training images after BN recalibration, so `logs.tsv` shows whether the supernet learns.
+
+Checkpoints hold everything the rest of the run depends on (weights, optimiser, schedule
+position, every RNG state, the epoch's data order, the shrunk space), so a run resumed from
+one ends bitwise-identical to an uninterrupted run on CPU. They are written atomically with a
+digest, after every epoch and when the process gets SIGTERM/SIGINT.
+
+Under `torchrun` each rank sees the same global batch and path, trains on its slice, and batch
+norm uses statistics of the whole global batch, so N processes compute the same update as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from effcifar.atomic import atomic_write
+from effcifar.config import build_config, field_error, read_config_file, save_config
+from effcifar.data import Augment, CifarData, DeviceLoader, load_dataset
+from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
+from effcifar.models import STAGES
+from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet
+from effcifar.train import (
+    TrainConfig, TrainStep, device_name, library_versions, resolve_device, resolve_precision,
+    seed_everything, split_data, write_tsv,
+)
+
+SCHEDULES = ("linear", "cosine")
+# Fields that the hyper-parameter search decides; `hparams: best.json` supplies them.
+HPARAM_FIELDS = (
+    "dataset", "batch_size", "crop_pad", "flip", "cutout", "peak_lr", "base_wd", "momentum", "nesterov",
+    "label_smoothing", "logits_weight", *STAGES,
+)
+# Fields that do not change what is computed; a checkpoint can be resumed with other values.
+EXECUTION_FIELDS = ("device", "threads", "keep_checkpoints", "data_dir", "hparams")
+CHECKPOINT_MAGIC = b"EFFCIFAR-CKPT-1\n"
+MAX_SAMPLING_TRIES = 10_000
+
+
+class TrainingInterrupted(EffcifarError):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved and `--resume` continues the run."""
+
+
+@dataclass
+class SupernetConfig:
+    """Everything a supernet run depends on; the defaults are the seed's SPOS setup.
+
+    The learning rate is `lr_factor` x `peak_lr` (the seed trained the supernet at 0.3x the HPO
+    learning rate), decayed per step to 0 over `epochs` (linear or cosine). Data, augmentation,
+    optimiser and widths share their meaning (and checks) with the core trainer's fields.
+    """
+
+    space: str = "seed"  # 'seed' or a YAML/JSON space file
+    hparams: str | None = None  # best.json of an HPO run: widths, LR, weight decay, augmentation
+    # data
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    subset: int = 0
+    holdout: int = 5000  # held-out training images for the panel and shrinking (never the test set)
+    batch_size: int = 512
+    crop_pad: int = 4
+    flip: bool = True
+    cutout: int = 8
+    # optimisation
+    epochs: int = 30
+    peak_lr: float = 0.4
+    lr_factor: float = 0.3
+    schedule: str = "linear"
+    base_wd: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    label_smoothing: float = 0.2
+    # network
+    logits_weight: float = 0.125
+    prep: int = 64
+    layer1: int = 128
+    layer2: int = 256
+    layer3: int = 512
+    # path sampling and evaluation
+    flops_min: float | None = None  # sample only paths with at least this many forward FLOPs
+    flops_max: float | None = None
+    panel_random: int = 5  # seeded random subnets in the per-epoch panel (besides largest and smallest)
+    bn_batches: int = 10  # training batches used to recalibrate BN before each evaluation
+    shrink_at: str = ""  # comma-separated epochs after which each key loses its worst candidate
+    shrink_samples: int = 10  # each candidate is judged on at least this many subnets
+    # execution
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    threads: int = 0
+    eval_batch_size: int = 1024
+    keep_checkpoints: int = 3
+
+    def train_config(self) -> TrainConfig:
+        """The core-trainer config of the shared fields (used for its checks and its step)."""
+        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
+        return TrainConfig(**{name: getattr(self, name) for name in shared})
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for the first bad value."""
+        self.train_config().validate()
+        for name in ("epochs", "bn_batches", "shrink_samples", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise field_error(name, "a positive integer", getattr(self, name))
+        if self.holdout <= 0:
+            raise field_error("holdout", "a positive number of held-out training images", self.holdout)
+        if self.panel_random < 0:
+            raise field_error("panel_random", "an integer >= 0", self.panel_random)
+        if not self.lr_factor > 0:
+            raise field_error("lr_factor", "a number > 0", self.lr_factor)
+        if self.schedule not in SCHEDULES:
+            raise field_error("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        for name in ("flops_min", "flops_max"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise field_error(name, "a positive number of FLOPs or none", getattr(self, name))
+        if self.flops_min is not None and self.flops_max is not None and self.flops_min > self.flops_max:
+            raise field_error("flops_max", f"a number >= flops_min ({self.flops_min:g})", self.flops_max)
+        self.shrink_epochs()
+
+    def shrink_epochs(self) -> list[int]:
+        """The epochs of `shrink_at`, checked."""
+        try:
+            epochs = [int(e) for e in self.shrink_at.replace(" ", "").split(",") if e]
+        except ValueError:
+            raise field_error("shrink_at", "comma-separated epoch numbers, e.g. 10,20", self.shrink_at) from None
+        if any(not 1 <= e < self.epochs for e in epochs) or len(set(epochs)) != len(epochs):
+            raise field_error("shrink_at", f"distinct epochs in [1, {self.epochs - 1}]", self.shrink_at)
+        return sorted(epochs)
+
+    def channels(self) -> dict[str, int]:
+        """Width of each named stage (what a space's `width: layer1` refers to)."""
+        return {s: getattr(self, s) for s in STAGES}
+
+    def lr_at(self, epoch: float) -> float:
+        """Learning rate at a fractional epoch: lr_factor x peak_lr decayed to 0 at `epochs`."""
+        top, t = self.lr_factor * self.peak_lr, min(max(epoch / self.epochs, 0.0), 1.0)
+        return top * (1 - t) if self.schedule == "linear" else top * 0.5 * (1 + math.cos(math.pi * t))
+
+    def fingerprint(self) -> str:
+        """Hash of every field that changes the computation (a resumed run must match it)."""
+        values = {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS}
+        values["space"] = ArchSpace.load(self.space).to_dict()  # the content, wherever the file is
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                overrides_from_text: bool = False, override_source: str = "command line") -> SupernetConfig:
+    """Defaults < hparams (best.json) < file < overrides."""
+    hparams = (overrides or {}).get("hparams")
+    if hparams is None and file is not None:
+        hparams = read_config_file(file).get("hparams")
+    base = None
+    if hparams not in (None, "", "none", "null"):
+        best = read_config_file(hparams)
+        base = (str(hparams), {k: best[k] for k in HPARAM_FIELDS if k in best})
+    return build_config(SupernetConfig, file, overrides, overrides_from_text, override_source, base=base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path sampling, BN recalibration and subnet evaluation
+
+
+class PathSampler:
+    """Uniform single-path sampling from a space, resampled until the FLOPs are within limits."""
+
+    def __init__(self, costs: CostTable, seed: int, flops_min: float | None = None, flops_max: float | None = None):
+        self.costs, self.flops_min, self.flops_max = costs, flops_min, flops_max
+        self.rng = random.Random(seed)
+
+    def within_limits(self, arch: Arch) -> bool:
+        flops = self.costs.flops_of(arch)
+        return (self.flops_min is None or flops >= self.flops_min) and (self.flops_max is None or flops <= self.flops_max)
+
+    def sample(self, space: ArchSpace) -> Arch:
+        """One path with every choice drawn uniformly among the space's candidates."""
+        choices = space.choices()
+        for _ in range(MAX_SAMPLING_TRIES):
+            arch = {key: self.rng.choice(candidates) for key, candidates in choices.items()}
+            if self.within_limits(arch):
+                return arch
+        raise ConfigError(
+            f"no path within flops_min={self.flops_min} / flops_max={self.flops_max} after "
+            f"{MAX_SAMPLING_TRIES} draws (smallest {self.costs.flops_of(self.costs.extreme(False, space)):.4g}, "
+            f"largest {self.costs.flops_of(self.costs.extreme(True, space)):.4g} FLOPs)"
+        )
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], autocast: Callable[[], Any]) -> None:
+    """Reset every BN layer's running statistics and re-estimate them as the plain average over batches.
+
+    A shared-weight subnet's BN statistics are a mixture over all paths trained so far; SPOS
+    recomputes them for the chosen path before judging it.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    with autocast():
+        for x in batches:
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, loader: DeviceLoader, autocast: Callable[[], Any]) -> tuple[float, float]:
+    """(top-1, top-5) accuracy of the model as it is (eval mode)."""
+    model.eval()
+    top1 = torch.zeros((), dtype=torch.long, device=loader.labels.device)
+    top5 = torch.zeros((), dtype=torch.long, device=loader.labels.device)
+    with autocast():
+        for x, y in loader:
+            logits = model(x)
+            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += (best[:, 0] == y).sum()
+            top5 += (best == y[:, None]).any(1).sum()
+    n = len(loader.labels)
+    return top1.item() / n, top5.item() / n
+
+
+def evaluate_subnet(net: Supernet, arch: Arch, bn_batches: list[torch.Tensor], loader: DeviceLoader,
+                    autocast: Callable[[], Any]) -> tuple[float, float]:
+    """(top-1, top-5) of one path: select it, recalibrate BN, evaluate."""
+    net.set_arch(arch)
+    recalibrate_bn(net, bn_batches, autocast)
+    return accuracy(net, loader, autocast)
+
+
+def calibration_batches(loader: DeviceLoader, count: int, seed: int) -> list[torch.Tensor]:
+    """`count` augmented training batches drawn with their own generator (the training RNG is untouched)."""
+    saved = loader.generator.get_state()
+    loader.generator.manual_seed(seed)
+    order = torch.randperm(len(loader.labels), device=loader.labels.device, generator=loader.generator)
+    size = loader.batch_size
+    batches = [loader.transform(loader.images[order[i * size:(i + 1) * size]])
+               for i in range(min(count, len(order) // size))]
+    loader.generator.set_state(saved)
+    return batches
+
+
+def reference_panel(costs: CostTable, space: ArchSpace, size: int, seed: int,
+                    flops_min: float | None, flops_max: float | None) -> dict[str, Arch]:
+    """The per-epoch reference subnets: largest, smallest and `size` seeded random paths."""
+    panel = {"largest": costs.extreme(True, space), "smallest": costs.extreme(False, space)}
+    sampler = PathSampler(costs, seed, flops_min, flops_max)
+    for i in range(size):
+        panel[f"random{i + 1}"] = sampler.sample(space)
+    return panel
+
+
+def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
+                 evaluate: Callable[[Arch], float]) -> tuple[ArchSpace, dict[str, Any]]:
+    """Drop the worst candidate of every key (never the last), judged over sampled subnets.
+
+    Subnets come in rounds: in each round every key walks through a random permutation of its
+    candidates, so after `samples` rounds every candidate has been in at least `samples`
+    subnets. A candidate's score is the mean accuracy of the subnets where it is active (a body
+    conv beyond the skip depth is not). Keys whose candidates were not all seen are kept whole.
+    """
+    rng = random.Random(seed)
+    choices = space.choices()
+    width = max(len(c) for c in choices.values())
+    archs = []
+    for _ in range(samples):
+        perms = {k: rng.sample(c, len(c)) for k, c in choices.items()}
+        archs += [{k: p[j % len(p)] for k, p in perms.items()} for j in range(width)]
+    scores: dict[str, dict[str, list[float]]] = {k: {c: [] for c in v} for k, v in choices.items()}
+    for arch in archs:
+        acc = evaluate(arch)
+        for key in space.active_keys(arch):
+            scores[key][arch[key]].append(acc)
+    kept, dropped, means = {}, {}, {}
+    for key, by_candidate in scores.items():
+        means[key] = {c: (sum(v) / len(v) if v else None) for c, v in by_candidate.items()}
+        kept[key] = list(choices[key])
+        if len(kept[key]) > 1 and all(v is not None for v in means[key].values()):
+            worst = min(reversed(kept[key]), key=lambda c: means[key][c])
+            kept[key].remove(worst)
+            dropped[key] = worst
+    record = {"subnets": len(archs), "dropped": dropped, "scores": means,
+              "counts": {k: {c: len(v) for c, v in by.items()} for k, by in scores.items()}}
+    return space.restrict(kept), record
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-parallel pieces
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the global batch across all ranks.
+
+    Works with gloo (CPU) and NCCL alike: sums and sums of squares are all-reduced with autograd,
+    so gradients flow as if one process saw the whole batch. Without gradients (BN
+    recalibration, evaluation) it is a plain local BatchNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf = x.float()
+        count = xf.numel() // xf.shape[1] * dist.get_world_size()
+        sums = dist_fn.all_reduce(torch.stack([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))]))
+        mean = sums[0] / count
+        var = (sums[1] / count - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        out = xf * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
+        return out.to(x.dtype)
+
+
+def use_global_batch_norm(model: nn.Module) -> None:
+    """Swap every BatchNorm2d of `model` for a GlobalBatchNorm2d (same parameters and buffers)."""
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = GlobalBatchNorm2d
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job (one process, rank 0 of 1, without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Atomically write `state` with a header and SHA-256 digest, so corruption is detected on load."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    atomic_write(path, CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload)
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`; ValueError if it is truncated or corrupt."""
+    raw = path.read_bytes()
+    head = len(CHECKPOINT_MAGIC)
+    if raw[:head] != CHECKPOINT_MAGIC:
+        raise ValueError("not an effcifar checkpoint (bad header)")
+    digest, payload = raw[head:head + 32], raw[head + 32:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError("checksum mismatch (truncated or corrupt)")
+    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+
+
+def checkpoint_files(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, newest first."""
+    return sorted((run_dir / "checkpoints").glob("step_*.pt"), reverse=True)
+
+
+def latest_checkpoint(run_dir: Path, map_location: str | torch.device, warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """The newest checkpoint that loads and verifies; bad ones are reported and skipped."""
+    for path in checkpoint_files(run_dir):
+        try:
+            return read_checkpoint(path, map_location)
+        except (ValueError, RuntimeError, OSError, EOFError) as e:
+            warn(f"{path}: {e}; trying the previous checkpoint")
+    return None
+
+
+def rng_states(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states in weights_only-loadable types."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, Any], device: torch.device) -> None:
+    """Inverse of `rng_states`."""
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (restores the old handlers on exit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class SupernetResult:
+    """What a supernet run produced."""
+
+    net: Supernet
+    space: ArchSpace  # the (possibly shrunk) space at the end
+    history: list[dict[str, Any]]
+    shrink_log: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+
+
+@dataclass
+class _Progress:
+    """The resumable position of a run (everything besides weights and optimiser)."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # step within the current epoch
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    shrink_log: list[dict[str, Any]] = field(default_factory=list)
+    train_time: float = 0.0
+
+
+def train_supernet(
+    config: SupernetConfig, out_dir: str | Path | None = None, *, resume: bool = False, data: CifarData | None = None,
+    on_step: Callable[[int, int, int], None] | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    warn: Callable[[str], None] = print,
+) -> SupernetResult:
+    """Train a SPOS supernet; write logs, checkpoints and `supernet.pt` into `out_dir` (rank 0).
+
+    `on_step(epoch, step, steps_per_epoch)` and `on_epoch(row)` report progress. With
+    `resume`, the newest good checkpoint in `out_dir/checkpoints` is continued (it must have
+    been made with the same config); without it, a directory that has checkpoints is refused.
+    """
+    config.validate()
+    ranks = Ranks.from_env()
+    out = Path(out_dir) if out_dir is not None else None
+    if resume and out is None:
+        raise ConfigError("resume needs the run directory (--out) that holds the checkpoints")
+    if out is not None and not resume and checkpoint_files(out):
+        raise ConfigError(f"{out}: already holds a supernet run; pass --resume to continue it or choose another --out")
+    space = ArchSpace.load(config.space)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    if ranks.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+    if ranks.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if config.batch_size % ranks.world:
+        raise field_error("batch_size", f"a multiple of the number of processes ({ranks.world})", config.batch_size)
+    precision = resolve_precision(config.precision, device)
+
+    data = data if data is not None else load_dataset(config.dataset, config.data_dir)
+    x_train, y_train, x_valid, y_valid = split_data(data, config.subset, config.holdout)
+    if len(y_train) < config.batch_size:
+        raise field_error("batch_size", f"at most the number of training images ({len(y_train)})", config.batch_size)
+    mean, std = data.mean_std()
+    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
+    train_loader = DeviceLoader(
+        x_train, y_train, batch_size=config.batch_size, shuffle=True, drop_last=True, seed=config.seed,
+        augment=Augment(crop_pad=config.crop_pad, flip=config.flip, cutout=config.cutout), **common,
+    )
+    valid_loader = DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size, **common)
+
+    seed_everything(config.seed)
+    channels = config.channels()
+    net = Supernet(space, channels, data.num_classes, config.logits_weight).to(device)
+    if config.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    runner: nn.Module = net
+    if ranks.world > 1:
+        use_global_batch_norm(net)
+        runner = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    step_fn = TrainStep(runner, config.train_config(), precision)
+    costs = CostTable.build(space, channels, data.num_classes)
+    sampler = PathSampler(costs, config.seed, config.flops_min, config.flops_max)
+    sampler.sample(space)  # fail now, not after data loading on every rank, if the limits exclude every path
+    sampler.rng.seed(config.seed)
+    bn_batches = calibration_batches(train_loader, config.bn_batches, config.seed + 1)
+    shrink_epochs = config.shrink_epochs()
+
+    progress = _Progress()
+    order: torch.Tensor | None = None
+    epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    if resume:
+        ckpt = latest_checkpoint(out, device, warn)  # type: ignore[arg-type]
+        if ckpt is None:
+            raise ConfigError(f"{out}: no usable checkpoint to resume from")
+        if ckpt["fingerprint"] != config.fingerprint():
+            raise ConfigError(
+                f"{out}: the checkpoint was made with a different config (fingerprint {ckpt['fingerprint']} vs "
+                f"{config.fingerprint()}); resume with the run's own config.yaml or start a new --out"
+            )
+        space = space.restrict(ckpt["space"])
+        net.load_state_dict(ckpt["model"])
+        step_fn.optimizer.load_state_dict(ckpt["optimizer"])
+        step_fn.scaler.load_state_dict(ckpt["scaler"])
+        sampler.rng.setstate(_as_tuple(ckpt["sampler"]))
+        train_loader.generator.set_state(ckpt["loader_generator"].cpu())
+        set_rng_states(ckpt["rng"], device)
+        order = ckpt["order"]
+        epoch_sums = ckpt["epoch_sums"].to(device)
+        progress = _Progress(**ckpt["progress"])
+
+    def checkpoint(current_order: torch.Tensor | None) -> None:
+        if out is None or not ranks.main:
+            return
+        state = {
+            "fingerprint": config.fingerprint(), "model": net.state_dict(), "optimizer": step_fn.optimizer.state_dict(),
+            "scaler": step_fn.scaler.state_dict(), "sampler": sampler.rng.getstate(),
+            "loader_generator": train_loader.generator.get_state(), "rng": rng_states(device),
+            "order": current_order, "epoch_sums": epoch_sums.cpu(), "space": space.choices(),
+            "progress": asdict(progress),
+        }
+        path = out / "checkpoints" / f"step_{progress.global_step:09d}.pt"
+        save_checkpoint(state, path)
+        for old in checkpoint_files(out)[config.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+
+    if out is not None and ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        _write_space_files(out, space, progress.shrink_log)
+
+    steps_per_epoch = len(train_loader)
+    shard = slice(ranks.rank * config.batch_size // ranks.world, (ranks.rank + 1) * config.batch_size // ranks.world)
+    start = time.perf_counter()
+    with StopSignal() as stop:
+        while progress.epoch < config.epochs:
+            epoch_start = time.perf_counter()
+            runner.train()
+            if order is None:
+                order = torch.randperm(len(train_loader.labels), device=device, generator=train_loader.generator)
+            while progress.step < steps_per_epoch:
+                if _stop_requested(stop, ranks, device):
+                    progress.train_time += time.perf_counter() - epoch_start
+                    checkpoint(order)
+                    raise TrainingInterrupted(
+                        f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved"
+                        + (f" in {out / 'checkpoints'}; continue with --resume" if out is not None else "")
+                    )
+                index = order[progress.step * config.batch_size:(progress.step + 1) * config.batch_size]
+                x = train_loader.transform(train_loader.images[index])[shard]
+                y = train_loader.labels[index][shard]
+                net.set_arch(sampler.sample(space))
+                lr = config.lr_at(progress.epoch + progress.step / steps_per_epoch)
+                loss, logits = step_fn(x, y, lr)
+                epoch_sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                           torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                progress.step += 1
+                progress.global_step += 1
+                if on_step is not None:
+                    on_step(progress.epoch + 1, progress.step, steps_per_epoch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            progress.train_time += time.perf_counter() - epoch_start
+            if ranks.world > 1:
+                dist.all_reduce(epoch_sums)
+            loss_sum, correct, seen = epoch_sums.tolist()
+            lr = config.lr_at(progress.epoch + 1)
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(f"supernet train loss is {loss_sum} at epoch {progress.epoch + 1}")
+            progress.epoch += 1
+            eval_start = time.perf_counter()
+            panel = reference_panel(costs, space, config.panel_random, config.seed + 2,
+                                    config.flops_min, config.flops_max)
+            accs = {name: evaluate_subnet(net, arch, bn_batches, valid_loader, step_fn.autocast)[0]
+                    for name, arch in panel.items()}
+            row: dict[str, Any] = {
+                "epoch": progress.epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                **{f"valid_{name}": acc for name, acc in accs.items()},
+                "valid_panel_mean": sum(accs.values()) / len(accs), "space_size": space.size(),
+            }
+            if progress.epoch in shrink_epochs:
+                space, record = shrink_space(
+                    net, space, config.shrink_samples, config.seed + 3 + progress.epoch,
+                    lambda arch: evaluate_subnet(net, arch, bn_batches, valid_loader, step_fn.autocast)[0],
+                )
+                progress.shrink_log.append({"epoch": progress.epoch, **record, "space": space.choices()})
+                row["space_size"] = space.size()
+            row.update(epoch_time=time.perf_counter() - epoch_start, eval_time=time.perf_counter() - eval_start,
+                       train_time=progress.train_time)
+            progress.history.append(row)
+            progress.step = 0
+            order = None
+            epoch_sums.zero_()
+            if out is not None and ranks.main:
+                write_tsv(out / "logs.tsv", progress.history)
+                _write_space_files(out, space, progress.shrink_log)
+            checkpoint(None)
+            if on_epoch is not None:
+                on_epoch(row)
+
+    summary = {
+        "config": asdict(config), "space": space.to_dict(), "choices": space.choices(), "space_size": space.size(),
+        "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
+                    "train_images": len(y_train), "valid_images": len(y_valid)},
+        "epochs": config.epochs, "train_time": progress.train_time, "total_time": time.perf_counter() - start,
+        "final_panel": {k: v for k, v in progress.history[-1].items() if k.startswith("valid_")},
+        "processes": ranks.world, "device": device_name(device), "precision": precision, "versions": library_versions(),
+    }
+    if out is not None and ranks.main:
+        save_checkpoint({"model": net.state_dict(), "space": ArchSpace.load(config.space).to_dict(),
+                         "choices": space.choices(), "channels": channels, "num_classes": data.num_classes,
+                         "logits_weight": config.logits_weight}, out / "supernet.pt")
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return SupernetResult(net, space, progress.history, progress.shrink_log, summary, out)
+
+
+def _stop_requested(stop: StopSignal, ranks: Ranks, device: torch.device) -> bool:
+    """True when any rank got a stop signal (all ranks then stop at the same step)."""
+    if ranks.world == 1:
+        return stop.requested
+    flag = torch.tensor([float(stop.requested)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.Random state from its checkpointed form (lists back to tuples)."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _write_space_files(out: Path, space: ArchSpace, shrink_log: list[dict[str, Any]]) -> None:
+    """space.json (the current, possibly shrunk, choices) and shrink_log.json."""
+    atomic_write(out / "space.json", json.dumps(space.choices(), indent=2) + "\n")
+    atomic_write(out / "shrink_log.json", json.dumps(shrink_log, indent=2) + "\n")
+
+
+def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Supernet, ArchSpace, SupernetConfig]:
+    """(trained supernet, its final space, its config) from a finished run directory."""
+    run = Path(run_dir)
+    path = run / "supernet.pt"
+    if not path.exists():
+        raise ConfigError(f"{run}: no supernet.pt (is this a finished `effcifar supernet train` run?)")
+    try:
+        state = read_checkpoint(path, map_location)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    config = build_config(SupernetConfig, run / "config.yaml")
+    full = ArchSpace.from_dict(state["space"], str(path))
+    net = Supernet(full, state["channels"], state["num_classes"], state["logits_weight"])
+    net.load_state_dict(state["model"])
+    return net, full.restrict(state["choices"]), config
