@@ -221,8 +221,10 @@ class TrainStep:
     `config.compile` the forward/backward runs through torch.compile.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, precision: str):
+    def __init__(self, model: nn.Module, config: TrainConfig, precision: str,
+                 before_update: Callable[[], None] | None = None):
         self.model = model
+        self.before_update = before_update  # runs between backward and the optimiser step
         self.model_to_run = torch.compile(model) if config.compile else model
         self.label_smoothing = config.label_smoothing
         self.device_type = next(model.parameters()).device.type
@@ -245,6 +247,8 @@ class TrainStep:
             logits = self.model_to_run(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         self.scaler.scale(loss).backward()
+        if self.before_update is not None:
+            self.before_update()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

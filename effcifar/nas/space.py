@@ -411,6 +411,17 @@ class Supernet(nn.Module):
         for key, module in self.choice_modules().items():
             module.chosen = arch[key]
 
+    def inactive_parameters(self) -> list[nn.Parameter]:
+        """Parameters the current path does not use (unchosen candidates, body convs past the skip)."""
+        unused = []
+        for stage in self.stages.values():
+            depth = stage.depths[stage.skip.chosen_index]
+            for index, choice in enumerate([stage.conv1, *stage.body.values()]):
+                for name, op in choice.candidates.items():
+                    if name != choice.chosen or index > depth:
+                        unused += list(op.parameters())
+        return unused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prep(x)
         for stage in self.stages.values():

@@ -33,7 +33,6 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from effcifar.atomic import atomic_write
@@ -41,7 +40,7 @@ from effcifar.config import build_config, field_error, read_config_file, save_co
 from effcifar.data import Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
-from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet
+from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, skip_depth
 from effcifar.train import (
     TrainConfig, TrainStep, device_name, library_versions, resolve_device, resolve_precision,
     seed_everything, split_data, write_tsv,
@@ -280,9 +279,10 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
     """Drop the worst candidate of every key (never the last), judged over sampled subnets.
 
     Subnets come in rounds: in each round every key walks through a random permutation of its
-    candidates, so after `samples` rounds every candidate has been in at least `samples`
-    subnets. A candidate's score is the mean accuracy of the subnets where it is active (a body
-    conv beyond the skip depth is not). Keys whose candidates were not all seen are kept whole.
+    candidates. A candidate's score is the mean accuracy of the subnets where it is active (a
+    body conv beyond the skip depth is not), so body candidates that were not active in
+    `samples` subnets get extra subnets with the deepest skip. Keys that no skip can reach are
+    kept whole.
     """
     rng = random.Random(seed)
     choices = space.choices()
@@ -291,6 +291,19 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
     for _ in range(samples):
         perms = {k: rng.sample(c, len(c)) for k, c in choices.items()}
         archs += [{k: p[j % len(p)] for k, p in perms.items()} for j in range(width)]
+    counts = {k: {c: 0 for c in v} for k, v in choices.items()}
+    for arch in archs:
+        for key in space.active_keys(arch):
+            counts[key][arch[key]] += 1
+    for key, candidates in choices.items():
+        skip_key = key.rsplit(".", 1)[0] + ".skip"
+        deepest = max(choices[skip_key], key=skip_depth)
+        for candidate in candidates:
+            while counts[key][candidate] < samples and key in space.active_keys({**archs[0], skip_key: deepest}):
+                arch = {k: rng.choice(c) for k, c in choices.items()} | {key: candidate, skip_key: deepest}
+                archs.append(arch)
+                for active in space.active_keys(arch):
+                    counts[active][arch[active]] += 1
     scores: dict[str, dict[str, list[float]]] = {k: {c: [] for c in v} for k, v in choices.items()}
     for arch in archs:
         acc = evaluate(arch)
@@ -304,13 +317,28 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
             worst = min(reversed(kept[key]), key=lambda c: means[key][c])
             kept[key].remove(worst)
             dropped[key] = worst
-    record = {"subnets": len(archs), "dropped": dropped, "scores": means,
-              "counts": {k: {c: len(v) for c, v in by.items()} for k, by in scores.items()}}
+    record = {"subnets": len(archs), "dropped": dropped, "scores": means, "counts": counts}
     return space.restrict(kept), record
 
 
 # ---------------------------------------------------------------------------------------------
 # Data-parallel pieces
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum over ranks of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -322,17 +350,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and torch.is_grad_enabled() and dist.is_initialized()):
             return super().forward(x)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in at least fp32
         count = xf.numel() // xf.shape[1] * dist.get_world_size()
-        sums = dist_fn.all_reduce(torch.stack([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))]))
-        mean = sums[0] / count
-        var = (sums[1] / count - mean * mean).clamp_min(0)
+        mean = _AllReduceSum.apply(xf.sum((0, 2, 3))) / count
+        centred = xf - mean[None, :, None, None]  # two passes: E[x^2] - E[x]^2 loses digits
+        var = _AllReduceSum.apply((centred * centred).sum((0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / max(count - 1, 1), self.momentum)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * count / max(count - 1, 1)).to(self.running_var.dtype), self.momentum)
         scale = self.weight * torch.rsqrt(var + self.eps)
         out = xf * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]
         return out.to(x.dtype)
@@ -352,10 +380,12 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (even with one process: same code path as N)
 
     @classmethod
     def from_env(cls) -> Ranks:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)), "RANK" in env)
 
     @property
     def main(self) -> bool:
@@ -495,9 +525,9 @@ def train_supernet(
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    if ranks.world > 1 and device.type == "cuda":
+    if ranks.launched and device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
-    if ranks.world > 1 and not dist.is_initialized():
+    if ranks.launched and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if config.batch_size % ranks.world:
         raise field_error("batch_size", f"a multiple of the number of processes ({ranks.world})", config.batch_size)
@@ -521,10 +551,15 @@ def train_supernet(
     if config.channels_last:
         net = net.to(memory_format=torch.channels_last)
     runner: nn.Module = net
-    if ranks.world > 1:
+    before_update = None
+    if ranks.launched:
         use_global_batch_norm(net)
         runner = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
-    step_fn = TrainStep(runner, config.train_config(), precision)
+
+        def before_update() -> None:  # DDP hands unused parameters zero gradients; SGD must skip them
+            for p in net.inactive_parameters():
+                p.grad = None
+    step_fn = TrainStep(runner, config.train_config(), precision, before_update)
     costs = CostTable.build(space, channels, data.num_classes)
     sampler = PathSampler(costs, config.seed, config.flops_min, config.flops_max)
     sampler.sample(space)  # fail now, not after data loading on every rank, if the limits exclude every path
@@ -535,10 +570,13 @@ def train_supernet(
     progress = _Progress()
     order: torch.Tensor | None = None
     epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+    if resume and not checkpoint_files(out):  # type: ignore[arg-type]
+        warn(f"{out}: no checkpoint yet; starting from the beginning")
+        resume = False
     if resume:
         ckpt = latest_checkpoint(out, device, warn)  # type: ignore[arg-type]
         if ckpt is None:
-            raise ConfigError(f"{out}: no usable checkpoint to resume from")
+            raise ConfigError(f"{out}: no usable checkpoint to resume from (all failed their checks)")
         if ckpt["fingerprint"] != config.fingerprint():
             raise ConfigError(
                 f"{out}: the checkpoint was made with a different config (fingerprint {ckpt['fingerprint']} vs "
@@ -607,7 +645,7 @@ def train_supernet(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             progress.train_time += time.perf_counter() - epoch_start
-            if ranks.world > 1:
+            if ranks.launched:
                 dist.all_reduce(epoch_sums)
             loss_sum, correct, seen = epoch_sums.tolist()
             lr = config.lr_at(progress.epoch + 1)
@@ -630,7 +668,6 @@ def train_supernet(
                     lambda arch: evaluate_subnet(net, arch, bn_batches, valid_loader, step_fn.autocast)[0],
                 )
                 progress.shrink_log.append({"epoch": progress.epoch, **record, "space": space.choices()})
-                row["space_size"] = space.size()
             row.update(epoch_time=time.perf_counter() - epoch_start, eval_time=time.perf_counter() - eval_start,
                        train_time=progress.train_time)
             progress.history.append(row)
@@ -662,7 +699,7 @@ def train_supernet(
 
 def _stop_requested(stop: StopSignal, ranks: Ranks, device: torch.device) -> bool:
     """True when any rank got a stop signal (all ranks then stop at the same step)."""
-    if ranks.world == 1:
+    if not ranks.launched:
         return stop.requested
     flag = torch.tensor([float(stop.requested)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
