@@ -214,6 +214,20 @@ def split_data(data: CifarData, subset: int, holdout: int) -> tuple[np.ndarray, 
     return data.x_train[train_idx], data.y_train[train_idx], data.x_train[valid_idx], data.y_train[valid_idx]
 
 
+def device_loaders(config: TrainConfig, data: CifarData, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
+    """(training loader with the config's augmentation, validation loader) on the device."""
+    x_train, y_train, x_valid, y_valid = split_data(data, config.subset, config.holdout)
+    if len(y_train) < config.batch_size:
+        raise field_error("batch_size", f"at most the number of training images ({len(y_train)})", config.batch_size)
+    mean, std = data.mean_std()
+    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
+    train_loader = DeviceLoader(
+        x_train, y_train, batch_size=config.batch_size, shuffle=True, drop_last=True, seed=config.seed,
+        augment=Augment(crop_pad=config.crop_pad, flip=config.flip, cutout=config.cutout), **common,
+    )
+    return train_loader, DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size, **common)
+
+
 class TrainStep:
     """One SGD step of the recipe: forward under autocast, label-smoothed loss, backward, update.
 
@@ -318,19 +332,12 @@ def train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
-    x_train, y_train, x_valid, y_valid = split_data(data, config.subset, config.holdout)
-    if len(y_train) < config.batch_size:
-        raise field_error("batch_size", f"at most the number of training images ({len(y_train)})", config.batch_size)
-    mean, std = data.mean_std()
-    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
-    train_loader = DeviceLoader(
-        x_train, y_train, batch_size=config.batch_size, shuffle=True, drop_last=True, seed=config.seed,
-        augment=Augment(crop_pad=config.crop_pad, flip=config.flip, cutout=config.cutout), **common,
-    )
-    valid_loader = DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size, **common)
+    train_loader, valid_loader = device_loaders(config, data, device)
     test_loader = valid_loader
     if config.holdout:
-        test_loader = DeviceLoader(data.x_test, data.y_test, batch_size=config.eval_batch_size, **common)
+        mean, std = data.mean_std()
+        test_loader = DeviceLoader(data.x_test, data.y_test, batch_size=config.eval_batch_size, mean=mean, std=std,
+                                   device=device, channels_last=config.channels_last)
 
     seed_everything(config.seed)
     model = ResNet(config.net_config(data.num_classes)).to(device)
@@ -389,7 +396,7 @@ def train(
     summary = {
         "config": asdict(config),
         "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
-                    "train_images": len(y_train), "valid_images": len(y_valid),
+                    "train_images": len(train_loader.labels), "valid_images": len(valid_loader.labels),
                     "valid_split": "holdout" if config.holdout else "test"},
         "epochs_run": len(history),
         "stopped_early": stopped_early,

@@ -63,3 +63,15 @@ def test_override_errors_name_the_option_source(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: cannot read config file"):
         read_config_file("nope.yaml")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("c.yaml", "peak_lr: 0.1\nbatch_size: 256\npeak_lr: 0.2\n"),
+    ("c.json", '{"peak_lr": 0.1, "peak_lr": 0.2}'),
+])
+def test_a_key_given_twice_is_an_error(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError, match="duplicate key 'peak_lr'") as e:
+        build_config(TrainConfig, path)
+    assert str(path) in str(e.value)

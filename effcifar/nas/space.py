@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import yaml
 from torch import nn
 
+from effcifar.config import read_config_file
 from effcifar.errors import ConfigError
 from effcifar.models import STAGES, Scale, count_flops, count_parameters
 
@@ -136,17 +136,8 @@ class ArchSpace:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ArchSpace:
-        """Read a YAML (or JSON) space file; duplicate mapping keys are errors."""
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the space file ({e.strerror})") from None
-        try:
-            spec = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-        return cls.from_dict(spec, str(path))
+        """Read a YAML (or JSON) space declaration; a key given twice is an error."""
+        return cls.from_dict(read_config_file(path), str(path))
 
     @classmethod
     def from_dict(cls, spec: Any, source: str = "space") -> ArchSpace:
@@ -254,20 +245,6 @@ class ArchSpace:
             else:
                 out[key] = {"_type": "layer_choice", "_value": candidates}
         return out
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a mapping with the same key twice (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _width(value: Any, field: str, fail: Any) -> str | int:

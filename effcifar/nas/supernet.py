@@ -37,13 +37,13 @@ from torch import nn
 
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config, field_error, read_config_file, save_config
-from effcifar.data import Augment, CifarData, DeviceLoader, load_dataset
+from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, skip_depth
 from effcifar.train import (
-    TrainConfig, TrainStep, device_name, library_versions, resolve_device, resolve_precision,
-    seed_everything, split_data, write_tsv,
+    TrainConfig, TrainStep, device_loaders, device_name, library_versions, resolve_device, resolve_precision,
+    seed_everything, write_tsv,
 )
 
 SCHEDULES = ("linear", "cosine")
@@ -534,16 +534,7 @@ def train_supernet(
     precision = resolve_precision(config.precision, device)
 
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
-    x_train, y_train, x_valid, y_valid = split_data(data, config.subset, config.holdout)
-    if len(y_train) < config.batch_size:
-        raise field_error("batch_size", f"at most the number of training images ({len(y_train)})", config.batch_size)
-    mean, std = data.mean_std()
-    common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
-    train_loader = DeviceLoader(
-        x_train, y_train, batch_size=config.batch_size, shuffle=True, drop_last=True, seed=config.seed,
-        augment=Augment(crop_pad=config.crop_pad, flip=config.flip, cutout=config.cutout), **common,
-    )
-    valid_loader = DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size, **common)
+    train_loader, valid_loader = device_loaders(config.train_config(), data, device)
 
     seed_everything(config.seed)
     channels = config.channels()
@@ -684,7 +675,7 @@ def train_supernet(
     summary = {
         "config": asdict(config), "space": space.to_dict(), "choices": space.choices(), "space_size": space.size(),
         "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
-                    "train_images": len(y_train), "valid_images": len(y_valid)},
+                    "train_images": len(train_loader.labels), "valid_images": len(valid_loader.labels)},
         "epochs": config.epochs, "train_time": progress.train_time, "total_time": time.perf_counter() - start,
         "final_panel": {k: v for k, v in progress.history[-1].items() if k.startswith("valid_")},
         "processes": ranks.world, "device": device_name(device), "precision": precision, "versions": library_versions(),
