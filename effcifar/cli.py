@@ -310,6 +310,39 @@ def format_supernet_epoch(row: dict[str, Any]) -> str:
 
 
 
+def run_search(args: argparse.Namespace, console: Console) -> int:
+    """effcifar search: architecture search over a trained supernet; the top K are exported and tabulated."""
+    from effcifar.nas import search
+
+    config = config_from_args(search.SearchConfig, args)
+
+    def on_trial(t: Any) -> None:
+        a = t.user_attrs
+        detail = a.get("fail_reason") or (f"valid acc {a['accuracy']:.2%}  top-5 {a['top5']:.2%}  "
+                                          f"{a['flops'] / 1e6:,.1f} MFLOPs" + ("  (cached)" if a.get("cached") else "")
+                                          if "accuracy" in a else "")
+        console.print(f"trial {t.number:4d}  {t.state.name:<8}  {detail}")
+
+    study = search.run_search(config, args.supernet, args.out, on_trial=None if args.quiet else on_trial)
+    records = search.export_top(study, args.out, config.top_k_export)
+    table = Table(title=f"effcifar search ({config.strategy}): top {len(records)} of {len(study.trials)} trials, "
+                        f"held-out accuracy after BN recalibration")
+    for column in ("rank", "trial", "top-1", "top-5", "MFLOPs", "params", "architecture (active choices)"):
+        table.add_column(column, justify="left" if column.startswith("arch") else "right")
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for rank, r in enumerate(records, 1):
+        table.add_row(str(rank), str(r["trial"]), f"{r['accuracy']:.2%}", f"{r['top5']:.2%}",
+                      f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}",
+                      trials[r["trial"]].user_attrs["arch_key"].replace(",", " "))
+    console.print(table)
+    if len(study.directions) == 2 and records:
+        front = sorted(t.number for t in study.best_trials)
+        console.print(f"Pareto front (accuracy vs FLOPs): trials {', '.join(map(str, front))}")
+    console.print(f"wrote {Path(args.out) / 'arch'}/top_1..{len(records)}.json and "
+                  f"{Path(args.out) / 'architecture_final.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The effcifar command and its subcommands."""
     parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
@@ -382,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", help="write the NNI-format search space (layer_choice / input_choice) here")
     p.add_argument("--declaration", help="write the space declaration (YAML) here, to start your own")
     supernet_parser.set_defaults(handler=run_supernet)
+    p = sub.add_parser("search", help="architecture search over a trained supernet (Optuna study; resumable)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("supernet", help="a finished supernet run directory, e.g. runs/supernet1")
+    p.add_argument("--config", help="YAML or JSON file of SearchConfig fields")
+    p.add_argument("--out", required=True, help="search run directory, e.g. runs/search1 (the same command resumes)")
+    p.add_argument("--quiet", action="store_true", help="no line per trial, only the final table")
+    from effcifar.nas.search import SearchConfig  # its fields are the options (imports optuna, about 0.1 s)
+
+    add_config_options(p, SearchConfig)
+    p.set_defaults(handler=run_search)
     return parser
 
 

@@ -220,3 +220,13 @@ def test_evolution_refuses_a_multi_objective_study():
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=EvolutionSampler(SPACE))
     with pytest.raises(ConfigError, match="nsga2"):
         study.optimize(lambda trial: (1.0, len(suggest_arch(trial, SPACE))), n_trials=1)
+
+
+@pytest.mark.parametrize("strategy", ["random", "evolution"])
+def test_canonical_key_makes_equivalent_architectures_duplicates(strategy):
+    space = {"a": ["x", "y"], "b": ["1", "2", "3", "4", "5"]}
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(
+        strategy, space, seed=0, canonical=lambda arch: arch["a"], population=2, top_k=1, mutations=1, crossovers=0))
+    seen = []
+    study.optimize(lambda trial: seen.append(suggest_arch(trial, space)) or 0.0, n_trials=2)
+    assert {arch["a"] for arch in seen} == {"x", "y"}  # only "a" makes two architectures different

@@ -355,6 +355,12 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: Callable[[Frozen
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_worker_main, args=(config, run_dir, i, threads, deadline))
                for i in range(config.workers)]
+    supervise_workers(study, workers, on_trial)
+    return study
+
+
+def supervise_workers(study: optuna.Study, workers: list[Any], on_trial: Callable[[FrozenTrial], None] | None) -> None:
+    """Start the worker processes, report each trial that finishes, wait for them; ConfigError if one failed."""
     for w in workers:
         w.start()
     seen: set[int] = set()
@@ -369,8 +375,7 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: Callable[[Frozen
         w.join()
     failed = [w.exitcode for w in workers if w.exitcode]
     if failed:
-        raise ConfigError(f"{len(failed)} of {config.workers} workers exited with an error (exit codes {failed})")
-    return study
+        raise ConfigError(f"{len(failed)} of {len(workers)} workers exited with an error (exit codes {failed})")
 
 
 def select_best(trials: list[FrozenTrial], tie: float) -> FrozenTrial:

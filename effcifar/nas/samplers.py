@@ -9,7 +9,9 @@ attributes), so a resumed study, or several workers sharing one storage, continu
 study stands; only the random generator is per process. Every proposal passes two checks:
 `is_feasible(arch)` (the search's FLOPs, parameter and latency limits), so a candidate over a
 limit is never returned and never evaluated, and novelty against the architectures of all other
-trials that did not fail (duplicates are skipped while a new one can be found). Call
+trials that did not fail (duplicates are skipped while a new one can be found). Two
+architectures are the same when `canonical(arch)` is equal (default: every choice; the search
+passes its canonical key, so architectures that differ only in unused choices are duplicates). Call
 `suggest_arch` under the study's budget lock so that parallel workers never draw the same one.
 
 Each trial records, as system attributes: `nas:arch` (the architecture, written when it is
@@ -23,7 +25,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -36,6 +38,7 @@ from effcifar.errors import ConfigError
 Space = dict[str, list[str]]
 Arch = dict[str, str]
 Feasible = Callable[[Arch], bool]
+Canonical = Callable[[Arch], Hashable]
 
 STRATEGIES = ("evolution", "random", "nsga2")
 ARCH_ATTR = "nas:arch"
@@ -84,12 +87,13 @@ class ArchSampler(optuna.samplers.BaseSampler):
     """
 
     def __init__(self, space: Space, *, seed: int | None = None, is_feasible: Feasible | None = None,
-                 max_tries: int = 1000):
+                 max_tries: int = 1000, canonical: Canonical | None = None):
         check_space(space)
         if max_tries < 1:
             raise field_error("max_tries", "a positive integer", max_tries)
         self.space = {key: list(candidates) for key, candidates in space.items()}
         self.is_feasible = is_feasible or (lambda arch: True)
+        self.canonical = canonical or (lambda arch: tuple(arch.values()))
         self.max_tries = max_tries
         self.rng = random.Random(seed)
         self.independent = optuna.samplers.RandomSampler(seed=seed)  # parameters outside the space
@@ -106,7 +110,7 @@ class ArchSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study: Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         """Choose this trial's architecture and record where it came from."""
-        taken = {tuple(arch.values()) for t in study.get_trials(deepcopy=False)
+        taken = {self.canonical(arch) for t in study.get_trials(deepcopy=False)
                  if t.number != trial.number and t.state != TrialState.FAIL
                  and (arch := trial_arch(t, self.space)) is not None}
         chosen = self.choose(self.proposals(study, trial), taken)
@@ -132,19 +136,19 @@ class ArchSampler(optuna.samplers.BaseSampler):
         while True:
             yield Candidate(self.random_arch(), "random")
 
-    def choose(self, proposals: Iterable[Candidate], taken: set[tuple[str, ...]]) -> Candidate:
+    def choose(self, proposals: Iterable[Candidate], taken: set[Hashable]) -> Candidate:
         """The first feasible new candidate among the proposals, then random ones; see the class docstring."""
         duplicate = None
         limit = self.max_tries
         for candidate in itertools.chain(itertools.islice(proposals, limit), itertools.islice(self.randoms(), limit)):
             if not self.is_feasible(candidate.arch):
                 continue
-            if tuple(candidate.arch.values()) not in taken:
+            if self.canonical(candidate.arch) not in taken:
                 return candidate
             duplicate = duplicate or candidate
         if duplicate is None:
             raise ConfigError(f"no architecture within the limits in {self.max_tries} random draws: "
-                              f"relax the limits (--max-flops, --max-params, --max-latency-ms)")
+                              f"relax the limits (--max-flops, --max-params)")
         return duplicate
 
 
@@ -166,8 +170,8 @@ class EvolutionSampler(ArchSampler):
 
     def __init__(self, space: Space, *, population: int = 50, top_k: int = 10, mutations: int = 25,
                  crossovers: int = 25, mutation_prob: float = 0.1, seed: int | None = None,
-                 is_feasible: Feasible | None = None, max_tries: int = 1000):
-        super().__init__(space, seed=seed, is_feasible=is_feasible, max_tries=max_tries)
+                 is_feasible: Feasible | None = None, max_tries: int = 1000, canonical: Canonical | None = None):
+        super().__init__(space, seed=seed, is_feasible=is_feasible, max_tries=max_tries, canonical=canonical)
         for name, value in (("population", population), ("top_k", top_k)):
             if value < 1:
                 raise field_error(name, "a positive integer", value)
@@ -235,8 +239,8 @@ class FeasibleSampler(ArchSampler):
     """
 
     def __init__(self, base: optuna.samplers.BaseSampler, space: Space, *, seed: int | None = None,
-                 is_feasible: Feasible | None = None, max_tries: int = 1000):
-        super().__init__(space, seed=seed, is_feasible=is_feasible, max_tries=max_tries)
+                 is_feasible: Feasible | None = None, max_tries: int = 1000, canonical: Canonical | None = None):
+        super().__init__(space, seed=seed, is_feasible=is_feasible, max_tries=max_tries, canonical=canonical)
         self.base = base
 
     def reseed_rng(self) -> None:
@@ -270,14 +274,14 @@ class FeasibleSampler(ArchSampler):
 def make_sampler(strategy: str, space: Space, *, seed: int | None = None, is_feasible: Feasible | None = None,
                  objectives: Sequence[str] = ("accuracy",), population: int = 50, top_k: int = 10,
                  mutations: int = 25, crossovers: int = 25, mutation_prob: float = 0.1,
-                 max_tries: int = 1000) -> ArchSampler:
+                 max_tries: int = 1000, canonical: Canonical | None = None) -> ArchSampler:
     """The sampler for a search strategy; evolution and random take one objective, nsga2 accuracy and a cost."""
     if strategy not in STRATEGIES:
         raise field_error("strategy", f"one of {', '.join(STRATEGIES)}", strategy)
     if (strategy == "nsga2") != (len(objectives) > 1):
         expected = "accuracy and a cost (FLOPs or latency)" if strategy == "nsga2" else "accuracy alone"
         raise field_error("objectives", f"{expected} for strategy {strategy}", list(objectives))
-    guard = {"seed": seed, "is_feasible": is_feasible, "max_tries": max_tries}
+    guard = {"seed": seed, "is_feasible": is_feasible, "max_tries": max_tries, "canonical": canonical}
     if strategy == "random":
         return RandomArchSampler(space, **guard)
     if strategy == "evolution":

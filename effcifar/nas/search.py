@@ -1,0 +1,405 @@
+"""Architecture search over a trained SPOS supernet: an Optuna study whose trials are subnets.
+
+`run_search(SearchConfig(...), "runs/supernet1", "runs/search1")` opens (or resumes) the study
+in the output directory's journal file (or the shared PostgreSQL `storage`), then draws
+architectures with the strategy's sampler (`effcifar.nas.samplers`: SPOS evolution, the seed's
+random tuner, or NSGA-II on accuracy against FLOPs) until `evaluations` trials have finished.
+
+Each candidate takes the supernet's weights, its BN statistics are recalibrated (reset, then
+`bn_batches` augmented training batches forward in train mode without gradients, cumulative
+average) and its top-1/top-5 accuracy is measured on the supernet run's own held-out split:
+the `holdout` training images its config set aside (`split_data`, a fixed shuffle), never the
+test set. The FLOPs and parameter limits are checked before evaluation: the samplers never
+propose a candidate over a limit, and the objective refuses one (failing its trial unevaluated)
+should one arrive another way (an enqueued trial).
+
+Results are cached by the canonical architecture key (the choices of the active keys only), so
+architectures that differ only in body convs past their skip share one evaluation. Every trial
+records its key and results as user attributes; the cache is rebuilt from the study before
+each trial, so a resumed study, or several workers sharing it, never evaluate a key twice
+(unless two workers draw the same key at the same moment), and the samplers treat
+architectures with the same key as duplicates, so they are drawn again while new ones exist.
+
+`export_top` writes `arch/top_{i}.json` (the NNI-style `{key: choice}` under "arch", with
+accuracy, top-5, FLOPs and parameters) and `architecture_final.json` for the best; `load_arch`
+reads those files or a plain NNI `{key: choice}` dict back.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import socket
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from effcifar.atomic import atomic_write
+from effcifar.config import build_config, field_error, save_config
+from effcifar.data import Augment, DeviceLoader, load_dataset
+from effcifar.errors import ConfigError
+from effcifar.hpo.study import (
+    budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, redact_url, supervise_workers,
+)
+from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
+from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet
+from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
+from effcifar.train import resolve_device, resolve_precision, split_data
+
+RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")
+SETUP_ATTR = "search:setup"
+
+
+@dataclass
+class SearchConfig:
+    """One architecture search; the defaults are the seed's SPOS evolution (50 x 20 generations)."""
+
+    strategy: str = "evolution"  # evolution, random or nsga2 (accuracy against FLOPs)
+    evaluations: int = 1000  # budget of finished trials, across restarts (evolution: population x generations)
+    population: int = 50
+    top_k: int = 10  # evolution parents
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.1
+    max_flops: float | None = None  # forward FLOPs per image; candidates above are never evaluated
+    max_params: float | None = None  # trainable parameters; candidates above are never evaluated
+    bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
+    workers: int = 1  # search processes on this machine
+    storage: str | None = None  # postgresql:// URL shared by several machines (default: a journal in the out dir)
+    heartbeat: float = 10.0  # seconds (PostgreSQL): a silent trial is failed and retried
+    study: str | None = None  # study name (default: the out directory's name)
+    seed: int | None = 0  # sampler seed (worker i uses seed + i)
+    top_k_export: int = 5  # architectures written to arch/top_{i}.json
+    device: str = "auto"
+    precision: str = "auto"
+    eval_batch_size: int | None = None  # default: the supernet run's
+    threads: int = 0  # torch threads (0: torch's default; workers split the cores)
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for the first bad value."""
+        if self.strategy not in STRATEGIES:
+            raise field_error("strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
+        for name in ("evaluations", "population", "top_k", "workers", "top_k_export"):
+            if getattr(self, name) < 1:
+                raise field_error(name, "a positive integer", getattr(self, name))
+        for name in ("mutations", "crossovers", "threads"):
+            if getattr(self, name) < 0:
+                raise field_error(name, "an integer >= 0", getattr(self, name))
+        if self.mutations + self.crossovers > self.population:
+            raise field_error("population", f"at least mutations + crossovers = {self.mutations + self.crossovers}",
+                              self.population)
+        if not 0 <= self.mutation_prob <= 1:
+            raise field_error("mutation_prob", "a probability in [0, 1]", self.mutation_prob)
+        for name in ("max_flops", "max_params"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise field_error(name, "a positive number or none", getattr(self, name))
+        for name in ("bn_batches", "eval_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise field_error(name, "a positive integer or none (the supernet run's)", getattr(self, name))
+        if self.storage is not None and not self.storage.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise field_error("storage", "a postgresql:// URL", redact_url(self.storage))
+        if not self.heartbeat >= 1:
+            raise field_error("heartbeat", "a number of seconds >= 1", self.heartbeat)
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise field_error("precision", "one of auto, fp32, bf16, fp16", self.precision)
+
+    def objectives(self) -> tuple[str, ...]:
+        """What the study optimises: accuracy, and FLOPs for nsga2."""
+        return ("accuracy", "flops") if self.strategy == "nsga2" else ("accuracy",)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One candidate's results."""
+
+    arch_key: str
+    accuracy: float  # top-1 on the supernet run's held-out split
+    top5: float
+    flops: int
+    params: int
+
+    def attrs(self) -> dict[str, Any]:
+        """The trial user attributes that persist this result (and the cache)."""
+        return {name: getattr(self, name) for name in RESULT_ATTRS}
+
+
+def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
+    """The canonical key of an architecture: its active choices only (inactive body convs do not count)."""
+    return ",".join(f"{key}={arch[key]}" for key in space.active_keys(arch))
+
+
+class CandidateEvaluator:
+    """Judges subnets of a trained supernet on its run's held-out split, once per canonical architecture.
+
+    Holds the supernet, the held-out loader, the BN calibration batches (the supernet run's
+    augmented training batches, drawn as the run drew its own), the cost table and the cache.
+    `evaluated` lists the architectures actually evaluated (not served from the cache).
+    """
+
+    def __init__(self, net: Supernet, space: ArchSpace, costs: CostTable, loader: DeviceLoader,
+                 bn_batches: list[torch.Tensor], autocast: Callable[[], Any],
+                 max_flops: float | None = None, max_params: float | None = None):
+        self.net, self.space, self.costs, self.loader = net, space, costs, loader
+        self.bn_batches, self.autocast = bn_batches, autocast
+        self.max_flops, self.max_params = max_flops, max_params
+        self.cache: dict[str, Evaluation] = {}
+        self.evaluated: list[Arch] = []
+
+    @classmethod
+    def from_run(cls, supernet_dir: str | Path, config: SearchConfig) -> CandidateEvaluator:
+        """Load a finished supernet run and rebuild its data split on the configured device."""
+        net, space, sconfig = load_supernet(supernet_dir)
+        device = resolve_device(config.device)
+        precision = resolve_precision(config.precision, device)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        net = net.to(device)
+        if sconfig.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        data = load_dataset(sconfig.dataset, sconfig.data_dir)
+        x_train, y_train, x_valid, y_valid = split_data(data, sconfig.subset, sconfig.holdout)
+        mean, std = data.mean_std()
+        common = dict(mean=mean, std=std, device=device, channels_last=sconfig.channels_last)
+        train_loader = DeviceLoader(
+            x_train, y_train, batch_size=sconfig.batch_size, shuffle=True, drop_last=True, seed=sconfig.seed,
+            augment=Augment(crop_pad=sconfig.crop_pad, flip=sconfig.flip, cutout=sconfig.cutout), **common,
+        )
+        valid_loader = DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size or sconfig.eval_batch_size,
+                                    **common)
+        batches = calibration_batches(train_loader, config.bn_batches or sconfig.bn_batches, sconfig.seed + 1)
+        costs = CostTable.build(net.space, sconfig.channels(), data.num_classes)
+
+        def autocast() -> torch.autocast:
+            return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+        return cls(net, space, costs, valid_loader, batches, autocast, config.max_flops, config.max_params)
+
+    def key(self, arch: Mapping[str, str]) -> str:
+        """The canonical architecture key (see `arch_key`)."""
+        return arch_key(self.space, arch)
+
+    def is_feasible(self, arch: Mapping[str, str]) -> bool:
+        """Whether the architecture is within the FLOPs and parameter limits (from the cost table)."""
+        return ((self.max_flops is None or self.costs.flops_of(arch) <= self.max_flops)
+                and (self.max_params is None or self.costs.params_of(arch) <= self.max_params))
+
+    def check_limits(self) -> None:
+        """ConfigError unless the subnet with the fewest FLOPs is within the limits (else nothing is)."""
+        smallest = self.costs.extreme(False, self.space)
+        if not self.is_feasible(smallest):
+            raise ConfigError(
+                f"no architecture within --max-flops {self.max_flops} / --max-params {self.max_params}: the smallest "
+                f"has {self.costs.flops_of(smallest):,} FLOPs and {self.costs.params_of(smallest):,} parameters")
+
+    def sync(self, trials: list[FrozenTrial]) -> None:
+        """Add the results recorded by finished trials (earlier runs, other workers) to the cache."""
+        for t in trials:
+            if t.state == TrialState.COMPLETE and all(name in t.user_attrs for name in RESULT_ATTRS):
+                result = Evaluation(**{name: t.user_attrs[name] for name in RESULT_ATTRS})
+                self.cache.setdefault(result.arch_key, result)
+
+    def evaluate(self, arch: Mapping[str, str]) -> tuple[Evaluation, bool]:
+        """(results, served from the cache) of one architecture; it must be within the limits."""
+        arch = self.space.check(arch)
+        if not self.is_feasible(arch):
+            raise ValueError(f"over the limits, not evaluated: {self.key(arch)}")
+        key = self.key(arch)
+        if key in self.cache:
+            return self.cache[key], True
+        top1, top5 = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast)
+        self.evaluated.append(arch)
+        result = Evaluation(key, top1, top5, self.costs.flops_of(arch), self.costs.params_of(arch))
+        self.cache[key] = result
+        return result, False
+
+
+def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
+    """What the cached results depend on: the supernet run and how candidates are evaluated and limited."""
+    sconfig = load_supernet_config(supernet_dir)
+    values = {"supernet": str(supernet_dir.resolve()), "bn_batches": config.bn_batches or sconfig.bn_batches,
+              "precision": config.precision, "objectives": config.objectives()}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_supernet_config(supernet_dir: Path) -> SupernetConfig:
+    """The supernet run's config, after checking the directory holds a finished run."""
+    if not (supernet_dir / "supernet.pt").is_file() or not (supernet_dir / "config.yaml").is_file():
+        raise ConfigError(f"{supernet_dir}: not a finished supernet run (expected supernet.pt and config.yaml; "
+                          f"train one with `effcifar supernet train --out {supernet_dir}`)")
+    return build_config(SupernetConfig, supernet_dir / "config.yaml")
+
+
+def open_search_study(config: SearchConfig, supernet_dir: Path, out_dir: Path, space: ArchSpace,
+                      is_feasible: Callable[[Arch], bool], worker: int = 0) -> optuna.Study:
+    """Create or load the study; a resumed study must have been made for the same supernet and evaluation."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    seed = None if config.seed is None else config.seed + worker
+    sampler = make_sampler(config.strategy, space.choices(), seed=seed, is_feasible=is_feasible,
+                           canonical=functools.partial(arch_key, space),
+                           objectives=config.objectives(), population=config.population, top_k=config.top_k,
+                           mutations=config.mutations, crossovers=config.crossovers,
+                           mutation_prob=config.mutation_prob)
+    directions = ["maximize", "minimize"] if config.strategy == "nsga2" else ["maximize"]
+    storage = open_storage(config, out_dir)  # type: ignore[arg-type]  # it reads .storage and .heartbeat
+    study = optuna.create_study(storage=storage, study_name=config.study or out_dir.name, sampler=sampler,
+                                directions=directions, load_if_exists=True)
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+        raise ConfigError(f"{out_dir}: the study was made with other objectives; use its own strategy or a new --out")
+    fingerprint = setup_fingerprint(config, supernet_dir)
+    if study.user_attrs.get(SETUP_ATTR, fingerprint) != fingerprint:
+        raise ConfigError(f"{out_dir}: the study was made for another supernet run or evaluation setup "
+                          f"(bn_batches, precision); resume with the same ones or choose another --out")
+    study.set_user_attr(SETUP_ATTR, fingerprint)
+    return study
+
+
+def run_worker(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Path, worker: int = 0,
+               on_trial: Callable[[FrozenTrial], None] | None = None,
+               evaluator: CandidateEvaluator | None = None) -> None:
+    """Take trials until the budget is spent: draw (under the budget lock), check, evaluate or reuse, tell."""
+    supernet_dir, out_dir = Path(supernet_dir), Path(out_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    evaluator = evaluator or CandidateEvaluator.from_run(supernet_dir, config)
+    study = open_search_study(config, supernet_dir, out_dir, evaluator.space, evaluator.is_feasible, worker)
+    choices = evaluator.space.choices()
+    while True:
+        with budget_lock(config, out_dir, study.study_name), warnings.catch_warnings():  # type: ignore[arg-type]
+            warnings.simplefilter("ignore", UserWarning)  # heartbeats outside study.optimize
+            fail_lost_trials(study, config)  # type: ignore[arg-type]
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            if not waiting and budget_used(trials) >= config.evaluations:
+                return
+            trial = study.ask()
+            try:
+                arch = suggest_arch(trial, choices)
+            except ConfigError as e:
+                trial.set_user_attr("fail_reason", str(e))
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+        trial.set_user_attr("worker_host", socket.gethostname())
+        trial.set_user_attr("worker_pid", os.getpid())
+        with heartbeat(study, trial):
+            frozen = evaluate_trial(study, trial, arch, evaluator, config.objectives())
+        if on_trial is not None:
+            on_trial(frozen)
+
+
+def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluator: CandidateEvaluator,
+                   objectives: tuple[str, ...]) -> FrozenTrial:
+    """One trial: refuse it over a limit, else evaluate (or reuse the cached result) and record it."""
+    if not evaluator.is_feasible(arch):
+        trial.set_user_attr("fail_reason", "over the FLOPs/parameter limits (not evaluated)")
+        return study.tell(trial, state=TrialState.FAIL)
+    evaluator.sync(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    try:
+        result, cached = evaluator.evaluate(arch)
+    except KeyboardInterrupt:
+        trial.set_user_attr("fail_reason", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    for name, value in {**result.attrs(), "cached": cached}.items():
+        trial.set_user_attr(name, value)
+    return study.tell(trial, [getattr(result, name) for name in objectives])
+
+
+def _worker_main(config: SearchConfig, supernet_dir: Path, out_dir: Path, index: int) -> None:
+    """Entry point of a worker process: pin a GPU if there are several, then take trials."""
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    run_worker(config, supernet_dir, out_dir, worker=index)
+
+
+def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Path,
+               on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
+    """Run (or resume) the search in `out_dir` with `config.workers` processes; export the top K; return the study."""
+    config.validate()
+    supernet_dir, out_dir = Path(supernet_dir), Path(out_dir)
+    load_supernet_config(supernet_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    evaluator = CandidateEvaluator.from_run(supernet_dir, config)
+    evaluator.check_limits()  # before any file is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = open_search_study(config, supernet_dir, out_dir, evaluator.space, evaluator.is_feasible)
+    saved = config if config.storage is None else replace(config, storage=redact_url(config.storage))
+    save_config(saved, out_dir / "search.yaml")  # never the database password
+    atomic_write(out_dir / "supernet.txt", f"{supernet_dir.resolve()}\n")
+    if config.workers == 1:
+        run_worker(config, supernet_dir, out_dir, on_trial=on_trial, evaluator=evaluator)
+    else:
+        threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
+        worker_config = replace(config, threads=threads)
+        context = multiprocessing.get_context("spawn")
+        workers = [context.Process(target=_worker_main, args=(worker_config, supernet_dir, out_dir, i))
+                   for i in range(config.workers)]
+        supervise_workers(study, workers, on_trial)
+    export_top(study, out_dir, config.top_k_export)
+    return study
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and import
+
+
+def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[str, Any]]]:
+    """(first trial, record) per distinct canonical architecture of the complete trials.
+
+    Best top-1 first, then top-5, then fewest FLOPs.
+    """
+    best: dict[str, tuple[FrozenTrial, dict[str, Any]]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.state != TrialState.COMPLETE or not all(name in t.user_attrs for name in RESULT_ATTRS):
+            continue
+        record = {"arch": dict(t.params), **{name: t.user_attrs[name] for name in RESULT_ATTRS if name != "arch_key"}}
+        best.setdefault(t.user_attrs["arch_key"], (t, record))
+    return sorted(best.values(),
+                  key=lambda pair: (-pair[1]["accuracy"], -pair[1]["top5"], pair[1]["flops"], pair[0].number))
+
+
+def export_top(study: optuna.Study, out_dir: str | Path, k: int) -> list[dict[str, Any]]:
+    """Write arch/top_{1..k}.json and architecture_final.json (the best); return the records written."""
+    out_dir = Path(out_dir)
+    ranked = ranked_results(study.get_trials(deepcopy=False))[:k]
+    records = [{**record, "trial": t.number} for t, record in ranked]
+    for i, record in enumerate(records, 1):
+        atomic_write(out_dir / "arch" / f"top_{i}.json", json.dumps(record, indent=2) + "\n")
+    for stale in (out_dir / "arch").glob("top_*.json"):
+        index = stale.stem.removeprefix("top_")
+        if index.isdigit() and int(index) > len(records):
+            stale.unlink()
+    if records:
+        atomic_write(out_dir / "architecture_final.json", json.dumps(records[0], indent=2) + "\n")
+    return records
+
+
+def load_arch(path: str | Path, space: ArchSpace) -> Arch:
+    """An architecture from `arch/top_K.json`, `architecture_final.json` or a plain NNI `{key: choice}` file.
+
+    NNI's one-element lists (`["conv3"]`) are accepted for a choice; the result is checked
+    against the space, and every problem is a ConfigError naming the file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the architecture file ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("arch"), dict):
+        data = data["arch"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping {{choice key: candidate}} (or {{\"arch\": ...}}), "
+                          f"got {type(data).__name__}")
+    arch = {key: value[0] if isinstance(value, list) and len(value) == 1 else value for key, value in data.items()}
+    return space.check(arch, str(path))
+

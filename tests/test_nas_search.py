@@ -1,0 +1,180 @@
+"""Architecture search over a tiny supernet: limits, the evaluation cache, resume, export/import, the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import effcifar.nas.search as search_lib
+from effcifar.config import build_config
+from effcifar.errors import ConfigError
+from effcifar.nas.search import (
+    CandidateEvaluator, SearchConfig, arch_key, export_top, load_arch, run_search,
+)
+from effcifar.nas.space import ArchSpace
+from effcifar.nas.supernet import SupernetConfig, train_supernet
+
+NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
+# Small generations so that a few trials reach mutation and crossover.
+SMALL = dict(population=4, top_k=2, mutations=1, crossovers=1, precision="fp32", threads=1, top_k_export=3)
+
+
+@pytest.fixture(scope="module")
+def supernet_run(tmp_path_factory) -> Path:
+    """One epoch of a tiny supernet on synthetic data (500 training images, 100 held out)."""
+    out = tmp_path_factory.mktemp("search") / "supernet"
+    config = SupernetConfig(dataset="synthetic", subset=500, holdout=100, batch_size=50, bn_batches=2, panel_random=0,
+                            eval_batch_size=100, precision="fp32", threads=1, epochs=1, **NARROW)
+    train_supernet(config, out, warn=lambda message: None)
+    return out
+
+
+@pytest.fixture
+def evaluations(monkeypatch) -> list[dict]:
+    """Every architecture actually evaluated on the supernet (cache hits are not)."""
+    seen = []
+    real = search_lib.evaluate_subnet
+
+    def record(net, arch, *args):
+        seen.append(dict(arch))
+        return real(net, arch, *args)
+
+    monkeypatch.setattr(search_lib, "evaluate_subnet", record)
+    return seen
+
+
+def config(**changes) -> SearchConfig:
+    return SearchConfig(**{**SMALL, **changes})
+
+
+def complete(study):
+    return [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("strategy", ["evolution", "nsga2"])
+def test_no_candidate_over_a_limit_is_evaluated(supernet_run, tmp_path, evaluations, strategy):
+    evaluator = CandidateEvaluator.from_run(supernet_run, config())
+    limit = (evaluator.costs.flops_of(evaluator.costs.extreme(False)) + evaluator.costs.flops_of(
+        evaluator.costs.extreme(True))) / 2
+    study = run_search(config(strategy=strategy, evaluations=8, max_flops=limit), supernet_run, tmp_path / "s")
+    assert len(study.trials) == 8 and evaluations
+    assert all(evaluator.costs.flops_of(arch) <= limit for arch in evaluations)
+    assert all(t.user_attrs["flops"] <= limit for t in complete(study))
+    # The evaluator itself refuses a candidate over a limit.
+    limited = CandidateEvaluator.from_run(supernet_run, config(max_flops=limit))
+    with pytest.raises(ValueError, match="over the limits"):
+        limited.evaluate(limited.costs.extreme(True))
+    assert limited.evaluated == []
+
+
+def test_impossible_limits_are_a_config_error_before_any_file(supernet_run, tmp_path):
+    with pytest.raises(ConfigError, match="no architecture within"):
+        run_search(config(max_params=10), supernet_run, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_cache_shares_architectures_that_differ_only_in_inactive_convs(supernet_run):
+    evaluator = CandidateEvaluator.from_run(supernet_run, config())
+    arch = {k: c[0] for k, c in evaluator.space.choices().items()} | {"stage1.skip": "zero"}
+    other = arch | {"stage1.conv2": evaluator.space.choices()["stage1.conv2"][-1]}  # inactive with skip=zero
+    assert arch != other and arch_key(evaluator.space, arch) == arch_key(evaluator.space, other)
+    first, cached = evaluator.evaluate(arch)
+    assert not cached and 0 <= first.accuracy <= first.top5 <= 1
+    again, cached = evaluator.evaluate(other)
+    assert cached and again == first and len(evaluator.evaluated) == 1
+
+
+def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp_path, evaluations):
+    out = tmp_path / "s"
+    run_search(config(strategy="random", evaluations=5), supernet_run, out)
+    assert len(evaluations) == 5
+    study = run_search(config(strategy="random", evaluations=9), supernet_run, out)  # the same command resumes
+    keys = [t.user_attrs["arch_key"] for t in complete(study)]
+    assert len(study.trials) == 9 and len(evaluations) == len(set(keys))
+    # A fresh evaluator synced from the study has every key cached.
+    evaluator = CandidateEvaluator.from_run(supernet_run, config())
+    evaluator.sync(study.get_trials())
+    assert all(evaluator.evaluate(t.params)[1] for t in complete(study)) and evaluator.evaluated == []
+    with pytest.raises(ConfigError, match="another supernet run or evaluation setup"):
+        run_search(config(strategy="random", evaluations=10, bn_batches=1), supernet_run, out)
+
+
+def test_export_then_import_round_trip(supernet_run, tmp_path):
+    out = tmp_path / "s"
+    study = run_search(config(strategy="evolution", evaluations=6), supernet_run, out)
+    space = ArchSpace.seed()
+    records = export_top(study, out, 3)
+    assert [r["accuracy"] for r in records] == sorted((r["accuracy"] for r in records), reverse=True)
+    for i, record in enumerate(records, 1):
+        saved = json.loads((out / "arch" / f"top_{i}.json").read_text())
+        assert set(saved) >= {"arch", "accuracy", "top5", "flops", "params"} and saved == record
+        assert load_arch(out / "arch" / f"top_{i}.json", space) == study.trials[record["trial"]].params
+    assert json.loads((out / "architecture_final.json").read_text()) == records[0]
+    export_top(study, out, 1)  # fewer: the stale files go
+    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_1.json"]
+    plain = tmp_path / "nni.json"
+    plain.write_text(json.dumps(records[0]["arch"]))
+    assert load_arch(plain, space) == records[0]["arch"]
+    plain.write_text(json.dumps({k: [v] for k, v in records[0]["arch"].items()}))  # NNI's one-element lists
+    assert load_arch(plain, space) == records[0]["arch"]
+
+
+BAD_ARCH_FILES = {"{not json": "not valid JSON", "[1, 2]": "expected a mapping",
+                  '{"stage1.conv1": "conv3_pool"}': "does not match the space"}
+
+
+def test_bad_architecture_file_is_a_config_error_naming_it(tmp_path):
+    for i, (content, message) in enumerate(BAD_ARCH_FILES.items()):
+        (tmp_path / f"arch{i}.json").write_text(content)
+        with pytest.raises(ConfigError, match=message) as info:
+            load_arch(tmp_path / f"arch{i}.json", ArchSpace.seed())
+        assert str(tmp_path / f"arch{i}.json") in str(info.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_arch(tmp_path / "missing.json", ArchSpace.seed())
+
+
+def test_config_checks_and_missing_supernet(tmp_path):
+    with pytest.raises(ConfigError, match="field 'strategy': expected one of evolution, random, nsga2"):
+        build_config(SearchConfig, None, {"strategy": "bayes"})
+    with pytest.raises(ConfigError, match="field 'population'"):
+        build_config(SearchConfig, None, {"population": 10, "mutations": 8, "crossovers": 8})
+    with pytest.raises(ConfigError, match="not a finished supernet run"):
+        run_search(SearchConfig(), tmp_path / "nothing", tmp_path / "out")
+    assert SearchConfig().evaluations == 50 * 20
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "effcifar", "search", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_end_to_end_tiny_search(supernet_run, tmp_path):
+    out = tmp_path / "cli"
+    result = cli(str(supernet_run), "--strategy", "nsga2", "--evaluations", "5", "--population", "4",
+                 "--mutations", "1", "--crossovers", "1", "--top-k-export", "2", "--precision", "fp32",
+                 "--threads", "1", "--workers", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "top 2 of 5 trials" in result.stdout and "Pareto front" in result.stdout
+    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_1.json", "top_2.json"]
+    final = json.loads((out / "architecture_final.json").read_text())
+    assert load_arch(out / "architecture_final.json", ArchSpace.seed()) == final["arch"]
+    study = optuna.load_study(study_name="cli", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
+    assert len(study.trials) == 5 and len(study.directions) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "bayes"], "field 'strategy': expected one of evolution, random, nsga2, got 'bayes'"),
+    (["--evaluations", "many"], "field 'evaluations': expected a value of type int"),
+])
+def test_cli_bad_input_is_one_line(supernet_run, tmp_path, args, message):
+    result = cli(str(supernet_run), *args, "--out", str(tmp_path / "s"))
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = cli(str(tmp_path / "missing"), "--out", str(tmp_path / "s"))
+    assert result.returncode == 2 and "not a finished supernet run" in result.stderr
+    assert not (tmp_path / "s").exists()
