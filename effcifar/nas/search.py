@@ -27,6 +27,8 @@ reads those files or a plain NNI `{key: choice}` dict back.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import hashlib
 import json
@@ -44,7 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config, field_error, save_config
-from effcifar.data import Augment, DeviceLoader, load_dataset
+from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import (
     budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, redact_url, supervise_workers,
@@ -52,7 +54,7 @@ from effcifar.hpo.study import (
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
-from effcifar.train import resolve_device, resolve_precision, split_data
+from effcifar.train import device_loaders, resolve_device, resolve_precision
 
 RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")
 SETUP_ATTR = "search:setup"
@@ -164,15 +166,9 @@ class CandidateEvaluator:
         if sconfig.channels_last:
             net = net.to(memory_format=torch.channels_last)
         data = load_dataset(sconfig.dataset, sconfig.data_dir)
-        x_train, y_train, x_valid, y_valid = split_data(data, sconfig.subset, sconfig.holdout)
-        mean, std = data.mean_std()
-        common = dict(mean=mean, std=std, device=device, channels_last=sconfig.channels_last)
-        train_loader = DeviceLoader(
-            x_train, y_train, batch_size=sconfig.batch_size, shuffle=True, drop_last=True, seed=sconfig.seed,
-            augment=Augment(crop_pad=sconfig.crop_pad, flip=sconfig.flip, cutout=sconfig.cutout), **common,
-        )
-        valid_loader = DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size or sconfig.eval_batch_size,
-                                    **common)
+        train_config = dataclasses.replace(sconfig.train_config(),
+                                           eval_batch_size=config.eval_batch_size or sconfig.eval_batch_size)
+        train_loader, valid_loader = device_loaders(train_config, data, device)
         batches = calibration_batches(train_loader, config.bn_batches or sconfig.bn_batches, sconfig.seed + 1)
         costs = CostTable.build(net.space, sconfig.channels(), data.num_classes)
 
