@@ -1,8 +1,11 @@
-"""Shared test fixtures: a tiny trial config and search space for the HPO tests."""
+"""Shared test fixtures: a tiny trial config and search space for the HPO tests; headless Chromium."""
 
 import json
+from pathlib import Path
 
 import pytest
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 # One trial of this base config trains in about a second on 2 CPU cores.
 TINY_BASE = {"dataset": "synthetic", "subset": 256, "batch_size": 64, "prep": 8, "layer1": 8, "layer2": 16,
@@ -18,3 +21,26 @@ def files(tmp_path):
     base.write_text(json.dumps(TINY_BASE))
     space.write_text(json.dumps(TINY_SPACE))
     return base, space
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    """Headless Chromium driven by the system chromedriver (never a downloaded one); it keeps the console log."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)")
+    from selenium import webdriver  # only the browser tests need selenium
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # driver.get_log("browser")
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(15)
+    try:
+        yield driver
+    finally:
+        driver.quit()

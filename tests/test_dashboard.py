@@ -13,7 +13,6 @@ from pathlib import Path
 import optuna
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -23,7 +22,6 @@ from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, open_study
 
 SPACE = str(Path(__file__).resolve().parents[1] / "examples" / "search_space.json")
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ACCURACIES = (0.91, 0.93, 0.92)
 
 
@@ -82,25 +80,6 @@ def server(run_dir: Path, tmp_path: Path):
         finally:
             process.kill()
             process.wait(timeout=5)
-
-
-@pytest.fixture
-def browser(tmp_path: Path):
-    """Headless Chromium driven by the system chromedriver (never a downloaded one)."""
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER} (Debian packages chromium, chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--no-first-run", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(15)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def page_text(driver: webdriver.Chrome) -> str:
