@@ -1,0 +1,140 @@
+"""The report: partial runs, a full pipeline directory of tiny real runs, the page in headless Chromium, the CLI."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from selenium.webdriver.common.by import By
+
+from effcifar.data import make_synthetic
+from effcifar.errors import ConfigError
+from effcifar.hpo.study import HpoConfig, run_study
+from effcifar.nas.search import SearchConfig, run_search
+from effcifar.nas.supernet import SupernetConfig, train_supernet
+from effcifar.report import load_study, make_report, param_importances, pareto_front, write_report
+from effcifar.train import TrainConfig, train
+
+from conftest import TINY_BASE, TINY_SPACE
+
+NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
+RESULTS = [{"name": "baseline", "test_acc": 0.91, "train_time": 12.5, "params": 123456, "flops": 2_000_000},
+           {"name": "hpo", "test_acc": 0.93, "train_time": 10.0, "params": 98765, "flops": 1_500_000},
+           {"name": "nas", "test_acc": 0.94, "train_time": 11.0, "params": 87654, "flops": 1_200_000}]
+STAGE_IMAGES = {"baseline": ["baseline_curves.png"],
+                "hpo": ["hpo_history.png", "hpo_pareto.png", "hpo_importance.png", "hpo_parallel.png"],
+                "supernet": ["supernet_panel.png"], "search": ["search_progress.png", "search_flops.png"],
+                "retrain": ["retrain_curves.png"], "nas_eval": ["nas_eval_ranking.png"]}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    """A pipeline directory of tiny real runs (1 epoch each, synthetic data), a ranking.json and results.json."""
+    root = tmp_path_factory.mktemp("report") / "pipeline"
+    data = make_synthetic(n_train=300, n_test=200)
+    tiny = {**TINY_BASE, "total_epoch": 1, "peak_epoch": 0.5, "threads": 1, "precision": "fp32"}
+    train(TrainConfig(**tiny), root / "baseline", data=data)
+    files = tmp_path_factory.mktemp("hpo-files")
+    (files / "base.json").write_text(json.dumps(tiny))
+    (files / "space.json").write_text(json.dumps(TINY_SPACE))
+    run_study(HpoConfig(space=str(files / "space.json"), base=str(files / "base.json"), trials=3, seed=0,
+                        pruner="none"), root / "hpo")
+    supernet = SupernetConfig(dataset="synthetic", subset=300, holdout=100, batch_size=50, bn_batches=1,
+                              panel_random=1, eval_batch_size=100, precision="fp32", threads=1, epochs=2,
+                              shrink_at="1", shrink_samples=1, **NARROW)
+    train_supernet(supernet, root / "supernet", warn=lambda message: None)
+    run_search(SearchConfig(population=4, top_k=2, mutations=1, crossovers=1, evaluations=8, precision="fp32",
+                            threads=1, top_k_export=2), root / "supernet", root / "search")
+    for i in range(2):
+        shutil.copytree(root / "baseline", root / "retrain" / f"top_{i}")
+    (root / "nas_eval").mkdir()
+    (root / "nas_eval" / "ranking.json").write_text(json.dumps(
+        {"supernet_acc": [0.31, 0.35, 0.28, 0.40], "standalone_acc": [0.90, 0.91, 0.89, 0.93]}))
+    (root / "results.json").write_text(json.dumps(RESULTS))
+    return root
+
+
+def partial(pipeline: Path, tmp_path: Path, *stages: str) -> Path:
+    """A pipeline directory holding copies of only these stages."""
+    root = tmp_path / "partial"
+    for stage in stages:
+        shutil.copytree(pipeline / stage, root / stage)
+    return root
+
+
+def test_pareto_front():
+    assert pareto_front([1, 2, 3, 4], [0.5, 0.4, 0.7, 0.6]) == [0, 2]
+
+
+def test_full_pipeline_draws_every_section(pipeline, tmp_path):
+    report = make_report(pipeline, tmp_path / "out")
+    assert report.path == tmp_path / "out" / "report.html" and not report.missing
+    drawn = {s.source.name: s for s in report.sections}
+    for stage, images in STAGE_IMAGES.items():
+        assert drawn[stage].images == images, (stage, drawn[stage].notes)
+        for name in images:
+            assert (tmp_path / "out" / name).read_bytes().startswith(b"\x89PNG")
+    final = drawn["results.json"].table
+    assert [row[0] for row in final] == ["method", "baseline", "hpo", "nas"] and final[3][1] == "94.00%"
+    text = report.path.read_text()
+    assert "Not (yet) available" not in text and "Kendall τ = 1.000" in text and "Space shrunk after epoch 1" in text
+    assert "http" not in text and "<script" not in text  # opens offline, needs no JavaScript
+
+
+def test_partial_pipeline_names_what_is_missing(pipeline, tmp_path):
+    root = partial(pipeline, tmp_path, "baseline", "hpo")
+    path = write_report(root)
+    assert path == root / "report" / "report.html"
+    report = make_report(root)
+    assert [s.source.name for s in report.sections] == ["baseline", "hpo"]
+    missing = "\n".join(what for what, _ in report.missing)
+    for name in ("results.json", "supernet/", "search/", "retrain/", "nas_eval/"):
+        assert name in missing
+    text = path.read_text()
+    assert "Not (yet) available" in text and f"effcifar supernet train --out {root}/supernet" in text
+    assert (root / "report" / "hpo_parallel.png").is_file()
+
+
+def test_pipeline_with_only_a_training_run(pipeline, tmp_path):
+    root = partial(pipeline, tmp_path, "baseline")
+    report = make_report(root)
+    assert [s.images for s in report.sections] == [["baseline_curves.png"]]
+    assert len(report.missing) == 6 and "Hyper-parameter search (hpo/)" in report.path.read_text()
+
+
+def test_single_runs_and_an_unfinished_training_run(pipeline, tmp_path):
+    report = make_report(pipeline / "baseline", tmp_path / "a")
+    assert report.sections[0].images == ["training_curves.png"] and report.sections[0].table and not report.missing
+    assert make_report(pipeline / "search", tmp_path / "b").sections[0].images == ["search_progress.png",
+                                                                                   "search_flops.png"]
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(pipeline / "baseline", unfinished)
+    (unfinished / "summary.json").unlink()
+    section = make_report(unfinished).sections[0]
+    assert section.images == ["training_curves.png"] and "has not finished" in " ".join(section.notes)
+
+
+def test_hpo_with_one_trial_says_why_importances_are_missing(pipeline, tmp_path):
+    trials = load_study(HpoConfig, pipeline / "hpo" / "hpo.yaml").trials
+    assert param_importances(trials[:1]) == ({}, "needs at least 2 complete trials, there is 1")
+
+
+def test_not_a_run_directory_is_a_one_line_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a run directory") as error:
+        write_report(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_report_loads_in_headless_chromium(browser, pipeline, tmp_path):
+    path = write_report(pipeline, tmp_path / "out")
+    browser.get(path.as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) == sum(len(v) for v in STAGE_IMAGES.values())
+    broken = [i.get_attribute("src") for i in images
+              if not browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)]
+    assert not broken
+    severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not severe
+    screenshot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 1000
