@@ -24,6 +24,7 @@ Anything else is a one-line ConfigError.
 
 from __future__ import annotations
 
+import collections
 import csv
 import html
 import json
@@ -160,7 +161,8 @@ def load_study(config_cls: type, config_file: Path) -> optuna.Study:
     if not wanted and len(names) == 1:
         wanted = names
     if not wanted:
-        raise ConfigError(f"{run_dir}: no study {config.study or run_dir.name!r} in its storage (found {names or 'none'})")
+        raise ConfigError(f"{run_dir}: no study {config.study or run_dir.name!r} in its storage "
+                          f"(found {', '.join(names) or 'none'})")
     return optuna.load_study(study_name=wanted[0], storage=storage)
 
 
@@ -260,8 +262,9 @@ def hpo_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Sectio
     section = Section(title, run_dir)
     trials = load_study(HpoConfig, run_dir / "hpo.yaml").get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and "accuracy" in t.user_attrs]
-    states = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
-    section.notes.append(f"{len(trials)} trials: " + (", ".join(f"{n} {s}" for s, n in states.items()) or "none yet") + ".")
+    counts = collections.Counter(t.state.name.lower() for t in trials)
+    states = ", ".join(f"{n} {state}" for state, n in counts.items())
+    section.notes.append(f"{len(trials)} trials: {states or 'none yet'}.")
     if not complete:
         section.notes.append("No complete trial yet: nothing to plot.")
         return section
