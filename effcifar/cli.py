@@ -343,6 +343,20 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace, console: Console) -> int:
+    """effcifar report: report.html and PNGs of a run or pipeline directory; lists sections drawn and missing."""
+    from effcifar.report import make_report  # matplotlib only for this command
+
+    report = make_report(args.run, args.out)
+    console.print(f"wrote {report.path}", markup=False, soft_wrap=True)
+    for section in report.sections:
+        console.print(f"  drawn: {section.title} ({len(section.images)} plots)  [{section.source}]",
+                      markup=False, soft_wrap=True)
+    for what, command in report.missing:
+        console.print(f"  missing: {what}: run {command}", markup=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The effcifar command and its subcommands."""
     parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
@@ -425,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_config_options(p, SearchConfig)
     p.set_defaults(handler=run_search)
+    p = sub.add_parser("report", help="HTML report with plots of a run or pipeline directory")
+    p.add_argument("run", help="a run or pipeline directory, e.g. runs/NAME")
+    p.add_argument("--out", help="where report.html and its PNGs go (default: RUN/report)")
+    p.set_defaults(handler=run_report)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,18 @@ def test_not_a_run_directory_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not a run directory") as error:
         write_report(tmp_path)
     assert "\n" not in str(error.value)
+    r = subprocess.run([sys.executable, "-m", "effcifar", "report", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a run directory" in r.stderr
+
+
+def test_cli_prints_the_page_and_the_sections(pipeline, tmp_path):
+    root = partial(pipeline, tmp_path, "baseline")
+    r = subprocess.run([sys.executable, "-m", "effcifar", "report", str(root), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert str(tmp_path / "out" / "report.html") in r.stdout
+    assert "Baseline training" in r.stdout and "missing" in r.stdout and "effcifar hpo run" in r.stdout
 
 
 def test_report_loads_in_headless_chromium(browser, pipeline, tmp_path):
