@@ -93,7 +93,11 @@ def build_config(
     cls: type[C], file: str | Path | None = None, overrides: dict[str, Any] | None = None,
     overrides_from_text: bool = False, override_source: str = "command line",
 ) -> C:
-    """Defaults < file < overrides, type-checked and validated; errors name the source and field."""
+    """Defaults < file < overrides, type-checked and validated; errors name the source and field.
+
+    A class with a `recipe_defaults(values)` classmethod gets its result as the defaults of the
+    fields that neither the file nor the overrides set (TrainConfig's `recipe`).
+    """
     types_ = field_types(cls)
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
@@ -111,6 +115,11 @@ def build_config(
             except ValueError as e:
                 raise ConfigError(f"{source}: field '{key}': expected {e}, got {value!r}") from None
             origin[key] = source
+    presets = getattr(cls, "recipe_defaults", None)  # e.g. TrainConfig: `recipe` changes unset fields' defaults
+    if presets is not None:
+        preset = presets(values)
+        origin.update({key: f"recipe {values.get('recipe')!r} defaults" for key in preset if key not in values})
+        values = {**preset, **values}
     config = cls(**values)
     try:
         config.validate()  # type: ignore[attr-defined]
