@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effcifar.data import Augment, DeviceLoader, batch_flip
+from effcifar.models import Scale
 from effcifar.train import Predict, Recipe, TrainConfig, TrainStep, evaluate, mirror_logits, plain_logits, resolve_device
 
 # The published hyper-parameters, in TrainConfig's units. airbench94 sums the loss over the batch and
@@ -92,17 +93,6 @@ class ConvGroup(nn.Sequential):
             identity_init_(conv2)
         super().__init__(conv1, nn.MaxPool2d(2), FixedScaleBatchNorm(c_out), nn.GELU(),
                          conv2, FixedScaleBatchNorm(c_out), nn.GELU())
-
-
-class Scale(nn.Module):
-    """Multiply by a constant (the logits' scale)."""
-
-    def __init__(self, factor: float):
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
 
 
 def patch_whitening(images: torch.Tensor, kernel: int, eps: float = WHITEN_EPS) -> tuple[torch.Tensor, torch.Tensor]:

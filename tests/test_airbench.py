@@ -14,7 +14,7 @@ from effcifar.airbench import (
 from effcifar.config import build_config
 from effcifar.data import DeviceLoader, make_synthetic
 from effcifar.errors import ConfigError
-from effcifar.train import TrainConfig, mirror_logits, train
+from effcifar.train import TrainConfig, load_model, mirror_logits, train
 
 TINY = dict(dataset="synthetic", layer1=8, layer2=16, layer3=16, batch_size=128, subset=512, total_epoch=1,
             peak_epoch=0.3, eval_batch_size=500)
@@ -212,6 +212,10 @@ def test_one_epoch_synthetic_run(tmp_path, synthetic):
     assert result.history[0].train_loss < np.log(10) + 0.5
     state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert state["0.weight"].shape == (24, 3, 2, 2)
+    reloaded, trained = load_model(tmp_path / "run").eval(), result.model.cpu().float().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(x), trained(x), atol=1e-5)
 
 
 def test_cli_recipe_airbench(tmp_path, capsys):
