@@ -120,7 +120,8 @@ def build_config(
     """Defaults < base (source, values) < file < overrides, type-checked and validated.
 
     Errors name the source and field. `base` is an extra layer under the file, e.g. the
-    hyper-parameters a search found.
+    hyper-parameters a search found. A class with a `recipe_defaults(values)` classmethod gets
+    its result as the defaults of the fields that no layer set (TrainConfig's `recipe`).
     """
     types_ = field_types(cls)
     values: dict[str, Any] = {}
@@ -139,6 +140,11 @@ def build_config(
             except ValueError as e:
                 raise ConfigError(f"{source}: field '{key}': expected {e}, got {value!r}") from None
             origin[key] = source
+    presets = getattr(cls, "recipe_defaults", None)  # e.g. TrainConfig: `recipe` changes unset fields' defaults
+    if presets is not None:
+        preset = presets(values)
+        origin.update({key: f"recipe {values.get('recipe')!r} defaults" for key in preset if key not in values})
+        values = {**preset, **values}
     config = cls(**values)
     try:
         config.validate()  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RECIPES = ("resnet9", "airbench")  # resnet9: cifar10-fast (the default); airbench: effcifar.airbench
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
 
 
@@ -41,8 +42,16 @@ class TrainConfig:
     and falls linearly to 0 at `total_epoch`, updated every step. cifar10-fast sums the loss over
     the batch, divides the LR by the batch size and multiplies the weight decay by it; that is the
     same update as the mean loss with LR `peak_lr` and weight decay `base_wd`, which we compute.
+
+    `recipe` picks the method. `recipe: airbench` (effcifar.airbench) changes the defaults of the
+    fields it tunes (batch 1024, 10 epochs, its LR, widths, ...; see `recipe_defaults`): fields a
+    user sets in a file or on the command line win, the rest take the recipe's values. Build such
+    configs with `build_config` or `TrainConfig.for_recipe`; `TrainConfig(recipe="airbench")`
+    alone keeps the resnet9 values of the other fields. The fields under "recipe airbench only"
+    switch its published methods on or off (for ablations); resnet9 ignores them.
     """
 
+    recipe: str = "resnet9"
     # data
     dataset: str = "cifar10"
     data_dir: str | None = None  # a folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar
@@ -83,16 +92,40 @@ class TrainConfig:
     tta: bool = False  # average the logits of each test image and its mirror image
     threads: int = 0  # CPU threads for torch (0: torch's default)
     eval_batch_size: int = 1024
+    # recipe airbench only: each switch turns one published method off, for ablations
+    whiten: bool = True  # first conv = frozen 2x2 patch-whitening filters from training-set statistics
+    whiten_bias_epochs: int = 3  # the whitening conv's bias trains for this many epochs, then freezes
+    identity_init: bool = True  # 3x3 convs start as identity (dirac) on their first input channels
+    lookahead: bool = True  # every 5 steps pull the weights toward their slow average; end on the average
+    alt_flip: bool = True  # flip every image on alternate epochs (random in the first) instead of at random
+    multicrop_tta: bool = True  # with tta, also average the mirror pairs of two 1-pixel translations
+    bn_bias_lr: float = 64.0  # LR multiplier of the BatchNorm biases (their weight decay is divided by it); 1: off
+
+    @classmethod
+    def recipe_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Field values that the recipe named in `values` puts in place of the resnet9 defaults."""
+        if values.get("recipe") == "airbench":
+            from effcifar.airbench import airbench_defaults  # the recipe module imports this one
+            return airbench_defaults(values)
+        return {}
+
+    @classmethod
+    def for_recipe(cls, recipe: str = "resnet9", **fields: Any) -> "TrainConfig":
+        """A config of `recipe` with its defaults, where the given `fields` win (as build_config does)."""
+        values = {"recipe": recipe, **fields}
+        return cls(**{**cls.recipe_defaults(values), **values})
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first value outside its range."""
+        if self.recipe not in RECIPES:
+            raise field_error("recipe", f"one of {', '.join(RECIPES)}", self.recipe)
         if self.dataset not in DATASET_NAMES:
             raise field_error("dataset", f"one of {', '.join(DATASET_NAMES)}", self.dataset)
         positive = ["batch_size", "total_epoch", "eval_batch_size", *STAGES]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise field_error(name, "a positive integer", getattr(self, name))
-        non_negative = ["subset", "holdout", "crop_pad", "threads", *self.depth_fields()]
+        non_negative = ["subset", "holdout", "crop_pad", "threads", "whiten_bias_epochs", *self.depth_fields()]
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise field_error(name, "an integer >= 0", getattr(self, name))
@@ -102,7 +135,7 @@ class TrainConfig:
             raise field_error("crop_pad", "an integer in [0, 16]", self.crop_pad)
         if not 0 <= self.peak_epoch <= self.total_epoch:
             raise field_error("peak_epoch", f"a number in [0, total_epoch={self.total_epoch}]", self.peak_epoch)
-        for name in ("peak_lr", "logits_weight"):
+        for name in ("peak_lr", "logits_weight", "bn_bias_lr"):
             if not getattr(self, name) > 0:
                 raise field_error(name, "a number > 0", getattr(self, name))
         if not self.base_wd >= 0:
@@ -214,8 +247,9 @@ def split_data(data: CifarData, subset: int, holdout: int) -> tuple[np.ndarray, 
     return data.x_train[train_idx], data.y_train[train_idx], data.x_train[valid_idx], data.y_train[valid_idx]
 
 
-def device_loaders(config: TrainConfig, data: CifarData, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
-    """(training loader with the config's augmentation, validation loader) on the device."""
+def device_loaders(config: TrainConfig, data: CifarData, device: torch.device,
+                   augment: Augment | None = None) -> tuple[DeviceLoader, DeviceLoader]:
+    """(training loader with `augment` (default: the config's crop/flip/Cutout), validation loader) on the device."""
     x_train, y_train, x_valid, y_valid = split_data(data, config.subset, config.holdout)
     if len(y_train) < config.batch_size:
         raise field_error("batch_size", f"at most the number of training images ({len(y_train)})", config.batch_size)
@@ -223,7 +257,7 @@ def device_loaders(config: TrainConfig, data: CifarData, device: torch.device) -
     common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
     train_loader = DeviceLoader(
         x_train, y_train, batch_size=config.batch_size, shuffle=True, drop_last=True, seed=config.seed,
-        augment=Augment(crop_pad=config.crop_pad, flip=config.flip, cutout=config.cutout), **common,
+        augment=augment or Augment(crop_pad=config.crop_pad, flip=config.flip, cutout=config.cutout), **common,
     )
     return train_loader, DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size, **common)
 
@@ -236,7 +270,7 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, precision: str,
-                 before_update: Callable[[], None] | None = None):
+                 param_groups: list[dict[str, Any]] | None = None, before_update: Callable[[], None] | None = None):
         self.model = model
         self.before_update = before_update  # runs between backward and the optimiser step
         self.model_to_run = torch.compile(model) if config.compile else model
@@ -244,8 +278,8 @@ class TrainStep:
         self.device_type = next(model.parameters()).device.type
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
+        self.optimizer = torch.optim.SGD(  # a group's "lr_scale" multiplies the scheduled LR
+            param_groups or model.parameters(), lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
             weight_decay=config.base_wd,
         )
 
@@ -256,7 +290,7 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the weights on one batch at learning rate `lr`; return (loss, logits), detached."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with self.autocast():
             logits = self.model_to_run(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
@@ -269,16 +303,35 @@ class TrainStep:
         return loss.detach(), logits.detach()
 
 
-def evaluate(model: nn.Module, loader: DeviceLoader, autocast: Any, label_smoothing: float, tta: bool) -> tuple[float, float]:
-    """(mean loss, accuracy) on a loader; with tta, logits of the image and its mirror are averaged."""
+Predict = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, batch) -> logits, e.g. with TTA
+
+
+def plain_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits, no TTA."""
+    return model(x)
+
+
+def mirror_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean logits of each image and its mirror image (flip TTA)."""
+    return (model(x) + model(x.flip(3))) / 2
+
+
+def evaluate(
+    model: nn.Module, loader: DeviceLoader, autocast: Any, label_smoothing: float, tta: bool,
+    predict: Predict | None = None,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) on a loader; with tta, logits of the image and its mirror are averaged.
+
+    `predict`, if given, replaces the model call and `tta` (the airbench recipe's multi-crop TTA).
+    """
+    if predict is None:
+        predict = mirror_logits if tta else plain_logits
     model.eval()
     loss_sum = torch.zeros((), device=loader.labels.device)
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
     with torch.inference_mode(), autocast():
         for x, y in loader:
-            logits = model(x)
-            if tta:
-                logits = (logits + model(x.flip(3))) / 2
+            logits = predict(model, x)
             loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
     n = len(loader.labels)
@@ -314,6 +367,56 @@ def write_logs(path: Path, history: Sequence[EpochMetrics]) -> None:
     write_tsv(path, [asdict(m) for m in history])
 
 
+class Recipe:
+    """The parts of a run that differ between recipes; this base class is the resnet9 recipe (cifar10-fast).
+
+    `train()` runs one loop for every recipe and asks its recipe for the network, the optimiser
+    step, the LR, the augmentation and the evaluation, and lets it act at the start of each epoch,
+    after each step and at the end of training. effcifar.airbench.AirbenchRecipe overrides them.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+
+    def augment(self) -> Augment:
+        """The training loader's per-batch augmentation."""
+        c = self.config
+        return Augment(crop_pad=c.crop_pad, flip=c.flip, cutout=c.cutout)
+
+    def build_model(self, num_classes: int, train_loader: DeviceLoader | None = None) -> nn.Module:
+        """The network, on CPU; `train_loader` gives data-dependent initialisations their images."""
+        return ResNet(self.config.net_config(num_classes))
+
+    def train_step(self, model: nn.Module, precision: str) -> TrainStep:
+        """The optimiser step."""
+        return TrainStep(model, self.config, precision)
+
+    def lr(self, epoch: float) -> float:
+        """The learning rate at a (fractional) epoch."""
+        return lr_at(self.config, epoch)
+
+    def start_epoch(self, epoch: int, model: nn.Module, train_loader: DeviceLoader) -> None:
+        """Called before the steps of each epoch (numbered from 1)."""
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after each optimiser step (numbered from 1)."""
+
+    def finish(self, model: nn.Module) -> None:
+        """Called once after the last step, before the last evaluation."""
+
+    def evaluate(self, model: nn.Module, loader: DeviceLoader, autocast: Any, final: bool) -> tuple[float, float]:
+        """(mean loss, accuracy) on a loader; `final` marks the evaluation after the last epoch."""
+        return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta)
+
+
+def recipe_for(config: TrainConfig) -> Recipe:
+    """The Recipe object of `config.recipe`."""
+    if config.recipe == "airbench":
+        from effcifar.airbench import AirbenchRecipe  # the recipe module imports this one
+        return AirbenchRecipe(config)
+    return Recipe(config)
+
+
 def train(
     config: TrainConfig, out_dir: str | Path | None = None, *, callbacks: Sequence[EpochCallback] = (),
     on_step: StepHook | None = None, data: CifarData | None = None,
@@ -332,7 +435,8 @@ def train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
-    train_loader, valid_loader = device_loaders(config, data, device)
+    recipe = recipe_for(config)
+    train_loader, valid_loader = device_loaders(config, data, device, recipe.augment())
     test_loader = valid_loader
     if config.holdout:
         mean, std = data.mean_std()
@@ -340,11 +444,11 @@ def train(
                                    device=device, channels_last=config.channels_last)
 
     seed_everything(config.seed)
-    model = ResNet(config.net_config(data.num_classes)).to(device)
+    model = recipe.build_model(data.num_classes, train_loader).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params, flops = count_parameters(model), count_flops(model)
-    step_fn = TrainStep(model, config, precision)
+    step_fn = recipe.train_step(model, precision)
 
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -360,22 +464,27 @@ def train(
     for epoch in range(1, config.total_epoch + 1):
         step_fn.model_to_run.train()
         epoch_start = time.perf_counter()
+        recipe.start_epoch(epoch, model, train_loader)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for x, y in train_loader:
-            lr = lr_at(config, step / steps_per_epoch)
+            lr = recipe.lr(step / steps_per_epoch)
             loss, logits = step_fn(x, y, lr)
             loss_sum += loss * len(y)
             correct += (logits.argmax(1) == y).sum()
             step += 1
+            recipe.after_step(model, step, total_steps)
             if on_step is not None:
                 on_step(step, total_steps)
+        last = epoch == config.total_epoch
+        if last:
+            recipe.finish(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - epoch_start
         train_time += epoch_time
         n_seen = steps_per_epoch * config.batch_size
-        valid_loss, valid_acc = evaluate(step_fn.model_to_run, valid_loader, step_fn.autocast, config.label_smoothing, config.tta)
+        valid_loss, valid_acc = recipe.evaluate(step_fn.model_to_run, valid_loader, step_fn.autocast, last)
         metrics = EpochMetrics(
             epoch=epoch, lr=lr, train_loss=loss_sum.item() / n_seen, train_acc=correct.item() / n_seen,
             valid_loss=valid_loss, valid_acc=valid_acc, epoch_time=epoch_time, train_time=train_time,
@@ -392,7 +501,7 @@ def train(
 
     test_acc = history[-1].valid_acc
     if config.holdout:
-        test_acc = evaluate(step_fn.model_to_run, test_loader, step_fn.autocast, config.label_smoothing, config.tta)[1]
+        test_acc = recipe.evaluate(step_fn.model_to_run, test_loader, step_fn.autocast, True)[1]
     summary = {
         "config": asdict(config),
         "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
@@ -423,6 +532,6 @@ def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") ->
     run = Path(run_dir)
     summary = json.loads((run / "summary.json").read_text())
     config = TrainConfig(**summary["config"])
-    model = ResNet(config.net_config(summary["dataset"]["num_classes"]))
+    model = recipe_for(config).build_model(summary["dataset"]["num_classes"])
     model.load_state_dict(torch.load(run / "model.pt", map_location=map_location, weights_only=True))
     return model

@@ -550,7 +550,7 @@ def train_supernet(
         def before_update() -> None:  # DDP hands unused parameters zero gradients; SGD must skip them
             for p in net.inactive_parameters():
                 p.grad = None
-    step_fn = TrainStep(runner, config.train_config(), precision, before_update)
+    step_fn = TrainStep(runner, config.train_config(), precision, before_update=before_update)
     costs = CostTable.build(space, channels, data.num_classes)
     sampler = PathSampler(costs, config.seed, config.flops_min, config.flops_max)
     sampler.sample(space)  # fail now, not after data loading on every rank, if the limits exclude every path

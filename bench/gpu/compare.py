@@ -1,0 +1,158 @@
+"""On a lent GPU, in one call: our airbench recipe x5, the public airbench94 x5, our resnet9 24-epoch recipe x2.
+
+    python bench/gpu/compare.py --pack .cache/gpu/cifar10_jpeg.npz --reference .cache/gpu/airbench-0.1.8.tar.gz
+    python bench/gpu/compare.py ... --device cpu --tiny     # CPU dry run of every piece that runs without CUDA
+
+Nothing is downloaded: the data is the shared JPEG pack, decoded here; the reference is the
+PyPI sdist of airbench 0.1.8 (carried in an ignored folder), unpacked and imported from that
+folder. airbench imports torchvision only for `T.Normalize` and its CIFAR download; the device
+image has no torchvision, so a two-line stand-in for Normalize is installed when it is missing,
+and the decoded data is written where airbench's loader looks for it (cifar10/train.pt,
+test.pt), so it never downloads. Every run trains on the same decoded images.
+
+Times: ours is summary.json's train_time (the epochs' training steps; evaluation excluded);
+the reference's is the wall time of `train94(verbose=False)` (whitening init + training, no
+evaluation), both after a warm-up run and with CUDA synchronised (resnet9: no warm-up, no compile). Accuracy: test set, each
+recipe's own final TTA (ours: multi-crop for airbench, flip for resnet9; airbench94: tta_level 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tarfile
+import time
+import types
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from effcifar.data import load_dataset
+from effcifar.train import TrainConfig, train
+
+
+def decode_pack(pack: Path, out: Path) -> Path:
+    """Decode the shared JPEG pack (arrays *_jpeg, *_offsets, y_*, class_names) into a standard .npz, once."""
+    if out.exists():
+        return out
+    from PIL import Image
+
+    raw = np.load(pack)
+    arrays = {"y_train": raw["y_train"].astype(np.int64), "y_test": raw["y_test"].astype(np.int64),
+              "class_names": raw["class_names"]}
+    for split in ("train", "test"):
+        data, offsets = raw[f"{split}_jpeg"], raw[f"{split}_offsets"]
+        arrays[f"x_{split}"] = np.stack([
+            np.asarray(Image.open(io.BytesIO(data[a:b].tobytes())).convert("RGB"))
+            for a, b in zip(offsets[:-1], offsets[1:])
+        ])
+    np.savez(out, **arrays)
+    return out
+
+
+def install_reference(sdist: Path, work: Path, x_train, y_train, x_test, y_test, classes) -> types.ModuleType:
+    """Unpack the carried airbench sdist into `work`, import it from there, and give its loader our data."""
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work, filter="data")
+    root = next(work.glob("airbench-*"))
+    try:
+        import torchvision  # noqa: F401  (used by airbench when present)
+    except ImportError:
+        sys.modules["torchvision"] = types.ModuleType("torchvision")
+        transforms = types.ModuleType("torchvision.transforms")
+        transforms.Normalize = lambda mean, std: (  # type: ignore[attr-defined]
+            lambda x: (x - torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1))
+            / torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1))
+        sys.modules["torchvision.transforms"] = transforms
+        sys.modules["torchvision"].transforms = transforms  # type: ignore[attr-defined]
+    sys.path.insert(0, str(root))
+    import airbench
+
+    if not Path(airbench.__file__).resolve().is_relative_to(root.resolve()):
+        raise SystemExit(f"airbench was imported from {airbench.__file__}, not from the carried sdist")
+    (work / "cifar10").mkdir(exist_ok=True)
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        torch.save({"images": torch.from_numpy(x), "labels": torch.from_numpy(y), "classes": list(classes)},
+                   work / "cifar10" / f"{name}.pt")
+    return airbench
+
+
+def reference_run(airbench: types.ModuleType, seed: int) -> tuple[float, float]:
+    """(test accuracy, seconds) of one airbench94 run from the carried package."""
+    torch.manual_seed(seed)
+    loader = airbench.CifarLoader("cifar10", train=True, batch_size=1024, aug={"flip": True, "translate": 2}, altflip=True)
+    test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model = airbench.train94(loader, verbose=False)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return airbench.evaluate(model, test_loader, tta_level=2), seconds
+
+
+def ours_run(config: TrainConfig, data, out: Path) -> tuple[float, float]:
+    """(test accuracy, train seconds) of one of our runs; its run directory goes under `out`."""
+    s = train(config, out, data=data).summary
+    return s["test_acc"], s["train_time"]
+
+
+def repeat(name: str, runs: int, one: Callable[[int], tuple[float, float]], rows: dict, warmup: bool = True) -> None:
+    """A warm-up run (unless `warmup` is off), then `runs` seeds; print each."""
+    if warmup:
+        one(100)  # cudnn autotuning, torch.compile; not recorded
+    for seed in range(runs):
+        acc, seconds = one(seed)
+        rows.setdefault(name, []).append((acc, seconds))
+        print(f"{name:<28} seed {seed}  acc {acc:.4f}  time {seconds:.2f} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pack", type=Path, default=Path(".cache/gpu/cifar10_jpeg.npz"))
+    parser.add_argument("--reference", type=Path, default=Path(".cache/gpu/airbench-0.1.8.tar.gz"))
+    parser.add_argument("--work", type=Path, default=Path(".cache/gpu/work"))
+    parser.add_argument("--out", type=Path, default=Path(".cache/gpu/runs"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a few steps at tiny widths on 2048 images (CPU dry run)")
+    parser.add_argument("--airbench-runs", type=int, default=5)
+    parser.add_argument("--reference-runs", type=int, default=5)
+    parser.add_argument("--resnet9-runs", type=int, default=2)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    data = load_dataset("cifar10", decode_pack(args.pack, args.work / "cifar10.npz"))
+    common = dict(device=args.device, dataset="cifar10")
+    if args.tiny:
+        common.update(subset=2048, total_epoch=1, peak_epoch=0.5, layer1=8, layer2=16, layer3=16, eval_batch_size=2000)
+        args.airbench_runs = args.reference_runs = args.resnet9_runs = 1
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {card}; torch {torch.__version__}; data {data.source}", flush=True)
+    rows: dict[str, list[tuple[float, float]]] = {}
+    airbench = install_reference(args.reference, args.work, data.x_train, data.y_train, data.x_test, data.y_test,
+                                 data.classes)
+    print(f"reference airbench94 from {airbench.__file__}", flush=True)
+    repeat("effcifar --recipe airbench", args.airbench_runs,
+           lambda s: ours_run(TrainConfig.for_recipe("airbench", seed=s, **common), data, args.out / f"airbench-{s}"), rows)
+    if device.type == "cuda":
+        repeat("airbench94 (airbench==0.1.8)", args.reference_runs, lambda s: reference_run(airbench, s), rows)
+    else:
+        print("airbench94 reference: needs CUDA; imported and given the data only (dry run)")
+    resnet9 = dict(common, tta=True) if not args.tiny else dict(common, prep=8, tta=True)
+    repeat("effcifar resnet9 (24 epochs)", args.resnet9_runs,
+           lambda s: ours_run(TrainConfig(seed=s, **resnet9), data, args.out / f"resnet9-{s}"), rows,
+           warmup=False)  # no compile; a 24-epoch warm-up would cost more than it settles
+    print(f"\n| recipe ({card}) | runs | mean acc | min | max | mean time s |\n|---|---|---|---|---|---|")
+    for name, runs in rows.items():
+        accs, times = zip(*runs)
+        print(f"| {name} | {len(runs)} | {statistics.mean(accs):.4f} | {min(accs):.4f} | {max(accs):.4f} | "
+              f"{statistics.mean(times):.2f} |")
+    (args.out / "table.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: our airbench recipe x5, the public airbench94 (airbench==0.1.8) x5 and our
+# resnet9 24-epoch recipe x2 on the same decoded CIFAR-10; prints a table (see docs/benchmarks.md).
+# Reads only carried files, from the ignored folder .cache/gpu/ (GPU_CACHE):
+#   cifar10_jpeg.npz        a copy of ../shared/data/cifar10_jpeg.npz (decoded here, with Pillow)
+#   airbench-0.1.8.tar.gz   pip download --no-deps --no-binary=:all: airbench==0.1.8 (unpacked, imported from there)
+#   wheels/*.whl            optional: packages the device image lacks (installed with --no-index)
+# CPU dry run of the pieces that need no CUDA: bash bench/gpu/run.sh --device cpu --tiny
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+GPU_CACHE=${GPU_CACHE:-.cache/gpu}
+OUT_DIR=${OUT:-$GPU_CACHE/out}
+mkdir -p "$OUT_DIR"
+if compgen -G "$GPU_CACHE/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$GPU_CACHE"/wheels/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
+nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
+"$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --reference "$GPU_CACHE/airbench-0.1.8.tar.gz" \
+  --work "$GPU_CACHE/work" --out "$GPU_CACHE/runs" "$@" 2>&1 | tee "$OUT_DIR/log.txt"
+cp "$GPU_CACHE/runs/table.json" "$OUT_DIR/table.json"
