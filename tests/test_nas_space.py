@@ -53,7 +53,7 @@ GOOD_STAGE = "- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv2: [conv3, c
     ("- name: s1\n  width: 16\n  conv1: []\n  skip: [zero]\n", "non-empty list"),
     ("- name: s1\n  width: 16\n  conv1: [conv3]\n  skip: [zero]\n", "stages[0].conv1[0]"),  # does not downsample
     ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv2: [conv3_pool]\n  skip: [zero]\n", "stages[0].conv2[0]"),
-    ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv2: [conv3]\n  skip: [zero, conv4_input]\n", "stages[0].skip[1]"),
+    ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv2: [conv3]\n  skip: [zero, conv5_input]\n", "stages[0].skip[1]"),
     ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv3: [conv3]\n  skip: [zero]\n", "consecutive"),
     ("- name: s1\n  conv1: [conv3_pool]\n  skip: [zero]\n", "stages[0].width"),
     ("- name: s1\n  width: 16\n  conv1: [conv3_pool, conv3_pool]\n  skip: [zero]\n", "without repeats"),
@@ -159,6 +159,13 @@ def test_standalone_has_exactly_the_chosen_ops_and_matches_the_supernet_path():
     net.set_arch(arch)
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(standalone(x), net(x))
+
+
+def test_fixed_spaces_round_trip_through_their_declaration():
+    space = ArchSpace.seed()
+    for seed in range(8):
+        fixed = space.fix(random_arch(space, seed))
+        assert ArchSpace.from_dict(fixed.to_dict()) == fixed and fixed.size() == 1
 
 
 def test_restrict_and_its_errors():

@@ -283,7 +283,7 @@ def _stage(stage: Any, where: str, fail: Any) -> StageSpec:
     body = tuple(
         _candidates(stage[f"conv{i + 2}"], f"{where}.conv{i + 2}", SAME_SIZE_OPS, fail) for i in range(n_body)
     )
-    skip_names = ["zero"] + [f"conv{k}_input" for k in range(3, n_body + 2)] + [f"conv{k}_output" for k in range(2, n_body + 2)]
+    skip_names = ["zero"] + [f"conv{k}_input" for k in range(3, n_body + 3)] + [f"conv{k}_output" for k in range(2, n_body + 2)]
     skip = _candidates(stage["skip"], f"{where}.skip", skip_names, fail)
     return StageSpec(name, _width(stage.get("width"), f"{where}.width", fail), conv1, body, skip)
 
