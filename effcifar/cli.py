@@ -338,7 +338,7 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
     if len(study.directions) == 2 and records:
         front = sorted(t.number for t in study.best_trials)
         console.print(f"Pareto front (accuracy vs FLOPs): trials {', '.join(map(str, front))}")
-    console.print(f"wrote {Path(args.out) / 'arch'}/top_1..{len(records)}.json and "
+    console.print(f"wrote {Path(args.out) / 'arch'}/top_0..{len(records) - 1}.json and "
                   f"{Path(args.out) / 'architecture_final.json'}")
     return 0
 

@@ -109,13 +109,13 @@ def test_export_then_import_round_trip(supernet_run, tmp_path):
     space = ArchSpace.seed()
     records = export_top(study, out, 3)
     assert [r["accuracy"] for r in records] == sorted((r["accuracy"] for r in records), reverse=True)
-    for i, record in enumerate(records, 1):
+    for i, record in enumerate(records):
         saved = json.loads((out / "arch" / f"top_{i}.json").read_text())
         assert set(saved) >= {"arch", "accuracy", "top5", "flops", "params"} and saved == record
         assert load_arch(out / "arch" / f"top_{i}.json", space) == study.trials[record["trial"]].params
     assert json.loads((out / "architecture_final.json").read_text()) == records[0]
     export_top(study, out, 1)  # fewer: the stale files go
-    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_1.json"]
+    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_0.json"]
     plain = tmp_path / "nni.json"
     plain.write_text(json.dumps(records[0]["arch"]))
     assert load_arch(plain, space) == records[0]["arch"]
@@ -159,7 +159,7 @@ def test_cli_end_to_end_tiny_search(supernet_run, tmp_path):
                  "--threads", "1", "--workers", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "top 2 of 5 trials" in result.stdout and "Pareto front" in result.stdout
-    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_1.json", "top_2.json"]
+    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_0.json", "top_1.json"]
     final = json.loads((out / "architecture_final.json").read_text())
     assert load_arch(out / "architecture_final.json", ArchSpace.seed()) == final["arch"]
     study = optuna.load_study(study_name="cli", storage=optuna.storages.JournalStorage(

@@ -363,15 +363,15 @@ def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[st
 
 
 def export_top(study: optuna.Study, out_dir: str | Path, k: int) -> list[dict[str, Any]]:
-    """Write arch/top_{1..k}.json and architecture_final.json (the best); return the records written."""
+    """Write arch/top_{0..k-1}.json (top_0 is the best) and architecture_final.json; return the records written."""
     out_dir = Path(out_dir)
     ranked = ranked_results(study.get_trials(deepcopy=False))[:k]
     records = [{**record, "trial": t.number} for t, record in ranked]
-    for i, record in enumerate(records, 1):
+    for i, record in enumerate(records):
         atomic_write(out_dir / "arch" / f"top_{i}.json", json.dumps(record, indent=2) + "\n")
     for stale in (out_dir / "arch").glob("top_*.json"):
         index = stale.stem.removeprefix("top_")
-        if index.isdigit() and int(index) > len(records):
+        if index.isdigit() and int(index) >= len(records):
             stale.unlink()
     if records:
         atomic_write(out_dir / "architecture_final.json", json.dumps(records[0], indent=2) + "\n")
