@@ -324,7 +324,7 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
         console.print(f"trial {t.number:4d}  {t.state.name:<8}  {detail}")
 
     study = search.run_search(config, args.supernet, args.out, on_trial=None if args.quiet else on_trial)
-    records = search.export_top(study, args.out, config.top_k_export)
+    records = search.top_records(study, config.top_k_export)  # run_search wrote them
     table = Table(title=f"effcifar search ({config.strategy}): top {len(records)} of {len(study.trials)} trials, "
                         f"held-out accuracy after BN recalibration")
     for column in ("rank", "trial", "top-1", "top-5", "MFLOPs", "params", "architecture (active choices)"):
