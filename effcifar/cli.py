@@ -324,7 +324,7 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
         console.print(f"trial {t.number:4d}  {t.state.name:<8}  {detail}")
 
     study = search.run_search(config, args.supernet, args.out, on_trial=None if args.quiet else on_trial)
-    records = search.export_top(study, args.out, config.top_k_export)
+    records = search.top_records(study, config.top_k_export)  # run_search wrote them
     table = Table(title=f"effcifar search ({config.strategy}): top {len(records)} of {len(study.trials)} trials, "
                         f"held-out accuracy after BN recalibration")
     for column in ("rank", "trial", "top-1", "top-5", "MFLOPs", "params", "architecture (active choices)"):
@@ -340,6 +340,57 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
         console.print(f"Pareto front (accuracy vs FLOPs): trials {', '.join(map(str, front))}")
     console.print(f"wrote {Path(args.out) / 'arch'}/top_0..{len(records) - 1}.json and "
                   f"{Path(args.out) / 'architecture_final.json'}")
+    return 0
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig options given on the command line (text, as typed)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def run_retrain(args: argparse.Namespace, console: Console) -> int:
+    """effcifar retrain: train the search's top K from scratch; table of supernet vs standalone accuracy."""
+    from effcifar.nas import retrain
+
+    supernet_dir = retrain.search_supernet_dir(args.search)
+    base = retrain.base_config(supernet_dir, args.config, train_overrides(args), overrides_from_text=True)
+    out = Path(args.out) if args.out else Path(args.search) / "retrain"
+    rows = retrain.retrain_top(args.search, args.top, out, base, progress=lambda text: console.print(text, markup=False))
+    table = Table(title=f"effcifar retrain: top {len(rows)} of {args.search}, {base.total_epoch} epochs")
+    holdout = "standalone_holdout_acc" in rows[0]
+    columns = ["rank", "trial", "supernet (held out)", "standalone test", *(["standalone held out"] * holdout),
+               "params", "MFLOPs", "train time"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    percent = lambda v: f"{v:.2%}" if isinstance(v, float) else str(v)  # noqa: E731
+    for r in rows:
+        table.add_row(str(r["rank"]), str(r["trial"]), percent(r["supernet_acc"]), percent(r["standalone_test_acc"]),
+                      *([percent(r["standalone_holdout_acc"])] * holdout), f"{r['params']:,}",
+                      f"{r['flops'] / 1e6:,.1f}", f"{r['train_time']:.1f} s")
+    console.print(table)
+    console.print(f"wrote {out / 'retrain.json'} and {out / 'retrain.tsv'}", markup=False)
+    return 0
+
+
+def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
+    """effcifar nas-eval: rank correlation between supernet and standalone accuracy of random subnets."""
+    from effcifar.nas import retrain
+
+    out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval"
+    overrides = train_overrides(args)  # --seed also seeds the sample; --epochs is each subnet's training
+    if "total_epoch" not in overrides:
+        raise EffcifarError("--epochs: required (standalone training epochs of each subnet)")
+    try:
+        epochs, seed = int(overrides.pop("total_epoch")), int(overrides.get("seed", 0))
+    except ValueError:
+        raise EffcifarError("--epochs and --seed: expected integers") from None
+    report = retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config,
+                              overrides, overrides_from_text=True,
+                              progress=lambda text: console.print(text, markup=False))
+    console.print(f"{report.n} subnets: Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f}, "
+                  f"top-20% overlap {report.top_overlap:.0%}")
+    console.print(f"wrote {out / 'ranking.json'} and {out / 'ranking.png'}", markup=False)
     return 0
 
 
@@ -443,6 +494,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run or pipeline directory, e.g. runs/NAME")
     p.add_argument("--out", help="where report.html and its PNGs go (default: RUN/report)")
     p.set_defaults(handler=run_report)
+    for name, text, run, run_help, count, count_help, written, handler in (
+        ("retrain", "train the top K architectures of a search from scratch", "search",
+         "a search run directory, e.g. runs/search1", "--top", "retrain arch/top_0.json .. top_{K-1}.json",
+         "top_0/, top_1/, ... and retrain.json (default: SEARCH/retrain)", run_retrain),
+        ("nas-eval", "supernet ranking quality: Kendall tau over random subnets trained standalone (needs --epochs)",
+         "supernet", "a finished supernet run directory, e.g. runs/supernet1", "--sample",
+         "random subnets (distinct architectures; --seed also seeds the sample)",
+         "subnet_0/, ... and ranking.json/png (default: SUPERNET/nas_eval)", run_nas_eval),
+    ):
+        p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument(run, help=run_help)
+        p.add_argument(count, type=int, default=1 if count == "--top" else 20, help=count_help)
+        p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
+        p.add_argument("--out", help=f"where to write {written}")
+        add_config_options(p, TrainConfig)
+        p.set_defaults(handler=handler)
     return parser
 
 

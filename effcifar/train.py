@@ -25,12 +25,13 @@ from torch import nn
 import effcifar
 from effcifar.atomic import atomic_torch_save, atomic_write
 from effcifar.config import field_error, save_config
-from effcifar.errors import TrainingDiverged
+from effcifar.errors import ConfigError, TrainingDiverged
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RECIPES = ("resnet9", "airbench")  # resnet9: cifar10-fast (the default); airbench: effcifar.airbench
+ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
 
 
@@ -49,9 +50,17 @@ class TrainConfig:
     configs with `build_config` or `TrainConfig.for_recipe`; `TrainConfig(recipe="airbench")`
     alone keeps the resnet9 values of the other fields. The fields under "recipe airbench only"
     switch its published methods on or off (for ablations); resnet9 ignores them.
+
+    `arch` trains a NAS subnet instead of the ResNet (recipe resnet9 only): the standalone
+    network of an architecture file (`arch/top_K.json`, `architecture_final.json` or a plain NNI
+    `{key: choice}`) in the space `space`, with the widths prep/layer1..3 and `logits_weight`
+    (res_*/extra_* do not apply). A file that embeds its space (`"space": {...}`, as
+    `effcifar search` writes them) is built in that space and `space` is ignored.
     """
 
     recipe: str = "resnet9"
+    arch: str | None = None  # architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)
+    space: str = "seed"  # the space `arch` belongs to ('seed' or a space file), unless the file embeds one
     # data
     dataset: str = "cifar10"
     data_dir: str | None = None  # a folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar
@@ -148,6 +157,21 @@ class TrainConfig:
             raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise field_error("device", "auto, cpu, cuda or cuda:N", self.device)
+        if self.arch is not None:
+            if self.recipe != "resnet9":
+                raise field_error("arch", f"none with recipe {self.recipe} (a NAS subnet trains with resnet9)", self.arch)
+            self.architecture()
+
+    def architecture(self) -> tuple[Any, dict[str, str]]:
+        """(ArchSpace, architecture) of `arch`; a ConfigError with field 'arch' names the file and the problem."""
+        from effcifar.nas.search import load_arch_file  # the NAS modules import this one
+
+        try:
+            return load_arch_file(str(self.arch), self.space)
+        except ConfigError as e:
+            err = ConfigError(f"field 'arch': {e}")
+            err.field = "arch"  # type: ignore[attr-defined]
+            raise err from None
 
     @staticmethod
     def depth_fields() -> list[str]:
@@ -385,7 +409,13 @@ class Recipe:
 
     def build_model(self, num_classes: int, train_loader: DeviceLoader | None = None) -> nn.Module:
         """The network, on CPU; `train_loader` gives data-dependent initialisations their images."""
-        return ResNet(self.config.net_config(num_classes))
+        c = self.config
+        if c.arch is not None:  # a NAS subnet: only the chosen ops of its space
+            from effcifar.nas.space import build_standalone
+
+            space, arch = c.architecture()
+            return build_standalone(space, arch, {s: getattr(c, s) for s in STAGES}, num_classes, c.logits_weight)
+        return ResNet(c.net_config(num_classes))
 
     def train_step(self, model: nn.Module, precision: str) -> TrainStep:
         """The optimiser step."""
@@ -454,6 +484,10 @@ def train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
+        if config.arch is not None:  # the run keeps its architecture and space, wherever the file was
+            space, arch = config.architecture()
+            record = {"arch": arch, "space": space.to_dict(), "source": config.arch}
+            atomic_write(out / ARCH_FILE, json.dumps(record, indent=2) + "\n")
 
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.total_epoch
@@ -528,10 +562,12 @@ def train(
 
 
 def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a trained network from a run directory (config.yaml + model.pt, weights_only)."""
+    """Rebuild a trained network from a run directory (summary.json + model.pt, weights_only; arch.json for a subnet)."""
     run = Path(run_dir)
     summary = json.loads((run / "summary.json").read_text())
     config = TrainConfig(**summary["config"])
+    if config.arch is not None and (run / ARCH_FILE).is_file():
+        config.arch = str(run / ARCH_FILE)  # the run's own copy (with its space)
     model = recipe_for(config).build_model(summary["dataset"]["num_classes"])
     model.load_state_dict(torch.load(run / "model.pt", map_location=map_location, weights_only=True))
     return model

@@ -21,8 +21,9 @@ each trial, so a resumed study, or several workers sharing it, never evaluate a 
 architectures with the same key as duplicates, so they are drawn again while new ones exist.
 
 `export_top` writes `arch/top_{i}.json` (the NNI-style `{key: choice}` under "arch", with
-accuracy, top-5, FLOPs and parameters) and `architecture_final.json` for the best; `load_arch`
-reads those files or a plain NNI `{key: choice}` dict back.
+accuracy, top-5, FLOPs, parameters and the space's declaration under "space") and
+`architecture_final.json` for the best; `load_arch` reads those files or a plain NNI
+`{key: choice}` dict back, and `load_arch_file` also the space they embed.
 """
 
 from __future__ import annotations
@@ -339,7 +340,7 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
         workers = [context.Process(target=_worker_main, args=(worker_config, supernet_dir, out_dir, i))
                    for i in range(config.workers)]
         supervise_workers(study, workers, on_trial)
-    export_top(study, out_dir, config.top_k_export)
+    export_top(study, out_dir, config.top_k_export, evaluator.space)
     return study
 
 
@@ -362,11 +363,22 @@ def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[st
                   key=lambda pair: (-pair[1]["accuracy"], -pair[1]["top5"], pair[1]["flops"], pair[0].number))
 
 
-def export_top(study: optuna.Study, out_dir: str | Path, k: int) -> list[dict[str, Any]]:
-    """Write arch/top_{0..k-1}.json (top_0 is the best) and architecture_final.json; return the records written."""
-    out_dir = Path(out_dir)
+def top_records(study: optuna.Study, k: int) -> list[dict[str, Any]]:
+    """The records of the best k distinct architectures (best first), with their trial numbers."""
     ranked = ranked_results(study.get_trials(deepcopy=False))[:k]
-    records = [{**record, "trial": t.number} for t, record in ranked]
+    return [{**record, "trial": t.number} for t, record in ranked]
+
+
+def export_top(study: optuna.Study, out_dir: str | Path, k: int, space: ArchSpace | None = None) -> list[dict[str, Any]]:
+    """Write arch/top_{0..k-1}.json (top_0 is the best) and architecture_final.json; return the records written.
+
+    With `space`, each record also holds its declaration under "space", so the file alone
+    rebuilds the network (`effcifar train --arch`).
+    """
+    out_dir = Path(out_dir)
+    records = top_records(study, k)
+    if space is not None:
+        records = [{**record, "space": space.to_dict()} for record in records]
     for i, record in enumerate(records):
         atomic_write(out_dir / "arch" / f"top_{i}.json", json.dumps(record, indent=2) + "\n")
     for stale in (out_dir / "arch").glob("top_*.json"):
@@ -378,12 +390,8 @@ def export_top(study: optuna.Study, out_dir: str | Path, k: int) -> list[dict[st
     return records
 
 
-def load_arch(path: str | Path, space: ArchSpace) -> Arch:
-    """An architecture from `arch/top_K.json`, `architecture_final.json` or a plain NNI `{key: choice}` file.
-
-    NNI's one-element lists (`["conv3"]`) are accepted for a choice; the result is checked
-    against the space, and every problem is a ConfigError naming the file.
-    """
+def read_arch_file(path: str | Path) -> dict[str, Any]:
+    """The JSON mapping of an architecture file; a ConfigError names the file."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -391,11 +399,30 @@ def load_arch(path: str | Path, space: ArchSpace) -> Arch:
         raise ConfigError(f"{path}: cannot read the architecture file ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(data, dict) and isinstance(data.get("arch"), dict):
-        data = data["arch"]
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping {{choice key: candidate}} (or {{\"arch\": ...}}), "
                           f"got {type(data).__name__}")
+    return data
+
+
+def load_arch(path: str | Path, space: ArchSpace) -> Arch:
+    """An architecture from `arch/top_K.json`, `architecture_final.json` or a plain NNI `{key: choice}` file.
+
+    NNI's one-element lists (`["conv3"]`) are accepted for a choice; the result is checked
+    against the space, and every problem is a ConfigError naming the file.
+    """
+    data = read_arch_file(path)
+    if isinstance(data.get("arch"), dict):
+        data = data["arch"]
     arch = {key: value[0] if isinstance(value, list) and len(value) == 1 else value for key, value in data.items()}
     return space.check(arch, str(path))
 
+
+def load_arch_file(path: str | Path, space: str | Path | None = "seed") -> tuple[ArchSpace, Arch]:
+    """(space, architecture) of an architecture file: its embedded "space" declaration, else `ArchSpace.load(space)`."""
+    data = read_arch_file(path)
+    if "space" in data:
+        arch_space = ArchSpace.from_dict(data["space"], f"{path}: space")
+    else:
+        arch_space = ArchSpace.load(space)
+    return arch_space, load_arch(path, arch_space)

@@ -1,0 +1,171 @@
+"""Standalone subnets (train --arch), retraining a search's top K, and the supernet's ranking quality."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import effcifar.nas.retrain as retrain_lib
+from effcifar.config import build_config
+from effcifar.errors import ConfigError
+from effcifar.nas.ranking import RankingReport
+from effcifar.nas.retrain import base_config, nas_eval, retrain_top
+from effcifar.nas.search import SearchConfig, arch_key, run_search
+from effcifar.nas.space import ArchSpace, CostTable, Supernet
+from effcifar.nas.supernet import SupernetConfig, train_supernet
+from effcifar.train import TrainConfig, load_model, recipe_for
+
+NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
+ROOT = Path(__file__).resolve().parents[1]
+# An architecture with a skip in every stage style: zero, a mid-body skip and the whole body.
+ARCH = {"stage1.conv1": "conv3_pool", "stage1.conv2": "conv5", "stage1.conv3": "conv3", "stage1.conv4": "conv3",
+        "stage1.skip": "conv4_input",
+        "stage2.conv1": "conv5_stride2", "stage2.conv2": "conv3", "stage2.conv3": "conv5", "stage2.conv4": "conv5",
+        "stage2.skip": "zero",
+        "stage3.conv1": "conv3_stride2", "stage3.conv2": "conv3", "stage3.conv3": "conv5", "stage3.conv4": "conv3",
+        "stage3.skip": "conv4_output"}
+# One epoch of 500 synthetic images (100 held out by the supernet run) at the narrow widths.
+TINY = {"subset": 500, "batch_size": 50, "eval_batch_size": 100, "precision": "fp32", "threads": 1,
+        "total_epoch": "1"}
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "effcifar", *args], capture_output=True, text=True, cwd=cwd,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(supernet run, search run): one tiny supernet epoch, then 4 random evaluations (top 3 exported)."""
+    root = tmp_path_factory.mktemp("nas")
+    config = SupernetConfig(dataset="synthetic", subset=500, holdout=100, batch_size=50, bn_batches=2,
+                            panel_random=0, eval_batch_size=100, precision="fp32", threads=1, epochs=1, **NARROW)
+    train_supernet(config, root / "supernet", warn=lambda message: None)
+    run_search(SearchConfig(strategy="random", evaluations=4, precision="fp32", threads=1, top_k_export=3),
+               root / "supernet", root / "search")
+    return root / "supernet", root / "search"
+
+
+def test_standalone_has_exactly_the_chosen_ops_parameters(tmp_path):
+    space = ArchSpace.seed()
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps({k: [v] for k, v in ARCH.items()}))  # NNI's one-element lists
+    config = TrainConfig(arch=str(arch_file), **NARROW)
+    config.validate()
+    model = recipe_for(config).build_model(10)
+    supernet = Supernet(space, NARROW, 10)
+    supernet.set_arch(ARCH)
+    unused = {id(p) for p in supernet.inactive_parameters()}
+    chosen = {name: p.shape for name, p in supernet.named_parameters() if id(p) not in unused}
+    assert {name: p.shape for name, p in model.named_parameters()} == chosen
+    assert sum(p.numel() for p in model.parameters()) == CostTable.build(space, NARROW, 10).params_of(ARCH)
+    names = [name for name, _ in model.named_parameters()]
+    assert not any(name.startswith("stages.stage2.body") for name in names)  # skip 'zero': no body convs
+    assert not any(name.startswith("stages.stage1.body.conv4") for name in names)  # past the skip
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_train_arch_cli_and_load_model_round_trip(tmp_path):
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps({"arch": ARCH}))
+    out = tmp_path / "run"
+    result = cli("train", "--dataset", "synthetic", "--arch", str(arch_file), "--subset", "200", "--batch-size", "50",
+                 "--epochs", "1", "--peak-epoch", "0.5", "--threads", "1", "--quiet",
+                 *[f"--{k}={v}" for k, v in NARROW.items()], "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"] == CostTable.build(ArchSpace.seed(), NARROW, 10).params_of(ARCH)
+    saved = json.loads((out / "arch.json").read_text())
+    assert saved["arch"] == ARCH and ArchSpace.from_dict(saved["space"]) == ArchSpace.seed()
+    arch_file.unlink()  # the run keeps its own copy
+    model = load_model(out)
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_arch_errors_are_one_line_and_name_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**ARCH, "stage1.conv2": "conv7"}))
+    with pytest.raises(ConfigError, match=r"field 'arch': .*bad.json: field 'stage1.conv2'"):
+        build_config(TrainConfig, None, {"arch": str(bad)})
+    with pytest.raises(ConfigError, match="field 'arch': expected none with recipe airbench"):
+        build_config(TrainConfig, None, {"arch": str(bad), "recipe": "airbench"})
+    bad.write_text("{not json")
+    result = cli("train", "--dataset", "synthetic", "--arch", str(bad), cwd=tmp_path)
+    assert result.returncode == 2 and "bad.json: not valid JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_export_embeds_the_space(search_run):
+    supernet_dir, search_dir = search_run
+    records = [json.loads((search_dir / "arch" / f"top_{i}.json").read_text()) for i in range(3)]
+    assert all(ArchSpace.from_dict(r["space"]) == ArchSpace.seed() for r in records)
+    assert json.loads((search_dir / "architecture_final.json").read_text()) == records[0]
+
+
+def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
+    supernet_dir, search_dir = search_run
+    base = base_config(supernet_dir, None, {**TINY, "peak_epoch": "0.5"}, overrides_from_text=True)
+    assert base.prep == NARROW["prep"] and base.holdout == 100 and base.total_epoch == 1
+    rows = retrain_top(search_dir, 2, tmp_path / "retrain", base)
+    assert [r["rank"] for r in rows] == [0, 1]
+    table = json.loads((tmp_path / "retrain" / "retrain.json").read_text())
+    assert table == rows and len((tmp_path / "retrain" / "retrain.tsv").read_text().splitlines()) == 3
+    for i, row in enumerate(rows):
+        record = json.loads((search_dir / "arch" / f"top_{i}.json").read_text())
+        assert row["trial"] == record["trial"] and row["supernet_acc"] == record["accuracy"]
+        assert row["params"] == record["params"] and row["flops"] == record["flops"]
+        assert 0 <= row["standalone_holdout_acc"] <= 1 and 0 <= row["standalone_test_acc"] <= 1
+    # Re-running trains nothing; another config is refused rather than mixed in.
+    monkeypatch.setattr(retrain_lib, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert retrain_top(search_dir, 2, tmp_path / "retrain", base) == rows
+    with pytest.raises(ConfigError, match="finished with another config"):
+        retrain_top(search_dir, 1, tmp_path / "retrain", base_config(supernet_dir, None, {**TINY, "peak_lr": "0.1"},
+                                                                     overrides_from_text=True))
+    with pytest.raises(ConfigError, match="top_3.json: no such architecture file"):
+        retrain_top(search_dir, 4, tmp_path / "retrain", base)
+
+
+def test_retrain_cli(search_run, tmp_path):
+    supernet_dir, search_dir = search_run
+    out = tmp_path / "r"
+    result = cli("retrain", str(search_dir), "--top", "1", "--epochs", "1", "--subset", "300", "--batch-size", "50",
+                 "--threads", "1", "--precision", "fp32", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "supernet (held out)" in result.stdout and len(json.loads((out / "retrain.json").read_text())) == 1
+    assert json.loads((out / "top_0" / "summary.json").read_text())["config"]["peak_epoch"] == pytest.approx(5 / 24)
+    result = cli("retrain", str(tmp_path), "--top", "1", cwd=tmp_path)
+    assert result.returncode == 2 and "not a search run" in result.stderr
+
+
+def test_nas_eval_ranks_random_subnets(search_run, tmp_path, monkeypatch):
+    supernet_dir, _ = search_run
+    out = tmp_path / "nas_eval"
+    result = cli("nas-eval", str(supernet_dir), "--sample", "3", "--epochs", "1", "--subset", "300",
+                 "--batch-size", "50", "--threads", "1", "--precision", "fp32", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Kendall tau" in result.stdout and "top-20% overlap" in result.stdout
+    ranking = json.loads((out / "ranking.json").read_text())
+    assert ranking["n"] == 3 and len(ranking["supernet_acc"]) == len(ranking["standalone_acc"]) == 3
+    space = ArchSpace.seed()
+    assert len({arch_key(space, a) for a in ranking["archs"]}) == 3
+    report = RankingReport.compute(ranking["supernet_acc"], ranking["standalone_acc"])
+    for name in ("tau", "rho", "top_overlap"):  # null where the accuracies have no spread (NaN)
+        expected = getattr(report, name)
+        assert ranking[name] == (None if expected != expected else pytest.approx(expected))
+    assert (out / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for i in range(3):  # standalone accuracy is on the supernet's held-out images
+        summary = json.loads((out / f"subnet_{i}" / "summary.json").read_text())
+        assert summary["dataset"]["valid_split"] == "holdout" and summary["dataset"]["valid_images"] == 100
+        assert summary["final_valid_acc"] == ranking["standalone_acc"][i]
+    # Resume: nothing is trained again and the same result comes back.
+    monkeypatch.setattr(retrain_lib, "train", lambda *a, **k: pytest.fail("a finished subnet was trained again"))
+    again = nas_eval(supernet_dir, 3, 1, out, overrides={"subset": 300, "batch_size": 50, "threads": 1,
+                                                          "precision": "fp32"})
+    assert json.loads((out / "ranking.json").read_text())["standalone_acc"] == ranking["standalone_acc"]
+    assert again.n == 3
+    result = cli("nas-eval", str(supernet_dir), "--sample", "3", cwd=tmp_path)
+    assert result.returncode == 2 and "--epochs: required" in result.stderr
