@@ -28,8 +28,6 @@ accuracy, top-5, FLOPs, parameters and the space's declaration under "space") an
 
 from __future__ import annotations
 
-import dataclasses
-
 import functools
 import hashlib
 import json
@@ -167,8 +165,8 @@ class CandidateEvaluator:
         if sconfig.channels_last:
             net = net.to(memory_format=torch.channels_last)
         data = load_dataset(sconfig.dataset, sconfig.data_dir)
-        train_config = dataclasses.replace(sconfig.train_config(),
-                                           eval_batch_size=config.eval_batch_size or sconfig.eval_batch_size)
+        train_config = replace(sconfig.train_config(),
+                              eval_batch_size=config.eval_batch_size or sconfig.eval_batch_size)
         train_loader, valid_loader = device_loaders(train_config, data, device)
         batches = calibration_batches(train_loader, config.bn_batches or sconfig.bn_batches, sconfig.seed + 1)
         costs = CostTable.build(net.space, sconfig.channels(), data.num_classes)
