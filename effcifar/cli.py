@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 from rich.console import Console
 from rich.progress import (
-    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 from rich.table import Table
 
@@ -394,6 +395,105 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+class RichMonitor:
+    """The pipeline's live view: one bar per stage (units done, elapsed, time left, best so far) over a log."""
+
+    def __init__(self, progress: Progress, stages: int):
+        self.progress, self.stages = progress, stages
+        self.task: Any = None
+        self.overall = progress.add_task("pipeline", total=stages, unit="stages", best="")
+
+    def stage_started(self, stage: str, number: int, resumed: bool, unit: str, total: int | None, done: int) -> None:
+        self.progress.console.print(f"[bold][{number}/{self.stages}] {stage}[/bold]" + (" (resumed)" if resumed else ""))
+        self.task = self.progress.add_task(f"  {stage}", total=total, completed=done, unit=unit, best="")
+
+    def stage_skipped(self, stage: str, number: int, reason: str) -> None:
+        self.progress.console.print(f"[{number}/{self.stages}] {stage}: skipped ({reason})", markup=False)
+        self.progress.advance(self.overall)
+
+    def advance(self, done: int, total: int | None, best: str = "") -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=done, total=total, best=best)
+
+    def line(self, text: str) -> None:
+        self.progress.console.print(f"  {text}", markup=False, soft_wrap=True)
+
+    def stage_finished(self, stage: str, seconds: float, summary: str) -> None:
+        self.progress.remove_task(self.task)
+        self.task = None
+        self.progress.advance(self.overall)
+        self.progress.console.print(f"  {stage} done in {seconds:.0f} s: {summary}", markup=False, soft_wrap=True)
+
+
+class LineMonitor:
+    """--quiet: plain timestamped log lines, no live view."""
+
+    def __init__(self, stages: int):
+        self.stages, self.start = stages, time.time()
+
+    def print(self, text: str) -> None:
+        elapsed = int(time.time() - self.start)
+        print(f"[{elapsed // 60:3d}:{elapsed % 60:02d}] {text}", flush=True)
+
+    def stage_started(self, stage: str, number: int, resumed: bool, unit: str, total: int | None, done: int) -> None:
+        resumed_text = f" (resumed: {done} of {total} {unit} done)" if resumed and total else " (resumed)" if resumed else ""
+        self.print(f"[{number}/{self.stages}] {stage}{resumed_text}")
+
+    def stage_skipped(self, stage: str, number: int, reason: str) -> None:
+        self.print(f"[{number}/{self.stages}] {stage}: skipped ({reason})")
+
+    def advance(self, done: int, total: int | None, best: str = "") -> None:
+        pass
+
+    def line(self, text: str) -> None:
+        self.print(f"  {text}")
+
+    def stage_finished(self, stage: str, seconds: float, summary: str) -> None:
+        self.print(f"  {stage} done in {seconds:.0f} s: {summary}")
+
+
+def parse_settings(pairs: Sequence[str]) -> dict[str, str]:
+    """--set SECTION.FIELD=VALUE pairs as a mapping (text values; the pipeline checks them)."""
+    settings = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise EffcifarError(f"--set {pair}: expected SECTION.FIELD=VALUE, e.g. search.evaluations=100")
+        settings[name.strip()] = value.strip()
+    return settings
+
+
+def run_pipeline_command(args: argparse.Namespace, console: Console) -> int:
+    """effcifar pipeline: the whole series, resumable; a table of the final results."""
+    from effcifar import pipeline
+
+    overrides = parse_settings(args.set or [])
+    overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v is not None})
+    config = pipeline.load_pipeline_config(args.preset, args.config, overrides)
+    if args.show_config:
+        print(f"# preset: {args.preset}")
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None), end="")
+        return 0
+    out = Path(args.out) if args.out else Path("runs") / f"pipeline-{args.preset}-{config.dataset}"
+    stages = len(pipeline.STAGES)
+    if args.quiet:
+        result = pipeline.run_pipeline(config, out, LineMonitor(stages))
+    else:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[best]}")]
+        with Progress(*columns, console=console) as progress:
+            result = pipeline.run_pipeline(config, out, RichMonitor(progress, stages))
+    table = Table(title=f"effcifar pipeline ({args.preset}, {config.dataset}): {out}")
+    for column in ("method", "test accuracy", "train time", "params", "MFLOPs"):
+        table.add_column(column, justify="right")
+    for row in result.results:
+        table.add_row(row["name"], f"{row['test_acc']:.2%}", f"{row['train_time']:.1f} s", f"{row['params']:,}",
+                      f"{row['flops'] / 1e6:,.1f}")
+    console.print(table)
+    console.print(f"report: {result.report}", markup=False, soft_wrap=True)
+    return 0
+
+
 def run_report(args: argparse.Namespace, console: Console) -> int:
     """effcifar report: report.html and PNGs of a run or pipeline directory; lists sections drawn and missing."""
     from effcifar.report import make_report  # matplotlib only for this command
@@ -490,6 +590,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_config_options(p, SearchConfig)
     p.set_defaults(handler=run_search)
+    p = sub.add_parser("pipeline", help="the whole series: baseline, HPO, supernet, search, retrain, report (resumable)")
+    p.add_argument("--preset", default="quick", choices=["quick", "full"],
+                   help="quick: about 10 minutes on a 2-core CPU; full: the seed's scale, for GPUs (default: quick)")
+    p.add_argument("--config", help="YAML/JSON file over the preset (same layout: top-level fields and stage sections)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override one value, e.g. --set search.evaluations=100 --set subset=0 (repeatable)")
+    p.add_argument("--dataset", help="cifar100 (the presets' default), cifar10, synthetic, ...")
+    p.add_argument("--data-dir", help="folder or file of the dataset (default $EFFCIFAR_DATA, then ~/.cache/effcifar)")
+    p.add_argument("--out", help="pipeline directory (default: runs/pipeline-PRESET-DATASET); the same command resumes")
+    p.add_argument("--quiet", action="store_true", help="plain log lines, no live view")
+    p.add_argument("--show-config", action="store_true", help="print every resolved setting as YAML and exit")
+    p.set_defaults(handler=run_pipeline_command)
     p = sub.add_parser("report", help="HTML report with plots of a run or pipeline directory")
     p.add_argument("run", help="a run or pipeline directory, e.g. runs/NAME")
     p.add_argument("--out", help="where report.html and its PNGs go (default: RUN/report)")

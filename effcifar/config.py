@@ -14,7 +14,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 
@@ -123,14 +123,19 @@ def build_config(
     hyper-parameters a search found. A class with a `recipe_defaults(values)` classmethod gets
     its result as the defaults of the fields that no layer set (TrainConfig's `recipe`).
     """
-    types_ = field_types(cls)
-    values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
     layers = [(base[0], base[1], False)] if base is not None else []
     if file is not None:
         layers.append((str(file), read_config_file(file), False))
     if overrides:
         layers.append((override_source, overrides, overrides_from_text))
+    return build_from_layers(cls, layers)
+
+
+def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], bool]]) -> C:
+    """Defaults < each (source, values, values are command-line text) layer in turn, checked as build_config does."""
+    types_ = field_types(cls)
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for source, mapping, from_text in layers:
         for key, value in mapping.items():
             if key not in types_:

@@ -6,8 +6,8 @@ stylesheet or font from elsewhere, so the folder opens offline). It works on a p
 what exists is drawn, and what is missing is named with the command that produces it.
 
 What a directory can be (checked in this order):
-- a pipeline directory: any of the subdirectories `baseline`, `hpo`, `supernet`, `search`,
-  `retrain`, `nas_eval`, or `results.json`. Each subdirectory is one of the kinds below;
+- a pipeline directory: any of the subdirectories `baseline`, `hpo`, `hpo_best`, `supernet`,
+  `search`, `retrain`, `nas_eval`, or `results.json`. Each subdirectory is one of the kinds below;
   `retrain` is a training run or holds several in `top_0`, `top_1`, ... `results.json` is the
   final table: `[{"name": "baseline"|"hpo"|"nas", "test_acc": float, "train_time": float,
   "params": int, "flops": int}, ...]` (accuracy as a fraction, train time in seconds).
@@ -52,6 +52,7 @@ from effcifar.nas.samplers import GENERATION_ATTR
 STAGES = (
     ("baseline", "Baseline training", "effcifar train --out {run}/baseline"),
     ("hpo", "Hyper-parameter search", "effcifar hpo run --out {run}/hpo"),
+    ("hpo_best", "HPO best, retrained", "effcifar train --config {run}/hpo/best.json --holdout 0 --out {run}/hpo_best"),
     ("supernet", "Supernet training", "effcifar supernet train --out {run}/supernet"),
     ("search", "Architecture search", "effcifar search {run}/supernet --out {run}/search"),
     ("retrain", "Retrained architectures", "effcifar retrain {run}/search --top K"),

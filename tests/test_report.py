@@ -25,6 +25,7 @@ RESULTS = [{"name": "baseline", "test_acc": 0.91, "train_time": 12.5, "params": 
            {"name": "nas", "test_acc": 0.94, "train_time": 11.0, "params": 87654, "flops": 1_200_000}]
 STAGE_IMAGES = {"baseline": ["baseline_curves.png"],
                 "hpo": ["hpo_history.png", "hpo_pareto.png", "hpo_importance.png", "hpo_parallel.png"],
+                "hpo_best": ["hpo_best_curves.png"],
                 "supernet": ["supernet_panel.png"], "search": ["search_progress.png", "search_flops.png"],
                 "retrain": ["retrain_curves.png"], "nas_eval": ["nas_eval_ranking.png"]}
 
@@ -47,8 +48,8 @@ def pipeline(tmp_path_factory) -> Path:
     train_supernet(supernet, root / "supernet", warn=lambda message: None)
     run_search(SearchConfig(population=4, top_k=2, mutations=1, crossovers=1, evaluations=8, precision="fp32",
                             threads=1, top_k_export=2), root / "supernet", root / "search")
-    for i in range(2):
-        shutil.copytree(root / "baseline", root / "retrain" / f"top_{i}")
+    for copy in ("hpo_best", "retrain/top_0", "retrain/top_1"):
+        shutil.copytree(root / "baseline", root / copy)
     (root / "nas_eval").mkdir()
     (root / "nas_eval" / "ranking.json").write_text(json.dumps(
         {"supernet_acc": [0.31, 0.35, 0.28, 0.40], "standalone_acc": [0.90, 0.91, 0.89, 0.93]}))
@@ -90,7 +91,7 @@ def test_partial_pipeline_names_what_is_missing(pipeline, tmp_path):
     report = make_report(root)
     assert [s.source.name for s in report.sections] == ["baseline", "hpo"]
     missing = "\n".join(what for what, _ in report.missing)
-    for name in ("results.json", "supernet/", "search/", "retrain/", "nas_eval/"):
+    for name in ("results.json", "hpo_best/", "supernet/", "search/", "retrain/", "nas_eval/"):
         assert name in missing
     text = path.read_text()
     assert "Not (yet) available" in text and f"effcifar supernet train --out {root}/supernet" in text

@@ -129,13 +129,7 @@ def open_study(config: HpoConfig, run_dir: Path, worker: int = 0) -> optuna.Stud
     """Create or load the study; local worker i seeds its sampler with seed + i so workers do not repeat each other."""
     storage = open_storage(config, run_dir)
     multi = config.objective == "acc,time"
-    seed = None if config.seed is None else config.seed + worker
-    sampler = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-    }[config.sampler]()
+    sampler = make_sampler(config.sampler, None if config.seed is None else config.seed + worker)
     pruner = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
@@ -145,6 +139,27 @@ def open_study(config: HpoConfig, run_dir: Path, worker: int = 0) -> optuna.Stud
         storage=storage, study_name=config.study or run_dir.name, sampler=sampler, pruner=pruner,
         directions=["maximize", "minimize"] if multi else ["maximize"], load_if_exists=True,
     )
+
+
+def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler called `name` (one of SAMPLERS)."""
+    return {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+    }[name]()
+
+
+def trial_seed(seed: int, worker: int, trials: list[FrozenTrial]) -> int:
+    """The sampler seed of the study's next trial, a function of its position in the budget.
+
+    A sampler's generator restarts with its process, so a study resumed after a kill would
+    draw its first suggestions again; seeding each trial by position makes a resumed study
+    draw what an uninterrupted one would (a retried trial takes its predecessor's values).
+    """
+    position = budget_used(trials)
+    return int.from_bytes(hashlib.sha256(f"{seed}/{worker}/{position}".encode()).digest()[:4], "big")
 
 
 @contextlib.contextmanager
@@ -315,6 +330,8 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
             waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
             if not waiting and budget_used(trials) >= config.trials:
                 return
+            if config.seed is not None:
+                study.sampler = make_sampler(config.sampler, trial_seed(config.seed, worker, trials))
             trial = study.ask()
         with heartbeat(study, trial):
             frozen = runner(study, trial)

@@ -48,7 +48,7 @@ from effcifar.config import build_config, field_error, save_config
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import (
-    budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, redact_url, supervise_workers,
+    budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, redact_url, supervise_workers, trial_seed,
 )
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet
@@ -231,16 +231,20 @@ def load_supernet_config(supernet_dir: Path) -> SupernetConfig:
     return build_config(SupernetConfig, supernet_dir / "config.yaml")
 
 
+def search_sampler(config: SearchConfig, space: ArchSpace, is_feasible: Callable[[Arch], bool],
+                   seed: int | None) -> optuna.samplers.BaseSampler:
+    """The strategy's sampler over the space, never proposing an infeasible architecture."""
+    return make_sampler(config.strategy, space.choices(), seed=seed, is_feasible=is_feasible,
+                        canonical=functools.partial(arch_key, space), objectives=config.objectives(),
+                        population=config.population, top_k=config.top_k, mutations=config.mutations,
+                        crossovers=config.crossovers, mutation_prob=config.mutation_prob)
+
+
 def open_search_study(config: SearchConfig, supernet_dir: Path, out_dir: Path, space: ArchSpace,
                       is_feasible: Callable[[Arch], bool], worker: int = 0) -> optuna.Study:
     """Create or load the study; a resumed study must have been made for the same supernet and evaluation."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    seed = None if config.seed is None else config.seed + worker
-    sampler = make_sampler(config.strategy, space.choices(), seed=seed, is_feasible=is_feasible,
-                           canonical=functools.partial(arch_key, space),
-                           objectives=config.objectives(), population=config.population, top_k=config.top_k,
-                           mutations=config.mutations, crossovers=config.crossovers,
-                           mutation_prob=config.mutation_prob)
+    sampler = search_sampler(config, space, is_feasible, None if config.seed is None else config.seed + worker)
     directions = ["maximize", "minimize"] if config.strategy == "nsga2" else ["maximize"]
     storage = open_storage(config, out_dir)  # type: ignore[arg-type]  # it reads .storage and .heartbeat
     study = optuna.create_study(storage=storage, study_name=config.study or out_dir.name, sampler=sampler,
@@ -273,6 +277,9 @@ def run_worker(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
             waiting = any(t.state == TrialState.WAITING for t in trials)
             if not waiting and budget_used(trials) >= config.evaluations:
                 return
+            if config.seed is not None:  # by position, so a resumed search draws what an uninterrupted one would
+                study.sampler = search_sampler(config, evaluator.space, evaluator.is_feasible,
+                                               trial_seed(config.seed, worker, trials))
             trial = study.ask()
             try:
                 arch = suggest_arch(trial, choices)

@@ -1,0 +1,245 @@
+"""The pipeline: settings and their errors, a tiny real run end to end, kill -9 anywhere and resume, the README's command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from selenium.webdriver.common.by import By
+
+from effcifar.errors import ConfigError
+from effcifar.pipeline import STAGES, load_pipeline_config, nest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "data" / "pipeline_tiny.yaml"
+# Files whose bytes are deterministic (CPU runs are bitwise reproducible; times are not compared).
+SAME_BYTES = ["hpo/best.json", "baseline/model.pt", "hpo_best/model.pt", "supernet/supernet.pt",
+              "search/arch/top_0.json", "search/arch/top_1.json", "retrain/top_0/model.pt", "retrain/top_1/model.pt"]
+
+
+def effcifar(*args: str, **kwargs) -> subprocess.Popen:
+    """The CLI in a child process of its own group (so kill -9 reaches every process it started)."""
+    return subprocess.Popen([sys.executable, "-m", "effcifar", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+
+
+def pipeline(out: Path, *extra: str) -> subprocess.Popen:
+    return effcifar("pipeline", "--config", str(TINY), "--quiet", "--out", str(out), *extra)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return output
+
+
+def kill_when(process: subprocess.Popen, ready) -> None:
+    """kill -9 the run as soon as `ready()` holds; it must still have been running."""
+    deadline = time.time() + 300
+    while not ready():
+        assert process.poll() is None, f"the run ended before the kill point: {process.stdout.read()}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+
+
+def accuracies(out: Path) -> list[tuple]:
+    """The final table without the times."""
+    return [(r["name"], r["test_acc"], r["params"], r["flops"], r["run"]) for r in json.loads((out / "results.json").read_text())]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    return out, finish(pipeline(out))
+
+
+# ---- settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_presets_load_and_check_every_stage(preset):
+    config = load_pipeline_config(preset)
+    assert config.dataset == "cifar100" and config.hpo["space"] and config.retrain["top"] >= 1
+    assert config.baseline_config().holdout == 0 and config.trial_base().holdout == config.holdout
+
+
+def test_full_preset_is_the_seeds_scale():
+    config = load_pipeline_config("full")
+    assert config.hpo["trials"] >= 100 and config.supernet["epochs"] == 200 and config.subset == 0
+    assert config.search["evaluations"] == config.search["population"] * 20 and config.train["total_epoch"] == 24
+    assert config.trial_base().total_epoch == 24 and config.supernet_config({}, "none").lr_factor == 0.3
+
+
+def test_layers_file_over_preset_and_command_line_over_file(tmp_path):
+    file = tmp_path / "mine.yaml"
+    file.write_text("subset: 5000\nsearch: {evaluations: 50}\nhpo: {trial: {total_epoch: 3}}\n")
+    config = load_pipeline_config("quick", file, {"search.population": "12", "hpo.trial.peak_epoch": "1"})
+    assert config.subset == 5000 and config.search["evaluations"] == 50 and config.search["population"] == 12
+    assert config.search["strategy"] == "evolution"  # kept from the preset
+    assert config.hpo["trial"] == {"total_epoch": 3, "peak_epoch": 1.0}
+    assert config.trial_base().total_epoch == 3 and config.baseline_config().total_epoch == 4
+    # the HPO best goes back to the baseline's budget for the fields hpo.trial shortened
+    best = {**vars(config.trial_base()), "peak_lr": 0.7}
+    final = config.final_config(best, "best.json")
+    assert (final.total_epoch, final.peak_epoch, final.peak_lr, final.holdout) == (4, 1.0, 0.7, 0)
+
+
+def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet():
+    config = load_pipeline_config("quick", None, {"device": "cpu"})
+    best = {**vars(config.trial_base()), "device": "cuda", "subset": 7, "layer1": 48}
+    final = config.final_config(best, "best.json")
+    assert (final.device, final.subset, final.layer1) == ("cpu", config.subset, 48)
+    supernet = config.supernet_config(best, "best.json")
+    assert supernet.layer1 == 48 and supernet.hparams == "best.json" and supernet.holdout == config.holdout
+    assert config.retrain_base(final, supernet).layer1 == 48
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"search.evalutions": "3"}, "command line: field 'search.evalutions': unknown (known: strategy"),
+    ({"search.evaluations": "0"}, "command line, section search: field 'evaluations': expected a positive integer, got 0"),
+    ({"train.total_epoch": "x"}, "command line: field 'train.total_epoch': expected a value of type int, got 'x'"),
+    ({"train.subset": "3"}, "field 'train.subset': set 'subset' at the top level"),
+    ({"supernet.hparams": "b.json"}, "field 'supernet.hparams': set by the pipeline itself"),
+    ({"retrain.top": "0"}, "field 'retrain.top': expected an integer >= 1, got 0"),
+    ({"nas_eval.sample": "1"}, "field 'nas_eval.sample': expected 0 (skip) or at least 2"),
+    ({"hpo.trial.total_epoch": "0"}, "section hpo.trial: field 'total_epoch': expected a positive integer"),
+    ({"hpo.space": "x"}, "field 'hpo.space': set the search space in a --config file"),
+    ({"nonsense": "1"}, "command line: unknown field 'nonsense'"),
+])
+def test_bad_settings_are_one_line_errors_naming_source_and_field(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_pipeline_config("quick", None, overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bad_values_in_a_file_name_the_file(tmp_path):
+    file = tmp_path / "mine.yaml"
+    file.write_text("supernet: {epochs: -1}\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml, section supernet: field 'epochs': expected a positive integer"):
+        load_pipeline_config("quick", file)
+    file.write_text("hpo: {space: {peak_lr: {_type: uniform, _value: [1]}}}\n")
+    with pytest.raises(ConfigError, match="peak_lr"):
+        load_pipeline_config("quick", file)
+    with pytest.raises(ConfigError, match="--preset: expected one of quick, full"):
+        load_pipeline_config("huge")
+
+
+def test_nest():
+    assert nest({"a.b": "1", "a.c.d": "2", "e": "3"}) == {"a": {"b": "1", "c": {"d": "2"}}, "e": "3"}
+
+
+def test_cli_bad_setting_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    process = effcifar("pipeline", "--set", "search.evaluations=0", "--out", str(tmp_path / "run"))
+    output = finish_failing(process)
+    assert output.count("\n") == 1 and "error: command line, section search: field 'evaluations'" in output
+    assert not (tmp_path / "run").exists()
+
+
+def finish_failing(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert "Traceback" not in output
+    return output
+
+
+def test_show_config_prints_every_setting_loadable_again(tmp_path):
+    output = finish(effcifar("pipeline", "--preset", "quick", "--set", "search.evaluations=77", "--show-config"))
+    settings = yaml.safe_load(output)
+    assert settings["search"]["evaluations"] == 77 and settings["hpo"]["space"]["peak_lr"]["_type"] == "loguniform"
+    file = tmp_path / "shown.yaml"
+    file.write_text(output)
+    assert load_pipeline_config("quick", file).to_dict() == settings
+
+
+# ---- end to end -------------------------------------------------------------------------------
+
+
+def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
+    out, output = uninterrupted
+    for stage in STAGES:
+        marker = json.loads((out / stage / "stage.json").read_text())
+        assert marker["stage"] == stage and marker["finished"] and marker["seconds"] > 0
+    assert [row[0] for row in accuracies(out)] == ["baseline", "hpo", "nas"]
+    assert all(0 < row[1] <= 1 for row in accuracies(out))
+    assert (out / "search" / "architecture_final.json").is_file() and (out / "nas_eval" / "ranking.png").is_file()
+    assert (out / "retrain" / "retrain.json").is_file() and (out / "hpo" / "best.json").is_file()
+    # final runs test on the test set; the searches select on held-out training images
+    for run in ("baseline", "hpo_best", "retrain/top_0"):
+        assert json.loads((out / run / "summary.json").read_text())["dataset"]["valid_split"] == "test"
+    trial = json.loads((out / "hpo" / "trials" / "0000" / "summary.json").read_text())
+    assert trial["dataset"]["valid_split"] == "holdout" and trial["config"]["total_epoch"] == 1
+    assert yaml.safe_load((out / "supernet" / "config.yaml").read_text())["hparams"] == str(out / "hpo" / "best.json")
+    assert "[7/7] nas_eval" in output and "test accuracy" in output
+    html = (out / "report" / "report.html").read_text()
+    assert "Not (yet) available" not in html and "Final results" in html
+    assert load_pipeline_config("quick", out / "pipeline.yaml").to_dict() == load_pipeline_config("quick", TINY).to_dict()
+
+
+def test_running_again_skips_every_finished_stage(uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    before = {f: (out / f).read_bytes() for f in SAME_BYTES}
+    output = finish(pipeline(out))
+    assert output.count("skipped (finished)") == len(STAGES)
+    assert all((out / f).read_bytes() == b for f, b in before.items())
+
+
+def test_another_setting_is_refused_for_a_finished_stage(uninterrupted):
+    out, _ = uninterrupted
+    output = finish_failing(pipeline(out, "--set", "search.evaluations=7"))
+    assert f"{out / 'search'}: stage 'search' was run with other settings (settings.evaluations differ)" in output
+    output = finish_failing(pipeline(out, "--set", "hpo.trials=4"))
+    assert "stage 'hpo' was run with other settings (settings.hpo.trials differ)" in output
+
+
+def test_kill_anywhere_then_resume_ends_with_the_same_files(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    out = tmp_path / "run"
+    # killed during the second HPO trial, after the first supernet epoch, and between two retraining runs
+    for ready in (lambda: (out / "hpo" / "trials" / "0001").is_dir(),
+                  lambda: any((out / "supernet" / "checkpoints").glob("*")),
+                  lambda: (out / "retrain" / "top_0" / "summary.json").is_file()):
+        kill_when(pipeline(out), ready)
+    output = finish(pipeline(out))
+    assert "[1/7] baseline: skipped (finished)" in output and "[6/7] retrain (resumed" in output
+    for name in SAME_BYTES:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert accuracies(out) == accuracies(reference)
+    ranking = [json.loads((run / "nas_eval" / "ranking.json").read_text()) for run in (out, reference)]
+    assert ranking[0]["supernet_acc"] == ranking[1]["supernet_acc"]
+    assert ranking[0]["standalone_acc"] == ranking[1]["standalone_acc"]
+    finish(effcifar("hpo", "export", str(out / "hpo")))
+    trials = json.loads((out / "hpo" / "trials.json").read_text())
+    lost = [t for t in trials if t["fail_reason"] == "its worker process died"]
+    assert len(lost) <= 1 and [t["state"] for t in trials].count("COMPLETE") == 3  # the cut trial retried, none redone
+
+
+def test_report_of_the_pipeline_loads_in_headless_chromium(browser, uninterrupted, tmp_path):
+    out, _ = uninterrupted
+    browser.get((out / "report" / "report.html").as_uri())
+    assert browser.execute_script("return document.readyState") == "complete"
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert len(images) >= 9
+    assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+               for i in images)
+    assert not [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert browser.save_screenshot(str(tmp_path / "pipeline.png"))
+
+
+def test_readme_main_job_command_runs_the_pipeline(tmp_path):
+    """`make demo` (the README's main-job command) with the tiny settings and this environment."""
+    venv = Path(sys.prefix)
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        ["make", "-s", "demo", f"VENV={venv}", "-o", str(venv / ".effcifar-installed"), "DATASET=synthetic",
+         f"DEMO_ARGS=--config {TINY} --quiet", f"DEMO_OUT={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "effcifar pipeline (quick, synthetic)" in result.stdout and (out / "results.json").is_file()
