@@ -103,7 +103,7 @@ class LatencyTable:
     base_ms: float
     ms: dict[str, dict[str, float]]
     validation: dict[str, Any]  # the table vs whole-network timings
-    build_seconds: float
+    build_seconds: float  # timing the ops (the whole-network check is timed in `validation`)
     threads: int  # torch CPU threads while measuring (not part of the setup: workers use fewer)
 
     @functools.cached_property
@@ -131,9 +131,10 @@ class LatencyTable:
         base_ms = (target.median_ms(lambda: stem(images), repeats, warmup)
                    + target.median_ms(lambda: head(features), repeats, warmup))
         setup = table_setup(space, channels, num_classes, target)
-        table = cls(setup, base_ms, ms, {}, 0.0, torch.get_num_threads())
+        built = time.perf_counter() - started
+        table = cls(setup, base_ms, ms, {}, built, torch.get_num_threads())
         validation = table.validate(channels, num_classes, target, check, repeats, warmup, seed)
-        return cls(setup, base_ms, ms, validation, time.perf_counter() - started, torch.get_num_threads())
+        return cls(setup, base_ms, ms, validation, built, torch.get_num_threads())
 
     def latency_of(self, arch: Mapping[str, str]) -> float:
         """Predicted milliseconds of one forward of the subnet (fixed part plus active keys)."""
@@ -146,7 +147,7 @@ class LatencyTable:
     def validate(self, channels: Mapping[str, int], num_classes: int, target: Target, networks: int,
                  repeats: int = REPEATS, warmup: int = WARMUP, seed: int = 0) -> dict[str, Any]:
         """Time whole standalone networks of random architectures; the table's % error against them."""
-        rng, space = random.Random(seed), self.space
+        rng, space, started = random.Random(seed), self.space, time.perf_counter()
         images = target.input(3, IMAGE_SIZE, torch.float32)
         pairs = []
         for _ in range(networks):
@@ -157,7 +158,8 @@ class LatencyTable:
         errors = [100 * (p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"] for p in pairs]
         return {"networks": networks, "mean_abs_pct": statistics.fmean(abs(e) for e in errors) if errors else None,
                 "max_abs_pct": max((abs(e) for e in errors), default=None),
-                "bias_pct": statistics.fmean(errors) if errors else None, "pairs": pairs}
+                "bias_pct": statistics.fmean(errors) if errors else None, "pairs": pairs,
+                "seconds": time.perf_counter() - started}
 
     def summary(self) -> str:
         """One line: where it was measured and its error against whole networks."""
@@ -166,7 +168,7 @@ class LatencyTable:
                  f"bias {v['bias_pct']:+.1f}% over {v['networks']} random networks" if v.get("networks")
                  else "not checked against whole networks")
         return (f"latency table ({self.setup['device']}, batch {self.setup['batch']}, {self.setup['precision']}, "
-                f"built in {self.build_seconds:.1f}s): {error}")
+                f"{self.threads} threads, built in {self.build_seconds:.1f}s): {error}")
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (`from_dict` reads it back)."""

@@ -163,7 +163,8 @@ class CandidateEvaluator:
 
     Holds the supernet, the held-out loader, the BN calibration batches (the supernet run's
     augmented training batches, drawn as the run drew its own), the cost table, the latency table
-    (when the search measures latency) and the cache. `evaluated` lists the architectures actually evaluated (not served from the cache).
+    (when the search measures latency) and the cache. `evaluated` lists the architectures actually
+    evaluated (not served from the cache).
     """
 
     def __init__(self, net: Supernet, space: ArchSpace, costs: CostTable, loader: DeviceLoader,
