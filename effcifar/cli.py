@@ -314,31 +314,38 @@ def format_supernet_epoch(row: dict[str, Any]) -> str:
 def run_search(args: argparse.Namespace, console: Console) -> int:
     """effcifar search: architecture search over a trained supernet; the top K are exported and tabulated."""
     from effcifar.nas import search
+    from effcifar.nas.latency import LATENCY_FILE, LatencyTable
 
     config = config_from_args(search.SearchConfig, args)
 
     def on_trial(t: Any) -> None:
         a = t.user_attrs
+        latency = f"  {a['latency_ms']:.3f} ms" if "latency_ms" in a else ""
         detail = a.get("fail_reason") or (f"valid acc {a['accuracy']:.2%}  top-5 {a['top5']:.2%}  "
-                                          f"{a['flops'] / 1e6:,.1f} MFLOPs" + ("  (cached)" if a.get("cached") else "")
-                                          if "accuracy" in a else "")
+                                          f"{a['flops'] / 1e6:,.1f} MFLOPs{latency}"
+                                          + ("  (cached)" if a.get("cached") else "") if "accuracy" in a else "")
         console.print(f"trial {t.number:4d}  {t.state.name:<8}  {detail}")
 
     study = search.run_search(config, args.supernet, args.out, on_trial=None if args.quiet else on_trial)
-    records = search.top_records(study, config.top_k_export)  # run_search wrote them
+    latency = LatencyTable.load(Path(args.out) / LATENCY_FILE) if config.needs_latency() else None
+    records = search.top_records(study, config.top_k_export, latency)  # run_search wrote them
     table = Table(title=f"effcifar search ({config.strategy}): top {len(records)} of {len(study.trials)} trials, "
                         f"held-out accuracy after BN recalibration")
-    for column in ("rank", "trial", "top-1", "top-5", "MFLOPs", "params", "architecture (active choices)"):
+    columns = ["rank", "trial", "top-1", "top-5", "MFLOPs", "params"] + (["ms"] if latency else [])
+    for column in [*columns, "architecture (active choices)"]:
         table.add_column(column, justify="left" if column.startswith("arch") else "right")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for rank, r in enumerate(records, 1):
+        ms = [f"{r['latency_ms']:.3f}"] if latency else []
         table.add_row(str(rank), str(r["trial"]), f"{r['accuracy']:.2%}", f"{r['top5']:.2%}",
-                      f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}",
+                      f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}", *ms,
                       trials[r["trial"]].user_attrs["arch_key"].replace(",", " "))
     console.print(table)
+    if latency:
+        console.print(latency.summary(), markup=False)
     if len(study.directions) == 2 and records:
         front = sorted(t.number for t in study.best_trials)
-        console.print(f"Pareto front (accuracy vs FLOPs): trials {', '.join(map(str, front))}")
+        console.print(f"Pareto front (accuracy vs {config.cost}): trials {', '.join(map(str, front))}")
     console.print(f"wrote {Path(args.out) / 'arch'}/top_0..{len(records) - 1}.json and "
                   f"{Path(args.out) / 'architecture_final.json'}")
     return 0

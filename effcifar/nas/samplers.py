@@ -148,7 +148,7 @@ class ArchSampler(optuna.samplers.BaseSampler):
             duplicate = duplicate or candidate
         if duplicate is None:
             raise ConfigError(f"no architecture within the limits in {self.max_tries} random draws: "
-                              f"relax the limits (--max-flops, --max-params)")
+                              f"relax the limits (--max-flops, --max-params, --max-latency-ms)")
         return duplicate
 
 

@@ -3,15 +3,22 @@
 `run_search(SearchConfig(...), "runs/supernet1", "runs/search1")` opens (or resumes) the study
 in the output directory's journal file (or the shared PostgreSQL `storage`), then draws
 architectures with the strategy's sampler (`effcifar.nas.samplers`: SPOS evolution, the seed's
-random tuner, or NSGA-II on accuracy against FLOPs) until `evaluations` trials have finished.
+random tuner, or NSGA-II on accuracy against FLOPs or latency) until `evaluations` trials have finished.
 
 Each candidate takes the supernet's weights, its BN statistics are recalibrated (reset, then
 `bn_batches` augmented training batches forward in train mode without gradients, cumulative
 average) and its top-1/top-5 accuracy is measured on the supernet run's own held-out split:
 the `holdout` training images its config set aside (`split_data`, a fixed shuffle), never the
-test set. The FLOPs and parameter limits are checked before evaluation: the samplers never
-propose a candidate over a limit, and the objective refuses one (failing its trial unevaluated)
-should one arrive another way (an enqueued trial).
+test set. The FLOPs, parameter and latency limits are checked before evaluation: the samplers
+never propose a candidate over a limit, and the objective refuses one (failing its trial
+unevaluated) should one arrive another way (an enqueued trial).
+
+Latency comes from a per-choice lookup table (`effcifar.nas.latency`) measured on the search's
+device before any evaluation, only when a latency limit or the latency objective asks for it;
+it is saved as `latency_table.json` in the output directory and reused on resume if it was made
+for the same device and setup (else measured again). Worker processes use the saved table.
+Latency is not part of the cached results (it changes which candidates are allowed, not their
+accuracy), so each trial records `latency_ms` from the current table.
 
 Results are cached by the canonical architecture key (the choices of the active keys only), so
 architectures that differ only in body convs past their skip share one evaluation. Every trial
@@ -21,7 +28,8 @@ each trial, so a resumed study, or several workers sharing it, never evaluate a 
 architectures with the same key as duplicates, so they are drawn again while new ones exist.
 
 `export_top` writes `arch/top_{i}.json` (the NNI-style `{key: choice}` under "arch", with
-accuracy, top-5, FLOPs, parameters and the space's declaration under "space") and
+accuracy, top-5, FLOPs, parameters, latency when measured, and the space's declaration under
+"space") and
 `architecture_final.json` for the best; `load_arch` reads those files or a plain NNI
 `{key: choice}` dict back, and `load_arch_file` also the space they embed.
 """
@@ -50,12 +58,14 @@ from effcifar.errors import ConfigError
 from effcifar.hpo.study import (
     budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, redact_url, supervise_workers, trial_seed,
 )
+from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, load_or_measure
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
 from effcifar.train import device_loaders, resolve_device, resolve_precision
 
 RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")
+COSTS = {"flops": "flops", "latency": "latency_ms"}  # nsga2's cost objective -> the trial attribute
 SETUP_ATTR = "search:setup"
 
 
@@ -63,7 +73,7 @@ SETUP_ATTR = "search:setup"
 class SearchConfig:
     """One architecture search; the defaults are the seed's SPOS evolution (50 x 20 generations)."""
 
-    strategy: str = "evolution"  # evolution, random or nsga2 (accuracy against FLOPs)
+    strategy: str = "evolution"  # evolution, random or nsga2 (accuracy against `cost`)
     evaluations: int = 1000  # budget of finished trials, across restarts (evolution: population x generations)
     population: int = 50
     top_k: int = 10  # evolution parents
@@ -72,6 +82,9 @@ class SearchConfig:
     mutation_prob: float = 0.1
     max_flops: float | None = None  # forward FLOPs per image; candidates above are never evaluated
     max_params: float | None = None  # trainable parameters; candidates above are never evaluated
+    max_latency_ms: float | None = None  # forward ms per `latency_batch` images (lookup table); never evaluated above
+    cost: str = "flops"  # nsga2's second objective: flops or latency
+    latency_batch: int = 1  # images per timed forward (1: one image at a time, as deployed)
     bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
     workers: int = 1  # search processes on this machine
     storage: str | None = None  # postgresql:// URL shared by several machines (default: a journal in the out dir)
@@ -88,7 +101,7 @@ class SearchConfig:
         """Raise ConfigError (with `field`) for the first bad value."""
         if self.strategy not in STRATEGIES:
             raise field_error("strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
-        for name in ("evaluations", "population", "top_k", "workers", "top_k_export"):
+        for name in ("evaluations", "population", "top_k", "workers", "top_k_export", "latency_batch"):
             if getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
         for name in ("mutations", "crossovers", "threads"):
@@ -99,7 +112,7 @@ class SearchConfig:
                               self.population)
         if not 0 <= self.mutation_prob <= 1:
             raise field_error("mutation_prob", "a probability in [0, 1]", self.mutation_prob)
-        for name in ("max_flops", "max_params"):
+        for name in ("max_flops", "max_params", "max_latency_ms"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise field_error(name, "a positive number or none", getattr(self, name))
         for name in ("bn_batches", "eval_batch_size"):
@@ -111,10 +124,18 @@ class SearchConfig:
             raise field_error("heartbeat", "a number of seconds >= 1", self.heartbeat)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise field_error("precision", "one of auto, fp32, bf16, fp16", self.precision)
+        if self.cost not in COSTS:
+            raise field_error("cost", f"one of {', '.join(COSTS)}", self.cost)
+        if self.cost != "flops" and self.strategy != "nsga2":
+            raise field_error("cost", "flops unless strategy is nsga2 (the only one with a cost objective)", self.cost)
 
     def objectives(self) -> tuple[str, ...]:
-        """What the study optimises: accuracy, and FLOPs for nsga2."""
-        return ("accuracy", "flops") if self.strategy == "nsga2" else ("accuracy",)
+        """What the study optimises: accuracy, and for nsga2 the cost (trial attributes flops or latency_ms)."""
+        return ("accuracy", COSTS[self.cost]) if self.strategy == "nsga2" else ("accuracy",)
+
+    def needs_latency(self) -> bool:
+        """Whether the search measures a latency table: a latency limit or the latency objective."""
+        return self.max_latency_ms is not None or "latency_ms" in self.objectives()
 
 
 @dataclass(frozen=True)
@@ -141,22 +162,32 @@ class CandidateEvaluator:
     """Judges subnets of a trained supernet on its run's held-out split, once per canonical architecture.
 
     Holds the supernet, the held-out loader, the BN calibration batches (the supernet run's
-    augmented training batches, drawn as the run drew its own), the cost table and the cache.
-    `evaluated` lists the architectures actually evaluated (not served from the cache).
+    augmented training batches, drawn as the run drew its own), the cost table, the latency table
+    (when the search measures latency) and the cache. `evaluated` lists the architectures actually
+    evaluated (not served from the cache).
     """
 
     def __init__(self, net: Supernet, space: ArchSpace, costs: CostTable, loader: DeviceLoader,
                  bn_batches: list[torch.Tensor], autocast: Callable[[], Any],
-                 max_flops: float | None = None, max_params: float | None = None):
+                 max_flops: float | None = None, max_params: float | None = None,
+                 latency: LatencyTable | None = None, max_latency_ms: float | None = None):
+        if max_latency_ms is not None and latency is None:
+            raise ValueError("a latency limit needs a latency table")
         self.net, self.space, self.costs, self.loader = net, space, costs, loader
         self.bn_batches, self.autocast = bn_batches, autocast
         self.max_flops, self.max_params = max_flops, max_params
+        self.latency, self.max_latency_ms = latency, max_latency_ms
         self.cache: dict[str, Evaluation] = {}
         self.evaluated: list[Arch] = []
 
     @classmethod
-    def from_run(cls, supernet_dir: str | Path, config: SearchConfig) -> CandidateEvaluator:
-        """Load a finished supernet run and rebuild its data split on the configured device."""
+    def from_run(cls, supernet_dir: str | Path, config: SearchConfig,
+                 out_dir: str | Path | None = None) -> CandidateEvaluator:
+        """Load a finished supernet run and rebuild its data split on the configured device.
+
+        If the search measures latency, the table saved in `out_dir` is reused when it matches
+        the device and setup; otherwise it is measured here (nothing is written).
+        """
         net, space, sconfig = load_supernet(supernet_dir)
         device = resolve_device(config.device)
         precision = resolve_precision(config.precision, device)
@@ -170,28 +201,38 @@ class CandidateEvaluator:
         train_loader, valid_loader = device_loaders(train_config, data, device)
         batches = calibration_batches(train_loader, config.bn_batches or sconfig.bn_batches, sconfig.seed + 1)
         costs = CostTable.build(net.space, sconfig.channels(), data.num_classes)
+        latency = None
+        if config.needs_latency():
+            target = Target(device, amp_dtype, sconfig.channels_last, config.latency_batch)
+            saved = None if out_dir is None else Path(out_dir) / LATENCY_FILE
+            latency = load_or_measure(saved, space, sconfig.channels(), data.num_classes, target)
 
         def autocast() -> torch.autocast:
             return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
-        return cls(net, space, costs, valid_loader, batches, autocast, config.max_flops, config.max_params)
+        return cls(net, space, costs, valid_loader, batches, autocast, config.max_flops, config.max_params,
+                   latency, config.max_latency_ms)
 
     def key(self, arch: Mapping[str, str]) -> str:
         """The canonical architecture key (see `arch_key`)."""
         return arch_key(self.space, arch)
 
     def is_feasible(self, arch: Mapping[str, str]) -> bool:
-        """Whether the architecture is within the FLOPs and parameter limits (from the cost table)."""
+        """Whether the architecture is within the FLOPs, parameter and latency limits (from the tables)."""
         return ((self.max_flops is None or self.costs.flops_of(arch) <= self.max_flops)
-                and (self.max_params is None or self.costs.params_of(arch) <= self.max_params))
+                and (self.max_params is None or self.costs.params_of(arch) <= self.max_params)
+                and (self.max_latency_ms is None or self.latency.latency_of(arch) <= self.max_latency_ms))
 
     def check_limits(self) -> None:
-        """ConfigError unless the subnet with the fewest FLOPs is within the limits (else nothing is)."""
+        """ConfigError unless the subnet with the fewest FLOPs, or the fastest, is within the limits."""
         smallest = self.costs.extreme(False, self.space)
-        if not self.is_feasible(smallest):
+        fastest = self.latency.fastest(self.space) if self.latency else smallest
+        if not (self.is_feasible(smallest) or self.is_feasible(fastest)):
+            fastest_text = f"; the fastest takes {self.latency.latency_of(fastest):.3f} ms" if self.latency else ""
             raise ConfigError(
-                f"no architecture within --max-flops {self.max_flops} / --max-params {self.max_params}: the smallest "
-                f"has {self.costs.flops_of(smallest):,} FLOPs and {self.costs.params_of(smallest):,} parameters")
+                f"no architecture within --max-flops {self.max_flops} / --max-params {self.max_params} / "
+                f"--max-latency-ms {self.max_latency_ms}: the smallest has {self.costs.flops_of(smallest):,} FLOPs "
+                f"and {self.costs.params_of(smallest):,} parameters{fastest_text}")
 
     def sync(self, trials: list[FrozenTrial]) -> None:
         """Add the results recorded by finished trials (earlier runs, other workers) to the cache."""
@@ -216,10 +257,17 @@ class CandidateEvaluator:
 
 
 def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
-    """What the cached results depend on: the supernet run and how candidates are evaluated and limited."""
+    """What the recorded results mean: the supernet run, how candidates are evaluated, the objectives.
+
+    Limits (FLOPs, parameters, latency) only decide which candidates are drawn, not their
+    results, so they may change when a search is resumed; the latency batch counts only when
+    latency is an objective.
+    """
     sconfig = load_supernet_config(supernet_dir)
     values = {"supernet": str(supernet_dir.resolve()), "bn_batches": config.bn_batches or sconfig.bn_batches,
               "precision": config.precision, "objectives": config.objectives()}
+    if "latency_ms" in config.objectives():  # the values told to the study are latencies at this batch
+        values["latency_batch"] = config.latency_batch
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -266,7 +314,7 @@ def run_worker(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
     supernet_dir, out_dir = Path(supernet_dir), Path(out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    evaluator = evaluator or CandidateEvaluator.from_run(supernet_dir, config)
+    evaluator = evaluator or CandidateEvaluator.from_run(supernet_dir, config, out_dir)
     study = open_search_study(config, supernet_dir, out_dir, evaluator.space, evaluator.is_feasible, worker)
     choices = evaluator.space.choices()
     while True:
@@ -299,7 +347,7 @@ def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluat
                    objectives: tuple[str, ...]) -> FrozenTrial:
     """One trial: refuse it over a limit, else evaluate (or reuse the cached result) and record it."""
     if not evaluator.is_feasible(arch):
-        trial.set_user_attr("fail_reason", "over the FLOPs/parameter limits (not evaluated)")
+        trial.set_user_attr("fail_reason", "over the FLOPs/parameter/latency limits (not evaluated)")
         return study.tell(trial, state=TrialState.FAIL)
     evaluator.sync(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     try:
@@ -308,9 +356,12 @@ def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluat
         trial.set_user_attr("fail_reason", "interrupted")
         study.tell(trial, state=TrialState.FAIL)
         raise
-    for name, value in {**result.attrs(), "cached": cached}.items():
+    record = {**result.attrs(), "cached": cached}
+    if evaluator.latency is not None:
+        record["latency_ms"] = evaluator.latency.latency_of(arch)
+    for name, value in record.items():
         trial.set_user_attr(name, value)
-    return study.tell(trial, [getattr(result, name) for name in objectives])
+    return study.tell(trial, [record[name] for name in objectives])
 
 
 def _worker_main(config: SearchConfig, supernet_dir: Path, out_dir: Path, index: int) -> None:
@@ -329,9 +380,11 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
     load_supernet_config(supernet_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    evaluator = CandidateEvaluator.from_run(supernet_dir, config)
+    evaluator = CandidateEvaluator.from_run(supernet_dir, config, out_dir)
     evaluator.check_limits()  # before any file is written
     out_dir.mkdir(parents=True, exist_ok=True)
+    if evaluator.latency is not None:
+        evaluator.latency.save(out_dir / LATENCY_FILE)  # the workers' table
     study = open_search_study(config, supernet_dir, out_dir, evaluator.space, evaluator.is_feasible)
     saved = config if config.storage is None else replace(config, storage=redact_url(config.storage))
     save_config(saved, out_dir / "search.yaml")  # never the database password
@@ -345,7 +398,7 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
         workers = [context.Process(target=_worker_main, args=(worker_config, supernet_dir, out_dir, i))
                    for i in range(config.workers)]
         supervise_workers(study, workers, on_trial)
-    export_top(study, out_dir, config.top_k_export, evaluator.space)
+    export_top(study, out_dir, config.top_k_export, evaluator.space, evaluator.latency)
     return study
 
 
@@ -368,20 +421,26 @@ def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[st
                   key=lambda pair: (-pair[1]["accuracy"], -pair[1]["top5"], pair[1]["flops"], pair[0].number))
 
 
-def top_records(study: optuna.Study, k: int) -> list[dict[str, Any]]:
-    """The records of the best k distinct architectures (best first), with their trial numbers."""
+def top_records(study: optuna.Study, k: int, latency: LatencyTable | None = None) -> list[dict[str, Any]]:
+    """The records of the best k distinct architectures (best first), with their trial numbers.
+
+    With `latency`, each record has `latency_ms` from that table (the one in the search directory,
+    so the figures agree with it even if an earlier run of the search used another).
+    """
     ranked = ranked_results(study.get_trials(deepcopy=False))[:k]
-    return [{**record, "trial": t.number} for t, record in ranked]
+    extra = (lambda record: {"latency_ms": latency.latency_of(record["arch"])}) if latency else (lambda record: {})
+    return [{**record, **extra(record), "trial": t.number} for t, record in ranked]
 
 
-def export_top(study: optuna.Study, out_dir: str | Path, k: int, space: ArchSpace | None = None) -> list[dict[str, Any]]:
+def export_top(study: optuna.Study, out_dir: str | Path, k: int, space: ArchSpace | None = None,
+               latency: LatencyTable | None = None) -> list[dict[str, Any]]:
     """Write arch/top_{0..k-1}.json (top_0 is the best) and architecture_final.json; return the records written.
 
     With `space`, each record also holds its declaration under "space", so the file alone
-    rebuilds the network (`effcifar train --arch`).
+    rebuilds the network (`effcifar train --arch`); with `latency`, its `latency_ms`.
     """
     out_dir = Path(out_dir)
-    records = top_records(study, k)
+    records = top_records(study, k, latency)
     if space is not None:
         records = [{**record, "space": space.to_dict()} for record in records]
     for i, record in enumerate(records):

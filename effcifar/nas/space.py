@@ -353,6 +353,12 @@ class SearchStage(nn.Module):
         return x if skip is None else x + skip
 
 
+def make_head(c_in: int, num_classes: int, logits_weight: float = 0.125) -> nn.Sequential:
+    """The seed's head: global max-pool, bias-free linear, logits scale."""
+    return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes, bias=False),
+                         Scale(logits_weight))
+
+
 def resolve_width(width: str | int, channels: Mapping[str, int]) -> int:
     """A stage width: a channel count, or the name of one in `channels` (the HPO widths)."""
     return channels[width] if isinstance(width, str) else width
@@ -372,9 +378,7 @@ class Supernet(nn.Module):
             stages[spec.name] = SearchStage(spec, c_in, c_out)
             c_in = c_out
         self.stages = nn.ModuleDict(stages)
-        self.head = nn.Sequential(
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes, bias=False), Scale(logits_weight),
-        )
+        self.head = make_head(c_in, num_classes, logits_weight)
         if space.size() == 1:  # a standalone network: its only architecture is always active
             self.set_arch({k: v[0] for k, v in space.choices().items()})
 
@@ -416,6 +420,55 @@ def build_standalone(space: ArchSpace, arch: Mapping[str, str], channels: Mappin
 # Cost tables
 
 
+IMAGE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a candidate runs: its choice key and name, channels in and out, input height and width."""
+
+    key: str
+    name: str
+    c_in: int
+    c_out: int
+    size: int
+
+
+def sites(space: ArchSpace, channels: Mapping[str, int]) -> list[Site]:
+    """Every candidate of every choice with its input shape, so cost tables measure each op where it runs."""
+    out = []
+    c_in, size = resolve_width(space.stem_width, channels), IMAGE_SIZE
+    for s in space.stages:
+        c_out = resolve_width(s.width, channels)
+        out += [Site(f"{s.name}.conv1", op, c_in, c_out, size) for op in s.conv1]
+        size //= 2
+        out += [Site(key, name, c_out, c_out, size)
+                for key, names in list(s.choices().items())[1:] for name in names]
+        c_in = c_out
+    return out
+
+
+def head_input(space: ArchSpace, channels: Mapping[str, int]) -> tuple[int, int]:
+    """(channels, height and width) of what the head receives: the last stage's output."""
+    return resolve_width(space.stages[-1].width, channels), IMAGE_SIZE >> len(space.stages)
+
+
+def extreme_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, largest: bool) -> Arch:
+    """The subnet of `space` with the largest or smallest additive cost (per-key costs over active keys).
+
+    Deepest (shallowest) skip and costliest (cheapest) op per key; the cost is additive over
+    active keys and a deeper skip only adds convs, so the per-key pick is the extreme.
+    """
+    pick = max if largest else min
+    arch = {}
+    for key, candidates in space.choices().items():
+        if key.endswith(".skip"):
+            arch[key] = pick(candidates, key=skip_depth)
+        else:
+            arch[key] = pick(candidates, key=lambda op, cost=costs[key]: cost[op])
+    return arch
+
+
 @dataclass(frozen=True)
 class CostTable:
     """FLOPs and parameters of the fixed parts and of each candidate, computed once per space.
@@ -433,33 +486,21 @@ class CostTable:
 
     @classmethod
     def build(cls, space: ArchSpace, channels: Mapping[str, int], num_classes: int) -> CostTable:
-        """Count every op once on the meta device (nothing is computed)."""
-        flops: dict[str, dict[str, int]] = {}
-        params: dict[str, dict[str, int]] = {}
-        c_in, size = resolve_width(space.stem_width, channels), 32
-        stem = make_op(space.stem_op, 3, c_in)
-        base_flops, base_params = count_flops(stem, (1, 3, size, size)), count_parameters(stem)
-        for s in space.stages:
-            c_out = resolve_width(s.width, channels)
-            key = f"{s.name}.conv1"
-            flops[key], params[key] = {}, {}
-            for op in s.conv1:
-                module = make_op(op, c_in, c_out)
-                flops[key][op] = count_flops(module, (1, c_in, size, size))
-                params[key][op] = count_parameters(module)
-            size //= 2
-            for i, ops in enumerate(s.body):
-                key = f"{s.name}.conv{i + 2}"
-                modules = {op: make_op(op, c_out, c_out) for op in ops}
-                flops[key] = {op: count_flops(m, (1, c_out, size, size)) for op, m in modules.items()}
-                params[key] = {op: count_parameters(m) for op, m in modules.items()}
-            key = f"{s.name}.skip"
-            flops[key] = {name: 0 for name in s.skip}
-            params[key] = {name: 0 for name in s.skip}
-            c_in = c_out
-        base_flops += 2 * c_in * num_classes
-        base_params += c_in * num_classes
-        return cls(base_flops, base_params, flops, params, space)
+        """Count every op once on the meta device (nothing is computed); skips cost nothing counted."""
+        flops: dict[str, dict[str, int]] = {key: {} for key in space.choices()}
+        params: dict[str, dict[str, int]] = {key: {} for key in space.choices()}
+        for site in sites(space, channels):
+            if site.key.endswith(".skip"):
+                flops[site.key][site.name] = params[site.key][site.name] = 0
+                continue
+            module = make_op(site.name, site.c_in, site.c_out)
+            flops[site.key][site.name] = count_flops(module, (1, site.c_in, site.size, site.size))
+            params[site.key][site.name] = count_parameters(module)
+        c_stem = resolve_width(space.stem_width, channels)
+        stem = make_op(space.stem_op, 3, c_stem)
+        c_last, _ = head_input(space, channels)
+        base_flops = count_flops(stem, (1, 3, IMAGE_SIZE, IMAGE_SIZE)) + 2 * c_last * num_classes
+        return cls(base_flops, count_parameters(stem) + c_last * num_classes, flops, params, space)
 
     def flops_of(self, arch: Mapping[str, str]) -> int:
         """Forward FLOPs of one image through the subnet."""
@@ -470,19 +511,8 @@ class CostTable:
         return self.base_params + sum(self.params[k][arch[k]] for k in self.space.active_keys(arch))
 
     def extreme(self, largest: bool, space: ArchSpace | None = None) -> Arch:
-        """The subnet of `space` (default: the table's) with the most or fewest FLOPs.
-
-        Deepest (shallowest) skip and costliest (cheapest) op per key; FLOPs are additive over
-        active keys and a deeper skip only adds convs, so the per-key pick is the extreme.
-        """
-        pick = max if largest else min
-        arch = {}
-        for key, candidates in (space or self.space).choices().items():
-            if key.endswith(".skip"):
-                arch[key] = pick(candidates, key=skip_depth)
-            else:
-                arch[key] = pick(candidates, key=lambda op, costs=self.flops[key]: costs[op])
-        return arch
+        """The subnet of `space` (default: the table's) with the most or fewest FLOPs."""
+        return extreme_arch(self.flops, space or self.space, largest)
 
 
 def nni_space_json(space: ArchSpace) -> str:

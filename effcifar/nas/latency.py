@@ -1,0 +1,215 @@
+"""Forward latency of subnets on the search's device: a per-choice lookup table, checked against whole networks.
+
+Like `CostTable`, the table holds the fixed parts (stem and head) and one figure per candidate
+of each choice key, each op timed standalone at the input shape it has in the network (stride
+and pooling as in the space), so a subnet's latency is the fixed part plus its active keys and
+limits can be applied to sampled paths without building them. A non-zero skip costs its
+addition. Each figure is the median of `repeats` forwards after `warmup` ones, in eval mode
+without gradients, on the target device with its autocast dtype and memory format, waiting for
+the GPU after each forward. Latency is per forward of `batch` images (default 1: one image at a
+time, as a deployed classifier runs).
+
+Summing ops ignores what a whole network shares or overlaps (caches, kernel launch queues), so
+`measure` also times `check` whole standalone networks of random architectures and stores the
+table's error against them (mean and max absolute %, and the mean signed % as the bias).
+The table is saved as JSON; `load_or_measure` reuses a saved one only if it was made for the
+same device, torch version, precision, memory format, batch, space, widths and classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from effcifar.atomic import atomic_write
+from effcifar.errors import ConfigError
+from effcifar.nas.space import (
+    IMAGE_SIZE, Arch, ArchSpace, build_standalone, extreme_arch, head_input, make_head, make_op, resolve_width,
+    sites,
+)
+
+LATENCY_FILE = "latency_table.json"
+REPEATS, WARMUP, CHECK = 30, 5, 10
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name: what the latency was measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"cpu: {model or platform.processor() or platform.machine()}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how forwards are timed: device, autocast dtype (None: fp32), memory format, images per forward."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    batch: int = 1
+
+    def setup(self) -> dict[str, Any]:
+        """What the timings depend on besides the network (a saved table is reused only if this matches)."""
+        return {"device": device_name(self.device), "torch": torch.__version__,
+                "precision": str(self.amp_dtype or torch.float32).removeprefix("torch."),
+                "channels_last": self.channels_last, "batch": self.batch}
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """The module on the target, in eval mode, in its memory format."""
+        module = module.to(self.device).eval()
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+    def input(self, channels: int, size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A random activation as the network would hand it on (autocast dtype inside, fp32 images)."""
+        x = torch.randn(self.batch, channels, size, size, device=self.device, dtype=dtype or self.amp_dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def median_ms(self, forward: Callable[[], Any], repeats: int, warmup: int) -> float:
+        """Median wall time of one call in milliseconds, after warm-up, without gradients, under autocast."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        times = []
+        with torch.no_grad(), autocast:
+            for i in range(warmup + repeats):
+                sync()
+                start = time.perf_counter()
+                forward()
+                sync()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Milliseconds of the fixed parts and of each candidate on one target; see the module docstring."""
+
+    setup: dict[str, Any]  # Target.setup() plus the space, widths and classes
+    base_ms: float
+    ms: dict[str, dict[str, float]]
+    validation: dict[str, Any]  # the table vs whole-network timings
+    build_seconds: float  # timing the ops (the whole-network check is timed in `validation`)
+    threads: int  # torch CPU threads while measuring (not part of the setup: workers use fewer)
+
+    @functools.cached_property
+    def space(self) -> ArchSpace:
+        """The space the table covers (parsed once: latency_of runs for every proposal)."""
+        return ArchSpace.from_dict(self.setup["space"], LATENCY_FILE)
+
+    @classmethod
+    def measure(cls, space: ArchSpace, channels: Mapping[str, int], num_classes: int, target: Target,
+                repeats: int = REPEATS, warmup: int = WARMUP, check: int = CHECK, seed: int = 0) -> LatencyTable:
+        """Time every op once at its input shape, then `check` whole random networks against the table."""
+        started = time.perf_counter()
+        ms: dict[str, dict[str, float]] = {key: {} for key in space.choices()}
+        for site in sites(space, channels):
+            x = target.input(site.c_in, site.size)
+            if site.key.endswith(".skip"):
+                ms[site.key][site.name] = 0.0 if site.name == "zero" else target.median_ms(
+                    lambda x=x: x + x, repeats, warmup)
+            else:
+                op = target.prepare(make_op(site.name, site.c_in, site.c_out))
+                ms[site.key][site.name] = target.median_ms(lambda op=op, x=x: op(x), repeats, warmup)
+        c_stem, (c_last, size) = resolve_width(space.stem_width, channels), head_input(space, channels)
+        stem, head = target.prepare(make_op(space.stem_op, 3, c_stem)), target.prepare(make_head(c_last, num_classes))
+        images, features = target.input(3, IMAGE_SIZE, torch.float32), target.input(c_last, size)
+        base_ms = (target.median_ms(lambda: stem(images), repeats, warmup)
+                   + target.median_ms(lambda: head(features), repeats, warmup))
+        setup = table_setup(space, channels, num_classes, target)
+        built = time.perf_counter() - started
+        table = cls(setup, base_ms, ms, {}, built, torch.get_num_threads())
+        validation = table.validate(channels, num_classes, target, check, repeats, warmup, seed)
+        return cls(setup, base_ms, ms, validation, built, torch.get_num_threads())
+
+    def latency_of(self, arch: Mapping[str, str]) -> float:
+        """Predicted milliseconds of one forward of the subnet (fixed part plus active keys)."""
+        return self.base_ms + sum(self.ms[key][arch[key]] for key in self.space.active_keys(arch))
+
+    def fastest(self, space: ArchSpace | None = None) -> Arch:
+        """The subnet of `space` (default: the table's) with the smallest predicted latency."""
+        return extreme_arch(self.ms, space or self.space, largest=False)
+
+    def validate(self, channels: Mapping[str, int], num_classes: int, target: Target, networks: int,
+                 repeats: int = REPEATS, warmup: int = WARMUP, seed: int = 0) -> dict[str, Any]:
+        """Time whole standalone networks of random architectures; the table's % error against them."""
+        rng, space, started = random.Random(seed), self.space, time.perf_counter()
+        images = target.input(3, IMAGE_SIZE, torch.float32)
+        pairs = []
+        for _ in range(networks):
+            arch = {key: rng.choice(candidates) for key, candidates in space.choices().items()}
+            net = target.prepare(build_standalone(space, arch, channels, num_classes))
+            measured = target.median_ms(lambda net=net: net(images), repeats, warmup)
+            pairs.append({"predicted_ms": self.latency_of(arch), "measured_ms": measured})
+        errors = [100 * (p["predicted_ms"] - p["measured_ms"]) / p["measured_ms"] for p in pairs]
+        return {"networks": networks, "mean_abs_pct": statistics.fmean(abs(e) for e in errors) if errors else None,
+                "max_abs_pct": max((abs(e) for e in errors), default=None),
+                "bias_pct": statistics.fmean(errors) if errors else None, "pairs": pairs,
+                "seconds": time.perf_counter() - started}
+
+    def summary(self) -> str:
+        """One line: where it was measured and its error against whole networks."""
+        v = self.validation
+        error = (f"table vs whole network: mean |error| {v['mean_abs_pct']:.1f}%, max {v['max_abs_pct']:.1f}%, "
+                 f"bias {v['bias_pct']:+.1f}% over {v['networks']} random networks" if v.get("networks")
+                 else "not checked against whole networks")
+        return (f"latency table ({self.setup['device']}, batch {self.setup['batch']}, {self.setup['precision']}, "
+                f"{self.threads} threads, built in {self.build_seconds:.1f}s): {error}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (`from_dict` reads it back)."""
+        return {"setup": self.setup, "threads": self.threads, "build_seconds": self.build_seconds,
+                "base_ms": self.base_ms, "ms": self.ms, "validation": self.validation}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
+        """The table of `to_dict`."""
+        return cls(data["setup"], data["base_ms"], data["ms"], data["validation"], data["build_seconds"],
+                   data["threads"])
+
+    def save(self, path: str | Path) -> None:
+        """Write the table as JSON atomically."""
+        atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        """A saved table; a missing or unreadable file is a ConfigError naming it."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the latency table ({e.strerror or e})") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}: not a latency table ({e})") from None
+
+
+def table_setup(space: ArchSpace, channels: Mapping[str, int], num_classes: int, target: Target) -> dict[str, Any]:
+    """What a table's timings depend on: the target's setup, the space, the widths and the classes."""
+    return {**target.setup(), "space": space.to_dict(), "channels": dict(channels), "num_classes": num_classes}
+
+
+def load_or_measure(path: str | Path | None, space: ArchSpace, channels: Mapping[str, int], num_classes: int,
+                    target: Target) -> LatencyTable:
+    """The table saved at `path` if it was made for this target, space, widths and classes; else a new one."""
+    if path is not None and Path(path).is_file():
+        try:
+            table = LatencyTable.load(path)
+        except ConfigError:  # unreadable: measured again, and the caller overwrites it
+            pass
+        else:
+            if table.setup == table_setup(space, channels, num_classes, target):
+                return table
+    return LatencyTable.measure(space, channels, num_classes, target)
