@@ -102,7 +102,7 @@ def test_pipeline_with_only_a_training_run(pipeline, tmp_path):
     root = partial(pipeline, tmp_path, "baseline")
     report = make_report(root)
     assert [s.images for s in report.sections] == [["baseline_curves.png"]]
-    assert len(report.missing) == 6 and "Hyper-parameter search (hpo/)" in report.path.read_text()
+    assert len(report.missing) == 7 and "Hyper-parameter search (hpo/)" in report.path.read_text()
 
 
 def test_single_runs_and_an_unfinished_training_run(pipeline, tmp_path):
