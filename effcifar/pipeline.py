@@ -658,6 +658,8 @@ class Pipeline:
                 if accuracy is not None:
                     best[0] = max(best[0], accuracy)
                 self.monitor.advance(done[0], config.evaluations, f"best {best[0]:.2%}")
+                if done[0] % config.population == 0 or done[0] == config.evaluations:
+                    self.monitor.line(f"{done[0]} of {config.evaluations} evaluations: best held-out {best[0]:.2%}")
 
             study = search_lib.run_search(config, self.out / "supernet", stage.directory, on_trial=on_trial)
             top = search_lib.top_records(study, 1)
