@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 from rich.progress import (
-    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
@@ -402,6 +402,12 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def pipeline_columns() -> list[ProgressColumn]:
+    """The live view's row: stage, bar, units done of total, elapsed, time left, best so far."""
+    return [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
+            TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[best]}")]
+
+
 class RichMonitor:
     """The pipeline's live view: one bar per stage (units done, elapsed, time left, best so far) over a log."""
 
@@ -486,9 +492,7 @@ def run_pipeline_command(args: argparse.Namespace, console: Console) -> int:
     if args.quiet:
         result = pipeline.run_pipeline(config, out, LineMonitor(stages))
     else:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[unit]}"),
-                   TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[best]}")]
-        with Progress(*columns, console=console) as progress:
+        with Progress(*pipeline_columns(), console=console) as progress:
             result = pipeline.run_pipeline(config, out, RichMonitor(progress, stages))
     table = Table(title=f"effcifar pipeline ({args.preset}, {config.dataset}): {out}")
     for column in ("method", "test accuracy", "train time", "params", "MFLOPs"):

@@ -512,6 +512,17 @@ class Pipeline:
 
         return [on_epoch], lambda done, total: self.monitor.advance(done, total, f"valid {best[0]:.2%}")
 
+    def run_counter(self, total: int) -> Callable[[str], None]:
+        """Progress of runs made one after another: each announces itself with a line; the ones before it are done."""
+        done = [0]
+
+        def progress(text: str) -> None:
+            self.monitor.line(text)
+            self.monitor.advance(done[0], total)
+            done[0] += 1
+
+        return progress
+
     def train_run(self, config: TrainConfig, directory: Path) -> dict[str, Any]:
         """One training run into `directory`; its summary."""
         callbacks, on_step = self.train_callbacks()
@@ -676,13 +687,7 @@ class Pipeline:
         stage = self.stage("retrain", {"top": top, "base": dataclasses.asdict(base)}, after=("search", "hpo"))
 
         def work() -> str:
-            done = [0]
-
-            def progress(text: str) -> None:
-                self.monitor.line(text)
-                self.monitor.advance(done[0], top)
-                done[0] += 1
-
+            progress = self.run_counter(top)
             rows = retrain_lib.retrain_top(self.out / "search", top, stage.directory, base, progress=progress)
             self.monitor.advance(top, top)
             return ", ".join(f"top_{r['rank']}: test acc {r['standalone_test_acc']:.2%}" for r in rows)
@@ -703,13 +708,7 @@ class Pipeline:
             return
 
         def work() -> str:
-            done = [0]
-
-            def progress(text: str) -> None:
-                self.monitor.line(text)
-                self.monitor.advance(done[0], sample)
-                done[0] += 1
-
+            progress = self.run_counter(sample)
             report = retrain_lib.nas_eval(self.out / "supernet", sample, epochs, stage.directory, self.config.seed,
                                           best_file, overrides, progress=progress)
             self.monitor.advance(sample, sample)

@@ -243,3 +243,30 @@ def test_readme_main_job_command_runs_the_pipeline(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "effcifar pipeline (quick, synthetic)" in result.stdout and (out / "results.json").is_file()
+
+
+def test_live_view_shows_stage_units_time_left_and_best(tmp_path):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from effcifar.cli import LineMonitor, pipeline_columns, RichMonitor
+
+    console = Console(record=True, force_terminal=True, width=140)
+    with Progress(*pipeline_columns(), console=console, auto_refresh=False) as progress:
+        monitor = RichMonitor(progress, 7)
+        monitor.stage_skipped("baseline", 1, "finished")
+        monitor.stage_started("hpo", 2, True, "trials", 6, 2)
+        monitor.advance(3, 6, "best 41.00%")
+        progress.refresh()
+        shown = console.export_text(clear=False)
+        monitor.line("trial 3: complete valid acc 41.00%")
+        monitor.stage_finished("hpo", 12.0, "best: trial 3")
+    text = console.export_text()
+    for expected in ("[1/7] baseline: skipped (finished)", "[2/7] hpo (resumed)", "trial 3: complete", "hpo done in 12 s"):
+        assert expected in text
+    assert "3/6" in shown and "trials" in shown and "best 41.00%" in shown and "left" in shown
+    lines = []
+    monitor = LineMonitor(7)
+    monitor.print = lines.append
+    monitor.stage_started("search", 5, True, "evaluations", 30, 12)
+    assert lines == ["[5/7] search (resumed: 12 of 30 evaluations done)"]
