@@ -1,0 +1,77 @@
+"""The pipeline benchmark: run a preset end to end and tabulate wall time per stage and the final accuracies.
+
+    EFFCIFAR_DATA=.cache/cifar10.npz python bench/pipeline.py --dataset cifar10 --out runs/bench-pipeline-quick
+    python bench/pipeline.py --table-only --out runs/bench-pipeline-quick     # the table of a finished run
+
+Runs `effcifar pipeline --preset PRESET --quiet` in a child process (a fresh --out, so nothing
+is skipped), timing the whole command, then reads each stage's `stage.json` (the seconds the
+stage took) and `results.json`. Prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from effcifar.pipeline import STAGES
+
+
+def stage_table(out: Path) -> list[str]:
+    """Markdown rows: each stage's wall time, then the final accuracies."""
+    rows = ["| stage | wall time | result |", "|---|---|---|"]
+    summaries = {"baseline": "baseline/summary.json", "hpo_best": "hpo_best/summary.json"}
+    for stage in STAGES:
+        marker = out / stage / "stage.json"
+        if not marker.is_file():
+            rows.append(f"| {stage} | skipped | |")
+            continue
+        seconds = json.loads(marker.read_text()).get("seconds")
+        detail = ""
+        if stage in summaries:
+            detail = f"test {json.loads((out / summaries[stage]).read_text())['test_acc']:.2%}"
+        elif stage == "hpo":
+            best = json.loads((out / "hpo" / "best.json").read_text())
+            detail = f"best: peak_lr {best['peak_lr']:.3g}, base_wd {best['base_wd']:.3g}, logits_weight {best['logits_weight']}, cutout {best['cutout']}"
+        elif stage == "search":
+            top = json.loads((out / "search" / "arch" / "top_0.json").read_text())
+            detail = f"best held-out (supernet) {top['accuracy']:.2%}, {top['flops'] / 1e6:.1f} MFLOPs"
+        elif stage == "retrain":
+            retrained = json.loads((out / "retrain" / "retrain.json").read_text())
+            detail = ", ".join(f"top_{r['rank']} test {r['standalone_test_acc']:.2%}" for r in retrained)
+        elif stage == "nas_eval":
+            ranking = json.loads((out / "nas_eval" / "ranking.json").read_text())
+            detail = f"Kendall tau {ranking['tau']:.3f} over {len(ranking['archs'])} subnets"
+        rows.append(f"| {stage} | {seconds:.0f} s | {detail} |")
+    rows += ["", "| method | test accuracy | train time | params | MFLOPs |", "|---|---|---|---|---|"]
+    for r in json.loads((out / "results.json").read_text()):
+        rows.append(f"| {r['name']} | {r['test_acc']:.2%} | {r['train_time']:.1f} s | {r['params']:,} | "
+                    f"{r['flops'] / 1e6:.1f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--out", required=True, help="a new pipeline directory")
+    parser.add_argument("--table-only", action="store_true", help="only print the table of a finished run")
+    parser.add_argument("--set", action="append", default=[], help="passed on to effcifar pipeline")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if not args.table_only:
+        if out.exists():
+            sys.exit(f"{out} exists: the benchmark needs a fresh directory (nothing skipped)")
+        command = [sys.executable, "-m", "effcifar", "pipeline", "--preset", args.preset, "--dataset", args.dataset,
+                   "--quiet", "--out", str(out), *(f"--set={s}" for s in args.set)]
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        print(f"\nwhole command: {time.perf_counter() - start:.0f} s ({' '.join(command[1:])})")
+    print("\n".join(stage_table(out)))
+
+
+if __name__ == "__main__":
+    main()
