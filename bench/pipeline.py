@@ -36,6 +36,9 @@ def stage_table(out: Path) -> list[str]:
         elif stage == "hpo":
             best = json.loads((out / "hpo" / "best.json").read_text())
             detail = f"best: peak_lr {best['peak_lr']:.3g}, base_wd {best['base_wd']:.3g}, logits_weight {best['logits_weight']}, cutout {best['cutout']}"
+        elif stage == "supernet":
+            panel = json.loads((out / "supernet" / "summary.json").read_text())["final_panel"]
+            detail = f"held-out panel mean {panel['valid_panel_mean']:.2%} (largest {panel['valid_largest']:.2%})"
         elif stage == "search":
             top = json.loads((out / "search" / "arch" / "top_0.json").read_text())
             detail = f"best held-out (supernet) {top['accuracy']:.2%}, {top['flops'] / 1e6:.1f} MFLOPs"
