@@ -123,7 +123,7 @@ class PipelineConfig:
                     layers.setdefault(source, {})[name] = value
         if section is not None:
             for name, value in getattr(self, section).items():
-                if name in keys:
+                if name in keys and name not in EXTRA_FIELDS.get(section, {}):  # hpo.space is the mapping, not the file
                     source = self.sources.get(f"{section}.{name}", "pipeline config")
                     layers.setdefault(f"{source}, section {section}", {})[name] = value
         return [(source, values, False) for source, values in layers.items()]
@@ -151,17 +151,8 @@ class PipelineConfig:
         """The HPO study's config (the space and the trials' base written as files by the stage)."""
         from effcifar.hpo.study import HpoConfig
 
-        values = {k: v for k, v in self.hpo.items() if k not in ("space", "trial")}
-        values = {"study": study, "seed": self.seed, **values}
-        return build_from_layers(HpoConfig, [("pipeline", {"space": space_file, "base": base_file}, False),
-                                             *self._section_layers("hpo", values)])
-
-    def _section_layers(self, section: str, values: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
-        """`values` as layers grouped by where each came from."""
-        layers: dict[str, dict[str, Any]] = {}
-        for name, value in values.items():
-            layers.setdefault(f"{self.sources.get(f'{section}.{name}', 'pipeline')}, section {section}", {})[name] = value
-        return [(source, v, False) for source, v in layers.items()]
+        return self._build(HpoConfig, "hpo", extra=[("pipeline", {"study": study})],
+                           last={"space": space_file, "base": base_file})
 
     def final_config(self, best: Mapping[str, Any], best_source: str) -> TrainConfig:
         """The HPO best at the `train` budget: the fields `hpo.trial` shortened go back to the baseline's."""
