@@ -1,7 +1,8 @@
-"""Optuna's web dashboard for an HPO run: `effcifar dashboard runs/NAME` shows its study in a browser."""
+"""Optuna's web dashboard for an HPO or search run: `effcifar dashboard runs/NAME` shows its study in a browser."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -9,8 +10,10 @@ from wsgiref.simple_server import WSGIServer, make_server
 
 import optuna_dashboard
 
+from effcifar.config import build_config
 from effcifar.errors import ConfigError
-from effcifar.hpo.study import load_run, open_storage
+from effcifar.hpo.study import HpoConfig, load_run, open_storage
+from effcifar.nas.search import SearchConfig
 
 
 class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -24,10 +27,18 @@ def dashboard_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/dashboard"
 
 
+def run_config(run_dir: Path, storage: str | None) -> HpoConfig | SearchConfig:
+    """The saved config of an HPO or architecture-search run (where its study is stored)."""
+    if (run_dir / "search.yaml").is_file():
+        config = build_config(SearchConfig, run_dir / "search.yaml")
+        return config if storage is None else dataclasses.replace(config, storage=storage)
+    config, _ = load_run(run_dir, storage)  # ConfigError unless run_dir holds a study
+    return config
+
+
 def serve_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080, storage: str | None = None) -> None:
     """Serve the run's study until interrupted; loopback by default because the dashboard can edit the study."""
-    config, _ = load_run(run_dir, storage)  # ConfigError unless run_dir holds a study
-    app = optuna_dashboard.wsgi(open_storage(config, Path(run_dir)))  # the storage object: no URL to print
+    app = optuna_dashboard.wsgi(open_storage(run_config(Path(run_dir), storage), Path(run_dir)))  # no URL to print
     try:
         server = make_server(host, port, app, server_class=ThreadingWSGIServer)
     except OSError as e:

@@ -1,5 +1,6 @@
 """The dashboard end to end: a served study whose trials a real headless Chromium lists."""
 
+import contextlib
 import json
 import signal
 import socket
@@ -20,6 +21,7 @@ from effcifar.config import save_config
 from effcifar.dashboard import dashboard_url, serve_dashboard
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, open_study
+from effcifar.nas.search import SearchConfig
 
 SPACE = str(Path(__file__).resolve().parents[1] / "examples" / "search_space.json")
 ACCURACIES = (0.91, 0.93, 0.92)
@@ -65,6 +67,13 @@ def wait_for_studies(url: str, process: subprocess.Popen, log: Path, timeout: fl
 @pytest.fixture
 def server(run_dir: Path, tmp_path: Path):
     """serve_dashboard(run_dir, port=P) in a subprocess with the default host; stopped with Ctrl-C."""
+    with serving(run_dir, tmp_path) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serving(run_dir: Path, tmp_path: Path):
+    """(port, study summaries) of serve_dashboard(run_dir) running in a subprocess until the block ends."""
     port, log = free_port(), tmp_path / "server.log"
     code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # background jobs ignore it
             f"from effcifar.dashboard import serve_dashboard; serve_dashboard({str(run_dir)!r}, port={port})")
@@ -138,3 +147,14 @@ def test_port_in_use_names_the_port_and_suggests_another(run_dir):
 
 def test_dashboard_url():
     assert dashboard_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
+
+
+def test_serves_an_architecture_search_run(tmp_path):
+    run = tmp_path / "search1"
+    run.mkdir()
+    save_config(SearchConfig(), run / "search.yaml")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run / "study.journal")))
+    study = optuna.create_study(storage=storage, study_name="search1", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.42, user_attrs={"accuracy": 0.42}))
+    with serving(run, tmp_path) as (_, studies):
+        assert [s["study_name"] for s in studies] == ["search1"]

@@ -341,10 +341,19 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
 
 def _worker_main(config: HpoConfig, run_dir: Path, index: int, threads: int, deadline: float | None) -> None:
     """Entry point of a worker process: pin a GPU if there are several, then take trials."""
+    pin_worker_gpu(index)
+    run_worker(config, run_dir, threads, deadline, worker=index)
+
+
+def pin_worker_gpu(index: int) -> None:
+    """Show worker `index` one GPU (round robin over CUDA_VISIBLE_DEVICES, else over all); call before CUDA starts."""
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    if not gpus and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]  # counted without starting CUDA
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    run_worker(config, run_dir, threads, deadline, worker=index)
 
 
 def run_study(config: HpoConfig, run_dir: str | Path, on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:

@@ -56,7 +56,8 @@ from effcifar.config import build_config, field_error, save_config
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import (
-    budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, redact_url, supervise_workers, trial_seed,
+    budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, pin_worker_gpu, redact_url, supervise_workers,
+    trial_seed,
 )
 from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, load_or_measure
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
@@ -366,9 +367,7 @@ def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluat
 
 def _worker_main(config: SearchConfig, supernet_dir: Path, out_dir: Path, index: int) -> None:
     """Entry point of a worker process: pin a GPU if there are several, then take trials."""
-    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    pin_worker_gpu(index)
     run_worker(config, supernet_dir, out_dir, worker=index)
 
 
