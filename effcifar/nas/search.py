@@ -60,7 +60,7 @@ from effcifar.hpo.study import (
 )
 from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, load_or_measure
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
-from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet
+from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
 from effcifar.train import device_loaders, resolve_device, resolve_precision
 
@@ -151,11 +151,6 @@ class Evaluation:
     def attrs(self) -> dict[str, Any]:
         """The trial user attributes that persist this result (and the cache)."""
         return {name: getattr(self, name) for name in RESULT_ATTRS}
-
-
-def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
-    """The canonical key of an architecture: its active choices only (inactive body convs do not count)."""
-    return ",".join(f"{key}={arch[key]}" for key in space.active_keys(arch))
 
 
 class CandidateEvaluator:
