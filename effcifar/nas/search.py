@@ -14,8 +14,8 @@ never propose a candidate over a limit, and the objective refuses one (failing i
 unevaluated) should one arrive another way (an enqueued trial).
 
 Latency comes from a per-choice lookup table (`effcifar.nas.latency`) measured on the search's
-device before any evaluation, only when a latency limit or the latency objective asks for it;
-it is saved as `latency_table.json` in the output directory and reused on resume if it was made
+device before any evaluation and calibrated on whole networks, only when a latency limit or the
+latency objective asks for it; it is saved as `latency_table.json` in the output directory and reused on resume if it was made
 for the same device and setup (else measured again). Worker processes use the saved table.
 Latency is not part of the cached results (it changes which candidates are allowed, not their
 accuracy), so each trial records `latency_ms` from the current table.
