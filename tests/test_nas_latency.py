@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import effcifar.nas.latency as latency_lib
+import effcifar.nas.search as search_lib
 from effcifar.errors import ConfigError
 from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, distinct_archs, fit_scale, load_or_measure
 from effcifar.nas.search import CandidateEvaluator, run_search
@@ -130,7 +131,7 @@ def test_impossible_latency_limit_is_a_config_error_before_any_file(supernet_run
     assert not (tmp_path / "s").exists()
 
 
-def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path):
+def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path, monkeypatch):
     out = tmp_path / "cli"
     result = cli(str(supernet_run), "--strategy", "nsga2", "--cost", "latency", "--evaluations", "5",
                  "--population", "4", "--mutations", "1", "--crossovers", "1", "--top-k-export", "2",
@@ -143,9 +144,14 @@ def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path
     assert len(study.directions) == 2 and done
     assert all(t.values == [t.user_attrs["accuracy"], t.user_attrs["latency_ms"]] for t in done)
     assert "latency_ms" in json.loads((out / "architecture_final.json").read_text())
-    # Latency values were told to the study: resuming it against FLOPs is refused.
+    # Latency values were told to the study: resuming it against FLOPs, or with another table method, is refused.
     with pytest.raises(ConfigError, match="another supernet run or evaluation setup"):
         run_search(config(strategy="nsga2", evaluations=6), supernet_run, out)
+    by_latency, by_flops = config(strategy="nsga2", cost="latency"), config(strategy="nsga2")
+    before = [search_lib.setup_fingerprint(c, supernet_run) for c in (by_latency, by_flops)]
+    monkeypatch.setattr(search_lib, "LATENCY_VERSION", latency_lib.VERSION - 1)
+    after = [search_lib.setup_fingerprint(c, supernet_run) for c in (by_latency, by_flops)]
+    assert before[0] != after[0] and before[1] == after[1]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -58,7 +58,7 @@ from effcifar.errors import ConfigError
 from effcifar.hpo.study import (
     budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, redact_url, supervise_workers, trial_seed,
 )
-from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, load_or_measure
+from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
@@ -255,14 +255,14 @@ def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
     """What the recorded results mean: the supernet run, how candidates are evaluated, the objectives.
 
     Limits (FLOPs, parameters, latency) only decide which candidates are drawn, not their
-    results, so they may change when a search is resumed; the latency batch counts only when
-    latency is an objective.
+    results, so they may change when a search is resumed; the latency batch and the table's
+    method (version) count only when latency is an objective.
     """
     sconfig = load_supernet_config(supernet_dir)
     values = {"supernet": str(supernet_dir.resolve()), "bn_batches": config.bn_batches or sconfig.bn_batches,
               "precision": config.precision, "objectives": config.objectives()}
     if "latency_ms" in config.objectives():  # the values told to the study are latencies at this batch
-        values["latency_batch"] = config.latency_batch
+        values |= {"latency_batch": config.latency_batch, "latency_version": LATENCY_VERSION}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
