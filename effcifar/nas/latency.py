@@ -10,14 +10,14 @@ the GPU after each forward. Latency is per forward of `batch` images (default 1:
 time, as a deployed classifier runs).
 
 Summing ops ignores what a whole network shares or overlaps (caches, Python dispatch between
-ops, kernel launch queues): on a CPU the raw sum runs 15-40% under whole networks. So `measure`
-also times `calibrate + check` whole standalone networks of distinct random architectures, in a
-random order of the two sets (the load on a shared machine drifts), fits one scale
-`measured = scale * raw sum` by least squares on the `calibrate` ones, and reports the raw and
-the calibrated error on the `check` held-out ones (mean and max absolute %, and the mean signed
-% as the bias). A scale alone predicted held-out networks as well as adding an intercept or a
-per-op term, which overfit with 10 networks (see docs/benchmarks.md), and it keeps the table
-per-choice: the fastest subnet and the ranking are those of the raw sum.
+ops, kernel launch queues): on the project's CPU the raw sum ran 6-36% under whole networks.
+So `measure` also times `calibrate + check` whole standalone networks of distinct random
+architectures, in a random order of the two sets (the load on a shared machine drifts), fits
+one scale `measured = scale * raw sum` by least squares on the `calibrate` ones, and reports
+the raw and the calibrated error on the `check` held-out ones (mean and max absolute %, and the
+mean signed % as the bias). A scale alone predicted held-out networks as well as adding an
+intercept or a per-op term, which fit the noise with 10 networks (see docs/benchmarks.md), and
+it keeps the table per-choice: the fastest subnet and the ranking are those of the raw sum.
 `latency_of` is the calibrated prediction, `raw_latency_of` the sum.
 
 The table is saved as JSON; `load_or_measure` reuses a saved one only if it was made for the
