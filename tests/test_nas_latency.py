@@ -2,16 +2,18 @@
 
 import json
 import math
+import random
 
 import optuna
 import pytest
 import torch
 
 import effcifar.nas.latency as latency_lib
+import effcifar.nas.search as search_lib
 from effcifar.errors import ConfigError
-from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, load_or_measure
+from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, distinct_archs, fit_scale, load_or_measure
 from effcifar.nas.search import CandidateEvaluator, run_search
-from effcifar.nas.space import ArchSpace, extreme_arch
+from effcifar.nas.space import ArchSpace, arch_key, extreme_arch
 from test_nas_search import NARROW, cli, complete, config, evaluations, supernet_run  # noqa: F401 (fixtures)
 
 TINY = ArchSpace.from_dict({"stages": [{"name": "s1", "width": "layer1", "conv1": ["conv3_pool", "conv3_stride2"],
@@ -27,44 +29,78 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_table_is_its_parts_and_reports_its_error_against_whole_networks(one_thread, tmp_path):
+def test_fit_scale_is_exact_on_a_known_linear_relation():
+    table_ms = [0.5, 1.25, 2.0, 3.5]
+    assert fit_scale(table_ms, [1.7 * t for t in table_ms]) == pytest.approx(1.7)
+    assert fit_scale([2.0], [3.0]) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="at least one whole network"):
+        fit_scale([], [])
+
+
+def test_distinct_archs_are_different_networks_or_a_config_error():
+    archs = distinct_archs(TINY, 6, random.Random(0))  # skip zero: 2 networks (conv2 unused); else 2 x 2
+    assert len({arch_key(TINY, a) for a in archs}) == 6
+    with pytest.raises(ConfigError, match="fewer than 7 distinct networks"):
+        distinct_archs(TINY, 7, random.Random(0))
+
+
+def test_table_is_its_parts_calibrated_on_whole_networks_and_checked_on_others(one_thread, tmp_path):
     space = ArchSpace.seed()
-    table = LatencyTable.measure(space, NARROW, 10, Target(torch.device("cpu")), repeats=5, warmup=2, check=3)
+    table = LatencyTable.measure(space, NARROW, 10, Target(torch.device("cpu")), repeats=5, warmup=2,
+                                 calibrate=4, check=3)
     shallow = {k: c[0] for k, c in space.choices().items()} | {f"stage{i}.skip": "zero" for i in (1, 2, 3)}
     deep = shallow | {f"stage{i}.skip": "conv4_output" for i in (1, 2, 3)}
     parts = [table.ms[key][deep[key]] for key in space.active_keys(deep)]
     assert len(parts) == 3 * 5 and all(p > 0 for p in parts)  # conv1, conv2..4 and the skip per stage
-    assert table.latency_of(deep) == pytest.approx(table.base_ms + sum(parts))
+    assert table.raw_latency_of(deep) == pytest.approx(table.base_ms + sum(parts))
+    assert table.scale > 0 and table.latency_of(deep) == pytest.approx(table.scale * table.raw_latency_of(deep))
     assert table.base_ms > 0 and table.latency_of(deep) > table.latency_of(shallow)
     assert all(table.latency_of(table.fastest()) <= table.latency_of(a) for a in (shallow, deep))
     v = table.validation
-    assert v["networks"] == len(v["pairs"]) == 3 and all(p["measured_ms"] > 0 for p in v["pairs"])
-    assert math.isfinite(v["mean_abs_pct"]) and v["max_abs_pct"] >= v["mean_abs_pct"] >= abs(v["bias_pct"]) - 1e-9
-    assert "mean |error|" in table.summary() and "over 3 random networks" in table.summary()
+    fitted, held_out = v["calibration"], v["held_out"]
+    assert len(fitted) == 4 and len(held_out) == 3 and all(p["measured_ms"] > 0 for p in fitted + held_out)
+    assert not {arch_key(space, p["arch"]) for p in fitted} & {arch_key(space, p["arch"]) for p in held_out}
+    assert all(p["table_ms"] == pytest.approx(table.raw_latency_of(p["arch"])) for p in fitted + held_out)
+    assert table.scale == pytest.approx(fit_scale([p["table_ms"] for p in fitted], [p["measured_ms"] for p in fitted]))
+    for errors in (v["raw"], v["calibrated"]):
+        assert errors["networks"] == 3 and math.isfinite(errors["mean_abs_pct"])
+        assert errors["max_abs_pct"] >= errors["mean_abs_pct"] >= abs(errors["bias_pct"]) - 1e-9
+    summary = table.summary()
+    assert f"x{table.scale:.2f} from 4 whole networks; held-out error over 3 others" in summary
+    assert f"mean |error| {v['calibrated']['mean_abs_pct']:.1f}% (raw sum {v['raw']['mean_abs_pct']:.1f}%)" in summary
     table.save(tmp_path / "t.json")
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["scale"] == table.scale and saved["validation"]["calibrated"] == v["calibrated"]
     assert LatencyTable.load(tmp_path / "t.json") == table
 
 
 def test_saved_table_is_reused_for_the_same_target_and_rebuilt_for_another(one_thread, tmp_path, monkeypatch):
     path, target = tmp_path / LATENCY_FILE, Target(torch.device("cpu"))
-    table = LatencyTable.measure(TINY, NARROW, 10, target, repeats=3, warmup=1, check=1)
+    table = LatencyTable.measure(TINY, NARROW, 10, target, repeats=3, warmup=1, calibrate=1, check=1)
     table.save(path)
     measured = []
     real = LatencyTable.measure.__func__
 
     def measure(cls, *args, **kwargs):
         measured.append(args[3].setup())
-        return real(cls, *args, **{"repeats": 3, "warmup": 1, "check": 1, **kwargs})
+        return real(cls, *args, **{"repeats": 3, "warmup": 1, "calibrate": 1, "check": 1, **kwargs})
 
     monkeypatch.setattr(LatencyTable, "measure", classmethod(measure))
     assert load_or_measure(path, TINY, NARROW, 10, target) == table and measured == []
     assert load_or_measure(path, TINY, NARROW, 10, Target(torch.device("cpu"), batch=4)).setup["batch"] == 4
     assert load_or_measure(path, TINY, NARROW | {"layer1": 24}, 10, target).setup["channels"]["layer1"] == 24
+    old = json.loads(json.dumps(table.to_dict()))  # as version 1 wrote it: the raw sum, no scale
+    old["setup"].pop("version")
+    old.pop("scale")
+    path.write_text(json.dumps(old))
+    assert load_or_measure(path, TINY, NARROW, 10, target).setup["version"] == latency_lib.VERSION
+    path.write_text(json.dumps(table.to_dict() | {"setup": table.setup | {"version": 1}}))
+    assert load_or_measure(path, TINY, NARROW, 10, target).setup["version"] == latency_lib.VERSION
     monkeypatch.setattr(latency_lib, "device_name", lambda device: "another machine")
     assert load_or_measure(path, TINY, NARROW, 10, target).setup["device"] == "another machine"
     path.write_text("{not json")
     assert load_or_measure(path, TINY, NARROW, 10, target).setup["device"] == "another machine"
-    assert [s["batch"] for s in measured] == [4, 1, 1, 1]
+    assert [s["batch"] for s in measured] == [4, 1, 1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("strategy", ["evolution", "random", "nsga2"])
@@ -95,7 +131,7 @@ def test_impossible_latency_limit_is_a_config_error_before_any_file(supernet_run
     assert not (tmp_path / "s").exists()
 
 
-def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path):
+def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path, monkeypatch):
     out = tmp_path / "cli"
     result = cli(str(supernet_run), "--strategy", "nsga2", "--cost", "latency", "--evaluations", "5",
                  "--population", "4", "--mutations", "1", "--crossovers", "1", "--top-k-export", "2",
@@ -108,9 +144,14 @@ def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path
     assert len(study.directions) == 2 and done
     assert all(t.values == [t.user_attrs["accuracy"], t.user_attrs["latency_ms"]] for t in done)
     assert "latency_ms" in json.loads((out / "architecture_final.json").read_text())
-    # Latency values were told to the study: resuming it against FLOPs is refused.
+    # Latency values were told to the study: resuming it against FLOPs, or with another table method, is refused.
     with pytest.raises(ConfigError, match="another supernet run or evaluation setup"):
         run_search(config(strategy="nsga2", evaluations=6), supernet_run, out)
+    by_latency, by_flops = config(strategy="nsga2", cost="latency"), config(strategy="nsga2")
+    before = [search_lib.setup_fingerprint(c, supernet_run) for c in (by_latency, by_flops)]
+    monkeypatch.setattr(search_lib, "LATENCY_VERSION", latency_lib.VERSION - 1)
+    after = [search_lib.setup_fingerprint(c, supernet_run) for c in (by_latency, by_flops)]
+    assert before[0] != after[0] and before[1] == after[1]
 
 
 @pytest.mark.parametrize("args, message", [

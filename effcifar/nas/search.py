@@ -14,8 +14,8 @@ never propose a candidate over a limit, and the objective refuses one (failing i
 unevaluated) should one arrive another way (an enqueued trial).
 
 Latency comes from a per-choice lookup table (`effcifar.nas.latency`) measured on the search's
-device before any evaluation, only when a latency limit or the latency objective asks for it;
-it is saved as `latency_table.json` in the output directory and reused on resume if it was made
+device before any evaluation and calibrated on whole networks, only when a latency limit or the
+latency objective asks for it; it is saved as `latency_table.json` in the output directory and reused on resume if it was made
 for the same device and setup (else measured again). Worker processes use the saved table.
 Latency is not part of the cached results (it changes which candidates are allowed, not their
 accuracy), so each trial records `latency_ms` from the current table.
@@ -59,9 +59,9 @@ from effcifar.hpo.study import (
     budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, pin_worker_gpu, redact_url, supervise_workers,
     trial_seed,
 )
-from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, load_or_measure
+from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
-from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet
+from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
 from effcifar.train import device_loaders, resolve_device, resolve_precision
 
@@ -152,11 +152,6 @@ class Evaluation:
     def attrs(self) -> dict[str, Any]:
         """The trial user attributes that persist this result (and the cache)."""
         return {name: getattr(self, name) for name in RESULT_ATTRS}
-
-
-def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
-    """The canonical key of an architecture: its active choices only (inactive body convs do not count)."""
-    return ",".join(f"{key}={arch[key]}" for key in space.active_keys(arch))
 
 
 class CandidateEvaluator:
@@ -261,14 +256,14 @@ def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
     """What the recorded results mean: the supernet run, how candidates are evaluated, the objectives.
 
     Limits (FLOPs, parameters, latency) only decide which candidates are drawn, not their
-    results, so they may change when a search is resumed; the latency batch counts only when
-    latency is an objective.
+    results, so they may change when a search is resumed; the latency batch and the table's
+    method (version) count only when latency is an objective.
     """
     sconfig = load_supernet_config(supernet_dir)
     values = {"supernet": str(supernet_dir.resolve()), "bn_batches": config.bn_batches or sconfig.bn_batches,
               "precision": config.precision, "objectives": config.objectives()}
     if "latency_ms" in config.objectives():  # the values told to the study are latencies at this batch
-        values["latency_batch"] = config.latency_batch
+        values |= {"latency_batch": config.latency_batch, "latency_version": LATENCY_VERSION}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

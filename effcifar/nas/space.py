@@ -453,6 +453,11 @@ def head_input(space: ArchSpace, channels: Mapping[str, int]) -> tuple[int, int]
     return resolve_width(space.stages[-1].width, channels), IMAGE_SIZE >> len(space.stages)
 
 
+def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
+    """The canonical key of an architecture: its active choices only (inactive body convs do not count)."""
+    return ",".join(f"{key}={arch[key]}" for key in space.active_keys(arch))
+
+
 def extreme_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, largest: bool) -> Arch:
     """The subnet of `space` with the largest or smallest additive cost (per-key costs over active keys).
 
