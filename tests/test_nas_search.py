@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import torch
 import pytest
 from optuna.trial import TrialState
 
@@ -178,3 +179,20 @@ def test_cli_bad_input_is_one_line(supernet_run, tmp_path, args, message):
     result = cli(str(tmp_path / "missing"), "--out", str(tmp_path / "s"))
     assert result.returncode == 2 and "not a finished supernet run" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_bn_recalibration_restores_a_subnet_whose_statistics_are_stale(supernet_run):
+    from effcifar.nas.supernet import accuracy
+
+    evaluator = CandidateEvaluator.from_run(supernet_run, config())
+    net, loader, autocast = evaluator.net, evaluator.loader, evaluator.autocast
+    arch = evaluator.costs.extreme(True, evaluator.space)  # the largest subnet
+    calibrated = evaluator.evaluate(arch)[0].accuracy
+    for module in net.modules():  # statistics from another path, or none at all: far from this path's
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-3, 3)
+            module.running_var.fill_(0.01)
+    stale = accuracy(net, loader, autocast)[0]
+    restored = search_lib.evaluate_subnet(net, arch, evaluator.bn_batches, loader, autocast)[0]
+    assert calibrated > 0.12 and stale < calibrated, (calibrated, stale)  # 10 classes: chance is 0.1 (deterministic on CPU)
+    assert restored == calibrated
