@@ -43,7 +43,7 @@ from torch import nn
 from effcifar.atomic import atomic_write
 from effcifar.errors import ConfigError
 from effcifar.nas.space import (
-    IMAGE_SIZE, Arch, ArchSpace, arch_key, build_standalone, extreme_arch, head_input, make_head, make_op,
+    IMAGE_SIZE, Arch, ArchSpace, build_standalone, distinct_random_archs, extreme_arch, head_input, make_head, make_op,
     resolve_width, sites,
 )
 
@@ -233,15 +233,10 @@ def pct_errors(pairs: list[dict[str, Any]], scale: float) -> dict[str, Any]:
 
 def distinct_archs(space: ArchSpace, count: int, rng: random.Random) -> list[Arch]:
     """`count` random architectures that are different networks, so none is both fitted and held out."""
-    archs: dict[str, Arch] = {}
-    for _ in range(100 * count):
-        if len(archs) == count:
-            break
-        arch = {key: rng.choice(candidates) for key, candidates in space.choices().items()}
-        archs.setdefault(arch_key(space, arch), arch)
+    archs = distinct_random_archs(space, count, rng)
     if len(archs) < count:
         raise ConfigError(f"latency table: the space has fewer than {count} distinct networks to time")
-    return list(archs.values())
+    return archs
 
 
 def table_setup(space: ArchSpace, channels: Mapping[str, int], num_classes: int, target: Target) -> dict[str, Any]:

@@ -33,11 +33,11 @@ from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.ranking import RankingReport, scatter_plot
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, arch_key, load_supernet_config, read_arch_file
+from effcifar.nas.space import distinct_random_archs
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import TrainConfig, train, write_tsv
 
 IGNORED_ON_RESUME = ("device", "threads", "data_dir", "eval_batch_size", "compile", "precision")
-MAX_SAMPLING_TRIES = 10_000
 Progress = Callable[[str], None]
 
 
@@ -134,18 +134,11 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
 
 def sample_archs(evaluator: CandidateEvaluator, count: int, seed: int) -> list[dict[str, str]]:
     """`count` random architectures with distinct canonical keys (uniform per choice), in a seeded order."""
-    rng = random.Random(seed)
-    choices = evaluator.space.choices()
-    archs: dict[str, dict[str, str]] = {}
-    for _ in range(MAX_SAMPLING_TRIES):
-        if len(archs) == count:
-            break
-        arch = {key: rng.choice(candidates) for key, candidates in choices.items()}
-        archs.setdefault(arch_key(evaluator.space, arch), arch)
+    archs = distinct_random_archs(evaluator.space, count, random.Random(seed))
     if len(archs) < count:
         raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
                           f"{count} were asked for")
-    return list(archs.values())
+    return archs
 
 
 def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | Path | None = None, seed: int = 0,

@@ -15,6 +15,7 @@ whose parameters are exactly those of the chosen ops and keep the supernet's nam
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,6 +457,21 @@ def head_input(space: ArchSpace, channels: Mapping[str, int]) -> tuple[int, int]
 def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
     """The canonical key of an architecture: its active choices only (inactive body convs do not count)."""
     return ",".join(f"{key}={arch[key]}" for key in space.active_keys(arch))
+
+
+def distinct_random_archs(space: ArchSpace, count: int, rng: random.Random) -> list[Arch]:
+    """Up to `count` uniformly random architectures that are different networks (distinct `arch_key`), in draw order.
+
+    Fewer are returned when the space has fewer (after max(10,000, 100 x count) draws).
+    """
+    choices = space.choices()
+    archs: dict[str, Arch] = {}
+    for _ in range(max(10_000, 100 * count)):
+        if len(archs) == count:
+            break
+        arch = {key: rng.choice(candidates) for key, candidates in choices.items()}
+        archs.setdefault(arch_key(space, arch), arch)
+    return list(archs.values())
 
 
 def extreme_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, largest: bool) -> Arch:
