@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import shutil
@@ -73,7 +74,7 @@ def _stage_classes() -> dict[str, type]:
 # Section fields the pipeline sets itself (from the top level or from earlier stages).
 RESERVED = {"train": {"arch", "space"}, "hpo": {"base", "dataset"}, "supernet": {"hparams"}, "search": set(),
             "retrain": {"arch", "space"}, "nas_eval": {"arch", "space", "total_epoch"}}
-# Section fields that are not fields of the section's class: name -> (type, meaning).
+# Section fields that are not fields of the section's class: name -> type.
 EXTRA_FIELDS: dict[str, dict[str, Any]] = {"retrain": {"top": int}, "nas_eval": {"sample": int, "epochs": int},
                                            "hpo": {"space": dict, "trial": dict}}
 
@@ -470,9 +471,10 @@ class Pipeline:
         return stage
 
     def run_stage(self, stage: Stage, work: Callable[[], str], unit: str, total: int | None = None,
-                  done: int = 0, fresh: bool = False) -> None:
+                  done: Callable[[], int] = lambda: 0, fresh: bool = False) -> None:
         """Run `work` (which returns a one-line summary) unless the stage finished; mark it done.
 
+        `done()` counts the units a resumed stage finished before (asked only if the stage runs);
         `fresh`: an unfinished stage starts again from an empty directory (a training run has no
         checkpoint to resume from).
         """
@@ -484,7 +486,7 @@ class Pipeline:
             shutil.rmtree(stage.directory)
             stage.marker = None
         stage.start()
-        self.monitor.stage_started(stage.name, stage.number, resumed, unit, total, done)
+        self.monitor.stage_started(stage.name, stage.number, resumed, unit, total, done())
         start = time.perf_counter()
         summary = work()
         seconds = time.perf_counter() - start
@@ -523,18 +525,20 @@ class Pipeline:
 
     def run(self) -> PipelineResult:
         """Every stage in order; then results.json and the report."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out}: expected a pipeline directory, got a file")
         settings = self.out / "pipeline.yaml"
         if not settings.exists():
             self.write_settings()
-        baseline = self.baseline()
+        baseline = self.training_stage("baseline", self.config.baseline_config())
         best_file, best = self.hpo()
-        hpo_best = self.hpo_best(best_file, best)
+        hpo_best = self.training_stage("hpo_best", self.config.final_config(best, str(best_file)), after=("hpo",))
         supernet = self.supernet(best_file, best)
         self.search()
         nas = self.retrain(best_file, best, supernet)
         self.nas_eval(best_file)
-        results = [row for row in (self.result_row("baseline", baseline), self.result_row("hpo", hpo_best),
-                                   self.result_row("nas", nas)) if row is not None]
+        results = [self.result_row("baseline", baseline), self.result_row("hpo", hpo_best),
+                   self.result_row("nas", nas)]
         atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
         from effcifar.report import write_report  # matplotlib only here
 
@@ -554,18 +558,20 @@ class Pipeline:
         return {"name": name, "test_acc": summary["test_acc"], "train_time": summary["train_time"],
                 "params": summary["params"], "flops": summary["flops"], "run": str(run.relative_to(self.out))}
 
-    def baseline(self) -> Path:
-        """The recipe at the pipeline's budget."""
-        config = self.config.baseline_config()
-        stage = self.stage("baseline", dataclasses.asdict(config))
-        summary_line = lambda s: f"test acc {s['test_acc']:.2%}, train time {s['train_time']:.1f} s"  # noqa: E731
-        self.run_stage(stage, lambda: summary_line(self.train_run(config, stage.directory)), "steps", fresh=True)
+    def training_stage(self, name: str, config: TrainConfig, after: tuple[str, ...] = ()) -> Path:
+        """A stage that is one training run (it restarts if cut short: the core trainer keeps no checkpoint)."""
+        stage = self.stage(name, dataclasses.asdict(config), after)
+
+        def work() -> str:
+            summary = self.train_run(config, stage.directory)
+            return f"test acc {summary['test_acc']:.2%}, train time {summary['train_time']:.1f} s"
+
+        self.run_stage(stage, work, "steps", fresh=True)
         return stage.directory
 
     def hpo(self) -> tuple[Path, dict[str, Any]]:
         """The HPO study; best.json by the tie rule."""
         from effcifar.hpo import study as hpo
-        from effcifar.hpo.space import SearchSpace
 
         directory = self.out / "hpo"
         base = self.config.trial_base()
@@ -574,15 +580,15 @@ class Pipeline:
         settings = {"hpo": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("space", "base")},
                     "space": self.config.hpo["space"], "base": dataclasses.asdict(base)}
         stage = self.stage("hpo", settings)
+        before = functools.cache(lambda: trials_done(directory, config))
 
         def work() -> str:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            SearchSpace.from_dict(self.config.hpo["space"], "hpo.space", field_types(TrainConfig))
             atomic_write(directory / "search_space.json", json.dumps(self.config.hpo["space"], indent=2) + "\n")
             save_config(base, directory / "base.yaml")
-            done, best = trials_done(directory, config), [0.0]
+            done, best = before(), [0.0]
 
             def on_trial(t: Any) -> None:
                 nonlocal done
@@ -595,11 +601,11 @@ class Pipeline:
                 self.monitor.advance(done, config.trials, f"best {best[0]:.2%}")
 
             hpo.run_study(config, directory, on_trial=on_trial)
-            path, chosen = hpo.write_best(directory, storage=config.storage)
+            _, chosen = hpo.write_best(directory, storage=config.storage)
             return (f"best: trial {chosen.number}, valid acc {chosen.user_attrs['accuracy']:.2%}, "
                     f"train time {chosen.user_attrs['train_time']:.1f} s")
 
-        self.run_stage(stage, work, "trials", config.trials, trials_done(directory, config))
+        self.run_stage(stage, work, "trials", config.trials, before)
         best_file = directory / "best.json"
         return best_file, json.loads(best_file.read_text())
 
@@ -609,14 +615,6 @@ class Pipeline:
         if section.get("study") or not section.get("storage"):
             return section.get("study")
         return f"{self.out.name}-{stage}"
-
-    def hpo_best(self, best_file: Path, best: dict[str, Any]) -> Path:
-        """The HPO best at the final budget."""
-        config = self.config.final_config(best, str(best_file))
-        stage = self.stage("hpo_best", dataclasses.asdict(config), after=("hpo",))
-        summary_line = lambda s: f"test acc {s['test_acc']:.2%}, train time {s['train_time']:.1f} s"  # noqa: E731
-        self.run_stage(stage, lambda: summary_line(self.train_run(config, stage.directory)), "steps", fresh=True)
-        return stage.directory
 
     def supernet(self, best_file: Path, best: dict[str, Any]) -> Any:
         """The SPOS supernet with the HPO best's widths and learning rate; resumes from its checkpoints."""
@@ -650,9 +648,10 @@ class Pipeline:
 
         config = dataclasses.replace(self.config.search_config(), study=self.study_name("search"))
         stage = self.stage("search", dataclasses.asdict(config), after=("supernet",))
+        before = functools.cache(lambda: trials_done(stage.directory, config))
 
         def work() -> str:
-            best, done = [0.0], [trials_done(stage.directory, config)]
+            best, done = [0.0], [before()]
 
             def on_trial(t: Any) -> None:
                 done[0] += 1
@@ -667,7 +666,7 @@ class Pipeline:
             top = search_lib.top_records(study, 1)
             return f"best held-out accuracy {top[0]['accuracy']:.2%} ({top[0]['flops'] / 1e6:,.1f} MFLOPs)"
 
-        self.run_stage(stage, work, "evaluations", config.evaluations, trials_done(stage.directory, config))
+        self.run_stage(stage, work, "evaluations", config.evaluations, before)
 
     def retrain(self, best_file: Path, best: dict[str, Any], supernet: Any) -> Path:
         """The search's top architectures from scratch with the HPO best's hyper-parameters."""

@@ -270,3 +270,10 @@ def test_live_view_shows_stage_units_time_left_and_best(tmp_path):
     monitor.print = lines.append
     monitor.stage_started("search", 5, True, "evaluations", 30, 12)
     assert lines == ["[5/7] search (resumed: 12 of 30 evaluations done)"]
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path):
+    file = tmp_path / "taken"
+    file.write_text("mine")
+    output = finish_failing(pipeline(file))
+    assert f"error: --out {file}: expected a pipeline directory, got a file" in output and file.read_text() == "mine"
