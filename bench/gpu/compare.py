@@ -19,6 +19,7 @@ recipe's own final TTA (ours: multi-crop for airbench, flip for resnet9; airbenc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import statistics
@@ -82,17 +83,22 @@ def install_reference(sdist: Path, work: Path, x_train, y_train, x_test, y_test,
     return airbench
 
 
-def reference_run(airbench: types.ModuleType, seed: int) -> tuple[float, float]:
-    """(test accuracy, seconds) of one airbench94 run from the carried package."""
+def reference_run(airbench: types.ModuleType, work: Path, seed: int) -> tuple[float, float]:
+    """(test accuracy, seconds) of one airbench94 run from the carried package, in `work`.
+
+    train94 opens `CifarLoader('cifar10')` itself, relative to the working directory, so it runs
+    from `work`, where install_reference wrote cifar10/train.pt and test.pt."""
     torch.manual_seed(seed)
-    loader = airbench.CifarLoader("cifar10", train=True, batch_size=1024, aug={"flip": True, "translate": 2}, altflip=True)
-    test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    model = airbench.train94(loader, verbose=False)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return airbench.evaluate(model, test_loader, tta_level=2), seconds
+    with contextlib.chdir(work):
+        loader = airbench.CifarLoader("cifar10", train=True, batch_size=1024, aug={"flip": True, "translate": 2},
+                                      altflip=True)
+        test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model = airbench.train94(loader, verbose=False)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        return airbench.evaluate(model, test_loader, tta_level=2), seconds
 
 
 def ours_run(config: TrainConfig, data, out: Path) -> tuple[float, float]:
@@ -122,9 +128,13 @@ def main() -> None:
     parser.add_argument("--airbench-runs", type=int, default=5)
     parser.add_argument("--reference-runs", type=int, default=5)
     parser.add_argument("--resnet9-runs", type=int, default=2)
+    parser.add_argument("--decode-only", action="store_true", help="decode the pack into WORK/cifar10.npz and stop")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    data = load_dataset("cifar10", decode_pack(args.pack, args.work / "cifar10.npz"))
+    decoded = decode_pack(args.pack, args.work / "cifar10.npz")
+    if args.decode_only:
+        return
+    data = load_dataset("cifar10", decoded)
     common = dict(device=args.device, dataset="cifar10")
     if args.tiny:
         common.update(subset=2048, total_epoch=1, peak_epoch=0.5, layer1=8, layer2=16, layer3=16, eval_batch_size=2000)
@@ -139,7 +149,7 @@ def main() -> None:
     repeat("effcifar --recipe airbench", args.airbench_runs,
            lambda s: ours_run(TrainConfig.for_recipe("airbench", seed=s, **common), data, args.out / f"airbench-{s}"), rows)
     if device.type == "cuda":
-        repeat("airbench94 (airbench==0.1.8)", args.reference_runs, lambda s: reference_run(airbench, s), rows)
+        repeat("airbench94 (airbench==0.1.8)", args.reference_runs, lambda s: reference_run(airbench, args.work, s), rows)
     else:
         print("airbench94 reference: needs CUDA; imported and given the data only (dry run)")
     resnet9 = dict(common, tta=True) if not args.tiny else dict(common, prep=8, tta=True)

@@ -5,6 +5,7 @@
 #   cifar10_jpeg.npz        a copy of ../shared/data/cifar10_jpeg.npz (decoded here, with Pillow)
 #   airbench-0.1.8.tar.gz   pip download --no-deps --no-binary=:all: airbench==0.1.8 (unpacked, imported from there)
 #   wheels/*.whl            optional: packages the device image lacks (installed with --no-index)
+# CALL_LIMIT_S=N stops the comparison in time to return its log. SMOKE=1 first runs bench/gpu/smoke.sh (every command at tiny settings on CUDA, SMOKE_DEVICE=cpu here).
 # CPU dry run of the pieces that need no CUDA: bash bench/gpu/run.sh --device cpu --tiny
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,6 +19,13 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
-"$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --reference "$GPU_CACHE/airbench-0.1.8.tar.gz" \
+if [ "${SMOKE:-0}" = 1 ]; then  # the CUDA smoke of every command first (bench/gpu/smoke.sh), on the same data
+  "$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --work "$GPU_CACHE/work" --decode-only
+  OUT=$OUT_DIR bash bench/gpu/smoke.sh "$GPU_CACHE/work/cifar10.npz" "${SMOKE_DEVICE:-cuda}"
+fi
+# CALL_LIMIT_S: the device call's limit; the comparison is stopped 15 s before it, so the log comes back.
+LIMIT=()
+[ "${CALL_LIMIT_S:-0}" -gt 0 ] && LIMIT=(timeout $((CALL_LIMIT_S - SECONDS - 15)))
+"${LIMIT[@]}" "$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --reference "$GPU_CACHE/airbench-0.1.8.tar.gz" \
   --work "$GPU_CACHE/work" --out "$GPU_CACHE/runs" "$@" 2>&1 | tee "$OUT_DIR/log.txt"
 cp "$GPU_CACHE/runs/table.json" "$OUT_DIR/table.json"
