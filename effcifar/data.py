@@ -506,21 +506,31 @@ class Augment:
     cutout: int = 8  # zero a random cutout x cutout square lying inside the image (0: off)
 
 
-def reflect_pad(images: torch.Tensor, pad: int) -> torch.Tensor:
-    """Reflect-pad NCHW uint8 images by index gathering (F.pad's reflect mode rejects uint8)."""
-    size = images.shape[-1]
-    rows = torch.arange(-pad, size + pad, device=images.device).abs()
-    rows = torch.where(rows >= size, 2 * (size - 1) - rows, rows)
-    return images.index_select(2, rows).index_select(3, rows)
+def reflect_index(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixel positions outside [0, size) mirrored back inside, as reflect padding does (the edge is not repeated)."""
+    positions = positions.abs()
+    return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
 
 
-def batch_crop(padded: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """One random size x size window per image of a padded batch, chosen uniformly."""
-    n, slack = padded.shape[0], padded.shape[-1] - size
-    dy = torch.randint(0, slack + 1, (n,), device=padded.device, generator=generator)
-    dx = torch.randint(0, slack + 1, (n,), device=padded.device, generator=generator)
-    windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # n, c, slack+1, slack+1, size, size (a view)
-    return windows[torch.arange(n, device=padded.device), :, dy, dx]
+def batch_windows(images: torch.Tensor, index: torch.Tensor, crop_pad: int, flip: bool,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Images `index` of an NCHW store, each a random window of itself reflect-padded by `crop_pad` and mirrored with
+    probability 1/2, gathered in one indexing step (no padded copy; NHWC memory, an NCHW view).
+
+    The random draws are cifar10-fast's, in its order: the crop offsets, then the flips.
+    """
+    n, (height, width) = len(index), images.shape[-2:]
+    device = images.device
+    rows, cols = torch.arange(height, device=device).expand(n, -1), torch.arange(width, device=device).expand(n, -1)
+    if crop_pad > 0:
+        dy = torch.randint(0, 2 * crop_pad + 1, (n,), device=device, generator=generator)
+        dx = torch.randint(0, 2 * crop_pad + 1, (n,), device=device, generator=generator)
+        rows = reflect_index(rows + (dy[:, None] - crop_pad), height)
+        cols = reflect_index(cols + (dx[:, None] - crop_pad), width)
+    if flip:
+        mirror = torch.rand(n, device=device, generator=generator) < 0.5
+        cols = torch.where(mirror[:, None], cols.flip(1), cols)
+    return images[index[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def batch_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -529,8 +539,8 @@ def batch_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-def batch_cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero one random size x size square per image, placed fully inside it (as cifar10-fast)."""
+def batch_cutout_(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero, in place, one random size x size square per image, placed fully inside it (as cifar10-fast)."""
     n, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     y0 = torch.randint(0, h - size + 1, (n, 1), device=images.device, generator=generator)
     x0 = torch.randint(0, w - size + 1, (n, 1), device=images.device, generator=generator)
@@ -538,7 +548,7 @@ def batch_cutout(images: torch.Tensor, size: int, generator: torch.Generator) ->
     xs = torch.arange(w, device=images.device)
     in_rows = (ys >= y0) & (ys < y0 + size)  # n, h
     in_cols = (xs >= x0) & (xs < x0 + size)  # n, w
-    return images.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
+    return images.masked_fill_((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0)
 
 
 class DeviceLoader:
@@ -546,7 +556,8 @@ class DeviceLoader:
 
     No worker processes and no per-image Python: indexing, cropping, flipping, Cutout and
     normalisation are a handful of batched tensor operations on the training device, driven
-    by a seeded generator so that the data order and augmentation are reproducible.
+    by a seeded generator so that the data order and augmentation are reproducible. On the
+    CPU the images are the caller's array itself (NHWC bytes seen as NCHW), not a copy.
     """
 
     def __init__(
@@ -555,12 +566,9 @@ class DeviceLoader:
         drop_last: bool = False, seed: int = 0, channels_last: bool = True, dtype: torch.dtype = torch.float32,
     ):
         device = torch.device(device)
-        nchw = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
-        self.size = nchw.shape[-1]
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
+        self.size = self.images.shape[-1]
         self.augment = augment
-        if augment is not None and augment.crop_pad > 0:
-            nchw = reflect_pad(nchw, augment.crop_pad)  # once, not per batch
-        self.images = nchw.contiguous()
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         self.mean = torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1)
         self.inv_std = (1 / torch.tensor(std, dtype=dtype, device=device)).view(1, -1, 1, 1)
@@ -574,18 +582,18 @@ class DeviceLoader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def transform(self, batch: torch.Tensor) -> torch.Tensor:
-        """Augment (if configured) and normalise a uint8 NCHW batch into the model's input."""
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        """The model's input for images `index`: augmented (if configured) and normalised."""
         aug = self.augment
-        if aug is not None:
-            if aug.crop_pad > 0:
-                batch = batch_crop(batch, self.size, self.generator)
-            if aug.flip:
-                batch = batch_flip(batch, self.generator)
+        if aug is None:
+            images = self.images[index]
+        else:
+            images = batch_windows(self.images, index, aug.crop_pad, aug.flip, self.generator)
             if aug.cutout > 0:
-                batch = batch_cutout(batch, aug.cutout, self.generator)
-        batch = batch.contiguous(memory_format=self.memory_format)
-        return (batch.to(self.dtype) - self.mean) * self.inv_std
+                batch_cutout_(images, aug.cutout, self.generator)
+        # One conversion into the model's dtype and layout, normalised in place: no other temporaries.
+        x = images.to(self.dtype, memory_format=self.memory_format, copy=True)
+        return x.sub_(self.mean).mul_(self.inv_std)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
@@ -595,4 +603,4 @@ class DeviceLoader:
             order = torch.arange(n, device=self.labels.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
-            yield self.transform(self.images[index]), self.labels[index]
+            yield self.batch(index), self.labels[index]

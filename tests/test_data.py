@@ -497,23 +497,60 @@ def test_verify_good_and_corrupted(mirror, monkeypatch, tmp_path):
 # Device loader and batched augmentation
 
 
-def test_reflect_pad_matches_numpy():
-    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    expected = np.pad(images.numpy(), [(0, 0), (0, 0), (4, 4), (4, 4)], mode="reflect")
-    assert torch.equal(data.reflect_pad(images, 4), torch.from_numpy(expected))
+def test_reflect_index_matches_numpy_reflect_padding():
+    row = torch.arange(32)
+    expected = np.pad(row.numpy(), 4, mode="reflect")
+    assert torch.equal(data.reflect_index(torch.arange(-4, 36), 32), torch.from_numpy(expected))
 
 
-def test_batch_crop_picks_windows_of_the_padded_image():
-    padded = torch.randint(0, 256, (64, 3, 40, 40), dtype=torch.uint8)
-    crops = data.batch_crop(padded, 32, torch.Generator().manual_seed(0))
+def test_batch_windows_picks_windows_of_the_padded_image():
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    padded = torch.from_numpy(np.pad(images.numpy(), [(0, 0), (0, 0), (4, 4), (4, 4)], mode="reflect"))
+    index = torch.randperm(64)
+    crops = data.batch_windows(images, index, 4, False, torch.Generator().manual_seed(0))
     assert crops.shape == (64, 3, 32, 32)
     offsets = set()
-    for image, crop in zip(padded, crops):
+    for image, crop in zip(padded[index], crops):
         matches = [(dy, dx) for dy in range(9) for dx in range(9)
                    if torch.equal(image[:, dy:dy + 32, dx:dx + 32], crop)]
         assert len(matches) == 1
         offsets.add(matches[0])
     assert len(offsets) > 20  # offsets vary across the batch
+
+
+def cifar10_fast_augment(images: np.ndarray, index: np.ndarray, aug: data.Augment, seed: int) -> np.ndarray:
+    """The augmentation spelt out image by image (pad, crop, flip, Cutout), from the loader's draws in its order."""
+    g = torch.Generator().manual_seed(seed)
+    n, pad = len(index), aug.crop_pad
+    batch = np.pad(images[index], [(0, 0), (pad, pad), (pad, pad), (0, 0)], mode="reflect")
+    if pad:
+        dy, dx = torch.randint(0, 2 * pad + 1, (n,), generator=g), torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        batch = np.stack([b[y:y + 32, x:x + 32] for b, y, x in zip(batch, dy.tolist(), dx.tolist())])
+    if aug.flip:
+        mirror = torch.rand(n, generator=g) < 0.5
+        batch = np.stack([b[:, ::-1] if m else b for b, m in zip(batch, mirror.tolist())])
+    if aug.cutout:
+        y0 = torch.randint(0, 32 - aug.cutout + 1, (n, 1), generator=g)
+        x0 = torch.randint(0, 32 - aug.cutout + 1, (n, 1), generator=g)
+        for b, y, x in zip(batch, y0.flatten().tolist(), x0.flatten().tolist()):
+            b[y:y + aug.cutout, x:x + aug.cutout] = 0
+    return batch
+
+
+@pytest.mark.parametrize("aug", [data.Augment(), data.Augment(crop_pad=0), data.Augment(flip=False, cutout=0),
+                                 data.Augment(crop_pad=2, cutout=12)])
+def test_loader_batches_are_the_augmentation_bit_for_bit(aug):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    mean, std = np.array([100.0, 110.0, 120.0]), np.array([50.0, 60.0, 70.0])
+    loader = data.DeviceLoader(images, np.zeros(300), batch_size=128, mean=mean, std=std, augment=aug, seed=5)
+    index = torch.from_numpy(rng.permutation(300)[:128])
+    loader.generator.manual_seed(7)
+    x = loader.batch(index)
+    expected = torch.from_numpy(cifar10_fast_augment(images, index.numpy(), aug, 7)).permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    normalised = (expected.float() - torch.tensor(mean).float().view(1, 3, 1, 1)) * (1 / torch.tensor(std).float()).view(1, 3, 1, 1)
+    assert torch.equal(x, normalised)
 
 
 def test_batch_flip_flips_about_half():
@@ -527,7 +564,8 @@ def test_batch_flip_flips_about_half():
 
 def test_batch_cutout_zeroes_one_square_inside_the_image():
     images = torch.full((50, 3, 32, 32), 7, dtype=torch.uint8)
-    out = data.batch_cutout(images, 8, torch.Generator().manual_seed(0))
+    out = data.batch_cutout_(images, 8, torch.Generator().manual_seed(0))
+    assert out is images
     for o in out:
         zero = (o == 0).all(0)
         assert int(zero.sum()) == 64

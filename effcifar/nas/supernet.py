@@ -258,7 +258,7 @@ def calibration_batches(loader: DeviceLoader, count: int, seed: int) -> list[tor
     loader.generator.manual_seed(seed)
     order = torch.randperm(len(loader.labels), device=loader.labels.device, generator=loader.generator)
     size = loader.batch_size
-    batches = [loader.transform(loader.images[order[i * size:(i + 1) * size]])
+    batches = [loader.batch(order[i * size:(i + 1) * size])
                for i in range(min(count, len(order) // size))]
     loader.generator.set_state(saved)
     return batches
@@ -622,7 +622,7 @@ def train_supernet(
                         + (f" in {out / 'checkpoints'}; continue with --resume" if out is not None else "")
                     )
                 index = order[progress.step * config.batch_size:(progress.step + 1) * config.batch_size]
-                x = train_loader.transform(train_loader.images[index])[shard]
+                x = train_loader.batch(index)[shard]
                 y = train_loader.labels[index][shard]
                 net.set_arch(sampler.sample(space))
                 lr = config.lr_at(progress.epoch + progress.step / steps_per_epoch)
