@@ -23,6 +23,7 @@ from rich.table import Table
 
 import effcifar
 from effcifar import data as data_lib
+from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.config import base_type, build_config, field_types
 from effcifar.errors import EffcifarError
@@ -641,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     try:
+        configure_allocator()  # before any tensor; HPO/search workers and torchrun ranks do it too
         return args.handler(args, console)
     except EffcifarError as e:  # our errors are one line; anything else is a bug and keeps its traceback
         print(f"effcifar {args.command}: error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import effcifar
+from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_torch_save, atomic_write
 from effcifar.config import field_error, save_config
 from effcifar.errors import ConfigError, TrainingDiverged
@@ -552,6 +553,7 @@ def train(
         "flops": flops,
         "device": device_name(device),
         "precision": precision,
+        "malloc": allocator_in_effect(),
         "seed": config.seed,
         "versions": library_versions(),
     }

@@ -32,6 +32,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config, field_error, field_types, save_config
 from effcifar.data import CifarData, load_dataset
@@ -340,7 +341,8 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
 
 
 def _worker_main(config: HpoConfig, run_dir: Path, index: int, threads: int, deadline: float | None) -> None:
-    """Entry point of a worker process: pin a GPU if there are several, then take trials."""
+    """Entry point of a worker process: the CLI's malloc settings, a GPU if there are several, then trials."""
+    configure_allocator()
     pin_worker_gpu(index)
     run_worker(config, run_dir, threads, deadline, worker=index)
 

@@ -51,6 +51,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config, field_error, save_config
 from effcifar.data import DeviceLoader, load_dataset
@@ -361,7 +362,8 @@ def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluat
 
 
 def _worker_main(config: SearchConfig, supernet_dir: Path, out_dir: Path, index: int) -> None:
-    """Entry point of a worker process: pin a GPU if there are several, then take trials."""
+    """Entry point of a worker process: the CLI's malloc settings, a GPU if there are several, then trials."""
+    configure_allocator()
     pin_worker_gpu(index)
     run_worker(config, supernet_dir, out_dir, worker=index)
 

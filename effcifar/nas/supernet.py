@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config, field_error, read_config_file, save_config
 from effcifar.data import CifarData, DeviceLoader, load_dataset
@@ -678,7 +679,8 @@ def train_supernet(
                     "train_images": len(train_loader.labels), "valid_images": len(valid_loader.labels)},
         "epochs": config.epochs, "train_time": progress.train_time, "total_time": time.perf_counter() - start,
         "final_panel": {k: v for k, v in progress.history[-1].items() if k.startswith("valid_")},
-        "processes": ranks.world, "device": device_name(device), "precision": precision, "versions": library_versions(),
+        "processes": ranks.world, "device": device_name(device), "precision": precision,
+        "malloc": allocator_in_effect(), "versions": library_versions(),
     }
     if out is not None and ranks.main:
         save_checkpoint({"model": net.state_dict(), "space": ArchSpace.load(config.space).to_dict(),
