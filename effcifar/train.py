@@ -265,7 +265,7 @@ def split_data(data: CifarData, subset: int, holdout: int) -> tuple[np.ndarray, 
     train_idx = order[: n - holdout]
     if subset:
         train_idx = train_idx[:subset]
-    train_idx = np.sort(train_idx)
+    train_idx = np.sort(train_idx) if len(train_idx) < n else slice(None)  # all of it: the arrays, not a copy
     if valid_idx is None:
         return data.x_train[train_idx], data.y_train[train_idx], data.x_test, data.y_test
     valid_idx = np.sort(valid_idx)
@@ -476,6 +476,8 @@ def train(
 
     seed_everything(config.seed)
     model = recipe.build_model(data.num_classes, train_loader).to(device)
+    dataset = {"name": data.name, "source": data.source, "num_classes": data.num_classes}
+    del data  # the loaders hold the images they use; a data set loaded here is not kept through training
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params, flops = count_parameters(model), count_flops(model)
@@ -539,7 +541,7 @@ def train(
         test_acc = recipe.evaluate(step_fn.model_to_run, test_loader, step_fn.autocast, True)[1]
     summary = {
         "config": asdict(config),
-        "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
+        "dataset": {**dataset,
                     "train_images": len(train_loader.labels), "valid_images": len(valid_loader.labels),
                     "valid_split": "holdout" if config.holdout else "test"},
         "epochs_run": len(history),
