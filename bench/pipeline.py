@@ -4,20 +4,21 @@
     python bench/pipeline.py --table-only --out runs/bench-pipeline-quick     # the table of a finished run
 
 Runs `effcifar pipeline --preset PRESET --quiet` in a child process (a fresh --out, so nothing
-is skipped), timing the whole command, then reads each stage's `stage.json` (the seconds the
-stage took) and `results.json`. Prints a Markdown table for docs/benchmarks.md.
+is skipped; its output in OUT.log), measuring the whole command (wall, CPU and system time, peak RSS),
+then reads each stage's `stage.json` (the seconds the stage took) and `results.json`. Prints a
+Markdown table for docs/benchmarks.md. To time another source tree, set PYTHONPATH to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
-import time
 from pathlib import Path
 
 from effcifar.pipeline import STAGES
+from measure import run_measured
 
 
 def stage_table(out: Path) -> list[str]:
@@ -70,9 +71,11 @@ def main() -> None:
             sys.exit(f"{out} exists: the benchmark needs a fresh directory (nothing skipped)")
         command = [sys.executable, "-m", "effcifar", "pipeline", "--preset", args.preset, "--dataset", args.dataset,
                    "--quiet", "--out", str(out), *(f"--set={s}" for s in args.set)]
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        print(f"\nwhole command: {time.perf_counter() - start:.0f} s ({' '.join(command[1:])})")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        m = run_measured(command, out.parent / f"{out.name}.log", dict(os.environ))
+        env = [f"{k}={os.environ[k]}" for k in ("PYTHONPATH", "EFFCIFAR_MALLOC", "GLIBC_TUNABLES") if k in os.environ]
+        print(f"whole command: {m.wall:.0f} s, CPU {m.user:.0f} s user + {m.sys:.0f} s system, peak RSS "
+              f"{m.rss_mb:.0f} MiB, load average {os.getloadavg()[0]:.1f} at the end ({' '.join(env + command[1:])})")
     print("\n".join(stage_table(out)))
 
 

@@ -1,36 +1,44 @@
-"""Training-step throughput: effcifar's step vs a plain PyTorch loop, side by side in one run.
+"""One epoch of `effcifar train` against a plain PyTorch loop, each run in a process of its own.
 
-    python bench/train_step.py                       # full width and 16/32/64/128, batch 512
-    python bench/train_step.py --widths 16,32,64,128 --repeats 7
+    EFFCIFAR_DATA=.cache/cifar10.npz python bench/train_step.py                    # widths 16/32/64/128, 20,000 images
+    python bench/train_step.py --widths 64,128,256,512 --images 5120 --precision fp32
+    python bench/train_step.py --main-src /tmp/effcifar-main                       # adds today's code as a variant
 
-(a) effcifar: the device loader's batched augmentation + normalisation, then `TrainStep`
-    (the recipe's SGD step at the device's default precision: bf16 on GPUs and on CPUs with
-    AMX-BF16, else fp32); (a32) the same forced to fp32, for a like-for-like comparison.
-(b) a plain loop written here: the same architecture defined independently, fp32,
-    channels_last, eager, SGD Nesterov, label-smoothed cross entropy, on a ready-made batch.
-Rounds alternate a, a32 and b (rotating which goes first); we report medians, the ratios a/b and a32/b, achieved GFLOP/s
-(FLOPs of the step counted by torch.utils.flop_counter), the device's matmul GFLOP/s measured
-in the same run in fp32 and bf16 (the practical ceilings) and augmentation time as a share of
-a's step time.
+malloc's settings belong to a process, so every variant runs as a child process on the same
+images (a seeded subset of the training set, shuffled), network, batch and thread count:
+  ours          `python -m effcifar train` as a user runs it (default environment)
+  ours-system   the same with EFFCIFAR_MALLOC=system (glibc's defaults)
+  ours-tunables the same with the issue's GLIBC_TUNABLES set from outside
+  main          `python -m effcifar train` of another source tree (--main-src, e.g. `git archive main`)
+  plain         a loop written here: the same network defined independently, one crop offset and
+                one flip per batch, no Cutout, default environment
+Rounds run the variants in a rotated order. Per variant: the median train time (the epoch's
+steps: summary.json's train_time, the plain loop's own clock), and the process's system time
+and peak resident memory (wait4). Ratios are throughput against the plain loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import sys
+import tempfile
 import time
+from dataclasses import asdict
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effcifar.data import Augment, DeviceLoader
-from effcifar.models import ResNet, count_flops
-from effcifar.train import TrainConfig, TrainStep, resolve_device, resolve_precision
+from effcifar.data import load_dataset
+from effcifar.train import split_data
+from measure import VARIANTS, run_measured, variant_env
 
 
-def plain_resnet9(widths: list[int], num_classes: int = 10) -> nn.Module:
+def plain_resnet9(widths: list[int], num_classes: int = 10, logits_weight: float = 0.125) -> nn.Module:
     """ResNet-9 written the plain way, independent of effcifar.models."""
     def cbr(c_in: int, c_out: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
@@ -43,126 +51,136 @@ def plain_resnet9(widths: list[int], num_classes: int = 10) -> nn.Module:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x + self.f(x)
 
+    class Scale(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * logits_weight
+
     p, l1, l2, l3 = widths
     return nn.Sequential(
         *cbr(3, p),
         *cbr(p, l1), nn.MaxPool2d(2), Res(l1),
         *cbr(l1, l2), nn.MaxPool2d(2),
         *cbr(l2, l3), nn.MaxPool2d(2), Res(l3),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(l3, num_classes, bias=False),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(l3, num_classes, bias=False), Scale(),
     )
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued device work, so wall-clock times are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def plain_epoch(args: argparse.Namespace) -> dict[str, float]:
+    """The plain loop (child process): one epoch on the same images, then the test set once, as effcifar does."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = load_dataset("cifar10", args.data)
+    x_train, y_train, x_test, y_test = split_data(data, args.images, 0)
+    mean = torch.tensor(x_train.reshape(-1, 3).mean(0), dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(x_train.reshape(-1, 3).std(0), dtype=torch.float32).view(1, 3, 1, 1)
+    images = torch.from_numpy(x_train).permute(0, 3, 1, 2)  # NCHW view of the NHWC bytes
+    labels = torch.from_numpy(y_train)
+    model = plain_resnet9(args.widths).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+
+    def normalise(batch: torch.Tensor) -> torch.Tensor:
+        return ((batch.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    start = time.perf_counter()
+    order = torch.randperm(len(labels))
+    for i in range(len(labels) // args.batch):
+        index = order[i * args.batch:(i + 1) * args.batch]
+        batch = F.pad(images[index].float(), (4, 4, 4, 4), mode="reflect")
+        dy, dx = torch.randint(0, 9, (2,)).tolist()
+        batch = batch[:, :, dy:dy + 32, dx:dx + 32]
+        if torch.rand(()) < 0.5:
+            batch = batch.flip(3)
+        x = normalise(batch)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), labels[index], label_smoothing=0.2)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    train_time = time.perf_counter() - start
+    model.eval()
+    correct = 0
+    test = torch.from_numpy(x_test).permute(0, 3, 1, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        for i in range(0, len(y_test), 1024):
+            correct += int((model(normalise(test[i:i + 1024])).argmax(1).numpy() == y_test[i:i + 1024]).sum())
+    return {"train_time": train_time, "test_acc": correct / len(y_test)}
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() over repeats."""
+def run_child(variant: str, precision: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """One variant in a child process: its train time and test accuracy, and what the process took."""
+    out.mkdir(parents=True, exist_ok=True)
+    widths = ",".join(map(str, args.widths))
+    if variant == "plain":
+        command = [sys.executable, __file__, "--child", "--data", args.data, "--images", str(args.images),
+                   "--widths", widths, "--batch", str(args.batch), "--threads", str(args.threads),
+                   "--precision", precision]
+        measured = run_measured(command, out / "plain.log", variant_env("ours"))
+        result = json.loads((out / "plain.log").read_text().strip().splitlines()[-1])
+    else:
+        command = [sys.executable, "-m", "effcifar", "train", "--dataset", "cifar10", "--data-dir", args.data,
+                   "--subset", str(args.images), "--epochs", "1", "--peak-epoch", "0.5",
+                   "--batch-size", str(args.batch), "--threads", str(args.threads), "--precision", precision,
+                   "--quiet", "--out", str(out / variant),
+                   *[f"--{name}={w}" for name, w in zip(("prep", "layer1", "layer2", "layer3"), args.widths)]]
+        measured = run_measured(command, out / f"{variant}.log", variant_env(variant, args.main_src))
+        summary = json.loads((out / variant / "summary.json").read_text())
+        result = {"train_time": summary["train_time"], "test_acc": summary["test_acc"]}
+    return result | asdict(measured)
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a square matmul on this CPU (the practical ceiling), median of `repeats`."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
     times = []
     for _ in range(repeats):
-        sync(device)
         start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """Measured GFLOP/s of a square matmul: the practical ceiling of the device."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
         a @ b
-    return 2 * size**3 / timed(lambda: a @ b, device, 10) / 1e9
-
-
-def bench_widths(widths: list[int], args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Time (a), (a32) and (b) for one width setting, alternating rounds."""
-    config = TrainConfig(prep=widths[0], layer1=widths[1], layer2=widths[2], layer3=widths[3],
-                         batch_size=args.batch, device=str(device))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch * 4, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, args.batch * 4)
-    loader = DeviceLoader(images, labels, batch_size=args.batch, mean=np.full(3, 125.0), std=np.full(3, 63.0),
-                          device=device, augment=Augment(), shuffle=True, drop_last=True)
-    raw = loader.images[: args.batch]
-    y = loader.labels[: args.batch]
-
-    def ours(precision: str):
-        torch.manual_seed(0)
-        model = ResNet(config.net_config(10)).to(device).to(memory_format=torch.channels_last)
-        step = TrainStep(model, config, precision)
-
-        def run() -> None:
-            for _ in range(args.steps):
-                step(loader.transform(raw), y, 0.01)
-        return run, model
-
-    torch.manual_seed(0)
-    plain = plain_resnet9(widths).to(device).to(memory_format=torch.channels_last)
-    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x_ready = loader.transform(raw)
-
-    def run_plain() -> None:
-        for _ in range(args.steps):
-            loss = F.cross_entropy(plain(x_ready), y, label_smoothing=0.2)
-            loss.backward()
-            plain_opt.step()
-            plain_opt.zero_grad()
-
-    precision = resolve_precision(config.precision, device)
-    run_a, model = ours(precision)
-    run_a32, _ = ours("fp32")
-    flops = count_flops(model, (args.batch, 3, 32, 32), backward=True)
-    runs = {"a": run_a, "a32": run_a32, "b": run_plain}
-    for run in runs.values():  # warm-up: allocation, kernel choice
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for round_ in range(args.repeats):
-        for name in names[round_ % 3:] + names[: round_ % 3]:  # rotate the order: no variant always goes first
-            times[name].append(timed(runs[name], device, 1) / args.steps)
-    t = {name: statistics.median(v) for name, v in times.items()}
-    t_aug = timed(lambda: loader.transform(raw), device, 20)
-    return {"precision": precision, "a_img_s": args.batch / t["a"], "a32_img_s": args.batch / t["a32"],
-            "b_img_s": args.batch / t["b"], "a_gflops": flops / t["a"] / 1e9, "a32_gflops": flops / t["a32"] / 1e9,
-            "b_gflops": flops / t["b"] / 1e9, "aug_share": t_aug / t["a"]}
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--widths", action="append", help="prep,layer1,layer2,layer3 (repeatable)")
+    parser.add_argument("--data", default=os.environ.get("EFFCIFAR_DATA"), help="CIFAR-10 .npz (default: $EFFCIFAR_DATA)")
+    parser.add_argument("--widths", default="16,32,64,128", help="prep,layer1,layer2,layer3")
+    parser.add_argument("--images", type=int, default=20000, help="training images in the epoch")
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=1, help="steps per timed round")
-    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over all variants")
+    parser.add_argument("--variants", default="ours,ours-system,ours-tunables,plain",
+                        help=f"comma-separated, of {', '.join(VARIANTS)}, plain (main needs --main-src)")
+    parser.add_argument("--main-src", help="a source tree of effcifar for the variant 'main'")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    else:
-        torch.backends.cudnn.benchmark = True
-    settings = [[int(w) for w in s.split(",")] for s in (args.widths or ["64,128,256,512", "16,32,64,128"])]
-    size = 2048 if device.type == "cpu" else 8192
-    ceilings = {"fp32": matmul_gflops(device, torch.float32, size), "bf16": matmul_gflops(device, torch.bfloat16, size)}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; batch {args.batch}; "
-          f"{args.repeats} alternating rounds of {args.steps} step(s)")
-    print(f"matmul ceiling ({size}x{size}): fp32 {ceilings['fp32']:.1f} GFLOP/s, bf16 {ceilings['bf16']:.1f} GFLOP/s")
-    print(f"{'widths':<16}{'prec (a)':>9}{'a img/s':>9}{'a32 img/s':>10}{'b img/s':>9}{'a/b':>7}{'a32/b':>7}"
-          f"{'GFLOP/s a':>10}{'a32':>8}{'b':>8}{'a % ceil':>9}{'a32 % ceil':>11}{'b % ceil':>9}{'aug share':>10}")
-    for widths in settings:
-        r = bench_widths(widths, args, device)
-        print(f"{'/'.join(map(str, widths)):<16}{r['precision']:>9}{r['a_img_s']:>9.1f}{r['a32_img_s']:>10.1f}"
-              f"{r['b_img_s']:>9.1f}{r['a_img_s'] / r['b_img_s']:>7.2f}{r['a32_img_s'] / r['b_img_s']:>7.2f}"
-              f"{r['a_gflops']:>10.1f}{r['a32_gflops']:>8.1f}{r['b_gflops']:>8.1f}"
-              f"{r['a_gflops'] / ceilings[r['precision']]:>9.1%}{r['a32_gflops'] / ceilings['fp32']:>11.1%}"
-              f"{r['b_gflops'] / ceilings['fp32']:>9.1%}{r['aug_share']:>10.2%}", flush=True)
+    args.widths = [int(w) for w in args.widths.split(",")]
+    if args.child:
+        print(json.dumps(plain_epoch(args)))
+        return
+    if not args.data:
+        parser.error("needs a CIFAR-10 .npz: --data FILE or EFFCIFAR_DATA (shared/data/decode_cifar10.py makes one)")
+    variants = args.variants.split(",")
+    torch.set_num_threads(args.threads)
+    print(f"{os.uname().nodename}: {torch.get_num_threads()} threads, torch {torch.__version__}; matmul 2048x2048 "
+          f"fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s, bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s; "
+          f"widths {'/'.join(map(str, args.widths))}, {args.images} images, batch {args.batch}, {args.repeats} rounds")
+    print("| precision | variant | train time (s) | rounds (s) | vs plain | process: wall (s) | system (s) | peak RSS (MB) "
+          "| test acc |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for precision in args.precision.split(","):
+        runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+        with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
+            for round_ in range(args.repeats):
+                for variant in variants[round_ % len(variants):] + variants[:round_ % len(variants)]:
+                    runs[variant].append(run_child(variant, precision, args, Path(tmp) / f"r{round_}"))
+        med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in runs.items()}
+        for v, m in med.items():
+            ratio = f"{med['plain']['train_time'] / m['train_time']:.2f}x" if "plain" in med else "-"
+            each = " / ".join(f"{r['train_time']:.1f}" for r in runs[v])
+            print(f"| {precision} | {v} | {m['train_time']:.1f} | {each} | {ratio} | {m['wall']:.1f} | {m['sys']:.1f} | "
+                  f"{m['rss_mb']:.0f} | {m['test_acc']:.2%} |", flush=True)
 
 
 if __name__ == "__main__":
