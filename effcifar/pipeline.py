@@ -714,7 +714,7 @@ def trials_done(directory: Path, config: Any) -> int:
     """
     import optuna
 
-    from effcifar.hpo.study import budget_used
+    from effcifar.studies import budget_used
 
     journal = directory / "study.journal"
     if config.storage is not None or not journal.is_file():

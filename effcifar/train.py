@@ -8,6 +8,7 @@ stop the run (hyper-parameter search prunes through them).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import platform
@@ -30,7 +31,12 @@ from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RECIPES = ("resnet9", "airbench")  # resnet9: cifar10-fast (the default); airbench: effcifar.airbench
+# Recipes by name, as "module:class" (like entry points): core names a recipe module but never imports
+# it; the recipe imports core. resnet9: cifar10-fast (the default); airbench: effcifar.airbench.
+RECIPES = {"resnet9": "effcifar.train:Recipe", "airbench": "effcifar.airbench:AirbenchRecipe"}
+# `arch` files are read and built by the NAS layer above core, named the same way.
+ARCH_FILE_READER = "effcifar.nas.space:load_arch_file"
+SUBNET_BUILDER = "effcifar.nas.space:build_standalone"
 ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
 
@@ -113,10 +119,8 @@ class TrainConfig:
     @classmethod
     def recipe_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
         """Field values that the recipe named in `values` puts in place of the resnet9 defaults."""
-        if values.get("recipe") == "airbench":
-            from effcifar.airbench import airbench_defaults  # the recipe module imports this one
-            return airbench_defaults(values)
-        return {}
+        name = values.get("recipe", "resnet9")
+        return recipe_class(name).defaults(values) if name in RECIPES else {}
 
     @classmethod
     def for_recipe(cls, recipe: str = "resnet9", **fields: Any) -> "TrainConfig":
@@ -164,10 +168,8 @@ class TrainConfig:
 
     def architecture(self) -> tuple[Any, dict[str, str]]:
         """(ArchSpace, architecture) of `arch`; a ConfigError with field 'arch' names the file and the problem."""
-        from effcifar.nas.search import load_arch_file  # the NAS modules import this one
-
         try:
-            return load_arch_file(str(self.arch), self.space)
+            return plugin(ARCH_FILE_READER)(str(self.arch), self.space)
         except ConfigError as e:
             err = ConfigError(f"field 'arch': {e}")
             err.field = "arch"  # type: ignore[attr-defined]
@@ -402,6 +404,11 @@ class Recipe:
     def __init__(self, config: TrainConfig):
         self.config = config
 
+    @classmethod
+    def defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Field values this recipe puts in place of the resnet9 defaults (given the values set so far)."""
+        return {}
+
     def augment(self) -> Augment:
         """The training loader's per-batch augmentation."""
         c = self.config
@@ -411,10 +418,8 @@ class Recipe:
         """The network, on CPU; `train_loader` gives data-dependent initialisations their images."""
         c = self.config
         if c.arch is not None:  # a NAS subnet: only the chosen ops of its space
-            from effcifar.nas.space import build_standalone
-
             space, arch = c.architecture()
-            return build_standalone(space, arch, {s: getattr(c, s) for s in STAGES}, num_classes, c.logits_weight)
+            return plugin(SUBNET_BUILDER)(space, arch, {s: getattr(c, s) for s in STAGES}, num_classes, c.logits_weight)
         return ResNet(c.net_config(num_classes))
 
     def train_step(self, model: nn.Module, precision: str) -> TrainStep:
@@ -439,12 +444,20 @@ class Recipe:
         return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta)
 
 
+def plugin(ref: str) -> Any:
+    """The object a "module:attribute" reference names, imported on first use."""
+    module, _, attribute = ref.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def recipe_class(name: str) -> type[Recipe]:
+    """The Recipe class registered as `name` in RECIPES."""
+    return plugin(RECIPES[name])
+
+
 def recipe_for(config: TrainConfig) -> Recipe:
     """The Recipe object of `config.recipe`."""
-    if config.recipe == "airbench":
-        from effcifar.airbench import AirbenchRecipe  # the recipe module imports this one
-        return AirbenchRecipe(config)
-    return Recipe(config)
+    return recipe_class(config.recipe)(config)
 
 
 def train(

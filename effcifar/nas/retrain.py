@@ -32,8 +32,8 @@ from effcifar.config import build_config, coerce_value, field_types
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.ranking import RankingReport, scatter_plot
-from effcifar.nas.search import CandidateEvaluator, SearchConfig, arch_key, load_supernet_config, read_arch_file
-from effcifar.nas.space import distinct_random_archs
+from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
+from effcifar.nas.space import arch_key, distinct_random_archs, read_arch_file
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import TrainConfig, train, write_tsv
 
