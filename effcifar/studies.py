@@ -31,7 +31,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from effcifar.config import field_error
+from effcifar.config import execution, field_error
 from effcifar.errors import ConfigError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -44,8 +44,8 @@ S = TypeVar("S", bound="StorageConfig")
 class StorageConfig:
     """Where a study lives; the config part shared by HPO and search studies."""
 
-    storage: str | None = None  # postgresql://user@host/db shared by several machines (default: the run dir's journal)
-    heartbeat: float = 10.0  # seconds (PostgreSQL): a trial silent for 3 heartbeats is failed and retried
+    storage: str | None = execution(None)  # postgresql://user@host/db shared by machines (default: the run dir's journal)
+    heartbeat: float = execution(10.0)  # seconds (PostgreSQL): a trial silent for 3 heartbeats is failed and retried
     study: str | None = None  # study name (default: the run directory's name)
 
     def validate(self) -> None:

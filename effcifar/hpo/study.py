@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, field_error, field_types, save_config
+from effcifar.config import build_config, execution, field_error, field_types, save_config
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.hpo.experiment import SAMPLERS
@@ -46,8 +46,8 @@ class HpoConfig(StorageConfig):
     base: str | None = None  # TrainConfig file the sampled values override
     dataset: str | None = None  # overrides the base config's dataset
     trials: int = 20  # budget of finished (complete, pruned or failed) trials, across restarts
-    timeout: float | None = None  # seconds this invocation may start new trials for
-    workers: int = 1  # trial processes on this machine
+    timeout: float | None = execution(None)  # seconds this invocation may start new trials for
+    workers: int = execution(1)  # trial processes on this machine
     sampler: str = "tpe"
     pruner: str = "median"
     objective: str = "acc"  # acc: maximise validation accuracy; acc,time: Pareto front with train time

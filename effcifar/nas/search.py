@@ -37,7 +37,6 @@ plain NNI `{key: choice}` dict back, and `load_arch_file` also the space they em
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
@@ -49,7 +48,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, field_error, save_config
+from effcifar.config import build_config, execution, field_error, fingerprint, save_config
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
@@ -81,13 +80,13 @@ class SearchConfig(StorageConfig):
     cost: str = "flops"  # nsga2's second objective: flops or latency
     latency_batch: int = 1  # images per timed forward (1: one image at a time, as deployed)
     bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
-    workers: int = 1  # search processes on this machine
+    workers: int = execution(1)  # search processes on this machine
     seed: int | None = 0  # sampler seed (worker i uses seed + i)
     top_k_export: int = 5  # architectures written to arch/top_{i}.json
-    device: str = "auto"
+    device: str = execution("auto")
     precision: str = "auto"
-    eval_batch_size: int | None = None  # default: the supernet run's
-    threads: int = 0  # torch threads (0: torch's default; workers split the cores)
+    eval_batch_size: int | None = execution(None)  # default: the supernet run's
+    threads: int = execution(0)  # torch threads (0: torch's default; workers split the cores)
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
@@ -252,7 +251,7 @@ def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
               "precision": config.precision, "objectives": config.objectives()}
     if "latency_ms" in config.objectives():  # the values told to the study are latencies at this batch
         values |= {"latency_batch": config.latency_batch, "latency_version": LATENCY_VERSION}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(values)
 
 
 def load_supernet_config(supernet_dir: Path) -> SupernetConfig:
