@@ -102,7 +102,8 @@ def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet(
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"search.evalutions": "3"}, "command line: field 'search.evalutions': unknown (known: strategy"),
+    ({"search.evalutions": "3"}, "command line: field 'search.evalutions': unknown (known: storage, heartbeat, study, "
+                                 "strategy, evaluations"),
     ({"search.evaluations": "0"}, "command line, section search: field 'evaluations': expected a positive integer, got 0"),
     ({"train.total_epoch": "x"}, "command line: field 'train.total_epoch': expected a value of type int, got 'x'"),
     ({"train.subset": "3"}, "field 'train.subset': set 'subset' at the top level"),
