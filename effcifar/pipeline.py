@@ -1,7 +1,10 @@
 """The whole series in one resumable run: baseline, HPO, supernet, search, retrain, results, report.
 
-`run_pipeline(load_pipeline_config("quick"), "runs/NAME")` runs the stages in order, each in
-its own subdirectory of the run, each reading the files of the stages before it:
+`load_pipeline_config` resolves the preset, a user file and `--set` overrides once into a checked
+`PipelineConfig` and its `Plan`; `run_pipeline(config, "runs/NAME")` runs the stages in order. Each
+stage is an object (`Stage`: its settings, the units it counts, `run`) with its own subdirectory;
+it takes the results of the stages before it in memory and writes the files that let it be run,
+resumed or reported alone:
 
     baseline/  the recipe at the pipeline's budget (`train` section), test accuracy
     hpo/       an HPO study over the `hpo.space`, trials validated on held-out images; best.json
@@ -51,6 +54,7 @@ from effcifar.errors import ConfigError
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 C = TypeVar("C")
+S = TypeVar("S", bound="Stage")
 PRESETS = ("quick", "full")
 COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "device", "precision", "threads")
 STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "retrain", "nas_eval")
@@ -75,6 +79,20 @@ RESERVED = {"train": {"arch", "space"}, "hpo": {"base", "dataset"}, "supernet": 
 # Section fields that are not fields of the section's class: name -> type.
 EXTRA_FIELDS: dict[str, dict[str, Any]] = {"retrain": {"top": int}, "nas_eval": {"sample": int, "epochs": int},
                                            "hpo": {"space": dict, "trial": dict}}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stage configs that wait for no earlier stage's results, resolved from presets, files and --set once."""
+
+    baseline: TrainConfig  # also what the final runs start from
+    trial_base: TrainConfig  # what every HPO trial starts from
+    hpo: Any  # HpoConfig; its space and base are written into the stage's directory
+    search: Any  # SearchConfig
+    retrain_top: int
+    nas_eval_sample: int
+    nas_eval_epochs: int
+    nas_eval_overrides: dict[str, Any]  # TrainConfig fields over the HPO best
 
 
 @dataclass
@@ -146,13 +164,6 @@ class PipelineConfig:
         layers.append((f"{self.sources.get('hpo.trial', 'pipeline config')}, section hpo.trial", self.hpo.get("trial", {}), False))
         return build_from_layers(TrainConfig, [*layers, ("pipeline", {"holdout": self.holdout}, False)])
 
-    def hpo_config(self, space_file: str, base_file: str, study: str | None) -> Any:
-        """The HPO study's config (the space and the trials' base written as files by the stage)."""
-        from effcifar.hpo.study import HpoConfig
-
-        return self._build(HpoConfig, "hpo", extra=[("pipeline", {"study": study})],
-                           last={"space": space_file, "base": base_file})
-
     def final_config(self, best: Mapping[str, Any], best_source: str) -> TrainConfig:
         """The HPO best at the `train` budget: the fields `hpo.trial` shortened go back to the baseline's."""
         baseline = dataclasses.asdict(self.baseline_config())
@@ -170,12 +181,6 @@ class PipelineConfig:
         return build_from_layers(SupernetConfig, [(best_source, hparams, False), *layers,
                                                   ("pipeline", {"hparams": best_source}, False)])
 
-    def search_config(self) -> Any:
-        """The architecture search's config."""
-        from effcifar.nas.search import SearchConfig
-
-        return self._build(SearchConfig, "search")
-
     def retrain_base(self, final: TrainConfig, supernet: Any) -> TrainConfig:
         """Retraining: the HPO best at the final budget, in the supernet's widths, with `retrain` fields over it."""
         values = dataclasses.asdict(final)
@@ -184,15 +189,15 @@ class PipelineConfig:
         return self._build(TrainConfig, "retrain", extra=[("HPO best at the final budget", values)],
                            last={"holdout": 0})
 
-    def nas_eval_overrides(self) -> dict[str, Any]:
-        """TrainConfig fields of the nas_eval section (over the HPO best)."""
-        names = set(field_types(TrainConfig))
-        return {k: v for k, v in self.nas_eval.items() if k in names}
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """Every stage config that does not wait for an earlier stage's results, built and checked once.
 
-    def check(self) -> None:
-        """Build every stage's config once, so a bad value stops the run before anything trains."""
-        self.baseline_config()
-        self.trial_base()
+        The ones that do (HPO best at the final budget, supernet, retraining) are checked here with
+        the baseline standing in for the HPO best, so a bad value stops the run before anything trains.
+        """
+        baseline = self.baseline_config()
+        trial_base = self.trial_base()
         from effcifar.hpo.space import SearchSpace
 
         space = self.hpo.get("space")
@@ -200,11 +205,11 @@ class PipelineConfig:
             raise ConfigError(f"{self.sources.get('hpo', 'pipeline config')}: field 'hpo.space': expected an NNI "
                               f"search space (a mapping of TrainConfig fields to {{_type, _value}}), got {space!r}")
         SearchSpace.from_dict(space, self.sources.get("hpo.space", "hpo.space"), field_types(TrainConfig))
-        self.hpo_config("search_space.json", "base.yaml", None)
-        stand_in = dataclasses.asdict(self.baseline_config())  # the HPO best does not exist yet
+        hpo = self._build(_stage_classes()["hpo"], "hpo", last={"space": "search_space.json", "base": "base.yaml"})
+        stand_in = dataclasses.asdict(baseline)  # the HPO best does not exist yet
         final = self.final_config(stand_in, "baseline")
         self.supernet_config(stand_in, "baseline")
-        self.search_config()
+        search = self._build(_stage_classes()["search"], "search")
         self.retrain_base(final, final)
         for name, minimum in (("top", 1), ("sample", 0), ("epochs", 1)):
             section = "retrain" if name == "top" else "nas_eval"
@@ -215,6 +220,9 @@ class PipelineConfig:
         if self.nas_eval.get("sample", 0) == 1:
             raise ConfigError(f"{self.sources.get('nas_eval.sample')}: field 'nas_eval.sample': expected 0 (skip) "
                               f"or at least 2 subnets to rank, got 1")
+        names = set(field_types(TrainConfig))
+        return Plan(baseline, trial_base, hpo, search, self.retrain.get("top", 1), self.nas_eval.get("sample", 0),
+                    self.nas_eval.get("epochs", 1), {k: v for k, v in self.nas_eval.items() if k in names})
 
 
 def preset_file(preset: str) -> Path:
@@ -311,7 +319,7 @@ def load_pipeline_config(preset: str = "quick", file: str | Path | None = None,
     if overrides:
         merge_layer(values, sources, "command line", nest(overrides), True)
     config = PipelineConfig(preset=preset, **copy.deepcopy(values), sources=sources)
-    config.check()
+    config.plan  # builds and checks every stage config
     return config
 
 
@@ -374,8 +382,8 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
 
 
 @dataclass
-class Stage:
-    """One stage of a run: its directory, its settings and whether it finished."""
+class StageRecord:
+    """A stage's marker: its directory, its settings and whether it finished."""
 
     name: str
     number: int
@@ -417,283 +425,283 @@ class Stage:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The stages
 
 
-@dataclass
-class PipelineResult:
-    """What a pipeline run produced."""
+class Stage:
+    """One stage of the series: its settings, the units it counts and `run`; `Pipeline.execute` marks it.
 
-    out_dir: Path
-    results: list[dict[str, Any]]
-    report: Path
-    seconds: dict[str, float]  # wall time of each stage run by this call
+    A stage takes its inputs in memory from the stages before it; `load()` rebuilds its own
+    outputs from its directory when it finished in an earlier call.
+    """
+
+    name = ""
+    unit = "runs"
+    after: tuple[str, ...] = ()  # the stages whose results it uses (their fingerprints are part of its own)
+    restarts = False  # cut short, it starts again from an empty directory (a training run keeps no checkpoint)
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline, self.monitor = pipeline, pipeline.monitor
+        self.directory = pipeline.out / self.name
+        self.done_before = 0  # set by Pipeline.execute from done()
+
+    def settings(self) -> dict[str, Any]:
+        """What the stage's results depend on (its fingerprint); execution fields are left out."""
+        raise NotImplementedError
+
+    def total(self) -> int | None:
+        """Units of the whole stage (None: counted as it runs)."""
+        return None
+
+    def done(self) -> int:
+        """Units that an unfinished stage completed before (asked only when it runs)."""
+        return 0
+
+    def skip_reason(self) -> str | None:
+        """Why the stage is switched off, if it is."""
+        return None
+
+    def run(self) -> str:
+        """Do the work (resuming what is there); return a one-line summary."""
+        raise NotImplementedError
+
+    def load(self) -> None:
+        """Read the outputs of a stage that finished before."""
 
 
-class Pipeline:
-    """Runs the stages of one pipeline directory in order (see the module docstring)."""
+class TrainingStage(Stage):
+    """One training run (baseline, HPO best); `summary` is its summary.json."""
 
-    def __init__(self, config: PipelineConfig, out_dir: str | Path, monitor: Monitor | None = None):
-        self.config, self.out, self.monitor = config, Path(out_dir), monitor or Monitor()
-        self.data: Any = None
-        self.upstream: dict[str, str] = {}
-        self.seconds: dict[str, float] = {}
+    unit = "steps"
+    restarts = True
 
-    # ---- helpers ---------------------------------------------------------------------------
+    def __init__(self, pipeline: Pipeline, name: str, config: TrainConfig, after: tuple[str, ...] = ()):
+        self.name, self.config, self.after = name, config, after
+        super().__init__(pipeline)
+        self.summary: dict[str, Any] = {}
 
-    def dataset(self) -> Any:
-        """The dataset, loaded once for the stages that take it."""
-        if self.data is None:
-            from effcifar.data import load_dataset
+    def settings(self) -> dict[str, Any]:
+        return result_values(self.config)
 
-            self.data = load_dataset(self.config.dataset, self.config.data_dir)
-        return self.data
-
-    def stage(self, name: str, settings: Mapping[str, Any], after: tuple[str, ...] = ()) -> Stage:
-        """The stage `name` with its settings (and the fingerprints of the stages it reads)."""
-        full = {"settings": settings, "after": {a: self.upstream[a] for a in after}}
-        directory = self.out / name
-        stage = Stage(name, STAGES.index(name) + 1, directory, full, read_marker(directory))
-        stage.check()
-        self.upstream[name] = stage.fingerprint
-        return stage
-
-    def run_stage(self, stage: Stage, work: Callable[[], str], unit: str, total: int | None = None,
-                  done: Callable[[], int] = lambda: 0, fresh: bool = False) -> None:
-        """Run `work` (which returns a one-line summary) unless the stage finished; mark it done.
-
-        `done()` counts the units a resumed stage finished before (asked only if the stage runs);
-        `fresh`: an unfinished stage starts again from an empty directory (a training run has no
-        checkpoint to resume from).
-        """
-        if stage.finished:
-            self.monitor.stage_skipped(stage.name, stage.number, "finished")
-            return
-        resumed = stage.marker is not None
-        if fresh and stage.directory.exists():
-            shutil.rmtree(stage.directory)
-            stage.marker = None
-        stage.start()
-        self.monitor.stage_started(stage.name, stage.number, resumed, unit, total, done())
-        start = time.perf_counter()
-        summary = work()
-        seconds = time.perf_counter() - start
-        stage.finish(seconds)
-        self.seconds[stage.name] = seconds
-        self.monitor.stage_finished(stage.name, seconds, summary)
-
-    def train_callbacks(self) -> tuple[list[Callable[[EpochMetrics], None]], Callable[[int, int], None]]:
-        """Epoch lines and step progress of one training run."""
-        best = [0.0]
+    def run(self) -> str:
+        best = 0.0
 
         def on_epoch(m: EpochMetrics) -> None:
-            best[0] = max(best[0], m.valid_acc)
+            nonlocal best
+            best = max(best, m.valid_acc)
             self.monitor.line(f"epoch {m.epoch}: train acc {m.train_acc:.2%}, valid acc {m.valid_acc:.2%}, "
                               f"{m.total_time:.0f} s")
 
-        return [on_epoch], lambda done, total: self.monitor.advance(done, total, f"valid {best[0]:.2%}")
+        def on_step(done: int, total: int) -> None:
+            self.monitor.advance(done, total, f"valid {best:.2%}")
 
-    def run_counter(self, total: int) -> Callable[[str], None]:
-        """Progress of runs made one after another: each announces itself with a line; the ones before it are done."""
-        done = [0]
+        self.summary = train(self.config, self.directory, callbacks=[on_epoch], on_step=on_step,
+                             data=self.pipeline.dataset()).summary
+        return f"test acc {self.summary['test_acc']:.2%}, train time {self.summary['train_time']:.1f} s"
 
-        def progress(text: str) -> None:
-            self.monitor.line(text)
-            self.monitor.advance(done[0], total)
-            done[0] += 1
+    def load(self) -> None:
+        self.summary = json.loads((self.directory / "summary.json").read_text())
 
-        return progress
+    def result(self, name: str) -> dict[str, Any]:
+        """Its row of the final table."""
+        return result_row(name, self.summary, self.directory.relative_to(self.pipeline.out))
 
-    def train_run(self, config: TrainConfig, directory: Path) -> dict[str, Any]:
-        """One training run into `directory`; its summary."""
-        callbacks, on_step = self.train_callbacks()
-        return train(config, directory, callbacks=callbacks, on_step=on_step, data=self.dataset()).summary
 
-    # ---- the stages ------------------------------------------------------------------------
+class HpoStage(Stage):
+    """The HPO study; `best` holds the chosen trial's TrainConfig values, `best_file` their best.json."""
 
-    def run(self) -> PipelineResult:
-        """Every stage in order; then results.json and the report."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out}: expected a pipeline directory, got a file")
-        settings = self.out / "pipeline.yaml"
-        if not settings.exists():
-            self.write_settings()
-        baseline = self.training_stage("baseline", self.config.baseline_config())
-        best_file, best = self.hpo()
-        hpo_best = self.training_stage("hpo_best", self.config.final_config(best, str(best_file)), after=("hpo",))
-        supernet = self.supernet(best_file, best)
-        self.search()
-        nas = self.retrain(best_file, best, supernet)
-        self.nas_eval(best_file)
-        results = [self.result_row("baseline", baseline), self.result_row("hpo", hpo_best),
-                   self.result_row("nas", nas)]
-        atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
-        from effcifar.report import write_report  # matplotlib only here
+    name, unit = "hpo", "trials"
 
-        report = write_report(self.out)
-        self.write_settings()
-        return PipelineResult(self.out, results, report, self.seconds)
+    def __init__(self, pipeline: Pipeline):
+        super().__init__(pipeline)
+        plan = pipeline.plan
+        self.base, self.space = plan.trial_base, pipeline.config.hpo["space"]
+        self.config = dataclasses.replace(plan.hpo, space=str(self.directory / "search_space.json"),
+                                          base=str(self.directory / "base.yaml"), study=pipeline.study_name("hpo"))
+        self.best_file = self.directory / "best.json"
+        self.best: dict[str, Any] = {}
 
-    def write_settings(self) -> None:
-        """pipeline.yaml: every setting of the run, usable as a --config file."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.out / "pipeline.yaml", f"# preset: {self.config.preset}\n"
-                     + yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None))
+    def settings(self) -> dict[str, Any]:
+        return {"hpo": {k: v for k, v in result_values(self.config).items() if k not in ("space", "base")},
+                "space": self.space, "base": result_values(self.base)}
 
-    def result_row(self, name: str, run: Path) -> dict[str, Any]:
-        """A final table row from a finished training run's summary."""
-        summary = json.loads((run / "summary.json").read_text())
-        return {"name": name, "test_acc": summary["test_acc"], "train_time": summary["train_time"],
-                "params": summary["params"], "flops": summary["flops"], "run": str(run.relative_to(self.out))}
+    def total(self) -> int:
+        return self.config.trials
 
-    def training_stage(self, name: str, config: TrainConfig, after: tuple[str, ...] = ()) -> Path:
-        """A stage that is one training run (it restarts if cut short: the core trainer keeps no checkpoint)."""
-        stage = self.stage(name, result_values(config), after)
+    def done(self) -> int:
+        return trials_done(self.directory, self.config)
 
-        def work() -> str:
-            summary = self.train_run(config, stage.directory)
-            return f"test acc {summary['test_acc']:.2%}, train time {summary['train_time']:.1f} s"
+    def run(self) -> str:
+        import optuna
 
-        self.run_stage(stage, work, "steps", fresh=True)
-        return stage.directory
-
-    def hpo(self) -> tuple[Path, dict[str, Any]]:
-        """The HPO study; best.json by the tie rule."""
         from effcifar.hpo import study as hpo
 
-        directory = self.out / "hpo"
-        base = self.config.trial_base()
-        config = self.config.hpo_config(str(directory / "search_space.json"), str(directory / "base.yaml"),
-                                        self.study_name("hpo"))
-        settings = {"hpo": {k: v for k, v in result_values(config).items() if k not in ("space", "base")},
-                    "space": self.config.hpo["space"], "base": result_values(base)}
-        stage = self.stage("hpo", settings)
-        before = functools.cache(lambda: trials_done(directory, config))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        atomic_write(self.directory / "search_space.json", json.dumps(self.space, indent=2) + "\n")
+        save_config(self.base, self.directory / "base.yaml")
+        done, best = self.done_before, 0.0
 
-        def work() -> str:
-            import optuna
+        def on_trial(t: Any) -> None:
+            nonlocal done, best
+            done += 1
+            accuracy = t.user_attrs.get("accuracy")
+            if t.state.name == "COMPLETE" and accuracy is not None:
+                best = max(best, accuracy)
+            detail = f"valid acc {accuracy:.2%}" if accuracy is not None else t.user_attrs.get("fail_reason", "")
+            self.monitor.line(f"trial {t.number}: {t.state.name.lower()} {detail}")
+            self.monitor.advance(done, self.config.trials, f"best {best:.2%}")
 
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            atomic_write(directory / "search_space.json", json.dumps(self.config.hpo["space"], indent=2) + "\n")
-            save_config(base, directory / "base.yaml")
-            done, best = before(), [0.0]
+        hpo.run_study(self.config, self.directory, on_trial=on_trial)
+        _, chosen = hpo.write_best(self.directory, storage=self.config.storage)
+        self.best = chosen.user_attrs["config"]
+        return (f"best: trial {chosen.number}, valid acc {chosen.user_attrs['accuracy']:.2%}, "
+                f"train time {chosen.user_attrs['train_time']:.1f} s")
 
-            def on_trial(t: Any) -> None:
-                nonlocal done
-                done += 1
-                accuracy = t.user_attrs.get("accuracy")
-                if t.state.name == "COMPLETE" and accuracy is not None:
-                    best[0] = max(best[0], accuracy)
-                detail = f"valid acc {accuracy:.2%}" if accuracy is not None else t.user_attrs.get("fail_reason", "")
-                self.monitor.line(f"trial {t.number}: {t.state.name.lower()} {detail}")
-                self.monitor.advance(done, config.trials, f"best {best[0]:.2%}")
+    def load(self) -> None:
+        self.best = json.loads(self.best_file.read_text())
 
-            hpo.run_study(config, directory, on_trial=on_trial)
-            _, chosen = hpo.write_best(directory, storage=config.storage)
-            return (f"best: trial {chosen.number}, valid acc {chosen.user_attrs['accuracy']:.2%}, "
-                    f"train time {chosen.user_attrs['train_time']:.1f} s")
 
-        self.run_stage(stage, work, "trials", config.trials, before)
-        best_file = directory / "best.json"
-        return best_file, json.loads(best_file.read_text())
+class SupernetStage(Stage):
+    """The SPOS supernet with the HPO best's widths and learning rate; resumes from its checkpoints."""
 
-    def study_name(self, stage: str) -> str | None:
-        """Studies in a shared database are named after the run (a journal is the run's own)."""
-        section = getattr(self.config, stage)
-        if section.get("study") or not section.get("storage"):
-            return section.get("study")
-        return f"{self.out.name}-{stage}"
+    name, unit, after = "supernet", "steps", ("hpo",)
 
-    def supernet(self, best_file: Path, best: dict[str, Any]) -> Any:
-        """The SPOS supernet with the HPO best's widths and learning rate; resumes from its checkpoints."""
+    def __init__(self, pipeline: Pipeline, hpo: HpoStage):
+        super().__init__(pipeline)
+        self.config = pipeline.config.supernet_config(hpo.best, str(hpo.best_file))
+
+    def settings(self) -> dict[str, Any]:
+        return result_values(self.config)
+
+    def run(self) -> str:
         from effcifar.nas import supernet as supernet_lib
 
-        config = self.config.supernet_config(best, str(best_file))
-        stage = self.stage("supernet", result_values(config), after=("hpo",))
+        panel = ""
 
-        def work() -> str:
-            resume = bool(supernet_lib.checkpoint_files(stage.directory))
-            panel = [""]
+        def on_step(epoch: int, step: int, steps: int) -> None:
+            self.monitor.advance((epoch - 1) * steps + step, steps * self.config.epochs, panel)
 
-            def on_step(epoch: int, step: int, steps: int) -> None:
-                self.monitor.advance((epoch - 1) * steps + step, steps * config.epochs, panel[0])
+        def on_epoch(row: dict[str, Any]) -> None:
+            nonlocal panel
+            panel = f"panel {row['valid_panel_mean']:.2%}" if "valid_panel_mean" in row else ""
+            self.monitor.line(f"epoch {row['epoch']}: train acc {row['train_acc']:.2%}, {panel}")
 
-            def on_epoch(row: dict[str, Any]) -> None:
-                panel[0] = f"panel {row['valid_panel_mean']:.2%}" if "valid_panel_mean" in row else ""
-                self.monitor.line(f"epoch {row['epoch']}: train acc {row['train_acc']:.2%}, {panel[0]}")
+        resume = bool(supernet_lib.checkpoint_files(self.directory))
+        result = supernet_lib.train_supernet(self.config, self.directory, resume=resume, data=self.pipeline.dataset(),
+                                             on_step=on_step, on_epoch=on_epoch, warn=self.monitor.line)
+        return "final panel: " + ", ".join(f"{k[6:]} {v:.2%}" for k, v in result.summary["final_panel"].items())
 
-            result = supernet_lib.train_supernet(config, stage.directory, resume=resume, data=self.dataset(),
-                                                 on_step=on_step, on_epoch=on_epoch, warn=self.monitor.line)
-            final = result.summary["final_panel"]
-            return "final panel: " + ", ".join(f"{k[6:]} {v:.2%}" for k, v in final.items())
 
-        self.run_stage(stage, work, "steps")
-        return config
+class SearchStage(Stage):
+    """The architecture search over the supernet; arch/top_K.json."""
 
-    def search(self) -> None:
-        """The architecture search over the supernet; arch/top_K.json."""
+    name, unit, after = "search", "evaluations", ("supernet",)
+
+    def __init__(self, pipeline: Pipeline, supernet: SupernetStage):
+        super().__init__(pipeline)
+        self.supernet_dir = supernet.directory
+        self.config = dataclasses.replace(pipeline.plan.search, study=pipeline.study_name("search"))
+
+    def settings(self) -> dict[str, Any]:
+        return result_values(self.config)
+
+    def total(self) -> int:
+        return self.config.evaluations
+
+    def done(self) -> int:
+        return trials_done(self.directory, self.config)
+
+    def run(self) -> str:
         from effcifar.nas import search as search_lib
 
-        config = dataclasses.replace(self.config.search_config(), study=self.study_name("search"))
-        stage = self.stage("search", result_values(config), after=("supernet",))
-        before = functools.cache(lambda: trials_done(stage.directory, config))
+        total = self.config.evaluations
+        best, done = 0.0, self.done_before
 
-        def work() -> str:
-            best, done = [0.0], [before()]
+        def on_trial(t: Any) -> None:
+            nonlocal best, done
+            done += 1
+            accuracy = t.user_attrs.get("accuracy")
+            if accuracy is not None:
+                best = max(best, accuracy)
+            self.monitor.advance(done, total, f"best {best:.2%}")
+            if done % self.config.population == 0 or done == total:
+                self.monitor.line(f"{done} of {total} evaluations: best held-out {best:.2%}")
 
-            def on_trial(t: Any) -> None:
-                done[0] += 1
-                accuracy = t.user_attrs.get("accuracy")
-                if accuracy is not None:
-                    best[0] = max(best[0], accuracy)
-                self.monitor.advance(done[0], config.evaluations, f"best {best[0]:.2%}")
-                if done[0] % config.population == 0 or done[0] == config.evaluations:
-                    self.monitor.line(f"{done[0]} of {config.evaluations} evaluations: best held-out {best[0]:.2%}")
+        study = search_lib.run_search(self.config, self.supernet_dir, self.directory, on_trial=on_trial)
+        top = search_lib.top_records(study, 1)[0]
+        return f"best held-out accuracy {top['accuracy']:.2%} ({top['flops'] / 1e6:,.1f} MFLOPs)"
 
-            study = search_lib.run_search(config, self.out / "supernet", stage.directory, on_trial=on_trial)
-            top = search_lib.top_records(study, 1)
-            return f"best held-out accuracy {top[0]['accuracy']:.2%} ({top[0]['flops'] / 1e6:,.1f} MFLOPs)"
 
-        self.run_stage(stage, work, "evaluations", config.evaluations, before)
+class RetrainStage(Stage):
+    """The search's top architectures from scratch with the HPO best's hyper-parameters; `rows` per architecture."""
 
-    def retrain(self, best_file: Path, best: dict[str, Any], supernet: Any) -> Path:
-        """The search's top architectures from scratch with the HPO best's hyper-parameters."""
+    name, after = "retrain", ("search", "hpo")
+
+    def __init__(self, pipeline: Pipeline, search: SearchStage, final: TrainConfig, supernet: SupernetStage):
+        super().__init__(pipeline)
+        self.search_dir, self.top = search.directory, pipeline.plan.retrain_top
+        self.base = pipeline.config.retrain_base(final, supernet.config)
+        self.rows: list[dict[str, Any]] = []
+
+    def settings(self) -> dict[str, Any]:
+        return {"top": self.top, "base": result_values(self.base)}
+
+    def total(self) -> int:
+        return self.top
+
+    def run(self) -> str:
         from effcifar.nas import retrain as retrain_lib
 
-        top = self.config.retrain.get("top", 1)
-        base = self.config.retrain_base(self.config.final_config(best, str(best_file)), supernet)
-        stage = self.stage("retrain", {"top": top, "base": result_values(base)}, after=("search", "hpo"))
+        self.rows = retrain_lib.retrain_top(self.search_dir, self.top, self.directory, self.base,
+                                            progress=self.pipeline.run_counter(self.top))
+        self.monitor.advance(self.top, self.top)
+        return ", ".join(f"top_{r['rank']}: test acc {r['standalone_test_acc']:.2%}" for r in self.rows)
 
-        def work() -> str:
-            progress = self.run_counter(top)
-            rows = retrain_lib.retrain_top(self.out / "search", top, stage.directory, base, progress=progress)
-            self.monitor.advance(top, top)
-            return ", ".join(f"top_{r['rank']}: test acc {r['standalone_test_acc']:.2%}" for r in rows)
+    def load(self) -> None:
+        self.rows = json.loads((self.directory / "retrain.json").read_text())
 
-        self.run_stage(stage, work, "runs", top)
-        return stage.directory / "top_0"
+    def result(self, name: str) -> dict[str, Any]:
+        """The best architecture's row of the final table."""
+        r = self.rows[0]
+        return {"name": name, "test_acc": r["standalone_test_acc"], "train_time": r["train_time"],
+                "params": r["params"], "flops": r["flops"], "run": str(Path(self.name) / "top_0")}
 
-    def nas_eval(self, best_file: Path) -> None:
-        """Supernet vs standalone ranking of random subnets (skipped when nas_eval.sample is 0)."""
+
+class NasEvalStage(Stage):
+    """Supernet vs standalone ranking of random subnets (skipped when nas_eval.sample is 0)."""
+
+    name, unit, after = "nas_eval", "subnets", ("supernet", "hpo")
+
+    def __init__(self, pipeline: Pipeline, supernet: SupernetStage, hpo: HpoStage):
+        super().__init__(pipeline)
+        plan = pipeline.plan
+        self.supernet_dir, self.best_file = supernet.directory, hpo.best_file
+        self.sample, self.epochs, self.overrides = plan.nas_eval_sample, plan.nas_eval_epochs, plan.nas_eval_overrides
+
+    def settings(self) -> dict[str, Any]:
+        computed = {k: v for k, v in self.overrides.items() if k not in execution_fields(TrainConfig)}
+        return {"sample": self.sample, "epochs": self.epochs, "overrides": computed, "seed": self.pipeline.config.seed}
+
+    def total(self) -> int:
+        return self.sample
+
+    def skip_reason(self) -> str | None:
+        return "nas_eval.sample is 0" if self.sample == 0 else None
+
+    def run(self) -> str:
         from effcifar.nas import retrain as retrain_lib
 
-        sample, epochs = self.config.nas_eval.get("sample", 0), self.config.nas_eval.get("epochs", 1)
-        overrides = self.config.nas_eval_overrides()
-        computed = {k: v for k, v in overrides.items() if k not in execution_fields(TrainConfig)}
-        stage = self.stage("nas_eval", {"sample": sample, "epochs": epochs, "overrides": computed,
-                                        "seed": self.config.seed}, after=("supernet", "hpo"))
-        if sample == 0:
-            self.monitor.stage_skipped("nas_eval", stage.number, "nas_eval.sample is 0")
-            return
+        report = retrain_lib.nas_eval(self.supernet_dir, self.sample, self.epochs, self.directory,
+                                      self.pipeline.config.seed, self.best_file, self.overrides,
+                                      progress=self.pipeline.run_counter(self.sample))
+        self.monitor.advance(self.sample, self.sample)
+        return f"Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f} over {report.n} subnets"
 
-        def work() -> str:
-            progress = self.run_counter(sample)
-            report = retrain_lib.nas_eval(self.out / "supernet", sample, epochs, stage.directory, self.config.seed,
-                                          best_file, overrides, progress=progress)
-            self.monitor.advance(sample, sample)
-            return f"Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f} over {report.n} subnets"
 
-        self.run_stage(stage, work, "subnets", sample)
+def result_row(name: str, summary: Mapping[str, Any], run: Path) -> dict[str, Any]:
+    """A final table row from a training run's summary."""
+    return {"name": name, "test_acc": summary["test_acc"], "train_time": summary["train_time"],
+            "params": summary["params"], "flops": summary["flops"], "run": str(run)}
 
 
 def trials_done(directory: Path, config: Any) -> int:
@@ -714,6 +722,118 @@ def trials_done(directory: Path, config: Any) -> int:
     except KeyError:
         return 0
     return budget_used(study.get_trials(deepcopy=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run produced."""
+
+    out_dir: Path
+    results: list[dict[str, Any]]
+    report: Path
+    seconds: dict[str, float]  # wall time of each stage run by this call
+
+
+class Pipeline:
+    """Runs the stages of one pipeline directory in order (see the module docstring)."""
+
+    def __init__(self, config: PipelineConfig, out_dir: str | Path, monitor: Monitor | None = None):
+        self.config, self.plan, self.out = config, config.plan, Path(out_dir)
+        self.monitor = monitor or Monitor()
+        self.data: Any = None
+        self.fingerprints: dict[str, str] = {}  # of the stages so far, by name
+        self.seconds: dict[str, float] = {}
+
+    def dataset(self) -> Any:
+        """The dataset, loaded once for the stages that take it."""
+        if self.data is None:
+            from effcifar.data import load_dataset
+
+            self.data = load_dataset(self.config.dataset, self.config.data_dir)
+        return self.data
+
+    def study_name(self, stage: str) -> str | None:
+        """Studies in a shared database are named after the run (a journal is the run's own)."""
+        section = getattr(self.config, stage)
+        if section.get("study") or not section.get("storage"):
+            return section.get("study")
+        return f"{self.out.name}-{stage}"
+
+    def run_counter(self, total: int) -> Callable[[str], None]:
+        """Progress of runs made one after another: each announces itself with a line; the ones before it are done."""
+        done = 0
+
+        def progress(text: str) -> None:
+            nonlocal done
+            self.monitor.line(text)
+            self.monitor.advance(done, total)
+            done += 1
+
+        return progress
+
+    def execute(self, stage: S) -> S:
+        """Run `stage` unless it finished with the same settings (then load its outputs); mark it; return it.
+
+        A stage started with other settings is refused.
+        """
+        settings = {"settings": stage.settings(), "after": {a: self.fingerprints[a] for a in stage.after}}
+        record = StageRecord(stage.name, STAGES.index(stage.name) + 1, stage.directory, settings,
+                             read_marker(stage.directory))
+        record.check()
+        self.fingerprints[stage.name] = record.fingerprint
+        if record.finished:
+            self.monitor.stage_skipped(stage.name, record.number, "finished")
+            stage.load()
+            return stage
+        if stage.skip_reason() is not None:
+            self.monitor.stage_skipped(stage.name, record.number, stage.skip_reason())
+            return stage
+        resumed = record.marker is not None
+        if stage.restarts and stage.directory.exists():
+            shutil.rmtree(stage.directory)
+            record.marker = None
+        record.start()
+        stage.done_before = stage.done()
+        self.monitor.stage_started(stage.name, record.number, resumed, stage.unit, stage.total(), stage.done_before)
+        start = time.perf_counter()
+        summary = stage.run()
+        seconds = time.perf_counter() - start
+        record.finish(seconds)
+        self.seconds[stage.name] = seconds
+        self.monitor.stage_finished(stage.name, seconds, summary)
+        return stage
+
+    def run(self) -> PipelineResult:
+        """Every stage in order; then results.json and the report."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out}: expected a pipeline directory, got a file")
+        if not (self.out / "pipeline.yaml").exists():
+            self.write_settings()
+        baseline = self.execute(TrainingStage(self, "baseline", self.plan.baseline))
+        hpo = self.execute(HpoStage(self))
+        final = self.config.final_config(hpo.best, str(hpo.best_file))
+        hpo_best = self.execute(TrainingStage(self, "hpo_best", final, after=("hpo",)))
+        supernet = self.execute(SupernetStage(self, hpo))
+        search = self.execute(SearchStage(self, supernet))
+        retrain = self.execute(RetrainStage(self, search, final, supernet))
+        self.execute(NasEvalStage(self, supernet, hpo))
+        results = [baseline.result("baseline"), hpo_best.result("hpo"), retrain.result("nas")]
+        atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
+        from effcifar.report import write_report  # matplotlib only here
+
+        report = write_report(self.out)
+        self.write_settings()
+        return PipelineResult(self.out, results, report, self.seconds)
+
+    def write_settings(self) -> None:
+        """pipeline.yaml: every setting of the run, usable as a --config file."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out / "pipeline.yaml", f"# preset: {self.config.preset}\n"
+                     + yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None))
 
 
 def run_pipeline(config: PipelineConfig, out_dir: str | Path, monitor: Monitor | None = None) -> PipelineResult:
