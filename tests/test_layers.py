@@ -21,7 +21,7 @@ LAYERS = [
     ["effcifar.studies"],
     ["effcifar.hpo", "effcifar.hpo.space", "effcifar.hpo.experiment", "effcifar.hpo.study",
      "effcifar.nas.samplers", "effcifar.nas.supernet", "effcifar.nas.search", "effcifar.nas.retrain"],
-    ["effcifar.pipeline", "effcifar.report", "effcifar.dashboard"],
+    ["effcifar.pipeline", "effcifar.pipeline.plan", "effcifar.pipeline.stages", "effcifar.report", "effcifar.dashboard"],
     ["effcifar.cli", "effcifar.__main__"],
 ]
 
