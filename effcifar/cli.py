@@ -30,6 +30,8 @@ from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 ALIASES = {"total_epoch": ["--epochs"]}
+NOTES = {"total_epoch": "; given without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its "
+                        "fraction of the run"}
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -39,13 +41,13 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for name, annotation in field_types(cls).items():
         kind, _ = base_type(annotation)
         flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, [])]
-        default = getattr(defaults, name)
+        text = f"(default: {getattr(defaults, name)}){NOTES.get(name, '')}"
         if kind is bool:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=f"(default: {default})")
+                               default=argparse.SUPPRESS, help=text)
         else:
             group.add_argument(*flags, dest=name, metavar=kind.__name__.upper(), type=str,
-                               default=argparse.SUPPRESS, help=f"(default: {default})")
+                               default=argparse.SUPPRESS, help=text)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, load: Callable[..., Any] | None = None) -> Any:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import csv
 import html
-import json
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write, atomic_write_with
-from effcifar.config import build_config
+from effcifar.config import build_config, read_json, read_text
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.ranking import RankingReport, scatter_plot
 from effcifar.nas.samplers import GENERATION_ATTR
@@ -60,6 +60,8 @@ STAGES = (
 )
 RESULTS = "results.json"
 RESULTS_COMMAND = "effcifar pipeline"
+TRAINING_COLUMNS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc")  # of logs.tsv, drawn
+SUPERNET_COLUMNS = ("epoch", "train_loss", "valid_panel_mean", "space_size")
 DPI = 100
 
 
@@ -87,37 +89,28 @@ class Report:
 # Reading run directories
 
 
-def read_tsv(path: Path) -> list[dict[str, Any]]:
-    """A logs.tsv as rows of numbers (text where a value is not a number); [] if absent."""
+def read_tsv(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """A logs.tsv as rows of numbers ([] if absent); a ConfigError names the file if a column is missing or not numeric."""
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [{k: _number(v) for k, v in row.items()} for row in rows]
-
-
-def _number(text: str) -> Any:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return text
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file, or a ConfigError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    reader = csv.DictReader(io.StringIO(read_text(path, "log")), delimiter="\t")
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ConfigError(f"{path}: expected the columns {', '.join(columns)}; missing {', '.join(missing)}")
+    rows = list(reader)
+    for line, row in enumerate(rows, 2):
+        for name, value in row.items():
+            try:
+                row[name] = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}: line {line}: column '{name}': expected a number, got {value!r}") from None
+    return rows
 
 
 def _tsv_columns(path: Path) -> list[str]:
     if not path.is_file():
         return []
-    with path.open() as f:
-        return f.readline().rstrip("\n").split("\t")
+    return read_text(path, "log").partition("\n")[0].split("\t")
 
 
 def run_kind(run_dir: Path) -> str | None:
@@ -228,7 +221,7 @@ def training_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> S
     loss_ax, acc_ax = figure.subplots(1, 2)
     section.table.append(["run", "epochs", "test accuracy", "train time (s)", "params", "MFLOPs"])
     for i, run in enumerate(runs):
-        rows, color = read_tsv(run / "logs.tsv"), f"C{i}"
+        rows, color = read_tsv(run / "logs.tsv", TRAINING_COLUMNS), f"C{i}"
         label = run.name if len(runs) > 1 else ""
         epochs = [r["epoch"] for r in rows]
         for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
@@ -371,7 +364,7 @@ def parallel_coordinates(complete: list[FrozenTrial], title: str, out_dir: Path,
 def supernet_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
     """Panel accuracies per epoch (largest, smallest, random subnets, mean) with shrink events marked."""
     section = Section(title, run_dir)
-    rows = read_tsv(run_dir / "logs.tsv")
+    rows = read_tsv(run_dir / "logs.tsv", SUPERNET_COLUMNS)
     if not rows:
         section.notes.append("No epoch finished yet.")
         return section

@@ -14,7 +14,8 @@ on the supernet run's held-out split (the standalone runs validate on it).
 The base config of the standalone runs is layered: the supernet run's fields that TrainConfig
 shares (data, augmentation, optimiser, widths, hold-out, seed) < a `config` file (e.g. an HPO
 best.json) < per-field overrides. A `total_epoch` override without `peak_epoch` keeps the
-base schedule's shape (the peak at the same fraction of training). Both commands resume:
+base schedule's shape (the peak at the same fraction of training; `effcifar.config`). Both commands
+resume:
 a run with a summary.json is not trained again (it must have been made with the same config).
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, coerce_value, field_types, fingerprint, result_values
+from effcifar.config import build_config, fingerprint, read_json, result_values
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.ranking import RankingReport, scatter_plot
@@ -47,19 +48,7 @@ def base_config(supernet_dir: str | Path, config_file: str | Path | None = None,
     sconfig = load_supernet_config(supernet_dir)
     shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(SupernetConfig)} - {"space"}
     base = (str(supernet_dir / "config.yaml"), {name: getattr(sconfig, name) for name in sorted(shared)})
-    overrides = dict(overrides or {})
-    epochs = overrides.pop("total_epoch", None)
-    config = build_config(TrainConfig, config_file, overrides, overrides_from_text, base=base)
-    if epochs is None:
-        return config
-    try:
-        epochs = coerce_value(field_types(TrainConfig)["total_epoch"], epochs, from_text=overrides_from_text)
-    except ValueError as e:
-        raise ConfigError(f"field 'total_epoch': expected {e}, got {epochs!r}") from None
-    peak = config.peak_epoch if "peak_epoch" in overrides else config.peak_epoch * epochs / config.total_epoch
-    config = dataclasses.replace(config, total_epoch=epochs, peak_epoch=peak)
-    config.validate()
-    return config
+    return build_config(TrainConfig, config_file, overrides, overrides_from_text, base=base)
 
 
 def search_supernet_dir(search_dir: str | Path) -> Path:
@@ -67,7 +56,7 @@ def search_supernet_dir(search_dir: str | Path) -> Path:
     path = Path(search_dir) / "supernet.txt"
     try:
         return Path(path.read_text().strip())
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         raise ConfigError(f"{search_dir}: not a search run (no supernet.txt; run `effcifar search` first)") from None
 
 
@@ -75,7 +64,7 @@ def train_once(config: TrainConfig, run_dir: Path, data: CifarData) -> dict[str,
     """The summary of `run_dir`: its finished run's if it has one (with the same config), else a new run's."""
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path, "run summary")
         done, wanted = result_values(TrainConfig(**summary["config"])), result_values(config)
         if fingerprint(done) != fingerprint(wanted):
             changed = sorted(k for k in wanted if done.get(k) != wanted[k])

@@ -42,10 +42,10 @@ from effcifar.config import build_config, execution, field_error, fingerprint, r
 from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
-from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, skip_depth
+from effcifar.nas.space import Arch, ArchSpace, CostTable, LayerChoice, Supernet, extreme_arch, skip_depth
 from effcifar.train import (
-    AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, device_loaders, device_name, library_versions, resolve_device, resolve_precision,
-    seed_everything, write_tsv,
+    AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, check_memory,
+    device_loaders, device_name, library_versions, resolve_device, resolve_precision, seed_everything, write_tsv,
 )
 
 SCHEDULES = ("linear", "cosine")
@@ -184,6 +184,14 @@ class PathSampler:
             f"{MAX_SAMPLING_TRIES} draws (smallest {self.costs.flops_of(self.costs.extreme(False, space)):.4g}, "
             f"largest {self.costs.flops_of(self.costs.extreme(True, space)):.4g} FLOPs)"
         )
+
+
+def widest_path(net: Supernet) -> Supernet:
+    """`net` with its path of the most parameters chosen: the memory estimate's (all candidates are held, one runs)."""
+    sizes = {key: {name: sum(p.numel() for p in op.parameters()) for name, op in module.candidates.items()}
+             for key, module in net.choice_modules().items() if isinstance(module, LayerChoice)}
+    net.set_arch(extreme_arch(sizes, net.space, largest=True))
+    return net
 
 
 def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], autocast: Callable[[], Any]) -> None:
@@ -495,6 +503,8 @@ class SupernetTrainer:
                               config.batch_size)
         self.device, self.precision = device, resolve_precision(config.precision, device)
         self.data = data if data is not None else load_dataset(config.dataset, config.data_dir)
+        check_memory(config.train_config(), self.data, device, self.precision,
+                     lambda: widest_path(Supernet(self.space, config.channels(), self.data.num_classes)))
         self.train_loader, self.valid_loader = device_loaders(config.train_config(), self.data, device)
 
         seed_everything(config.seed)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import yaml
 
 from effcifar.atomic import atomic_write
-from effcifar.config import execution_fields, fingerprint, result_values, save_config
+from effcifar.config import changed_fields, execution_fields, fingerprint, read_json, result_values, save_config
 from effcifar.errors import ConfigError
 from effcifar.pipeline.plan import STAGES, PipelineConfig
 from effcifar.train import EpochMetrics, TrainConfig, train
@@ -61,25 +61,10 @@ def read_marker(stage_dir: Path) -> dict[str, Any] | None:
     path = stage_dir / MARKER
     if not path.is_file():
         return None
-    try:
-        marker = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path}: not valid JSON (remove the stage directory to run the stage again)") from None
+    marker = read_json(path, "stage marker (remove the stage directory to run the stage again)")
     if not isinstance(marker, dict) or "fingerprint" not in marker:
         raise ConfigError(f"{path}: not a pipeline stage marker")
     return marker
-
-
-def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ."""
-    names = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            names += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            names.append(f"{prefix}{key}")
-    return names
 
 
 @dataclass
@@ -105,7 +90,7 @@ class StageRecord:
     def check(self) -> None:
         """Refuse a stage that was started with other settings."""
         if self.marker is not None and self.marker["fingerprint"] != self.fingerprint:
-            changed = differences(self.marker.get("settings", {}), self.settings)
+            changed = changed_fields(self.marker.get("settings", {}), self.settings)
             raise ConfigError(f"{self.directory}: stage '{self.name}' was run with other settings "
                               f"({', '.join(changed) or 'unknown'} differ); use the same settings to resume, "
                               f"or another --out")
@@ -201,7 +186,7 @@ class TrainingStage(Stage):
         return f"test acc {self.summary['test_acc']:.2%}, train time {self.summary['train_time']:.1f} s"
 
     def load(self) -> None:
-        self.summary = json.loads((self.directory / "summary.json").read_text())
+        self.summary = read_json(self.directory / "summary.json", "run summary")
 
     def result(self, name: str) -> dict[str, Any]:
         """Its row of the final table."""
@@ -259,7 +244,7 @@ class HpoStage(Stage):
                 f"train time {chosen.user_attrs['train_time']:.1f} s")
 
     def load(self) -> None:
-        self.best = json.loads(self.best_file.read_text())
+        self.best = read_json(self.best_file, "HPO best")
 
 
 class SupernetStage(Stage):
@@ -359,7 +344,7 @@ class RetrainStage(Stage):
         return ", ".join(f"top_{r['rank']}: test acc {r['standalone_test_acc']:.2%}" for r in self.rows)
 
     def load(self) -> None:
-        self.rows = json.loads((self.directory / "retrain.json").read_text())
+        self.rows = read_json(self.directory / "retrain.json", "retraining results")
 
     def result(self, name: str) -> dict[str, Any]:
         """The best architecture's row of the final table."""
