@@ -19,7 +19,9 @@ What a directory can be (checked in this order):
 - a supernet run: `logs.tsv` with a `valid_panel_mean` column (`effcifar supernet train`).
 - a training run: `logs.tsv` with a `valid_acc` column; `summary.json` (with `test_acc`) once it
   has finished (`effcifar train`).
-Anything else is a one-line ConfigError.
+Anything else is a one-line ConfigError, and so is a file of a single run that cannot be read (not
+UTF-8, not JSON, a logs.tsv without its columns); in a pipeline directory such a part becomes a
+remark in the report. The output directory is locked while the report is written.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from effcifar.config import build_config, read_json, read_text
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.ranking import RankingReport, scatter_plot
 from effcifar.nas.samplers import GENERATION_ATTR
+from effcifar.rundir import locked
 
 # Pipeline stages in report order: (subdirectory, title, command that produces it).
 STAGES = (
@@ -560,14 +563,13 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repor
         raise ConfigError(f"{run_dir}: not a run directory (expected a training, HPO, supernet, search or "
                           f"ranking run, or a pipeline directory with {', '.join(n for n, _, _ in STAGES)})")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    if kind == "pipeline":
-        sections, missing = pipeline_sections(run_dir, out)
-    else:
-        title = TITLES[kind]
-        sections, missing = [guarded(SECTIONS[kind], title, run_dir, title, run_dir, out, kind)], []
-    path = out / "report.html"
-    atomic_write(path, render_html(run_dir, sections, missing))
+    with locked(out):
+        if kind == "pipeline":  # a part that cannot be drawn becomes a remark
+            sections, missing = pipeline_sections(run_dir, out)
+        else:  # the run is the whole report: what cannot be drawn is a one-line error
+            sections, missing = [SECTIONS[kind](TITLES[kind], run_dir, out, kind)], []
+        path = out / "report.html"
+        atomic_write(path, render_html(run_dir, sections, missing))
     return Report(path, sections, missing)
 
 

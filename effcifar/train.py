@@ -8,6 +8,7 @@ stop the run (hyper-parameter search prunes through them).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -30,6 +31,7 @@ from effcifar.config import build_from_layers, execution, field_error, read_json
 from effcifar.errors import ConfigError, TrainingDiverged
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
+from effcifar.rundir import locked
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Recipes by name, as "module:class" (like entry points): core names a recipe module but never imports
@@ -548,15 +550,18 @@ def train(
     """Run one training run; write the run directory if `out_dir` is given.
 
     `data` lets a caller that runs many trials load the dataset once. Each callback receives
-    the metrics of every epoch; if one returns True the run stops after that epoch.
+    the metrics of every epoch; if one returns True the run stops after that epoch. The run
+    directory is locked while the run writes it (`effcifar.rundir`).
     """
     config.validate()
-    return run_training(config, Path(out_dir) if out_dir is not None else None, callbacks, on_step, data)
+    out = Path(out_dir) if out_dir is not None else None
+    with locked(out) if out is not None else contextlib.nullcontext():
+        return run_training(config, out, callbacks, on_step, data)
 
 
 def run_training(config: TrainConfig, out: Path | None, callbacks: Sequence[EpochCallback], on_step: StepHook | None,
                  data: CifarData | None) -> TrainResult:
-    """The body of `train`."""
+    """The body of `train`, with its run directory (if any) locked."""
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -582,7 +587,6 @@ def run_training(config: TrainConfig, out: Path | None, callbacks: Sequence[Epoc
     step_fn = recipe.train_step(model, precision)
 
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         if config.arch is not None:  # the run keeps its architecture and space, wherever the file was
             space, arch = config.architecture()

@@ -15,7 +15,7 @@ The base config of the standalone runs is layered: the supernet run's fields tha
 shares (data, augmentation, optimiser, widths, hold-out, seed) < a `config` file (e.g. an HPO
 best.json) < per-field overrides. A `total_epoch` override without `peak_epoch` keeps the
 base schedule's shape (the peak at the same fraction of training; `effcifar.config`). Both commands
-resume:
+lock their output directory and resume:
 a run with a summary.json is not trained again (it must have been made with the same config).
 """
 
@@ -36,6 +36,7 @@ from effcifar.nas.ranking import RankingReport, scatter_plot
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
 from effcifar.nas.space import arch_key, distinct_random_archs, read_arch_file
 from effcifar.nas.supernet import SupernetConfig
+from effcifar.rundir import locked
 from effcifar.train import TrainConfig, train, write_tsv
 
 Progress = Callable[[str], None]
@@ -104,18 +105,18 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     configs = [dataclasses.replace(base, arch=str(f.resolve()), space=space) for f in files]
     for config in configs:
         config.validate()  # every file is checked before anything trains
-    data = load_dataset(base.dataset, base.data_dir)
-    rows = []
-    for i, (file, config) in enumerate(zip(files, configs)):
-        if progress is not None:
-            progress(f"top_{i}: {file}")
-        record = read_arch_file(file)
-        summary = train_once(config, out / f"top_{i}", data)
-        rows.append({"rank": i, "trial": record.get("trial", ""), "supernet_acc": record.get("accuracy", ""),
-                     **standalone_row(summary)})
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "retrain.json", json.dumps(rows, indent=2) + "\n")
-    write_tsv(out / "retrain.tsv", rows)
+    with locked(out):
+        data = load_dataset(base.dataset, base.data_dir)
+        rows = []
+        for i, (file, config) in enumerate(zip(files, configs)):
+            if progress is not None:
+                progress(f"top_{i}: {file}")
+            record = read_arch_file(file)
+            summary = train_once(config, out / f"top_{i}", data)
+            rows.append({"rank": i, "trial": record.get("trial", ""), "supernet_acc": record.get("accuracy", ""),
+                         **standalone_row(summary)})
+        atomic_write(out / "retrain.json", json.dumps(rows, indent=2) + "\n")
+        write_tsv(out / "retrain.tsv", rows)
     return rows
 
 
@@ -139,24 +140,26 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     sconfig = load_supernet_config(supernet_dir)
     config = base_config(supernet_dir, config_file, {**(overrides or {}), "total_epoch": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
-    evaluator = CandidateEvaluator.from_run(supernet_dir, SearchConfig(
-        device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
-        threads=config.threads))
-    archs = sample_archs(evaluator, sample, seed)
-    data = load_dataset(config.dataset, config.data_dir)
-    supernet_acc, standalone_acc = [], []
-    for i, arch in enumerate(archs):
-        if progress is not None:
-            progress(f"subnet {i + 1}/{sample}: {arch_key(evaluator.space, arch)}")
-        supernet_acc.append(evaluator.evaluate(arch)[0].accuracy)
-        file = out / "archs" / f"subnet_{i}.json"
-        atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
-        summary = train_once(dataclasses.replace(config, arch=str(file.resolve())), out / f"subnet_{i}", data)
-        standalone_acc.append(summary["final_valid_acc"])
-    report = RankingReport.compute(supernet_acc, standalone_acc)
-    measures = {k: v if v == v else None for k, v in asdict(report).items()}  # NaN (no spread) as null
-    result = {"supernet_acc": supernet_acc, "standalone_acc": standalone_acc, "archs": archs, **measures, "epochs": epochs, "seed": seed, "supernet": str(supernet_dir.resolve())}
-    atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
-    scatter_plot(supernet_acc, standalone_acc, out / "ranking.png",
-                 title=f"{report.n} random subnets, {epochs} epochs standalone")
+    with locked(out):
+        evaluator = CandidateEvaluator.from_run(supernet_dir, SearchConfig(
+            device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
+            threads=config.threads))
+        archs = sample_archs(evaluator, sample, seed)
+        data = load_dataset(config.dataset, config.data_dir)
+        supernet_acc, standalone_acc = [], []
+        for i, arch in enumerate(archs):
+            if progress is not None:
+                progress(f"subnet {i + 1}/{sample}: {arch_key(evaluator.space, arch)}")
+            supernet_acc.append(evaluator.evaluate(arch)[0].accuracy)
+            file = out / "archs" / f"subnet_{i}.json"
+            atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
+            summary = train_once(dataclasses.replace(config, arch=str(file.resolve())), out / f"subnet_{i}", data)
+            standalone_acc.append(summary["final_valid_acc"])
+        report = RankingReport.compute(supernet_acc, standalone_acc)
+        measures = {k: v if v == v else None for k, v in asdict(report).items()}  # NaN (no spread) as null
+        result = {"supernet_acc": supernet_acc, "standalone_acc": standalone_acc, "archs": archs, **measures,
+                  "epochs": epochs, "seed": seed, "supernet": str(supernet_dir.resolve())}
+        atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
+        scatter_plot(supernet_acc, standalone_acc, out / "ranking.png",
+                     title=f"{report.n} random subnets, {epochs} epochs standalone")
     return report

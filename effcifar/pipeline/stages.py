@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from effcifar.atomic import atomic_write
 from effcifar.config import changed_fields, execution_fields, fingerprint, read_json, result_values, save_config
 from effcifar.errors import ConfigError
 from effcifar.pipeline.plan import STAGES, PipelineConfig
+from effcifar.rundir import clear, locked
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 S = TypeVar("S", bound="Stage")
@@ -479,45 +479,45 @@ class Pipeline:
             self.monitor.stage_skipped(stage.name, record.number, stage.skip_reason())
             return stage
         resumed = record.marker is not None
-        if stage.restarts and stage.directory.exists():
-            shutil.rmtree(stage.directory)
-            record.marker = None
-        record.start()
-        stage.done_before = stage.done()
-        self.monitor.stage_started(stage.name, record.number, resumed, stage.unit, stage.total(), stage.done_before)
-        start = time.perf_counter()
-        summary = stage.run()
-        seconds = time.perf_counter() - start
-        record.finish(seconds)
+        with locked(stage.directory):  # also against a lone command writing into the stage's directory
+            if stage.restarts:
+                clear(stage.directory)
+                record.marker = None
+            record.start()
+            stage.done_before = stage.done()
+            self.monitor.stage_started(stage.name, record.number, resumed, stage.unit, stage.total(),
+                                       stage.done_before)
+            start = time.perf_counter()
+            summary = stage.run()
+            seconds = time.perf_counter() - start
+            record.finish(seconds)
         self.seconds[stage.name] = seconds
         self.monitor.stage_finished(stage.name, seconds, summary)
         return stage
 
     def run(self) -> PipelineResult:
-        """Every stage in order; then results.json and the report."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out}: expected a pipeline directory, got a file")
-        if not (self.out / "pipeline.yaml").exists():
-            self.write_settings()
-        baseline = self.execute(TrainingStage(self, "baseline", self.plan.baseline))
-        hpo = self.execute(HpoStage(self))
-        final = self.config.final_config(hpo.best, str(hpo.best_file))
-        hpo_best = self.execute(TrainingStage(self, "hpo_best", final, after=("hpo",)))
-        supernet = self.execute(SupernetStage(self, hpo))
-        search = self.execute(SearchStage(self, supernet))
-        retrain = self.execute(RetrainStage(self, search, final, supernet))
-        self.execute(NasEvalStage(self, supernet, hpo))
-        results = [baseline.result("baseline"), hpo_best.result("hpo"), retrain.result("nas")]
-        atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
-        from effcifar.report import write_report  # matplotlib only here
+        """Every stage in order, with the pipeline directory locked; then results.json and the report."""
+        with locked(self.out):
+            if not (self.out / "pipeline.yaml").exists():
+                self.write_settings()
+            baseline = self.execute(TrainingStage(self, "baseline", self.plan.baseline))
+            hpo = self.execute(HpoStage(self))
+            final = self.config.final_config(hpo.best, str(hpo.best_file))
+            hpo_best = self.execute(TrainingStage(self, "hpo_best", final, after=("hpo",)))
+            supernet = self.execute(SupernetStage(self, hpo))
+            search = self.execute(SearchStage(self, supernet))
+            retrain = self.execute(RetrainStage(self, search, final, supernet))
+            self.execute(NasEvalStage(self, supernet, hpo))
+            results = [baseline.result("baseline"), hpo_best.result("hpo"), retrain.result("nas")]
+            atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
+            from effcifar.report import write_report  # matplotlib only here
 
-        report = write_report(self.out)
-        self.write_settings()
+            report = write_report(self.out)
+            self.write_settings()
         return PipelineResult(self.out, results, report, self.seconds)
 
     def write_settings(self) -> None:
         """pipeline.yaml: every setting of the run, usable as a --config file."""
-        self.out.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out / "pipeline.yaml", f"# preset: {self.config.preset}\n"
                      + yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None))
 
