@@ -21,7 +21,8 @@ What a directory can be (checked in this order):
   has finished (`effcifar train`).
 Anything else is a one-line ConfigError, and so is a file of a single run that cannot be read (not
 UTF-8, not JSON, a logs.tsv without its columns); in a pipeline directory such a part becomes a
-remark in the report. The output directory is locked while the report is written.
+remark in the report. The output directory is locked while the report is written (studies are
+opened read-only: a report never creates one).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Section:
     images: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     table: list[list[str]] = field(default_factory=list)  # header row first
+    error: str | None = None  # why the section could not be drawn
 
 
 @dataclass
@@ -143,24 +145,10 @@ def training_runs(run_dir: Path) -> list[Path]:
 
 
 def load_study(config_cls: type, config_file: Path) -> optuna.Study:
-    """The study of an HPO or search run, opened read-only (never created).
+    """The study of an HPO or search run, opened read-only (nothing is created; see `effcifar.studies.load_study`)."""
+    from effcifar import studies
 
-    It is the study named in the config, else the one named after the directory, else the
-    only study in the storage.
-    """
-    from effcifar.studies import open_storage
-
-    run_dir = config_file.parent
-    config = build_config(config_cls, config_file)
-    storage = open_storage(config, run_dir)
-    names = optuna.study.get_all_study_names(storage)
-    wanted = [n for n in (config.study, run_dir.name) if n in names]
-    if not wanted and len(names) == 1:
-        wanted = names
-    if not wanted:
-        raise ConfigError(f"{run_dir}: no study {config.study or run_dir.name!r} in its storage "
-                          f"(found {', '.join(names) or 'none'})")
-    return optuna.load_study(study_name=wanted[0], storage=storage)
+    return studies.load_study(build_config(config_cls, config_file), config_file.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +484,7 @@ def guarded(build: Callable[..., Section], title: str, source: Path, *args: Any)
     try:
         return build(*args)
     except EffcifarError as e:
-        return Section(title, source, notes=[f"Could not be drawn: {e}"])
+        return Section(title, source, notes=[f"Could not be drawn: {e}"], error=str(e))
 
 
 def pipeline_sections(run_dir: Path, out_dir: Path) -> tuple[list[Section], list[tuple[str, str]]]:

@@ -203,7 +203,8 @@ class HpoStage(Stage):
         plan = pipeline.plan
         self.base, self.space = plan.trial_base, pipeline.config.hpo["space"]
         self.config = dataclasses.replace(plan.hpo, space=str(self.directory / "search_space.json"),
-                                          base=str(self.directory / "base.yaml"), study=pipeline.study_name("hpo"))
+                                          base=str(self.directory / "base.yaml"),
+                                          study=pipeline.study_name("hpo", plan.hpo, "hpo.yaml"))
         self.best_file = self.directory / "best.json"
         self.best: dict[str, Any] = {}
 
@@ -223,7 +224,6 @@ class HpoStage(Stage):
         from effcifar.hpo import study as hpo
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        atomic_write(self.directory / "search_space.json", json.dumps(self.space, indent=2) + "\n")
         save_config(self.base, self.directory / "base.yaml")
         done, best = self.done_before, 0.0
 
@@ -237,7 +237,7 @@ class HpoStage(Stage):
             self.monitor.line(f"trial {t.number}: {t.state.name.lower()} {detail}")
             self.monitor.advance(done, self.config.trials, f"best {best:.2%}")
 
-        hpo.run_study(self.config, self.directory, on_trial=on_trial)
+        hpo.run_study(self.config, self.directory, on_trial=on_trial, inline_space=self.space)
         _, chosen = hpo.write_best(self.directory, storage=self.config.storage)
         self.best = chosen.user_attrs["config"]
         return (f"best: trial {chosen.number}, valid acc {chosen.user_attrs['accuracy']:.2%}, "
@@ -286,7 +286,8 @@ class SearchStage(Stage):
     def __init__(self, pipeline: Pipeline, supernet: SupernetStage):
         super().__init__(pipeline)
         self.supernet_dir = supernet.directory
-        self.config = dataclasses.replace(pipeline.plan.search, study=pipeline.study_name("search"))
+        self.config = dataclasses.replace(pipeline.plan.search,
+                                          study=pipeline.study_name("search", pipeline.plan.search, "search.yaml"))
 
     def settings(self) -> dict[str, Any]:
         return result_values(self.config)
@@ -393,19 +394,15 @@ def result_row(name: str, summary: Mapping[str, Any], run: Path) -> dict[str, An
 def trials_done(directory: Path, config: Any) -> int:
     """Trials of a stage's study (HPO or search) already counted against its budget; 0 if unknown yet.
 
-    Only the run's own journal is read; a study in a shared database is counted as it runs.
+    Only the run's own journal is read (read-only); a study in a shared database is counted as it runs.
     """
-    import optuna
+    from effcifar.studies import JOURNAL, budget_used, load_study
 
-    from effcifar.studies import budget_used
-
-    journal = directory / "study.journal"
-    if config.storage is not None or not journal.is_file():
+    if config.storage is not None or not (directory / JOURNAL).is_file():
         return 0
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     try:
-        study = optuna.load_study(study_name=config.study or directory.name, storage=storage)
-    except KeyError:
+        study = load_study(config, directory)
+    except ConfigError:  # the journal holds no study yet
         return 0
     return budget_used(study.get_trials(deepcopy=False))
 
@@ -442,12 +439,15 @@ class Pipeline:
             self.data = load_dataset(self.config.dataset, self.config.data_dir)
         return self.data
 
-    def study_name(self, stage: str) -> str | None:
-        """Studies in a shared database are named after the run (a journal is the run's own)."""
+    def study_name(self, stage: str, config: Any, config_file: str) -> str | None:
+        """Studies in a shared database are named after the run when they start, then by the name their stage's
+        directory records, so a renamed pipeline directory keeps them (a journal is the stage's own)."""
+        from effcifar.studies import recorded_study
+
         section = getattr(self.config, stage)
         if section.get("study") or not section.get("storage"):
             return section.get("study")
-        return f"{self.out.name}-{stage}"
+        return recorded_study(self.out / stage / config_file, type(config)) or f"{self.out.name}-{stage}"
 
     def run_counter(self, total: int) -> Callable[[str], None]:
         """Progress of runs made one after another: each announces itself with a line; the ones before it are done."""
@@ -517,7 +517,7 @@ class Pipeline:
         return PipelineResult(self.out, results, report, self.seconds)
 
     def write_settings(self) -> None:
-        """pipeline.yaml: every setting of the run, usable as a --config file."""
+        """pipeline.yaml: every setting of the run (storage URLs without their passwords), usable as a --config file."""
         atomic_write(self.out / "pipeline.yaml", f"# preset: {self.config.preset}\n"
                      + yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None))
 
