@@ -29,7 +29,7 @@ from torch import nn
 
 from effcifar.data import Augment, DeviceLoader, batch_flip
 from effcifar.models import Scale
-from effcifar.train import Predict, Recipe, TrainConfig, TrainStep, evaluate, mirror_logits, plain_logits, resolve_device
+from effcifar.train import Predict, Recipe, TrainConfig, TrainStep, device_type, evaluate, mirror_logits, plain_logits
 
 # The published hyper-parameters, in TrainConfig's units. airbench94 sums the loss over the batch and
 # divides its LR (11.5 per 1024 images) by 1024 * (1 + 1 / (1 - momentum)); for the mean loss at batch
@@ -65,8 +65,7 @@ LOOKAHEAD_MAX_DECAY = 0.95**LOOKAHEAD_EVERY  # the pull's strength ramps as (pro
 
 def airbench_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """The shared fields' airbench values; torch.compile only when the run's device is a GPU."""
-    device = resolve_device(str(values.get("device", "auto")))
-    return {**AIRBENCH_FIELDS, "compile": device.type == "cuda"}
+    return {**AIRBENCH_FIELDS, "compile": device_type(str(values.get("device", "auto"))) == "cuda"}
 
 
 class FixedScaleBatchNorm(nn.BatchNorm2d):

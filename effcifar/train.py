@@ -197,7 +197,7 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
             raise field_error("label_smoothing", "a number in [0, 1)", self.label_smoothing)
         if self.precision not in PRECISIONS:
             raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
-        resolve_device(self.device)  # a GPU this machine lacks is refused before anything is written
+        check_device_name(self.device)  # whether the machine has that GPU is asked where the run starts
         if self.arch is not None:
             if self.recipe != "resnet9":
                 raise field_error("arch", f"none with recipe {self.recipe} (a NAS subnet trains with resnet9)", self.arch)
@@ -263,10 +263,24 @@ def lr_at(config: TrainConfig, epoch: float) -> float:
     return float(np.interp(epoch, [0, config.peak_epoch, config.total_epoch], [0, config.peak_lr, 0]))
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' means the first GPU when there is one; a bad name or a GPU this machine lacks is a ConfigError."""
+def check_device_name(name: str) -> None:
+    """ConfigError (field 'device') unless `name` is auto, cpu, cuda or cuda:N.
+
+    A saved config may name a GPU that the machine reading it lacks: only a run checks that.
+    """
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise field_error("device", "auto, cpu, cuda or cuda:N", name)
+
+
+def device_type(name: str) -> str:
+    """'cuda' or 'cpu': the kind of device a checked name means here, without asking for that GPU."""
+    check_device_name(name)
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' means the first GPU when there is one; a bad name or a GPU this machine lacks is a ConfigError."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

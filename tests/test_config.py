@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from effcifar.config import build_config, read_config_file, save_config
 from effcifar.errors import ConfigError
-from effcifar.train import TrainConfig
+from effcifar.train import TrainConfig, resolve_device
 
 
 def test_defaults_are_the_cifar10_fast_recipe():
@@ -108,3 +109,16 @@ def test_the_length_scales_what_the_layers_below_set_and_not_what_its_own_layer_
 def test_non_finite_numbers_are_refused(text):
     with pytest.raises(ConfigError, match=f"command line: field 'peak_lr': expected a finite number, got '{text}'"):
         build_config(TrainConfig, None, {"peak_lr": text}, overrides_from_text=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine without a GPU")
+def test_a_saved_config_naming_a_gpu_is_read_and_only_a_run_needs_the_gpu(tmp_path):
+    path = tmp_path / "config.yaml"  # e.g. a supernet trained on a GPU, searched on a laptop with --device cpu
+    path.write_text("device: cuda\nrecipe: airbench\n")
+    config = build_config(TrainConfig, path)
+    assert config.device == "cuda" and config.compile  # airbench compiles on GPUs
+    with pytest.raises(ConfigError, match="field 'device': expected auto or cpu, or a GPU this machine has"):
+        resolve_device(config.device)
+    with pytest.raises(ConfigError, match=f"{path}: field 'device': expected auto, cpu, cuda or cuda:N, got 'cuda:x'"):
+        path.write_text("device: cuda:x\n")
+        build_config(TrainConfig, path)

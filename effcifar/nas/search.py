@@ -59,7 +59,7 @@ from effcifar.rundir import locked
 from effcifar.studies import (
     OnTrial, StorageConfig, check_setup, open_storage, recorded_study, run_trials, start_workers, study_name,
 )
-from effcifar.train import PRECISIONS, device_loaders, resolve_device, resolve_precision
+from effcifar.train import PRECISIONS, check_device_name, device_loaders, resolve_device, resolve_precision
 
 RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")
 COSTS = {"flops": "flops", "latency": "latency_ms"}  # nsga2's cost objective -> the trial attribute
@@ -116,7 +116,7 @@ class SearchConfig(StorageConfig):
         super().validate()
         if self.precision not in PRECISIONS:
             raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
-        resolve_device(self.device)
+        check_device_name(self.device)
         if self.cost not in COSTS:
             raise field_error("cost", f"one of {', '.join(COSTS)}", self.cost)
         if self.cost != "flops" and self.strategy != "nsga2":
