@@ -14,7 +14,8 @@ on the supernet run's held-out split (the standalone runs validate on it).
 The base config of the standalone runs is layered: the supernet run's fields that TrainConfig
 shares (data, augmentation, optimiser, widths, hold-out, seed) < a `config` file (e.g. an HPO
 best.json) < per-field overrides. A `total_epoch` override without `peak_epoch` keeps the
-base schedule's shape (the peak at the same fraction of training). Both commands resume:
+base schedule's shape (the peak at the same fraction of training; `effcifar.config`). Both commands
+lock their output directory and resume:
 a run with a summary.json is not trained again (it must have been made with the same config).
 """
 
@@ -28,13 +29,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, coerce_value, field_types, fingerprint, result_values
+from effcifar.config import build_config, fingerprint, read_json, result_values
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.ranking import RankingReport, scatter_plot
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
 from effcifar.nas.space import arch_key, distinct_random_archs, read_arch_file
 from effcifar.nas.supernet import SupernetConfig
+from effcifar.rundir import locked
 from effcifar.train import TrainConfig, train, write_tsv
 
 Progress = Callable[[str], None]
@@ -47,19 +49,7 @@ def base_config(supernet_dir: str | Path, config_file: str | Path | None = None,
     sconfig = load_supernet_config(supernet_dir)
     shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(SupernetConfig)} - {"space"}
     base = (str(supernet_dir / "config.yaml"), {name: getattr(sconfig, name) for name in sorted(shared)})
-    overrides = dict(overrides or {})
-    epochs = overrides.pop("total_epoch", None)
-    config = build_config(TrainConfig, config_file, overrides, overrides_from_text, base=base)
-    if epochs is None:
-        return config
-    try:
-        epochs = coerce_value(field_types(TrainConfig)["total_epoch"], epochs, from_text=overrides_from_text)
-    except ValueError as e:
-        raise ConfigError(f"field 'total_epoch': expected {e}, got {epochs!r}") from None
-    peak = config.peak_epoch if "peak_epoch" in overrides else config.peak_epoch * epochs / config.total_epoch
-    config = dataclasses.replace(config, total_epoch=epochs, peak_epoch=peak)
-    config.validate()
-    return config
+    return build_config(TrainConfig, config_file, overrides, overrides_from_text, base=base)
 
 
 def search_supernet_dir(search_dir: str | Path) -> Path:
@@ -67,7 +57,7 @@ def search_supernet_dir(search_dir: str | Path) -> Path:
     path = Path(search_dir) / "supernet.txt"
     try:
         return Path(path.read_text().strip())
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         raise ConfigError(f"{search_dir}: not a search run (no supernet.txt; run `effcifar search` first)") from None
 
 
@@ -75,7 +65,7 @@ def train_once(config: TrainConfig, run_dir: Path, data: CifarData) -> dict[str,
     """The summary of `run_dir`: its finished run's if it has one (with the same config), else a new run's."""
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path, "run summary")
         done, wanted = result_values(TrainConfig(**summary["config"])), result_values(config)
         if fingerprint(done) != fingerprint(wanted):
             changed = sorted(k for k in wanted if done.get(k) != wanted[k])
@@ -115,18 +105,18 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     configs = [dataclasses.replace(base, arch=str(f.resolve()), space=space) for f in files]
     for config in configs:
         config.validate()  # every file is checked before anything trains
-    data = load_dataset(base.dataset, base.data_dir)
-    rows = []
-    for i, (file, config) in enumerate(zip(files, configs)):
-        if progress is not None:
-            progress(f"top_{i}: {file}")
-        record = read_arch_file(file)
-        summary = train_once(config, out / f"top_{i}", data)
-        rows.append({"rank": i, "trial": record.get("trial", ""), "supernet_acc": record.get("accuracy", ""),
-                     **standalone_row(summary)})
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "retrain.json", json.dumps(rows, indent=2) + "\n")
-    write_tsv(out / "retrain.tsv", rows)
+    with locked(out):
+        data = load_dataset(base.dataset, base.data_dir)
+        rows = []
+        for i, (file, config) in enumerate(zip(files, configs)):
+            if progress is not None:
+                progress(f"top_{i}: {file}")
+            record = read_arch_file(file)
+            summary = train_once(config, out / f"top_{i}", data)
+            rows.append({"rank": i, "trial": record.get("trial", ""), "supernet_acc": record.get("accuracy", ""),
+                         **standalone_row(summary)})
+        atomic_write(out / "retrain.json", json.dumps(rows, indent=2) + "\n")
+        write_tsv(out / "retrain.tsv", rows)
     return rows
 
 
@@ -150,24 +140,26 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     sconfig = load_supernet_config(supernet_dir)
     config = base_config(supernet_dir, config_file, {**(overrides or {}), "total_epoch": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
-    evaluator = CandidateEvaluator.from_run(supernet_dir, SearchConfig(
-        device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
-        threads=config.threads))
-    archs = sample_archs(evaluator, sample, seed)
-    data = load_dataset(config.dataset, config.data_dir)
-    supernet_acc, standalone_acc = [], []
-    for i, arch in enumerate(archs):
-        if progress is not None:
-            progress(f"subnet {i + 1}/{sample}: {arch_key(evaluator.space, arch)}")
-        supernet_acc.append(evaluator.evaluate(arch)[0].accuracy)
-        file = out / "archs" / f"subnet_{i}.json"
-        atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
-        summary = train_once(dataclasses.replace(config, arch=str(file.resolve())), out / f"subnet_{i}", data)
-        standalone_acc.append(summary["final_valid_acc"])
-    report = RankingReport.compute(supernet_acc, standalone_acc)
-    measures = {k: v if v == v else None for k, v in asdict(report).items()}  # NaN (no spread) as null
-    result = {"supernet_acc": supernet_acc, "standalone_acc": standalone_acc, "archs": archs, **measures, "epochs": epochs, "seed": seed, "supernet": str(supernet_dir.resolve())}
-    atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
-    scatter_plot(supernet_acc, standalone_acc, out / "ranking.png",
-                 title=f"{report.n} random subnets, {epochs} epochs standalone")
+    with locked(out):
+        evaluator = CandidateEvaluator.from_run(supernet_dir, SearchConfig(
+            device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
+            threads=config.threads))
+        archs = sample_archs(evaluator, sample, seed)
+        data = load_dataset(config.dataset, config.data_dir)
+        supernet_acc, standalone_acc = [], []
+        for i, arch in enumerate(archs):
+            if progress is not None:
+                progress(f"subnet {i + 1}/{sample}: {arch_key(evaluator.space, arch)}")
+            supernet_acc.append(evaluator.evaluate(arch)[0].accuracy)
+            file = out / "archs" / f"subnet_{i}.json"
+            atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
+            summary = train_once(dataclasses.replace(config, arch=str(file.resolve())), out / f"subnet_{i}", data)
+            standalone_acc.append(summary["final_valid_acc"])
+        report = RankingReport.compute(supernet_acc, standalone_acc)
+        measures = {k: v if v == v else None for k, v in asdict(report).items()}  # NaN (no spread) as null
+        result = {"supernet_acc": supernet_acc, "standalone_acc": standalone_acc, "archs": archs, **measures,
+                  "epochs": epochs, "seed": seed, "supernet": str(supernet_dir.resolve())}
+        atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
+        scatter_plot(supernet_acc, standalone_acc, out / "ranking.png",
+                     title=f"{report.n} random subnets, {epochs} epochs standalone")
     return report
