@@ -187,8 +187,8 @@ def multicrop_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def alternate_flip_(loader: DeviceLoader, epoch: int) -> None:
     """Alternating flip on the loader's stored images: a random half mirrored in epoch 1, every image mirrored again each later epoch.
 
-    So each image is seen mirrored exactly on alternate epochs. The stored images are reflect-padded
-    symmetrically, so mirroring them commutes with the loader's random crop.
+    So each image is seen mirrored exactly on alternate epochs. The loader's random crop reflects
+    symmetrically at the borders, so mirroring the stored images commutes with it.
     """
     if epoch == 1:
         loader.images = batch_flip(loader.images, loader.generator)
@@ -260,12 +260,11 @@ class AirbenchRecipe(Recipe):
 
 
 def whitening_sample(loader: DeviceLoader, count: int, seed: int) -> torch.Tensor:
-    """`count` of the loader's images drawn at random with `seed`, un-padded and normalised like its batches.
+    """`count` of the loader's images drawn at random with `seed`, normalised like its batches (not augmented).
 
     Drawn, not the first ones: in a copy sorted by class (the shared CIFAR-10 is) the first 5,000
     images are one class, and its patches alone would set the whitening.
     """
     index = torch.randperm(len(loader.labels), generator=torch.Generator().manual_seed(seed))[:count]
-    pad = (loader.images.shape[-1] - loader.size) // 2
-    images = loader.images[index.to(loader.images.device), :, pad:pad + loader.size, pad:pad + loader.size]
+    images = loader.images[index.to(loader.images.device)]
     return (images.float() - loader.mean.float()) * loader.inv_std.float()

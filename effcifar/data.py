@@ -580,7 +580,6 @@ class DeviceLoader:
     ):
         device = torch.device(device)
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2)
-        self.size = self.images.shape[-1]
         self.augment = augment
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         self.mean = torch.tensor(mean, dtype=dtype, device=device).view(1, -1, 1, 1)

@@ -336,8 +336,7 @@ def check_memory(config: TrainConfig, data: CifarData, device: torch.device, pre
                  build: Callable[[], nn.Module]) -> None:
     """Refuse a run whose network `build()` and data cannot fit on the device, before anything is allocated."""
     n_train, n_eval = split_sizes(data, config.subset, config.holdout)
-    side = IMAGE_SIDE + 2 * config.crop_pad  # training images are kept reflect-padded
-    data_bytes = n_train * (3 * side * side + 8) + n_eval * (3 * IMAGE_SIDE * IMAGE_SIDE + 8)  # uint8, int64 labels
+    data_bytes = (n_train + n_eval) * (3 * IMAGE_SIDE * IMAGE_SIDE + 8)  # uint8 as loaded (no padded copy), int64 labels
     need = memory.estimate(build, config.batch_size, config.eval_batch_size, data_bytes,
                            activation_bytes=2 if precision in ("bf16", "fp16") else 4)
     memory.check(need, device, "the widths (prep, layer1..3), batch_size, eval_batch_size or subset")
