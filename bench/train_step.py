@@ -1,6 +1,6 @@
 """One epoch of `effcifar train` against a plain PyTorch loop, each run in a process of its own.
 
-    EFFCIFAR_DATA=.cache/cifar10.npz python bench/train_step.py                    # widths 16/32/64/128, 20,000 images
+    python bench/train_step.py                                                     # widths 16/32/64/128, 20,000 images
     python bench/train_step.py --widths 64,128,256,512 --images 5120 --precision fp32
     python bench/train_step.py --main-src /tmp/effcifar-main                       # adds today's code as a variant
 
@@ -69,7 +69,7 @@ def plain_epoch(args: argparse.Namespace) -> dict[str, float]:
     """The plain loop (child process): one epoch on the same images, then the test set once, as effcifar does."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    data = load_dataset("cifar10", args.data)
+    data = load_dataset("cifar10")  # the copy effcifar finds: $EFFCIFAR_DATA (set by --data), else its cache
     x_train, y_train, x_test, y_test = split_data(data, args.images, 0)
     mean = torch.tensor(x_train.reshape(-1, 3).mean(0), dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(x_train.reshape(-1, 3).std(0), dtype=torch.float32).view(1, 3, 1, 1)
@@ -112,13 +112,13 @@ def run_child(variant: str, precision: str, args: argparse.Namespace, out: Path)
     out.mkdir(parents=True, exist_ok=True)
     widths = ",".join(map(str, args.widths))
     if variant == "plain":
-        command = [sys.executable, __file__, "--child", "--data", args.data, "--images", str(args.images),
+        command = [sys.executable, __file__, "--child", "--images", str(args.images),
                    "--widths", widths, "--batch", str(args.batch), "--threads", str(args.threads),
                    "--precision", precision]
         measured = run_measured(command, out / "plain.log", variant_env("ours"))
         result = json.loads((out / "plain.log").read_text().strip().splitlines()[-1])
     else:
-        command = [sys.executable, "-m", "effcifar", "train", "--dataset", "cifar10", "--data-dir", args.data,
+        command = [sys.executable, "-m", "effcifar", "train", "--dataset", "cifar10",
                    "--subset", str(args.images), "--epochs", "1", "--peak-epoch", "0.5",
                    "--batch-size", str(args.batch), "--threads", str(args.threads), "--precision", precision,
                    "--quiet", "--out", str(out / variant),
@@ -143,7 +143,7 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("EFFCIFAR_DATA"), help="CIFAR-10 .npz (default: $EFFCIFAR_DATA)")
+    parser.add_argument("--data", help="a local CIFAR-10 copy for every variant (default: $EFFCIFAR_DATA, else downloaded)")
     parser.add_argument("--widths", default="16,32,64,128", help="prep,layer1,layer2,layer3")
     parser.add_argument("--images", type=int, default=20000, help="training images in the epoch")
     parser.add_argument("--batch", type=int, default=512)
@@ -159,8 +159,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(plain_epoch(args)))
         return
-    if not args.data:
-        parser.error("needs a CIFAR-10 .npz: --data FILE or EFFCIFAR_DATA (shared/data/decode_cifar10.py makes one)")
+    if args.data:
+        os.environ["EFFCIFAR_DATA"] = args.data  # the children's data, whichever code they run
     variants = args.variants.split(",")
     torch.set_num_threads(args.threads)
     print(f"{os.uname().nodename}: {torch.get_num_threads()} threads, torch {torch.__version__}; matmul 2048x2048 "
