@@ -30,6 +30,8 @@ from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 ALIASES = {"total_epoch": ["--epochs"]}
+NAS_EVAL_SAMPLE = 20  # subnets trained standalone by nas-eval
+TABLE_SAMPLE = 300  # table architectures scored by nas-eval --table (a tau over 300 has a standard error near 0.04)
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -385,7 +387,10 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     """effcifar nas-eval: rank correlation between supernet and standalone accuracy of random subnets."""
     from effcifar.nas import retrain
 
+    if args.table is not None:
+        return run_nas_eval_table(args, console)
     out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval"
+    args.sample = NAS_EVAL_SAMPLE if args.sample is None else args.sample
     overrides = train_overrides(args)  # --seed also seeds the sample; --epochs is each subnet's training
     if "total_epoch" not in overrides:
         raise EffcifarError("--epochs: required (standalone training epochs of each subnet)")
@@ -398,6 +403,44 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
                               progress=lambda text: console.print(text, markup=False))
     console.print(f"{report.n} subnets: Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f}, "
                   f"top-20% overlap {report.top_overlap:.0%}")
+    console.print(f"wrote {out / 'ranking.json'} and {out / 'ranking.png'}", markup=False)
+    return 0
+
+
+def run_nas_eval_table(args: argparse.Namespace, console: Console) -> int:
+    """effcifar nas-eval --table: the supernet's ranking of a benchmark table's architectures, beside FLOPs and params."""
+    from effcifar.nas import retrain
+    from effcifar.nas.search import SearchConfig
+
+    overrides = train_overrides(args)
+    scoring = {"seed", "device", "precision", "threads", "eval_batch_size"}
+    for name in overrides:
+        if name not in scoring:
+            option = ALIASES.get(name, [f"--{name.replace('_', '-')}"])[0]
+            raise EffcifarError(f"{option}: does not apply with --table (nothing is trained; "
+                                f"scoring takes --seed, --device, --precision, --threads, --eval-batch-size)")
+    if args.config is not None:
+        raise EffcifarError("--config: does not apply with --table (nothing is trained)")
+    try:
+        seed = int(overrides.pop("seed", 0))
+        given = {"bn_batches": args.bn_batches, "eval_images": args.eval_images}
+        search = build_config(SearchConfig, None, {**overrides, **{k: str(v) for k, v in given.items() if v is not None}},
+                              overrides_from_text=True)
+    except ValueError:
+        raise EffcifarError("--seed: expected an integer") from None
+    sample = TABLE_SAMPLE if args.sample is None else args.sample
+    out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval_table"
+    result = retrain.rank_against_table(args.supernet, args.table, sample, seed, out, search,
+                                        progress=lambda text: console.print(text, markup=False))
+    table = Table(title=f"ranking {result['n']} architectures of {Path(result['table']).name} "
+                        f"(noise floor: tau of random orders has sd {result['null_tau_sd']:.3f})")
+    for column in ("ranker", "Kendall tau", "Spearman rho", "tau in top 10%", "top-10% overlap"):
+        table.add_column(column, justify="right")
+    number = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in result["rankers"]:
+        table.add_row(r["name"], number(r["tau"]), number(r["rho"]), number(r["tau_top"]), number(r["top_overlap"]))
+    console.print(table)
+    console.print(result["verdict"], markup=False)
     console.print(f"wrote {out / 'ranking.json'} and {out / 'ranking.png'}", markup=False)
     return 0
 
@@ -587,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
     add_config_options(p, SupernetConfig)
     p = supernet_sub.add_parser("space", help="show a space; --export writes it as NNI search-space JSON")
-    p.add_argument("--space", default="seed", help="'seed' or a YAML/JSON space declaration")
+    p.add_argument("--space", default="seed", help="a built-in space (seed, nas-bench-macro) or a YAML/JSON declaration")
     p.add_argument("--export", help="write the NNI-format search space (layer_choice / input_choice) here")
     p.add_argument("--declaration", help="write the space declaration (YAML) here, to start your own")
     supernet_parser.set_defaults(handler=run_supernet)
@@ -628,11 +671,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument(run, help=run_help)
-        p.add_argument(count, type=int, default=1 if count == "--top" else 20, help=count_help)
+        p.add_argument(count, type=int, default=1 if count == "--top" else None, help=count_help)
         p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
         p.add_argument("--out", help=f"where to write {written}")
         add_config_options(p, TrainConfig)
         p.set_defaults(handler=handler)
+    p.add_argument("--table", help="rank against a benchmark table instead of training: 'nas-bench-macro' (built in) "
+                                   "or a table file of that format; --sample architectures stratified over FLOPs "
+                                   f"(default {TABLE_SAMPLE}; 0: every distinct network); writes SUPERNET/nas_eval_table")
+    p.add_argument("--bn-batches", type=int, help="with --table: BN recalibration batches (default: the supernet run's)")
+    p.add_argument("--eval-images", type=int, default=0,
+                   help="with --table: score on this many held-out images, a seeded random sample (0: all)")
     return parser
 
 

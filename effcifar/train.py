@@ -60,7 +60,7 @@ class TrainConfig:
 
     recipe: str = "resnet9"
     arch: str | None = None  # architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)
-    space: str = "seed"  # the space `arch` belongs to ('seed' or a space file), unless the file embeds one
+    space: str = "seed"  # the space `arch` belongs to (a built-in name or a space file), unless the file embeds one
     # data
     dataset: str = "cifar10"
     data_dir: str | None = None  # a folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar

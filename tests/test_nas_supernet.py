@@ -210,6 +210,9 @@ def test_schedules_and_hparams_layer(tmp_path):
     assert config.lr_at(0) == pytest.approx(0.12) and config.lr_at(5) == pytest.approx(0.06) and config.lr_at(10) == 0
     cosine = SupernetConfig(peak_lr=0.4, epochs=10, schedule="cosine")
     assert cosine.lr_at(5) == pytest.approx(0.06) and cosine.lr_at(2.5) == pytest.approx(0.06 * (1 + 2 ** -0.5))
+    warm = SupernetConfig(peak_lr=0.4, epochs=12, schedule="cosine", warmup_epochs=2)
+    assert warm.lr_at(0) == 0 and warm.lr_at(1) == pytest.approx(0.06) and warm.lr_at(2) == pytest.approx(0.12)
+    assert warm.lr_at(7) == pytest.approx(0.06) and warm.lr_at(12) == pytest.approx(0)
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"peak_lr": 0.2, "layer1": 96, "cutout": 4, "total_epoch": 40, "seed": 7}))
     config = load_config(None, {"hparams": str(best), "cutout": "6"}, overrides_from_text=True)

@@ -11,6 +11,11 @@ subnets, evaluates each on the supernet as the search does, trains each standalo
 accuracies in `ranking.json`, with a scatter plot `ranking.png`. Both accuracies are measured
 on the supernet run's held-out split (the standalone runs validate on it).
 
+`rank_against_table("runs/supernet1", "nas-bench-macro", 300)` needs no training: it scores
+architectures of a benchmark table (stratified over FLOPs) with the supernet and compares the
+supernet's ranking of them with the table's, next to FLOPs, parameters and the table's own
+seed-to-seed agreement (`ranking.json` with `rankers` and a verdict, `ranking.png`).
+
 The base config of the standalone runs is layered: the supernet run's fields that TrainConfig
 shares (data, augmentation, optimiser, widths, hold-out, seed) < a `config` file (e.g. an HPO
 best.json) < per-field overrides. A `total_epoch` override without `peak_epoch` keeps the
@@ -23,7 +28,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 from dataclasses import asdict, fields
+
+import numpy as np
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -31,9 +39,12 @@ from effcifar.atomic import atomic_write
 from effcifar.config import build_config, coerce_value, field_types
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
-from effcifar.nas.ranking import RankingReport, scatter_plot
+from effcifar.nas.ranking import (
+    RankingReport, compare_rankers, null_tau_sd, scatter_plot, tau_difference, verdict,
+)
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, arch_key, load_supernet_config, read_arch_file
 from effcifar.nas.space import distinct_random_archs
+from effcifar.nas.table import BenchmarkTable
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import TrainConfig, train, write_tsv
 
@@ -167,9 +178,80 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
         summary = train_once(dataclasses.replace(config, arch=str(file.resolve())), out / f"subnet_{i}", data)
         standalone_acc.append(summary["final_valid_acc"])
     report = RankingReport.compute(supernet_acc, standalone_acc)
-    measures = {k: v if v == v else None for k, v in asdict(report).items()}  # NaN (no spread) as null
+    measures = _nan_as_null(asdict(report))
     result = {"supernet_acc": supernet_acc, "standalone_acc": standalone_acc, "archs": archs, **measures, "epochs": epochs, "seed": seed, "supernet": str(supernet_dir.resolve())}
     atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
     scatter_plot(supernet_acc, standalone_acc, out / "ranking.png",
                  title=f"{report.n} random subnets, {epochs} epochs standalone")
     return report
+
+
+def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int = 300, seed: int = 0,
+                       out_dir: str | Path | None = None, search: SearchConfig | None = None,
+                       progress: Progress | None = None) -> dict[str, Any]:
+    """Score `sample` table architectures (stratified over FLOPs; 0: every distinct network) with the supernet.
+
+    Each is evaluated as the search does (BN recalibrated, the run's held-out images; `search`
+    sets the batches, images and device). Writes `ranking.json` (scores, truth, every ranker's
+    quality, the supernet's lead over FLOPs with its bootstrap standard error, a verdict) and
+    `ranking.png`, and returns the same dict. Scores are kept in `scores.json` as they come, so
+    an interrupted run continues where it stopped.
+    """
+    supernet_dir = Path(supernet_dir)
+    out = Path(out_dir) if out_dir is not None else supernet_dir / "nas_eval_table"
+    search = search or SearchConfig()
+    evaluator = CandidateEvaluator.from_run(supernet_dir, search)
+    bench = BenchmarkTable.load_named(table, evaluator.net.space)
+    keys = [key for key in bench.sample(sample, seed) if _in_space(evaluator, bench.arch(key))]
+    if len(keys) < 2:
+        raise ConfigError(f"{bench.path}: fewer than 2 of its architectures are in the supernet's final space")
+    setup = {"supernet": str(supernet_dir.resolve()), "table": str(bench.path), "bn_batches": search.bn_batches,
+             "eval_images": search.eval_images, "precision": search.precision}
+    scores_file = out / "scores.json"
+    saved = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
+    scores: dict[str, float] = saved.get("scores", {}) if saved.get("setup") == setup else {}
+    started = time.perf_counter()
+    for i, key in enumerate(keys):
+        if key not in scores:
+            scores[key] = evaluator.evaluate(bench.arch(key))[0].accuracy
+            if progress is not None:
+                progress(f"{i + 1}/{len(keys)} {key}: supernet {scores[key]:.4f}, table {bench.rows[key].mean_acc:.4f}")
+            if len(scores) % 10 == 0:
+                atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
+    atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
+    rows = [bench.rows[key] for key in keys]
+    truth = [row.mean_acc for row in rows]
+    supernet = [scores[key] for key in keys]
+    rankers = compare_rankers(truth, {"supernet": supernet, "FLOPs": [row.flops for row in rows],
+                                      "parameters": [row.params for row in rows]},
+                              np.array([row.seed_accs for row in rows]))
+    difference, se = tau_difference(supernet, [row.flops for row in rows], truth, seed=seed)
+    result = {
+        "table": str(bench.path), "space_keys": bench.keys, "n": len(keys), "sample_seed": seed, **setup,
+        "keys": keys, "supernet_acc": supernet, "standalone_acc": truth, "flops": [row.flops for row in rows],
+        "params": [row.params for row in rows], "rankers": [asdict(r) for r in rankers],
+        "tau_vs_flops": {"difference": difference, "se": se}, "null_tau_sd": null_tau_sd(len(keys)),
+        "verdict": verdict(rankers[0], rankers[1], difference, se),
+        "flops_ratio": bench.flops_ratio(evaluator.costs),
+        "params_mismatches": len(bench.params_mismatches(evaluator.costs)),
+        "score_seconds": time.perf_counter() - started,
+    }
+    result = _nan_as_null(result)
+    atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
+    scatter_plot(supernet, truth, out / "ranking.png", ylabel="table accuracy (mean of its seeds)",
+                 title=f"{len(keys)} architectures of {bench.path.name}")
+    return result
+
+
+def _in_space(evaluator: CandidateEvaluator, arch: Mapping[str, str]) -> bool:
+    """Whether the supernet's final (possibly shrunk) space holds `arch`."""
+    return all(arch[key] in candidates for key, candidates in evaluator.space.choices().items())
+
+
+def _nan_as_null(value: Any) -> Any:
+    """NaN (a measure of a sample without spread) as null, so the file is strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_as_null(v) for k, v in value.items()}
+    return [_nan_as_null(v) for v in value] if isinstance(value, list) else value

@@ -87,6 +87,7 @@ class SearchConfig:
     cost: str = "flops"  # nsga2's second objective: flops or latency
     latency_batch: int = 1  # images per timed forward (1: one image at a time, as deployed)
     bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
+    eval_images: int = 0  # score each candidate on this many held-out images, a seeded random sample (0: all)
     workers: int = 1  # search processes on this machine
     storage: str | None = None  # postgresql:// URL shared by several machines (default: a journal in the out dir)
     heartbeat: float = 10.0  # seconds (PostgreSQL): a silent trial is failed and retried
@@ -105,7 +106,7 @@ class SearchConfig:
         for name in ("evaluations", "population", "top_k", "workers", "top_k_export", "latency_batch"):
             if getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
-        for name in ("mutations", "crossovers", "threads"):
+        for name in ("mutations", "crossovers", "threads", "eval_images"):
             if getattr(self, name) < 0:
                 raise field_error(name, "an integer >= 0", getattr(self, name))
         if self.mutations + self.crossovers > self.population:
@@ -196,6 +197,8 @@ class CandidateEvaluator:
                               eval_batch_size=config.eval_batch_size or sconfig.eval_batch_size)
         train_loader, valid_loader = device_loaders(train_config, data, device)
         batches = calibration_batches(train_loader, config.bn_batches or sconfig.bn_batches, sconfig.seed + 1)
+        if config.eval_images:
+            valid_loader = valid_loader.subset(config.eval_images, sconfig.seed)
         costs = CostTable.build(net.space, sconfig.channels(), data.num_classes)
         latency = None
         if config.needs_latency():
@@ -262,6 +265,8 @@ def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
     sconfig = load_supernet_config(supernet_dir)
     values = {"supernet": str(supernet_dir.resolve()), "bn_batches": config.bn_batches or sconfig.bn_batches,
               "precision": config.precision, "objectives": config.objectives()}
+    if config.eval_images:  # absent when 0, so searches recorded before the field existed still resume
+        values["eval_images"] = config.eval_images
     if "latency_ms" in config.objectives():  # the values told to the study are latencies at this batch
         values |= {"latency_batch": config.latency_batch, "latency_version": LATENCY_VERSION}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

@@ -71,7 +71,7 @@ class SupernetConfig:
     optimiser and widths share their meaning (and checks) with the core trainer's fields.
     """
 
-    space: str = "seed"  # 'seed' or a YAML/JSON space file
+    space: str = "seed"  # a built-in space (seed, nas-bench-macro) or a YAML/JSON space file
     hparams: str | None = None  # best.json of an HPO run: widths, LR, weight decay, augmentation
     # data
     dataset: str = "cifar10"
@@ -87,6 +87,7 @@ class SupernetConfig:
     peak_lr: float = 0.4
     lr_factor: float = 0.3
     schedule: str = "linear"
+    warmup_epochs: float = 0.0  # the LR rises linearly from 0 over these epochs, then decays
     base_wd: float = 5e-4
     momentum: float = 0.9
     nesterov: bool = True
@@ -128,6 +129,8 @@ class SupernetConfig:
             raise field_error("holdout", "a positive number of held-out training images", self.holdout)
         if self.panel_random < 0:
             raise field_error("panel_random", "an integer >= 0", self.panel_random)
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise field_error("warmup_epochs", f"a number in [0, epochs={self.epochs})", self.warmup_epochs)
         if not self.lr_factor > 0:
             raise field_error("lr_factor", "a number > 0", self.lr_factor)
         if self.schedule not in SCHEDULES:
@@ -154,8 +157,11 @@ class SupernetConfig:
         return {s: getattr(self, s) for s in STAGES}
 
     def lr_at(self, epoch: float) -> float:
-        """Learning rate at a fractional epoch: lr_factor x peak_lr decayed to 0 at `epochs`."""
-        top, t = self.lr_factor * self.peak_lr, min(max(epoch / self.epochs, 0.0), 1.0)
+        """Learning rate at a fractional epoch: warm-up to lr_factor x peak_lr, then decayed to 0 at `epochs`."""
+        top = self.lr_factor * self.peak_lr
+        if epoch < self.warmup_epochs:
+            return top * epoch / self.warmup_epochs
+        t = min(max((epoch - self.warmup_epochs) / (self.epochs - self.warmup_epochs), 0.0), 1.0)
         return top * (1 - t) if self.schedule == "linear" else top * 0.5 * (1 + math.cos(math.pi * t))
 
     def fingerprint(self) -> str:
@@ -297,10 +303,10 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
             counts[key][arch[key]] += 1
     for key, candidates in choices.items():
         skip_key = key.rsplit(".", 1)[0] + ".skip"
-        deepest = max(choices[skip_key], key=skip_depth)
+        deepest = {skip_key: max(choices[skip_key], key=skip_depth)} if skip_key in choices else {}
         for candidate in candidates:
-            while counts[key][candidate] < samples and key in space.active_keys({**archs[0], skip_key: deepest}):
-                arch = {k: rng.choice(c) for k, c in choices.items()} | {key: candidate, skip_key: deepest}
+            while counts[key][candidate] < samples and key in space.active_keys({**archs[0], **deepest}):
+                arch = {k: rng.choice(c) for k, c in choices.items()} | {key: candidate, **deepest}
                 archs.append(arch)
                 for active in space.active_keys(arch):
                     counts[active][arch[active]] += 1
