@@ -13,7 +13,7 @@ DEMO_ARGS ?=
 
 STAMP := $(VENV)/.effcifar-installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-lowest venv bench clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
+# The study tests once more against the lowest Optuna and SQLAlchemy that pyproject.toml allows: a second
+# environment that takes everything else from $(VENV) and installs only those two, at their lower bounds.
+LOWEST := $(shell sed -n 's/^ *"\(optuna\|sqlalchemy\)>=\([0-9.]*\).*/\1==\2/p' pyproject.toml)
+STUDY_TESTS ?= tests/test_hpo_study.py tests/test_hpo_postgres.py tests/test_nas_search.py tests/test_nas_samplers.py
+test-lowest: $(STAMP)
+	test -x $(VENV)-lowest/bin/python || $(PYTHON) -m venv $(VENV)-lowest
+	$(VENV)/bin/python -c "import site; print('import site; site.addsitedir(%r)' % site.getsitepackages()[0])" \
+		> "$$($(VENV)-lowest/bin/python -c 'import site; print(site.getsitepackages()[0])')/effcifar-main-venv.pth"
+	$(VENV)-lowest/bin/python -m pip install --quiet --no-deps $(LOWEST)
+	$(VENV)-lowest/bin/python -c "import optuna, sqlalchemy; print('lowest: optuna', optuna.__version__, 'sqlalchemy', sqlalchemy.__version__)"
+	$(VENV)-lowest/bin/python -m pytest -q $(STUDY_TESTS)
+
 bench: $(STAMP)
 	$(VENV)/bin/python bench/train_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV)-lowest build *.egg-info

@@ -12,9 +12,10 @@ seconds on a single GPU", arXiv 2404.00498), written from the paper and its abla
 - alternating flip (every image is mirrored on alternate epochs instead of at random), 2-pixel
   translation, and multi-crop test-time augmentation (mirror + 1-pixel translations).
 
-It plugs into `effcifar.train.train()` as a `Recipe`: the loop, loaders, logs and run directory
-are the trainer's. Every method is a TrainConfig field that can be switched off (see
-`TrainConfig`); `airbench_defaults` lists what the recipe changes in the shared fields.
+It plugs into `effcifar.train.train()` as a `Recipe` (registered by name in `train.RECIPES`): the
+loop, loaders, logs and run directory are the trainer's. Every method is a TrainConfig field that
+can be switched off (see `TrainConfig`); `airbench_defaults` lists what the recipe changes in the
+shared fields.
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ def alternate_flip_(loader: DeviceLoader, epoch: int) -> None:
 
 class AirbenchRecipe(Recipe):
     """The airbench methods as the trainer's Recipe hooks (see the module docstring)."""
+
+    defaults = staticmethod(airbench_defaults)
 
     def __init__(self, config: TrainConfig):
         super().__init__(config)

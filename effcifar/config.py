@@ -1,7 +1,9 @@
 """Typed configs from YAML/JSON files and command-line overrides, with errors that name the source.
 
-Every stage has one dataclass config whose defaults are the documented recipe. A config is
-built as: defaults < file < overrides. Unknown keys and values of the wrong type are errors
+Every stage has one dataclass config whose defaults are the documented recipe, composed of
+shared parts (see `effcifar.train`). Fields that change where or how fast a run computes, not its
+results, are declared with `execution(...)`; `fingerprint` is the one resume check of every stage
+(train, HPO, supernet, search, retrain, pipeline). A config is built as: defaults < file < overrides. Unknown keys and values of the wrong type are errors
 naming the file (or option), the field and what was expected; the dataclass's own
 `validate()` checks ranges and raises `ConfigError` with `field` set, and the source of that
 field is prefixed here.
@@ -10,6 +12,7 @@ field is prefixed here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -22,6 +25,33 @@ from effcifar.atomic import atomic_write
 from effcifar.errors import ConfigError
 
 C = TypeVar("C")
+EXECUTION = "execution"  # field metadata key: the field does not change results
+
+
+def execution(default: Any) -> Any:
+    """A config field that changes where or how fast a run computes, never its results (free to change on resume)."""
+    return dataclasses.field(default=default, metadata={EXECUTION: True})
+
+
+def execution_fields(cls: Any) -> set[str]:
+    """The names of a config class's (or instance's) `execution` fields."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get(EXECUTION)}
+
+
+def result_values(config: Any) -> dict[str, Any]:
+    """A config's fields that change its results (all but the `execution` ones), as plain data."""
+    skip = execution_fields(config)
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+
+
+def fingerprint(values: Any) -> str:
+    """The resume check of every stage: a short hash of what a result depends on.
+
+    A config dataclass counts by its `result_values`; plain data (a stage's settings) as it is.
+    """
+    if dataclasses.is_dataclass(values):
+        values = result_values(values)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def field_error(field: str, expected: str, value: Any) -> ConfigError:

@@ -12,8 +12,9 @@ import optuna_dashboard
 
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
-from effcifar.hpo.study import HpoConfig, load_run, open_storage
+from effcifar.hpo.study import HpoConfig, load_run
 from effcifar.nas.search import SearchConfig
+from effcifar.studies import open_storage
 
 
 class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):

@@ -33,7 +33,6 @@ import copy
 import dataclasses
 import datetime
 import functools
-import hashlib
 import json
 import shutil
 import time
@@ -45,7 +44,9 @@ from typing import Any, Callable, Mapping, TypeVar
 import yaml
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_from_layers, coerce_value, field_types, read_config_file, save_config
+from effcifar.config import (
+    build_from_layers, coerce_value, execution_fields, field_types, fingerprint, read_config_file, result_values, save_config,
+)
 from effcifar.errors import ConfigError
 from effcifar.train import EpochMetrics, TrainConfig, train
 
@@ -55,9 +56,6 @@ COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "device", "precisi
 STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "retrain", "nas_eval")
 MARKER = "stage.json"
 RESULTS = "results.json"
-# Fields that change where or how fast something runs, not what it computes: free to change on resume.
-EXECUTION_FIELDS = {"data_dir", "device", "threads", "workers", "storage", "heartbeat", "keep_checkpoints",
-                    "eval_batch_size", "timeout"}
 WIDTHS = ("prep", "layer1", "layer2", "layer3")
 
 
@@ -344,16 +342,6 @@ class Monitor:
 # Stage bookkeeping
 
 
-def fingerprint(settings: Mapping[str, Any]) -> str:
-    """A short hash of a stage's settings (execution fields excluded)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def computed(values: Mapping[str, Any]) -> dict[str, Any]:
-    """`values` without the execution fields (at any depth of sections)."""
-    return {k: computed(v) if isinstance(v, dict) else v for k, v in values.items() if k not in EXECUTION_FIELDS}
-
-
 def now() -> str:
     """The time in ISO format, UTC."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -463,7 +451,7 @@ class Pipeline:
 
     def stage(self, name: str, settings: Mapping[str, Any], after: tuple[str, ...] = ()) -> Stage:
         """The stage `name` with its settings (and the fingerprints of the stages it reads)."""
-        full = {"settings": computed(settings), "after": {a: self.upstream[a] for a in after}}
+        full = {"settings": settings, "after": {a: self.upstream[a] for a in after}}
         directory = self.out / name
         stage = Stage(name, STAGES.index(name) + 1, directory, full, read_marker(directory))
         stage.check()
@@ -560,7 +548,7 @@ class Pipeline:
 
     def training_stage(self, name: str, config: TrainConfig, after: tuple[str, ...] = ()) -> Path:
         """A stage that is one training run (it restarts if cut short: the core trainer keeps no checkpoint)."""
-        stage = self.stage(name, dataclasses.asdict(config), after)
+        stage = self.stage(name, result_values(config), after)
 
         def work() -> str:
             summary = self.train_run(config, stage.directory)
@@ -577,8 +565,8 @@ class Pipeline:
         base = self.config.trial_base()
         config = self.config.hpo_config(str(directory / "search_space.json"), str(directory / "base.yaml"),
                                         self.study_name("hpo"))
-        settings = {"hpo": {k: v for k, v in dataclasses.asdict(config).items() if k not in ("space", "base")},
-                    "space": self.config.hpo["space"], "base": dataclasses.asdict(base)}
+        settings = {"hpo": {k: v for k, v in result_values(config).items() if k not in ("space", "base")},
+                    "space": self.config.hpo["space"], "base": result_values(base)}
         stage = self.stage("hpo", settings)
         before = functools.cache(lambda: trials_done(directory, config))
 
@@ -621,7 +609,7 @@ class Pipeline:
         from effcifar.nas import supernet as supernet_lib
 
         config = self.config.supernet_config(best, str(best_file))
-        stage = self.stage("supernet", dataclasses.asdict(config), after=("hpo",))
+        stage = self.stage("supernet", result_values(config), after=("hpo",))
 
         def work() -> str:
             resume = bool(supernet_lib.checkpoint_files(stage.directory))
@@ -647,7 +635,7 @@ class Pipeline:
         from effcifar.nas import search as search_lib
 
         config = dataclasses.replace(self.config.search_config(), study=self.study_name("search"))
-        stage = self.stage("search", dataclasses.asdict(config), after=("supernet",))
+        stage = self.stage("search", result_values(config), after=("supernet",))
         before = functools.cache(lambda: trials_done(stage.directory, config))
 
         def work() -> str:
@@ -674,7 +662,7 @@ class Pipeline:
 
         top = self.config.retrain.get("top", 1)
         base = self.config.retrain_base(self.config.final_config(best, str(best_file)), supernet)
-        stage = self.stage("retrain", {"top": top, "base": dataclasses.asdict(base)}, after=("search", "hpo"))
+        stage = self.stage("retrain", {"top": top, "base": result_values(base)}, after=("search", "hpo"))
 
         def work() -> str:
             progress = self.run_counter(top)
@@ -691,7 +679,8 @@ class Pipeline:
 
         sample, epochs = self.config.nas_eval.get("sample", 0), self.config.nas_eval.get("epochs", 1)
         overrides = self.config.nas_eval_overrides()
-        stage = self.stage("nas_eval", {"sample": sample, "epochs": epochs, "overrides": overrides,
+        computed = {k: v for k, v in overrides.items() if k not in execution_fields(TrainConfig)}
+        stage = self.stage("nas_eval", {"sample": sample, "epochs": epochs, "overrides": computed,
                                         "seed": self.config.seed}, after=("supernet", "hpo"))
         if sample == 0:
             self.monitor.stage_skipped("nas_eval", stage.number, "nas_eval.sample is 0")
@@ -714,7 +703,7 @@ def trials_done(directory: Path, config: Any) -> int:
     """
     import optuna
 
-    from effcifar.hpo.study import budget_used
+    from effcifar.studies import budget_used
 
     journal = directory / "study.journal"
     if config.storage is not None or not journal.is_file():

@@ -152,7 +152,7 @@ def load_study(config_cls: type, config_file: Path) -> optuna.Study:
     It is the study named in the config, else the one named after the directory, else the
     only study in the storage.
     """
-    from effcifar.hpo.study import open_storage
+    from effcifar.studies import open_storage
 
     run_dir = config_file.parent
     config = build_config(config_cls, config_file)

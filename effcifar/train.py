@@ -8,6 +8,7 @@ stop the run (hyper-parameter search prunes through them).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import platform
@@ -24,19 +25,92 @@ from torch import nn
 
 import effcifar
 from effcifar.atomic import atomic_torch_save, atomic_write
-from effcifar.config import field_error, save_config
+from effcifar.config import execution, field_error, save_config
 from effcifar.errors import ConfigError, TrainingDiverged
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RECIPES = ("resnet9", "airbench")  # resnet9: cifar10-fast (the default); airbench: effcifar.airbench
+# Recipes by name, as "module:class" (like entry points): core names a recipe module but never imports
+# it; the recipe imports core. resnet9: cifar10-fast (the default); airbench: effcifar.airbench.
+RECIPES = {"resnet9": "effcifar.train:Recipe", "airbench": "effcifar.airbench:AirbenchRecipe"}
+# `arch` files are read and built by the NAS layer above core, named the same way.
+ARCH_FILE_READER = "effcifar.nas.space:load_arch_file"
+SUBNET_BUILDER = "effcifar.nas.space:build_standalone"
 ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
 
 
 @dataclass
-class TrainConfig:
+class DataFields:
+    """Which images a run trains and validates on (a part of every stage config that trains)."""
+
+    dataset: str = "cifar10"
+    data_dir: str | None = execution(None)  # a folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar
+    subset: int = 0  # train on this many training images (0: all)
+    holdout: int = 0  # validate on this many held-out training images (0: on the test set, as cifar10-fast)
+    batch_size: int = 512
+
+
+@dataclass
+class AugmentFields:
+    """The training batches' augmentation: random crop of the padded image, flip, Cutout."""
+
+    crop_pad: int = 4
+    flip: bool = True
+    cutout: int = 8
+
+
+@dataclass
+class OptimiserFields:
+    """SGD with Nesterov momentum and label smoothing; `peak_lr` is the schedule's top."""
+
+    peak_lr: float = 0.4
+    base_wd: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    label_smoothing: float = 0.2
+
+
+@dataclass
+class WidthFields:
+    """The widths of the four stages (the seed's search-space names) and the logits scale."""
+
+    logits_weight: float = 0.125
+    prep: int = 64
+    layer1: int = 128
+    layer2: int = 256
+    layer3: int = 512
+
+
+@dataclass
+class ExecutionFields:
+    """The seed, and where and how a run computes."""
+
+    seed: int = 0
+    device: str = execution("auto")  # auto (cuda if available), cpu, cuda, cuda:N
+    precision: str = "auto"  # auto: bf16 on GPUs and AMX CPUs that support it, else fp16 on GPU, fp32 on CPU
+    channels_last: bool = True
+    threads: int = execution(0)  # CPU threads for torch (0: torch's default)
+    eval_batch_size: int = execution(1024)
+
+
+@dataclass
+class AirbenchFields:
+    """Recipe airbench only: each switch turns one published method off, for ablations."""
+
+    whiten: bool = True  # first conv = frozen 2x2 patch-whitening filters from training-set statistics
+    whiten_bias_epochs: int = 3  # the whitening conv's bias trains for this many epochs, then freezes
+    identity_init: bool = True  # 3x3 convs start as identity (dirac) on their first input channels
+    lookahead: bool = True  # every 5 steps pull the weights toward their slow average; end on the average
+    alt_flip: bool = True  # flip every image on alternate epochs (random in the first) instead of at random
+    multicrop_tta: bool = True  # with tta, also average the mirror pairs of two 1-pixel translations
+    bn_bias_lr: float = 64.0  # LR multiplier of the BatchNorm biases (their weight decay is divided by it); 1: off
+
+
+# A dataclass lists its bases' fields from the last base to the first: data first, airbench last.
+@dataclass
+class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields, AugmentFields, DataFields):
     """Everything one run depends on. The defaults are cifar10-fast's ResNet-9 recipe (24 epochs).
 
     The learning rate follows cifar10-fast: it rises linearly from 0 to `peak_lr` at `peak_epoch`
@@ -61,29 +135,8 @@ class TrainConfig:
     recipe: str = "resnet9"
     arch: str | None = None  # architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)
     space: str = "seed"  # the space `arch` belongs to (a built-in name or a space file), unless the file embeds one
-    # data
-    dataset: str = "cifar10"
-    data_dir: str | None = None  # a folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar
-    subset: int = 0  # train on this many training images (0: all)
-    holdout: int = 0  # validate on this many held-out training images (0: on the test set, as cifar10-fast)
-    batch_size: int = 512
-    crop_pad: int = 4
-    flip: bool = True
-    cutout: int = 8
-    # optimisation
-    peak_lr: float = 0.4
     peak_epoch: float = 5
     total_epoch: int = 24
-    base_wd: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-    label_smoothing: float = 0.2
-    # network (the seed's search-space names)
-    logits_weight: float = 0.125
-    prep: int = 64
-    layer1: int = 128
-    layer2: int = 256
-    layer3: int = 512
     res_prep: int = 0
     res_layer1: int = 1
     res_layer2: int = 0
@@ -92,31 +145,14 @@ class TrainConfig:
     extra_layer1: int = 0
     extra_layer2: int = 0
     extra_layer3: int = 0
-    # execution
-    seed: int = 0
-    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
-    precision: str = "auto"  # auto: bf16 on GPUs and AMX CPUs that support it, else fp16 on GPU, fp32 on CPU
-    channels_last: bool = True
-    compile: bool = False
+    compile: bool = execution(False)
     tta: bool = False  # average the logits of each test image and its mirror image
-    threads: int = 0  # CPU threads for torch (0: torch's default)
-    eval_batch_size: int = 1024
-    # recipe airbench only: each switch turns one published method off, for ablations
-    whiten: bool = True  # first conv = frozen 2x2 patch-whitening filters from training-set statistics
-    whiten_bias_epochs: int = 3  # the whitening conv's bias trains for this many epochs, then freezes
-    identity_init: bool = True  # 3x3 convs start as identity (dirac) on their first input channels
-    lookahead: bool = True  # every 5 steps pull the weights toward their slow average; end on the average
-    alt_flip: bool = True  # flip every image on alternate epochs (random in the first) instead of at random
-    multicrop_tta: bool = True  # with tta, also average the mirror pairs of two 1-pixel translations
-    bn_bias_lr: float = 64.0  # LR multiplier of the BatchNorm biases (their weight decay is divided by it); 1: off
 
     @classmethod
     def recipe_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
         """Field values that the recipe named in `values` puts in place of the resnet9 defaults."""
-        if values.get("recipe") == "airbench":
-            from effcifar.airbench import airbench_defaults  # the recipe module imports this one
-            return airbench_defaults(values)
-        return {}
+        name = values.get("recipe", "resnet9")
+        return recipe_class(name).defaults(values) if name in RECIPES else {}
 
     @classmethod
     def for_recipe(cls, recipe: str = "resnet9", **fields: Any) -> "TrainConfig":
@@ -164,10 +200,8 @@ class TrainConfig:
 
     def architecture(self) -> tuple[Any, dict[str, str]]:
         """(ArchSpace, architecture) of `arch`; a ConfigError with field 'arch' names the file and the problem."""
-        from effcifar.nas.search import load_arch_file  # the NAS modules import this one
-
         try:
-            return load_arch_file(str(self.arch), self.space)
+            return plugin(ARCH_FILE_READER)(str(self.arch), self.space)
         except ConfigError as e:
             err = ConfigError(f"field 'arch': {e}")
             err.field = "arch"  # type: ignore[attr-defined]
@@ -313,18 +347,30 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the weights on one batch at learning rate `lr`; return (loss, logits), detached."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss, logits = self.backward(x, y)
+        self.update(lr)
+        return loss, logits
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward on one batch, adding to the gradients; return (loss, logits), detached.
+
+        Separate from `update`, so that a step can add the gradients of several passes (e.g. paths).
+        """
         with self.autocast():
             logits = self.model_to_run(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         self.scaler.scale(loss).backward()
+        return loss.detach(), logits.detach()
+
+    def update(self, lr: float) -> None:
+        """One optimiser step with the gradients so far at learning rate `lr`, then clear them."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.before_update is not None:
             self.before_update()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), logits.detach()
 
 
 Predict = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, batch) -> logits, e.g. with TTA
@@ -402,6 +448,11 @@ class Recipe:
     def __init__(self, config: TrainConfig):
         self.config = config
 
+    @classmethod
+    def defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Field values this recipe puts in place of the resnet9 defaults (given the values set so far)."""
+        return {}
+
     def augment(self) -> Augment:
         """The training loader's per-batch augmentation."""
         c = self.config
@@ -411,10 +462,8 @@ class Recipe:
         """The network, on CPU; `train_loader` gives data-dependent initialisations their images."""
         c = self.config
         if c.arch is not None:  # a NAS subnet: only the chosen ops of its space
-            from effcifar.nas.space import build_standalone
-
             space, arch = c.architecture()
-            return build_standalone(space, arch, {s: getattr(c, s) for s in STAGES}, num_classes, c.logits_weight)
+            return plugin(SUBNET_BUILDER)(space, arch, {s: getattr(c, s) for s in STAGES}, num_classes, c.logits_weight)
         return ResNet(c.net_config(num_classes))
 
     def train_step(self, model: nn.Module, precision: str) -> TrainStep:
@@ -439,12 +488,20 @@ class Recipe:
         return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta)
 
 
+def plugin(ref: str) -> Any:
+    """The object a "module:attribute" reference names, imported on first use."""
+    module, _, attribute = ref.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def recipe_class(name: str) -> type[Recipe]:
+    """The Recipe class registered as `name` in RECIPES."""
+    return plugin(RECIPES[name])
+
+
 def recipe_for(config: TrainConfig) -> Recipe:
     """The Recipe object of `config.recipe`."""
-    if config.recipe == "airbench":
-        from effcifar.airbench import AirbenchRecipe  # the recipe module imports this one
-        return AirbenchRecipe(config)
-    return Recipe(config)
+    return recipe_class(config.recipe)(config)
 
 
 def train(

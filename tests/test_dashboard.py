@@ -13,9 +13,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from selenium import webdriver
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from effcifar.config import save_config
 from effcifar.dashboard import dashboard_url, serve_dashboard
@@ -91,12 +88,13 @@ def serving(run_dir: Path, tmp_path: Path):
             process.wait(timeout=5)
 
 
-def page_text(driver: webdriver.Chrome) -> str:
-    """What the page shows (rendered text of the body)."""
-    return driver.find_element(By.TAG_NAME, "body").text
-
-
 def test_browser_lists_the_study_trials(browser, server, run_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def page_text(driver) -> str:  # what the page shows (rendered text of the body)
+        return driver.find_element(By.TAG_NAME, "body").text
+
     port, studies = server
     (study,) = [s for s in studies if s["study_name"] == run_dir.name]
     browser.get(f"{dashboard_url('127.0.0.1', port)}/studies/{study['study_id']}/trials")

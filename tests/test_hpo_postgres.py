@@ -16,7 +16,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from effcifar.hpo.study import load_run, redact_url
+from effcifar.hpo.study import load_run
+from effcifar.studies import redact_url
 
 from conftest import TINY_BASE
 

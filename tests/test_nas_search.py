@@ -13,10 +13,8 @@ from optuna.trial import TrialState
 import effcifar.nas.search as search_lib
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
-from effcifar.nas.search import (
-    CandidateEvaluator, SearchConfig, arch_key, export_top, load_arch, run_search,
-)
-from effcifar.nas.space import ArchSpace
+from effcifar.nas.search import CandidateEvaluator, SearchConfig, export_top, run_search
+from effcifar.nas.space import ArchSpace, arch_key, load_arch
 from effcifar.nas.supernet import SupernetConfig, train_supernet
 
 NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}

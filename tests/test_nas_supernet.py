@@ -16,8 +16,8 @@ from effcifar.errors import ConfigError
 from effcifar.nas.space import ArchSpace, CostTable, Supernet
 from effcifar.train import seed_everything
 from effcifar.nas.supernet import (
-    GlobalBatchNorm2d, PathSampler, SupernetConfig, checkpoint_files, load_config, load_supernet, read_checkpoint,
-    recalibrate_bn, save_checkpoint, shrink_space, train_supernet, use_global_batch_norm,
+    GlobalBatchNorm2d, PathSampler, SupernetConfig, SupernetTrainer, checkpoint_files, load_config, load_supernet,
+    read_checkpoint, recalibrate_bn, save_checkpoint, shrink_space, train_supernet, use_global_batch_norm,
 )
 
 NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
@@ -129,21 +129,29 @@ def test_kill_9_after_an_epoch_then_resume_is_bitwise_identical(reference_run, t
         json.loads((reference_run / "shrink_log.json").read_text())[0]["dropped"]
 
 
-def test_sigterm_mid_epoch_saves_and_resume_is_bitwise_identical(reference_run, tmp_path):
+def test_sigterm_mid_epoch_saves_and_resume_is_bitwise_identical(reference_run, tmp_path, monkeypatch, capsys):
+    """SIGTERM arrives after step 3 of epoch 2 (sent by the run itself, so no timing is involved)."""
     out = tmp_path / "terminated"
-    args = [*TINY, "--epochs", "3", "--shrink-at", "1", "--shrink-samples", "1", "--out", str(out)]
-    proc = cli(*args)
-    wait_for(lambda: first_epoch_done(out) or proc.poll() is not None)
-    time.sleep(0.15)  # into epoch 2
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "checkpoint saved" in err and "--resume" in err, err
+    args = ["supernet", "train", *TINY, "--epochs", "3", "--shrink-at", "1", "--shrink-samples", "1", "--out", str(out)]
+    step = SupernetTrainer.train_step
+
+    def step_then_signal(self, x, y, lr):
+        result = step(self, x, y, lr)
+        if self.progress.global_step == len(self.train_loader) + 2:  # this step is epoch 2's third
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(SupernetTrainer, "train_step", step_then_signal)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint saved" in err and "epoch 2, step 3" in err and "--resume" in err, err
     assert err.strip().count("\n") == 0
     latest = read_checkpoint(checkpoint_files(out)[0])
-    assert latest["progress"]["epoch"] >= 1
-    resumed = cli(*args, "--resume")
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
+    assert (latest["progress"]["epoch"], latest["progress"]["step"]) == (1, 3)
+    monkeypatch.setattr(SupernetTrainer, "train_step", step)
+    assert main([*args, "--resume"]) == 0
+    torch.set_num_threads(threads)
     assert_bitwise_equal(weights(out), weights(reference_run))
 
 
@@ -227,9 +235,12 @@ def test_bn_recalibration_equals_the_batch_statistics():
     bn.running_mean.fill_(5.0)
     batches = [torch.randn(16, 3, 32, 32) * 2 + 1 for _ in range(3)]
     recalibrate_bn(net, batches, _no_autocast)
-    conv_out = torch.cat([net.prep[0](b) for b in batches])
-    torch.testing.assert_close(bn.running_mean, conv_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
-    assert not net.training and bn.momentum == 0.1
+    outs = [net.prep[0](b) for b in batches]
+    torch.testing.assert_close(bn.running_mean, torch.cat(outs).mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # momentum None: the plain average of the batches' (unbiased) variances, not a moving average
+    torch.testing.assert_close(bn.running_var, torch.stack([o.var((0, 2, 3)) for o in outs]).mean(0),
+                               rtol=1e-4, atol=1e-5)
+    assert not net.training and bn.momentum == 0.1 and bn.num_batches_tracked == len(batches)
 
 
 def _no_autocast():

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from selenium.webdriver.common.by import By
 
 from effcifar.data import make_synthetic
 from effcifar.errors import ConfigError
@@ -141,6 +140,8 @@ def test_cli_prints_the_page_and_the_sections(pipeline, tmp_path):
 
 
 def test_report_loads_in_headless_chromium(browser, pipeline, tmp_path):
+    from selenium.webdriver.common.by import By
+
     path = write_report(pipeline, tmp_path / "out")
     browser.get(path.as_uri())
     assert browser.execute_script("return document.readyState") == "complete"

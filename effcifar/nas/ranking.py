@@ -1,8 +1,8 @@
 """Ranking quality of a supernet: does its accuracy order subnets the way standalone training does?
 
 `RankingReport.compute(supernet_acc, standalone_acc)` gives Kendall's tau-b, Spearman's rho and
-the overlap of the top 20%; `scatter_plot` draws one against the other. Ties are handled the
-way SciPy does (tau-b, average ranks); a constant input has no order, so its tau and rho are NaN.
+the overlap of the top 20%; `scatter_plot` draws one against the other. Tau and rho are SciPy's
+(tau-b, average ranks for ties); a constant input has no order, so its tau and rho are NaN.
 
 Against a benchmark table, `compare_rankers` scores the supernet next to the rankers it must
 beat to be worth its cost (FLOPs, parameters) and the ceiling (one training seed against
@@ -12,14 +12,15 @@ another), and `tau_difference` says whether its lead over FLOPs is above the sam
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-import scipy.stats
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy import stats
 
 from effcifar.atomic import atomic_write_with
 
@@ -39,26 +40,17 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarr
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     """Kendall's tau-b: pair agreement of the two orders, corrected for ties (NaN if one input is constant)."""
     x, y = paired(a, b)
-    upper = np.triu_indices(len(x), k=1)
-    dx = np.sign(x[:, None] - x[None, :])[upper]
-    dy = np.sign(y[:, None] - y[None, :])[upper]
-    denominator = np.sqrt(np.count_nonzero(dx) * np.count_nonzero(dy))
-    return float(np.sum(dx * dy) / denominator) if denominator else float("nan")
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks; tied values share the mean of the ranks they span."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts + 1
-    return (first + (counts - 1) / 2)[inverse]
+    with warnings.catch_warnings():  # a constant input warns and gives NaN: that NaN is the answer
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.kendalltau(x, y, variant="b").statistic)
 
 
 def spearman_rho(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rho: Pearson correlation of average ranks (NaN if one input is constant)."""
     x, y = paired(a, b)
-    rx, ry = average_ranks(x) - (len(x) + 1) / 2, average_ranks(y) - (len(y) + 1) / 2
-    denominator = np.sqrt(np.sum(rx * rx) * np.sum(ry * ry))
-    return float(np.sum(rx * ry) / denominator) if denominator else float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(x, y).statistic)
 
 
 def top_overlap(a: Sequence[float], b: Sequence[float], fraction: float = 0.2) -> float:
@@ -120,12 +112,11 @@ class RankerQuality:
 
 def ranker_quality(name: str, scores: Sequence[float], truth: Sequence[float],
                    top_fraction: float = TOP_FRACTION) -> RankerQuality:
-    """Kendall tau-b, Spearman rho, tau within the truth's top fraction and top-fraction overlap (SciPy's statistics)."""
+    """Kendall tau-b, Spearman rho, tau within the truth's top fraction and top-fraction overlap."""
     x, y = paired(scores, truth)
     top = np.argsort(-y, kind="stable")[:max(2, round(top_fraction * len(y)))]
-    return RankerQuality(name, float(scipy.stats.kendalltau(x, y).statistic),
-                         float(scipy.stats.spearmanr(x, y).statistic),
-                         float(scipy.stats.kendalltau(x[top], y[top]).statistic), top_overlap(x, y, top_fraction))
+    return RankerQuality(name, kendall_tau(x, y), spearman_rho(x, y), kendall_tau(x[top], y[top]),
+                         top_overlap(x, y, top_fraction))
 
 
 def seed_ceiling(seed_accs: np.ndarray, top_fraction: float = TOP_FRACTION) -> RankerQuality:
@@ -159,9 +150,8 @@ def tau_difference(a: Sequence[float], b: Sequence[float], truth: Sequence[float
     diffs = []
     for _ in range(resamples):
         i = rng.integers(0, len(y), len(y))
-        diffs.append(scipy.stats.kendalltau(x[i], y[i]).statistic - scipy.stats.kendalltau(z[i], y[i]).statistic)
-    diff = scipy.stats.kendalltau(x, y).statistic - scipy.stats.kendalltau(z, y).statistic
-    return float(diff), float(np.nanstd(diffs))
+        diffs.append(kendall_tau(x[i], y[i]) - kendall_tau(z[i], y[i]))
+    return kendall_tau(x, y) - kendall_tau(z, y), float(np.nanstd(diffs))
 
 
 def compare_rankers(truth: Sequence[float], rankers: Mapping[str, Sequence[float]],

@@ -36,19 +36,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, coerce_value, field_types
+from effcifar.config import build_config, coerce_value, field_types, fingerprint, result_values
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.ranking import (
     RankingReport, compare_rankers, null_tau_sd, scatter_plot, tau_difference, verdict,
 )
-from effcifar.nas.search import CandidateEvaluator, SearchConfig, arch_key, load_supernet_config, read_arch_file
-from effcifar.nas.space import distinct_random_archs
+from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
+from effcifar.nas.space import arch_key, distinct_random_archs, read_arch_file
 from effcifar.nas.table import BenchmarkTable
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import TrainConfig, train, write_tsv
 
-IGNORED_ON_RESUME = ("device", "threads", "data_dir", "eval_batch_size", "compile", "precision")
 Progress = Callable[[str], None]
 
 
@@ -88,9 +87,8 @@ def train_once(config: TrainConfig, run_dir: Path, data: CifarData) -> dict[str,
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        done = {k: v for k, v in summary["config"].items() if k not in IGNORED_ON_RESUME}
-        wanted = {k: v for k, v in asdict(config).items() if k not in IGNORED_ON_RESUME}
-        if done != wanted:
+        done, wanted = result_values(TrainConfig(**summary["config"])), result_values(config)
+        if fingerprint(done) != fingerprint(wanted):
             changed = sorted(k for k in wanted if done.get(k) != wanted[k])
             raise ConfigError(f"{run_dir}: finished with another config ({', '.join(changed)} differ); "
                               f"use the same options or another --out")

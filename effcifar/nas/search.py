@@ -30,19 +30,15 @@ architectures with the same key as duplicates, so they are drawn again while new
 `export_top` writes `arch/top_{i}.json` (the NNI-style `{key: choice}` under "arch", with
 accuracy, top-5, FLOPs, parameters, latency when measured, and the space's declaration under
 "space") and
-`architecture_final.json` for the best; `load_arch` reads those files or a plain NNI
-`{key: choice}` dict back, and `load_arch_file` also the space they embed.
+`architecture_final.json` for the best; `effcifar.nas.space.load_arch` reads those files or a
+plain NNI `{key: choice}` dict back, and `load_arch_file` also the space they embed.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import multiprocessing
 import os
-import socket
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -52,18 +48,15 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, field_error, save_config
+from effcifar.config import build_config, execution, field_error, fingerprint, save_config
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
-from effcifar.hpo.study import (
-    budget_lock, budget_used, fail_lost_trials, heartbeat, open_storage, pin_worker_gpu, redact_url, supervise_workers,
-    trial_seed,
-)
 from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
-from effcifar.train import device_loaders, resolve_device, resolve_precision
+from effcifar.studies import OnTrial, StorageConfig, open_storage, run_trials, start_workers
+from effcifar.train import PRECISIONS, device_loaders, resolve_device, resolve_precision
 
 RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")
 COSTS = {"flops": "flops", "latency": "latency_ms"}  # nsga2's cost objective -> the trial attribute
@@ -71,7 +64,7 @@ SETUP_ATTR = "search:setup"
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(StorageConfig):
     """One architecture search; the defaults are the seed's SPOS evolution (50 x 20 generations)."""
 
     strategy: str = "evolution"  # evolution, random or nsga2 (accuracy against `cost`)
@@ -88,16 +81,13 @@ class SearchConfig:
     latency_batch: int = 1  # images per timed forward (1: one image at a time, as deployed)
     bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
     eval_images: int = 0  # score each candidate on this many held-out images, a seeded random sample (0: all)
-    workers: int = 1  # search processes on this machine
-    storage: str | None = None  # postgresql:// URL shared by several machines (default: a journal in the out dir)
-    heartbeat: float = 10.0  # seconds (PostgreSQL): a silent trial is failed and retried
-    study: str | None = None  # study name (default: the out directory's name)
+    workers: int = execution(1)  # search processes on this machine
     seed: int | None = 0  # sampler seed (worker i uses seed + i)
     top_k_export: int = 5  # architectures written to arch/top_{i}.json
-    device: str = "auto"
+    device: str = execution("auto")
     precision: str = "auto"
-    eval_batch_size: int | None = None  # default: the supernet run's
-    threads: int = 0  # torch threads (0: torch's default; workers split the cores)
+    eval_batch_size: int | None = execution(None)  # default: the supernet run's
+    threads: int = execution(0)  # torch threads (0: torch's default; workers split the cores)
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
@@ -120,12 +110,9 @@ class SearchConfig:
         for name in ("bn_batches", "eval_batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise field_error(name, "a positive integer or none (the supernet run's)", getattr(self, name))
-        if self.storage is not None and not self.storage.startswith(("postgresql://", "postgresql+psycopg://")):
-            raise field_error("storage", "a postgresql:// URL", redact_url(self.storage))
-        if not self.heartbeat >= 1:
-            raise field_error("heartbeat", "a number of seconds >= 1", self.heartbeat)
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise field_error("precision", "one of auto, fp32, bf16, fp16", self.precision)
+        super().validate()
+        if self.precision not in PRECISIONS:
+            raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
         if self.cost not in COSTS:
             raise field_error("cost", f"one of {', '.join(COSTS)}", self.cost)
         if self.cost != "flops" and self.strategy != "nsga2":
@@ -269,7 +256,7 @@ def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
         values["eval_images"] = config.eval_images
     if "latency_ms" in config.objectives():  # the values told to the study are latencies at this batch
         values |= {"latency_batch": config.latency_batch, "latency_version": LATENCY_VERSION}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(values)
 
 
 def load_supernet_config(supernet_dir: Path) -> SupernetConfig:
@@ -295,7 +282,7 @@ def open_search_study(config: SearchConfig, supernet_dir: Path, out_dir: Path, s
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = search_sampler(config, space, is_feasible, None if config.seed is None else config.seed + worker)
     directions = ["maximize", "minimize"] if config.strategy == "nsga2" else ["maximize"]
-    storage = open_storage(config, out_dir)  # type: ignore[arg-type]  # it reads .storage and .heartbeat
+    storage = open_storage(config, out_dir)
     study = optuna.create_study(storage=storage, study_name=config.study or out_dir.name, sampler=sampler,
                                 directions=directions, load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
@@ -309,39 +296,27 @@ def open_search_study(config: SearchConfig, supernet_dir: Path, out_dir: Path, s
 
 
 def run_worker(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Path, worker: int = 0,
-               on_trial: Callable[[FrozenTrial], None] | None = None,
-               evaluator: CandidateEvaluator | None = None) -> None:
-    """Take trials until the budget is spent: draw (under the budget lock), check, evaluate or reuse, tell."""
+               on_trial: OnTrial | None = None, evaluator: CandidateEvaluator | None = None) -> None:
+    """Take trials until the budget is spent: draw, check, evaluate or reuse, tell."""
     supernet_dir, out_dir = Path(supernet_dir), Path(out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
     evaluator = evaluator or CandidateEvaluator.from_run(supernet_dir, config, out_dir)
     study = open_search_study(config, supernet_dir, out_dir, evaluator.space, evaluator.is_feasible, worker)
     choices = evaluator.space.choices()
-    while True:
-        with budget_lock(config, out_dir, study.study_name), warnings.catch_warnings():  # type: ignore[arg-type]
-            warnings.simplefilter("ignore", UserWarning)  # heartbeats outside study.optimize
-            fail_lost_trials(study, config)  # type: ignore[arg-type]
-            trials = study.get_trials(deepcopy=False)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if not waiting and budget_used(trials) >= config.evaluations:
-                return
-            if config.seed is not None:  # by position, so a resumed search draws what an uninterrupted one would
-                study.sampler = search_sampler(config, evaluator.space, evaluator.is_feasible,
-                                               trial_seed(config.seed, worker, trials))
-            trial = study.ask()
-            try:
-                arch = suggest_arch(trial, choices)
-            except ConfigError as e:
-                trial.set_user_attr("fail_reason", str(e))
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-        trial.set_user_attr("worker_host", socket.gethostname())
-        trial.set_user_attr("worker_pid", os.getpid())
-        with heartbeat(study, trial):
-            frozen = evaluate_trial(study, trial, arch, evaluator, config.objectives())
-        if on_trial is not None:
-            on_trial(frozen)
+
+    def objective(trial: optuna.Trial) -> FrozenTrial:
+        try:
+            arch = suggest_arch(trial, choices)
+        except ConfigError as e:
+            trial.set_user_attr("fail_reason", str(e))
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        return evaluate_trial(study, trial, arch, evaluator, config.objectives())
+
+    run_trials(study, config, out_dir, config.evaluations, objective, seed=config.seed, worker=worker,
+               sampler=lambda seed: search_sampler(config, evaluator.space, evaluator.is_feasible, seed),
+               on_trial=on_trial)
 
 
 def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluator: CandidateEvaluator,
@@ -351,12 +326,7 @@ def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluat
         trial.set_user_attr("fail_reason", "over the FLOPs/parameter/latency limits (not evaluated)")
         return study.tell(trial, state=TrialState.FAIL)
     evaluator.sync(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    try:
-        result, cached = evaluator.evaluate(arch)
-    except KeyboardInterrupt:
-        trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
-        raise
+    result, cached = evaluator.evaluate(arch)
     record = {**result.attrs(), "cached": cached}
     if evaluator.latency is not None:
         record["latency_ms"] = evaluator.latency.latency_of(arch)
@@ -365,14 +335,8 @@ def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluat
     return study.tell(trial, [record[name] for name in objectives])
 
 
-def _worker_main(config: SearchConfig, supernet_dir: Path, out_dir: Path, index: int) -> None:
-    """Entry point of a worker process: pin a GPU if there are several, then take trials."""
-    pin_worker_gpu(index)
-    run_worker(config, supernet_dir, out_dir, worker=index)
-
-
 def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Path,
-               on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
+               on_trial: OnTrial | None = None) -> optuna.Study:
     """Run (or resume) the search in `out_dir` with `config.workers` processes; export the top K; return the study."""
     config.validate()
     supernet_dir, out_dir = Path(supernet_dir), Path(out_dir)
@@ -385,24 +349,20 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
     if evaluator.latency is not None:
         evaluator.latency.save(out_dir / LATENCY_FILE)  # the workers' table
     study = open_search_study(config, supernet_dir, out_dir, evaluator.space, evaluator.is_feasible)
-    saved = config if config.storage is None else replace(config, storage=redact_url(config.storage))
-    save_config(saved, out_dir / "search.yaml")  # never the database password
+    save_config(config.without_password(), out_dir / "search.yaml")  # never the database password
     atomic_write(out_dir / "supernet.txt", f"{supernet_dir.resolve()}\n")
     if config.workers == 1:
         run_worker(config, supernet_dir, out_dir, on_trial=on_trial, evaluator=evaluator)
     else:
         threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
-        worker_config = replace(config, threads=threads)
-        context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_worker_main, args=(worker_config, supernet_dir, out_dir, i))
-                   for i in range(config.workers)]
-        supervise_workers(study, workers, on_trial)
+        start_workers(study, config.workers, run_worker, (replace(config, threads=threads), supernet_dir, out_dir),
+                      on_trial)
     export_top(study, out_dir, config.top_k_export, evaluator.space, evaluator.latency)
     return study
 
 
 # ---------------------------------------------------------------------------------------------
-# Export and import
+# Export
 
 
 def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[str, Any]]]:
@@ -451,41 +411,3 @@ def export_top(study: optuna.Study, out_dir: str | Path, k: int, space: ArchSpac
     if records:
         atomic_write(out_dir / "architecture_final.json", json.dumps(records[0], indent=2) + "\n")
     return records
-
-
-def read_arch_file(path: str | Path) -> dict[str, Any]:
-    """The JSON mapping of an architecture file; a ConfigError names the file."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the architecture file ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping {{choice key: candidate}} (or {{\"arch\": ...}}), "
-                          f"got {type(data).__name__}")
-    return data
-
-
-def load_arch(path: str | Path, space: ArchSpace) -> Arch:
-    """An architecture from `arch/top_K.json`, `architecture_final.json` or a plain NNI `{key: choice}` file.
-
-    NNI's one-element lists (`["conv3"]`) are accepted for a choice; the result is checked
-    against the space, and every problem is a ConfigError naming the file.
-    """
-    data = read_arch_file(path)
-    if isinstance(data.get("arch"), dict):
-        data = data["arch"]
-    arch = {key: value[0] if isinstance(value, list) and len(value) == 1 else value for key, value in data.items()}
-    return space.check(arch, str(path))
-
-
-def load_arch_file(path: str | Path, space: str | Path | None = "seed") -> tuple[ArchSpace, Arch]:
-    """(space, architecture) of an architecture file: its embedded "space" declaration, else `ArchSpace.load(space)`."""
-    data = read_arch_file(path)
-    if "space" in data:
-        arch_space = ArchSpace.from_dict(data["space"], f"{path}: space")
-    else:
-        arch_space = ArchSpace.load(space)
-    return arch_space, load_arch(path, arch_space)

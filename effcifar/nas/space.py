@@ -692,3 +692,45 @@ class CostTable:
 def nni_space_json(space: ArchSpace) -> str:
     """The NNI-format search-space JSON text."""
     return json.dumps(space.to_nni(), indent=2) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture files
+
+
+def read_arch_file(path: str | Path) -> dict[str, Any]:
+    """The JSON mapping of an architecture file; a ConfigError names the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the architecture file ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping {{choice key: candidate}} (or {{\"arch\": ...}}), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def load_arch(path: str | Path, space: ArchSpace) -> Arch:
+    """An architecture from `arch/top_K.json`, `architecture_final.json` or a plain NNI `{key: choice}` file.
+
+    NNI's one-element lists (`["conv3"]`) are accepted for a choice; the result is checked
+    against the space, and every problem is a ConfigError naming the file.
+    """
+    data = read_arch_file(path)
+    if isinstance(data.get("arch"), dict):
+        data = data["arch"]
+    arch = {key: value[0] if isinstance(value, list) and len(value) == 1 else value for key, value in data.items()}
+    return space.check(arch, str(path))
+
+
+def load_arch_file(path: str | Path, space: str | Path | None = "seed") -> tuple[ArchSpace, Arch]:
+    """(space, architecture) of an architecture file: its embedded "space" declaration, else `ArchSpace.load(space)`."""
+    data = read_arch_file(path)
+    if "space" in data:
+        arch_space = ArchSpace.from_dict(data["space"], f"{path}: space")
+    else:
+        arch_space = ArchSpace.load(space)
+    return arch_space, load_arch(path, arch_space)

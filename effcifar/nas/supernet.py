@@ -33,16 +33,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.nn.functional import all_reduce
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, field_error, read_config_file, save_config
+from effcifar.config import build_config, execution, field_error, fingerprint, read_config_file, result_values, save_config
 from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, skip_depth
 from effcifar.train import (
-    TrainConfig, TrainStep, device_loaders, device_name, library_versions, resolve_device, resolve_precision,
+    AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, device_loaders, device_name, library_versions, resolve_device, resolve_precision,
     seed_everything, write_tsv,
 )
 
@@ -52,8 +54,6 @@ HPARAM_FIELDS = (
     "dataset", "batch_size", "crop_pad", "flip", "cutout", "peak_lr", "base_wd", "momentum", "nesterov",
     "label_smoothing", "logits_weight", *STAGES,
 )
-# Fields that do not change what is computed; a checkpoint can be resumed with other values.
-EXECUTION_FIELDS = ("device", "threads", "keep_checkpoints", "data_dir", "hparams")
 CHECKPOINT_MAGIC = b"EFFCIFAR-CKPT-1\n"
 MAX_SAMPLING_TRIES = 10_000
 
@@ -63,41 +63,21 @@ class TrainingInterrupted(EffcifarError):
 
 
 @dataclass
-class SupernetConfig:
+class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentFields, DataFields):
     """Everything a supernet run depends on; the defaults are the seed's SPOS setup.
 
     The learning rate is `lr_factor` x `peak_lr` (the seed trained the supernet at 0.3x the HPO
     learning rate), decayed per step to 0 over `epochs` (linear or cosine). Data, augmentation,
-    optimiser and widths share their meaning (and checks) with the core trainer's fields.
+    optimiser, widths and execution are the core trainer's parts, with its checks.
     """
 
-    space: str = "seed"  # a built-in space (seed, nas-bench-macro) or a YAML/JSON space file
-    hparams: str | None = None  # best.json of an HPO run: widths, LR, weight decay, augmentation
-    # data
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    subset: int = 0
     holdout: int = 5000  # held-out training images for the panel and shrinking (never the test set)
-    batch_size: int = 512
-    crop_pad: int = 4
-    flip: bool = True
-    cutout: int = 8
-    # optimisation
+    space: str = "seed"  # a built-in space (seed, nas-bench-macro) or a YAML/JSON space file
+    hparams: str | None = execution(None)  # best.json of an HPO run: widths, LR, weight decay, augmentation
     epochs: int = 30
-    peak_lr: float = 0.4
     lr_factor: float = 0.3
     schedule: str = "linear"
     warmup_epochs: float = 0.0  # the LR rises linearly from 0 over these epochs, then decays
-    base_wd: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-    label_smoothing: float = 0.2
-    # network
-    logits_weight: float = 0.125
-    prep: int = 64
-    layer1: int = 128
-    layer2: int = 256
-    layer3: int = 512
     # path sampling and evaluation
     flops_min: float | None = None  # sample only paths with at least this many forward FLOPs
     flops_max: float | None = None
@@ -105,14 +85,7 @@ class SupernetConfig:
     bn_batches: int = 10  # training batches used to recalibrate BN before each evaluation
     shrink_at: str = ""  # comma-separated epochs after which each key loses its worst candidate
     shrink_samples: int = 10  # each candidate is judged on at least this many subnets
-    # execution
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    threads: int = 0
-    eval_batch_size: int = 1024
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = execution(3)
 
     def train_config(self) -> TrainConfig:
         """The core-trainer config of the shared fields (used for its checks and its step)."""
@@ -165,10 +138,8 @@ class SupernetConfig:
         return top * (1 - t) if self.schedule == "linear" else top * 0.5 * (1 + math.cos(math.pi * t))
 
     def fingerprint(self) -> str:
-        """Hash of every field that changes the computation (a resumed run must match it)."""
-        values = {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS}
-        values["space"] = ArchSpace.load(self.space).to_dict()  # the content, wherever the file is
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+        """What a resumed run must match: the fields that change results, and the space's content."""
+        return fingerprint({**result_values(self), "space": ArchSpace.load(self.space).to_dict()})
 
 
 def load_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
@@ -195,6 +166,14 @@ class PathSampler:
         self.costs, self.flops_min, self.flops_max = costs, flops_min, flops_max
         self.rng = random.Random(seed)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state (weights_only-loadable), for checkpoints."""
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue drawing where `state_dict()` was taken."""
+        self.rng.setstate(_as_tuple(state["rng"]))
+
     def within_limits(self, arch: Arch) -> bool:
         flops = self.costs.flops_of(arch)
         return (self.flops_min is None or flops >= self.flops_min) and (self.flops_max is None or flops <= self.flops_max)
@@ -213,24 +192,15 @@ class PathSampler:
         )
 
 
-@torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], autocast: Callable[[], Any]) -> None:
-    """Reset every BN layer's running statistics and re-estimate them as the plain average over batches.
+    """Re-estimate every BN layer's running statistics as the plain average over `batches`; leave the model in eval mode.
 
     A shared-weight subnet's BN statistics are a mixture over all paths trained so far; SPOS
-    recomputes them for the chosen path before judging it.
+    recomputes them for the chosen path before judging it. torch's `update_bn` resets them and
+    averages cumulatively (momentum None), as SPOS does.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
     with autocast():
-        for x in batches:
-            model(x)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
+        update_bn(batches, model)
     model.eval()
 
 
@@ -331,28 +301,12 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
 # Data-parallel pieces
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose gradient is the sum over ranks of the incoming gradients."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the global batch across all ranks.
 
-    Works with gloo (CPU) and NCCL alike: sums and sums of squares are all-reduced with autograd,
-    so gradients flow as if one process saw the whole batch. Without gradients (BN
-    recalibration, evaluation) it is a plain local BatchNorm.
+    nn.SyncBatchNorm does this on CUDA only; this is its counterpart for gloo (CPU): sums and sums
+    of squares are all-reduced with autograd, so gradients flow as if one process saw the whole
+    batch. Without gradients (BN recalibration, evaluation) it is a plain local BatchNorm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -360,9 +314,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in at least fp32
         count = xf.numel() // xf.shape[1] * dist.get_world_size()
-        mean = _AllReduceSum.apply(xf.sum((0, 2, 3))) / count
+        mean = all_reduce(xf.sum((0, 2, 3))) / count
         centred = xf - mean[None, :, None, None]  # two passes: E[x^2] - E[x]^2 loses digits
-        var = _AllReduceSum.apply((centred * centred).sum((0, 2, 3))) / count
+        var = all_reduce((centred * centred).sum((0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
@@ -377,6 +331,18 @@ def use_global_batch_norm(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is nn.BatchNorm2d:
             module.__class__ = GlobalBatchNorm2d
+
+
+def data_parallel(net: nn.Module, device: torch.device) -> nn.Module:
+    """`net` under DDP, its batch norm over the global batch: nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere.
+
+    The network's modules are swapped in place (same parameters and buffers), so `net` stays the model to save.
+    """
+    if device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(net)  # replaces net's BatchNorm children in place
+    else:
+        use_global_batch_norm(net)
+    return nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
 
 
 @dataclass(frozen=True)
@@ -498,8 +464,8 @@ class SupernetResult:
 
 
 @dataclass
-class _Progress:
-    """The resumable position of a run (everything besides weights and optimiser)."""
+class Progress:
+    """The resumable position of a run (everything besides weights, optimiser and generators)."""
 
     epoch: int = 0  # completed epochs
     step: int = 0  # step within the current epoch
@@ -507,6 +473,251 @@ class _Progress:
     history: list[dict[str, Any]] = field(default_factory=list)
     shrink_log: list[dict[str, Any]] = field(default_factory=list)
     train_time: float = 0.0
+
+
+class SupernetTrainer:
+    """A SPOS supernet run: its network, optimiser step, path sampler, data order and position.
+
+    `train_step(x, y, lr)` is the one place where a step's path is drawn (by `sampler`) and
+    trained (by `step`, the core trainer's TrainStep: `step.backward` then `step.update`).
+    `train_epoch`, `end_epoch` (panel, shrinking) and `fit` drive it; `state_dict()` is the
+    checkpoint, and `load_state_dict` continues from one bitwise-identically (on CPU).
+    """
+
+    def __init__(self, config: SupernetConfig, data: CifarData | None = None, out: Path | None = None,
+                 ranks: Ranks | None = None):
+        config.validate()
+        self.config, self.out, self.ranks = config, out, ranks or Ranks.from_env()
+        self.space = ArchSpace.load(config.space)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = resolve_device(config.device)
+        if self.ranks.launched and device.type == "cuda":
+            device = torch.device("cuda", self.ranks.local_rank)
+        if self.ranks.launched and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if config.batch_size % self.ranks.world:
+            raise field_error("batch_size", f"a multiple of the number of processes ({self.ranks.world})",
+                              config.batch_size)
+        self.device, self.precision = device, resolve_precision(config.precision, device)
+        self.data = data if data is not None else load_dataset(config.dataset, config.data_dir)
+        self.train_loader, self.valid_loader = device_loaders(config.train_config(), self.data, device)
+
+        seed_everything(config.seed)
+        self.net = Supernet(self.space, config.channels(), self.data.num_classes, config.logits_weight).to(device)
+        if config.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        runner: nn.Module = self.net
+        before_update = None
+        if self.ranks.launched:
+            runner = data_parallel(self.net, device)
+            before_update = self.drop_inactive_gradients
+        self.step = TrainStep(runner, config.train_config(), self.precision, before_update=before_update)
+        self.costs = CostTable.build(self.space, config.channels(), self.data.num_classes)
+        self.sampler = PathSampler(self.costs, config.seed, config.flops_min, config.flops_max)
+        self.sampler.sample(self.space)  # fail now, not after data loading on every rank, if no path is allowed
+        self.sampler.rng.seed(config.seed)
+        self.bn_batches = calibration_batches(self.train_loader, config.bn_batches, config.seed + 1)
+        self.progress = Progress()
+        self.order: torch.Tensor | None = None  # the current epoch's data order
+        self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
+
+    def drop_inactive_gradients(self) -> None:
+        """DDP hands unused parameters zero gradients; SGD (momentum, weight decay) must skip them."""
+        for p in self.net.inactive_parameters():
+            p.grad = None
+
+    # ---- one step, one epoch -------------------------------------------------------------
+
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        return self.config.lr_at(self.progress.epoch + self.progress.step / len(self.train_loader))
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next global batch, augmented."""
+        size, world, rank = self.config.batch_size, self.ranks.world, self.ranks.rank
+        if self.order is None:
+            self.order = torch.randperm(len(self.train_loader.labels), device=self.device,
+                                        generator=self.train_loader.generator)
+        index = self.order[self.progress.step * size:(self.progress.step + 1) * size]
+        shard = slice(rank * size // world, (rank + 1) * size // world)
+        return self.train_loader.transform(self.train_loader.images[index])[shard], self.train_loader.labels[index][shard]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw a path, train it on (x, y) at `lr`; return (loss, logits), detached."""
+        self.net.set_arch(self.sampler.sample(self.space))
+        loss, logits = self.step.backward(x, y)
+        self.step.update(lr)
+        return loss, logits
+
+    def train_epoch(self, stop: Callable[[], bool] = lambda: False,
+                    on_step: Callable[[int, int, int], None] | None = None) -> None:
+        """The remaining steps of the current epoch; TrainingInterrupted (after a checkpoint) when `stop()`."""
+        steps = len(self.train_loader)
+        start = time.perf_counter()
+        self.step.model_to_run.train()
+        while self.progress.step < steps:
+            if stop():
+                self.progress.train_time += time.perf_counter() - start
+                self.save_checkpoint()
+                raise TrainingInterrupted(
+                    f"stopped at epoch {self.progress.epoch + 1}, step {self.progress.step}; checkpoint saved"
+                    + (f" in {self.out / 'checkpoints'}; continue with --resume" if self.out is not None else ""))
+            x, y = self.batch()
+            loss, logits = self.train_step(x, y, self.lr())
+            ones = torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)
+            self.epoch_sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(), ones])
+            self.progress.step += 1
+            self.progress.global_step += 1
+            if on_step is not None:
+                on_step(self.progress.epoch + 1, self.progress.step, steps)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.progress.train_time += time.perf_counter() - start
+
+    def end_epoch(self, epoch_start: float) -> dict[str, Any]:
+        """Close the epoch begun at `epoch_start`: training figures, the panel, shrinking if due; its log row."""
+        if self.ranks.launched:
+            dist.all_reduce(self.epoch_sums)
+        loss_sum, correct, seen = self.epoch_sums.tolist()
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(f"supernet train loss is {loss_sum} at epoch {self.progress.epoch + 1}")
+        self.progress.epoch += 1
+        eval_start = time.perf_counter()
+        accs = self.panel()
+        row: dict[str, Any] = {
+            "epoch": self.progress.epoch, "lr": self.config.lr_at(self.progress.epoch),
+            "train_loss": loss_sum / seen, "train_acc": correct / seen,
+            **{f"valid_{name}": acc for name, acc in accs.items()},
+            "valid_panel_mean": sum(accs.values()) / len(accs), "space_size": self.space.size(),
+        }
+        if self.progress.epoch in self.config.shrink_epochs():
+            self.shrink()
+        row.update(epoch_time=time.perf_counter() - epoch_start, eval_time=time.perf_counter() - eval_start,
+                   train_time=self.progress.train_time)
+        self.progress.history.append(row)
+        self.progress.step = 0
+        self.order = None
+        self.epoch_sums.zero_()
+        return row
+
+    # ---- evaluation and shrinking ----------------------------------------------------------
+
+    def evaluate(self, arch: Arch) -> float:
+        """Held-out top-1 of one path after BN recalibration."""
+        return evaluate_subnet(self.net, arch, self.bn_batches, self.valid_loader, self.step.autocast)[0]
+
+    def panel(self) -> dict[str, float]:
+        """Held-out accuracy of the reference subnets (largest, smallest, seeded random ones)."""
+        c = self.config
+        archs = reference_panel(self.costs, self.space, c.panel_random, c.seed + 2, c.flops_min, c.flops_max)
+        return {name: self.evaluate(arch) for name, arch in archs.items()}
+
+    def shrink(self) -> None:
+        """Drop each key's worst candidate (see `shrink_space`) and log it."""
+        seed = self.config.seed + 3 + self.progress.epoch
+        self.space, record = shrink_space(self.net, self.space, self.config.shrink_samples, seed, self.evaluate)
+        self.progress.shrink_log.append({"epoch": self.progress.epoch, **record, "space": self.space.choices()})
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the rest of the run depends on: the checkpoint."""
+        return {
+            "fingerprint": self.config.fingerprint(), "model": self.net.state_dict(),
+            "optimizer": self.step.optimizer.state_dict(), "scaler": self.step.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(), "loader_generator": self.train_loader.generator.get_state(),
+            "rng": rng_states(self.device), "order": self.order, "epoch_sums": self.epoch_sums.cpu(),
+            "space": self.space.choices(), "progress": asdict(self.progress),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint of a run with the same config (ConfigError otherwise)."""
+        if state["fingerprint"] != self.config.fingerprint():
+            raise ConfigError(
+                f"the checkpoint was made with a different config (fingerprint {state['fingerprint']} vs "
+                f"{self.config.fingerprint()}); resume with the run's own config.yaml or start a new --out")
+        self.space = self.space.restrict(state["space"])
+        self.net.load_state_dict(state["model"])
+        self.step.optimizer.load_state_dict(state["optimizer"])
+        self.step.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.train_loader.generator.set_state(state["loader_generator"].cpu())
+        set_rng_states(state["rng"], self.device)
+        self.order = state["order"]
+        self.epoch_sums = state["epoch_sums"].to(self.device)
+        self.progress = Progress(**state["progress"])
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint into out/checkpoints (rank 0) and keep the newest `keep_checkpoints`."""
+        if self.out is None or not self.ranks.main:
+            return
+        save_checkpoint(self.state_dict(), self.out / "checkpoints" / f"step_{self.progress.global_step:09d}.pt")
+        for old in checkpoint_files(self.out)[self.config.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+
+    def resume(self, warn: Callable[[str], None]) -> None:
+        """Continue from the newest good checkpoint in out/checkpoints, if there is one."""
+        if not checkpoint_files(self.out):  # type: ignore[arg-type]
+            warn(f"{self.out}: no checkpoint yet; starting from the beginning")
+            return
+        state = latest_checkpoint(self.out, self.device, warn)  # type: ignore[arg-type]
+        if state is None:
+            raise ConfigError(f"{self.out}: no usable checkpoint to resume from (all failed their checks)")
+        try:
+            self.load_state_dict(state)
+        except ConfigError as e:
+            raise ConfigError(f"{self.out}: {e}") from None
+
+    # ---- the run ---------------------------------------------------------------------------
+
+    def write_files(self) -> None:
+        """config.yaml, logs.tsv, space.json and shrink_log.json of the run so far (rank 0)."""
+        if self.out is None or not self.ranks.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.out / "config.yaml")
+        if self.progress.history:
+            write_tsv(self.out / "logs.tsv", self.progress.history)
+        atomic_write(self.out / "space.json", json.dumps(self.space.choices(), indent=2) + "\n")
+        atomic_write(self.out / "shrink_log.json", json.dumps(self.progress.shrink_log, indent=2) + "\n")
+
+    def fit(self, on_step: Callable[[int, int, int], None] | None = None,
+            on_epoch: Callable[[dict[str, Any]], None] | None = None) -> SupernetResult:
+        """Train the remaining epochs (checkpoint after each; SIGTERM/SIGINT checkpoint and stop); write the results."""
+        self.write_files()
+        start = time.perf_counter()
+        with StopSignal() as stop:
+            while self.progress.epoch < self.config.epochs:
+                epoch_start = time.perf_counter()
+                self.train_epoch(lambda: stop_requested(stop, self.ranks, self.device), on_step)
+                row = self.end_epoch(epoch_start)
+                self.write_files()
+                self.save_checkpoint()
+                if on_epoch is not None:
+                    on_epoch(row)
+        summary = self.summary(time.perf_counter() - start)
+        if self.out is not None and self.ranks.main:
+            save_checkpoint({"model": self.net.state_dict(), "space": ArchSpace.load(self.config.space).to_dict(),
+                             "choices": self.space.choices(), "channels": self.config.channels(),
+                             "num_classes": self.data.num_classes, "logits_weight": self.config.logits_weight},
+                            self.out / "supernet.pt")
+            atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return SupernetResult(self.net, self.space, self.progress.history, self.progress.shrink_log, summary, self.out)
+
+    def summary(self, total_time: float) -> dict[str, Any]:
+        """What summary.json holds."""
+        data, history = self.data, self.progress.history
+        return {
+            "config": asdict(self.config), "space": self.space.to_dict(), "choices": self.space.choices(),
+            "space_size": self.space.size(),
+            "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
+                        "train_images": len(self.train_loader.labels), "valid_images": len(self.valid_loader.labels)},
+            "epochs": self.config.epochs, "train_time": self.progress.train_time, "total_time": total_time,
+            "final_panel": {k: v for k, v in history[-1].items() if k.startswith("valid_")},
+            "processes": self.ranks.world, "device": device_name(self.device), "precision": self.precision,
+            "versions": library_versions(),
+        }
 
 
 def train_supernet(
@@ -520,181 +731,18 @@ def train_supernet(
     `resume`, the newest good checkpoint in `out_dir/checkpoints` is continued (it must have
     been made with the same config); without it, a directory that has checkpoints is refused.
     """
-    config.validate()
-    ranks = Ranks.from_env()
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ConfigError("resume needs the run directory (--out) that holds the checkpoints")
     if out is not None and not resume and checkpoint_files(out):
         raise ConfigError(f"{out}: already holds a supernet run; pass --resume to continue it or choose another --out")
-    space = ArchSpace.load(config.space)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    if ranks.launched and device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)
-    if ranks.launched and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if config.batch_size % ranks.world:
-        raise field_error("batch_size", f"a multiple of the number of processes ({ranks.world})", config.batch_size)
-    precision = resolve_precision(config.precision, device)
-
-    data = data if data is not None else load_dataset(config.dataset, config.data_dir)
-    train_loader, valid_loader = device_loaders(config.train_config(), data, device)
-
-    seed_everything(config.seed)
-    channels = config.channels()
-    net = Supernet(space, channels, data.num_classes, config.logits_weight).to(device)
-    if config.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    runner: nn.Module = net
-    before_update = None
-    if ranks.launched:
-        use_global_batch_norm(net)
-        runner = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
-
-        def before_update() -> None:  # DDP hands unused parameters zero gradients; SGD must skip them
-            for p in net.inactive_parameters():
-                p.grad = None
-    step_fn = TrainStep(runner, config.train_config(), precision, before_update=before_update)
-    costs = CostTable.build(space, channels, data.num_classes)
-    sampler = PathSampler(costs, config.seed, config.flops_min, config.flops_max)
-    sampler.sample(space)  # fail now, not after data loading on every rank, if the limits exclude every path
-    sampler.rng.seed(config.seed)
-    bn_batches = calibration_batches(train_loader, config.bn_batches, config.seed + 1)
-    shrink_epochs = config.shrink_epochs()
-
-    progress = _Progress()
-    order: torch.Tensor | None = None
-    epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
-    if resume and not checkpoint_files(out):  # type: ignore[arg-type]
-        warn(f"{out}: no checkpoint yet; starting from the beginning")
-        resume = False
+    trainer = SupernetTrainer(config, data, out)
     if resume:
-        ckpt = latest_checkpoint(out, device, warn)  # type: ignore[arg-type]
-        if ckpt is None:
-            raise ConfigError(f"{out}: no usable checkpoint to resume from (all failed their checks)")
-        if ckpt["fingerprint"] != config.fingerprint():
-            raise ConfigError(
-                f"{out}: the checkpoint was made with a different config (fingerprint {ckpt['fingerprint']} vs "
-                f"{config.fingerprint()}); resume with the run's own config.yaml or start a new --out"
-            )
-        space = space.restrict(ckpt["space"])
-        net.load_state_dict(ckpt["model"])
-        step_fn.optimizer.load_state_dict(ckpt["optimizer"])
-        step_fn.scaler.load_state_dict(ckpt["scaler"])
-        sampler.rng.setstate(_as_tuple(ckpt["sampler"]))
-        train_loader.generator.set_state(ckpt["loader_generator"].cpu())
-        set_rng_states(ckpt["rng"], device)
-        order = ckpt["order"]
-        epoch_sums = ckpt["epoch_sums"].to(device)
-        progress = _Progress(**ckpt["progress"])
-
-    def checkpoint(current_order: torch.Tensor | None) -> None:
-        if out is None or not ranks.main:
-            return
-        state = {
-            "fingerprint": config.fingerprint(), "model": net.state_dict(), "optimizer": step_fn.optimizer.state_dict(),
-            "scaler": step_fn.scaler.state_dict(), "sampler": sampler.rng.getstate(),
-            "loader_generator": train_loader.generator.get_state(), "rng": rng_states(device),
-            "order": current_order, "epoch_sums": epoch_sums.cpu(), "space": space.choices(),
-            "progress": asdict(progress),
-        }
-        path = out / "checkpoints" / f"step_{progress.global_step:09d}.pt"
-        save_checkpoint(state, path)
-        for old in checkpoint_files(out)[config.keep_checkpoints:]:
-            old.unlink(missing_ok=True)
-
-    if out is not None and ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-        _write_space_files(out, space, progress.shrink_log)
-
-    steps_per_epoch = len(train_loader)
-    shard = slice(ranks.rank * config.batch_size // ranks.world, (ranks.rank + 1) * config.batch_size // ranks.world)
-    start = time.perf_counter()
-    with StopSignal() as stop:
-        while progress.epoch < config.epochs:
-            epoch_start = time.perf_counter()
-            runner.train()
-            if order is None:
-                order = torch.randperm(len(train_loader.labels), device=device, generator=train_loader.generator)
-            while progress.step < steps_per_epoch:
-                if _stop_requested(stop, ranks, device):
-                    progress.train_time += time.perf_counter() - epoch_start
-                    checkpoint(order)
-                    raise TrainingInterrupted(
-                        f"stopped at epoch {progress.epoch + 1}, step {progress.step}; checkpoint saved"
-                        + (f" in {out / 'checkpoints'}; continue with --resume" if out is not None else "")
-                    )
-                index = order[progress.step * config.batch_size:(progress.step + 1) * config.batch_size]
-                x = train_loader.transform(train_loader.images[index])[shard]
-                y = train_loader.labels[index][shard]
-                net.set_arch(sampler.sample(space))
-                lr = config.lr_at(progress.epoch + progress.step / steps_per_epoch)
-                loss, logits = step_fn(x, y, lr)
-                epoch_sums += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                           torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-                progress.step += 1
-                progress.global_step += 1
-                if on_step is not None:
-                    on_step(progress.epoch + 1, progress.step, steps_per_epoch)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            progress.train_time += time.perf_counter() - epoch_start
-            if ranks.launched:
-                dist.all_reduce(epoch_sums)
-            loss_sum, correct, seen = epoch_sums.tolist()
-            lr = config.lr_at(progress.epoch + 1)
-            if not math.isfinite(loss_sum):
-                raise TrainingDiverged(f"supernet train loss is {loss_sum} at epoch {progress.epoch + 1}")
-            progress.epoch += 1
-            eval_start = time.perf_counter()
-            panel = reference_panel(costs, space, config.panel_random, config.seed + 2,
-                                    config.flops_min, config.flops_max)
-            accs = {name: evaluate_subnet(net, arch, bn_batches, valid_loader, step_fn.autocast)[0]
-                    for name, arch in panel.items()}
-            row: dict[str, Any] = {
-                "epoch": progress.epoch, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                **{f"valid_{name}": acc for name, acc in accs.items()},
-                "valid_panel_mean": sum(accs.values()) / len(accs), "space_size": space.size(),
-            }
-            if progress.epoch in shrink_epochs:
-                space, record = shrink_space(
-                    net, space, config.shrink_samples, config.seed + 3 + progress.epoch,
-                    lambda arch: evaluate_subnet(net, arch, bn_batches, valid_loader, step_fn.autocast)[0],
-                )
-                progress.shrink_log.append({"epoch": progress.epoch, **record, "space": space.choices()})
-            row.update(epoch_time=time.perf_counter() - epoch_start, eval_time=time.perf_counter() - eval_start,
-                       train_time=progress.train_time)
-            progress.history.append(row)
-            progress.step = 0
-            order = None
-            epoch_sums.zero_()
-            if out is not None and ranks.main:
-                write_tsv(out / "logs.tsv", progress.history)
-                _write_space_files(out, space, progress.shrink_log)
-            checkpoint(None)
-            if on_epoch is not None:
-                on_epoch(row)
-
-    summary = {
-        "config": asdict(config), "space": space.to_dict(), "choices": space.choices(), "space_size": space.size(),
-        "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
-                    "train_images": len(train_loader.labels), "valid_images": len(valid_loader.labels)},
-        "epochs": config.epochs, "train_time": progress.train_time, "total_time": time.perf_counter() - start,
-        "final_panel": {k: v for k, v in progress.history[-1].items() if k.startswith("valid_")},
-        "processes": ranks.world, "device": device_name(device), "precision": precision, "versions": library_versions(),
-    }
-    if out is not None and ranks.main:
-        save_checkpoint({"model": net.state_dict(), "space": ArchSpace.load(config.space).to_dict(),
-                         "choices": space.choices(), "channels": channels, "num_classes": data.num_classes,
-                         "logits_weight": config.logits_weight}, out / "supernet.pt")
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return SupernetResult(net, space, progress.history, progress.shrink_log, summary, out)
+        trainer.resume(warn)
+    return trainer.fit(on_step, on_epoch)
 
 
-def _stop_requested(stop: StopSignal, ranks: Ranks, device: torch.device) -> bool:
+def stop_requested(stop: StopSignal, ranks: Ranks, device: torch.device) -> bool:
     """True when any rank got a stop signal (all ranks then stop at the same step)."""
     if not ranks.launched:
         return stop.requested
@@ -706,12 +754,6 @@ def _stop_requested(stop: StopSignal, ranks: Ranks, device: torch.device) -> boo
 def _as_tuple(value: Any) -> Any:
     """random.Random state from its checkpointed form (lists back to tuples)."""
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def _write_space_files(out: Path, space: ArchSpace, shrink_log: list[dict[str, Any]]) -> None:
-    """space.json (the current, possibly shrunk, choices) and shrink_log.json."""
-    atomic_write(out / "space.json", json.dumps(space.choices(), indent=2) + "\n")
-    atomic_write(out / "shrink_log.json", json.dumps(shrink_log, indent=2) + "\n")
 
 
 def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Supernet, ArchSpace, SupernetConfig]:

@@ -1,0 +1,275 @@
+"""Budgeted Optuna studies shared by workers: storage, budget, the worker loop, heartbeats, lost trials.
+
+HPO (`effcifar.hpo.study`) and architecture search (`effcifar.nas.search`) are both a study whose
+trials are run by one or more worker processes, on one machine (a journal file in the run
+directory) or several (one PostgreSQL database). This module is that machinery, once:
+
+- `StorageConfig`: the config part that says where the study lives (`storage`, `heartbeat`, `study`);
+- `open_storage`: the journal, or PostgreSQL with heartbeats and Optuna's retry of stale trials;
+- `run_trials`: the worker loop. Under a lock it fails the trials of dead workers (re-queuing each),
+  counts the budget (finished trials, across restarts, a retried trial counted once), reseeds the
+  sampler by the trial's position and asks; then it runs the trial with a heartbeat;
+- `start_workers`: worker processes, each pinned to a GPU, and a report of every finished trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import multiprocessing
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import optuna
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
+
+from effcifar.config import execution, field_error
+from effcifar.errors import ConfigError
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_RETRY = 3  # PostgreSQL: retries of a trial whose worker went silent
+OnTrial = Callable[[FrozenTrial], None]
+S = TypeVar("S", bound="StorageConfig")
+
+
+@dataclass
+class StorageConfig:
+    """Where a study lives; the config part shared by HPO and search studies."""
+
+    storage: str | None = execution(None)  # postgresql://user@host/db shared by machines (default: the run dir's journal)
+    heartbeat: float = execution(10.0)  # seconds (PostgreSQL): a trial silent for 3 heartbeats is failed and retried
+    study: str | None = None  # study name (default: the run directory's name)
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for a bad storage URL or heartbeat."""
+        if self.storage is not None and not self.storage.startswith(("postgresql://", "postgresql+psycopg://")):
+            raise field_error("storage", "a postgresql:// URL", redact_url(self.storage))
+        if not self.heartbeat >= 1:
+            raise field_error("heartbeat", "a number of seconds >= 1", self.heartbeat)
+
+    def without_password(self: S) -> S:
+        """This config with the storage URL's password removed, to save or show."""
+        return self if self.storage is None else dataclasses.replace(self, storage=redact_url(self.storage))
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, safe to print, log or save."""
+    try:
+        return sqlalchemy.engine.make_url(url)._replace(password=None).render_as_string(hide_password=False)
+    except sqlalchemy.exc.ArgumentError:
+        return "<unparseable storage URL>"
+
+
+def open_storage(config: StorageConfig, run_dir: Path) -> optuna.storages.BaseStorage:
+    """The journal file in the run directory, or the shared PostgreSQL database with heartbeats and retries."""
+    if config.storage is None:
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "study.journal")))
+    try:
+        with warnings.catch_warnings(), advisory_lock(config.storage, "effcifar schema"):  # workers start together
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                config.storage, heartbeat_interval=max(1, round(config.heartbeat)),
+                grace_period=max(3, round(3 * config.heartbeat)),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        password = sqlalchemy.engine.make_url(config.storage).password
+        if password:
+            reason = reason.replace(str(password), "***")
+        raise ConfigError(f"cannot open storage {redact_url(config.storage)}: {reason}") from None
+
+
+@contextlib.contextmanager
+def advisory_lock(url: str, name: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock named by a string, held on its own connection."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def budget_lock(config: StorageConfig, run_dir: Path, study_name: str) -> Iterator[None]:
+    """Serialise "count the trials, then ask for one" among all workers of the study.
+
+    A file lock in the run directory for the journal; a PostgreSQL advisory lock keyed by the
+    study name when workers on several machines share a database.
+    """
+    if config.storage is not None:
+        with advisory_lock(config.storage, f"effcifar budget {study_name}"):
+            yield
+        return
+    with open(run_dir / ".budget.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that were re-queued (by us, or by Optuna's heartbeat retry callback)."""
+    numbers = set()
+    for t in trials:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            source = t.user_attrs.get("retry_of", optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t))
+        if source is not None:
+            numbers.add(source)
+    return numbers
+
+
+def budget_used(trials: list[FrozenTrial]) -> int:
+    """Trials that count toward the budget: all but those replaced by a retry."""
+    retried = retried_numbers(trials)
+    return sum(t.number not in retried for t in trials)
+
+
+def trial_seed(seed: int, worker: int, trials: list[FrozenTrial]) -> int:
+    """The sampler seed of the study's next trial, a function of its position in the budget.
+
+    A sampler's generator restarts with its process, so a study resumed after a kill would
+    draw its first suggestions again; seeding each trial by position makes a resumed study
+    draw what an uninterrupted one would (a retried trial takes its predecessor's values).
+    """
+    position = budget_used(trials)
+    return int.from_bytes(hashlib.sha256(f"{seed}/{worker}/{position}".encode()).digest()[:4], "big")
+
+
+def fail_lost_trials(study: optuna.Study, config: StorageConfig) -> None:
+    """Fail RUNNING trials whose worker process on this host is gone, and enqueue a retry of each.
+
+    With PostgreSQL, Optuna's heartbeat does this for workers on any machine.
+    """
+    if config.storage is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs  # a trial just asked for may not carry its worker's host and pid yet
+        if attrs.get("worker_host") != host or "worker_pid" not in attrs or pid_alive(attrs["worker_pid"]):
+            continue
+        # Optuna has no public call to set another process's trial attributes; tell() is public.
+        study._storage.set_trial_user_attr(trial._trial_id, "worker_lost", True)
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker process died")
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractContextManager:
+    """Beat for the trial while it runs (PostgreSQL), so that the trials of a dead worker are failed and retried.
+
+    study.optimize beats by itself; the ask-and-tell interface has no public heartbeat
+    (optuna/optuna#3293), so this is the one place that calls Optuna's internal helper.
+    """
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial._trial_id, study._storage)
+
+
+def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget: int,
+               objective: Callable[[optuna.Trial], FrozenTrial], *, seed: int | None = None, worker: int = 0,
+               sampler: Callable[[int], optuna.samplers.BaseSampler] | None = None, deadline: float | None = None,
+               on_trial: OnTrial | None = None) -> None:
+    """The worker loop: take trials until `budget` trials have finished (or the deadline passes).
+
+    With a `seed`, each trial's sampler is `sampler(trial_seed(...))`, so a resumed study draws
+    what an uninterrupted one would. `objective(trial)` runs one trial and tells the study; an
+    interrupt fails the running trial before it propagates.
+    """
+    while deadline is None or time.time() < deadline:
+        with budget_lock(config, run_dir, study.study_name), warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for study.optimize; this loop beats itself.
+            warnings.simplefilter("ignore", UserWarning)
+            fail_lost_trials(study, config)
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
+            if not waiting and budget_used(trials) >= budget:
+                return
+            if seed is not None and sampler is not None:
+                study.sampler = sampler(trial_seed(seed, worker, trials))
+            trial = study.ask()
+        trial.set_user_attr("worker_host", socket.gethostname())
+        trial.set_user_attr("worker_pid", os.getpid())
+        with heartbeat(study, trial):
+            try:
+                frozen = objective(trial)
+            except KeyboardInterrupt:
+                trial.set_user_attr("fail_reason", "interrupted")
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+        if on_trial is not None:
+            on_trial(frozen)
+
+
+def pin_worker_gpu(index: int) -> None:
+    """Show worker `index` one GPU (round robin over CUDA_VISIBLE_DEVICES, else over all); call before CUDA starts."""
+    gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    if not gpus and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]  # counted without starting CUDA
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+
+
+def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int) -> None:
+    """Entry point of a worker process: pin a GPU, then `target(*args, worker=index)`."""
+    pin_worker_gpu(index)
+    target(*args, worker=index)
+
+
+def start_workers(study: optuna.Study, count: int, target: Callable[..., None], args: tuple[Any, ...],
+                  on_trial: OnTrial | None = None) -> None:
+    """Run `target(*args, worker=i)` in `count` spawned processes; report each finished trial; wait for them.
+
+    ConfigError if a worker exited with an error.
+    """
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker_main, args=(target, args, i)) for i in range(count)]
+    for w in workers:
+        w.start()
+    seen: set[int] = set()
+    while any(w.is_alive() for w in workers):
+        time.sleep(0.5)
+        if on_trial is not None:
+            for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
+                if t.number not in seen:
+                    seen.add(t.number)
+                    on_trial(t)
+    for w in workers:
+        w.join()
+    failed = [w.exitcode for w in workers if w.exitcode]
+    if failed:
+        raise ConfigError(f"{len(failed)} of {len(workers)} workers exited with an error (exit codes {failed})")
