@@ -154,11 +154,12 @@ class CandidateEvaluator:
     def __init__(self, net: Supernet, space: ArchSpace, costs: CostTable, loader: DeviceLoader,
                  bn_batches: list[torch.Tensor], autocast: Callable[[], Any],
                  max_flops: float | None = None, max_params: float | None = None,
-                 latency: LatencyTable | None = None, max_latency_ms: float | None = None):
+                 latency: LatencyTable | None = None, max_latency_ms: float | None = None,
+                 bn_eval: str = "recalibrate"):
         if max_latency_ms is not None and latency is None:
             raise ValueError("a latency limit needs a latency table")
         self.net, self.space, self.costs, self.loader = net, space, costs, loader
-        self.bn_batches, self.autocast = bn_batches, autocast
+        self.bn_batches, self.autocast, self.bn_eval = bn_batches, autocast, bn_eval
         self.max_flops, self.max_params = max_flops, max_params
         self.latency, self.max_latency_ms = latency, max_latency_ms
         self.cache: dict[str, Evaluation] = {}
@@ -197,7 +198,7 @@ class CandidateEvaluator:
             return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
         return cls(net, space, costs, valid_loader, batches, autocast, config.max_flops, config.max_params,
-                   latency, config.max_latency_ms)
+                   latency, config.max_latency_ms, sconfig.bn_eval)
 
     def key(self, arch: Mapping[str, str]) -> str:
         """The canonical architecture key (see `arch_key`)."""
@@ -235,7 +236,7 @@ class CandidateEvaluator:
         key = self.key(arch)
         if key in self.cache:
             return self.cache[key], True
-        top1, top5 = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast)
+        top1, top5 = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast, self.bn_eval)
         self.evaluated.append(arch)
         result = Evaluation(key, top1, top5, self.costs.flops_of(arch), self.costs.params_of(arch))
         self.cache[key] = result

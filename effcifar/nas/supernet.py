@@ -17,6 +17,7 @@ norm uses statistics of the whole global batch, so N processes compute the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ from effcifar.train import (
 )
 
 SCHEDULES = ("linear", "cosine")
+SAMPLINGS = ("uniform", "fair", "sandwich")  # paths per step: one; one per candidate (FairNAS); largest+smallest+random
+BN_EVALS = ("recalibrate", "batch")  # BN statistics when a subnet is judged
 # Fields that the hyper-parameter search decides; `hparams: best.json` supplies them.
 HPARAM_FIELDS = (
     "dataset", "batch_size", "crop_pad", "flip", "cutout", "peak_lr", "base_wd", "momentum", "nesterov",
@@ -85,6 +88,10 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     bn_batches: int = 10  # training batches used to recalibrate BN before each evaluation
     shrink_at: str = ""  # comma-separated epochs after which each key loses its worst candidate
     shrink_samples: int = 10  # each candidate is judged on at least this many subnets
+    sampling: str = "uniform"  # uniform (SPOS), fair (FairNAS strict fairness) or sandwich (BigNAS), see SAMPLINGS
+    sandwich_paths: int = 4  # paths per step with sandwich: largest, smallest and the rest random
+    distill: bool = False  # in-place distillation: each step's other paths learn the largest path's soft labels
+    bn_eval: str = "recalibrate"  # a judged subnet's BN: running statistics recalibrated, or each batch's own
     keep_checkpoints: int = execution(3)
 
     def train_config(self) -> TrainConfig:
@@ -108,6 +115,16 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
             raise field_error("lr_factor", "a number > 0", self.lr_factor)
         if self.schedule not in SCHEDULES:
             raise field_error("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        if self.sampling not in SAMPLINGS:
+            raise field_error("sampling", f"one of {', '.join(SAMPLINGS)}", self.sampling)
+        if self.sampling != "uniform" and (self.flops_min is not None or self.flops_max is not None):
+            raise field_error("sampling", "uniform when flops_min or flops_max is set (fair and sandwich paths are "
+                                          "fixed by the space, not by FLOPs limits)", self.sampling)
+        if self.sandwich_paths < 2:
+            raise field_error("sandwich_paths", "an integer >= 2 (the largest and the smallest path)",
+                              self.sandwich_paths)
+        if self.bn_eval not in BN_EVALS:
+            raise field_error("bn_eval", f"one of {', '.join(BN_EVALS)}", self.bn_eval)
         for name in ("flops_min", "flops_max"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise field_error(name, "a positive number of FLOPs or none", getattr(self, name))
@@ -160,11 +177,15 @@ def load_config(file: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 class PathSampler:
-    """Uniform single-path sampling from a space, resampled until the FLOPs are within limits."""
+    """The paths of each training step. Uniform (SPOS): one path, resampled until its FLOPs are within limits."""
 
     def __init__(self, costs: CostTable, seed: int, flops_min: float | None = None, flops_max: float | None = None):
         self.costs, self.flops_min, self.flops_max = costs, flops_min, flops_max
         self.rng = random.Random(seed)
+
+    def step_paths(self, space: ArchSpace) -> list[Arch]:
+        """The paths one training step trains (their gradients are added before the update)."""
+        return [self.sample(space)]
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state (weights_only-loadable), for checkpoints."""
@@ -190,6 +211,47 @@ class PathSampler:
             f"{MAX_SAMPLING_TRIES} draws (smallest {self.costs.flops_of(self.costs.extreme(False, space)):.4g}, "
             f"largest {self.costs.flops_of(self.costs.extreme(True, space)):.4g} FLOPs)"
         )
+
+
+class FairSampler(PathSampler):
+    """FairNAS's strict fairness: each step trains K paths that together use every candidate of every key evenly.
+
+    K is the largest number of candidates of a key. A key's column of K picks is a run of random
+    permutations of its candidates, so within a step each candidate is used K // n or K // n + 1
+    times (n candidates): every candidate, every step, and no weight trained twice as often.
+    """
+
+    def step_paths(self, space: ArchSpace) -> list[Arch]:
+        choices = space.choices()
+        k = max(len(c) for c in choices.values())
+        columns = {}
+        for key, candidates in choices.items():
+            column: list[str] = []
+            while len(column) < k:
+                column += self.rng.sample(candidates, len(candidates))
+            columns[key] = column[:k]
+        return [{key: column[j] for key, column in columns.items()} for j in range(k)]
+
+
+class SandwichSampler(PathSampler):
+    """BigNAS's sandwich rule: the largest and the smallest path (by FLOPs) and `paths - 2` uniform random ones."""
+
+    def __init__(self, costs: CostTable, seed: int, paths: int):
+        super().__init__(costs, seed)
+        self.paths = paths
+
+    def step_paths(self, space: ArchSpace) -> list[Arch]:
+        return [self.costs.extreme(True, space), self.costs.extreme(False, space)] + [
+            self.sample(space) for _ in range(self.paths - 2)]
+
+
+def make_sampler(config: SupernetConfig, costs: CostTable) -> PathSampler:
+    """The config's path sampler, seeded with its seed."""
+    if config.sampling == "fair":
+        return FairSampler(costs, config.seed)
+    if config.sampling == "sandwich":
+        return SandwichSampler(costs, config.seed, config.sandwich_paths)
+    return PathSampler(costs, config.seed, config.flops_min, config.flops_max)
 
 
 def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], autocast: Callable[[], Any]) -> None:
@@ -220,10 +282,32 @@ def accuracy(model: nn.Module, loader: DeviceLoader, autocast: Callable[[], Any]
     return top1.item() / n, top5.item() / n
 
 
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block, BN layers normalise with each batch's own statistics, in eval mode too; running ones untouched.
+
+    The alternative to recalibration (Yu et al. 2020, "How to train your super-net"): no
+    calibration passes, but a judged batch must be large enough for its statistics to be stable.
+    (torch's BN uses batch statistics in eval mode exactly when it holds no running ones.)
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean, m.running_var) for m in norms]
+    for m in norms:
+        m.running_mean = m.running_var = None
+    try:
+        yield
+    finally:
+        for m, (mean, var) in zip(norms, saved):
+            m.running_mean, m.running_var = mean, var
+
+
 def evaluate_subnet(net: Supernet, arch: Arch, bn_batches: list[torch.Tensor], loader: DeviceLoader,
-                    autocast: Callable[[], Any]) -> tuple[float, float]:
-    """(top-1, top-5) of one path: select it, recalibrate BN, evaluate."""
+                    autocast: Callable[[], Any], bn_eval: str = "recalibrate") -> tuple[float, float]:
+    """(top-1, top-5) of one path: select it, then recalibrate BN (or use batch statistics, see BN_EVALS), evaluate."""
     net.set_arch(arch)
+    if bn_eval == "batch":
+        with batch_statistics(net):
+            return accuracy(net, loader, autocast)
     recalibrate_bn(net, bn_batches, autocast)
     return accuracy(net, loader, autocast)
 
@@ -514,9 +598,13 @@ class SupernetTrainer:
             before_update = self.drop_inactive_gradients
         self.step = TrainStep(runner, config.train_config(), self.precision, before_update=before_update)
         self.costs = CostTable.build(self.space, config.channels(), self.data.num_classes)
-        self.sampler = PathSampler(self.costs, config.seed, config.flops_min, config.flops_max)
+        self.sampler = make_sampler(config, self.costs)
         self.sampler.sample(self.space)  # fail now, not after data loading on every rank, if no path is allowed
         self.sampler.rng.seed(config.seed)
+        if self.ranks.launched and (config.sampling != "uniform" or config.distill):
+            raise field_error("sampling", "uniform without distill under torchrun (data-parallel training drops the "
+                                          "gradients of the last path's unused weights, so one path per step)",
+                              config.sampling)
         self.bn_batches = calibration_batches(self.train_loader, config.bn_batches, config.seed + 1)
         self.progress = Progress()
         self.order: torch.Tensor | None = None  # the current epoch's data order
@@ -544,11 +632,29 @@ class SupernetTrainer:
         return self.train_loader.transform(self.train_loader.images[index])[shard], self.train_loader.labels[index][shard]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw a path, train it on (x, y) at `lr`; return (loss, logits), detached."""
-        self.net.set_arch(self.sampler.sample(self.space))
-        loss, logits = self.step.backward(x, y)
+        """Draw the step's paths, add their gradients on (x, y), update at `lr`; return (mean loss, first logits)."""
+        passes = self.backward_paths(x, y)
         self.step.update(lr)
-        return loss, logits
+        return torch.stack([loss for _, loss, _ in passes]).mean(), passes[0][2]
+
+    def backward_paths(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[Arch, torch.Tensor, torch.Tensor]]:
+        """Forward and backward of each of the step's paths (gradients add up); (path, loss, logits) of each.
+
+        With `distill`, the largest path goes first and learns the labels; the others learn its
+        predicted probabilities on the same images (BigNAS/OFA in-place distillation).
+        """
+        paths = self.sampler.step_paths(self.space)
+        if self.config.distill:
+            largest = self.costs.extreme(True, self.space)
+            paths = paths if paths[0] == largest else [largest] + paths  # sandwich's first path is the largest
+        passes, teacher = [], None
+        for arch in paths:
+            self.net.set_arch(arch)
+            loss, logits = self.step.backward(x, y, soft_targets=teacher)
+            if self.config.distill and teacher is None:
+                teacher = logits.float().softmax(1)
+            passes.append((arch, loss, logits))
+        return passes
 
     def train_epoch(self, stop: Callable[[], bool] = lambda: False,
                     on_step: Callable[[int, int, int], None] | None = None) -> None:
@@ -604,8 +710,9 @@ class SupernetTrainer:
     # ---- evaluation and shrinking ----------------------------------------------------------
 
     def evaluate(self, arch: Arch) -> float:
-        """Held-out top-1 of one path after BN recalibration."""
-        return evaluate_subnet(self.net, arch, self.bn_batches, self.valid_loader, self.step.autocast)[0]
+        """Held-out top-1 of one path (BN as `bn_eval` says)."""
+        return evaluate_subnet(self.net, arch, self.bn_batches, self.valid_loader, self.step.autocast,
+                               self.config.bn_eval)[0]
 
     def panel(self) -> dict[str, float]:
         """Held-out accuracy of the reference subnets (largest, smallest, seeded random ones)."""
