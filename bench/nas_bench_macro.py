@@ -24,8 +24,8 @@ from typing import Any
 
 from effcifar.config import build_config
 from effcifar.nas.retrain import rank_against_table
-from effcifar.nas.search import SearchConfig, read_arch_file, run_search
-from effcifar.nas.space import ArchSpace
+from effcifar.nas.search import SearchConfig, run_search
+from effcifar.nas.space import ArchSpace, read_arch_file
 from effcifar.nas.supernet import SupernetConfig, train_supernet
 from effcifar.nas.table import BenchmarkTable
 

@@ -122,8 +122,94 @@ def test_batch_statistics_judge_each_batch_by_itself_and_leave_running_stats_alo
 @pytest.mark.parametrize("changes, field", [
     (dict(sampling="random"), "sampling"), (dict(sampling="fair", flops_max=1e9), "sampling"),
     (dict(sampling="sandwich", sandwich_paths=1), "sandwich_paths"), (dict(bn_eval="none"), "bn_eval"),
-    (dict(warmup_epochs=2), "warmup_epochs"),
+    (dict(warmup_epochs=2), "warmup_epochs"), (dict(few_shot_key="stage9.conv1", few_shot_epochs=1), "few_shot_key"),
+    (dict(few_shot_key="stage1.conv1"), "few_shot_epochs"), (dict(few_shot_epochs=2), "few_shot_epochs"),
 ])
 def test_bad_training_switches_are_refused(changes, field):
     with pytest.raises(ConfigError, match=f"field '{field}'"):
         tiny_config(**changes).validate()
+
+
+def few_shot_config(**changes) -> SupernetConfig:
+    return tiny_config(space="nas-bench-macro", epochs=2, few_shot_key="stage1.conv1", few_shot_epochs=1, **changes)
+
+
+def test_few_shot_splits_train_only_their_own_paths_from_the_one_shot_weights():
+    trainer = SupernetTrainer(few_shot_config())
+    trainer.train_epoch()
+    trainer.end_epoch(0.0)
+    trainer.train_epoch()
+    trainer.end_epoch(0.0)
+    oneshot = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    trainer.enter_split(1)  # candidate mb3_k3_stride2
+    net = trainer.net
+    assert list(net.splits) == ["identity_stride2", "mb3_k3_stride2", "mb6_k5_stride2"]
+    for candidate in net.splits:  # every sub-supernet starts as a copy of the one-shot supernet
+        split = net.split(candidate).state_dict()
+        assert all(torch.equal(split[k], oneshot[k]) for k in oneshot)
+    for _ in range(3):
+        x, y = trainer.batch()
+        paths = [arch for arch, _, _ in trainer.backward_paths(x, y)]
+        assert all(arch["stage1.conv1"] == "mb3_k3_stride2" for arch in paths)
+        trainer.step.update(0.05)
+        trainer.progress.step += 1
+    changed = {c for c in net.splits if not all(torch.equal(net.split(c).state_dict()[k], oneshot[k]) for k in oneshot)}
+    assert changed == {"mb3_k3_stride2"}
+    arch = {k: v[0] for k, v in trainer.space.choices().items()} | {"stage1.conv1": "mb6_k5_stride2"}
+    net.set_arch(arch)
+    assert net.active_network() is net.split("mb6_k5_stride2")  # judged in its own sub-supernet
+
+
+def test_few_shot_run_resumes_bitwise_across_the_split_and_loads_for_search(tmp_path):
+    config = few_shot_config(bn_eval="batch")
+    whole = SupernetTrainer(config, out=tmp_path / "whole")
+    result = whole.fit()
+    assert whole.total_epochs() == 5 and len(result.history) == 5
+    for stop_after in (2, 3):  # at the split, and inside the second sub-supernet's turn
+        part = SupernetTrainer(config)
+        for _ in range(stop_after):
+            if part.progress.epoch >= config.epochs:
+                part.enter_split((part.progress.epoch - config.epochs) // config.few_shot_epochs)
+            part.train_epoch()
+            part.end_epoch(0.0)
+        resumed = SupernetTrainer(config)
+        resumed.load_state_dict(part.state_dict())
+        resumed.fit()
+        a, b = whole.net.state_dict(), resumed.net.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from effcifar.nas.supernet import load_supernet
+    net, _, _ = load_supernet(tmp_path / "whole")
+    assert list(net.splits) == list(whole.net.splits)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in whole.net.state_dict().items())
+
+
+def test_canonical_paths_run_each_network_as_one_path():
+    from effcifar.nas.space import Supernet, arch_key, canonical_path, network_key
+    space = ArchSpace.load("nas-bench-macro")
+    keys = list(space.choices())
+    arch = lambda digits: {k: space.choices()[k][int(d)] for k, d in zip(keys, digits)}  # noqa: E731
+    a, b = arch("01201100"), arch("01210100")  # stage 2: identity then mb6_k5, or mb6_k5 then identity
+    assert canonical_path(space, a) == canonical_path(space, b) == b
+    assert network_key(space, a) == network_key(space, canonical_path(space, a))
+    assert canonical_path(space, arch("20012001")) == arch("20012010")  # stage 3: identity, mb3_k3 -> mb3_k3, identity
+    torch.manual_seed(0)
+    plain, canonical = Supernet(space, {}, 10).eval(), Supernet(space, {}, 10, canonical_paths=True).eval()
+    canonical.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outputs = {}
+        for name, digits in (("a", "01201100"), ("b", "01210100")):
+            plain.set_arch(arch(digits))
+            canonical.set_arch(arch(digits))
+            outputs[name] = (plain(x), canonical(x))
+    assert not torch.allclose(outputs["a"][0], outputs["b"][0])  # different weights for one network ...
+    torch.testing.assert_close(outputs["a"][1], outputs["b"][1])  # ... unless both run its canonical path
+    assert arch_key(space, canonical.path_of(a)) == arch_key(space, canonical.path_of(b))
+
+
+def test_canonical_paths_refuse_fair_sampling_and_a_split_on_a_body_key():
+    with pytest.raises(ConfigError, match="field 'canonical_paths'"):
+        tiny_config(space="nas-bench-macro", canonical_paths=True, sampling="fair").validate()
+    with pytest.raises(ConfigError, match="field 'few_shot_key'"):
+        tiny_config(space="nas-bench-macro", canonical_paths=True, few_shot_key="stage2.conv2",
+                    few_shot_epochs=1).validate()

@@ -201,8 +201,8 @@ class CandidateEvaluator:
                    latency, config.max_latency_ms, sconfig.bn_eval)
 
     def key(self, arch: Mapping[str, str]) -> str:
-        """The canonical architecture key (see `arch_key`)."""
-        return arch_key(self.space, arch)
+        """The key of the path the supernet runs for `arch` (`arch_key`; one per network with canonical paths)."""
+        return arch_key(self.space, self.net.path_of(arch))
 
     def is_feasible(self, arch: Mapping[str, str]) -> bool:
         """Whether the architecture is within the FLOPs, parameter and latency limits (from the tables)."""

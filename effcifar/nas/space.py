@@ -17,6 +17,7 @@ whose parameters are exactly those of the chosen ops and keep the supernet's nam
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import random
@@ -505,9 +506,10 @@ def resolve_width(width: str | int, channels: Mapping[str, int]) -> int:
 class Supernet(nn.Module):
     """Stem, search stages and the declared head; `set_arch` picks the path the forward pass runs."""
 
-    def __init__(self, space: ArchSpace, channels: Mapping[str, int], num_classes: int, logits_weight: float = 0.125):
+    def __init__(self, space: ArchSpace, channels: Mapping[str, int], num_classes: int, logits_weight: float = 0.125,
+                 canonical_paths: bool = False):
         super().__init__()
-        self.space = space
+        self.space, self.canonical_paths = space, canonical_paths
         c_in = resolve_width(space.stem_width, channels)
         self.prep = make_op(space.stem_op, 3, c_in)
         stages = {}
@@ -524,11 +526,20 @@ class Supernet(nn.Module):
         """Choice key -> its module."""
         return {m.key: m for m in self.modules() if isinstance(m, (LayerChoice, InputChoice))}
 
-    def set_arch(self, arch: Mapping[str, str]) -> None:
-        """Select one candidate per key; later forwards run only that path."""
+    def path_of(self, arch: Mapping[str, str]) -> Arch:
+        """The path that runs `arch`: the architecture itself, or with `canonical_paths` its network's canonical path."""
         arch = self.space.check(arch)
-        for key, module in self.choice_modules().items():
-            module.chosen = arch[key]
+        return canonical_path(self.space, arch) if self.canonical_paths else arch
+
+    def set_arch(self, arch: Mapping[str, str]) -> None:
+        """Select one candidate per key (see `path_of`); later forwards run only that path."""
+        modules = self.choice_modules()
+        for key, candidate in self.path_of(arch).items():
+            modules[key].chosen = candidate
+
+    def active_network(self) -> Supernet:
+        """The network the selected path runs in: this one (see FewShotSupernet)."""
+        return self
 
     def inactive_parameters(self) -> list[nn.Parameter]:
         """Parameters the current path does not use (unchosen candidates, body convs past the skip)."""
@@ -545,6 +556,39 @@ class Supernet(nn.Module):
         for stage in self.stages.values():
             x = stage(x)
         return self.head(x)
+
+
+class FewShotSupernet(nn.Module):
+    """Sub-supernets split on one choice key (few-shot NAS, Zhao et al. 2021), each a copy of one supernet.
+
+    Sub-supernet `c` only ever trains paths whose candidate at `key` is `c`, so those paths no
+    longer share weights with the others; a path runs (and is judged) in its own sub-supernet.
+    """
+
+    def __init__(self, oneshot: Supernet, key: str, candidates: Sequence[str]):
+        super().__init__()
+        self.space, self.key = oneshot.space, key
+        self.splits = nn.ModuleDict({c: copy.deepcopy(oneshot) for c in candidates})
+        self.active = candidates[0]
+
+    def split(self, candidate: str) -> Supernet:
+        return self.splits[candidate]  # type: ignore[return-value]
+
+    def path_of(self, arch: Mapping[str, str]) -> Arch:
+        """The path that runs `arch` (see Supernet.path_of)."""
+        return self.split(self.active).path_of(arch)
+
+    def set_arch(self, arch: Mapping[str, str]) -> None:
+        """Select the path in the sub-supernet of its candidate at `key`."""
+        self.active = self.path_of(arch)[self.key]
+        self.split(self.active).set_arch(arch)
+
+    def active_network(self) -> Supernet:
+        """The sub-supernet the selected path runs in."""
+        return self.split(self.active)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.splits[self.active](x)
 
 
 def build_standalone(space: ArchSpace, arch: Mapping[str, str], channels: Mapping[str, int], num_classes: int,
@@ -595,20 +639,41 @@ def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
     return ",".join(f"{key}={arch[key]}" for key in space.active_keys(arch))
 
 
-def network_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
-    """The key of the standalone network: `arch_key`, except that a same-size `identity` in the body of a stage
-    without a skip choice is a no-op, so where it sits does not matter (NAS-Bench-Macro trained each such network once).
+def body_layers(stage: StageSpec, arch: Mapping[str, str]) -> list[str]:
+    """The body ops `arch` computes in a stage; in a stage without a skip choice a same-size `identity` is a no-op,
+    so only the other ops count, in order (where the identities sit does not change the network)."""
+    layers = [arch[f"{stage.name}.conv{i + 2}"] for i in range(stage.depth(arch))]
+    return layers if stage.skip else [op for op in layers if op != "identity"]
 
-    The supernet still holds separate weights per position, so the supernet paths of one network can score differently.
+
+def network_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
+    """The key of the standalone network (see `body_layers`): NAS-Bench-Macro trained each such network once.
+
+    A supernet holds separate weights per position, so the paths of one network can score differently
+    unless it runs them all as one (`canonical_path`).
     """
     parts = []
     for s in space.stages:
-        layers = [arch[f"{s.name}.conv{i + 2}"] for i in range(s.depth(arch))]
-        if not s.skip:
-            layers = [op for op in layers if op != "identity"]
-        parts.append(f"{s.name}={'+'.join([arch[f'{s.name}.conv1'], *layers])}"
+        parts.append(f"{s.name}={'+'.join([arch[f'{s.name}.conv1'], *body_layers(s, arch)])}"
                      + (f",{s.name}.skip={arch[f'{s.name}.skip']}" if s.skip else ""))
     return ",".join(parts)
+
+
+def canonical_path(space: ArchSpace, arch: Mapping[str, str]) -> Arch:
+    """The one path of `arch`'s network with each sequential stage's layers first and its identities last.
+
+    As OFA's elastic depth keeps a stage's first layers, a layer position then always sees the
+    same input (the previous real layer). Stages whose keys could not hold the moved ops keep theirs.
+    """
+    path = dict(arch)
+    for s in space.stages:
+        if s.skip:
+            continue
+        layers = body_layers(s, arch)
+        moved = layers + ["identity"] * (len(s.body) - len(layers))
+        if all(op in candidates for op, candidates in zip(moved, s.body)):
+            path.update({f"{s.name}.conv{i + 2}": op for i, op in enumerate(moved)})
+    return path
 
 
 def distinct_random_archs(space: ArchSpace, count: int, rng: random.Random) -> list[Arch]:

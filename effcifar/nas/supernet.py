@@ -43,7 +43,7 @@ from effcifar.config import build_config, execution, field_error, fingerprint, r
 from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
-from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, skip_depth
+from effcifar.nas.space import Arch, ArchSpace, CostTable, FewShotSupernet, Supernet, skip_depth
 from effcifar.train import (
     AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, device_loaders, device_name, library_versions, resolve_device, resolve_precision,
     seed_everything, write_tsv,
@@ -92,6 +92,9 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     sandwich_paths: int = 4  # paths per step with sandwich: largest, smallest and the rest random
     distill: bool = False  # in-place distillation: each step's other paths learn the largest path's soft labels
     bn_eval: str = "recalibrate"  # a judged subnet's BN: running statistics recalibrated, or each batch's own
+    canonical_paths: bool = False  # run each network as one path: a sequential stage's identities last (see canonical_path)
+    few_shot_key: str = ""  # after `epochs`, split the supernet on this choice key: one sub-supernet per candidate
+    few_shot_epochs: int = 0  # epochs each sub-supernet trains, warm-started from the one-shot weights
     keep_checkpoints: int = execution(3)
 
     def train_config(self) -> TrainConfig:
@@ -125,6 +128,21 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
                               self.sandwich_paths)
         if self.bn_eval not in BN_EVALS:
             raise field_error("bn_eval", f"one of {', '.join(BN_EVALS)}", self.bn_eval)
+        if self.few_shot_key:
+            keys = list(ArchSpace.load(self.space).choices())
+            if self.few_shot_key not in keys:
+                raise field_error("few_shot_key", f"a choice key of the space ({', '.join(keys)}) or empty",
+                                  self.few_shot_key)
+            if self.few_shot_epochs < 1:
+                raise field_error("few_shot_epochs", "a positive integer with few_shot_key", self.few_shot_epochs)
+        elif self.few_shot_epochs:
+            raise field_error("few_shot_epochs", "0 without few_shot_key", self.few_shot_epochs)
+        if self.canonical_paths and self.sampling == "fair":
+            raise field_error("canonical_paths", "false with fair sampling (moving identities would undo the fairness)",
+                              self.canonical_paths)
+        if self.canonical_paths and self.few_shot_key and not self.few_shot_key.endswith(".conv1"):
+            raise field_error("few_shot_key", "a stage's conv1 key with canonical_paths (body ops move between keys)",
+                              self.few_shot_key)
         for name in ("flops_min", "flops_max"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise field_error(name, "a positive number of FLOPs or none", getattr(self, name))
@@ -301,15 +319,16 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.running_mean, m.running_var = mean, var
 
 
-def evaluate_subnet(net: Supernet, arch: Arch, bn_batches: list[torch.Tensor], loader: DeviceLoader,
+def evaluate_subnet(net: Supernet | FewShotSupernet, arch: Arch, bn_batches: list[torch.Tensor], loader: DeviceLoader,
                     autocast: Callable[[], Any], bn_eval: str = "recalibrate") -> tuple[float, float]:
     """(top-1, top-5) of one path: select it, then recalibrate BN (or use batch statistics, see BN_EVALS), evaluate."""
     net.set_arch(arch)
+    model = net.active_network()  # a few-shot run recalibrates only the sub-supernet the path runs in
     if bn_eval == "batch":
-        with batch_statistics(net):
-            return accuracy(net, loader, autocast)
-    recalibrate_bn(net, bn_batches, autocast)
-    return accuracy(net, loader, autocast)
+        with batch_statistics(model):
+            return accuracy(model, loader, autocast)
+    recalibrate_bn(model, bn_batches, autocast)
+    return accuracy(model, loader, autocast)
 
 
 def calibration_batches(loader: DeviceLoader, count: int, seed: int) -> list[torch.Tensor]:
@@ -588,7 +607,8 @@ class SupernetTrainer:
         self.train_loader, self.valid_loader = device_loaders(config.train_config(), self.data, device)
 
         seed_everything(config.seed)
-        self.net = Supernet(self.space, config.channels(), self.data.num_classes, config.logits_weight).to(device)
+        self.net = Supernet(self.space, config.channels(), self.data.num_classes, config.logits_weight,
+                            config.canonical_paths).to(device)
         if config.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         runner: nn.Module = self.net
@@ -601,10 +621,12 @@ class SupernetTrainer:
         self.sampler = make_sampler(config, self.costs)
         self.sampler.sample(self.space)  # fail now, not after data loading on every rank, if no path is allowed
         self.sampler.rng.seed(config.seed)
-        if self.ranks.launched and (config.sampling != "uniform" or config.distill):
-            raise field_error("sampling", "uniform without distill under torchrun (data-parallel training drops the "
-                                          "gradients of the last path's unused weights, so one path per step)",
+        if self.ranks.launched and (config.sampling != "uniform" or config.distill or config.few_shot_key):
+            raise field_error("sampling", "uniform, without distill or few-shot, under torchrun (data-parallel "
+                                          "training drops the gradients of the last path's unused weights)",
                               config.sampling)
+        self.split: int | None = None  # the sub-supernet being trained (few-shot), None while one-shot
+        self.train_space = self.space  # the space training draws paths from (a split's fixes few_shot_key)
         self.bn_batches = calibration_batches(self.train_loader, config.bn_batches, config.seed + 1)
         self.progress = Progress()
         self.order: torch.Tensor | None = None  # the current epoch's data order
@@ -619,7 +641,33 @@ class SupernetTrainer:
 
     def lr(self) -> float:
         """The learning rate of the next step."""
-        return self.config.lr_at(self.progress.epoch + self.progress.step / len(self.train_loader))
+        return self.lr_at(self.progress.epoch + self.progress.step / len(self.train_loader))
+
+    def lr_at(self, epoch: float) -> float:
+        """The schedule at a fractional epoch; a sub-supernet retraces its last `few_shot_epochs` (a warm restart's tail)."""
+        c = self.config
+        if self.split is not None:
+            epoch = c.epochs - c.few_shot_epochs + epoch - c.epochs - self.split * c.few_shot_epochs
+        return c.lr_at(max(epoch, 0.0))
+
+    # ---- few-shot splits ------------------------------------------------------------------
+
+    def split_candidates(self) -> list[str]:
+        """Candidates of `few_shot_key`, one sub-supernet each (none for a one-shot run)."""
+        return self.space.choices()[self.config.few_shot_key] if self.config.few_shot_key else []
+
+    def total_epochs(self) -> int:
+        """One-shot epochs, then `few_shot_epochs` per sub-supernet."""
+        return self.config.epochs + len(self.split_candidates()) * self.config.few_shot_epochs
+
+    def enter_split(self, index: int) -> None:
+        """Train sub-supernet `index` from now on (splitting the one-shot supernet first): a fresh optimiser."""
+        key, candidates = self.config.few_shot_key, self.split_candidates()
+        if not isinstance(self.net, FewShotSupernet):
+            self.net = FewShotSupernet(self.net, key, candidates)
+        self.split, candidate = index, candidates[index]
+        self.train_space = self.space.restrict({**self.space.choices(), key: [candidate]})
+        self.step = TrainStep(self.net.split(candidate), self.config.train_config(), self.precision)
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the next global batch, augmented."""
@@ -643,9 +691,9 @@ class SupernetTrainer:
         With `distill`, the largest path goes first and learns the labels; the others learn its
         predicted probabilities on the same images (BigNAS/OFA in-place distillation).
         """
-        paths = self.sampler.step_paths(self.space)
+        paths = self.sampler.step_paths(self.train_space)
         if self.config.distill:
-            largest = self.costs.extreme(True, self.space)
+            largest = self.costs.extreme(True, self.train_space)
             paths = paths if paths[0] == largest else [largest] + paths  # sandwich's first path is the largest
         passes, teacher = [], None
         for arch in paths:
@@ -692,7 +740,7 @@ class SupernetTrainer:
         eval_start = time.perf_counter()
         accs = self.panel()
         row: dict[str, Any] = {
-            "epoch": self.progress.epoch, "lr": self.config.lr_at(self.progress.epoch),
+            "epoch": self.progress.epoch, "lr": self.lr_at(self.progress.epoch),
             "train_loss": loss_sum / seen, "train_acc": correct / seen,
             **{f"valid_{name}": acc for name, acc in accs.items()},
             "valid_panel_mean": sum(accs.values()) / len(accs), "space_size": self.space.size(),
@@ -735,7 +783,7 @@ class SupernetTrainer:
             "optimizer": self.step.optimizer.state_dict(), "scaler": self.step.scaler.state_dict(),
             "sampler": self.sampler.state_dict(), "loader_generator": self.train_loader.generator.get_state(),
             "rng": rng_states(self.device), "order": self.order, "epoch_sums": self.epoch_sums.cpu(),
-            "space": self.space.choices(), "progress": asdict(self.progress),
+            "space": self.space.choices(), "progress": asdict(self.progress), "split": self.split,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -745,6 +793,8 @@ class SupernetTrainer:
                 f"the checkpoint was made with a different config (fingerprint {state['fingerprint']} vs "
                 f"{self.config.fingerprint()}); resume with the run's own config.yaml or start a new --out")
         self.space = self.space.restrict(state["space"])
+        if state["split"] is not None:
+            self.enter_split(state["split"])
         self.net.load_state_dict(state["model"])
         self.step.optimizer.load_state_dict(state["optimizer"])
         self.step.scaler.load_state_dict(state["scaler"])
@@ -795,8 +845,12 @@ class SupernetTrainer:
         self.write_files()
         start = time.perf_counter()
         with StopSignal() as stop:
-            while self.progress.epoch < self.config.epochs:
+            while self.progress.epoch < self.total_epochs():
                 epoch_start = time.perf_counter()
+                if self.progress.epoch >= self.config.epochs:
+                    index = (self.progress.epoch - self.config.epochs) // self.config.few_shot_epochs
+                    if index != self.split:
+                        self.enter_split(index)
                 self.train_epoch(lambda: stop_requested(stop, self.ranks, self.device), on_step)
                 row = self.end_epoch(epoch_start)
                 self.write_files()
@@ -807,10 +861,17 @@ class SupernetTrainer:
         if self.out is not None and self.ranks.main:
             save_checkpoint({"model": self.net.state_dict(), "space": ArchSpace.load(self.config.space).to_dict(),
                              "choices": self.space.choices(), "channels": self.config.channels(),
-                             "num_classes": self.data.num_classes, "logits_weight": self.config.logits_weight},
+                             "num_classes": self.data.num_classes, "logits_weight": self.config.logits_weight,
+                             "few_shot": self.few_shot_record(), "canonical_paths": self.config.canonical_paths},
                             self.out / "supernet.pt")
             atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return SupernetResult(self.net, self.space, self.progress.history, self.progress.shrink_log, summary, self.out)
+
+    def few_shot_record(self) -> dict[str, Any] | None:
+        """The split of a few-shot run (key and candidates, one sub-supernet each), None for a one-shot run."""
+        if not isinstance(self.net, FewShotSupernet):
+            return None
+        return {"key": self.net.key, "candidates": list(self.net.splits), "epochs": self.config.few_shot_epochs}
 
     def summary(self, total_time: float) -> dict[str, Any]:
         """What summary.json holds."""
@@ -820,7 +881,8 @@ class SupernetTrainer:
             "space_size": self.space.size(),
             "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
                         "train_images": len(self.train_loader.labels), "valid_images": len(self.valid_loader.labels)},
-            "epochs": self.config.epochs, "train_time": self.progress.train_time, "total_time": total_time,
+            "epochs": self.config.epochs, "few_shot": self.few_shot_record(),
+            "train_time": self.progress.train_time, "total_time": total_time,
             "final_panel": {k: v for k, v in history[-1].items() if k.startswith("valid_")},
             "processes": self.ranks.world, "device": device_name(self.device), "precision": self.precision,
             "versions": library_versions(),
@@ -863,8 +925,9 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Supernet, ArchSpace, SupernetConfig]:
-    """(trained supernet, its final space, its config) from a finished run directory."""
+def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu",
+                  ) -> tuple[Supernet | FewShotSupernet, ArchSpace, SupernetConfig]:
+    """(trained supernet, its final space, its config) from a finished run directory (few-shot: its sub-supernets)."""
     run = Path(run_dir)
     path = run / "supernet.pt"
     if not path.exists():
@@ -875,6 +938,9 @@ def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu")
         raise ConfigError(f"{path}: {e}") from None
     config = build_config(SupernetConfig, run / "config.yaml")
     full = ArchSpace.from_dict(state["space"], str(path))
-    net = Supernet(full, state["channels"], state["num_classes"], state["logits_weight"])
+    net: Supernet | FewShotSupernet = Supernet(full, state["channels"], state["num_classes"], state["logits_weight"],
+                                               state.get("canonical_paths", False))
+    if state.get("few_shot"):
+        net = FewShotSupernet(net, state["few_shot"]["key"], state["few_shot"]["candidates"])
     net.load_state_dict(state["model"])
     return net, full.restrict(state["choices"]), config
