@@ -398,13 +398,24 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
         epochs, seed = int(overrides.pop("total_epoch")), int(overrides.get("seed", 0))
     except ValueError:
         raise EffcifarError("--epochs and --seed: expected integers") from None
-    report = retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config,
-                              overrides, overrides_from_text=True,
-                              progress=lambda text: console.print(text, markup=False))
-    console.print(f"{report.n} subnets: Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f}, "
-                  f"top-20% overlap {report.top_overlap:.0%}")
-    console.print(f"wrote {out / 'ranking.json'} and {out / 'ranking.png'}", markup=False)
+    retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config, overrides, overrides_from_text=True,
+                     progress=lambda text: console.print(text, markup=False), repeats=args.repeats)
+    print_ranking(json.loads((out / "ranking.json").read_text()), console)
+    console.print(f"wrote {out / 'ranking.json'}, {out / 'ranking.png'} and {out / 'table.json'}", markup=False)
     return 0
+
+
+def print_ranking(result: dict[str, Any], console: Console) -> None:
+    """The rankers' table of a ranking.json (supernet, FLOPs, parameters, ceiling) and its verdict."""
+    table = Table(title=f"ranking {result['n']} architectures (noise floor: the tau of two random orders has a "
+                        f"standard deviation of {result['null_tau_sd']:.3f})")
+    for column in ("ranker", "Kendall tau", "Spearman rho", "tau in top 10%", "top-10% overlap"):
+        table.add_column(column, justify="right")
+    number = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in result["rankers"]:
+        table.add_row(r["name"], number(r["tau"]), number(r["rho"]), number(r["tau_top"]), number(r["top_overlap"]))
+    console.print(table)
+    console.print(result["verdict"], markup=False)
 
 
 def run_nas_eval_table(args: argparse.Namespace, console: Console) -> int:
@@ -419,8 +430,9 @@ def run_nas_eval_table(args: argparse.Namespace, console: Console) -> int:
             option = ALIASES.get(name, [f"--{name.replace('_', '-')}"])[0]
             raise EffcifarError(f"{option}: does not apply with --table (nothing is trained; "
                                 f"scoring takes --seed, --device, --precision, --threads, --eval-batch-size)")
-    if args.config is not None:
-        raise EffcifarError("--config: does not apply with --table (nothing is trained)")
+    if args.config is not None or args.repeats != 1:
+        option = "--config" if args.config is not None else "--repeats"
+        raise EffcifarError(f"{option}: does not apply with --table (nothing is trained)")
     try:
         seed = int(overrides.pop("seed", 0))
         given = {"bn_batches": args.bn_batches, "eval_images": args.eval_images}
@@ -432,15 +444,7 @@ def run_nas_eval_table(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval_table"
     result = retrain.rank_against_table(args.supernet, args.table, sample, seed, out, search,
                                         progress=lambda text: console.print(text, markup=False))
-    table = Table(title=f"ranking {result['n']} architectures of {Path(result['table']).name} "
-                        f"(noise floor: tau of random orders has sd {result['null_tau_sd']:.3f})")
-    for column in ("ranker", "Kendall tau", "Spearman rho", "tau in top 10%", "top-10% overlap"):
-        table.add_column(column, justify="right")
-    number = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    for r in result["rankers"]:
-        table.add_row(r["name"], number(r["tau"]), number(r["rho"]), number(r["tau_top"]), number(r["top_overlap"]))
-    console.print(table)
-    console.print(result["verdict"], markup=False)
+    print_ranking(result, console)
     console.print(f"wrote {out / 'ranking.json'} and {out / 'ranking.png'}", markup=False)
     return 0
 
@@ -684,6 +688,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--table", help="rank against a benchmark table instead of training: 'nas-bench-macro' (built in) "
                                    "or a table file of that format; --sample architectures stratified over FLOPs "
                                    f"(default {TABLE_SAMPLE}; 0: every distinct network); writes SUPERNET/nas_eval_table")
+    p.add_argument("--repeats", type=int, default=1, help="without --table: train each subnet with this many seeds "
+                                                          "(their mean is the truth, their agreement its ceiling)")
     p.add_argument("--bn-batches", type=int, help="with --table: BN recalibration batches (default: the supernet run's)")
     p.add_argument("--eval-images", type=int, default=0,
                    help="with --table: score on this many held-out images, a seeded random sample (0: all)")

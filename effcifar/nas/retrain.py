@@ -43,8 +43,8 @@ from effcifar.nas.ranking import (
     RankingReport, compare_rankers, null_tau_sd, scatter_plot, tau_difference, verdict,
 )
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
-from effcifar.nas.space import arch_key, distinct_random_archs, read_arch_file
-from effcifar.nas.table import BenchmarkTable
+from effcifar.nas.space import CostTable, arch_key, read_arch_file, stratified_archs
+from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import TrainConfig, train, write_tsv
 
@@ -141,46 +141,56 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     return rows
 
 
-def sample_archs(evaluator: CandidateEvaluator, count: int, seed: int) -> list[dict[str, str]]:
-    """`count` random architectures with distinct canonical keys (uniform per choice), in a seeded order."""
-    archs = distinct_random_archs(evaluator.space, count, random.Random(seed))
-    if len(archs) < count:
-        raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
-                          f"{count} were asked for")
-    return archs
-
-
 def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | Path | None = None, seed: int = 0,
              config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-             overrides_from_text: bool = False, progress: Progress | None = None) -> RankingReport:
-    """Supernet vs standalone accuracy of `sample` random subnets; write ranking.json and ranking.png (resumable)."""
+             overrides_from_text: bool = False, progress: Progress | None = None, repeats: int = 1) -> RankingReport:
+    """Supernet vs standalone accuracy of `sample` subnets spread over FLOPs; ranking.json and ranking.png (resumable).
+
+    Each subnet trains `repeats` times (training seeds seed, seed + 1, ...); their mean is the
+    truth, and their agreement with each other is the truth's own ceiling. The trained subnets
+    are also written as a benchmark table (`table.json`, accuracies in %), so the same
+    comparison (supernet against FLOPs, parameters and the ceiling) applies as with `--table`.
+    """
     supernet_dir = Path(supernet_dir)
     out = Path(out_dir) if out_dir is not None else supernet_dir / "nas_eval"
     if sample < 2:
         raise ConfigError(f"--sample: expected at least 2 subnets to rank, got {sample}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats: expected a positive number of training seeds, got {repeats}")
     sconfig = load_supernet_config(supernet_dir)
     config = base_config(supernet_dir, config_file, {**(overrides or {}), "total_epoch": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
     evaluator = CandidateEvaluator.from_run(supernet_dir, SearchConfig(
         device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
         threads=config.threads))
-    archs = sample_archs(evaluator, sample, seed)
+    archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
+    if len(archs) < sample:
+        raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
+                          f"{sample} were asked for")
     data = load_dataset(config.dataset, config.data_dir)
-    supernet_acc, standalone_acc = [], []
+    rows, scores = {}, {}
     for i, arch in enumerate(archs):
         if progress is not None:
             progress(f"subnet {i + 1}/{sample}: {arch_key(evaluator.space, arch)}")
-        supernet_acc.append(evaluator.evaluate(arch)[0].accuracy)
         file = out / "archs" / f"subnet_{i}.json"
         atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
-        summary = train_once(dataclasses.replace(config, arch=str(file.resolve())), out / f"subnet_{i}", data)
-        standalone_acc.append(summary["final_valid_acc"])
-    report = RankingReport.compute(supernet_acc, standalone_acc)
-    measures = _nan_as_null(asdict(report))
-    result = {"supernet_acc": supernet_acc, "standalone_acc": standalone_acc, "archs": archs, **measures, "epochs": epochs, "seed": seed, "supernet": str(supernet_dir.resolve())}
-    atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
-    scatter_plot(supernet_acc, standalone_acc, out / "ranking.png",
-                 title=f"{report.n} random subnets, {epochs} epochs standalone")
+        accs = []
+        for r in range(repeats):
+            run = out / (f"subnet_{i}" if r == 0 else f"subnet_{i}_seed{config.seed + r}")
+            run_config = dataclasses.replace(config, arch=str(file.resolve()), seed=config.seed + r)
+            accs.append(train_once(run_config, run, data)["final_valid_acc"] * 100)
+        key = table_key(evaluator.net.space, arch)
+        scores[key] = evaluator.evaluate(arch)[0].accuracy
+        rows[key] = {"mean_acc": float(np.mean(accs)), "test_acc": accs, "params": evaluator.costs.params_of(arch),
+                     "flops": evaluator.costs.flops_of(arch), "arch": arch}
+    atomic_write(out / "table.json", json.dumps(rows, indent=2) + "\n")  # held-out accuracy, in %, per seed
+    bench = BenchmarkTable.load(out / "table.json", evaluator.net.space)
+    result = ranking_result(bench, list(rows), scores, evaluator.costs, seed)
+    report = RankingReport.compute(result["supernet_acc"], result["standalone_acc"])
+    result = {**result, "archs": archs, **asdict(report), "epochs": epochs, "repeats": repeats, "seed": seed,
+              "supernet": str(supernet_dir.resolve())}
+    write_ranking(out, result, f"{report.n} subnets over FLOPs, {epochs} epochs standalone x {repeats}",
+                  "standalone accuracy" + (f" (mean of {repeats} seeds)" if repeats > 1 else ""))
     return report
 
 
@@ -189,11 +199,10 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
                        progress: Progress | None = None) -> dict[str, Any]:
     """Score `sample` table architectures (stratified over FLOPs; 0: every distinct network) with the supernet.
 
-    Each is evaluated as the search does (BN recalibrated, the run's held-out images; `search`
-    sets the batches, images and device). Writes `ranking.json` (scores, truth, every ranker's
-    quality, the supernet's lead over FLOPs with its bootstrap standard error, a verdict) and
-    `ranking.png`, and returns the same dict. Scores are kept in `scores.json` as they come, so
-    an interrupted run continues where it stopped.
+    Each is evaluated as the search does (BN as the supernet run says, its held-out images;
+    `search` sets the batches, images and device). Writes `ranking.json` (see `ranking_result`)
+    and `ranking.png`, and returns the same dict. Scores are kept in `scores.json` as they come,
+    so an interrupted run continues where it stopped.
     """
     supernet_dir = Path(supernet_dir)
     out = Path(out_dir) if out_dir is not None else supernet_dir / "nas_eval_table"
@@ -217,27 +226,39 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
             if len(scores) % 10 == 0:
                 atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
     atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
+    result = {**ranking_result(bench, keys, scores, evaluator.costs, seed), **setup, "sample_seed": seed,
+              "score_seconds": time.perf_counter() - started}
+    return write_ranking(out, result, f"{len(keys)} architectures of {bench.path.name}",
+                         "table accuracy (mean of its seeds)")
+
+
+def ranking_result(bench: BenchmarkTable, keys: list[str], scores: Mapping[str, float], costs: CostTable,
+                   seed: int) -> dict[str, Any]:
+    """The supernet's scores of `keys` against the table, beside FLOPs, parameters and the seed-to-seed ceiling.
+
+    Also the supernet's lead over FLOPs in tau with its paired-bootstrap standard error, the
+    verdict sentence, the noise floor, and how our FLOPs and parameter counts match the table's.
+    """
     rows = [bench.rows[key] for key in keys]
-    truth = [row.mean_acc for row in rows]
-    supernet = [scores[key] for key in keys]
-    rankers = compare_rankers(truth, {"supernet": supernet, "FLOPs": [row.flops for row in rows],
-                                      "parameters": [row.params for row in rows]},
+    truth, supernet, flops = [row.mean_acc for row in rows], [scores[key] for key in keys], [row.flops for row in rows]
+    rankers = compare_rankers(truth, {"supernet": supernet, "FLOPs": flops, "parameters": [row.params for row in rows]},
                               np.array([row.seed_accs for row in rows]))
-    difference, se = tau_difference(supernet, [row.flops for row in rows], truth, seed=seed)
-    result = {
-        "table": str(bench.path), "space_keys": bench.keys, "n": len(keys), "sample_seed": seed, **setup,
-        "keys": keys, "supernet_acc": supernet, "standalone_acc": truth, "flops": [row.flops for row in rows],
+    difference, se = tau_difference(supernet, flops, truth, seed=seed)
+    return {
+        "table": str(bench.path), "space_keys": bench.keys, "n": len(keys), "keys": keys, "supernet_acc": supernet,
+        "standalone_acc": truth, "standalone_seed_acc": [list(row.seed_accs) for row in rows], "flops": flops,
         "params": [row.params for row in rows], "rankers": [asdict(r) for r in rankers],
         "tau_vs_flops": {"difference": difference, "se": se}, "null_tau_sd": null_tau_sd(len(keys)),
-        "verdict": verdict(rankers[0], rankers[1], difference, se),
-        "flops_ratio": bench.flops_ratio(evaluator.costs),
-        "params_mismatches": len(bench.params_mismatches(evaluator.costs)),
-        "score_seconds": time.perf_counter() - started,
+        "verdict": verdict(rankers[0], rankers[1], difference, se), "flops_ratio": bench.flops_ratio(costs),
+        "params_mismatches": len(bench.params_mismatches(costs)),
     }
+
+
+def write_ranking(out: Path, result: dict[str, Any], title: str, ylabel: str) -> dict[str, Any]:
+    """ranking.json and the scatter plot ranking.png; the result as written (NaN as null)."""
     result = _nan_as_null(result)
     atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
-    scatter_plot(supernet, truth, out / "ranking.png", ylabel="table accuracy (mean of its seeds)",
-                 title=f"{len(keys)} architectures of {bench.path.name}")
+    scatter_plot(result["supernet_acc"], result["standalone_acc"], out / "ranking.png", ylabel=ylabel, title=title)
     return result
 
 

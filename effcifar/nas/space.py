@@ -691,6 +691,33 @@ def distinct_random_archs(space: ArchSpace, count: int, rng: random.Random) -> l
     return list(archs.values())
 
 
+def pick_stratified(items: Sequence[Any], count: int, rng: random.Random) -> list[Any]:
+    """`count` of `items` (sorted by a cost), one drawn from each of `count` strata of (nearly) equal size; all if fewer.
+
+    A uniform sample of a space clusters around its median size; strata spread the sample over
+    the whole range, which is where a ranking must hold.
+    """
+    if count <= 0 or count >= len(items):
+        return list(items)
+    bounds = [round(i * len(items) / count) for i in range(count + 1)]
+    return [items[rng.randrange(lo, hi)] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def stratified_archs(space: ArchSpace, costs: CostTable, count: int, rng: random.Random) -> list[Arch]:
+    """`count` architectures of distinct networks spread over FLOPs (see `pick_stratified`), smallest first.
+
+    Drawn from a pool of max(2,000, 50 x count) distinct uniform random networks (the whole space when smaller).
+    """
+    pool: dict[str, Arch] = {}
+    for _ in range(max(20_000, 500 * count)):
+        if len(pool) == max(2_000, 50 * count):
+            break
+        arch = {key: rng.choice(candidates) for key, candidates in space.choices().items()}
+        pool.setdefault(network_key(space, arch), arch)
+    ordered = sorted(pool.values(), key=lambda arch: (costs.flops_of(arch), network_key(space, arch)))
+    return pick_stratified(ordered, count, rng)
+
+
 def extreme_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, largest: bool) -> Arch:
     """The subnet of `space` with the largest or smallest additive cost (per-key costs over active keys).
 

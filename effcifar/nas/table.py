@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from effcifar.errors import ConfigError
-from effcifar.nas.space import Arch, ArchSpace, CostTable, network_key
+from effcifar.nas.space import Arch, ArchSpace, CostTable, network_key, pick_stratified
 
 # NAS-Bench-Macro's CIFAR-10 table (Su et al., CVPR 2021; Apache-2.0, see tables/NOTICE), shipped with the package.
 BUILTIN_TABLES = {"nas-bench-macro": Path(__file__).with_name("tables") / "nas-bench-macro_cifar10.json.gz"}
@@ -77,8 +77,7 @@ class BenchmarkTable:
 
     def key_of(self, arch: Mapping[str, str]) -> str:
         """The table key of an architecture of the space."""
-        choices = self.space.choices()
-        return "".join(str(choices[name].index(arch[name])) for name in self.keys)
+        return table_key(self.space, arch)
 
     def networks(self) -> dict[str, list[str]]:
         """Distinct standalone networks (`network_key`) -> the table keys that build them, in table order."""
@@ -90,17 +89,12 @@ class BenchmarkTable:
     def sample(self, count: int, seed: int) -> list[str]:
         """`count` keys of distinct networks, stratified over FLOPs (all networks if count is 0 or too large).
 
-        The networks are sorted by FLOPs and cut into `count` strata of (nearly) equal size; one
+        The networks are sorted by FLOPs and cut into `count` strata (`pick_stratified`); one
         network is drawn from each, and one of its keys. The result is sorted by FLOPs.
         """
         rng = random.Random(seed)
         groups = sorted(self.networks().values(), key=lambda keys: (self.rows[keys[0]].flops, keys[0]))
-        if count <= 0 or count >= len(groups):
-            picked = groups
-        else:
-            bounds = [round(i * len(groups) / count) for i in range(count + 1)]
-            picked = [groups[rng.randrange(lo, hi)] for lo, hi in zip(bounds, bounds[1:])]
-        return [rng.choice(keys) for keys in picked]
+        return [rng.choice(keys) for keys in pick_stratified(groups, count, rng)]
 
     def flops_ratio(self, costs: CostTable) -> float:
         """Our FLOPs over the table's, as one factor when it is the same for every row (else NaN).
@@ -123,6 +117,14 @@ class BenchmarkTable:
         """The "largest network under the limit" heuristic: most FLOPs within `max_flops` (ties: most parameters)."""
         feasible = [row for row in self.rows.values() if row.flops <= max_flops]
         return max(feasible, key=lambda row: (row.flops, row.params), default=None)
+
+
+def table_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
+    """An architecture's key in a table of `space`: digit i is the index of its candidate of the i-th key."""
+    wide = [name for name, candidates in space.choices().items() if len(candidates) > 10]
+    if wide:
+        raise ConfigError(f"key {wide[0]!r} has more than 10 candidates: a benchmark table has one digit per key")
+    return "".join(str(candidates.index(arch[name])) for name, candidates in space.choices().items())
 
 
 def _row(path: Path, key: str, value: Any) -> TableRow:
