@@ -399,7 +399,8 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     except ValueError:
         raise EffcifarError("--epochs and --seed: expected integers") from None
     retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config, overrides, overrides_from_text=True,
-                     progress=lambda text: console.print(text, markup=False), repeats=args.repeats)
+                     progress=lambda text: console.print(text, markup=False), repeats=args.repeats,
+                     workers=args.workers)
     print_ranking(json.loads((out / "ranking.json").read_text()), console)
     console.print(f"wrote {out / 'ranking.json'}, {out / 'ranking.png'} and {out / 'table.json'}", markup=False)
     return 0
@@ -430,8 +431,8 @@ def run_nas_eval_table(args: argparse.Namespace, console: Console) -> int:
             option = ALIASES.get(name, [f"--{name.replace('_', '-')}"])[0]
             raise EffcifarError(f"{option}: does not apply with --table (nothing is trained; "
                                 f"scoring takes --seed, --device, --precision, --threads, --eval-batch-size)")
-    if args.config is not None or args.repeats != 1:
-        option = "--config" if args.config is not None else "--repeats"
+    if args.config is not None or args.repeats != 1 or args.workers != 1:
+        option = "--config" if args.config is not None else "--repeats" if args.repeats != 1 else "--workers"
         raise EffcifarError(f"{option}: does not apply with --table (nothing is trained)")
     try:
         seed = int(overrides.pop("seed", 0))
@@ -690,6 +691,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                    f"(default {TABLE_SAMPLE}; 0: every distinct network); writes SUPERNET/nas_eval_table")
     p.add_argument("--repeats", type=int, default=1, help="without --table: train each subnet with this many seeds "
                                                           "(their mean is the truth, their agreement its ceiling)")
+    p.add_argument("--workers", type=int, default=1, help="without --table: training processes, each pinned to one "
+                                                          "visible GPU round robin (several can share one GPU)")
     p.add_argument("--bn-batches", type=int, help="with --table: BN recalibration batches (default: the supernet run's)")
     p.add_argument("--eval-images", type=int, default=0,
                    help="with --table: score on this many held-out images, a seeded random sample (0: all)")

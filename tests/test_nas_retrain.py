@@ -178,7 +178,7 @@ def test_nas_eval_with_two_seeds_reports_the_truths_own_agreement(search_run, tm
     supernet_dir, _ = search_run
     out = tmp_path / "two_seeds"
     nas_eval(supernet_dir, 4, 1, out, overrides={"subset": 300, "batch_size": 50, "threads": 1, "precision": "fp32"},
-             repeats=2)
+             repeats=2, workers=2)  # two training processes
     ranking = json.loads((out / "ranking.json").read_text())
     assert all(len(seeds) == 2 for seeds in ranking["standalone_seed_acc"])
     for i in range(4):  # seed 0 in subnet_i, seed 1 beside it, both on the held-out images

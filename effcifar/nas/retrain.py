@@ -25,15 +25,19 @@ a run with a summary.json is not trained again (it must have been made with the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import os
 import random
 import time
 from dataclasses import asdict, fields
-
-import numpy as np
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
 
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config, coerce_value, field_types, fingerprint, result_values
@@ -43,9 +47,10 @@ from effcifar.nas.ranking import (
     RankingReport, compare_rankers, null_tau_sd, scatter_plot, tau_difference, verdict,
 )
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
-from effcifar.nas.space import CostTable, arch_key, read_arch_file, stratified_archs
+from effcifar.nas.space import CostTable, read_arch_file, stratified_archs
 from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.nas.supernet import SupernetConfig
+from effcifar.studies import pin_worker_gpu
 from effcifar.train import TrainConfig, train, write_tsv
 
 Progress = Callable[[str], None]
@@ -141,15 +146,64 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     return rows
 
 
+def train_all(jobs: list[tuple[TrainConfig, Path]], workers: int = 1, data: CifarData | None = None,
+              progress: Progress | None = None) -> list[dict[str, Any]]:
+    """The summaries of (config, run directory) jobs, finished ones reused (`train_once`), in job order.
+
+    With `workers` > 1 they run in that many processes, each pinned to one visible GPU (round
+    robin) and holding the data once: small networks leave a GPU mostly idle, so several share it.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        data = data or load_dataset(jobs[0][0].dataset, jobs[0][0].data_dir)
+        summaries = []
+        for i, (config, run_dir) in enumerate(jobs):
+            summaries.append(train_once(config, run_dir, data))
+            if progress is not None:
+                progress(f"trained {i + 1}/{len(jobs)}: {run_dir}")
+        return summaries
+    index = multiprocessing.get_context("spawn").Value("i", 0)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker, initargs=(index, threads)) as pool:
+        futures = {pool.submit(_train_job, config, run_dir): i for i, (config, run_dir) in enumerate(jobs)}
+        summaries: list[dict[str, Any]] = [{}] * len(jobs)
+        for done, future in enumerate(concurrent.futures.as_completed(futures)):
+            summaries[futures[future]] = future.result()
+            if progress is not None:
+                progress(f"trained {done + 1}/{len(jobs)}: {jobs[futures[future]][1]}")
+    return summaries
+
+
+_WORKER_DATA: dict[tuple[str, str | None], CifarData] = {}
+
+
+def _start_worker(counter: Any, threads: int) -> None:
+    """A training worker: the next index pins its GPU; CPU threads split the cores."""
+    with counter.get_lock():
+        index, counter.value = counter.value, counter.value + 1
+    pin_worker_gpu(index)
+    torch.set_num_threads(threads)
+
+
+def _train_job(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    key = (config.dataset, config.data_dir)
+    if key not in _WORKER_DATA:  # loaded once per worker process
+        _WORKER_DATA[key] = load_dataset(*key)
+    return train_once(config, run_dir, _WORKER_DATA[key])
+
+
 def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | Path | None = None, seed: int = 0,
              config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-             overrides_from_text: bool = False, progress: Progress | None = None, repeats: int = 1) -> RankingReport:
+             overrides_from_text: bool = False, progress: Progress | None = None, repeats: int = 1,
+             workers: int = 1) -> RankingReport:
     """Supernet vs standalone accuracy of `sample` subnets spread over FLOPs; ranking.json and ranking.png (resumable).
 
     Each subnet trains `repeats` times (training seeds seed, seed + 1, ...); their mean is the
     truth, and their agreement with each other is the truth's own ceiling. The trained subnets
-    are also written as a benchmark table (`table.json`, accuracies in %), so the same
-    comparison (supernet against FLOPs, parameters and the ceiling) applies as with `--table`.
+    are also written as a benchmark table (`table.json`, held-out accuracies in %), so the same
+    comparison (supernet against FLOPs, parameters and the ceiling) applies as with `--table`,
+    and any other supernet of the space can be ranked against it later. `workers` trains in
+    parallel processes (see `train_all`).
     """
     supernet_dir = Path(supernet_dir)
     out = Path(out_dir) if out_dir is not None else supernet_dir / "nas_eval"
@@ -167,18 +221,16 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     if len(archs) < sample:
         raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
                           f"{sample} were asked for")
-    data = load_dataset(config.dataset, config.data_dir)
-    rows, scores = {}, {}
+    jobs = []
     for i, arch in enumerate(archs):
-        if progress is not None:
-            progress(f"subnet {i + 1}/{sample}: {arch_key(evaluator.space, arch)}")
         file = out / "archs" / f"subnet_{i}.json"
         atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
-        accs = []
-        for r in range(repeats):
-            run = out / (f"subnet_{i}" if r == 0 else f"subnet_{i}_seed{config.seed + r}")
-            run_config = dataclasses.replace(config, arch=str(file.resolve()), seed=config.seed + r)
-            accs.append(train_once(run_config, run, data)["final_valid_acc"] * 100)
+        jobs += [(dataclasses.replace(config, arch=str(file.resolve()), seed=config.seed + r),
+                  out / (f"subnet_{i}" if r == 0 else f"subnet_{i}_seed{config.seed + r}")) for r in range(repeats)]
+    summaries = train_all(jobs, workers, progress=progress)
+    rows, scores = {}, {}
+    for i, arch in enumerate(archs):
+        accs = [summary["final_valid_acc"] * 100 for summary in summaries[i * repeats:(i + 1) * repeats]]
         key = table_key(evaluator.net.space, arch)
         scores[key] = evaluator.evaluate(arch)[0].accuracy
         rows[key] = {"mean_acc": float(np.mean(accs)), "test_acc": accs, "params": evaluator.costs.params_of(arch),
