@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from effcifar.config import build_config
+from effcifar.nas.ranking import ranker_quality
 from effcifar.nas.retrain import rank_against_table
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.space import ArchSpace, read_arch_file
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=2000, help="held-out images per score (0: all)")
     parser.add_argument("--bn-batches", type=int, default=4)
     parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--score", default="loss", help="what the supernet ranks by: loss or accuracy")
     parser.add_argument("--regret", action="store_true", help="also search under 30M and 50M table FLOPs")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--evaluations", type=int, default=200)
@@ -92,26 +94,30 @@ def main() -> None:
                                                       flush=True))
         summary = json.loads((run / "summary.json").read_text())
         search = SearchConfig(bn_batches=args.bn_batches, eval_images=args.eval_images, precision=args.precision,
-                              threads=2)
+                              threads=2, score=args.score)
         ranking = rank_against_table(run, "nas-bench-macro", args.sample, 0, run / "nas_eval_table", search)
+        by_accuracy = ranker_quality("supernet (accuracy)", ranking["supernet_acc"], ranking["standalone_acc"])
         row: dict[str, Any] = {"config": asdict(config), "train_time": summary["train_time"],
                                "rankers": ranking["rankers"], "tau_vs_flops": ranking["tau_vs_flops"],
-                               "score_seconds": ranking["score_seconds"], "n": ranking["n"]}
+                               "by_accuracy": asdict(by_accuracy), "score_seconds": ranking["score_seconds"],
+                               "n": ranking["n"], "score": args.score}
         if args.regret:
             row["regret"] = regret(run, run, table, ranking["flops_ratio"], args)
         row["wall_seconds"] = time.perf_counter() - started
         results[name] = row
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"{name}: {ranking['verdict']}", flush=True)
-    print("\n| variant | n | tau | tau top 10% | top-10% overlap | train s | score s | regret 30M | regret 50M |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| variant | n | tau (score) | tau top 10% | top-10% overlap | tau (accuracy) | train s | score s | "
+          "regret 30M | regret 50M |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results.items():
-        r = row["rankers"][0]
+        r, acc = row["rankers"][0], row.get("by_accuracy", {}).get("tau", float("nan"))
         regrets = [f"{row['regret'][k]['regret_median'] * 100:.2f}" if "regret" in row else "" for k in ("30M", "50M")]
-        print(f"| {name} | {row['n']} | {r['tau']:.3f} | {r['tau_top']:.3f} | {r['top_overlap']:.2f} | "
-              f"{row['train_time']:.0f} | {row['score_seconds']:.0f} | {regrets[0]} | {regrets[1]} |")
+        print(f"| {name} | {row['n']} | {r['tau']:.3f} ({row.get('score', 'accuracy')}) | {r['tau_top']:.3f} | "
+              f"{r['top_overlap']:.2f} | {acc:.3f} | {row['train_time']:.0f} | {row['score_seconds']:.0f} | "
+              f"{regrets[0]} | {regrets[1]} |")
     flops = results[next(iter(results))]["rankers"][1]
-    print(f"| FLOPs (reference) | | {flops['tau']:.3f} | {flops['tau_top']:.3f} | {flops['top_overlap']:.2f} | | | | |")
+    print(f"| FLOPs (reference) | | {flops['tau']:.3f} | {flops['tau_top']:.3f} | {flops['top_overlap']:.2f} | | | | | |")
 
 
 if __name__ == "__main__":

@@ -456,8 +456,9 @@ def ranking_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Se
     if not isinstance(data, dict) or not {"supernet_acc", "standalone_acc"} <= set(data):
         raise ConfigError(f"{path}: expected {{\"supernet_acc\": [...], \"standalone_acc\": [...]}}")
     try:
-        report = RankingReport.compute(data["supernet_acc"], data["standalone_acc"])
-        scatter_plot(data["supernet_acc"], data["standalone_acc"], out_dir / f"{prefix}_ranking.png",
+        scores = data.get("supernet_score", data["supernet_acc"])  # what the supernet ranked by (accuracy or -loss)
+        report = RankingReport.compute(scores, data["standalone_acc"])
+        scatter_plot(scores, data["standalone_acc"], out_dir / f"{prefix}_ranking.png",
                      title=f"{title}: supernet vs standalone")
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None

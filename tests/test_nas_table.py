@@ -177,3 +177,18 @@ def test_table_mode_refuses_training_options(tiny_supernet, capsys):
     assert main(["nas-eval", str(tiny_supernet), "--table", "nas-bench-macro", "--epochs", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--epochs: does not apply with --table" in err
+
+
+def test_ranking_by_loss_uses_the_negative_cross_entropy(tiny_supernet, tmp_path):
+    rows = {key: {"mean_acc": acc, "test_acc": [acc], "params": 1, "flops": 1}
+            for key, acc in (("00", 40.0), ("01", 50.0), ("10", 60.0), ("11", 70.0))}
+    path = write_table(tmp_path / "tiny.json", rows)
+    by = {}
+    for score in ("accuracy", "loss"):
+        by[score] = rank_against_table(tiny_supernet, path, sample=0, out_dir=tmp_path / score,
+                                       search=SearchConfig(precision="fp32", threads=1, score=score))
+    assert by["loss"]["supernet_acc"] == by["accuracy"]["supernet_acc"]  # the same evaluations
+    assert by["accuracy"]["supernet_score"] == by["accuracy"]["supernet_acc"]
+    assert all(s < 0 for s in by["loss"]["supernet_score"])  # minus the mean cross-entropy
+    assert by["loss"]["rankers"][0]["tau"] == pytest.approx(tau_by_hand(by["loss"]["supernet_score"],
+                                                                        by["loss"]["standalone_acc"]))

@@ -195,7 +195,7 @@ def _train_job(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
 def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | Path | None = None, seed: int = 0,
              config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
              overrides_from_text: bool = False, progress: Progress | None = None, repeats: int = 1,
-             workers: int = 1) -> RankingReport:
+             workers: int = 1, score: str = "accuracy") -> RankingReport:
     """Supernet vs standalone accuracy of `sample` subnets spread over FLOPs; ranking.json and ranking.png (resumable).
 
     Each subnet trains `repeats` times (training seeds seed, seed + 1, ...); their mean is the
@@ -214,9 +214,10 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     sconfig = load_supernet_config(supernet_dir)
     config = base_config(supernet_dir, config_file, {**(overrides or {}), "total_epoch": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
-    evaluator = CandidateEvaluator.from_run(supernet_dir, SearchConfig(
-        device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
-        threads=config.threads))
+    search = SearchConfig(device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
+                          threads=config.threads, score=score)
+    search.validate()
+    evaluator = CandidateEvaluator.from_run(supernet_dir, search)
     archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
     if len(archs) < sample:
         raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
@@ -232,13 +233,14 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     for i, arch in enumerate(archs):
         accs = [summary["final_valid_acc"] * 100 for summary in summaries[i * repeats:(i + 1) * repeats]]
         key = table_key(evaluator.net.space, arch)
-        scores[key] = evaluator.evaluate(arch)[0].accuracy
+        evaluation = evaluator.evaluate(arch)[0]
+        scores[key] = (evaluation.accuracy, evaluation.loss)
         rows[key] = {"mean_acc": float(np.mean(accs)), "test_acc": accs, "params": evaluator.costs.params_of(arch),
                      "flops": evaluator.costs.flops_of(arch), "arch": arch}
     atomic_write(out / "table.json", json.dumps(rows, indent=2) + "\n")  # held-out accuracy, in %, per seed
     bench = BenchmarkTable.load(out / "table.json", evaluator.net.space)
-    result = ranking_result(bench, list(rows), scores, evaluator.costs, seed)
-    report = RankingReport.compute(result["supernet_acc"], result["standalone_acc"])
+    result = ranking_result(bench, list(rows), scores, evaluator.costs, seed, score)
+    report = RankingReport.compute(result["supernet_score"], result["standalone_acc"])
     result = {**result, "archs": archs, **asdict(report), "epochs": epochs, "repeats": repeats, "seed": seed,
               "supernet": str(supernet_dir.resolve())}
     write_ranking(out, result, f"{report.n} subnets over FLOPs, {epochs} epochs standalone x {repeats}",
@@ -268,36 +270,41 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
              "eval_images": search.eval_images, "precision": search.precision}
     scores_file = out / "scores.json"
     saved = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
-    scores: dict[str, float] = saved.get("scores", {}) if saved.get("setup") == setup else {}
+    scores: dict[str, tuple[float, float]] = saved.get("scores", {}) if saved.get("setup") == setup else {}  # acc, loss
     started = time.perf_counter()
     for i, key in enumerate(keys):
         if key not in scores:
-            scores[key] = evaluator.evaluate(bench.arch(key))[0].accuracy
+            evaluation = evaluator.evaluate(bench.arch(key))[0]
+            scores[key] = (evaluation.accuracy, evaluation.loss)
             if progress is not None:
-                progress(f"{i + 1}/{len(keys)} {key}: supernet {scores[key]:.4f}, table {bench.rows[key].mean_acc:.4f}")
+                progress(f"{i + 1}/{len(keys)} {key}: supernet {evaluation.accuracy:.4f} (loss {evaluation.loss:.4f}), "
+                         f"table {bench.rows[key].mean_acc:.4f}")
             if len(scores) % 10 == 0:
                 atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
     atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
-    result = {**ranking_result(bench, keys, scores, evaluator.costs, seed), **setup, "sample_seed": seed,
+    result = {**ranking_result(bench, keys, scores, evaluator.costs, seed, search.score), **setup, "sample_seed": seed,
               "score_seconds": time.perf_counter() - started}
     return write_ranking(out, result, f"{len(keys)} architectures of {bench.path.name}",
                          "table accuracy (mean of its seeds)")
 
 
-def ranking_result(bench: BenchmarkTable, keys: list[str], scores: Mapping[str, float], costs: CostTable,
-                   seed: int) -> dict[str, Any]:
-    """The supernet's scores of `keys` against the table, beside FLOPs, parameters and the seed-to-seed ceiling.
+def ranking_result(bench: BenchmarkTable, keys: list[str], scores: Mapping[str, tuple[float, float]],
+                   costs: CostTable, seed: int, score: str) -> dict[str, Any]:
+    """The supernet's ranking of `keys` (by `score`, from each key's (accuracy, loss)) against the table's, beside
+    FLOPs, parameters and the seed-to-seed ceiling.
 
     Also the supernet's lead over FLOPs in tau with its paired-bootstrap standard error, the
     verdict sentence, the noise floor, and how our FLOPs and parameter counts match the table's.
     """
     rows = [bench.rows[key] for key in keys]
-    truth, supernet, flops = [row.mean_acc for row in rows], [scores[key] for key in keys], [row.flops for row in rows]
+    truth, flops = [row.mean_acc for row in rows], [row.flops for row in rows]
+    supernet = [scores[key][0] if score == "accuracy" else -scores[key][1] for key in keys]  # what it ranks by
     rankers = compare_rankers(truth, {"supernet": supernet, "FLOPs": flops, "parameters": [row.params for row in rows]},
                               np.array([row.seed_accs for row in rows]))
     difference, se = tau_difference(supernet, flops, truth, seed=seed)
     return {
-        "table": str(bench.path), "space_keys": bench.keys, "n": len(keys), "keys": keys, "supernet_acc": supernet,
+        "table": str(bench.path), "space_keys": bench.keys, "n": len(keys), "keys": keys, "score": score,
+        "supernet_acc": [scores[key][0] for key in keys], "supernet_score": supernet,
         "standalone_acc": truth, "standalone_seed_acc": [list(row.seed_accs) for row in rows], "flops": flops,
         "params": [row.params for row in rows], "rankers": [asdict(r) for r in rankers],
         "tau_vs_flops": {"difference": difference, "se": se}, "null_tau_sd": null_tau_sd(len(keys)),
@@ -310,7 +317,8 @@ def write_ranking(out: Path, result: dict[str, Any], title: str, ylabel: str) ->
     """ranking.json and the scatter plot ranking.png; the result as written (NaN as null)."""
     result = _nan_as_null(result)
     atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
-    scatter_plot(result["supernet_acc"], result["standalone_acc"], out / "ranking.png", ylabel=ylabel, title=title)
+    scatter_plot(result["supernet_score"], result["standalone_acc"], out / "ranking.png", ylabel=ylabel, title=title,
+                 xlabel="supernet accuracy" if result["score"] == "accuracy" else "supernet score (-loss)")
     return result
 
 

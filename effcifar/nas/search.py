@@ -58,7 +58,8 @@ from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_
 from effcifar.studies import OnTrial, StorageConfig, open_storage, run_trials, start_workers
 from effcifar.train import PRECISIONS, device_loaders, resolve_device, resolve_precision
 
-RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")
+RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")  # of every result ("loss" since scoring by it)
+SCORES = {"accuracy": "accuracy", "loss": "neg_loss"}  # what a candidate is judged by -> the maximised trial attribute
 COSTS = {"flops": "flops", "latency": "latency_ms"}  # nsga2's cost objective -> the trial attribute
 SETUP_ATTR = "search:setup"
 
@@ -81,6 +82,7 @@ class SearchConfig(StorageConfig):
     latency_batch: int = 1  # images per timed forward (1: one image at a time, as deployed)
     bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
     eval_images: int = 0  # score each candidate on this many held-out images, a seeded random sample (0: all)
+    score: str = "accuracy"  # judge candidates by held-out accuracy, or by (negative) mean cross-entropy: see SCORES
     workers: int = execution(1)  # search processes on this machine
     seed: int | None = 0  # sampler seed (worker i uses seed + i)
     top_k_export: int = 5  # architectures written to arch/top_{i}.json
@@ -113,6 +115,8 @@ class SearchConfig(StorageConfig):
         super().validate()
         if self.precision not in PRECISIONS:
             raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        if self.score not in SCORES:
+            raise field_error("score", f"one of {', '.join(SCORES)}", self.score)
         if self.cost not in COSTS:
             raise field_error("cost", f"one of {', '.join(COSTS)}", self.cost)
         if self.cost != "flops" and self.strategy != "nsga2":
@@ -120,7 +124,7 @@ class SearchConfig(StorageConfig):
 
     def objectives(self) -> tuple[str, ...]:
         """What the study optimises: accuracy, and for nsga2 the cost (trial attributes flops or latency_ms)."""
-        return ("accuracy", COSTS[self.cost]) if self.strategy == "nsga2" else ("accuracy",)
+        return (SCORES[self.score], COSTS[self.cost]) if self.strategy == "nsga2" else (SCORES[self.score],)
 
     def needs_latency(self) -> bool:
         """Whether the search measures a latency table: a latency limit or the latency objective."""
@@ -136,10 +140,19 @@ class Evaluation:
     top5: float
     flops: int
     params: int
+    loss: float | None = None  # mean cross-entropy there (None in results recorded before it was)
+
+    @property
+    def neg_loss(self) -> float | None:
+        return None if self.loss is None else -self.loss
 
     def attrs(self) -> dict[str, Any]:
         """The trial user attributes that persist this result (and the cache)."""
-        return {name: getattr(self, name) for name in RESULT_ATTRS}
+        return {name: getattr(self, name) for name in (*RESULT_ATTRS, "loss", "neg_loss")}
+
+    def score(self, name: str) -> float:
+        """The figure `name` (see SCORES) judges by."""
+        return getattr(self, SCORES[name])
 
 
 class CandidateEvaluator:
@@ -225,7 +238,7 @@ class CandidateEvaluator:
         """Add the results recorded by finished trials (earlier runs, other workers) to the cache."""
         for t in trials:
             if t.state == TrialState.COMPLETE and all(name in t.user_attrs for name in RESULT_ATTRS):
-                result = Evaluation(**{name: t.user_attrs[name] for name in RESULT_ATTRS})
+                result = Evaluation(**{name: t.user_attrs[name] for name in RESULT_ATTRS}, loss=t.user_attrs.get("loss"))
                 self.cache.setdefault(result.arch_key, result)
 
     def evaluate(self, arch: Mapping[str, str]) -> tuple[Evaluation, bool]:
@@ -236,9 +249,9 @@ class CandidateEvaluator:
         key = self.key(arch)
         if key in self.cache:
             return self.cache[key], True
-        top1, top5 = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast, self.bn_eval)
+        top1, top5, loss = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast, self.bn_eval)
         self.evaluated.append(arch)
-        result = Evaluation(key, top1, top5, self.costs.flops_of(arch), self.costs.params_of(arch))
+        result = Evaluation(key, top1, top5, self.costs.flops_of(arch), self.costs.params_of(arch), loss)
         self.cache[key] = result
         return result, False
 
@@ -369,16 +382,18 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
 def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[str, Any]]]:
     """(first trial, record) per distinct canonical architecture of the complete trials.
 
-    Best top-1 first, then top-5, then fewest FLOPs.
+    Best by the study's first objective (the score: accuracy or -loss) first, then top-5, then fewest FLOPs.
     """
     best: dict[str, tuple[FrozenTrial, dict[str, Any]]] = {}
     for t in sorted(trials, key=lambda t: t.number):
         if t.state != TrialState.COMPLETE or not all(name in t.user_attrs for name in RESULT_ATTRS):
             continue
         record = {"arch": dict(t.params), **{name: t.user_attrs[name] for name in RESULT_ATTRS if name != "arch_key"}}
+        if "loss" in t.user_attrs:
+            record["loss"] = t.user_attrs["loss"]
         best.setdefault(t.user_attrs["arch_key"], (t, record))
     return sorted(best.values(),
-                  key=lambda pair: (-pair[1]["accuracy"], -pair[1]["top5"], pair[1]["flops"], pair[0].number))
+                  key=lambda pair: (-pair[0].values[0], -pair[1]["top5"], pair[1]["flops"], pair[0].number))
 
 
 def top_records(study: optuna.Study, k: int, latency: LatencyTable | None = None) -> list[dict[str, Any]]:

@@ -29,12 +29,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_reduce
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
@@ -284,20 +285,30 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], autocast: Call
     model.eval()
 
 
+class SubnetScore(NamedTuple):
+    """A judged subnet's held-out top-1 and top-5 accuracy and mean cross-entropy."""
+
+    top1: float
+    top5: float
+    loss: float
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DeviceLoader, autocast: Callable[[], Any]) -> tuple[float, float]:
-    """(top-1, top-5) accuracy of the model as it is (eval mode)."""
+def accuracy(model: nn.Module, loader: DeviceLoader, autocast: Callable[[], Any]) -> SubnetScore:
+    """Top-1, top-5 and mean cross-entropy of the model as it is (eval mode)."""
     model.eval()
     top1 = torch.zeros((), dtype=torch.long, device=loader.labels.device)
     top5 = torch.zeros((), dtype=torch.long, device=loader.labels.device)
+    loss = torch.zeros((), dtype=torch.float64, device=loader.labels.device)
     with autocast():
         for x, y in loader:
             logits = model(x)
             best = logits.topk(min(5, logits.shape[1]), dim=1).indices
             top1 += (best[:, 0] == y).sum()
             top5 += (best == y[:, None]).any(1).sum()
+            loss += F.cross_entropy(logits.float(), y, reduction="sum")
     n = len(loader.labels)
-    return top1.item() / n, top5.item() / n
+    return SubnetScore(top1.item() / n, top5.item() / n, loss.item() / n)
 
 
 @contextlib.contextmanager
@@ -320,8 +331,8 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
 
 
 def evaluate_subnet(net: Supernet | FewShotSupernet, arch: Arch, bn_batches: list[torch.Tensor], loader: DeviceLoader,
-                    autocast: Callable[[], Any], bn_eval: str = "recalibrate") -> tuple[float, float]:
-    """(top-1, top-5) of one path: select it, then recalibrate BN (or use batch statistics, see BN_EVALS), evaluate."""
+                    autocast: Callable[[], Any], bn_eval: str = "recalibrate") -> SubnetScore:
+    """One path's held-out figures: select it, then recalibrate BN (or use batch statistics, see BN_EVALS), evaluate."""
     net.set_arch(arch)
     model = net.active_network()  # a few-shot run recalibrates only the sub-supernet the path runs in
     if bn_eval == "batch":
