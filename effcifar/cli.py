@@ -567,29 +567,8 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The effcifar command and its subcommands.
-
-    With `command`, only that subcommand gets the options that need a study module, so that
-    `effcifar train` and `--help` import neither Optuna nor SQLAlchemy.
-    """
-    parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="one training run (the cifar10-fast ResNet-9 recipe by default)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="YAML or JSON file of TrainConfig fields (e.g. a run's config.yaml or best.json)")
-    p.add_argument("--out", help="run directory (default: runs/<dataset>-<time>)")
-    p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
-    add_config_options(p, TrainConfig)
-    p.set_defaults(handler=run_train)
-
-    p = sub.add_parser("data", help="download, describe or verify a dataset")
-    p.add_argument("action", choices=["download", "info", "verify"])
-    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 (info also: synthetic, synthetic100)")
-    p.add_argument("--data-dir", help="folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar")
-    p.set_defaults(handler=run_data)
-
+def add_hpo_parser(sub: Any) -> None:
+    """effcifar hpo run|status|best|export."""
     hpo = sub.add_parser("hpo", help="hyper-parameter search (Optuna study; NNI search spaces and configs)")
     hpo_sub = hpo.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = hpo_sub.add_parser("run", help="run or resume a study (the same command again resumes)")
@@ -620,14 +599,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--tie", type=float, help="override the study's tie rule (percentage points)")
     hpo.set_defaults(handler=run_hpo)
 
-    p = sub.add_parser("dashboard", help="browse a study's trials in Optuna's web dashboard",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run", help="the study's run directory, e.g. runs/hpo1")
-    p.add_argument("--port", type=int, default=8080, help="port to listen on")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; 0.0.0.0 exposes the dashboard (which can edit the study) to the network")
-    p.add_argument("--storage", help="the study's database URL, if it used one (default: as saved, without password)")
-    p.set_defaults(handler=run_dashboard)
+
+def add_nas_parsers(sub: Any, command: str | None) -> None:
+    """effcifar supernet train|space and effcifar search (its options only when `command` is search or None)."""
     supernet_parser = sub.add_parser("supernet", help="one-shot architecture search: the SPOS supernet")
     supernet_sub = supernet_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = supernet_sub.add_parser("train", help="train a supernet (SPOS); --resume continues a stopped run",
@@ -654,22 +628,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_config_options(p, SearchConfig)
     p.set_defaults(handler=run_search)
-    p = sub.add_parser("pipeline", help="the whole series: baseline, HPO, supernet, search, retrain, report (resumable)")
-    p.add_argument("--preset", default="quick", choices=["quick", "full"],
-                   help="quick: about 10 minutes on a 2-core CPU; full: the seed's scale, for GPUs (default: quick)")
-    p.add_argument("--config", help="YAML/JSON file over the preset (same layout: top-level fields and stage sections)")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="override one value, e.g. --set search.evaluations=100 --set subset=0 (repeatable)")
-    p.add_argument("--dataset", help="cifar100 (the presets' default), cifar10, synthetic, ...")
-    p.add_argument("--data-dir", help="folder or file of the dataset (default $EFFCIFAR_DATA, then ~/.cache/effcifar)")
-    p.add_argument("--out", help="pipeline directory (default: runs/pipeline-PRESET-DATASET); the same command resumes")
-    p.add_argument("--quiet", action="store_true", help="plain log lines, no live view")
-    p.add_argument("--show-config", action="store_true", help="print every resolved setting as YAML and exit")
-    p.set_defaults(handler=run_pipeline_command)
-    p = sub.add_parser("report", help="HTML report with plots of a run or pipeline directory")
-    p.add_argument("run", help="a run or pipeline directory, e.g. runs/NAME")
-    p.add_argument("--out", help="where report.html and its PNGs go (default: RUN/report)")
-    p.set_defaults(handler=run_report)
+
+
+def add_retrain_parsers(sub: Any) -> None:
+    """effcifar retrain and effcifar nas-eval: standalone training of architectures over a supernet run."""
     for name, text, run, run_help, count, count_help, written, handler in (
         ("retrain", "train the top K architectures of a search from scratch", "search",
          "a search run directory, e.g. runs/search1", "--top", "retrain arch/top_0.json .. top_{K-1}.json",
@@ -698,6 +660,59 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--bn-batches", type=int, help="with --table: BN recalibration batches (default: the supernet run's)")
     p.add_argument("--eval-images", type=int, default=0,
                    help="with --table: score on this many held-out images, a seeded random sample (0: all)")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The effcifar command and its subcommands.
+
+    With `command`, only that subcommand gets the options that need a study module, so that
+    `effcifar train` and `--help` import neither Optuna nor SQLAlchemy.
+    """
+    parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="one training run (the cifar10-fast ResNet-9 recipe by default)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML or JSON file of TrainConfig fields (e.g. a run's config.yaml or best.json)")
+    p.add_argument("--out", help="run directory (default: runs/<dataset>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
+    add_config_options(p, TrainConfig)
+    p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("data", help="download, describe or verify a dataset")
+    p.add_argument("action", choices=["download", "info", "verify"])
+    p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 (info also: synthetic, synthetic100)")
+    p.add_argument("--data-dir", help="folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar")
+    p.set_defaults(handler=run_data)
+
+    add_hpo_parser(sub)
+
+    p = sub.add_parser("dashboard", help="browse a study's trials in Optuna's web dashboard",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="the study's run directory, e.g. runs/hpo1")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 exposes the dashboard (which can edit the study) to the network")
+    p.add_argument("--storage", help="the study's database URL, if it used one (default: as saved, without password)")
+    p.set_defaults(handler=run_dashboard)
+    add_nas_parsers(sub, command)
+    p = sub.add_parser("pipeline", help="the whole series: baseline, HPO, supernet, search, retrain, report (resumable)")
+    p.add_argument("--preset", default="quick", choices=["quick", "full"],
+                   help="quick: about 10 minutes on a 2-core CPU; full: the seed's scale, for GPUs (default: quick)")
+    p.add_argument("--config", help="YAML/JSON file over the preset (same layout: top-level fields and stage sections)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override one value, e.g. --set search.evaluations=100 --set subset=0 (repeatable)")
+    p.add_argument("--dataset", help="cifar100 (the presets' default), cifar10, synthetic, ...")
+    p.add_argument("--data-dir", help="folder or file of the dataset (default $EFFCIFAR_DATA, then ~/.cache/effcifar)")
+    p.add_argument("--out", help="pipeline directory (default: runs/pipeline-PRESET-DATASET); the same command resumes")
+    p.add_argument("--quiet", action="store_true", help="plain log lines, no live view")
+    p.add_argument("--show-config", action="store_true", help="print every resolved setting as YAML and exit")
+    p.set_defaults(handler=run_pipeline_command)
+    p = sub.add_parser("report", help="HTML report with plots of a run or pipeline directory")
+    p.add_argument("run", help="a run or pipeline directory, e.g. runs/NAME")
+    p.add_argument("--out", help="where report.html and its PNGs go (default: RUN/report)")
+    p.set_defaults(handler=run_report)
+    add_retrain_parsers(sub)
     return parser
 
 

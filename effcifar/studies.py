@@ -60,6 +60,16 @@ class StorageConfig:
         return self if self.storage is None else dataclasses.replace(self, storage=redact_url(self.storage))
 
 
+def check_setup(study: optuna.Study, attr: str, setup: str, refusal: str) -> None:
+    """Refuse (ConfigError `refusal`) a study whose results were recorded under another setup; record a new one's.
+
+    `setup` is the `effcifar.config.fingerprint` of what the trials' results mean.
+    """
+    if study.user_attrs.get(attr, setup) != setup:
+        raise ConfigError(refusal)
+    study.set_user_attr(attr, setup)
+
+
 def redact_url(url: str) -> str:
     """A database URL without its password, safe to print, log or save."""
     try:

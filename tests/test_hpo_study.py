@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from effcifar.config import build_config
+from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, load_run, open_study, run_study, select_best, write_best
 from effcifar.train import TrainConfig
 
@@ -56,6 +57,11 @@ def test_budget_counts_across_restarts_and_seed_reproduces(tmp_path, files):
     run_study(cfg, tmp_path / "b")
     params = lambda run: [t.params for t in load_run(run)[1].get_trials()[:2]]  # noqa: E731
     assert params(tmp_path / "a") == params(tmp_path / "b")
+    other_base = tmp_path / "other_base.json"
+    other_base.write_text(json.dumps({**json.loads(base.read_text()), "label_smoothing": 0.1}))
+    with pytest.raises(ConfigError, match="another search space, base config or objective"):
+        run_study(HpoConfig(**{**cfg.__dict__, "base": str(other_base), "trials": 4}), tmp_path / "a")
+    assert len(states(tmp_path / "a")) == 3
 
 
 def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files):

@@ -17,11 +17,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "effcifar"
 LAYERS = [
     ["effcifar", "effcifar.errors", "effcifar.atomic", "effcifar.config", "effcifar.data", "effcifar.models",
      "effcifar.train", "effcifar.airbench"],
-    ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.latency", "effcifar.nas.ranking"],
+    ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking"],
     ["effcifar.studies"],
     ["effcifar.hpo", "effcifar.hpo.space", "effcifar.hpo.experiment", "effcifar.hpo.study",
      "effcifar.nas.samplers", "effcifar.nas.supernet", "effcifar.nas.search", "effcifar.nas.retrain"],
-    ["effcifar.pipeline", "effcifar.report", "effcifar.dashboard"],
+    ["effcifar.pipeline", "effcifar.pipeline.plan", "effcifar.pipeline.stages", "effcifar.report", "effcifar.dashboard"],
     ["effcifar.cli", "effcifar.__main__"],
 ]
 

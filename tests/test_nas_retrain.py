@@ -118,7 +118,10 @@ def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
         record = json.loads((search_dir / "arch" / f"top_{i}.json").read_text())
         assert row["trial"] == record["trial"] and row["supernet_acc"] == record["accuracy"]
         assert row["params"] == record["params"] and row["flops"] == record["flops"]
-        assert 0 <= row["standalone_holdout_acc"] <= 1 and 0 <= row["standalone_test_acc"] <= 1
+        summary = json.loads((tmp_path / "retrain" / f"top_{i}" / "summary.json").read_text())
+        assert summary["dataset"]["valid_split"] == "holdout"  # held-out images for the holdout column, test for test
+        assert (row["standalone_holdout_acc"], row["standalone_test_acc"]) == (summary["final_valid_acc"],
+                                                                               summary["test_acc"])
     # Re-running trains nothing; another config is refused rather than mixed in.
     monkeypatch.setattr(retrain_lib, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
     assert retrain_top(search_dir, 2, tmp_path / "retrain", base) == rows

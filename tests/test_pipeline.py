@@ -102,7 +102,8 @@ def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet(
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"search.evalutions": "3"}, "command line: field 'search.evalutions': unknown (known: strategy"),
+    ({"search.evalutions": "3"}, "command line: field 'search.evalutions': unknown (known: storage, heartbeat, study, "
+                                 "strategy, evaluations"),
     ({"search.evaluations": "0"}, "command line, section search: field 'evaluations': expected a positive integer, got 0"),
     ({"train.total_epoch": "x"}, "command line: field 'train.total_epoch': expected a value of type int, got 'x'"),
     ({"train.subset": "3"}, "field 'train.subset': set 'subset' at the top level"),
@@ -167,7 +168,10 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
         marker = json.loads((out / stage / "stage.json").read_text())
         assert marker["stage"] == stage and marker["finished"] and marker["seconds"] > 0
     assert [row[0] for row in accuracies(out)] == ["baseline", "hpo", "nas"]
-    assert all(0 < row[1] <= 1 for row in accuracies(out))
+    runs = {"baseline": "baseline", "hpo": "hpo_best", "nas": "retrain/top_0"}  # results.json: what each run measured
+    for name, test_acc, params, _, run in accuracies(out):
+        summary = json.loads((out / runs[name] / "summary.json").read_text())
+        assert (test_acc, params, run) == (summary["test_acc"], summary["params"], runs[name])
     assert (out / "search" / "architecture_final.json").is_file() and (out / "nas_eval" / "ranking.png").is_file()
     assert (out / "retrain" / "retrain.json").is_file() and (out / "hpo" / "best.json").is_file()
     # final runs test on the test set; the searches select on held-out training images

@@ -26,15 +26,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, execution, field_error, field_types, save_config
+from effcifar.config import (
+    build_config, execution, field_error, field_types, fingerprint, read_config_file, result_values, save_config,
+)
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.hpo.experiment import SAMPLERS
 from effcifar.hpo.space import SearchSpace
-from effcifar.studies import OnTrial, StorageConfig, fail_lost_trials, open_storage, run_trials, start_workers
+from effcifar.studies import OnTrial, StorageConfig, check_setup, fail_lost_trials, open_storage, run_trials, start_workers
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 PRUNERS = ("median", "hyperband", "none")
+SETUP_ATTR = "hpo:setup"
 OBJECTIVES = ("acc", "acc,time")
 
 
@@ -81,6 +84,16 @@ def trial_config(config: HpoConfig, values: dict[str, Any], number: int) -> Trai
     overrides = {"dataset": config.dataset} if config.dataset else {}
     overrides.update(values)
     return build_config(TrainConfig, config.base, overrides, override_source=f"trial {number}")
+
+
+def setup_fingerprint(config: HpoConfig) -> str:
+    """What the recorded results mean: the search space, the trials' base config and the objective.
+
+    The budget, sampler, pruner and seed only decide which trials run, so they may change on resume.
+    """
+    space = read_config_file(config.space)  # type: ignore[arg-type]
+    return fingerprint({"space": space, "base": result_values(trial_config(config, {}, 0)),
+                        "objective": config.objective})
 
 
 def open_study(config: HpoConfig, run_dir: Path, worker: int = 0) -> optuna.Study:
@@ -184,6 +197,9 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
         if created:
             shutil.rmtree(run_dir)
         raise
+    check_setup(study, SETUP_ATTR, setup_fingerprint(config),
+                f"{run_dir}: the study was made with another search space, base config or objective; "
+                f"resume with the same ones or choose another --out")
     save_config(config.without_password(), run_dir / "hpo.yaml")  # never the database password
     fail_lost_trials(study, config)
     deadline = time.time() + config.timeout if config.timeout else None

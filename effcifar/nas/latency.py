@@ -90,7 +90,13 @@ class Target:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def median_ms(self, forward: Callable[[], Any], repeats: int, warmup: int) -> float:
-        """Median wall time of one call in milliseconds, after warm-up, without gradients, under autocast."""
+        """Median wall time of one call in milliseconds, after warm-up, without gradients, under autocast.
+
+        Our own loop, not torch.utils.benchmark.Timer: the table's figures are medians of single
+        calls after a fixed warm-up; Timer.timeit adds warm-up runs to every measurement and
+        blocked_autorange times blocks of calls until a minimum run time, which would change what
+        the table (and docs/benchmarks.md) measure, and Timer runs on one thread unless told.
+        """
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         times = []

@@ -55,7 +55,7 @@ from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, Laten
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
-from effcifar.studies import OnTrial, StorageConfig, open_storage, run_trials, start_workers
+from effcifar.studies import OnTrial, StorageConfig, check_setup, open_storage, run_trials, start_workers
 from effcifar.train import PRECISIONS, device_loaders, resolve_device, resolve_precision
 
 RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")  # of every result ("loss" since scoring by it)
@@ -301,11 +301,9 @@ def open_search_study(config: SearchConfig, supernet_dir: Path, out_dir: Path, s
                                 directions=directions, load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise ConfigError(f"{out_dir}: the study was made with other objectives; use its own strategy or a new --out")
-    fingerprint = setup_fingerprint(config, supernet_dir)
-    if study.user_attrs.get(SETUP_ATTR, fingerprint) != fingerprint:
-        raise ConfigError(f"{out_dir}: the study was made for another supernet run or evaluation setup "
-                          f"(bn_batches, precision); resume with the same ones or choose another --out")
-    study.set_user_attr(SETUP_ATTR, fingerprint)
+    check_setup(study, SETUP_ATTR, setup_fingerprint(config, supernet_dir),
+                f"{out_dir}: the study was made for another supernet run or evaluation setup "
+                f"(bn_batches, precision); resume with the same ones or choose another --out")
     return study
 
 

@@ -1,0 +1,286 @@
+"""The pipeline's settings: a preset, a user file and `SECTION.FIELD=VALUE` overrides, resolved once.
+
+`load_pipeline_config` merges the layers, checking every name and type (errors name the source
+and the dotted field), and builds every stage's config once into a `Plan`; the configs that wait
+for the HPO best are built by `PipelineConfig.final_config`, `supernet_config` and `retrain_base`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from effcifar.config import build_from_layers, coerce_value, field_types, read_config_file
+from effcifar.errors import ConfigError
+from effcifar.train import TrainConfig
+
+C = TypeVar("C")
+PRESETS = ("quick", "full")
+COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "device", "precision", "threads")
+STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "retrain", "nas_eval")
+WIDTHS = ("prep", "layer1", "layer2", "layer3")
+
+
+def _stage_classes() -> dict[str, type]:
+    """The config class whose fields each section holds (imported late: optuna loads with hpo and search)."""
+    from effcifar.hpo.study import HpoConfig
+    from effcifar.nas.search import SearchConfig
+    from effcifar.nas.supernet import SupernetConfig
+
+    return {"train": TrainConfig, "hpo": HpoConfig, "supernet": SupernetConfig, "search": SearchConfig,
+            "retrain": TrainConfig, "nas_eval": TrainConfig}
+
+
+# Section fields the pipeline sets itself (from the top level or from earlier stages).
+RESERVED = {"train": {"arch", "space"}, "hpo": {"base", "dataset"}, "supernet": {"hparams"}, "search": set(),
+            "retrain": {"arch", "space"}, "nas_eval": {"arch", "space", "total_epoch"}}
+# Section fields that are not fields of the section's class: name -> type.
+EXTRA_FIELDS: dict[str, dict[str, Any]] = {"retrain": {"top": int}, "nas_eval": {"sample": int, "epochs": int},
+                                           "hpo": {"space": dict, "trial": dict}}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The stage configs that wait for no earlier stage's results, resolved from presets, files and --set once."""
+
+    baseline: TrainConfig  # also what the final runs start from
+    trial_base: TrainConfig  # what every HPO trial starts from
+    hpo: Any  # HpoConfig; its space and base are written into the stage's directory
+    search: Any  # SearchConfig
+    retrain_top: int
+    nas_eval_sample: int
+    nas_eval_epochs: int
+    nas_eval_overrides: dict[str, Any]  # TrainConfig fields over the HPO best
+
+
+@dataclass
+class PipelineConfig:
+    """One pipeline: the fields every stage shares, then one section of each stage's own config fields.
+
+    `sources` says where each value came from (preset file, user file, command line), for errors.
+    """
+
+    preset: str = "quick"
+    dataset: str = "cifar100"
+    data_dir: str | None = None
+    subset: int = 0  # training images used by every stage (0: all)
+    holdout: int = 5000  # of those, held out for the searches' validation
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig: the baseline and every final run
+    hpo: dict[str, Any] = field(default_factory=dict)  # HpoConfig + space (NNI) + trial (TrainConfig for trials)
+    supernet: dict[str, Any] = field(default_factory=dict)  # SupernetConfig
+    search: dict[str, Any] = field(default_factory=dict)  # SearchConfig
+    retrain: dict[str, Any] = field(default_factory=dict)  # top + TrainConfig over the HPO best
+    nas_eval: dict[str, Any] = field(default_factory=dict)  # sample, epochs + TrainConfig
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting as plain data (what pipeline.yaml holds; loadable as a --config file)."""
+        values = dataclasses.asdict(self)
+        del values["sources"], values["preset"]
+        return values
+
+    # ---- the stage configs -----------------------------------------------------------------
+
+    def _layers(self, section: str | None, keys: set[str], extra: list[tuple[str, Mapping[str, Any]]] = ()
+                ) -> list[tuple[str, dict[str, Any], bool]]:
+        """Layers for build_from_layers: common values, then `extra` (source, values), then the section's."""
+        layers: dict[str, dict[str, Any]] = {}
+        for name in COMMON:
+            if name in keys:
+                layers.setdefault(self.sources.get(name, "default pipeline config"), {})[name] = getattr(self, name)
+        for source, values in extra:
+            for name, value in values.items():
+                if name in keys:
+                    layers.setdefault(source, {})[name] = value
+        if section is not None:
+            for name, value in getattr(self, section).items():
+                if name in keys and name not in EXTRA_FIELDS.get(section, {}):  # hpo.space is the mapping, not the file
+                    source = self.sources.get(f"{section}.{name}", "pipeline config")
+                    layers.setdefault(f"{source}, section {section}", {})[name] = value
+        return [(source, values, False) for source, values in layers.items()]
+
+    def _build(self, cls: type[C], section: str | None, extra: list[tuple[str, Mapping[str, Any]]] = (),
+               last: Mapping[str, Any] | None = None) -> C:
+        """A stage config: common < extra < section < `last` (values the pipeline fixes)."""
+        keys = set(field_types(cls))
+        layers = self._layers(section, keys, extra)
+        if last:
+            layers.append(("pipeline", dict(last), False))
+        return build_from_layers(cls, layers)
+
+    def baseline_config(self) -> TrainConfig:
+        """The recipe at the `train` budget, on all `subset` images, validated on the test set."""
+        return self._build(TrainConfig, "train", last={"holdout": 0})
+
+    def trial_base(self) -> TrainConfig:
+        """What every HPO trial starts from: the baseline with `hpo.trial` over it, validated on held-out images."""
+        layers = self._layers("train", set(field_types(TrainConfig)))
+        layers.append((f"{self.sources.get('hpo.trial', 'pipeline config')}, section hpo.trial", self.hpo.get("trial", {}), False))
+        return build_from_layers(TrainConfig, [*layers, ("pipeline", {"holdout": self.holdout}, False)])
+
+    def final_config(self, best: Mapping[str, Any], best_source: str) -> TrainConfig:
+        """The HPO best at the `train` budget: the fields `hpo.trial` shortened go back to the baseline's."""
+        baseline = dataclasses.asdict(self.baseline_config())
+        restored = {k: baseline[k] for k in self.hpo.get("trial", {})}
+        best = {k: v for k, v in best.items() if k not in COMMON}  # the current top-level values win
+        return self._build(TrainConfig, None, extra=[(best_source, best), ("train (undoing hpo.trial)", restored)],
+                           last={"holdout": 0})
+
+    def supernet_config(self, best: Mapping[str, Any], best_source: str) -> Any:
+        """The supernet run: the HPO best's widths, LR, weight decay and augmentation < the `supernet` section."""
+        from effcifar.nas.supernet import HPARAM_FIELDS, SupernetConfig
+
+        hparams = {k: best[k] for k in HPARAM_FIELDS if k in best and k not in COMMON}
+        layers = self._layers("supernet", set(field_types(SupernetConfig)))
+        return build_from_layers(SupernetConfig, [(best_source, hparams, False), *layers,
+                                                  ("pipeline", {"hparams": best_source}, False)])
+
+    def retrain_base(self, final: TrainConfig, supernet: Any) -> TrainConfig:
+        """Retraining: the HPO best at the final budget, in the supernet's widths, with `retrain` fields over it."""
+        values = dataclasses.asdict(final)
+        values.update({w: getattr(supernet, w) for w in WIDTHS})
+        values.update(logits_weight=supernet.logits_weight)
+        return self._build(TrainConfig, "retrain", extra=[("HPO best at the final budget", values)],
+                           last={"holdout": 0})
+
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """Every stage config that does not wait for an earlier stage's results, built and checked once.
+
+        The ones that do (HPO best at the final budget, supernet, retraining) are checked here with
+        the baseline standing in for the HPO best, so a bad value stops the run before anything trains.
+        """
+        baseline = self.baseline_config()
+        trial_base = self.trial_base()
+        from effcifar.hpo.space import SearchSpace
+
+        space = self.hpo.get("space")
+        if not space:
+            raise ConfigError(f"{self.sources.get('hpo', 'pipeline config')}: field 'hpo.space': expected an NNI "
+                              f"search space (a mapping of TrainConfig fields to {{_type, _value}}), got {space!r}")
+        SearchSpace.from_dict(space, self.sources.get("hpo.space", "hpo.space"), field_types(TrainConfig))
+        hpo = self._build(_stage_classes()["hpo"], "hpo", last={"space": "search_space.json", "base": "base.yaml"})
+        stand_in = dataclasses.asdict(baseline)  # the HPO best does not exist yet
+        final = self.final_config(stand_in, "baseline")
+        self.supernet_config(stand_in, "baseline")
+        search = self._build(_stage_classes()["search"], "search")
+        self.retrain_base(final, final)
+        for name, minimum in (("top", 1), ("sample", 0), ("epochs", 1)):
+            section = "retrain" if name == "top" else "nas_eval"
+            value = getattr(self, section).get(name, minimum)
+            if value < minimum:
+                raise ConfigError(f"{self.sources.get(f'{section}.{name}', 'pipeline config')}: field "
+                                  f"'{section}.{name}': expected an integer >= {minimum}, got {value!r}")
+        if self.nas_eval.get("sample", 0) == 1:
+            raise ConfigError(f"{self.sources.get('nas_eval.sample')}: field 'nas_eval.sample': expected 0 (skip) "
+                              f"or at least 2 subnets to rank, got 1")
+        names = set(field_types(TrainConfig))
+        return Plan(baseline, trial_base, hpo, search, self.retrain.get("top", 1), self.nas_eval.get("sample", 0),
+                    self.nas_eval.get("epochs", 1), {k: v for k, v in self.nas_eval.items() if k in names})
+
+
+def preset_file(preset: str) -> Path:
+    """The YAML file of a preset shipped with the package."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    return Path(str(resources.files("effcifar") / "presets" / f"{preset}.yaml"))
+
+
+def section_fields(section: str) -> dict[str, Any]:
+    """The fields a section may set, with their types."""
+    cls = _stage_classes()[section]
+    names = {k: v for k, v in field_types(cls).items() if k not in COMMON and k not in RESERVED[section]}
+    names.update(EXTRA_FIELDS.get(section, {}))
+    return names
+
+
+def _coerce(annotation: Any, value: Any, from_text: bool, source: str, path: str) -> Any:
+    """One checked value; errors name the source and the dotted field."""
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: field '{path}': expected a mapping, got {value!r}")
+        return value
+    try:
+        return coerce_value(annotation, value, from_text=from_text)
+    except ValueError as e:
+        raise ConfigError(f"{source}: field '{path}': expected {e}, got {value!r}") from None
+
+
+def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, layer: Mapping[str, Any],
+                from_text: bool) -> None:
+    """Put one layer (preset, file or command line) over `values`, checking every name and type."""
+    common_types = field_types(PipelineConfig)
+    sections = _stage_classes()
+    for key, value in layer.items():
+        if key in COMMON:
+            values[key] = _coerce(common_types[key], value, from_text, source, key)
+            sources[key] = source
+            continue
+        if key not in sections:
+            raise ConfigError(f"{source}: unknown field '{key}' (known: {', '.join([*COMMON, *sections])})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: field '{key}': expected a mapping of {key} fields, got {value!r}")
+        allowed = section_fields(key)
+        target = values.setdefault(key, {})
+        for name, item in value.items():
+            path = f"{key}.{name}"
+            if name in COMMON:
+                raise ConfigError(f"{source}: field '{path}': set '{name}' at the top level (every stage shares it)")
+            if name not in allowed:
+                reserved = name in RESERVED[key]
+                raise ConfigError(f"{source}: field '{path}': " + (
+                    "set by the pipeline itself" if reserved else f"unknown (known: {', '.join(allowed)})"))
+            if path == "hpo.trial":
+                item = _coerce(dict, item, from_text, source, path)
+                trial_types = field_types(TrainConfig)
+                merged = dict(target.get("trial", {}))
+                for k, v in item.items():
+                    if k not in trial_types or k in COMMON or k in RESERVED["train"]:
+                        raise ConfigError(f"{source}: field '{path}.{k}': expected a TrainConfig field other than "
+                                          f"{', '.join(sorted({*COMMON, *RESERVED['train']}))}")
+                    merged[k] = _coerce(trial_types[k], v, from_text, source, f"{path}.{k}")
+                target["trial"] = merged
+            elif path == "hpo.space" and from_text:
+                raise ConfigError(f"{source}: field 'hpo.space': set the search space in a --config file")
+            else:
+                target[name] = _coerce(allowed[name], item, from_text, source, path)
+            sources[path] = source
+
+
+def nest(overrides: Mapping[str, str]) -> dict[str, Any]:
+    """{"search.evaluations": "50", "hpo.trial.total_epoch": "2"} as nested mappings."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node[last] = value
+    return nested
+
+
+def load_pipeline_config(preset: str = "quick", file: str | Path | None = None,
+                         overrides: Mapping[str, str] | None = None) -> PipelineConfig:
+    """The preset's YAML < a user file < `overrides` ({"SECTION.FIELD": "text"}), every stage config checked."""
+    path = preset_file(preset)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    merge_layer(values, sources, f"preset {preset} ({path})", read_config_file(path), False)
+    if file is not None:
+        merge_layer(values, sources, str(file), read_config_file(file), False)
+    if overrides:
+        merge_layer(values, sources, "command line", nest(overrides), True)
+    config = PipelineConfig(preset=preset, **copy.deepcopy(values), sources=sources)
+    config.plan  # builds and checks every stage config
+    return config

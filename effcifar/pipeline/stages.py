@@ -1,0 +1,542 @@
+"""The pipeline's stages and the runner that marks, skips and resumes them (see `effcifar.pipeline`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import yaml
+
+from effcifar.atomic import atomic_write
+from effcifar.config import execution_fields, fingerprint, result_values, save_config
+from effcifar.errors import ConfigError
+from effcifar.pipeline.plan import STAGES, PipelineConfig
+from effcifar.train import EpochMetrics, TrainConfig, train
+
+S = TypeVar("S", bound="Stage")
+MARKER = "stage.json"
+RESULTS = "results.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class Monitor:
+    """What a pipeline tells its viewer; the methods do nothing here (the CLI draws them)."""
+
+    def stage_started(self, stage: str, number: int, resumed: bool, unit: str, total: int | None, done: int) -> None:
+        """A stage begins (or resumes with `done` of `total` units already finished)."""
+
+    def stage_skipped(self, stage: str, number: int, reason: str) -> None:
+        """A stage is not run: finished before, or switched off."""
+
+    def advance(self, done: int, total: int | None, best: str = "") -> None:
+        """Units of the current stage finished so far, and the best result so far."""
+
+    def line(self, text: str) -> None:
+        """A log line (an epoch, a trial)."""
+
+    def stage_finished(self, stage: str, seconds: float, summary: str) -> None:
+        """A stage is done."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage bookkeeping
+
+
+def now() -> str:
+    """The time in ISO format, UTC."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_marker(stage_dir: Path) -> dict[str, Any] | None:
+    """A stage's marker, or None if the stage never started."""
+    path = stage_dir / MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path}: not valid JSON (remove the stage directory to run the stage again)") from None
+    if not isinstance(marker, dict) or "fingerprint" not in marker:
+        raise ConfigError(f"{path}: not a pipeline stage marker")
+    return marker
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+@dataclass
+class StageRecord:
+    """A stage's marker: its directory, its settings and whether it finished."""
+
+    name: str
+    number: int
+    directory: Path
+    settings: dict[str, Any]
+    marker: dict[str, Any] | None
+
+    @property
+    def fingerprint(self) -> str:
+        """What later stages record of this one."""
+        return fingerprint(self.settings)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the stage completed with these settings."""
+        return self.marker is not None and self.marker.get("finished") is not None
+
+    def check(self) -> None:
+        """Refuse a stage that was started with other settings."""
+        if self.marker is not None and self.marker["fingerprint"] != self.fingerprint:
+            changed = differences(self.marker.get("settings", {}), self.settings)
+            raise ConfigError(f"{self.directory}: stage '{self.name}' was run with other settings "
+                              f"({', '.join(changed) or 'unknown'} differ); use the same settings to resume, "
+                              f"or another --out")
+
+    def start(self) -> None:
+        """Write the marker of a started stage."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        marker = {"stage": self.name, "fingerprint": self.fingerprint, "settings": self.settings,
+                  "started": (self.marker or {}).get("started", now()), "finished": None}
+        atomic_write(self.directory / MARKER, json.dumps(marker, indent=2, default=str) + "\n")
+        self.marker = marker
+
+    def finish(self, seconds: float) -> None:
+        """Write the completion marker."""
+        marker = {**(self.marker or {}), "finished": now(), "seconds": round(seconds, 3)}
+        atomic_write(self.directory / MARKER, json.dumps(marker, indent=2, default=str) + "\n")
+        self.marker = marker
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+class Stage:
+    """One stage of the series: its settings, the units it counts and `run`; `Pipeline.execute` marks it.
+
+    A stage takes its inputs in memory from the stages before it; `load()` rebuilds its own
+    outputs from its directory when it finished in an earlier call.
+    """
+
+    name = ""
+    unit = "runs"
+    after: tuple[str, ...] = ()  # the stages whose results it uses (their fingerprints are part of its own)
+    restarts = False  # cut short, it starts again from an empty directory (a training run keeps no checkpoint)
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline, self.monitor = pipeline, pipeline.monitor
+        self.directory = pipeline.out / self.name
+        self.done_before = 0  # set by Pipeline.execute from done()
+
+    def settings(self) -> dict[str, Any]:
+        """What the stage's results depend on (its fingerprint); execution fields are left out."""
+        raise NotImplementedError
+
+    def total(self) -> int | None:
+        """Units of the whole stage (None: counted as it runs)."""
+        return None
+
+    def done(self) -> int:
+        """Units that an unfinished stage completed before (asked only when it runs)."""
+        return 0
+
+    def skip_reason(self) -> str | None:
+        """Why the stage is switched off, if it is."""
+        return None
+
+    def run(self) -> str:
+        """Do the work (resuming what is there); return a one-line summary."""
+        raise NotImplementedError
+
+    def load(self) -> None:
+        """Read the outputs of a stage that finished before."""
+
+
+class TrainingStage(Stage):
+    """One training run (baseline, HPO best); `summary` is its summary.json."""
+
+    unit = "steps"
+    restarts = True
+
+    def __init__(self, pipeline: Pipeline, name: str, config: TrainConfig, after: tuple[str, ...] = ()):
+        self.name, self.config, self.after = name, config, after
+        super().__init__(pipeline)
+        self.summary: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return result_values(self.config)
+
+    def run(self) -> str:
+        best = 0.0
+
+        def on_epoch(m: EpochMetrics) -> None:
+            nonlocal best
+            best = max(best, m.valid_acc)
+            self.monitor.line(f"epoch {m.epoch}: train acc {m.train_acc:.2%}, valid acc {m.valid_acc:.2%}, "
+                              f"{m.total_time:.0f} s")
+
+        def on_step(done: int, total: int) -> None:
+            self.monitor.advance(done, total, f"valid {best:.2%}")
+
+        self.summary = train(self.config, self.directory, callbacks=[on_epoch], on_step=on_step,
+                             data=self.pipeline.dataset()).summary
+        return f"test acc {self.summary['test_acc']:.2%}, train time {self.summary['train_time']:.1f} s"
+
+    def load(self) -> None:
+        self.summary = json.loads((self.directory / "summary.json").read_text())
+
+    def result(self, name: str) -> dict[str, Any]:
+        """Its row of the final table."""
+        return result_row(name, self.summary, self.directory.relative_to(self.pipeline.out))
+
+
+class HpoStage(Stage):
+    """The HPO study; `best` holds the chosen trial's TrainConfig values, `best_file` their best.json."""
+
+    name, unit = "hpo", "trials"
+
+    def __init__(self, pipeline: Pipeline):
+        super().__init__(pipeline)
+        plan = pipeline.plan
+        self.base, self.space = plan.trial_base, pipeline.config.hpo["space"]
+        self.config = dataclasses.replace(plan.hpo, space=str(self.directory / "search_space.json"),
+                                          base=str(self.directory / "base.yaml"), study=pipeline.study_name("hpo"))
+        self.best_file = self.directory / "best.json"
+        self.best: dict[str, Any] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {"hpo": {k: v for k, v in result_values(self.config).items() if k not in ("space", "base")},
+                "space": self.space, "base": result_values(self.base)}
+
+    def total(self) -> int:
+        return self.config.trials
+
+    def done(self) -> int:
+        return trials_done(self.directory, self.config)
+
+    def run(self) -> str:
+        import optuna
+
+        from effcifar.hpo import study as hpo
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        atomic_write(self.directory / "search_space.json", json.dumps(self.space, indent=2) + "\n")
+        save_config(self.base, self.directory / "base.yaml")
+        done, best = self.done_before, 0.0
+
+        def on_trial(t: Any) -> None:
+            nonlocal done, best
+            done += 1
+            accuracy = t.user_attrs.get("accuracy")
+            if t.state.name == "COMPLETE" and accuracy is not None:
+                best = max(best, accuracy)
+            detail = f"valid acc {accuracy:.2%}" if accuracy is not None else t.user_attrs.get("fail_reason", "")
+            self.monitor.line(f"trial {t.number}: {t.state.name.lower()} {detail}")
+            self.monitor.advance(done, self.config.trials, f"best {best:.2%}")
+
+        hpo.run_study(self.config, self.directory, on_trial=on_trial)
+        _, chosen = hpo.write_best(self.directory, storage=self.config.storage)
+        self.best = chosen.user_attrs["config"]
+        return (f"best: trial {chosen.number}, valid acc {chosen.user_attrs['accuracy']:.2%}, "
+                f"train time {chosen.user_attrs['train_time']:.1f} s")
+
+    def load(self) -> None:
+        self.best = json.loads(self.best_file.read_text())
+
+
+class SupernetStage(Stage):
+    """The SPOS supernet with the HPO best's widths and learning rate; resumes from its checkpoints."""
+
+    name, unit, after = "supernet", "steps", ("hpo",)
+
+    def __init__(self, pipeline: Pipeline, hpo: HpoStage):
+        super().__init__(pipeline)
+        self.config = pipeline.config.supernet_config(hpo.best, str(hpo.best_file))
+
+    def settings(self) -> dict[str, Any]:
+        return result_values(self.config)
+
+    def run(self) -> str:
+        from effcifar.nas import supernet as supernet_lib
+
+        panel = ""
+
+        def on_step(epoch: int, step: int, steps: int) -> None:
+            self.monitor.advance((epoch - 1) * steps + step, steps * self.config.epochs, panel)
+
+        def on_epoch(row: dict[str, Any]) -> None:
+            nonlocal panel
+            panel = f"panel {row['valid_panel_mean']:.2%}" if "valid_panel_mean" in row else ""
+            self.monitor.line(f"epoch {row['epoch']}: train acc {row['train_acc']:.2%}, {panel}")
+
+        resume = bool(supernet_lib.checkpoint_files(self.directory))
+        result = supernet_lib.train_supernet(self.config, self.directory, resume=resume, data=self.pipeline.dataset(),
+                                             on_step=on_step, on_epoch=on_epoch, warn=self.monitor.line)
+        return "final panel: " + ", ".join(f"{k[6:]} {v:.2%}" for k, v in result.summary["final_panel"].items())
+
+
+class SearchStage(Stage):
+    """The architecture search over the supernet; arch/top_K.json."""
+
+    name, unit, after = "search", "evaluations", ("supernet",)
+
+    def __init__(self, pipeline: Pipeline, supernet: SupernetStage):
+        super().__init__(pipeline)
+        self.supernet_dir = supernet.directory
+        self.config = dataclasses.replace(pipeline.plan.search, study=pipeline.study_name("search"))
+
+    def settings(self) -> dict[str, Any]:
+        return result_values(self.config)
+
+    def total(self) -> int:
+        return self.config.evaluations
+
+    def done(self) -> int:
+        return trials_done(self.directory, self.config)
+
+    def run(self) -> str:
+        from effcifar.nas import search as search_lib
+
+        total = self.config.evaluations
+        best, done = 0.0, self.done_before
+
+        def on_trial(t: Any) -> None:
+            nonlocal best, done
+            done += 1
+            accuracy = t.user_attrs.get("accuracy")
+            if accuracy is not None:
+                best = max(best, accuracy)
+            self.monitor.advance(done, total, f"best {best:.2%}")
+            if done % self.config.population == 0 or done == total:
+                self.monitor.line(f"{done} of {total} evaluations: best held-out {best:.2%}")
+
+        study = search_lib.run_search(self.config, self.supernet_dir, self.directory, on_trial=on_trial)
+        top = search_lib.top_records(study, 1)[0]
+        return f"best held-out accuracy {top['accuracy']:.2%} ({top['flops'] / 1e6:,.1f} MFLOPs)"
+
+
+class RetrainStage(Stage):
+    """The search's top architectures from scratch with the HPO best's hyper-parameters; `rows` per architecture."""
+
+    name, after = "retrain", ("search", "hpo")
+
+    def __init__(self, pipeline: Pipeline, search: SearchStage, final: TrainConfig, supernet: SupernetStage):
+        super().__init__(pipeline)
+        self.search_dir, self.top = search.directory, pipeline.plan.retrain_top
+        self.base = pipeline.config.retrain_base(final, supernet.config)
+        self.rows: list[dict[str, Any]] = []
+
+    def settings(self) -> dict[str, Any]:
+        return {"top": self.top, "base": result_values(self.base)}
+
+    def total(self) -> int:
+        return self.top
+
+    def run(self) -> str:
+        from effcifar.nas import retrain as retrain_lib
+
+        self.rows = retrain_lib.retrain_top(self.search_dir, self.top, self.directory, self.base,
+                                            progress=self.pipeline.run_counter(self.top))
+        self.monitor.advance(self.top, self.top)
+        return ", ".join(f"top_{r['rank']}: test acc {r['standalone_test_acc']:.2%}" for r in self.rows)
+
+    def load(self) -> None:
+        self.rows = json.loads((self.directory / "retrain.json").read_text())
+
+    def result(self, name: str) -> dict[str, Any]:
+        """The best architecture's row of the final table."""
+        r = self.rows[0]
+        return {"name": name, "test_acc": r["standalone_test_acc"], "train_time": r["train_time"],
+                "params": r["params"], "flops": r["flops"], "run": str(Path(self.name) / "top_0")}
+
+
+class NasEvalStage(Stage):
+    """Supernet vs standalone ranking of random subnets (skipped when nas_eval.sample is 0)."""
+
+    name, unit, after = "nas_eval", "subnets", ("supernet", "hpo")
+
+    def __init__(self, pipeline: Pipeline, supernet: SupernetStage, hpo: HpoStage):
+        super().__init__(pipeline)
+        plan = pipeline.plan
+        self.supernet_dir, self.best_file = supernet.directory, hpo.best_file
+        self.sample, self.epochs, self.overrides = plan.nas_eval_sample, plan.nas_eval_epochs, plan.nas_eval_overrides
+
+    def settings(self) -> dict[str, Any]:
+        computed = {k: v for k, v in self.overrides.items() if k not in execution_fields(TrainConfig)}
+        return {"sample": self.sample, "epochs": self.epochs, "overrides": computed, "seed": self.pipeline.config.seed}
+
+    def total(self) -> int:
+        return self.sample
+
+    def skip_reason(self) -> str | None:
+        return "nas_eval.sample is 0" if self.sample == 0 else None
+
+    def run(self) -> str:
+        from effcifar.nas import retrain as retrain_lib
+
+        report = retrain_lib.nas_eval(self.supernet_dir, self.sample, self.epochs, self.directory,
+                                      self.pipeline.config.seed, self.best_file, self.overrides,
+                                      progress=self.pipeline.run_counter(self.sample))
+        self.monitor.advance(self.sample, self.sample)
+        return f"Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f} over {report.n} subnets"
+
+
+def result_row(name: str, summary: Mapping[str, Any], run: Path) -> dict[str, Any]:
+    """A final table row from a training run's summary."""
+    return {"name": name, "test_acc": summary["test_acc"], "train_time": summary["train_time"],
+            "params": summary["params"], "flops": summary["flops"], "run": str(run)}
+
+
+def trials_done(directory: Path, config: Any) -> int:
+    """Trials of a stage's study (HPO or search) already counted against its budget; 0 if unknown yet.
+
+    Only the run's own journal is read; a study in a shared database is counted as it runs.
+    """
+    import optuna
+
+    from effcifar.studies import budget_used
+
+    journal = directory / "study.journal"
+    if config.storage is not None or not journal.is_file():
+        return 0
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    try:
+        study = optuna.load_study(study_name=config.study or directory.name, storage=storage)
+    except KeyError:
+        return 0
+    return budget_used(study.get_trials(deepcopy=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run produced."""
+
+    out_dir: Path
+    results: list[dict[str, Any]]
+    report: Path
+    seconds: dict[str, float]  # wall time of each stage run by this call
+
+
+class Pipeline:
+    """Runs the stages of one pipeline directory in order (see the module docstring)."""
+
+    def __init__(self, config: PipelineConfig, out_dir: str | Path, monitor: Monitor | None = None):
+        self.config, self.plan, self.out = config, config.plan, Path(out_dir)
+        self.monitor = monitor or Monitor()
+        self.data: Any = None
+        self.fingerprints: dict[str, str] = {}  # of the stages so far, by name
+        self.seconds: dict[str, float] = {}
+
+    def dataset(self) -> Any:
+        """The dataset, loaded once for the stages that take it."""
+        if self.data is None:
+            from effcifar.data import load_dataset
+
+            self.data = load_dataset(self.config.dataset, self.config.data_dir)
+        return self.data
+
+    def study_name(self, stage: str) -> str | None:
+        """Studies in a shared database are named after the run (a journal is the run's own)."""
+        section = getattr(self.config, stage)
+        if section.get("study") or not section.get("storage"):
+            return section.get("study")
+        return f"{self.out.name}-{stage}"
+
+    def run_counter(self, total: int) -> Callable[[str], None]:
+        """Progress of runs made one after another: each announces itself with a line; the ones before it are done."""
+        done = 0
+
+        def progress(text: str) -> None:
+            nonlocal done
+            self.monitor.line(text)
+            self.monitor.advance(done, total)
+            done += 1
+
+        return progress
+
+    def execute(self, stage: S) -> S:
+        """Run `stage` unless it finished with the same settings (then load its outputs); mark it; return it.
+
+        A stage started with other settings is refused.
+        """
+        settings = {"settings": stage.settings(), "after": {a: self.fingerprints[a] for a in stage.after}}
+        record = StageRecord(stage.name, STAGES.index(stage.name) + 1, stage.directory, settings,
+                             read_marker(stage.directory))
+        record.check()
+        self.fingerprints[stage.name] = record.fingerprint
+        if record.finished:
+            self.monitor.stage_skipped(stage.name, record.number, "finished")
+            stage.load()
+            return stage
+        if stage.skip_reason() is not None:
+            self.monitor.stage_skipped(stage.name, record.number, stage.skip_reason())
+            return stage
+        resumed = record.marker is not None
+        if stage.restarts and stage.directory.exists():
+            shutil.rmtree(stage.directory)
+            record.marker = None
+        record.start()
+        stage.done_before = stage.done()
+        self.monitor.stage_started(stage.name, record.number, resumed, stage.unit, stage.total(), stage.done_before)
+        start = time.perf_counter()
+        summary = stage.run()
+        seconds = time.perf_counter() - start
+        record.finish(seconds)
+        self.seconds[stage.name] = seconds
+        self.monitor.stage_finished(stage.name, seconds, summary)
+        return stage
+
+    def run(self) -> PipelineResult:
+        """Every stage in order; then results.json and the report."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out {self.out}: expected a pipeline directory, got a file")
+        if not (self.out / "pipeline.yaml").exists():
+            self.write_settings()
+        baseline = self.execute(TrainingStage(self, "baseline", self.plan.baseline))
+        hpo = self.execute(HpoStage(self))
+        final = self.config.final_config(hpo.best, str(hpo.best_file))
+        hpo_best = self.execute(TrainingStage(self, "hpo_best", final, after=("hpo",)))
+        supernet = self.execute(SupernetStage(self, hpo))
+        search = self.execute(SearchStage(self, supernet))
+        retrain = self.execute(RetrainStage(self, search, final, supernet))
+        self.execute(NasEvalStage(self, supernet, hpo))
+        results = [baseline.result("baseline"), hpo_best.result("hpo"), retrain.result("nas")]
+        atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
+        from effcifar.report import write_report  # matplotlib only here
+
+        report = write_report(self.out)
+        self.write_settings()
+        return PipelineResult(self.out, results, report, self.seconds)
+
+    def write_settings(self) -> None:
+        """pipeline.yaml: every setting of the run, usable as a --config file."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out / "pipeline.yaml", f"# preset: {self.config.preset}\n"
+                     + yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None))
+
+
+def run_pipeline(config: PipelineConfig, out_dir: str | Path, monitor: Monitor | None = None) -> PipelineResult:
+    """Run (or resume) the pipeline in `out_dir`; return the final table, the report and the stage times."""
+    return Pipeline(config, out_dir, monitor).run()
