@@ -9,7 +9,7 @@
 #            adds options), each ranked on the same 100 table architectures by loss.
 #  macro:    a NAS-Bench-Macro supernet on the whole training set but the 5,000 held out, MACRO_EPOCHS epochs,
 #            with the options in MACRO_SET, then ranked on TABLE_SAMPLE table architectures (`nas-eval --table`).
-# Each job runs under LIMIT seconds; everything it wrote comes back as $OUT/ranking.tar.gz, the logs beside it.
+# Each job runs under LIMIT seconds; everything written comes back as $OUT/ranking.tar.gz (and summary.txt).
 # Needs the carried .cache/gpu (cifar10_jpeg.npz, wheels/ with Optuna's; see docs/benchmarks.md).
 # CPU dry run: DEVICE=cpu SUBSET=2000 SAMPLE=4 TRUTH_EPOCHS=1 WORKERS=2 MACRO_EPOCHS=1 MACRO_SUBSET=1000
 #   TABLE_SAMPLE=5 ABLATION_SET="--set subset=1000 --set epochs=2 --sample 5" LIMIT=1500 bash bench/gpu/ranking.sh
@@ -20,7 +20,7 @@ W=$GPU_CACHE/ranking
 rm -rf "$W" && mkdir -p "$W"
 export NPZ W PYTHON DEVICE=${DEVICE:-cuda} SUBSET=${SUBSET:-20000} SAMPLE=${SAMPLE:-24} TRUTH_EPOCHS=${TRUTH_EPOCHS:-20} \
   WORKERS=${WORKERS:-4} MACRO_EPOCHS=${MACRO_EPOCHS:-50} MACRO_SUBSET=${MACRO_SUBSET:-0} MACRO_SET=${MACRO_SET:-} \
-  TABLE_SAMPLE=${TABLE_SAMPLE:-300} ABLATION_SET=${ABLATION_SET:-} LANES=${LANES:-3} \
+  TABLE_SAMPLE=${TABLE_SAMPLE:-300} ABLATION_SET=${ABLATION_SET:-} LANES=${LANES:-5} \
   ABLATION=${ABLATION:-"uniform uniform-lr0125:peak_lr=0.0125 canonical:canonical_paths=true fair:sampling=fair
     sandwich:sampling=sandwich sandwich-distill:sampling=sandwich,distill=true uniform-distill:distill=true
     bn-batch:bn_eval=batch few-shot:epochs=7,few_shot_key=stage1.conv1,few_shot_epochs=1 wd1e-4:base_wd=0.0001"}
@@ -37,7 +37,7 @@ macro() {
   "$PYTHON" -m effcifar supernet train --space nas-bench-macro --dataset cifar10 --data-dir "$NPZ" \
     --subset "$MACRO_SUBSET" --holdout 5000 --epochs "$MACRO_EPOCHS" --panel-random 0 --device "$DEVICE" --quiet \
     $MACRO_SET --out "$W/macro" &&
-  "$PYTHON" -m effcifar nas-eval "$W/macro" --table nas-bench-macro --sample "$TABLE_SAMPLE" --score loss --device "$DEVICE"
+  "$PYTHON" -m effcifar nas-eval "$W/macro" --table nas-bench-macro --sample "$TABLE_SAMPLE" --score loss --eval-images 2000 --device "$DEVICE"
 }
 ablation() {  # the variants in LANES parallel lanes, each lane's variants one after another
   local variants=($ABLATION) lane
@@ -57,7 +57,6 @@ for job in truth ablation macro; do
   timeout "${LIMIT:-270}" bash -c $job > "$W/$job.log" 2>&1 &
 done
 wait
+# Two files come back (the device returns at most 8): every result and log in one tarball, and the logs' tails.
 tar czf "$OUT_DIR/ranking.tar.gz" -C "$W" --exclude='*.pt' --exclude='*.npz' --exclude='*/checkpoints' .
-cp "$W"/*.log "$OUT_DIR/" 2>/dev/null
-tail -n 3 "$W"/*.log
-ls -la "$OUT_DIR"
+tail -n 3 "$W"/*.log | tee "$OUT_DIR/summary.txt"
