@@ -400,7 +400,7 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
         raise EffcifarError("--epochs and --seed: expected integers") from None
     retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config, overrides, overrides_from_text=True,
                      progress=lambda text: console.print(text, markup=False), repeats=args.repeats,
-                     workers=args.workers, score=args.score)
+                     workers=args.workers, **({"score": args.score} if args.score else {}))
     print_ranking(json.loads((out / "ranking.json").read_text()), console)
     console.print(f"wrote {out / 'ranking.json'}, {out / 'ranking.png'} and {out / 'table.json'}", markup=False)
     return 0
@@ -655,8 +655,8 @@ def add_retrain_parsers(sub: Any) -> None:
                                                           "(their mean is the truth, their agreement its ceiling)")
     p.add_argument("--workers", type=int, default=1, help="without --table: training processes, each pinned to one "
                                                           "visible GPU round robin (several can share one GPU)")
-    p.add_argument("--score", default="accuracy", help="judge subnets on the supernet by held-out accuracy or by "
-                                                       "(negative) mean cross-entropy: accuracy or loss")
+    p.add_argument("--score", help="judge subnets on the supernet by (negative) held-out mean cross-entropy or by "
+                                   "accuracy: loss (default) or accuracy")
     p.add_argument("--bn-batches", type=int, help="with --table: BN recalibration batches (default: the supernet run's)")
     p.add_argument("--eval-images", type=int, default=0,
                    help="with --table: score on this many held-out images, a seeded random sample (0: all)")

@@ -195,7 +195,7 @@ def _train_job(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
 def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | Path | None = None, seed: int = 0,
              config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
              overrides_from_text: bool = False, progress: Progress | None = None, repeats: int = 1,
-             workers: int = 1, score: str = "accuracy") -> RankingReport:
+             workers: int = 1, score: str = SearchConfig.score) -> RankingReport:
     """Supernet vs standalone accuracy of `sample` subnets spread over FLOPs; ranking.json and ranking.png (resumable).
 
     Each subnet trains `repeats` times (training seeds seed, seed + 1, ...); their mean is the

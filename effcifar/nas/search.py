@@ -82,7 +82,7 @@ class SearchConfig(StorageConfig):
     latency_batch: int = 1  # images per timed forward (1: one image at a time, as deployed)
     bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
     eval_images: int = 0  # score each candidate on this many held-out images, a seeded random sample (0: all)
-    score: str = "accuracy"  # judge candidates by held-out accuracy, or by (negative) mean cross-entropy: see SCORES
+    score: str = "loss"  # judge candidates by (negative) held-out mean cross-entropy, or by accuracy: see SCORES
     workers: int = execution(1)  # search processes on this machine
     seed: int | None = 0  # sampler seed (worker i uses seed + i)
     top_k_export: int = 5  # architectures written to arch/top_{i}.json

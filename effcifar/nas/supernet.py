@@ -34,7 +34,6 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_reduce
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
@@ -60,6 +59,7 @@ HPARAM_FIELDS = (
 )
 CHECKPOINT_MAGIC = b"EFFCIFAR-CKPT-1\n"
 MAX_SAMPLING_TRIES = 10_000
+EXTREME_DRAWS = 1_000  # feasible draws among which a sampler takes the largest/smallest path under FLOPs limits
 
 
 class TrainingInterrupted(EffcifarError):
@@ -89,7 +89,7 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     bn_batches: int = 10  # training batches used to recalibrate BN before each evaluation
     shrink_at: str = ""  # comma-separated epochs after which each key loses its worst candidate
     shrink_samples: int = 10  # each candidate is judged on at least this many subnets
-    sampling: str = "uniform"  # uniform (SPOS), fair (FairNAS strict fairness) or sandwich (BigNAS), see SAMPLINGS
+    sampling: str = "sandwich"  # uniform (SPOS), fair (FairNAS strict fairness) or sandwich (BigNAS): SAMPLINGS
     sandwich_paths: int = 4  # paths per step with sandwich: largest, smallest and the rest random
     distill: bool = False  # in-place distillation: each step's other paths learn the largest path's soft labels
     bn_eval: str = "recalibrate"  # a judged subnet's BN: running statistics recalibrated, or each batch's own
@@ -121,8 +121,8 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
             raise field_error("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         if self.sampling not in SAMPLINGS:
             raise field_error("sampling", f"one of {', '.join(SAMPLINGS)}", self.sampling)
-        if self.sampling != "uniform" and (self.flops_min is not None or self.flops_max is not None):
-            raise field_error("sampling", "uniform when flops_min or flops_max is set (fair and sandwich paths are "
+        if self.sampling == "fair" and (self.flops_min is not None or self.flops_max is not None):
+            raise field_error("sampling", "uniform or sandwich when flops_min or flops_max is set (fair's paths are "
                                           "fixed by the space, not by FLOPs limits)", self.sampling)
         if self.sandwich_paths < 2:
             raise field_error("sandwich_paths", "an integer >= 2 (the largest and the smallest path)",
@@ -199,12 +199,27 @@ class PathSampler:
     """The paths of each training step. Uniform (SPOS): one path, resampled until its FLOPs are within limits."""
 
     def __init__(self, costs: CostTable, seed: int, flops_min: float | None = None, flops_max: float | None = None):
-        self.costs, self.flops_min, self.flops_max = costs, flops_min, flops_max
+        self.costs, self.flops_min, self.flops_max, self.seed = costs, flops_min, flops_max, seed
         self.rng = random.Random(seed)
+        self.extremes: dict[tuple[bool, str], Arch] = {}  # (largest, space) -> path: computed once per space
 
     def step_paths(self, space: ArchSpace) -> list[Arch]:
         """The paths one training step trains (their gradients are added before the update)."""
         return [self.sample(space)]
+
+    def extreme(self, largest: bool, space: ArchSpace) -> Arch:
+        """The path with the most (fewest) FLOPs within the limits: the table's extreme when it is within them,
+        else the extreme of EXTREME_DRAWS feasible draws of a generator of its own (the training draws are untouched,
+        so a resumed run picks the same one)."""
+        key = (largest, json.dumps(space.choices()))
+        if key not in self.extremes:
+            arch = self.costs.extreme(largest, space)
+            if not self.within_limits(arch):
+                own = PathSampler(self.costs, self.seed, self.flops_min, self.flops_max)
+                arch = (max if largest else min)([own.sample(space) for _ in range(EXTREME_DRAWS)],
+                                                 key=self.costs.flops_of)
+            self.extremes[key] = arch
+        return self.extremes[key]
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state (weights_only-loadable), for checkpoints."""
@@ -253,14 +268,16 @@ class FairSampler(PathSampler):
 
 
 class SandwichSampler(PathSampler):
-    """BigNAS's sandwich rule: the largest and the smallest path (by FLOPs) and `paths - 2` uniform random ones."""
+    """BigNAS's sandwich rule: the largest and the smallest path (by FLOPs, within the limits) and `paths - 2`
+    uniform random ones."""
 
-    def __init__(self, costs: CostTable, seed: int, paths: int):
-        super().__init__(costs, seed)
+    def __init__(self, costs: CostTable, seed: int, paths: int, flops_min: float | None = None,
+                 flops_max: float | None = None):
+        super().__init__(costs, seed, flops_min, flops_max)
         self.paths = paths
 
     def step_paths(self, space: ArchSpace) -> list[Arch]:
-        return [self.costs.extreme(True, space), self.costs.extreme(False, space)] + [
+        return [self.extreme(True, space), self.extreme(False, space)] + [
             self.sample(space) for _ in range(self.paths - 2)]
 
 
@@ -269,7 +286,7 @@ def make_sampler(config: SupernetConfig, costs: CostTable) -> PathSampler:
     if config.sampling == "fair":
         return FairSampler(costs, config.seed)
     if config.sampling == "sandwich":
-        return SandwichSampler(costs, config.seed, config.sandwich_paths)
+        return SandwichSampler(costs, config.seed, config.sandwich_paths, config.flops_min, config.flops_max)
     return PathSampler(costs, config.seed, config.flops_min, config.flops_max)
 
 
@@ -415,6 +432,31 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
 # Data-parallel pieces
 
 
+class _GlobalSum(torch.autograd.Function):
+    """A sum over the ranks whose gradient is the sum of the ranks' gradients.
+
+    Ours because torch 2.13 deprecates torch.distributed.nn.functional.all_reduce, and the
+    replacement it names (torch.distributed._functional_collectives) is private.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def global_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks, with autograd."""
+    return _GlobalSum.apply(tensor)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the global batch across all ranks.
 
@@ -428,9 +470,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in at least fp32
         count = xf.numel() // xf.shape[1] * dist.get_world_size()
-        mean = all_reduce(xf.sum((0, 2, 3))) / count
+        mean = global_sum(xf.sum((0, 2, 3))) / count
         centred = xf - mean[None, :, None, None]  # two passes: E[x^2] - E[x]^2 loses digits
-        var = all_reduce((centred * centred).sum((0, 2, 3))) / count
+        var = global_sum((centred * centred).sum((0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
@@ -447,16 +489,29 @@ def use_global_batch_norm(model: nn.Module) -> None:
             module.__class__ = GlobalBatchNorm2d
 
 
-def data_parallel(net: nn.Module, device: torch.device) -> nn.Module:
-    """`net` under DDP, its batch norm over the global batch: nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere.
-
-    The network's modules are swapped in place (same parameters and buffers), so `net` stays the model to save.
-    """
+def global_batch_norm(net: nn.Module, device: torch.device) -> None:
+    """Batch norm over the global batch, in place (same parameters and buffers): nn.SyncBatchNorm on CUDA,
+    GlobalBatchNorm2d elsewhere."""
     if device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(net)  # replaces net's BatchNorm children in place
     else:
         use_global_batch_norm(net)
-    return nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+
+
+def average_gradients(net: nn.Module, world: int) -> None:
+    """Average over the ranks the gradients of the parameters this step's paths used, in one all-reduce.
+
+    Every rank trains the same paths (same seeds), so the same parameters hold gradients on every
+    rank, and parameters off the paths keep none (SGD skips them, as in one process). Not DDP:
+    its reducer expects one forward per backward and would hand unused weights zero gradients,
+    which multi-path steps (sandwich, fair, distillation) and sub-supernets do not fit.
+    """
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 @dataclass(frozen=True)
@@ -622,20 +677,13 @@ class SupernetTrainer:
                             config.canonical_paths).to(device)
         if config.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        runner: nn.Module = self.net
-        before_update = None
         if self.ranks.launched:
-            runner = data_parallel(self.net, device)
-            before_update = self.drop_inactive_gradients
-        self.step = TrainStep(runner, config.train_config(), self.precision, before_update=before_update)
+            global_batch_norm(self.net, device)
+        self.step = self.train_step_for(self.net)
         self.costs = CostTable.build(self.space, config.channels(), self.data.num_classes)
         self.sampler = make_sampler(config, self.costs)
         self.sampler.sample(self.space)  # fail now, not after data loading on every rank, if no path is allowed
         self.sampler.rng.seed(config.seed)
-        if self.ranks.launched and (config.sampling != "uniform" or config.distill or config.few_shot_key):
-            raise field_error("sampling", "uniform, without distill or few-shot, under torchrun (data-parallel "
-                                          "training drops the gradients of the last path's unused weights)",
-                              config.sampling)
         self.split: int | None = None  # the sub-supernet being trained (few-shot), None while one-shot
         self.train_space = self.space  # the space training draws paths from (a split's fixes few_shot_key)
         self.bn_batches = calibration_batches(self.train_loader, config.bn_batches, config.seed + 1)
@@ -643,10 +691,10 @@ class SupernetTrainer:
         self.order: torch.Tensor | None = None  # the current epoch's data order
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
 
-    def drop_inactive_gradients(self) -> None:
-        """DDP hands unused parameters zero gradients; SGD (momentum, weight decay) must skip them."""
-        for p in self.net.inactive_parameters():
-            p.grad = None
+    def train_step_for(self, net: nn.Module) -> TrainStep:
+        """The core trainer's step on `net` (a fresh optimiser); under torchrun, gradients averaged over ranks."""
+        before_update = (lambda: average_gradients(net, self.ranks.world)) if self.ranks.launched else None
+        return TrainStep(net, self.config.train_config(), self.precision, before_update=before_update)
 
     # ---- one step, one epoch -------------------------------------------------------------
 
@@ -678,7 +726,7 @@ class SupernetTrainer:
             self.net = FewShotSupernet(self.net, key, candidates)
         self.split, candidate = index, candidates[index]
         self.train_space = self.space.restrict({**self.space.choices(), key: [candidate]})
-        self.step = TrainStep(self.net.split(candidate), self.config.train_config(), self.precision)
+        self.step = self.train_step_for(self.net.split(candidate))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the next global batch, augmented."""
@@ -704,7 +752,7 @@ class SupernetTrainer:
         """
         paths = self.sampler.step_paths(self.train_space)
         if self.config.distill:
-            largest = self.costs.extreme(True, self.train_space)
+            largest = self.sampler.extreme(True, self.train_space)
             paths = paths if paths[0] == largest else [largest] + paths  # sandwich's first path is the largest
         passes, teacher = [], None
         for arch in paths:
