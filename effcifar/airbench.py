@@ -29,7 +29,7 @@ from torch import nn
 
 from effcifar.data import Augment, DeviceLoader, batch_flip
 from effcifar.models import Scale
-from effcifar.train import Predict, Recipe, TrainConfig, TrainStep, evaluate, mirror_logits, plain_logits, resolve_device
+from effcifar.train import Predict, Recipe, TrainConfig, TrainStep, device_type, evaluate, mirror_logits, plain_logits
 
 # The published hyper-parameters, in TrainConfig's units. airbench94 sums the loss over the batch and
 # divides its LR (11.5 per 1024 images) by 1024 * (1 + 1 / (1 - momentum)); for the mean loss at batch
@@ -58,15 +58,14 @@ BN_MOMENTUM = 0.4  # PyTorch's convention (weight of the new batch); airbench94 
 BN_EPS = 1e-12
 WHITEN_KERNEL = 2
 WHITEN_EPS = 5e-4  # added to the patch covariance's eigenvalues before dividing by their square root
-WHITEN_IMAGES = 5000  # training images whose patches estimate the covariance
+WHITEN_IMAGES = 5000  # training images (a seeded random sample) whose patches estimate the covariance
 LOOKAHEAD_EVERY = 5  # steps between lookahead updates
 LOOKAHEAD_MAX_DECAY = 0.95**LOOKAHEAD_EVERY  # the pull's strength ramps as (progress ** 3) to this
 
 
 def airbench_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """The shared fields' airbench values; torch.compile only when the run's device is a GPU."""
-    device = resolve_device(str(values.get("device", "auto")))
-    return {**AIRBENCH_FIELDS, "compile": device.type == "cuda"}
+    return {**AIRBENCH_FIELDS, "compile": device_type(str(values.get("device", "auto"))) == "cuda"}
 
 
 class FixedScaleBatchNorm(nn.BatchNorm2d):
@@ -213,10 +212,10 @@ class AirbenchRecipe(Recipe):
         return Augment(crop_pad=c.crop_pad, flip=c.flip and not c.alt_flip, cutout=c.cutout)
 
     def build_model(self, num_classes: int, train_loader: DeviceLoader | None = None) -> nn.Module:
-        """The airbench network; the whitening filters come from the loader's first WHITEN_IMAGES images."""
+        """The airbench network, its whitening filters from WHITEN_IMAGES training images drawn at random (seeded)."""
         images = None
         if train_loader is not None and self.config.whiten:
-            images = unaugmented_images(train_loader, WHITEN_IMAGES)
+            images = whitening_sample(train_loader, WHITEN_IMAGES, self.config.seed)
         model = build_airbench_net(self.config, num_classes, images)
         self.whiten_bias = model[0].bias
         return model
@@ -260,8 +259,13 @@ class AirbenchRecipe(Recipe):
         return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta, self.predict(final))
 
 
-def unaugmented_images(loader: DeviceLoader, count: int) -> torch.Tensor:
-    """The loader's first `count` images, un-padded and normalised like its batches (float32, on its device)."""
+def whitening_sample(loader: DeviceLoader, count: int, seed: int) -> torch.Tensor:
+    """`count` of the loader's images drawn at random with `seed`, un-padded and normalised like its batches.
+
+    Drawn, not the first ones: in a copy sorted by class (the shared CIFAR-10 is) the first 5,000
+    images are one class, and its patches alone would set the whitening.
+    """
+    index = torch.randperm(len(loader.labels), generator=torch.Generator().manual_seed(seed))[:count]
     pad = (loader.images.shape[-1] - loader.size) // 2
-    images = loader.images[:count, :, pad:pad + loader.size, pad:pad + loader.size]
+    images = loader.images[index.to(loader.images.device), :, pad:pad + loader.size, pad:pad + loader.size]
     return (images.float() - loader.mean.float()) * loader.inv_std.float()

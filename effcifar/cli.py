@@ -6,7 +6,6 @@ import argparse
 import collections
 import dataclasses
 import functools
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.table import Table
 import effcifar
 from effcifar import data as data_lib
 from effcifar.atomic import atomic_write
-from effcifar.config import base_type, build_config, field_types
+from effcifar.config import base_type, build_config, field_types, read_json
 from effcifar.errors import EffcifarError
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import EpochMetrics, TrainConfig, train
@@ -32,6 +31,8 @@ from effcifar.train import EpochMetrics, TrainConfig, train
 ALIASES = {"total_epoch": ["--epochs"]}
 NAS_EVAL_SAMPLE = 20  # subnets trained standalone by nas-eval
 TABLE_SAMPLE = 300  # table architectures scored by nas-eval --table (a tau over 300 has a standard error near 0.04)
+NOTES = {"total_epoch": "; given without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its "
+                        "fraction of the run"}
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -41,13 +42,13 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     for name, annotation in field_types(cls).items():
         kind, _ = base_type(annotation)
         flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, [])]
-        default = getattr(defaults, name)
+        text = f"(default: {getattr(defaults, name)}){NOTES.get(name, '')}"
         if kind is bool:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=f"(default: {default})")
+                               default=argparse.SUPPRESS, help=text)
         else:
             group.add_argument(*flags, dest=name, metavar=kind.__name__.upper(), type=str,
-                               default=argparse.SUPPRESS, help=f"(default: {default})")
+                               default=argparse.SUPPRESS, help=text)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, load: Callable[..., Any] | None = None) -> Any:
@@ -168,21 +169,24 @@ def run_hpo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> Any:
-    """--config (NNI experiment file) < explicit options; inline NNI spaces are written into the run dir."""
+def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[str, Any] | None]:
+    """(config, inline space): --config (NNI experiment file) < explicit options.
+
+    An inline NNI space is checked here and written into the run directory by `run_study`.
+    """
     from effcifar.hpo.experiment import load_experiment, parse_duration
     from effcifar.hpo.space import SearchSpace
 
     values: dict[str, Any] = {}
-    out = Path(args.out)
+    inline = None
     if args.config:
         exp = load_experiment(args.config)
         for warning in exp.warnings:
             console_warning(f"{args.config}: {warning}")
-        if exp.search_space is not None:  # an inline v2 space: validated, then kept in the run directory
-            SearchSpace.from_dict(exp.search_space, str(args.config), field_types(TrainConfig))
-            atomic_write(out / "search_space.json", json.dumps(exp.search_space, indent=2))
-            values["space"] = str(out / "search_space.json")
+        if exp.search_space is not None:  # an inline v2 space: kept in the run directory
+            inline = exp.search_space
+            SearchSpace.from_dict(inline, f"{args.config}: key 'searchSpace'", field_types(TrainConfig))
+            values["space"] = str(Path(args.out) / hpo.SPACE_FILE)
         elif exp.search_space_file is not None:
             values["space"] = exp.search_space_file
         values.update({k: v for k, v in {"trials": exp.trials, "timeout": exp.timeout, "workers": exp.workers,
@@ -193,7 +197,7 @@ def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> Any:
     values.update({k: getattr(args, k) for k in option_names if getattr(args, k) is not None})
     if args.timeout is not None:
         values["timeout"] = parse_duration(args.timeout, "--timeout")
-    return build_config(hpo.HpoConfig, None, values, override_source=args.config or "command line")
+    return build_config(hpo.HpoConfig, None, values, override_source=args.config or "command line"), inline
 
 
 def console_warning(message: str) -> None:
@@ -203,7 +207,7 @@ def console_warning(message: str) -> None:
 
 def run_hpo_study(args: argparse.Namespace, console: Console, hpo: Any) -> int:
     """effcifar hpo run: start or resume a study and print its table at the end."""
-    config = hpo_config_from_args(args, hpo)
+    config, inline_space = hpo_config_from_args(args, hpo)
 
     def on_trial(t: Any) -> None:
         a = t.user_attrs
@@ -211,7 +215,7 @@ def run_hpo_study(args: argparse.Namespace, console: Console, hpo: Any) -> int:
                                           if "accuracy" in a else "")
         console.print(f"trial {t.number:4d}  {t.state.name:<8}  {detail}")
 
-    study = hpo.run_study(config, args.out, on_trial=on_trial)
+    study = hpo.run_study(config, args.out, on_trial=on_trial, inline_space=inline_space)
     print_study(study, config.tie, console, hpo)
     return 0
 
@@ -241,10 +245,12 @@ def print_study(study: Any, tie: float, console: Console, hpo: Any, top: int = 1
 
 def run_dashboard(args: argparse.Namespace, console: Console) -> int:
     """effcifar dashboard: serve the run's study in Optuna's web dashboard until Ctrl-C."""
-    from effcifar.dashboard import dashboard_url, serve_dashboard  # optuna-dashboard only for this command
+    from effcifar.dashboard import serve_dashboard  # optuna-dashboard only for this command
 
-    console.print(f"dashboard of {args.run}: {dashboard_url(args.host, args.port)} (Ctrl-C stops it)")
-    serve_dashboard(args.run, host=args.host, port=args.port, storage=args.storage)
+    serve_dashboard(args.run, host=args.host, port=args.port, storage=args.storage, allow_network=args.allow_network,
+                    warn=console_warning,
+                    on_ready=lambda url: console.print(f"dashboard of {args.run}: {url} (Ctrl-C stops it)",
+                                                       markup=False, soft_wrap=True))
     return 0
 
 
@@ -401,7 +407,7 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config, overrides, overrides_from_text=True,
                      progress=lambda text: console.print(text, markup=False), repeats=args.repeats,
                      workers=args.workers, **({"score": args.score} if args.score else {}))
-    print_ranking(json.loads((out / "ranking.json").read_text()), console)
+    print_ranking(read_json(out / "ranking.json", "ranking"), console)
     console.print(f"wrote {out / 'ranking.json'}, {out / 'ranking.png'} and {out / 'table.json'}", markup=False)
     return 0
 
@@ -560,8 +566,9 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
     report = make_report(args.run, args.out)
     console.print(f"wrote {report.path}", markup=False, soft_wrap=True)
     for section in report.sections:
-        console.print(f"  drawn: {section.title} ({len(section.images)} plots)  [{section.source}]",
-                      markup=False, soft_wrap=True)
+        drawn = f"not drawn: {section.title}: {section.error}" if section.error else \
+            f"drawn: {section.title} ({len(section.images)} plots)"
+        console.print(f"  {drawn}  [{section.source}]", markup=False, soft_wrap=True)
     for what, command in report.missing:
         console.print(f"  missing: {what}: run {command}", markup=False, soft_wrap=True)
     return 0
@@ -692,7 +699,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("run", help="the study's run directory, e.g. runs/hpo1")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; 0.0.0.0 exposes the dashboard (which can edit the study) to the network")
+                   help="address to listen on; another than loopback needs --allow-network")
+    p.add_argument("--allow-network", action="store_true",
+                   help="serve on a --host beyond this machine: optuna-dashboard has no login, and anyone who can "
+                        "reach it can edit and delete studies")
     p.add_argument("--storage", help="the study's database URL, if it used one (default: as saved, without password)")
     p.set_defaults(handler=run_dashboard)
     add_nas_parsers(sub, command)

@@ -3,10 +3,12 @@
 Every stage has one dataclass config whose defaults are the documented recipe, composed of
 shared parts (see `effcifar.train`). Fields that change where or how fast a run computes, not its
 results, are declared with `execution(...)`; `fingerprint` is the one resume check of every stage
-(train, HPO, supernet, search, retrain, pipeline). A config is built as: defaults < file < overrides. Unknown keys and values of the wrong type are errors
-naming the file (or option), the field and what was expected; the dataclass's own
-`validate()` checks ranges and raises `ConfigError` with `field` set, and the source of that
-field is prefixed here.
+(train, HPO, supernet, search, retrain, pipeline). A config is built as: defaults < file < overrides;
+a layer that sets a run's length alone scales the fields counted in its epochs (`keep_schedule_shape`).
+Unknown keys, values of the wrong type and non-finite numbers are errors naming the file (or option),
+the field and what was expected; the dataclass's own `validate()` checks ranges and raises
+`ConfigError` with `field` set, and the source of that field is prefixed here. Files that are not
+UTF-8, not JSON/YAML or nested too deeply are one-line errors naming them (`read_text`, `read_json`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -54,6 +57,18 @@ def fingerprint(values: Any) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two (nested) mappings."""
+    names = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}")
+    return names
+
+
 def field_error(field: str, expected: str, value: Any) -> ConfigError:
     """A ConfigError about one field, for `validate()` methods; the caller adds the source."""
     err = ConfigError(f"field '{field}': expected {expected}, got {value!r}")
@@ -90,13 +105,18 @@ def coerce_value(annotation: Any, value: Any, from_text: bool = False) -> Any:
                 return False
             raise ValueError("true or false")
         try:
-            return kind(value)
+            value = kind(value)
         except ValueError:
             raise ValueError(f"a value of type {kind.__name__}") from None
+        if kind is float and not math.isfinite(value):
+            raise ValueError("a finite number")
+        return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(f"a value of type {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError("a finite number")
     return value
 
 
@@ -122,19 +142,42 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's content; a ConfigError names the file if it cannot be read or is not UTF-8."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        byte = f"byte 0x{e.object[e.start]:02x} at offset {e.start}"
+        raise ConfigError(f"{path}: not a UTF-8 text {what} ({byte})") from None
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """The data of a JSON file (a run's summary, marker, results); a ConfigError names the file and the problem."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping (a key given twice is an error); errors name the file."""
     path = Path(path)
+    text = read_text(path, "config file")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_unique_pairs) if path.suffix == ".json" else yaml.load(
+        data = json.loads(text, object_pairs_hook=_unique_pairs) if kind == "JSON" else yaml.load(
             text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except (json.JSONDecodeError, yaml.YAMLError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0]
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first_line}") from None
+        raise ConfigError(f"{path}: not valid {kind}: {first_line}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid {kind}: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -166,6 +209,7 @@ def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], b
     types_ = field_types(cls)
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    steps: list[tuple[set[str], dict[str, Any]]] = []  # (the fields a layer set, all values after it)
     for source, mapping, from_text in layers:
         for key, value in mapping.items():
             if key not in types_:
@@ -175,18 +219,54 @@ def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], b
             except ValueError as e:
                 raise ConfigError(f"{source}: field '{key}': expected {e}, got {value!r}") from None
             origin[key] = source
+        steps.append((set(mapping), dict(values)))
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     presets = getattr(cls, "recipe_defaults", None)  # e.g. TrainConfig: `recipe` changes unset fields' defaults
-    if presets is not None:
-        preset = presets(values)
-        origin.update({key: f"recipe {values.get('recipe')!r} defaults" for key in preset if key not in values})
-        values = {**preset, **values}
-    config = cls(**values)
     try:
+        if presets is not None:
+            preset = presets(values)
+            origin.update({key: f"recipe {values.get('recipe')!r} defaults" for key in preset if key not in values})
+            values = {**preset, **values}
+            defaults.update(preset)
+        keep_schedule_shape(cls, steps, defaults, values, origin)
+        config = cls(**values)
         config.validate()  # type: ignore[attr-defined]
     except ConfigError as e:
         source = origin.get(getattr(e, "field", ""), "default config")
         raise ConfigError(f"{source}: {e}") from None
     return config
+
+
+def keep_schedule_shape(cls: type, steps: list[tuple[set[str], dict[str, Any]]], defaults: Mapping[str, Any],
+                        values: dict[str, Any], origin: dict[str, str]) -> None:
+    """Scale the fields counted in epochs of a run's length when a layer sets the length but not them.
+
+    `cls.SCHEDULE` maps a length field to those fields (TrainConfig: total_epoch -> peak_epoch,
+    whiten_bias_epochs). They keep the fraction of the run they had in the layers below (or in the
+    defaults), so `--epochs 12` alone moves the peak with it; integer fields round to at least 1.
+    """
+    kinds = field_types(cls)
+
+    def last_set(name: str) -> int | None:
+        return next((i for i in reversed(range(len(steps))) if name in steps[i][0]), None)
+
+    for length, shaped in getattr(cls, "SCHEDULE", {}).items():
+        length_layer = last_set(length)
+        if length_layer is None:
+            continue
+        for name in shaped:
+            layer = last_set(name)
+            if layer is not None and layer >= length_layer:
+                continue
+            below = steps[layer][1] if layer is not None else {}
+            old_value, old_length = below.get(name, defaults[name]), below.get(length, defaults[length])
+            if old_length <= 0:
+                continue
+            scaled = old_value * values[length] / old_length
+            if base_type(kinds[name])[0] is int:
+                scaled = max(1, math.floor(scaled + 0.5)) if old_value > 0 else 0
+            values[name] = float(f"{scaled:.12g}") if isinstance(scaled, float) else scaled  # 2.3/10: 0.23
+            origin[name] = f"{origin[length]} ({name} scaled with {length})"
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -1,20 +1,27 @@
-"""Optuna's web dashboard for an HPO or search run: `effcifar dashboard runs/NAME` shows its study in a browser."""
+"""Optuna's web dashboard for an HPO or search run: `effcifar dashboard runs/NAME` shows its study in a browser.
+
+optuna-dashboard has no login, and anyone who can reach it can edit and delete studies, so it listens
+on loopback; another address needs `allow_network` and comes with a warning. The study is opened as
+it exists: a directory or database without it is an error, never a new empty study.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 from pathlib import Path
 from socketserver import ThreadingMixIn
+from typing import Callable
 from wsgiref.simple_server import WSGIServer, make_server
 
 import optuna_dashboard
 
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
-from effcifar.hpo.study import HpoConfig, load_run
-from effcifar.nas.search import SearchConfig
-from effcifar.studies import open_storage
+from effcifar.hpo.study import CONFIG_FILE as HPO_CONFIG, HpoConfig
+from effcifar.nas.search import CONFIG_FILE as SEARCH_CONFIG, SearchConfig
+from effcifar.studies import load_study, open_storage
 
 
 class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -28,24 +35,58 @@ def dashboard_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/dashboard"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def network_warning(host: str, port: int, allow_network: bool) -> str | None:
+    """The warning for serving beyond this machine (None on loopback); ConfigError unless `allow_network`."""
+    if is_loopback(host):
+        return None
+    risk = "optuna-dashboard has no login, and anyone who can reach it can edit and delete studies"
+    if not allow_network:
+        raise ConfigError(f"--host {host}: {risk}; add --allow-network to serve it beyond this machine anyway")
+    return f"the dashboard on {host}:{port} is reachable from the network: {risk}"
+
+
 def run_config(run_dir: Path, storage: str | None) -> HpoConfig | SearchConfig:
-    """The saved config of an HPO or architecture-search run (where its study is stored)."""
-    if (run_dir / "search.yaml").is_file():
-        config = build_config(SearchConfig, run_dir / "search.yaml")
-        return config if storage is None else dataclasses.replace(config, storage=storage)
-    config, _ = load_run(run_dir, storage)  # ConfigError unless run_dir holds a study
-    return config
+    """The saved config of an HPO or architecture-search run (where its study is stored, and its name)."""
+    for name, cls in ((SEARCH_CONFIG, SearchConfig), (HPO_CONFIG, HpoConfig)):
+        if (run_dir / name).is_file():
+            config = build_config(cls, run_dir / name)
+            return config if storage is None else dataclasses.replace(config, storage=storage)
+    raise ConfigError(f"{run_dir}: not an HPO run directory or a search run directory (no {HPO_CONFIG} "
+                      f"or {SEARCH_CONFIG})")
 
 
-def serve_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080, storage: str | None = None) -> None:
-    """Serve the run's study until interrupted; loopback by default because the dashboard can edit the study."""
-    app = optuna_dashboard.wsgi(open_storage(run_config(Path(run_dir), storage), Path(run_dir)))  # no URL to print
+def serve_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8080, storage: str | None = None,
+                    allow_network: bool = False, warn: Callable[[str], None] | None = None,
+                    on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve the run's study until interrupted; a host beyond loopback needs `allow_network` (and `warn`s).
+
+    `on_ready(url)` is called once the server listens.
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected a port number in 1..65535")
+    warning = network_warning(host, port, allow_network)
+    run_dir = Path(run_dir)
+    config = run_config(run_dir, storage)
+    load_study(config, run_dir)  # it must exist; nothing is created
+    app = optuna_dashboard.wsgi(open_storage(config, run_dir, read_only=True))  # no URL to print
     try:
         server = make_server(host, port, app, server_class=ThreadingWSGIServer)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise ConfigError(f"port {port} is in use on {host}: choose another with --port") from None
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    if warning is not None and warn is not None:
+        warn(warning)
+    if on_ready is not None:
+        on_ready(dashboard_url(host, port))
     with server:
         try:
             server.serve_forever()

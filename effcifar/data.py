@@ -63,6 +63,7 @@ _PICKLE_GLOBALS = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
 })
 _TAR_SUFFIXES = (".tar.gz", ".tgz")
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
 _IO_CHUNK = 1 << 20  # bytes per read when hashing or downloading
 _IMAGE_CHUNK = 4096  # images per step in mean_std and make_synthetic, to bound temporary memory
 _ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
@@ -359,6 +360,9 @@ def _unpickle(raw: bytes, what: str) -> dict:
         batch = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except (DataError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise DataError(f"{what}: not a valid CIFAR pickle: {e}") from e
+    except MemoryError as e:  # an array larger than any CIFAR batch, e.g. 1 TiB asked for in a few bytes
+        raise DataError(f"{what}: not a valid CIFAR pickle: it asks for more memory than this machine has "
+                        f"({e})") from None
     if not isinstance(batch, dict):
         raise DataError(f"{what}: expected a pickled dict, got {type(batch).__name__}")
     return batch
@@ -464,6 +468,13 @@ def _load_npz(path: Path, spec: ArchiveSpec) -> CifarData:
     """Load and validate an .npz with x_train/y_train/x_test/y_test (uint8 NHWC) and optional class_names."""
     keys = ("x_train", "y_train", "x_test", "y_test")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read .npz: {e.strerror or e}") from None
+    if magic not in _ZIP_MAGIC:
+        raise DataError(f"{path}: not an .npz archive (expected a zip of .npy arrays, as numpy.savez writes)")
+    try:
         with np.load(path, allow_pickle=False) as npz:
             for key in keys:
                 if key not in npz.files:
@@ -471,6 +482,8 @@ def _load_npz(path: Path, spec: ArchiveSpec) -> CifarData:
             arrays = {key: npz[key] for key in keys + ("class_names",) if key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"{path}: cannot read .npz: {e}") from e
+    except MemoryError as e:  # a header that declares an array larger than memory
+        raise DataError(f"{path}: cannot read .npz: it asks for more memory than this machine has ({e})") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.shape[1:] != IMAGE_SHAPE:

@@ -13,5 +13,9 @@ class DataError(EffcifarError):
     """A dataset cannot be found, downloaded, verified or parsed."""
 
 
+class WriteError(EffcifarError):
+    """A file or run directory cannot be written: disk full, no permission, a file in its place, another writer."""
+
+
 class TrainingDiverged(EffcifarError):
     """The training loss became NaN or infinite; the run stops at the end of that epoch."""

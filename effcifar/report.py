@@ -19,7 +19,10 @@ What a directory can be (checked in this order):
 - a supernet run: `logs.tsv` with a `valid_panel_mean` column (`effcifar supernet train`).
 - a training run: `logs.tsv` with a `valid_acc` column; `summary.json` (with `test_acc`) once it
   has finished (`effcifar train`).
-Anything else is a one-line ConfigError.
+Anything else is a one-line ConfigError, and so is a file of a single run that cannot be read (not
+UTF-8, not JSON, a logs.tsv without its columns); in a pipeline directory such a part becomes a
+remark in the report. The output directory is locked while the report is written (studies are
+opened read-only: a report never creates one).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import collections
 import csv
 import html
-import json
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +46,11 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write, atomic_write_with
-from effcifar.config import build_config
+from effcifar.config import build_config, read_json, read_text
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.ranking import RankingReport, scatter_plot
 from effcifar.nas.samplers import GENERATION_ATTR
+from effcifar.rundir import locked
 
 # Pipeline stages in report order: (subdirectory, title, command that produces it).
 STAGES = (
@@ -60,6 +64,8 @@ STAGES = (
 )
 RESULTS = "results.json"
 RESULTS_COMMAND = "effcifar pipeline"
+TRAINING_COLUMNS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc")  # of logs.tsv, drawn
+SUPERNET_COLUMNS = ("epoch", "train_loss", "valid_panel_mean", "space_size")
 DPI = 100
 
 
@@ -72,6 +78,7 @@ class Section:
     images: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     table: list[list[str]] = field(default_factory=list)  # header row first
+    error: str | None = None  # why the section could not be drawn
 
 
 @dataclass
@@ -87,37 +94,28 @@ class Report:
 # Reading run directories
 
 
-def read_tsv(path: Path) -> list[dict[str, Any]]:
-    """A logs.tsv as rows of numbers (text where a value is not a number); [] if absent."""
+def read_tsv(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """A logs.tsv as rows of numbers ([] if absent); a ConfigError names the file if a column is missing or not numeric."""
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [{k: _number(v) for k, v in row.items()} for row in rows]
-
-
-def _number(text: str) -> Any:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return text
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file, or a ConfigError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    reader = csv.DictReader(io.StringIO(read_text(path, "log")), delimiter="\t")
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ConfigError(f"{path}: expected the columns {', '.join(columns)}; missing {', '.join(missing)}")
+    rows = list(reader)
+    for line, row in enumerate(rows, 2):
+        for name, value in row.items():
+            try:
+                row[name] = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path}: line {line}: column '{name}': expected a number, got {value!r}") from None
+    return rows
 
 
 def _tsv_columns(path: Path) -> list[str]:
     if not path.is_file():
         return []
-    with path.open() as f:
-        return f.readline().rstrip("\n").split("\t")
+    return read_text(path, "log").partition("\n")[0].split("\t")
 
 
 def run_kind(run_dir: Path) -> str | None:
@@ -147,24 +145,10 @@ def training_runs(run_dir: Path) -> list[Path]:
 
 
 def load_study(config_cls: type, config_file: Path) -> optuna.Study:
-    """The study of an HPO or search run, opened read-only (never created).
+    """The study of an HPO or search run, opened read-only (nothing is created; see `effcifar.studies.load_study`)."""
+    from effcifar import studies
 
-    It is the study named in the config, else the one named after the directory, else the
-    only study in the storage.
-    """
-    from effcifar.studies import open_storage
-
-    run_dir = config_file.parent
-    config = build_config(config_cls, config_file)
-    storage = open_storage(config, run_dir)
-    names = optuna.study.get_all_study_names(storage)
-    wanted = [n for n in (config.study, run_dir.name) if n in names]
-    if not wanted and len(names) == 1:
-        wanted = names
-    if not wanted:
-        raise ConfigError(f"{run_dir}: no study {config.study or run_dir.name!r} in its storage "
-                          f"(found {', '.join(names) or 'none'})")
-    return optuna.load_study(study_name=wanted[0], storage=storage)
+    return studies.load_study(build_config(config_cls, config_file), config_file.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +212,7 @@ def training_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> S
     loss_ax, acc_ax = figure.subplots(1, 2)
     section.table.append(["run", "epochs", "test accuracy", "train time (s)", "params", "MFLOPs"])
     for i, run in enumerate(runs):
-        rows, color = read_tsv(run / "logs.tsv"), f"C{i}"
+        rows, color = read_tsv(run / "logs.tsv", TRAINING_COLUMNS), f"C{i}"
         label = run.name if len(runs) > 1 else ""
         epochs = [r["epoch"] for r in rows]
         for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
@@ -371,7 +355,7 @@ def parallel_coordinates(complete: list[FrozenTrial], title: str, out_dir: Path,
 def supernet_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
     """Panel accuracies per epoch (largest, smallest, random subnets, mean) with shrink events marked."""
     section = Section(title, run_dir)
-    rows = read_tsv(run_dir / "logs.tsv")
+    rows = read_tsv(run_dir / "logs.tsv", SUPERNET_COLUMNS)
     if not rows:
         section.notes.append("No epoch finished yet.")
         return section
@@ -510,7 +494,7 @@ def guarded(build: Callable[..., Section], title: str, source: Path, *args: Any)
     try:
         return build(*args)
     except EffcifarError as e:
-        return Section(title, source, notes=[f"Could not be drawn: {e}"])
+        return Section(title, source, notes=[f"Could not be drawn: {e}"], error=str(e))
 
 
 def pipeline_sections(run_dir: Path, out_dir: Path) -> tuple[list[Section], list[tuple[str, str]]]:
@@ -577,14 +561,13 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repor
         raise ConfigError(f"{run_dir}: not a run directory (expected a training, HPO, supernet, search or "
                           f"ranking run, or a pipeline directory with {', '.join(n for n, _, _ in STAGES)})")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    if kind == "pipeline":
-        sections, missing = pipeline_sections(run_dir, out)
-    else:
-        title = TITLES[kind]
-        sections, missing = [guarded(SECTIONS[kind], title, run_dir, title, run_dir, out, kind)], []
-    path = out / "report.html"
-    atomic_write(path, render_html(run_dir, sections, missing))
+    with locked(out):
+        if kind == "pipeline":  # a part that cannot be drawn becomes a remark
+            sections, missing = pipeline_sections(run_dir, out)
+        else:  # the run is the whole report: what cannot be drawn is a one-line error
+            sections, missing = [SECTIONS[kind](TITLES[kind], run_dir, out, kind)], []
+        path = out / "report.html"
+        atomic_write(path, render_html(run_dir, sections, missing))
     return Report(path, sections, missing)
 
 

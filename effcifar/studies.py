@@ -4,8 +4,12 @@ HPO (`effcifar.hpo.study`) and architecture search (`effcifar.nas.search`) are b
 trials are run by one or more worker processes, on one machine (a journal file in the run
 directory) or several (one PostgreSQL database). This module is that machinery, once:
 
-- `StorageConfig`: the config part that says where the study lives (`storage`, `heartbeat`, `study`);
+- `StorageConfig`: the config part that says where the study lives (`storage`, `heartbeat`, `study`),
+  and `redact_url`, the one redaction of a storage URL's password wherever one is saved or shown;
 - `open_storage`: the journal, or PostgreSQL with heartbeats and Optuna's retry of stale trials;
+  `load_study` opens an existing study read-only (it never creates a file, a table or a study);
+- `study_name`: the study of a run directory (recorded in it, so a renamed or copied one keeps it);
+  `check_setup`: a resumed study must have been made with the same settings;
 - `run_trials`: the worker loop. Under a lock it fails the trials of dead workers (re-queuing each),
   counts the budget (finished trials, across restarts, a retried trial counted once), reseeds the
   sampler by the trial's position and asks; then it runs the trial with a heartbeat;
@@ -18,20 +22,22 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import multiprocessing
 import os
 import socket
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from effcifar.config import execution, field_error
+from effcifar.config import build_config, changed_fields, execution, field_error, fingerprint
 from effcifar.errors import ConfigError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -46,12 +52,12 @@ class StorageConfig:
 
     storage: str | None = execution(None)  # postgresql://user@host/db shared by machines (default: the run dir's journal)
     heartbeat: float = execution(10.0)  # seconds (PostgreSQL): a trial silent for 3 heartbeats is failed and retried
-    study: str | None = None  # study name (default: the run directory's name)
+    study: str | None = None  # study name (default: the one recorded in the run directory, else its name)
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for a bad storage URL or heartbeat."""
-        if self.storage is not None and not self.storage.startswith(("postgresql://", "postgresql+psycopg://")):
-            raise field_error("storage", "a postgresql:// URL", redact_url(self.storage))
+        if self.storage is not None and not is_storage_url(self.storage):
+            raise field_error("storage", "a postgresql://USER@HOST[:PORT]/DB URL", redact_url(self.storage))
         if not self.heartbeat >= 1:
             raise field_error("heartbeat", "a number of seconds >= 1", self.heartbeat)
 
@@ -60,42 +66,147 @@ class StorageConfig:
         return self if self.storage is None else dataclasses.replace(self, storage=redact_url(self.storage))
 
 
-def check_setup(study: optuna.Study, attr: str, setup: str, refusal: str) -> None:
-    """Refuse (ConfigError `refusal`) a study whose results were recorded under another setup; record a new one's.
+STORAGE_SCHEMES = ("postgresql", "postgresql+psycopg")
+JOURNAL = "study.journal"
 
-    `setup` is the `effcifar.config.fingerprint` of what the trials' results mean.
-    """
-    if study.user_attrs.get(attr, setup) != setup:
-        raise ConfigError(refusal)
-    study.set_user_attr(attr, setup)
+
+def is_storage_url(url: str) -> bool:
+    """Whether `url` is a PostgreSQL URL whose parts parse (a port, if given, is a number 0-65535)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return False
+    return parts.scheme in STORAGE_SCHEMES and "://" in url
+
+
+def is_password_key(name: str) -> bool:
+    """A URL query parameter that carries a password (libpq's `password`, `sslpassword`; any case or encoding)."""
+    return "password" in urllib.parse.unquote_plus(name).lower()
+
+
+def _redacted(url: str) -> tuple[str, list[str]]:
+    """(the URL without its passwords, every spelling of them as written and decoded)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<not a URL>", [url]
+    if not parts.scheme or "://" not in url:
+        return "<not a URL>", [url]
+    userinfo, at, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    secrets, kept = [password], []
+    for item in parts.query.split("&") if parts.query else []:
+        name, _, value = item.partition("=")
+        if is_password_key(name):
+            secrets.append(value)
+        else:
+            kept.append(item)
+    secrets += [urllib.parse.unquote_plus(s) for s in secrets]
+    redacted = urllib.parse.urlunsplit((parts.scheme, f"{user}{at}{host}", parts.path, "&".join(kept), ""))
+    return redacted, [s for s in secrets if s]
 
 
 def redact_url(url: str) -> str:
-    """A database URL without its password, safe to print, log or save."""
-    try:
-        return sqlalchemy.engine.make_url(url)._replace(password=None).render_as_string(hide_password=False)
-    except sqlalchemy.exc.ArgumentError:
-        return "<unparseable storage URL>"
+    """A storage URL without its password, in the authority or in the query, however spelt: safe to print, log or save.
+
+    With the password gone the URL still works when libpq finds it (PGPASSWORD, ~/.pgpass).
+    """
+    return _redacted(url)[0]
 
 
-def open_storage(config: StorageConfig, run_dir: Path) -> optuna.storages.BaseStorage:
-    """The journal file in the run directory, or the shared PostgreSQL database with heartbeats and retries."""
+def redact_text(text: str, url: str) -> str:
+    """`text` (e.g. a driver's error message) with every spelling of the URL's passwords masked."""
+    for secret in sorted(_redacted(url)[1], key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def check_setup(study: optuna.Study, attr: str, values: Mapping[str, Any], where: str, what: str) -> None:
+    """Refuse a study whose results were recorded under other `values` (a ConfigError naming those that
+    changed); record a new study's.
+
+    The study keeps the `effcifar.config.fingerprint` of the values (`attr`) and the values (`attr:values`).
+    """
+    setup = fingerprint(values)
+    if study.user_attrs.get(attr, setup) != setup:
+        recorded = study.user_attrs.get(f"{attr}:values")
+        changed = changed_fields(recorded, json.loads(json.dumps(values))) if isinstance(recorded, dict) else []
+        detail = f" ({', '.join(changed)} changed)" if changed else ""
+        raise ConfigError(f"{where}: the study was made with another {what}{detail}; resume with the same settings "
+                          f"or choose another --out")
+    study.set_user_attr(attr, setup)
+    study.set_user_attr(f"{attr}:values", dict(values))
+
+
+def open_storage(config: StorageConfig, run_dir: Path, read_only: bool = False) -> optuna.storages.BaseStorage:
+    """The journal file in the run directory, or the shared PostgreSQL database with heartbeats and retries.
+
+    `read_only` opens what exists and creates nothing: a run directory without a journal, or a
+    database without Optuna's tables, is a ConfigError.
+    """
     if config.storage is None:
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "study.journal")))
+        journal = run_dir / JOURNAL
+        if read_only and not journal.is_file():
+            raise ConfigError(f"{run_dir}: no study yet (no {JOURNAL})")
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     try:
-        with warnings.catch_warnings(), advisory_lock(config.storage, "effcifar schema"):  # workers start together
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                config.storage, heartbeat_interval=max(1, round(config.heartbeat)),
-                grace_period=max(3, round(3 * config.heartbeat)),
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        password = sqlalchemy.engine.make_url(config.storage).password
-        if password:
-            reason = reason.replace(str(password), "***")
-        raise ConfigError(f"cannot open storage {redact_url(config.storage)}: {reason}") from None
+            if read_only:
+                return optuna.storages.RDBStorage(config.storage, skip_table_creation=True)
+            with advisory_lock(config.storage, "effcifar schema"):  # workers start together
+                retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+                return optuna.storages.RDBStorage(
+                    config.storage, heartbeat_interval=max(1, round(config.heartbeat)),
+                    grace_period=max(3, round(3 * config.heartbeat)), heartbeat_stale_trial_callback=retry,
+                )
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError) as e:
+        raise storage_error("cannot open storage", config.storage, e) from None
+
+
+def storage_error(action: str, url: str, error: Exception) -> ConfigError:
+    """A one-line error about a database: the driver's first line, with every spelling of the password masked."""
+    cause = error.__cause__ or error  # Optuna wraps the SQLAlchemy error, which wraps the driver's
+    reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+    return ConfigError(f"{action} {redact_url(url)}: {redact_text(reason, url)}")
+
+
+def study_name(storage: optuna.storages.BaseStorage, config: StorageConfig, run_dir: Path,
+               recorded: str | None) -> str:
+    """The study of a run directory: the name `recorded` in it, else the only study of its journal (directories
+    from before names were recorded), else `config.study`, else the directory's name.
+
+    A `config.study` that names another study than the recorded one is a ConfigError.
+    """
+    known = recorded
+    if known is None and config.storage is None:
+        names = optuna.study.get_all_study_names(storage)
+        known = names[0] if len(names) == 1 else None
+    if known is not None and config.study not in (None, known):
+        raise ConfigError(f"{run_dir}: holds the study {known!r}; --study {config.study!r} names another "
+                          f"(leave --study out to resume it, or choose another --out)")
+    return known or config.study or run_dir.name
+
+
+def recorded_study(config_file: Path, cls: type[StorageConfig]) -> str | None:
+    """The study name a run directory's saved config (hpo.yaml, search.yaml) records, if it has one."""
+    return build_config(cls, config_file).study if config_file.is_file() else None
+
+
+def load_study(config: StorageConfig, run_dir: Path) -> optuna.Study:
+    """The run directory's existing study, opened read-only (`config.study` is the name recorded in it)."""
+    storage = open_storage(config, run_dir, read_only=True)
+    try:
+        names = optuna.study.get_all_study_names(storage)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # e.g. no tables there
+        raise storage_error("cannot read the studies of", config.storage or "", e) from None
+    name = study_name(storage, dataclasses.replace(config, study=None), run_dir, config.study)  # nothing asked
+    if name not in names:
+        where = JOURNAL if config.storage is None else redact_url(config.storage)
+        listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ConfigError(f"{run_dir}: no study {name!r} in {where} (studies there: {listed or 'none'})")
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 @contextlib.contextmanager

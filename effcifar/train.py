@@ -8,6 +8,7 @@ stop the run (hyper-parameter search prunes through them).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -16,7 +17,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -24,11 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import effcifar
+from effcifar import memory
 from effcifar.atomic import atomic_torch_save, atomic_write
-from effcifar.config import execution, field_error, save_config
+from effcifar.config import build_from_layers, execution, field_error, read_json, save_config
 from effcifar.errors import ConfigError, TrainingDiverged
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
+from effcifar.rundir import locked
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Recipes by name, as "module:class" (like entry points): core names a recipe module but never imports
@@ -38,6 +41,7 @@ RECIPES = {"resnet9": "effcifar.train:Recipe", "airbench": "effcifar.airbench:Ai
 ARCH_FILE_READER = "effcifar.nas.space:load_arch_file"
 SUBNET_BUILDER = "effcifar.nas.space:build_standalone"
 ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
+IMAGE_SIDE = 32
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
 
 
@@ -132,6 +136,9 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
     `effcifar search` writes them) is built in that space and `space` is ignored.
     """
 
+    # Counted in epochs of the run: a layer (file, option) that sets total_epoch alone scales them with it.
+    SCHEDULE: ClassVar[dict[str, tuple[str, ...]]] = {"total_epoch": ("peak_epoch", "whiten_bias_epochs")}
+
     recipe: str = "resnet9"
     arch: str | None = None  # architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)
     space: str = "seed"  # the space `arch` belongs to (a built-in name or a space file), unless the file embeds one
@@ -156,9 +163,8 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
 
     @classmethod
     def for_recipe(cls, recipe: str = "resnet9", **fields: Any) -> "TrainConfig":
-        """A config of `recipe` with its defaults, where the given `fields` win (as build_config does)."""
-        values = {"recipe": recipe, **fields}
-        return cls(**{**cls.recipe_defaults(values), **values})
+        """A checked config of `recipe` with its defaults, where the given `fields` win (as build_config does)."""
+        return build_from_layers(cls, [("TrainConfig.for_recipe", {"recipe": recipe, **fields}, False)])
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first value outside its range."""
@@ -191,8 +197,7 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
             raise field_error("label_smoothing", "a number in [0, 1)", self.label_smoothing)
         if self.precision not in PRECISIONS:
             raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise field_error("device", "auto, cpu, cuda or cuda:N", self.device)
+        check_device_name(self.device)  # whether the machine has that GPU is asked where the run starts
         if self.arch is not None:
             if self.recipe != "resnet9":
                 raise field_error("arch", f"none with recipe {self.recipe} (a NAS subnet trains with resnet9)", self.arch)
@@ -258,11 +263,33 @@ def lr_at(config: TrainConfig, epoch: float) -> float:
     return float(np.interp(epoch, [0, config.peak_epoch, config.total_epoch], [0, config.peak_lr, 0]))
 
 
+def check_device_name(name: str) -> None:
+    """ConfigError (field 'device') unless `name` is auto, cpu, cuda or cuda:N.
+
+    A saved config may name a GPU that the machine reading it lacks: only a run checks that.
+    """
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise field_error("device", "auto, cpu, cuda or cuda:N", name)
+
+
+def device_type(name: str) -> str:
+    """'cuda' or 'cpu': the kind of device a checked name means here, without asking for that GPU."""
+    check_device_name(name)
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' means the first GPU when there is one."""
+    """'auto' means the first GPU when there is one; a bad name or a GPU this machine lacks is a ConfigError."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"{count} CUDA device(s)" if torch.version.cuda else f"a PyTorch {torch.__version__} without CUDA"
+            raise field_error("device", f"auto or cpu, or a GPU this machine has ({have})", name)
+    return device
 
 
 def cpu_has_bf16_matrix_units() -> bool:
@@ -290,9 +317,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def split_sizes(data: CifarData, subset: int, holdout: int) -> tuple[int, int]:
+    """(training images, evaluation images: held-out and test) of a split.
+
+    ConfigError if holdout or subset ask for more training images than the dataset has.
+    """
+    n = len(data.y_train)
+    if holdout >= n:
+        raise field_error("holdout", f"fewer than the {n} training images of {data.name}", holdout)
+    if subset > n - holdout:
+        raise field_error("subset", f"at most the {n - holdout} training images of {data.name} left after "
+                          f"holdout={holdout}", subset)
+    return subset or n - holdout, holdout + len(data.y_test)
+
+
+def check_memory(config: TrainConfig, data: CifarData, device: torch.device, precision: str,
+                 build: Callable[[], nn.Module]) -> None:
+    """Refuse a run whose network `build()` and data cannot fit on the device, before anything is allocated."""
+    n_train, n_eval = split_sizes(data, config.subset, config.holdout)
+    side = IMAGE_SIDE + 2 * config.crop_pad  # training images are kept reflect-padded
+    data_bytes = n_train * (3 * side * side + 8) + n_eval * (3 * IMAGE_SIDE * IMAGE_SIDE + 8)  # uint8, int64 labels
+    need = memory.estimate(build, config.batch_size, config.eval_batch_size, data_bytes,
+                           activation_bytes=2 if precision in ("bf16", "fp16") else 4)
+    memory.check(need, device, "the widths (prep, layer1..3), batch_size, eval_batch_size or subset")
+
+
 def split_data(data: CifarData, subset: int, holdout: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_valid, y_valid): optional subset and hold-out from a fixed shuffle; else valid = test."""
     n = len(data.y_train)
+    split_sizes(data, subset, holdout)
     order = np.random.default_rng(SPLIT_SEED).permutation(n)
     valid_idx = order[n - holdout:] if holdout else None
     train_idx = order[: n - holdout]
@@ -517,9 +570,18 @@ def train(
     """Run one training run; write the run directory if `out_dir` is given.
 
     `data` lets a caller that runs many trials load the dataset once. Each callback receives
-    the metrics of every epoch; if one returns True the run stops after that epoch.
+    the metrics of every epoch; if one returns True the run stops after that epoch. The run
+    directory is locked while the run writes it (`effcifar.rundir`).
     """
     config.validate()
+    out = Path(out_dir) if out_dir is not None else None
+    with locked(out) if out is not None else contextlib.nullcontext():
+        return run_training(config, out, callbacks, on_step, data)
+
+
+def run_training(config: TrainConfig, out: Path | None, callbacks: Sequence[EpochCallback], on_step: StepHook | None,
+                 data: CifarData | None) -> TrainResult:
+    """The body of `train`, with its run directory (if any) locked."""
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -529,6 +591,7 @@ def train(
         torch.backends.cudnn.benchmark = True
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
     recipe = recipe_for(config)
+    check_memory(config, data, device, precision, lambda: recipe.build_model(data.num_classes))
     train_loader, valid_loader = device_loaders(config, data, device, recipe.augment())
     test_loader = valid_loader
     if config.holdout:
@@ -543,9 +606,7 @@ def train(
     params, flops = count_parameters(model), count_flops(model)
     step_fn = recipe.train_step(model, precision)
 
-    out = Path(out_dir) if out_dir is not None else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         if config.arch is not None:  # the run keeps its architecture and space, wherever the file was
             space, arch = config.architecture()
@@ -627,7 +688,7 @@ def train(
 def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a trained network from a run directory (summary.json + model.pt, weights_only; arch.json for a subnet)."""
     run = Path(run_dir)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_json(run / "summary.json", "run summary")
     config = TrainConfig(**summary["config"])
     if config.arch is not None and (run / ARCH_FILE).is_file():
         config.arch = str(run / ARCH_FILE)  # the run's own copy (with its space)

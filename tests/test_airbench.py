@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from effcifar import cli
 from effcifar.airbench import (
-    AIRBENCH_FIELDS, AirbenchRecipe, Lookahead, alternate_flip_, build_airbench_net, multicrop_logits, patch_whitening,
+    AIRBENCH_FIELDS, WHITEN_IMAGES, AirbenchRecipe, Lookahead, alternate_flip_, build_airbench_net, multicrop_logits,
+    patch_whitening, whitening_sample,
 )
 from effcifar.config import build_config
 from effcifar.data import DeviceLoader, make_synthetic
@@ -35,8 +36,9 @@ def correlated_images(n=64, seed=0):
     return x + 0.8 * x.roll(1, 3) + 0.5 * x[:, :1] + 0.3  # neighbouring pixels and channels correlate
 
 
-def loader_for(images, **kw):
-    return DeviceLoader(images, np.arange(len(images)), batch_size=len(images), mean=np.zeros(3, np.float32),
+def loader_for(images, labels=None, **kw):
+    labels = np.arange(len(images)) if labels is None else labels
+    return DeviceLoader(images, labels, batch_size=len(images), mean=np.zeros(3, np.float32),
                         std=np.ones(3, np.float32), channels_last=False, **kw)
 
 
@@ -70,6 +72,31 @@ def test_whitening_bias_freezes_after_its_epochs(synthetic):
     assert model[0].bias.requires_grad
     recipe.start_epoch(2, model, loader)
     assert not model[0].bias.requires_grad and not model[0].weight.requires_grad
+
+
+def test_whitening_uses_a_seeded_random_sample_not_the_first_images(synthetic):
+    order = np.argsort(synthetic.y_train, kind="stable")  # class-major, like the shared CIFAR-10 copy
+    loader = loader_for(synthetic.x_train[order], labels=synthetic.y_train[order])
+    first = synthetic.y_train[order][:500]
+    assert len(set(first.tolist())) == 5  # the first 500 images are five of the ten classes
+    index = torch.randperm(len(order), generator=torch.Generator().manual_seed(3))[:500]
+    assert len(set(synthetic.y_train[order][index.numpy()].tolist())) == 10
+    sample = whitening_sample(loader, 500, seed=3)
+    assert torch.equal(sample, whitening_sample(loader, 500, seed=3))  # seeded: the same run, the same filters
+    assert not torch.equal(sample, whitening_sample(loader, 500, seed=4))
+    expected = torch.from_numpy(synthetic.x_train[order][index.numpy()]).permute(0, 3, 1, 2).float()
+    assert torch.equal(sample, expected)  # those images, whole (un-padded), normalised as the loader does
+
+
+def test_the_recipe_whitens_a_sample_of_every_class():
+    data = make_synthetic(10, n_train=2 * WHITEN_IMAGES, n_test=0)
+    order = np.argsort(data.y_train, kind="stable")
+    loader = loader_for(data.x_train[order], labels=data.y_train[order])
+    weight = AirbenchRecipe(tiny(seed=3)).build_model(10, loader)[0].weight.detach()
+    assert torch.equal(weight, patch_whitening(whitening_sample(loader, WHITEN_IMAGES, 3), 2)[0])
+    first = torch.from_numpy(data.x_train[order][:WHITEN_IMAGES]).permute(0, 3, 1, 2).float()
+    other = patch_whitening(first, 2)[0]  # what the first images (five classes) would have given
+    assert (weight - other).norm() > 0.2 * weight.norm(), ((weight - other).norm(), weight.norm())
 
 
 # alternating flip -------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,30 @@ def test_help_lists_every_config_field():
     for option in ("--peak-lr", "--base-wd", "--logits-weight", "--peak-epoch", "--cutout", "--epochs",
                    "--prep", "--layer1", "--res-layer1", "--extra-layer3", "--tta", "--compile", "--data-dir"):
         assert option in r.stdout
+    assert "without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its fraction of the run" in \
+        " ".join(r.stdout.split())
+
+
+def test_epochs_alone_is_accepted_and_moves_the_peak(tmp_path):
+    out = tmp_path / "run"
+    r = effcifar("train", *[a for a in TINY if a not in ("--peak-epoch", "0.5")], "--epochs", "2", "--out", str(out),
+                 "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["config"]["peak_epoch"] == pytest.approx(2 * 5 / 24)
+
+
+def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    assert effcifar("train", *TINY, "--out", str(out), "--quiet").returncode == 0
+    model = (out / "model.pt").read_bytes()
+    limit = len(model) - 1  # the logs and the config still fit; the model does not (EFBIG, as a full disk)
+    r = subprocess.run([sys.executable, "-m", "effcifar", "train", *TINY, "--seed", "1", "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"{out / 'model.pt'}: disk full (File too large); the previous file, if any, is kept" in r.stderr
+    assert (out / "model.pt").read_bytes() == model
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file, no lock left
 
 
 def test_data_download_of_a_generated_dataset_is_refused():

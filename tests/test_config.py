@@ -3,10 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from effcifar.config import build_config, read_config_file, save_config
 from effcifar.errors import ConfigError
-from effcifar.train import TrainConfig
+from effcifar.train import TrainConfig, resolve_device
 
 
 def test_defaults_are_the_cifar10_fast_recipe():
@@ -75,3 +76,49 @@ def test_a_key_given_twice_is_an_error(tmp_path, name, content):
     with pytest.raises(ConfigError, match="duplicate key 'peak_lr'") as e:
         build_config(TrainConfig, path)
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("recipe, epochs, peak, whiten_bias", [
+    ("resnet9", "1", 5 / 24, 1),  # the default peak 5 of 24 would be refused after epoch 1
+    ("resnet9", "12", 2.5, 2),
+    ("resnet9", "48", 10.0, 6),
+    ("airbench", "1", 0.23, 1),  # its peak 2.3 of 10 and whitening bias 3 of 10 epochs
+    ("airbench", "20", 4.6, 6),
+    ("airbench", "10", 2.3, 3),
+])
+def test_epochs_alone_keep_the_schedule_shape(recipe, epochs, peak, whiten_bias):
+    c = build_config(TrainConfig, None, {"recipe": recipe, "total_epoch": epochs}, overrides_from_text=True)
+    assert (c.total_epoch, c.peak_epoch, c.whiten_bias_epochs) == (int(epochs), pytest.approx(peak), whiten_bias)
+
+
+def test_the_length_scales_what_the_layers_below_set_and_not_what_its_own_layer_sets(tmp_path):
+    file = tmp_path / "best.json"
+    file.write_text(json.dumps({"total_epoch": 20, "peak_epoch": 4}))
+    assert build_config(TrainConfig, file, {"total_epoch": "10"}, overrides_from_text=True).peak_epoch == 2
+    c = build_config(TrainConfig, file, {"total_epoch": "10", "peak_epoch": "7"}, overrides_from_text=True)
+    assert c.peak_epoch == 7  # set with the length: as given
+    file.write_text(json.dumps({"peak_epoch": 6}))  # 6 of the default 24 epochs
+    assert build_config(TrainConfig, file, {"total_epoch": "12"}, overrides_from_text=True).peak_epoch == 3
+    file.write_text(json.dumps({"peak_epoch": 6, "total_epoch": 12}))
+    assert build_config(TrainConfig, file).peak_epoch == 6  # one layer sets both: nothing is scaled
+    with pytest.raises(ConfigError, match="command line: field 'peak_epoch': expected a number in"):
+        build_config(TrainConfig, file, {"peak_epoch": "13"}, overrides_from_text=True)
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "1e400"])
+def test_non_finite_numbers_are_refused(text):
+    with pytest.raises(ConfigError, match=f"command line: field 'peak_lr': expected a finite number, got '{text}'"):
+        build_config(TrainConfig, None, {"peak_lr": text}, overrides_from_text=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine without a GPU")
+def test_a_saved_config_naming_a_gpu_is_read_and_only_a_run_needs_the_gpu(tmp_path):
+    path = tmp_path / "config.yaml"  # e.g. a supernet trained on a GPU, searched on a laptop with --device cpu
+    path.write_text("device: cuda\nrecipe: airbench\n")
+    config = build_config(TrainConfig, path)
+    assert config.device == "cuda" and config.compile  # airbench compiles on GPUs
+    with pytest.raises(ConfigError, match="field 'device': expected auto or cpu, or a GPU this machine has"):
+        resolve_device(config.device)
+    with pytest.raises(ConfigError, match=f"{path}: field 'device': expected auto, cpu, cuda or cuda:N, got 'cuda:x'"):
+        path.write_text("device: cuda:x\n")
+        build_config(TrainConfig, path)

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -15,10 +16,11 @@ import optuna
 import pytest
 
 from effcifar.config import save_config
-from effcifar.dashboard import dashboard_url, serve_dashboard
+from effcifar.dashboard import dashboard_url, network_warning, serve_dashboard
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, open_study
 from effcifar.nas.search import SearchConfig
+from effcifar.studies import open_storage
 
 SPACE = str(Path(__file__).resolve().parents[1] / "examples" / "search_space.json")
 ACCURACIES = (0.91, 0.93, 0.92)
@@ -29,9 +31,9 @@ def run_dir(tmp_path: Path) -> Path:
     """An HPO run directory whose study has three finished trials (no training)."""
     run = tmp_path / "hpo"
     run.mkdir()
-    config = HpoConfig(space=SPACE)
+    config = HpoConfig(space=SPACE, study=run.name)
     save_config(config, run / "hpo.yaml")
-    study = open_study(config, run)
+    study = open_study(config, open_storage(config, run))
     lr = optuna.distributions.FloatDistribution(0.01, 0.5, log=True)
     for i, acc in enumerate(ACCURACIES):
         study.add_trial(optuna.trial.create_trial(
@@ -127,8 +129,33 @@ def test_binds_loopback_by_default(server):
             socket.create_connection((outward, port), timeout=2).close()
 
 
+def test_a_host_beyond_loopback_needs_the_flag_and_is_warned_about():
+    assert all(network_warning(host, 8080, False) is None for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    for host in ("0.0.0.0", "192.0.2.7", "::", "myhost.example"):
+        with pytest.raises(ConfigError, match=f"--host {re.escape(host)}: optuna-dashboard has no login"):
+            network_warning(host, 8080, False)
+    assert network_warning("0.0.0.0", 8080, True) == ("the dashboard on 0.0.0.0:8080 is reachable from the network: "
+                                                      "optuna-dashboard has no login, and anyone who can reach it can "
+                                                      "edit and delete studies")
+
+
+def test_allow_network_serves_and_prints_the_warning(run_dir, tmp_path):
+    port, log = free_port(), tmp_path / "cli.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "effcifar", "dashboard", str(run_dir), "--host", "0.0.0.0",
+                                    "--allow-network", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert [s["study_name"] for s in wait_for_studies(f"http://127.0.0.1:{port}", process, log)] == [run_dir.name]
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+    text = log.read_text()
+    assert "effcifar: warning: the dashboard on 0.0.0.0:" in text and "can edit and delete studies" in text
+    assert f"dashboard of {run_dir}: http://0.0.0.0:{port}/dashboard" in text
+
+
 def test_not_a_run_dir_is_a_one_line_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="not an HPO run directory") as error:
+    with pytest.raises(ConfigError, match="not an HPO run directory or a search run directory") as error:
         serve_dashboard(tmp_path, port=free_port())
     assert "\n" not in str(error.value)
 

@@ -9,14 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 import warnings
+from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
-from effcifar.hpo.study import load_run
+from effcifar.config import save_config
+from effcifar.hpo.study import HpoConfig, load_run
 from effcifar.studies import redact_url
 
 from conftest import TINY_BASE
@@ -81,12 +85,75 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(tmp_path, files)
     assert retry[0].params == failed[0].params
 
 
-def test_bad_password_is_one_line_and_not_printed(tmp_path, files):
-    bad = URL.replace(URL.split("://", 1)[1].split("@", 1)[0], "effcifar:not-the-password-42")
+USER, _, PASSWORD = (URL or "postgresql://user:pw@host/db").split("://", 1)[1].split("@", 1)[0].partition(":")
+SERVER = (URL or "postgresql://user:pw@host/db").split("@", 1)[1]  # host:port/db
+ENCODED = urllib.parse.quote(PASSWORD, safe="")
+
+
+def spellings(password: str) -> list[bytes]:
+    """The forms a password could be written in: as given, percent-encoded (every character, or the unsafe ones)."""
+    every = "".join(f"%{b:02X}" for b in password.encode())
+    return [s.encode() for s in {password, urllib.parse.quote(password, safe=""), every, every.lower()}]
+
+
+@pytest.mark.parametrize("url", [
+    f"postgresql://{USER}:not-the-password-42@{SERVER}",
+    f"postgresql://{USER}@{SERVER}?password=not-the-password-42",
+    f"postgresql://{USER}@{SERVER}?sslmode=disable&PassWord=not%2Dthe%2Dpassword%2D42",
+])
+def test_bad_password_is_one_line_and_not_printed(tmp_path, files, url):
     base, space = files
     r = subprocess.run([sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
-                        "--storage", bad, "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+                        "--storage", url, "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert "not-the-password-42" not in r.stderr + r.stdout
-    assert "cannot open storage postgresql" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not any(s.decode() in r.stderr + r.stdout for s in spellings("not-the-password-42"))
+    assert f"cannot open storage postgresql://{USER}@{SERVER}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_the_password_reaches_no_file_and_no_screen(tmp_path):
+    """A pipeline with both studies on PostgreSQL (the password in the authority for HPO, percent-encoded in the
+    query for the search), --show-config, the read-only commands and a resume from PGPASSWORD: every byte every
+    file holds and everything printed is searched for the password, in any spelling."""
+    out = tmp_path / f"secret-{uuid.uuid4().hex[:8]}"  # the studies are named after it in the shared database
+    in_query = f"postgresql://{USER}@{SERVER}?sslmode=disable&pass%77ord={ENCODED}"
+    settings = ["--set", f"hpo.storage={URL}", "--set", f"search.storage={in_query}", "--set", "hpo.trials=2",
+                "--set", "search.evaluations=4", "--set", "retrain.top=1", "--set", "nas_eval.sample=0"]
+    tiny = str(Path(__file__).parent / "data" / "pipeline_tiny.yaml")
+    printed = []
+
+    def run(*args: str, env: dict | None = None) -> str:
+        r = subprocess.run([sys.executable, "-m", "effcifar", *args], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, **(env or {})})
+        printed.append(r.stdout + r.stderr)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    shown = run("pipeline", "--config", tiny, *settings, "--show-config")
+    assert yaml.safe_load(shown)["hpo"]["storage"] == f"postgresql://{USER}@{SERVER}"
+    assert yaml.safe_load(shown)["search"]["storage"] == f"postgresql://{USER}@{SERVER}?sslmode=disable"
+    run("pipeline", "--config", tiny, *settings, "--quiet", "--out", str(out))
+    with_pgpassword = {"PGPASSWORD": PASSWORD}
+    for action in ("status", "best", "export"):
+        run("hpo", action, str(out / "hpo"), env=with_pgpassword)
+    resumed = run("pipeline", "--config", str(out / "pipeline.yaml"), "--quiet", "--out", str(out), env=with_pgpassword)
+    assert resumed.count("skipped (finished)") == 6 and "nas_eval: skipped (nas_eval.sample is 0)" in resumed
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"pipeline.yaml", "hpo.yaml", "search.yaml", "trials.csv", "report.html"} <= {p.name for p in files}
+    for secret in spellings(PASSWORD):
+        assert not [p for p in files if secret in p.read_bytes()], secret
+        assert not [text for text in printed if secret.decode() in text], secret
+
+
+def test_read_only_commands_create_no_study_in_the_database(tmp_path):
+    run = tmp_path / "never-ran"
+    run.mkdir()
+    name = f"absent-{uuid.uuid4().hex[:8]}"
+    save_config(HpoConfig(space="space.json", storage=redact_url(URL), study=name), run / "hpo.yaml")
+    for command in (["hpo", "status"], ["hpo", "best"], ["hpo", "export"], ["dashboard"], ["report"]):
+        r = subprocess.run([sys.executable, "-m", "effcifar", *command, str(run)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "PGPASSWORD": PASSWORD})
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"{run}: no study '{name}' in postgresql://{USER}@{SERVER} (studies there:" in r.stderr
+    assert name not in optuna.study.get_all_study_names(URL)
+    assert sorted(p.name for p in run.iterdir()) == ["hpo.yaml"]

@@ -1,7 +1,10 @@
 """Studies end to end on synthetic data: budget, workers, resume after a killed worker, failures, best.json."""
 
+import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,9 +19,10 @@ from optuna.trial import TrialState
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, load_run, open_study, run_study, select_best, write_best
+from effcifar.studies import open_storage
 from effcifar.train import TrainConfig
 
-from conftest import TINY_BASE
+from conftest import TINY_BASE, TINY_SPACE
 
 
 def states(run_dir):
@@ -57,11 +61,84 @@ def test_budget_counts_across_restarts_and_seed_reproduces(tmp_path, files):
     run_study(cfg, tmp_path / "b")
     params = lambda run: [t.params for t in load_run(run)[1].get_trials()[:2]]  # noqa: E731
     assert params(tmp_path / "a") == params(tmp_path / "b")
-    other_base = tmp_path / "other_base.json"
-    other_base.write_text(json.dumps({**json.loads(base.read_text()), "label_smoothing": 0.1}))
-    with pytest.raises(ConfigError, match="another search space, base config or objective"):
-        run_study(HpoConfig(**{**cfg.__dict__, "base": str(other_base), "trials": 4}), tmp_path / "a")
-    assert len(states(tmp_path / "a")) == 3
+
+
+@pytest.fixture(scope="module")
+def one_trial_study(tmp_path_factory):
+    """(run directory of a finished one-trial study, its config, a folder of other files)."""
+    files = tmp_path_factory.mktemp("files")
+    (files / "base.json").write_text(json.dumps(TINY_BASE))
+    (files / "space.json").write_text(json.dumps(TINY_SPACE))
+    (files / "other_base.json").write_text(json.dumps({**TINY_BASE, "label_smoothing": 0.1}))
+    (files / "other_space.json").write_text(json.dumps({**TINY_SPACE, "cutout": {"_type": "choice", "_value": [0]}}))
+    config = HpoConfig(space=str(files / "space.json"), base=str(files / "base.json"), trials=1, seed=7,
+                       sampler="random", pruner="none")
+    run = tmp_path_factory.mktemp("study") / "hpo"
+    run_study(config, run)
+    return run, config, files
+
+
+@pytest.mark.parametrize("change, changed", [
+    ({"sampler": "tpe"}, "sampler"),
+    ({"pruner": "median"}, "pruner"),
+    ({"seed": 8}, "seed"),
+    ({"objective": "acc,time"}, "objective"),
+    ({"dataset": "synthetic100"}, "base.dataset"),
+    ({"base": "other_base.json"}, "base.label_smoothing"),
+    ({"space": "other_space.json"}, "space.cutout._value"),
+])
+def test_resume_with_another_setup_is_refused_naming_what_changed(one_trial_study, tmp_path, change, changed):
+    original, config, files = one_trial_study
+    run = tmp_path / "hpo"
+    shutil.copytree(original, run)  # a copied run directory resumes its own study
+    before = (run / "hpo.yaml").read_bytes()
+    change = {k: str(files / v) if k in ("base", "space") else v for k, v in change.items()}
+    with pytest.raises(ConfigError, match=rf"the study was made with another .*\({re.escape(changed)} changed\)"):
+        run_study(dataclasses.replace(config, trials=2, **change), run)
+    assert states(run) == [TrialState.COMPLETE] and (run / "hpo.yaml").read_bytes() == before
+
+
+def test_resume_may_change_the_budget_tie_timeout_and_workers(one_trial_study, tmp_path):
+    original, config, _ = one_trial_study
+    run = tmp_path / "renamed"  # another name: the study name recorded in hpo.yaml is used
+    shutil.copytree(original, run)
+    run_study(dataclasses.replace(config, trials=2, tie=0.5, timeout=600.0, workers=1), run)
+    loaded_config, study = load_run(run)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
+    assert study.study_name == original.name == loaded_config.study and loaded_config.tie == 0.5
+    assert optuna.study.get_all_study_names(open_storage(loaded_config, run)) == [original.name]
+
+
+def test_a_renamed_run_directory_is_read_from_its_own_study(one_trial_study, tmp_path):
+    original, config, _ = one_trial_study
+    run = tmp_path / "moved"
+    shutil.copytree(original, run)
+    journal = (run / "study.journal").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "effcifar", "hpo", "status", str(run)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"study {original.name}: 1 trials (1 complete)" in r.stdout
+    assert (run / "study.journal").read_bytes() == journal  # read-only: no new study, nothing appended
+
+
+@pytest.mark.parametrize("action", ["status", "best", "export"])
+def test_read_only_commands_never_create_a_study(one_trial_study, tmp_path, action):
+    original, _, _ = one_trial_study
+    run = tmp_path / "no-study"
+    run.mkdir()
+    shutil.copy(original / "hpo.yaml", run / "hpo.yaml")  # a study that never started
+    r = subprocess.run([sys.executable, "-m", "effcifar", "hpo", action, str(run)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"effcifar hpo: error: {run}: no study yet (no study.journal)"
+    assert sorted(p.name for p in run.iterdir()) == ["hpo.yaml"]
+
+
+def test_another_study_name_for_a_run_directory_is_refused(one_trial_study, tmp_path):
+    original, config, _ = one_trial_study
+    run = tmp_path / "hpo"
+    shutil.copytree(original, run)
+    with pytest.raises(ConfigError, match=f"holds the study '{original.name}'; --study 'other' names another"):
+        run_study(dataclasses.replace(config, study="other"), run)
 
 
 def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files):
@@ -95,7 +172,7 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
     cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=0)
     run = tmp_path / "hpo"
     run.mkdir()
-    study = open_study(cfg, run)
+    study = open_study(cfg, open_storage(cfg, run))
     orphan = study.ask({"peak_lr": optuna.distributions.FloatDistribution(0.01, 0.5, log=True)})
     orphan.set_user_attr("worker_host", socket.gethostname())
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -15,8 +15,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "effcifar"
 # Lowest layer first; a module may import modules of its own layer or of the layers before it.
 LAYERS = [
-    ["effcifar", "effcifar.errors", "effcifar.atomic", "effcifar.config", "effcifar.data", "effcifar.models",
-     "effcifar.train", "effcifar.airbench"],
+    ["effcifar", "effcifar.errors", "effcifar.atomic", "effcifar.rundir", "effcifar.config", "effcifar.data",
+     "effcifar.memory", "effcifar.models", "effcifar.train", "effcifar.airbench"],
     ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking"],
     ["effcifar.studies"],
     ["effcifar.hpo", "effcifar.hpo.space", "effcifar.hpo.experiment", "effcifar.hpo.study",

@@ -10,6 +10,7 @@ import torch
 
 import effcifar.nas.latency as latency_lib
 import effcifar.nas.search as search_lib
+from effcifar.config import fingerprint
 from effcifar.errors import ConfigError
 from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, distinct_archs, fit_scale, load_or_measure
 from effcifar.nas.search import CandidateEvaluator, run_search
@@ -145,12 +146,12 @@ def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path
     assert all(t.values == [t.user_attrs["accuracy"], t.user_attrs["latency_ms"]] for t in done)
     assert "latency_ms" in json.loads((out / "architecture_final.json").read_text())
     # Latency values were told to the study: resuming it against FLOPs, or with another table method, is refused.
-    with pytest.raises(ConfigError, match="another supernet run or evaluation setup"):
+    with pytest.raises(ConfigError, match="another supernet run, evaluation setup or objectives"):
         run_search(config(strategy="nsga2", evaluations=6), supernet_run, out)
     by_latency, by_flops = config(strategy="nsga2", cost="latency"), config(strategy="nsga2")
-    before = [search_lib.setup_fingerprint(c, supernet_run) for c in (by_latency, by_flops)]
+    before = [fingerprint(search_lib.setup_values(c, supernet_run)) for c in (by_latency, by_flops)]
     monkeypatch.setattr(search_lib, "LATENCY_VERSION", latency_lib.VERSION - 1)
-    after = [search_lib.setup_fingerprint(c, supernet_run) for c in (by_latency, by_flops)]
+    after = [fingerprint(search_lib.setup_values(c, supernet_run)) for c in (by_latency, by_flops)]
     assert before[0] != after[0] and before[1] == after[1]
 
 

@@ -158,7 +158,7 @@ def test_nas_eval_ranks_random_subnets(search_run, tmp_path, monkeypatch):
     assert ranking["n"] == 3 and len(ranking["supernet_acc"]) == len(ranking["standalone_acc"]) == 3
     space = ArchSpace.seed()
     assert len({arch_key(space, a) for a in ranking["archs"]}) == 3
-    report = RankingReport.compute(ranking["supernet_acc"], ranking["standalone_acc"])
+    report = RankingReport.compute(ranking["supernet_score"], ranking["standalone_acc"])  # by loss, the default
     for name in ("tau", "rho", "top_overlap"):  # null where the accuracies have no spread (NaN)
         expected = getattr(report, name)
         assert ranking[name] == (None if expected != expected else pytest.approx(expected))

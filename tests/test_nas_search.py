@@ -1,6 +1,7 @@
 """Architecture search over a tiny supernet: limits, the evaluation cache, resume, export/import, the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from effcifar.errors import ConfigError
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, export_top, run_search
 from effcifar.nas.space import ArchSpace, arch_key, load_arch
 from effcifar.nas.supernet import SupernetConfig, train_supernet
+from effcifar.rundir import LOCK_FILE, locked
+from effcifar.studies import open_storage
 
 NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
 # Small generations so that a few trials reach mutation and crossover.
@@ -98,8 +101,21 @@ def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp
     evaluator = CandidateEvaluator.from_run(supernet_run, config())
     evaluator.sync(study.get_trials())
     assert all(evaluator.evaluate(t.params)[1] for t in complete(study)) and evaluator.evaluated == []
-    with pytest.raises(ConfigError, match="another supernet run or evaluation setup"):
+    with pytest.raises(ConfigError, match=r"another supernet run, evaluation setup or objectives \(bn_batches chan"):
         run_search(config(strategy="random", evaluations=10, bn_batches=1), supernet_run, out)
+    moved = tmp_path / "moved"  # a renamed search directory keeps its study (the name search.yaml records)
+    out.rename(moved)
+    study = run_search(config(strategy="random", evaluations=10), supernet_run, moved)
+    assert study.study_name == "s" and len(study.trials) == 10
+    assert optuna.study.get_all_study_names(open_storage(config(), moved)) == ["s"]
+
+
+def test_a_search_directory_in_use_is_refused(supernet_run, tmp_path):
+    with locked(tmp_path / "s"):
+        result = cli(str(supernet_run), "--evaluations", "2", "--out", str(tmp_path / "s"))
+        assert [p.name for p in (tmp_path / "s").iterdir()] == [LOCK_FILE]  # the refused search wrote nothing
+    assert result.returncode == 2 and f"{tmp_path / 's'}: in use by another effcifar process (PID {os.getpid()})" \
+        in result.stderr
 
 
 def test_export_then_import_round_trip(supernet_run, tmp_path):
@@ -107,7 +123,7 @@ def test_export_then_import_round_trip(supernet_run, tmp_path):
     study = run_search(config(strategy="evolution", evaluations=6), supernet_run, out)
     space = ArchSpace.seed()
     records = export_top(study, out, 3)
-    assert [r["accuracy"] for r in records] == sorted((r["accuracy"] for r in records), reverse=True)
+    assert [r["loss"] for r in records] == sorted(r["loss"] for r in records)  # best first, by loss (the default)
     for i, record in enumerate(records):
         saved = json.loads((out / "arch" / f"top_{i}.json").read_text())
         assert set(saved) >= {"arch", "accuracy", "top5", "flops", "params"} and saved == record

@@ -13,6 +13,7 @@ import yaml
 
 from effcifar.errors import ConfigError
 from effcifar.pipeline import STAGES, load_pipeline_config, nest
+from effcifar.rundir import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "pipeline_tiny.yaml"
@@ -224,6 +225,22 @@ def test_kill_anywhere_then_resume_ends_with_the_same_files(uninterrupted, tmp_p
     assert len(lost) <= 1 and [t["state"] for t in trials].count("COMPLETE") == 3  # the cut trial retried, none redone
 
 
+def test_a_second_pipeline_on_the_same_directory_is_refused_and_the_first_ends_intact(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    out = tmp_path / "run"
+    first = pipeline(out)
+    deadline = time.time() + 300
+    while not (out / "hpo" / "trials").is_dir():  # the first is in the middle of its study
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    output = finish_failing(pipeline(out))
+    assert output.count("\n") == 1 and f"{out}: in use by another effcifar process (PID {first.pid})" in output
+    finish(first)
+    for name in SAME_BYTES:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert accuracies(out) == accuracies(reference) and not (out / LOCK_FILE).exists()
+
+
 def test_readme_main_job_command_is_the_pipeline_command():
     """`make demo` (the README's main-job command) runs `effcifar pipeline` (which the tests above run)."""
     result = subprocess.run(["make", "-n", "-s", "demo", "-o", ".venv/.effcifar-installed", "DATASET=synthetic",
@@ -263,4 +280,4 @@ def test_out_that_is_a_file_is_a_one_line_error(tmp_path):
     file = tmp_path / "taken"
     file.write_text("mine")
     output = finish_failing(pipeline(file))
-    assert f"error: --out {file}: expected a pipeline directory, got a file" in output and file.read_text() == "mine"
+    assert f"error: {file}: expected a run directory, got a file" in output and file.read_text() == "mine"

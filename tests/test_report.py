@@ -139,6 +139,17 @@ def test_cli_prints_the_page_and_the_sections(pipeline, tmp_path):
     assert "Baseline training" in r.stdout and "missing" in r.stdout and "effcifar hpo run" in r.stdout
 
 
+def test_an_unreadable_part_of_a_pipeline_is_named_and_the_rest_drawn(pipeline, tmp_path):
+    root = partial(pipeline, tmp_path, "baseline")
+    (root / "results.json").write_bytes(b"\xff\xfe[]")
+    r = subprocess.run([sys.executable, "-m", "effcifar", "report", str(root)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"not drawn: Final results: {root / 'results.json'}: not a UTF-8 text file (byte 0xff at offset 0)" in \
+        " ".join(r.stdout.split())
+    assert (root / "report" / "baseline_curves.png").is_file() and not (root / "report" / ".lock").exists()
+
+
 def test_report_loads_in_headless_chromium(browser, pipeline, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -267,6 +267,9 @@ class SearchSpace:
             known = None if fields is None else dict(fields)
         else:
             known = dict.fromkeys(fields, UNTYPED)
+        if spec == {}:
+            raise ConfigError(f"{source}: expected at least one parameter {{name: {{_type, _value}}}}, got an empty "
+                              f"space (its trials would all train the base config)")
         return cls(source, spec, tuple(parse_mapping(Checker(source, known), spec, "")))
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:

@@ -16,29 +16,35 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
 from effcifar.config import (
-    build_config, execution, field_error, field_types, fingerprint, read_config_file, result_values, save_config,
+    build_config, execution, field_error, field_types, read_config_file, result_values, save_config,
 )
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.hpo.experiment import SAMPLERS
 from effcifar.hpo.space import SearchSpace
-from effcifar.studies import OnTrial, StorageConfig, check_setup, fail_lost_trials, open_storage, run_trials, start_workers
+from effcifar.rundir import locked
+from effcifar.studies import (
+    OnTrial, StorageConfig, check_setup, fail_lost_trials, load_study, open_storage, recorded_study, run_trials,
+    start_workers, study_name,
+)
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 PRUNERS = ("median", "hyperband", "none")
-SETUP_ATTR = "hpo:setup"
+SETUP_ATTR = "hpo:setup"  # what the results mean: space, base config, objective
+METHOD_ATTR = "hpo:method"  # how trials are chosen: sampler, pruner, seed
 OBJECTIVES = ("acc", "acc,time")
+CONFIG_FILE = "hpo.yaml"
+SPACE_FILE = "search_space.json"  # an experiment file's inline space, kept in the run directory
 
 
 @dataclass
@@ -86,19 +92,20 @@ def trial_config(config: HpoConfig, values: dict[str, Any], number: int) -> Trai
     return build_config(TrainConfig, config.base, overrides, override_source=f"trial {number}")
 
 
-def setup_fingerprint(config: HpoConfig) -> str:
-    """What the recorded results mean: the search space, the trials' base config and the objective.
-
-    The budget, sampler, pruner and seed only decide which trials run, so they may change on resume.
-    """
-    space = read_config_file(config.space)  # type: ignore[arg-type]
-    return fingerprint({"space": space, "base": result_values(trial_config(config, {}, 0)),
-                        "objective": config.objective})
+def setup_values(config: HpoConfig, space: Mapping[str, Any]) -> dict[str, Any]:
+    """What the recorded results mean: the search space, the trials' base config (its dataset too) and the objective."""
+    return {"space": dict(space), "base": result_values(trial_config(config, {}, 0)), "objective": config.objective}
 
 
-def open_study(config: HpoConfig, run_dir: Path, worker: int = 0) -> optuna.Study:
-    """Create or load the study; local worker i seeds its sampler with seed + i so workers do not repeat each other."""
-    storage = open_storage(config, run_dir)
+def method_values(config: HpoConfig) -> dict[str, Any]:
+    """How the study chooses its trials. With the setup, a resumed study must keep it; the budget, timeout,
+    workers, tie rule, heartbeat and storage credentials may change."""
+    return {"sampler": config.sampler, "pruner": config.pruner, "seed": config.seed}
+
+
+def open_study(config: HpoConfig, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
+    """Create or load the study `config.study`; local worker i seeds its sampler with seed + i so workers do not
+    repeat each other."""
     multi = config.objective == "acc,time"
     sampler = make_sampler(config.sampler, None if config.seed is None else config.seed + worker)
     pruner = {
@@ -107,7 +114,7 @@ def open_study(config: HpoConfig, run_dir: Path, worker: int = 0) -> optuna.Stud
         "none": optuna.pruners.NopPruner,
     }[config.pruner]()
     return optuna.create_study(
-        storage=storage, study_name=config.study or run_dir.name, sampler=sampler, pruner=pruner,
+        storage=storage, study_name=config.study, sampler=sampler, pruner=pruner,
         directions=["maximize", "minimize"] if multi else ["maximize"], load_if_exists=True,
     )
 
@@ -177,37 +184,43 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
 
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(config, run_dir, worker)
+    study = open_study(config, open_storage(config, run_dir), worker)
     run_trials(study, config, run_dir, config.trials, TrialRunner(config, study, run_dir), seed=config.seed,
                worker=worker, sampler=lambda seed: make_sampler(config.sampler, seed), deadline=deadline,
                on_trial=on_trial)
 
 
-def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None = None) -> optuna.Study:
-    """Run (or resume) a study in `run_dir` with `config.workers` trial processes; return the study."""
+def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None = None,
+              inline_space: Mapping[str, Any] | None = None) -> optuna.Study:
+    """Run (or resume) a study in `run_dir` with `config.workers` trial processes; return the study.
+
+    `inline_space` is an experiment file's `searchSpace`: checked with everything else, then kept in
+    the run directory as search_space.json (where `config.space` must point). Nothing is written
+    before every check has passed; the run directory is locked while the study runs.
+    """
     config.validate()
-    load_space(config)  # validate the space (and the base config) before any trial or file
-    trial_config(config, {}, 0)
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        study = open_study(config, run_dir)
-    except ConfigError:  # e.g. the database is unreachable: leave nothing behind
-        if created:
-            shutil.rmtree(run_dir)
-        raise
-    check_setup(study, SETUP_ATTR, setup_fingerprint(config),
-                f"{run_dir}: the study was made with another search space, base config or objective; "
-                f"resume with the same ones or choose another --out")
-    save_config(config.without_password(), run_dir / "hpo.yaml")  # never the database password
-    fail_lost_trials(study, config)
-    deadline = time.time() + config.timeout if config.timeout else None
-    if config.workers == 1:
-        run_worker(config, run_dir, deadline=deadline, on_trial=on_trial)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // config.workers)
-        start_workers(study, config.workers, run_worker, (config, run_dir, threads, deadline), on_trial)
+    space = read_config_file(config.space) if inline_space is None else inline_space  # type: ignore[arg-type]
+    SearchSpace.from_dict(dict(space), config.space or SPACE_FILE, field_types(TrainConfig))
+    trial_config(config, {}, 0)  # the base config
+    with locked(run_dir):
+        if inline_space is not None:
+            atomic_write(Path(config.space), json.dumps(inline_space, indent=2) + "\n")  # type: ignore[arg-type]
+        storage = open_storage(config, run_dir)
+        config = dataclasses.replace(config, study=study_name(storage, config, run_dir,
+                                                              recorded_study(run_dir / CONFIG_FILE, HpoConfig)))
+        study = open_study(config, storage)
+        check_setup(study, SETUP_ATTR, setup_values(config, space), str(run_dir),
+                    "search space, base config, dataset or objective")
+        check_setup(study, METHOD_ATTR, method_values(config), str(run_dir), "sampler, pruner or seed")
+        save_config(config.without_password(), run_dir / CONFIG_FILE)  # never the database password
+        fail_lost_trials(study, config)
+        deadline = time.time() + config.timeout if config.timeout else None
+        if config.workers == 1:
+            run_worker(config, run_dir, deadline=deadline, on_trial=on_trial)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // config.workers)
+            start_workers(study, config.workers, run_worker, (config, run_dir, threads, deadline), on_trial)
     return study
 
 
@@ -222,18 +235,19 @@ def select_best(trials: list[FrozenTrial], tie: float) -> FrozenTrial:
 
 
 def load_run(run_dir: str | Path, storage: str | None = None) -> tuple[HpoConfig, optuna.Study]:
-    """The config and study of an existing HPO run directory.
+    """The config and study of an existing HPO run directory, opened read-only (nothing is created).
 
-    A PostgreSQL study is saved without its password: give `storage` again, or let libpq find
-    the password (PGPASSWORD, ~/.pgpass).
+    The study is the one named in its hpo.yaml, so a renamed or copied directory keeps it. A
+    PostgreSQL study is saved without its password: give `storage` again, or let libpq find the
+    password (PGPASSWORD, ~/.pgpass).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "hpo.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not an HPO run directory (no hpo.yaml)")
-    config = build_config(HpoConfig, run_dir / "hpo.yaml")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"{run_dir}: not an HPO run directory (no {CONFIG_FILE})")
+    config = build_config(HpoConfig, run_dir / CONFIG_FILE)
     if storage is not None:
         config = dataclasses.replace(config, storage=storage)
-    return config, open_study(config, run_dir)
+    return config, load_study(config, run_dir)
 
 
 def trial_record(t: FrozenTrial) -> dict[str, Any]:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from effcifar.atomic import atomic_write
+from effcifar.config import read_json
 from effcifar.errors import ConfigError
 from effcifar.nas.space import (
     IMAGE_SIZE, Arch, ArchSpace, build_standalone, distinct_random_archs, extreme_arch, head_input, make_head, make_op,
@@ -215,10 +216,9 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
         """A saved table; a missing or unreadable file is a ConfigError naming it."""
+        data = read_json(path, "latency table")
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the latency table ({e.strerror or e})") from None
+            return cls.from_dict(data)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{path}: not a latency table ({e})") from None
 

@@ -19,7 +19,8 @@ seed-to-seed agreement (`ranking.json` with `rankers` and a verdict, `ranking.pn
 The base config of the standalone runs is layered: the supernet run's fields that TrainConfig
 shares (data, augmentation, optimiser, widths, hold-out, seed) < a `config` file (e.g. an HPO
 best.json) < per-field overrides. A `total_epoch` override without `peak_epoch` keeps the
-base schedule's shape (the peak at the same fraction of training). Both commands resume:
+base schedule's shape (the peak at the same fraction of training; `effcifar.config`). Both commands
+lock their output directory and resume:
 a run with a summary.json is not trained again (it must have been made with the same config).
 """
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, coerce_value, field_types, fingerprint, result_values
+from effcifar.config import build_config, fingerprint, read_json, result_values
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.ranking import (
@@ -50,6 +51,7 @@ from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_
 from effcifar.nas.space import CostTable, read_arch_file, stratified_archs
 from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.nas.supernet import SupernetConfig
+from effcifar.rundir import locked
 from effcifar.studies import pin_worker_gpu
 from effcifar.train import TrainConfig, train, write_tsv
 
@@ -63,19 +65,7 @@ def base_config(supernet_dir: str | Path, config_file: str | Path | None = None,
     sconfig = load_supernet_config(supernet_dir)
     shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(SupernetConfig)} - {"space"}
     base = (str(supernet_dir / "config.yaml"), {name: getattr(sconfig, name) for name in sorted(shared)})
-    overrides = dict(overrides or {})
-    epochs = overrides.pop("total_epoch", None)
-    config = build_config(TrainConfig, config_file, overrides, overrides_from_text, base=base)
-    if epochs is None:
-        return config
-    try:
-        epochs = coerce_value(field_types(TrainConfig)["total_epoch"], epochs, from_text=overrides_from_text)
-    except ValueError as e:
-        raise ConfigError(f"field 'total_epoch': expected {e}, got {epochs!r}") from None
-    peak = config.peak_epoch if "peak_epoch" in overrides else config.peak_epoch * epochs / config.total_epoch
-    config = dataclasses.replace(config, total_epoch=epochs, peak_epoch=peak)
-    config.validate()
-    return config
+    return build_config(TrainConfig, config_file, overrides, overrides_from_text, base=base)
 
 
 def search_supernet_dir(search_dir: str | Path) -> Path:
@@ -83,7 +73,7 @@ def search_supernet_dir(search_dir: str | Path) -> Path:
     path = Path(search_dir) / "supernet.txt"
     try:
         return Path(path.read_text().strip())
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         raise ConfigError(f"{search_dir}: not a search run (no supernet.txt; run `effcifar search` first)") from None
 
 
@@ -91,7 +81,7 @@ def train_once(config: TrainConfig, run_dir: Path, data: CifarData) -> dict[str,
     """The summary of `run_dir`: its finished run's if it has one (with the same config), else a new run's."""
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path, "run summary")
         done, wanted = result_values(TrainConfig(**summary["config"])), result_values(config)
         if fingerprint(done) != fingerprint(wanted):
             changed = sorted(k for k in wanted if done.get(k) != wanted[k])
@@ -131,18 +121,18 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     configs = [dataclasses.replace(base, arch=str(f.resolve()), space=space) for f in files]
     for config in configs:
         config.validate()  # every file is checked before anything trains
-    data = load_dataset(base.dataset, base.data_dir)
-    rows = []
-    for i, (file, config) in enumerate(zip(files, configs)):
-        if progress is not None:
-            progress(f"top_{i}: {file}")
-        record = read_arch_file(file)
-        summary = train_once(config, out / f"top_{i}", data)
-        rows.append({"rank": i, "trial": record.get("trial", ""), "supernet_acc": record.get("accuracy", ""),
-                     **standalone_row(summary)})
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "retrain.json", json.dumps(rows, indent=2) + "\n")
-    write_tsv(out / "retrain.tsv", rows)
+    with locked(out):
+        data = load_dataset(base.dataset, base.data_dir)
+        rows = []
+        for i, (file, config) in enumerate(zip(files, configs)):
+            if progress is not None:
+                progress(f"top_{i}: {file}")
+            record = read_arch_file(file)
+            summary = train_once(config, out / f"top_{i}", data)
+            rows.append({"rank": i, "trial": record.get("trial", ""), "supernet_acc": record.get("accuracy", ""),
+                         **standalone_row(summary)})
+        atomic_write(out / "retrain.json", json.dumps(rows, indent=2) + "\n")
+        write_tsv(out / "retrain.tsv", rows)
     return rows
 
 
@@ -217,34 +207,35 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     search = SearchConfig(device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
                           threads=config.threads, score=score)
     search.validate()
-    evaluator = CandidateEvaluator.from_run(supernet_dir, search)
-    archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
-    if len(archs) < sample:
-        raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
-                          f"{sample} were asked for")
-    jobs = []
-    for i, arch in enumerate(archs):
-        file = out / "archs" / f"subnet_{i}.json"
-        atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
-        jobs += [(dataclasses.replace(config, arch=str(file.resolve()), seed=config.seed + r),
-                  out / (f"subnet_{i}" if r == 0 else f"subnet_{i}_seed{config.seed + r}")) for r in range(repeats)]
-    summaries = train_all(jobs, workers, progress=progress)
-    rows, scores = {}, {}
-    for i, arch in enumerate(archs):
-        accs = [summary["final_valid_acc"] * 100 for summary in summaries[i * repeats:(i + 1) * repeats]]
-        key = table_key(evaluator.net.space, arch)
-        evaluation = evaluator.evaluate(arch)[0]
-        scores[key] = (evaluation.accuracy, evaluation.loss)
-        rows[key] = {"mean_acc": float(np.mean(accs)), "test_acc": accs, "params": evaluator.costs.params_of(arch),
-                     "flops": evaluator.costs.flops_of(arch), "arch": arch}
-    atomic_write(out / "table.json", json.dumps(rows, indent=2) + "\n")  # held-out accuracy, in %, per seed
-    bench = BenchmarkTable.load(out / "table.json", evaluator.net.space)
-    result = ranking_result(bench, list(rows), scores, evaluator.costs, seed, score)
-    report = RankingReport.compute(result["supernet_score"], result["standalone_acc"])
-    result = {**result, "archs": archs, **asdict(report), "epochs": epochs, "repeats": repeats, "seed": seed,
-              "supernet": str(supernet_dir.resolve())}
-    write_ranking(out, result, f"{report.n} subnets over FLOPs, {epochs} epochs standalone x {repeats}",
-                  "standalone accuracy" + (f" (mean of {repeats} seeds)" if repeats > 1 else ""))
+    with locked(out):
+        evaluator = CandidateEvaluator.from_run(supernet_dir, search)
+        archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
+        if len(archs) < sample:
+            raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
+                              f"{sample} were asked for")
+        jobs = []
+        for i, arch in enumerate(archs):
+            file = out / "archs" / f"subnet_{i}.json"
+            atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
+            jobs += [(dataclasses.replace(config, arch=str(file.resolve()), seed=config.seed + r),
+                      out / (f"subnet_{i}" if r == 0 else f"subnet_{i}_seed{config.seed + r}")) for r in range(repeats)]
+        summaries = train_all(jobs, workers, progress=progress)
+        rows, scores = {}, {}
+        for i, arch in enumerate(archs):
+            accs = [summary["final_valid_acc"] * 100 for summary in summaries[i * repeats:(i + 1) * repeats]]
+            key = table_key(evaluator.net.space, arch)
+            evaluation = evaluator.evaluate(arch)[0]
+            scores[key] = (evaluation.accuracy, evaluation.loss)
+            rows[key] = {"mean_acc": float(np.mean(accs)), "test_acc": accs, "params": evaluator.costs.params_of(arch),
+                         "flops": evaluator.costs.flops_of(arch), "arch": arch}
+        atomic_write(out / "table.json", json.dumps(rows, indent=2) + "\n")  # held-out accuracy, in %, per seed
+        bench = BenchmarkTable.load(out / "table.json", evaluator.net.space)
+        result = ranking_result(bench, list(rows), scores, evaluator.costs, seed, score)
+        report = RankingReport.compute(result["supernet_score"], result["standalone_acc"])
+        result = {**result, "archs": archs, **asdict(report), "epochs": epochs, "repeats": repeats, "seed": seed,
+                  "supernet": str(supernet_dir.resolve())}
+        write_ranking(out, result, f"{report.n} subnets over FLOPs, {epochs} epochs standalone x {repeats}",
+                      "standalone accuracy" + (f" (mean of {repeats} seeds)" if repeats > 1 else ""))
     return report
 
 
@@ -268,24 +259,25 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
         raise ConfigError(f"{bench.path}: fewer than 2 of its architectures are in the supernet's final space")
     setup = {"supernet": str(supernet_dir.resolve()), "table": str(bench.path), "bn_batches": search.bn_batches,
              "eval_images": search.eval_images, "precision": search.precision}
-    scores_file = out / "scores.json"
-    saved = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
-    scores: dict[str, tuple[float, float]] = saved.get("scores", {}) if saved.get("setup") == setup else {}  # acc, loss
-    started = time.perf_counter()
-    for i, key in enumerate(keys):
-        if key not in scores:
-            evaluation = evaluator.evaluate(bench.arch(key))[0]
-            scores[key] = (evaluation.accuracy, evaluation.loss)
-            if progress is not None:
-                progress(f"{i + 1}/{len(keys)} {key}: supernet {evaluation.accuracy:.4f} (loss {evaluation.loss:.4f}), "
-                         f"table {bench.rows[key].mean_acc:.4f}")
-            if len(scores) % 10 == 0:
-                atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
-    atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
-    result = {**ranking_result(bench, keys, scores, evaluator.costs, seed, search.score), **setup, "sample_seed": seed,
-              "score_seconds": time.perf_counter() - started}
-    return write_ranking(out, result, f"{len(keys)} architectures of {bench.path.name}",
-                         "table accuracy (mean of its seeds)")
+    with locked(out):
+        scores_file = out / "scores.json"
+        saved = read_json(scores_file, "supernet scores") if scores_file.is_file() else {}
+        scores: dict[str, tuple[float, float]] = saved.get("scores", {}) if saved.get("setup") == setup else {}  # acc, loss
+        started = time.perf_counter()
+        for i, key in enumerate(keys):
+            if key not in scores:
+                evaluation = evaluator.evaluate(bench.arch(key))[0]
+                scores[key] = (evaluation.accuracy, evaluation.loss)
+                if progress is not None:
+                    progress(f"{i + 1}/{len(keys)} {key}: supernet {evaluation.accuracy:.4f} (loss {evaluation.loss:.4f}), "
+                             f"table {bench.rows[key].mean_acc:.4f}")
+                if len(scores) % 10 == 0:
+                    atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
+        atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
+        result = {**ranking_result(bench, keys, scores, evaluator.costs, seed, search.score), **setup, "sample_seed": seed,
+                  "score_seconds": time.perf_counter() - started}
+        return write_ranking(out, result, f"{len(keys)} architectures of {bench.path.name}",
+                             "table accuracy (mean of its seeds)")
 
 
 def ranking_result(bench: BenchmarkTable, keys: list[str], scores: Mapping[str, tuple[float, float]],

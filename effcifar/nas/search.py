@@ -48,20 +48,24 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, execution, field_error, fingerprint, save_config
+from effcifar.config import build_config, execution, field_error, save_config
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
 from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
-from effcifar.studies import OnTrial, StorageConfig, check_setup, open_storage, run_trials, start_workers
-from effcifar.train import PRECISIONS, device_loaders, resolve_device, resolve_precision
+from effcifar.rundir import locked
+from effcifar.studies import (
+    OnTrial, StorageConfig, check_setup, open_storage, recorded_study, run_trials, start_workers, study_name,
+)
+from effcifar.train import PRECISIONS, check_device_name, device_loaders, resolve_device, resolve_precision
 
 RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")  # of every result ("loss" since scoring by it)
 SCORES = {"accuracy": "accuracy", "loss": "neg_loss"}  # what a candidate is judged by -> the maximised trial attribute
 COSTS = {"flops": "flops", "latency": "latency_ms"}  # nsga2's cost objective -> the trial attribute
 SETUP_ATTR = "search:setup"
+CONFIG_FILE = "search.yaml"
 
 
 @dataclass
@@ -117,6 +121,7 @@ class SearchConfig(StorageConfig):
             raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
         if self.score not in SCORES:
             raise field_error("score", f"one of {', '.join(SCORES)}", self.score)
+        check_device_name(self.device)
         if self.cost not in COSTS:
             raise field_error("cost", f"one of {', '.join(COSTS)}", self.cost)
         if self.cost != "flops" and self.strategy != "nsga2":
@@ -256,7 +261,7 @@ class CandidateEvaluator:
         return result, False
 
 
-def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
+def setup_values(config: SearchConfig, supernet_dir: Path) -> dict[str, Any]:
     """What the recorded results mean: the supernet run, how candidates are evaluated, the objectives.
 
     Limits (FLOPs, parameters, latency) only decide which candidates are drawn, not their
@@ -270,7 +275,7 @@ def setup_fingerprint(config: SearchConfig, supernet_dir: Path) -> str:
         values["eval_images"] = config.eval_images
     if "latency_ms" in config.objectives():  # the values told to the study are latencies at this batch
         values |= {"latency_batch": config.latency_batch, "latency_version": LATENCY_VERSION}
-    return fingerprint(values)
+    return values
 
 
 def load_supernet_config(supernet_dir: Path) -> SupernetConfig:
@@ -301,9 +306,8 @@ def open_search_study(config: SearchConfig, supernet_dir: Path, out_dir: Path, s
                                 directions=directions, load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise ConfigError(f"{out_dir}: the study was made with other objectives; use its own strategy or a new --out")
-    check_setup(study, SETUP_ATTR, setup_fingerprint(config, supernet_dir),
-                f"{out_dir}: the study was made for another supernet run or evaluation setup "
-                f"(bn_batches, precision); resume with the same ones or choose another --out")
+    check_setup(study, SETUP_ATTR, setup_values(config, supernet_dir), str(out_dir),
+                "supernet run, evaluation setup or objectives")
     return study
 
 
@@ -355,21 +359,24 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
     load_supernet_config(supernet_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    evaluator = CandidateEvaluator.from_run(supernet_dir, config, out_dir)
-    evaluator.check_limits()  # before any file is written
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if evaluator.latency is not None:
-        evaluator.latency.save(out_dir / LATENCY_FILE)  # the workers' table
-    study = open_search_study(config, supernet_dir, out_dir, evaluator.space, evaluator.is_feasible)
-    save_config(config.without_password(), out_dir / "search.yaml")  # never the database password
-    atomic_write(out_dir / "supernet.txt", f"{supernet_dir.resolve()}\n")
-    if config.workers == 1:
-        run_worker(config, supernet_dir, out_dir, on_trial=on_trial, evaluator=evaluator)
-    else:
-        threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
-        start_workers(study, config.workers, run_worker, (replace(config, threads=threads), supernet_dir, out_dir),
-                      on_trial)
-    export_top(study, out_dir, config.top_k_export, evaluator.space, evaluator.latency)
+    with locked(out_dir):
+        evaluator = CandidateEvaluator.from_run(supernet_dir, config, out_dir)
+        evaluator.check_limits()  # before any file is written
+        storage = open_storage(config, out_dir)
+        config = replace(config, study=study_name(storage, config, out_dir,
+                                                  recorded_study(out_dir / CONFIG_FILE, SearchConfig)))
+        study = open_search_study(config, supernet_dir, out_dir, evaluator.space, evaluator.is_feasible)
+        if evaluator.latency is not None:
+            evaluator.latency.save(out_dir / LATENCY_FILE)  # the workers' table
+        save_config(config.without_password(), out_dir / CONFIG_FILE)  # never the database password
+        atomic_write(out_dir / "supernet.txt", f"{supernet_dir.resolve()}\n")
+        if config.workers == 1:
+            run_worker(config, supernet_dir, out_dir, on_trial=on_trial, evaluator=evaluator)
+        else:
+            threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
+            start_workers(study, config.workers, run_worker,
+                          (replace(config, threads=threads), supernet_dir, out_dir), on_trial)
+        export_top(study, out_dir, config.top_k_export, evaluator.space, evaluator.latency)
     return study
 
 

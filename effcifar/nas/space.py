@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from effcifar.config import read_config_file
+from effcifar.config import read_config_file, read_json
 from effcifar.errors import ConfigError
 from effcifar.models import STAGES, Scale, count_flops, count_parameters
 
@@ -793,12 +793,7 @@ def nni_space_json(space: ArchSpace) -> str:
 def read_arch_file(path: str | Path) -> dict[str, Any]:
     """The JSON mapping of an architecture file; a ConfigError names the file."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the architecture file ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json(path, "architecture file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping {{choice key: candidate}} (or {{\"arch\": ...}}), "
                           f"got {type(data).__name__}")

@@ -43,10 +43,11 @@ from effcifar.config import build_config, execution, field_error, fingerprint, r
 from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
-from effcifar.nas.space import Arch, ArchSpace, CostTable, FewShotSupernet, Supernet, skip_depth
+from effcifar.nas.space import Arch, ArchSpace, CostTable, FewShotSupernet, LayerChoice, Supernet, extreme_arch, skip_depth
+from effcifar.rundir import locked
 from effcifar.train import (
-    AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, device_loaders, device_name, library_versions, resolve_device, resolve_precision,
-    seed_everything, write_tsv,
+    AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, check_memory,
+    device_loaders, device_name, library_versions, resolve_device, resolve_precision, seed_everything, write_tsv,
 )
 
 SCHEDULES = ("linear", "cosine")
@@ -288,6 +289,14 @@ def make_sampler(config: SupernetConfig, costs: CostTable) -> PathSampler:
     if config.sampling == "sandwich":
         return SandwichSampler(costs, config.seed, config.sandwich_paths, config.flops_min, config.flops_max)
     return PathSampler(costs, config.seed, config.flops_min, config.flops_max)
+
+
+def widest_path(net: Supernet) -> Supernet:
+    """`net` with its path of the most parameters chosen: the memory estimate's (all candidates are held, one runs)."""
+    sizes = {key: {name: sum(p.numel() for p in op.parameters()) for name, op in module.candidates.items()}
+             for key, module in net.choice_modules().items() if isinstance(module, LayerChoice)}
+    net.set_arch(extreme_arch(sizes, net.space, largest=True))
+    return net
 
 
 def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], autocast: Callable[[], Any]) -> None:
@@ -670,6 +679,8 @@ class SupernetTrainer:
                               config.batch_size)
         self.device, self.precision = device, resolve_precision(config.precision, device)
         self.data = data if data is not None else load_dataset(config.dataset, config.data_dir)
+        check_memory(config.train_config(), self.data, device, self.precision,
+                     lambda: widest_path(Supernet(self.space, config.channels(), self.data.num_classes)))
         self.train_loader, self.valid_loader = device_loaders(config.train_config(), self.data, device)
 
         seed_everything(config.seed)
@@ -873,10 +884,7 @@ class SupernetTrainer:
             old.unlink(missing_ok=True)
 
     def resume(self, warn: Callable[[str], None]) -> None:
-        """Continue from the newest good checkpoint in out/checkpoints, if there is one."""
-        if not checkpoint_files(self.out):  # type: ignore[arg-type]
-            warn(f"{self.out}: no checkpoint yet; starting from the beginning")
-            return
+        """Continue from the newest good checkpoint in out/checkpoints (ConfigError if none loads)."""
         state = latest_checkpoint(self.out, self.device, warn)  # type: ignore[arg-type]
         if state is None:
             raise ConfigError(f"{self.out}: no usable checkpoint to resume from (all failed their checks)")
@@ -956,18 +964,26 @@ def train_supernet(
     """Train a SPOS supernet; write logs, checkpoints and `supernet.pt` into `out_dir` (rank 0).
 
     `on_step(epoch, step, steps_per_epoch)` and `on_epoch(row)` report progress. With
-    `resume`, the newest good checkpoint in `out_dir/checkpoints` is continued (it must have
-    been made with the same config); without it, a directory that has checkpoints is refused.
+    `resume`, the newest good checkpoint in `out_dir/checkpoints` is continued (there must be one,
+    made with the same config); without it, a directory that has checkpoints is refused. Rank 0
+    holds the run directory's lock while it trains.
     """
     out = Path(out_dir) if out_dir is not None else None
     if resume and out is None:
         raise ConfigError("resume needs the run directory (--out) that holds the checkpoints")
-    if out is not None and not resume and checkpoint_files(out):
-        raise ConfigError(f"{out}: already holds a supernet run; pass --resume to continue it or choose another --out")
-    trainer = SupernetTrainer(config, data, out)
-    if resume:
-        trainer.resume(warn)
-    return trainer.fit(on_step, on_epoch)
+    config.validate()
+    writer = out is not None and Ranks.from_env().main  # under torchrun, rank 0 writes (and locks) the directory
+    with locked(out) if writer else contextlib.nullcontext():
+        if out is not None and not resume and checkpoint_files(out):
+            raise ConfigError(f"{out}: already holds a supernet run; pass --resume to continue it or choose "
+                              f"another --out")
+        if resume and not checkpoint_files(out):  # type: ignore[arg-type]
+            raise ConfigError(f"{out}: no checkpoint to resume from (expected {out}/checkpoints/step_*.pt); "
+                              f"check --out, or start the run without --resume")
+        trainer = SupernetTrainer(config, data, out)
+        if resume:
+            trainer.resume(warn)
+        return trainer.fit(on_step, on_epoch)
 
 
 def stop_requested(stop: StopSignal, ranks: Ranks, device: torch.device) -> bool:

@@ -83,9 +83,18 @@ class PipelineConfig:
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every setting as plain data (what pipeline.yaml holds; loadable as a --config file)."""
+        """Every setting as plain data (what pipeline.yaml and --show-config hold; loadable as a --config file).
+
+        Storage URLs are shown without their passwords; a resumed run takes the password from the
+        command line again, or libpq finds it (PGPASSWORD, ~/.pgpass).
+        """
+        from effcifar.studies import StorageConfig, redact_url
+
         values = dataclasses.asdict(self)
         del values["sources"], values["preset"]
+        for section, cls in _stage_classes().items():
+            if issubclass(cls, StorageConfig) and values[section].get("storage"):
+                values[section]["storage"] = redact_url(values[section]["storage"])
         return values
 
     # ---- the stage configs -----------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,10 @@ from typing import Any, Callable, Mapping, TypeVar
 import yaml
 
 from effcifar.atomic import atomic_write
-from effcifar.config import execution_fields, fingerprint, result_values, save_config
+from effcifar.config import changed_fields, execution_fields, fingerprint, read_json, result_values, save_config
 from effcifar.errors import ConfigError
 from effcifar.pipeline.plan import STAGES, PipelineConfig
+from effcifar.rundir import clear, locked
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 S = TypeVar("S", bound="Stage")
@@ -61,25 +61,10 @@ def read_marker(stage_dir: Path) -> dict[str, Any] | None:
     path = stage_dir / MARKER
     if not path.is_file():
         return None
-    try:
-        marker = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise ConfigError(f"{path}: not valid JSON (remove the stage directory to run the stage again)") from None
+    marker = read_json(path, "stage marker (remove the stage directory to run the stage again)")
     if not isinstance(marker, dict) or "fingerprint" not in marker:
         raise ConfigError(f"{path}: not a pipeline stage marker")
     return marker
-
-
-def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ."""
-    names = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            names += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            names.append(f"{prefix}{key}")
-    return names
 
 
 @dataclass
@@ -105,7 +90,7 @@ class StageRecord:
     def check(self) -> None:
         """Refuse a stage that was started with other settings."""
         if self.marker is not None and self.marker["fingerprint"] != self.fingerprint:
-            changed = differences(self.marker.get("settings", {}), self.settings)
+            changed = changed_fields(self.marker.get("settings", {}), self.settings)
             raise ConfigError(f"{self.directory}: stage '{self.name}' was run with other settings "
                               f"({', '.join(changed) or 'unknown'} differ); use the same settings to resume, "
                               f"or another --out")
@@ -201,7 +186,7 @@ class TrainingStage(Stage):
         return f"test acc {self.summary['test_acc']:.2%}, train time {self.summary['train_time']:.1f} s"
 
     def load(self) -> None:
-        self.summary = json.loads((self.directory / "summary.json").read_text())
+        self.summary = read_json(self.directory / "summary.json", "run summary")
 
     def result(self, name: str) -> dict[str, Any]:
         """Its row of the final table."""
@@ -218,7 +203,8 @@ class HpoStage(Stage):
         plan = pipeline.plan
         self.base, self.space = plan.trial_base, pipeline.config.hpo["space"]
         self.config = dataclasses.replace(plan.hpo, space=str(self.directory / "search_space.json"),
-                                          base=str(self.directory / "base.yaml"), study=pipeline.study_name("hpo"))
+                                          base=str(self.directory / "base.yaml"),
+                                          study=pipeline.study_name("hpo", plan.hpo, "hpo.yaml"))
         self.best_file = self.directory / "best.json"
         self.best: dict[str, Any] = {}
 
@@ -238,7 +224,6 @@ class HpoStage(Stage):
         from effcifar.hpo import study as hpo
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        atomic_write(self.directory / "search_space.json", json.dumps(self.space, indent=2) + "\n")
         save_config(self.base, self.directory / "base.yaml")
         done, best = self.done_before, 0.0
 
@@ -252,14 +237,14 @@ class HpoStage(Stage):
             self.monitor.line(f"trial {t.number}: {t.state.name.lower()} {detail}")
             self.monitor.advance(done, self.config.trials, f"best {best:.2%}")
 
-        hpo.run_study(self.config, self.directory, on_trial=on_trial)
+        hpo.run_study(self.config, self.directory, on_trial=on_trial, inline_space=self.space)
         _, chosen = hpo.write_best(self.directory, storage=self.config.storage)
         self.best = chosen.user_attrs["config"]
         return (f"best: trial {chosen.number}, valid acc {chosen.user_attrs['accuracy']:.2%}, "
                 f"train time {chosen.user_attrs['train_time']:.1f} s")
 
     def load(self) -> None:
-        self.best = json.loads(self.best_file.read_text())
+        self.best = read_json(self.best_file, "HPO best")
 
 
 class SupernetStage(Stage):
@@ -301,7 +286,8 @@ class SearchStage(Stage):
     def __init__(self, pipeline: Pipeline, supernet: SupernetStage):
         super().__init__(pipeline)
         self.supernet_dir = supernet.directory
-        self.config = dataclasses.replace(pipeline.plan.search, study=pipeline.study_name("search"))
+        self.config = dataclasses.replace(pipeline.plan.search,
+                                          study=pipeline.study_name("search", pipeline.plan.search, "search.yaml"))
 
     def settings(self) -> dict[str, Any]:
         return result_values(self.config)
@@ -359,7 +345,7 @@ class RetrainStage(Stage):
         return ", ".join(f"top_{r['rank']}: test acc {r['standalone_test_acc']:.2%}" for r in self.rows)
 
     def load(self) -> None:
-        self.rows = json.loads((self.directory / "retrain.json").read_text())
+        self.rows = read_json(self.directory / "retrain.json", "retraining results")
 
     def result(self, name: str) -> dict[str, Any]:
         """The best architecture's row of the final table."""
@@ -408,19 +394,15 @@ def result_row(name: str, summary: Mapping[str, Any], run: Path) -> dict[str, An
 def trials_done(directory: Path, config: Any) -> int:
     """Trials of a stage's study (HPO or search) already counted against its budget; 0 if unknown yet.
 
-    Only the run's own journal is read; a study in a shared database is counted as it runs.
+    Only the run's own journal is read (read-only); a study in a shared database is counted as it runs.
     """
-    import optuna
+    from effcifar.studies import JOURNAL, budget_used, load_study
 
-    from effcifar.studies import budget_used
-
-    journal = directory / "study.journal"
-    if config.storage is not None or not journal.is_file():
+    if config.storage is not None or not (directory / JOURNAL).is_file():
         return 0
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     try:
-        study = optuna.load_study(study_name=config.study or directory.name, storage=storage)
-    except KeyError:
+        study = load_study(config, directory)
+    except ConfigError:  # the journal holds no study yet
         return 0
     return budget_used(study.get_trials(deepcopy=False))
 
@@ -457,12 +439,15 @@ class Pipeline:
             self.data = load_dataset(self.config.dataset, self.config.data_dir)
         return self.data
 
-    def study_name(self, stage: str) -> str | None:
-        """Studies in a shared database are named after the run (a journal is the run's own)."""
+    def study_name(self, stage: str, config: Any, config_file: str) -> str | None:
+        """Studies in a shared database are named after the run when they start, then by the name their stage's
+        directory records, so a renamed pipeline directory keeps them (a journal is the stage's own)."""
+        from effcifar.studies import recorded_study
+
         section = getattr(self.config, stage)
         if section.get("study") or not section.get("storage"):
             return section.get("study")
-        return f"{self.out.name}-{stage}"
+        return recorded_study(self.out / stage / config_file, type(config)) or f"{self.out.name}-{stage}"
 
     def run_counter(self, total: int) -> Callable[[str], None]:
         """Progress of runs made one after another: each announces itself with a line; the ones before it are done."""
@@ -494,45 +479,45 @@ class Pipeline:
             self.monitor.stage_skipped(stage.name, record.number, stage.skip_reason())
             return stage
         resumed = record.marker is not None
-        if stage.restarts and stage.directory.exists():
-            shutil.rmtree(stage.directory)
-            record.marker = None
-        record.start()
-        stage.done_before = stage.done()
-        self.monitor.stage_started(stage.name, record.number, resumed, stage.unit, stage.total(), stage.done_before)
-        start = time.perf_counter()
-        summary = stage.run()
-        seconds = time.perf_counter() - start
-        record.finish(seconds)
+        with locked(stage.directory):  # also against a lone command writing into the stage's directory
+            if stage.restarts:
+                clear(stage.directory)
+                record.marker = None
+            record.start()
+            stage.done_before = stage.done()
+            self.monitor.stage_started(stage.name, record.number, resumed, stage.unit, stage.total(),
+                                       stage.done_before)
+            start = time.perf_counter()
+            summary = stage.run()
+            seconds = time.perf_counter() - start
+            record.finish(seconds)
         self.seconds[stage.name] = seconds
         self.monitor.stage_finished(stage.name, seconds, summary)
         return stage
 
     def run(self) -> PipelineResult:
-        """Every stage in order; then results.json and the report."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out {self.out}: expected a pipeline directory, got a file")
-        if not (self.out / "pipeline.yaml").exists():
-            self.write_settings()
-        baseline = self.execute(TrainingStage(self, "baseline", self.plan.baseline))
-        hpo = self.execute(HpoStage(self))
-        final = self.config.final_config(hpo.best, str(hpo.best_file))
-        hpo_best = self.execute(TrainingStage(self, "hpo_best", final, after=("hpo",)))
-        supernet = self.execute(SupernetStage(self, hpo))
-        search = self.execute(SearchStage(self, supernet))
-        retrain = self.execute(RetrainStage(self, search, final, supernet))
-        self.execute(NasEvalStage(self, supernet, hpo))
-        results = [baseline.result("baseline"), hpo_best.result("hpo"), retrain.result("nas")]
-        atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
-        from effcifar.report import write_report  # matplotlib only here
+        """Every stage in order, with the pipeline directory locked; then results.json and the report."""
+        with locked(self.out):
+            if not (self.out / "pipeline.yaml").exists():
+                self.write_settings()
+            baseline = self.execute(TrainingStage(self, "baseline", self.plan.baseline))
+            hpo = self.execute(HpoStage(self))
+            final = self.config.final_config(hpo.best, str(hpo.best_file))
+            hpo_best = self.execute(TrainingStage(self, "hpo_best", final, after=("hpo",)))
+            supernet = self.execute(SupernetStage(self, hpo))
+            search = self.execute(SearchStage(self, supernet))
+            retrain = self.execute(RetrainStage(self, search, final, supernet))
+            self.execute(NasEvalStage(self, supernet, hpo))
+            results = [baseline.result("baseline"), hpo_best.result("hpo"), retrain.result("nas")]
+            atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
+            from effcifar.report import write_report  # matplotlib only here
 
-        report = write_report(self.out)
-        self.write_settings()
+            report = write_report(self.out)
+            self.write_settings()
         return PipelineResult(self.out, results, report, self.seconds)
 
     def write_settings(self) -> None:
-        """pipeline.yaml: every setting of the run, usable as a --config file."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """pipeline.yaml: every setting of the run (storage URLs without their passwords), usable as a --config file."""
         atomic_write(self.out / "pipeline.yaml", f"# preset: {self.config.preset}\n"
                      + yaml.safe_dump(self.config.to_dict(), sort_keys=False, default_flow_style=None))
 
