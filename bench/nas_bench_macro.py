@@ -1,7 +1,7 @@
 """NAS-Bench-Macro: does the supernet rank like real training, and does the search find the table's best?
 
     EFFCIFAR_DATA=.cache/cifar10.npz python bench/nas_bench_macro.py --out runs/bench-macro \\
-        --variant uniform --variant fair:sampling=fair --regret
+        --variant uniform:sampling=uniform --variant sandwich:sampling=sandwich --regret
 
 Each variant is NAME or NAME:FIELD=VALUE,FIELD=VALUE (SupernetConfig fields over the common
 settings, `--set FIELD=VALUE` changes those). For each: train a supernet on the NAS-Bench-Macro

@@ -21,9 +21,11 @@ rm -rf "$W" && mkdir -p "$W"
 export NPZ W PYTHON DEVICE=${DEVICE:-cuda} SUBSET=${SUBSET:-20000} SAMPLE=${SAMPLE:-24} TRUTH_EPOCHS=${TRUTH_EPOCHS:-20} \
   WORKERS=${WORKERS:-4} MACRO_EPOCHS=${MACRO_EPOCHS:-50} MACRO_SUBSET=${MACRO_SUBSET:-0} MACRO_SET=${MACRO_SET:-} \
   TABLE_SAMPLE=${TABLE_SAMPLE:-300} ABLATION_SET=${ABLATION_SET:-} LANES=${LANES:-5} \
-  ABLATION=${ABLATION:-"uniform uniform-lr0125:peak_lr=0.0125 canonical:canonical_paths=true fair:sampling=fair
-    sandwich:sampling=sandwich sandwich-distill:sampling=sandwich,distill=true uniform-distill:distill=true
-    bn-batch:bn_eval=batch few-shot:epochs=7,few_shot_key=stage1.conv1,few_shot_epochs=1 wd1e-4:base_wd=0.0001"}
+  ABLATION=${ABLATION:-"uniform:sampling=uniform uniform-lr0125:sampling=uniform,peak_lr=0.0125
+    canonical:sampling=uniform,canonical_paths=true fair:sampling=fair sandwich:sampling=sandwich
+    sandwich-distill:sampling=sandwich,distill=true uniform-distill:sampling=uniform,distill=true
+    bn-batch:sampling=uniform,bn_eval=batch few-shot:sampling=uniform,epochs=7,few_shot_key=stage1.conv1,few_shot_epochs=1
+    wd1e-4:sampling=uniform,base_wd=0.0001"}
 
 truth() {
   "$PYTHON" -m effcifar supernet train --dataset cifar10 --data-dir "$NPZ" --subset "$SUBSET" --holdout 5000 \
