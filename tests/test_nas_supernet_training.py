@@ -53,6 +53,24 @@ def test_sandwich_steps_are_largest_smallest_and_random():
     assert len(randoms) > 10
 
 
+def test_sandwich_under_flops_limits_takes_the_extremes_within_them():
+    space = ArchSpace.load("nas-bench-macro")
+    costs = CostTable.build(space, NARROW, 10)
+    flops = sorted(costs.flops_of(a) for a in space_archs(space))
+    low, high = flops[len(flops) // 4], flops[3 * len(flops) // 4]  # both table extremes fall outside
+    sampler = SandwichSampler(costs, seed=0, paths=4, flops_min=low, flops_max=high)
+    randoms = []
+    for _ in range(50):
+        paths = sampler.step_paths(space)
+        assert all(low <= costs.flops_of(p) <= high for p in paths)
+        randoms += paths[2:]
+    largest, smallest = costs.flops_of(paths[0]), costs.flops_of(paths[1])
+    assert all(smallest <= costs.flops_of(p) <= largest for p in randoms)
+    assert largest > flops[int(len(flops) * 0.7)] and smallest < flops[int(len(flops) * 0.3)]  # near the limits
+    again = SandwichSampler(costs, seed=0, paths=4, flops_min=low, flops_max=high)
+    assert again.step_paths(space)[:2] == paths[:2]  # fixed by the seed and the limits (a resume picks the same)
+
+
 def space_archs(space: ArchSpace):
     import itertools
     keys, choices = list(space.choices()), list(space.choices().values())
