@@ -92,7 +92,7 @@ def test_distillation_changes_the_smaller_paths_loss_and_not_the_largests():
 
 
 def test_distillation_with_uniform_sampling_puts_the_largest_path_first():
-    trainer = SupernetTrainer(tiny_config(space="nas-bench-macro", distill=True))
+    trainer = SupernetTrainer(tiny_config(space="nas-bench-macro", sampling="uniform", distill=True))
     x, y = trainer.batch()
     passes = trainer.backward_paths(x, y)
     assert len(passes) == 2 and passes[0][0] == trainer.costs.extreme(True, trainer.space)
@@ -117,7 +117,7 @@ def test_multi_path_training_resumes_bitwise(changes):
 
 
 def test_batch_statistics_judge_each_batch_by_itself_and_leave_running_stats_alone():
-    trainer = SupernetTrainer(tiny_config(space="nas-bench-macro", bn_eval="batch"))
+    trainer = SupernetTrainer(tiny_config(space="nas-bench-macro", sampling="uniform", bn_eval="batch"))
     net = trainer.net
     arch = trainer.costs.extreme(True, trainer.space)
     net.set_arch(arch)
@@ -133,7 +133,7 @@ def test_batch_statistics_judge_each_batch_by_itself_and_leave_running_stats_alo
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     with torch.no_grad():
         assert not torch.allclose(net(x), expected)  # outside the block: running statistics again
-    top1, _ = evaluate_subnet(net, arch, trainer.bn_batches, trainer.valid_loader, trainer.step.autocast, "batch")
+    top1 = evaluate_subnet(net, arch, trainer.bn_batches, trainer.valid_loader, trainer.step.autocast, "batch")[0]
     assert top1 == trainer.evaluate(arch)
 
 
