@@ -24,12 +24,14 @@ import effcifar
 from effcifar import data as data_lib
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
-from effcifar.config import base_type, build_config, field_types
+from effcifar.config import base_type, build_config, field_types, read_json
 from effcifar.errors import EffcifarError
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 ALIASES = {"total_epoch": ["--epochs"]}
+NAS_EVAL_SAMPLE = 20  # subnets trained standalone by nas-eval
+TABLE_SAMPLE = 300  # table architectures scored by nas-eval --table (a tau over 300 has a standard error near 0.04)
 NOTES = {"total_epoch": "; given without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its "
                         "fraction of the run"}
 
@@ -392,7 +394,10 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     """effcifar nas-eval: rank correlation between supernet and standalone accuracy of random subnets."""
     from effcifar.nas import retrain
 
+    if args.table is not None:
+        return run_nas_eval_table(args, console)
     out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval"
+    args.sample = NAS_EVAL_SAMPLE if args.sample is None else args.sample
     overrides = train_overrides(args)  # --seed also seeds the sample; --epochs is each subnet's training
     if "total_epoch" not in overrides:
         raise EffcifarError("--epochs: required (standalone training epochs of each subnet)")
@@ -400,11 +405,54 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
         epochs, seed = int(overrides.pop("total_epoch")), int(overrides.get("seed", 0))
     except ValueError:
         raise EffcifarError("--epochs and --seed: expected integers") from None
-    report = retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config,
-                              overrides, overrides_from_text=True,
-                              progress=lambda text: console.print(text, markup=False))
-    console.print(f"{report.n} subnets: Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f}, "
-                  f"top-20% overlap {report.top_overlap:.0%}")
+    retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config, overrides, overrides_from_text=True,
+                     progress=lambda text: console.print(text, markup=False), repeats=args.repeats,
+                     workers=args.workers, **({"score": args.score} if args.score else {}))
+    print_ranking(read_json(out / "ranking.json", "ranking"), console)
+    console.print(f"wrote {out / 'ranking.json'}, {out / 'ranking.png'} and {out / 'table.json'}", markup=False)
+    return 0
+
+
+def print_ranking(result: dict[str, Any], console: Console) -> None:
+    """The rankers' table of a ranking.json (supernet, FLOPs, parameters, ceiling) and its verdict."""
+    table = Table(title=f"ranking {result['n']} architectures (noise floor: the tau of two random orders has a "
+                        f"standard deviation of {result['null_tau_sd']:.3f})")
+    for column in ("ranker", "Kendall tau", "Spearman rho", "tau in top 10%", "top-10% overlap"):
+        table.add_column(column, justify="right")
+    number = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in result["rankers"]:
+        table.add_row(r["name"], number(r["tau"]), number(r["rho"]), number(r["tau_top"]), number(r["top_overlap"]))
+    console.print(table)
+    console.print(result["verdict"], markup=False)
+
+
+def run_nas_eval_table(args: argparse.Namespace, console: Console) -> int:
+    """effcifar nas-eval --table: the supernet's ranking of a benchmark table's architectures, beside FLOPs and params."""
+    from effcifar.nas import retrain
+    from effcifar.nas.search import SearchConfig
+
+    overrides = train_overrides(args)
+    scoring = {"seed", "device", "precision", "threads", "eval_batch_size"}
+    for name in overrides:
+        if name not in scoring:
+            option = ALIASES.get(name, [f"--{name.replace('_', '-')}"])[0]
+            raise EffcifarError(f"{option}: does not apply with --table (nothing is trained; "
+                                f"scoring takes --seed, --device, --precision, --threads, --eval-batch-size)")
+    if args.config is not None or args.repeats != 1 or args.workers != 1:
+        option = "--config" if args.config is not None else "--repeats" if args.repeats != 1 else "--workers"
+        raise EffcifarError(f"{option}: does not apply with --table (nothing is trained)")
+    try:
+        seed = int(overrides.pop("seed", 0))
+        given = {"bn_batches": args.bn_batches, "eval_images": args.eval_images, "score": args.score}
+        search = build_config(SearchConfig, None, {**overrides, **{k: str(v) for k, v in given.items() if v is not None}},
+                              overrides_from_text=True)
+    except ValueError:
+        raise EffcifarError("--seed: expected an integer") from None
+    sample = TABLE_SAMPLE if args.sample is None else args.sample
+    out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval_table"
+    result = retrain.rank_against_table(args.supernet, args.table, sample, seed, out, search,
+                                        progress=lambda text: console.print(text, markup=False))
+    print_ranking(result, console)
     console.print(f"wrote {out / 'ranking.json'} and {out / 'ranking.png'}", markup=False)
     return 0
 
@@ -573,7 +621,7 @@ def add_nas_parsers(sub: Any, command: str | None) -> None:
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
     add_config_options(p, SupernetConfig)
     p = supernet_sub.add_parser("space", help="show a space; --export writes it as NNI search-space JSON")
-    p.add_argument("--space", default="seed", help="'seed' or a YAML/JSON space declaration")
+    p.add_argument("--space", default="seed", help="a built-in space (seed, nas-bench-macro) or a YAML/JSON declaration")
     p.add_argument("--export", help="write the NNI-format search space (layer_choice / input_choice) here")
     p.add_argument("--declaration", help="write the space declaration (YAML) here, to start your own")
     supernet_parser.set_defaults(handler=run_supernet)
@@ -603,11 +651,23 @@ def add_retrain_parsers(sub: Any) -> None:
     ):
         p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.add_argument(run, help=run_help)
-        p.add_argument(count, type=int, default=1 if count == "--top" else 20, help=count_help)
+        p.add_argument(count, type=int, default=1 if count == "--top" else None, help=count_help)
         p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
         p.add_argument("--out", help=f"where to write {written}")
         add_config_options(p, TrainConfig)
         p.set_defaults(handler=handler)
+    p.add_argument("--table", help="rank against a benchmark table instead of training: 'nas-bench-macro' (built in) "
+                                   "or a table file of that format; --sample architectures stratified over FLOPs "
+                                   f"(default {TABLE_SAMPLE}; 0: every distinct network); writes SUPERNET/nas_eval_table")
+    p.add_argument("--repeats", type=int, default=1, help="without --table: train each subnet with this many seeds "
+                                                          "(their mean is the truth, their agreement its ceiling)")
+    p.add_argument("--workers", type=int, default=1, help="without --table: training processes, each pinned to one "
+                                                          "visible GPU round robin (several can share one GPU)")
+    p.add_argument("--score", help="judge subnets on the supernet by (negative) held-out mean cross-entropy or by "
+                                   "accuracy: loss (default) or accuracy")
+    p.add_argument("--bn-batches", type=int, help="with --table: BN recalibration batches (default: the supernet run's)")
+    p.add_argument("--eval-images", type=int, default=0,
+                   help="with --table: score on this many held-out images, a seeded random sample (0: all)")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ with a file or the network is a `DataError` whose message names the file and say
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import http.client
 import io
@@ -589,6 +590,21 @@ class DeviceLoader:
         self.dtype = dtype
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+
+    def subset(self, count: int, seed: int) -> DeviceLoader:
+        """A loader like this one over `count` of its images drawn at random (seeded), in their original order.
+
+        A split can be class-sorted (the held-out split keeps the dataset's order), so never its first `count`.
+        """
+        if count >= len(self.labels):
+            return self
+        keep = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        loader = copy.copy(self)
+        keep = keep.to(self.labels.device)
+        loader.images, loader.labels = self.images[keep], self.labels[keep]
+        loader.generator = torch.Generator(device=self.labels.device)
+        loader.generator.manual_seed(seed)
+        return loader
 
     def __len__(self) -> int:
         n = len(self.labels)

@@ -440,12 +440,22 @@ def ranking_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Se
     if not isinstance(data, dict) or not {"supernet_acc", "standalone_acc"} <= set(data):
         raise ConfigError(f"{path}: expected {{\"supernet_acc\": [...], \"standalone_acc\": [...]}}")
     try:
-        report = RankingReport.compute(data["supernet_acc"], data["standalone_acc"])
-        scatter_plot(data["supernet_acc"], data["standalone_acc"], out_dir / f"{prefix}_ranking.png",
+        scores = data.get("supernet_score", data["supernet_acc"])  # what the supernet ranked by (accuracy or -loss)
+        report = RankingReport.compute(scores, data["standalone_acc"])
+        scatter_plot(scores, data["standalone_acc"], out_dir / f"{prefix}_ranking.png",
                      title=f"{title}: supernet vs standalone")
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     section.images.append(f"{prefix}_ranking.png")
+    if "rankers" in data:  # nas-eval --table: the supernet beside FLOPs, parameters and the seed-to-seed ceiling
+        number = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        section.table = [["ranker", "Kendall τ", "Spearman ρ", "τ in top 10%", "top-10% overlap"]] + [
+            [str(r.get("name")), *(number(r.get(k)) for k in ("tau", "rho", "tau_top", "top_overlap"))]
+            for r in data["rankers"]]
+        section.notes.append(f"{report.n} architectures of {data.get('table')}, stratified over FLOPs; the Kendall τ "
+                             f"of two random orders has a standard deviation of {data.get('null_tau_sd', 0):.3f}.")
+        section.notes.append(str(data.get("verdict", "")))
+        return section
     section.notes.append(f"{report.n} subnets: Kendall τ = {report.tau:.3f}, Spearman ρ = {report.rho:.3f}, "
                          f"top-20% overlap {report.top_overlap:.0%}.")
     return section

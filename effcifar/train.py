@@ -142,7 +142,7 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
 
     recipe: str = "resnet9"
     arch: str | None = None  # architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)
-    space: str = "seed"  # the space `arch` belongs to ('seed' or a space file), unless the file embeds one
+    space: str = "seed"  # the space `arch` belongs to (a built-in name or a space file), unless the file embeds one
     peak_epoch: float = 5
     total_epoch: int = 24
     res_prep: int = 0
@@ -404,14 +404,20 @@ class TrainStep:
         self.update(lr)
         return loss, logits
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(self, x: torch.Tensor, y: torch.Tensor,
+                 soft_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward on one batch, adding to the gradients; return (loss, logits), detached.
 
         Separate from `update`, so that a step can add the gradients of several passes (e.g. paths).
+        With `soft_targets` (class probabilities, e.g. a teacher's) the loss is their cross-entropy
+        instead of the label-smoothed one against `y`.
         """
         with self.autocast():
             logits = self.model_to_run(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            if soft_targets is None:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits.float(), soft_targets)
         self.scaler.scale(loss).backward()
         return loss.detach(), logits.detach()
 

@@ -143,7 +143,7 @@ def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path
         optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
     done = complete(study)
     assert len(study.directions) == 2 and done
-    assert all(t.values == [t.user_attrs["accuracy"], t.user_attrs["latency_ms"]] for t in done)
+    assert all(t.values == [t.user_attrs["neg_loss"], t.user_attrs["latency_ms"]] for t in done)  # by loss, the default
     assert "latency_ms" in json.loads((out / "architecture_final.json").read_text())
     # Latency values were told to the study: resuming it against FLOPs, or with another table method, is refused.
     with pytest.raises(ConfigError, match="another supernet run, evaluation setup or objectives"):

@@ -11,7 +11,7 @@ import torch
 import effcifar.nas.retrain as retrain_lib
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
-from effcifar.nas.ranking import RankingReport
+from effcifar.nas.ranking import RankingReport, kendall_tau
 from effcifar.nas.retrain import base_config, nas_eval, retrain_top
 from effcifar.nas.search import SearchConfig, arch_key, run_search
 from effcifar.nas.space import ArchSpace, CostTable, Supernet
@@ -150,12 +150,15 @@ def test_nas_eval_ranks_random_subnets(search_run, tmp_path, monkeypatch):
     result = cli("nas-eval", str(supernet_dir), "--sample", "3", "--epochs", "1", "--subset", "300",
                  "--batch-size", "50", "--threads", "1", "--precision", "fp32", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "Kendall tau" in result.stdout and "top-20% overlap" in result.stdout
+    assert "Kendall tau" in result.stdout and "FLOPs" in result.stdout and "parameters" in result.stdout
     ranking = json.loads((out / "ranking.json").read_text())
+    assert [r["name"] for r in ranking["rankers"]] == ["supernet", "FLOPs", "parameters"]  # one seed: no ceiling
+    table = json.loads((out / "table.json").read_text())  # the trained subnets as a benchmark table
+    assert [row["mean_acc"] for row in table.values()] == pytest.approx([a * 100 for a in ranking["standalone_acc"]])
     assert ranking["n"] == 3 and len(ranking["supernet_acc"]) == len(ranking["standalone_acc"]) == 3
     space = ArchSpace.seed()
     assert len({arch_key(space, a) for a in ranking["archs"]}) == 3
-    report = RankingReport.compute(ranking["supernet_acc"], ranking["standalone_acc"])
+    report = RankingReport.compute(ranking["supernet_score"], ranking["standalone_acc"])  # by loss, the default
     for name in ("tau", "rho", "top_overlap"):  # null where the accuracies have no spread (NaN)
         expected = getattr(report, name)
         assert ranking[name] == (None if expected != expected else pytest.approx(expected))
@@ -172,3 +175,23 @@ def test_nas_eval_ranks_random_subnets(search_run, tmp_path, monkeypatch):
     assert again.n == 3
     result = cli("nas-eval", str(supernet_dir), "--sample", "3", cwd=tmp_path)
     assert result.returncode == 2 and "--epochs: required" in result.stderr
+
+
+def test_nas_eval_with_two_seeds_reports_the_truths_own_agreement(search_run, tmp_path):
+    supernet_dir, _ = search_run
+    out = tmp_path / "two_seeds"
+    nas_eval(supernet_dir, 4, 1, out, overrides={"subset": 300, "batch_size": 50, "threads": 1, "precision": "fp32"},
+             repeats=2, workers=2)  # two training processes
+    ranking = json.loads((out / "ranking.json").read_text())
+    assert all(len(seeds) == 2 for seeds in ranking["standalone_seed_acc"])
+    for i in range(4):  # seed 0 in subnet_i, seed 1 beside it, both on the held-out images
+        accs = [json.loads((out / d / "summary.json").read_text())["final_valid_acc"]
+                for d in (f"subnet_{i}", f"subnet_{i}_seed1")]
+        assert ranking["standalone_seed_acc"][i] == pytest.approx(accs)
+        assert ranking["standalone_acc"][i] == pytest.approx(sum(accs) / 2)
+    ceiling = ranking["rankers"][-1]
+    assert ceiling["name"] == "one seed vs another (ceiling)"
+    seeds = list(zip(*ranking["standalone_seed_acc"]))
+    by_hand = kendall_tau(seeds[0], seeds[1])  # both orders of the pair give the same tau
+    assert ceiling["tau"] == pytest.approx(by_hand) if by_hand == by_hand else ceiling["tau"] is None
+    assert ranking["flops"] == sorted(ranking["flops"])  # stratified over FLOPs, smallest first

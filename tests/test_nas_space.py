@@ -49,7 +49,7 @@ GOOD_STAGE = "- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv2: [conv3, c
 
 
 @pytest.mark.parametrize("stage, message", [
-    ("- name: s1\n  width: 16\n  conv1: [conv3_pool, conv7_pool]\n  skip: [zero]\n", "stages[0].conv1[1]"),
+    ("- name: s1\n  width: 16\n  conv1: [conv3_pool, conv4_pool]\n  skip: [zero]\n", "stages[0].conv1[1]"),
     ("- name: s1\n  width: 16\n  conv1: []\n  skip: [zero]\n", "non-empty list"),
     ("- name: s1\n  width: 16\n  conv1: [conv3]\n  skip: [zero]\n", "stages[0].conv1[0]"),  # does not downsample
     ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv2: [conv3_pool]\n  skip: [zero]\n", "stages[0].conv2[0]"),
@@ -60,6 +60,13 @@ GOOD_STAGE = "- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv2: [conv3, c
     (GOOD_STAGE + GOOD_STAGE, "stages[1].name"),  # duplicate stage name -> duplicate choice keys
     ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\n  conv1: [conv5_pool]\n  skip: [zero]\n", "duplicate key 'conv1'"),
     ("- name: s.1\n  width: 16\n  conv1: [conv3_pool]\n  skip: [zero]\n", "stages[0].name"),
+    ("- name: s1\n  width: 16\n  conv1: [mb3_k4_stride2]\n", "stages[0].conv1[0]"),  # even kernel
+    ("- name: s1\n  width: 16\n  conv1: [mb9_k3_stride2]\n", "stages[0].conv1[0]"),  # expansion above 8
+    ("- name: s1\n  width: 16\n  conv1: [identity_pool]\n", "stages[0].conv1[0]"),  # identity has no pool form
+    ("- name: s1\n  width: 16\n  conv1: [identity_stride2]\n  conv2: [mb3_k3_stride2]\n", "stages[0].conv2[0]"),
+    ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\nhead: {pool: min}\n", "head.pool"),
+    ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\nhead: {conv: 0}\n", "head.conv"),
+    ("- name: s1\n  width: 16\n  conv1: [conv3_pool]\nhead: {dropout: 0.1}\n", "head"),
 ])
 def test_declaration_errors_name_file_and_field(tmp_path, stage, message):
     path = write_space(tmp_path, "stages:\n" + stage)
@@ -133,8 +140,9 @@ def test_choice_modules_need_a_choice_and_check_it():
     assert modules["stage1.conv1"].names == ["conv3_pool", "conv5_pool", "conv3_stride2", "conv5_stride2"]
 
 
-def test_cost_table_matches_a_direct_count_of_the_built_subnet():
-    space = ArchSpace.seed()
+@pytest.mark.parametrize("space_name", ["seed", "nas-bench-macro"])
+def test_cost_table_matches_a_direct_count_of_the_built_subnet(space_name):
+    space = ArchSpace.load(space_name)
     costs = CostTable.build(space, NARROW, num_classes=10)
     archs = [random_arch(space, s) for s in range(12)] + [costs.extreme(True), costs.extreme(False)]
     for arch in archs:
@@ -145,8 +153,9 @@ def test_cost_table_matches_a_direct_count_of_the_built_subnet():
     assert max(flops) == costs.flops_of(costs.extreme(True)) and min(flops) == costs.flops_of(costs.extreme(False))
 
 
-def test_standalone_has_exactly_the_chosen_ops_and_matches_the_supernet_path():
-    space = ArchSpace.seed()
+@pytest.mark.parametrize("space_name", ["seed", "nas-bench-macro"])
+def test_standalone_has_exactly_the_chosen_ops_and_matches_the_supernet_path(space_name):
+    space = ArchSpace.load(space_name)
     torch.manual_seed(0)
     net = Supernet(space, NARROW, num_classes=10).eval()
     arch = random_arch(space, 3)
@@ -161,8 +170,9 @@ def test_standalone_has_exactly_the_chosen_ops_and_matches_the_supernet_path():
     torch.testing.assert_close(standalone(x), net(x))
 
 
-def test_fixed_spaces_round_trip_through_their_declaration():
-    space = ArchSpace.seed()
+@pytest.mark.parametrize("space_name", ["seed", "nas-bench-macro"])
+def test_fixed_spaces_round_trip_through_their_declaration(space_name):
+    space = ArchSpace.load(space_name)
     for seed in range(8):
         fixed = space.fix(random_arch(space, seed))
         assert ArchSpace.from_dict(fixed.to_dict()) == fixed and fixed.size() == 1

@@ -2,9 +2,7 @@
 
 import json
 import os
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

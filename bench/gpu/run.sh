@@ -8,19 +8,8 @@
 # CALL_LIMIT_S=N stops the comparison in time to return its log. SMOKE=1 first runs bench/gpu/smoke.sh (every command at tiny settings on CUDA, SMOKE_DEVICE=cpu here).
 # CPU dry run of the pieces that need no CUDA: bash bench/gpu/run.sh --device cpu --tiny
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-GPU_CACHE=${GPU_CACHE:-.cache/gpu}
-OUT_DIR=${OUT:-$GPU_CACHE/out}
-mkdir -p "$OUT_DIR"
-if compgen -G "$GPU_CACHE/wheels/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$GPU_CACHE"/wheels/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PYTHON=${PYTHON:-python3}
-nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
+source "$(dirname "$0")/env.sh"
 if [ "${SMOKE:-0}" = 1 ]; then  # the CUDA smoke of every command first (bench/gpu/smoke.sh), on the same data
-  "$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --work "$GPU_CACHE/work" --decode-only
   OUT=$OUT_DIR bash bench/gpu/smoke.sh "$GPU_CACHE/work/cifar10.npz" "${SMOKE_DEVICE:-cuda}"
 fi
 # CALL_LIMIT_S: the device call's limit; the comparison is stopped 15 s before it, so the log comes back.

@@ -11,6 +11,11 @@ subnets, evaluates each on the supernet as the search does, trains each standalo
 accuracies in `ranking.json`, with a scatter plot `ranking.png`. Both accuracies are measured
 on the supernet run's held-out split (the standalone runs validate on it).
 
+`rank_against_table("runs/supernet1", "nas-bench-macro", 300)` needs no training: it scores
+architectures of a benchmark table (stratified over FLOPs) with the supernet and compares the
+supernet's ranking of them with the table's, next to FLOPs, parameters and the table's own
+seed-to-seed agreement (`ranking.json` with `rankers` and a verdict, `ranking.png`).
+
 The base config of the standalone runs is layered: the supernet run's fields that TrainConfig
 shares (data, augmentation, optimiser, widths, hold-out, seed) < a `config` file (e.g. an HPO
 best.json) < per-field overrides. A `total_epoch` override without `peak_epoch` keeps the
@@ -21,22 +26,34 @@ a run with a summary.json is not trained again (it must have been made with the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import os
 import random
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
+import torch
+
+from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config, fingerprint, read_json, result_values
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
-from effcifar.nas.ranking import RankingReport, scatter_plot
+from effcifar.nas.ranking import (
+    RankingReport, compare_rankers, null_tau_sd, scatter_plot, tau_difference, verdict,
+)
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
-from effcifar.nas.space import arch_key, distinct_random_archs, read_arch_file
+from effcifar.nas.space import CostTable, read_arch_file, stratified_archs
+from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.rundir import locked
+from effcifar.studies import pin_worker_gpu
 from effcifar.train import TrainConfig, train, write_tsv
 
 Progress = Callable[[str], None]
@@ -120,46 +137,194 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     return rows
 
 
-def sample_archs(evaluator: CandidateEvaluator, count: int, seed: int) -> list[dict[str, str]]:
-    """`count` random architectures with distinct canonical keys (uniform per choice), in a seeded order."""
-    archs = distinct_random_archs(evaluator.space, count, random.Random(seed))
-    if len(archs) < count:
-        raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
-                          f"{count} were asked for")
-    return archs
+def train_all(jobs: list[tuple[TrainConfig, Path]], workers: int = 1, data: CifarData | None = None,
+              progress: Progress | None = None) -> list[dict[str, Any]]:
+    """The summaries of (config, run directory) jobs, finished ones reused (`train_once`), in job order.
+
+    With `workers` > 1 they run in that many processes, each pinned to one visible GPU (round
+    robin) and holding the data once: small networks leave a GPU mostly idle, so several share it.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        data = data or load_dataset(jobs[0][0].dataset, jobs[0][0].data_dir)
+        summaries = []
+        for i, (config, run_dir) in enumerate(jobs):
+            summaries.append(train_once(config, run_dir, data))
+            if progress is not None:
+                progress(f"trained {i + 1}/{len(jobs)}: {run_dir}")
+        return summaries
+    index = multiprocessing.get_context("spawn").Value("i", 0)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker, initargs=(index, threads)) as pool:
+        futures = {pool.submit(_train_job, config, run_dir): i for i, (config, run_dir) in enumerate(jobs)}
+        summaries: list[dict[str, Any]] = [{}] * len(jobs)
+        for done, future in enumerate(concurrent.futures.as_completed(futures)):
+            summaries[futures[future]] = future.result()
+            if progress is not None:
+                progress(f"trained {done + 1}/{len(jobs)}: {jobs[futures[future]][1]}")
+    return summaries
+
+
+_WORKER_DATA: dict[tuple[str, str | None], CifarData] = {}
+
+
+def _start_worker(counter: Any, threads: int) -> None:
+    """A training worker: the CLI's malloc settings; the next index pins its GPU; CPU threads split the cores."""
+    configure_allocator()
+    with counter.get_lock():
+        index, counter.value = counter.value, counter.value + 1
+    pin_worker_gpu(index)
+    torch.set_num_threads(threads)
+
+
+def _train_job(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    key = (config.dataset, config.data_dir)
+    if key not in _WORKER_DATA:  # loaded once per worker process
+        _WORKER_DATA[key] = load_dataset(*key)
+    return train_once(config, run_dir, _WORKER_DATA[key])
 
 
 def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | Path | None = None, seed: int = 0,
              config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-             overrides_from_text: bool = False, progress: Progress | None = None) -> RankingReport:
-    """Supernet vs standalone accuracy of `sample` random subnets; write ranking.json and ranking.png (resumable)."""
+             overrides_from_text: bool = False, progress: Progress | None = None, repeats: int = 1,
+             workers: int = 1, score: str = SearchConfig.score) -> RankingReport:
+    """Supernet vs standalone accuracy of `sample` subnets spread over FLOPs; ranking.json and ranking.png (resumable).
+
+    Each subnet trains `repeats` times (training seeds seed, seed + 1, ...); their mean is the
+    truth, and their agreement with each other is the truth's own ceiling. The trained subnets
+    are also written as a benchmark table (`table.json`, held-out accuracies in %), so the same
+    comparison (supernet against FLOPs, parameters and the ceiling) applies as with `--table`,
+    and any other supernet of the space can be ranked against it later. `workers` trains in
+    parallel processes (see `train_all`).
+    """
     supernet_dir = Path(supernet_dir)
     out = Path(out_dir) if out_dir is not None else supernet_dir / "nas_eval"
     if sample < 2:
         raise ConfigError(f"--sample: expected at least 2 subnets to rank, got {sample}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats: expected a positive number of training seeds, got {repeats}")
     sconfig = load_supernet_config(supernet_dir)
     config = base_config(supernet_dir, config_file, {**(overrides or {}), "total_epoch": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
+    search = SearchConfig(device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
+                          threads=config.threads, score=score)
+    search.validate()
     with locked(out):
-        evaluator = CandidateEvaluator.from_run(supernet_dir, SearchConfig(
-            device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
-            threads=config.threads))
-        archs = sample_archs(evaluator, sample, seed)
-        data = load_dataset(config.dataset, config.data_dir)
-        supernet_acc, standalone_acc = [], []
+        evaluator = CandidateEvaluator.from_run(supernet_dir, search)
+        archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
+        if len(archs) < sample:
+            raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
+                              f"{sample} were asked for")
+        jobs = []
         for i, arch in enumerate(archs):
-            if progress is not None:
-                progress(f"subnet {i + 1}/{sample}: {arch_key(evaluator.space, arch)}")
-            supernet_acc.append(evaluator.evaluate(arch)[0].accuracy)
             file = out / "archs" / f"subnet_{i}.json"
             atomic_write(file, json.dumps({"arch": arch, "space": evaluator.space.to_dict()}, indent=2) + "\n")
-            summary = train_once(dataclasses.replace(config, arch=str(file.resolve())), out / f"subnet_{i}", data)
-            standalone_acc.append(summary["final_valid_acc"])
-        report = RankingReport.compute(supernet_acc, standalone_acc)
-        measures = {k: v if v == v else None for k, v in asdict(report).items()}  # NaN (no spread) as null
-        result = {"supernet_acc": supernet_acc, "standalone_acc": standalone_acc, "archs": archs, **measures,
-                  "epochs": epochs, "seed": seed, "supernet": str(supernet_dir.resolve())}
-        atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
-        scatter_plot(supernet_acc, standalone_acc, out / "ranking.png",
-                     title=f"{report.n} random subnets, {epochs} epochs standalone")
+            jobs += [(dataclasses.replace(config, arch=str(file.resolve()), seed=config.seed + r),
+                      out / (f"subnet_{i}" if r == 0 else f"subnet_{i}_seed{config.seed + r}")) for r in range(repeats)]
+        summaries = train_all(jobs, workers, progress=progress)
+        rows, scores = {}, {}
+        for i, arch in enumerate(archs):
+            accs = [summary["final_valid_acc"] * 100 for summary in summaries[i * repeats:(i + 1) * repeats]]
+            key = table_key(evaluator.net.space, arch)
+            evaluation = evaluator.evaluate(arch)[0]
+            scores[key] = (evaluation.accuracy, evaluation.loss)
+            rows[key] = {"mean_acc": float(np.mean(accs)), "test_acc": accs, "params": evaluator.costs.params_of(arch),
+                         "flops": evaluator.costs.flops_of(arch), "arch": arch}
+        atomic_write(out / "table.json", json.dumps(rows, indent=2) + "\n")  # held-out accuracy, in %, per seed
+        bench = BenchmarkTable.load(out / "table.json", evaluator.net.space)
+        result = ranking_result(bench, list(rows), scores, evaluator.costs, seed, score)
+        report = RankingReport.compute(result["supernet_score"], result["standalone_acc"])
+        result = {**result, "archs": archs, **asdict(report), "epochs": epochs, "repeats": repeats, "seed": seed,
+                  "supernet": str(supernet_dir.resolve())}
+        write_ranking(out, result, f"{report.n} subnets over FLOPs, {epochs} epochs standalone x {repeats}",
+                      "standalone accuracy" + (f" (mean of {repeats} seeds)" if repeats > 1 else ""))
     return report
+
+
+def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int = 300, seed: int = 0,
+                       out_dir: str | Path | None = None, search: SearchConfig | None = None,
+                       progress: Progress | None = None) -> dict[str, Any]:
+    """Score `sample` table architectures (stratified over FLOPs; 0: every distinct network) with the supernet.
+
+    Each is evaluated as the search does (BN as the supernet run says, its held-out images;
+    `search` sets the batches, images and device). Writes `ranking.json` (see `ranking_result`)
+    and `ranking.png`, and returns the same dict. Scores are kept in `scores.json` as they come,
+    so an interrupted run continues where it stopped.
+    """
+    supernet_dir = Path(supernet_dir)
+    out = Path(out_dir) if out_dir is not None else supernet_dir / "nas_eval_table"
+    search = search or SearchConfig()
+    evaluator = CandidateEvaluator.from_run(supernet_dir, search)
+    bench = BenchmarkTable.load_named(table, evaluator.net.space)
+    keys = [key for key in bench.sample(sample, seed) if _in_space(evaluator, bench.arch(key))]
+    if len(keys) < 2:
+        raise ConfigError(f"{bench.path}: fewer than 2 of its architectures are in the supernet's final space")
+    setup = {"supernet": str(supernet_dir.resolve()), "table": str(bench.path), "bn_batches": search.bn_batches,
+             "eval_images": search.eval_images, "precision": search.precision}
+    with locked(out):
+        scores_file = out / "scores.json"
+        saved = read_json(scores_file, "supernet scores") if scores_file.is_file() else {}
+        scores: dict[str, tuple[float, float]] = saved.get("scores", {}) if saved.get("setup") == setup else {}  # acc, loss
+        started = time.perf_counter()
+        for i, key in enumerate(keys):
+            if key not in scores:
+                evaluation = evaluator.evaluate(bench.arch(key))[0]
+                scores[key] = (evaluation.accuracy, evaluation.loss)
+                if progress is not None:
+                    progress(f"{i + 1}/{len(keys)} {key}: supernet {evaluation.accuracy:.4f} (loss {evaluation.loss:.4f}), "
+                             f"table {bench.rows[key].mean_acc:.4f}")
+                if len(scores) % 10 == 0:
+                    atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
+        atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
+        result = {**ranking_result(bench, keys, scores, evaluator.costs, seed, search.score), **setup, "sample_seed": seed,
+                  "score_seconds": time.perf_counter() - started}
+        return write_ranking(out, result, f"{len(keys)} architectures of {bench.path.name}",
+                             "table accuracy (mean of its seeds)")
+
+
+def ranking_result(bench: BenchmarkTable, keys: list[str], scores: Mapping[str, tuple[float, float]],
+                   costs: CostTable, seed: int, score: str) -> dict[str, Any]:
+    """The supernet's ranking of `keys` (by `score`, from each key's (accuracy, loss)) against the table's, beside
+    FLOPs, parameters and the seed-to-seed ceiling.
+
+    Also the supernet's lead over FLOPs in tau with its paired-bootstrap standard error, the
+    verdict sentence, the noise floor, and how our FLOPs and parameter counts match the table's.
+    """
+    rows = [bench.rows[key] for key in keys]
+    truth, flops = [row.mean_acc for row in rows], [row.flops for row in rows]
+    supernet = [scores[key][0] if score == "accuracy" else -scores[key][1] for key in keys]  # what it ranks by
+    rankers = compare_rankers(truth, {"supernet": supernet, "FLOPs": flops, "parameters": [row.params for row in rows]},
+                              np.array([row.seed_accs for row in rows]))
+    difference, se = tau_difference(supernet, flops, truth, seed=seed)
+    return {
+        "table": str(bench.path), "space_keys": bench.keys, "n": len(keys), "keys": keys, "score": score,
+        "supernet_acc": [scores[key][0] for key in keys], "supernet_score": supernet,
+        "standalone_acc": truth, "standalone_seed_acc": [list(row.seed_accs) for row in rows], "flops": flops,
+        "params": [row.params for row in rows], "rankers": [asdict(r) for r in rankers],
+        "tau_vs_flops": {"difference": difference, "se": se}, "null_tau_sd": null_tau_sd(len(keys)),
+        "verdict": verdict(rankers[0], rankers[1], difference, se), "flops_ratio": bench.flops_ratio(costs),
+        "params_mismatches": len(bench.params_mismatches(costs)),
+    }
+
+
+def write_ranking(out: Path, result: dict[str, Any], title: str, ylabel: str) -> dict[str, Any]:
+    """ranking.json and the scatter plot ranking.png; the result as written (NaN as null)."""
+    result = _nan_as_null(result)
+    atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
+    scatter_plot(result["supernet_score"], result["standalone_acc"], out / "ranking.png", ylabel=ylabel, title=title,
+                 xlabel="supernet accuracy" if result["score"] == "accuracy" else "supernet score (-loss)")
+    return result
+
+
+def _in_space(evaluator: CandidateEvaluator, arch: Mapping[str, str]) -> bool:
+    """Whether the supernet's final (possibly shrunk) space holds `arch`."""
+    return all(arch[key] in candidates for key, candidates in evaluator.space.choices().items())
+
+
+def _nan_as_null(value: Any) -> Any:
+    """NaN (a measure of a sample without spread) as null, so the file is strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_as_null(v) for k, v in value.items()}
+    return [_nan_as_null(v) for v in value] if isinstance(value, list) else value

@@ -61,7 +61,8 @@ from effcifar.studies import (
 )
 from effcifar.train import PRECISIONS, check_device_name, device_loaders, resolve_device, resolve_precision
 
-RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")
+RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")  # of every result ("loss" since scoring by it)
+SCORES = {"accuracy": "accuracy", "loss": "neg_loss"}  # what a candidate is judged by -> the maximised trial attribute
 COSTS = {"flops": "flops", "latency": "latency_ms"}  # nsga2's cost objective -> the trial attribute
 SETUP_ATTR = "search:setup"
 CONFIG_FILE = "search.yaml"
@@ -84,6 +85,8 @@ class SearchConfig(StorageConfig):
     cost: str = "flops"  # nsga2's second objective: flops or latency
     latency_batch: int = 1  # images per timed forward (1: one image at a time, as deployed)
     bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
+    eval_images: int = 0  # score each candidate on this many held-out images, a seeded random sample (0: all)
+    score: str = "loss"  # judge candidates by (negative) held-out mean cross-entropy, or by accuracy: see SCORES
     workers: int = execution(1)  # search processes on this machine
     seed: int | None = 0  # sampler seed (worker i uses seed + i)
     top_k_export: int = 5  # architectures written to arch/top_{i}.json
@@ -99,7 +102,7 @@ class SearchConfig(StorageConfig):
         for name in ("evaluations", "population", "top_k", "workers", "top_k_export", "latency_batch"):
             if getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
-        for name in ("mutations", "crossovers", "threads"):
+        for name in ("mutations", "crossovers", "threads", "eval_images"):
             if getattr(self, name) < 0:
                 raise field_error(name, "an integer >= 0", getattr(self, name))
         if self.mutations + self.crossovers > self.population:
@@ -116,6 +119,8 @@ class SearchConfig(StorageConfig):
         super().validate()
         if self.precision not in PRECISIONS:
             raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        if self.score not in SCORES:
+            raise field_error("score", f"one of {', '.join(SCORES)}", self.score)
         check_device_name(self.device)
         if self.cost not in COSTS:
             raise field_error("cost", f"one of {', '.join(COSTS)}", self.cost)
@@ -124,7 +129,7 @@ class SearchConfig(StorageConfig):
 
     def objectives(self) -> tuple[str, ...]:
         """What the study optimises: accuracy, and for nsga2 the cost (trial attributes flops or latency_ms)."""
-        return ("accuracy", COSTS[self.cost]) if self.strategy == "nsga2" else ("accuracy",)
+        return (SCORES[self.score], COSTS[self.cost]) if self.strategy == "nsga2" else (SCORES[self.score],)
 
     def needs_latency(self) -> bool:
         """Whether the search measures a latency table: a latency limit or the latency objective."""
@@ -140,10 +145,19 @@ class Evaluation:
     top5: float
     flops: int
     params: int
+    loss: float | None = None  # mean cross-entropy there (None in results recorded before it was)
+
+    @property
+    def neg_loss(self) -> float | None:
+        return None if self.loss is None else -self.loss
 
     def attrs(self) -> dict[str, Any]:
         """The trial user attributes that persist this result (and the cache)."""
-        return {name: getattr(self, name) for name in RESULT_ATTRS}
+        return {name: getattr(self, name) for name in (*RESULT_ATTRS, "loss", "neg_loss")}
+
+    def score(self, name: str) -> float:
+        """The figure `name` (see SCORES) judges by."""
+        return getattr(self, SCORES[name])
 
 
 class CandidateEvaluator:
@@ -158,11 +172,12 @@ class CandidateEvaluator:
     def __init__(self, net: Supernet, space: ArchSpace, costs: CostTable, loader: DeviceLoader,
                  bn_batches: list[torch.Tensor], autocast: Callable[[], Any],
                  max_flops: float | None = None, max_params: float | None = None,
-                 latency: LatencyTable | None = None, max_latency_ms: float | None = None):
+                 latency: LatencyTable | None = None, max_latency_ms: float | None = None,
+                 bn_eval: str = "recalibrate"):
         if max_latency_ms is not None and latency is None:
             raise ValueError("a latency limit needs a latency table")
         self.net, self.space, self.costs, self.loader = net, space, costs, loader
-        self.bn_batches, self.autocast = bn_batches, autocast
+        self.bn_batches, self.autocast, self.bn_eval = bn_batches, autocast, bn_eval
         self.max_flops, self.max_params = max_flops, max_params
         self.latency, self.max_latency_ms = latency, max_latency_ms
         self.cache: dict[str, Evaluation] = {}
@@ -188,6 +203,8 @@ class CandidateEvaluator:
                               eval_batch_size=config.eval_batch_size or sconfig.eval_batch_size)
         train_loader, valid_loader = device_loaders(train_config, data, device)
         batches = calibration_batches(train_loader, config.bn_batches or sconfig.bn_batches, sconfig.seed + 1)
+        if config.eval_images:
+            valid_loader = valid_loader.subset(config.eval_images, sconfig.seed)
         costs = CostTable.build(net.space, sconfig.channels(), data.num_classes)
         latency = None
         if config.needs_latency():
@@ -199,11 +216,11 @@ class CandidateEvaluator:
             return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
         return cls(net, space, costs, valid_loader, batches, autocast, config.max_flops, config.max_params,
-                   latency, config.max_latency_ms)
+                   latency, config.max_latency_ms, sconfig.bn_eval)
 
     def key(self, arch: Mapping[str, str]) -> str:
-        """The canonical architecture key (see `arch_key`)."""
-        return arch_key(self.space, arch)
+        """The key of the path the supernet runs for `arch` (`arch_key`; one per network with canonical paths)."""
+        return arch_key(self.space, self.net.path_of(arch))
 
     def is_feasible(self, arch: Mapping[str, str]) -> bool:
         """Whether the architecture is within the FLOPs, parameter and latency limits (from the tables)."""
@@ -226,7 +243,7 @@ class CandidateEvaluator:
         """Add the results recorded by finished trials (earlier runs, other workers) to the cache."""
         for t in trials:
             if t.state == TrialState.COMPLETE and all(name in t.user_attrs for name in RESULT_ATTRS):
-                result = Evaluation(**{name: t.user_attrs[name] for name in RESULT_ATTRS})
+                result = Evaluation(**{name: t.user_attrs[name] for name in RESULT_ATTRS}, loss=t.user_attrs.get("loss"))
                 self.cache.setdefault(result.arch_key, result)
 
     def evaluate(self, arch: Mapping[str, str]) -> tuple[Evaluation, bool]:
@@ -237,9 +254,9 @@ class CandidateEvaluator:
         key = self.key(arch)
         if key in self.cache:
             return self.cache[key], True
-        top1, top5 = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast)
+        top1, top5, loss = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast, self.bn_eval)
         self.evaluated.append(arch)
-        result = Evaluation(key, top1, top5, self.costs.flops_of(arch), self.costs.params_of(arch))
+        result = Evaluation(key, top1, top5, self.costs.flops_of(arch), self.costs.params_of(arch), loss)
         self.cache[key] = result
         return result, False
 
@@ -254,6 +271,8 @@ def setup_values(config: SearchConfig, supernet_dir: Path) -> dict[str, Any]:
     sconfig = load_supernet_config(supernet_dir)
     values = {"supernet": str(supernet_dir.resolve()), "bn_batches": config.bn_batches or sconfig.bn_batches,
               "precision": config.precision, "objectives": config.objectives()}
+    if config.eval_images:  # absent when 0, so searches recorded before the field existed still resume
+        values["eval_images"] = config.eval_images
     if "latency_ms" in config.objectives():  # the values told to the study are latencies at this batch
         values |= {"latency_batch": config.latency_batch, "latency_version": LATENCY_VERSION}
     return values
@@ -368,16 +387,18 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
 def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[str, Any]]]:
     """(first trial, record) per distinct canonical architecture of the complete trials.
 
-    Best top-1 first, then top-5, then fewest FLOPs.
+    Best by the study's first objective (the score: accuracy or -loss) first, then top-5, then fewest FLOPs.
     """
     best: dict[str, tuple[FrozenTrial, dict[str, Any]]] = {}
     for t in sorted(trials, key=lambda t: t.number):
         if t.state != TrialState.COMPLETE or not all(name in t.user_attrs for name in RESULT_ATTRS):
             continue
         record = {"arch": dict(t.params), **{name: t.user_attrs[name] for name in RESULT_ATTRS if name != "arch_key"}}
+        if "loss" in t.user_attrs:
+            record["loss"] = t.user_attrs["loss"]
         best.setdefault(t.user_attrs["arch_key"], (t, record))
     return sorted(best.values(),
-                  key=lambda pair: (-pair[1]["accuracy"], -pair[1]["top5"], pair[1]["flops"], pair[0].number))
+                  key=lambda pair: (-pair[0].values[0], -pair[1]["top5"], pair[1]["flops"], pair[0].number))
 
 
 def top_records(study: optuna.Study, k: int, latency: LatencyTable | None = None) -> list[dict[str, Any]]:

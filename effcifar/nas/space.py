@@ -1,10 +1,13 @@
 """Architecture spaces declared in data, NNI-style choice modules, and the SPOS supernet.
 
-A space is a stem followed by stages. Each stage has a downsampling `conv1` choice, body
-convolutions `conv2`…`convN` (each a choice), and a `skip` choice saying which body output is
-added back to conv1's output: `zero` (no body at all), `conv3_input` (after conv2),
-`conv4_input` (after conv3), … or `convN_output` (after the whole body). Every choice has a
-stable key such as `stage1.conv1` or `stage2.skip`; an architecture is a dict key -> candidate.
+A space is a stem, stages and a head. Each stage has a downsampling `conv1` choice and body
+layers `conv2`…`convN` (each a choice). With a `skip` choice, the stage adds one body output
+back to conv1's output: `zero` (no body at all), `conv3_input` (after conv2), `conv4_input`
+(after conv3), … or `convN_output` (after the whole body) — the seed's SPOS space. Without
+one, the body layers run in sequence (a MobileNet-style macro space, such as NAS-Bench-Macro's).
+Every choice has a stable key such as `stage1.conv1` or `stage2.skip`; an architecture is a
+dict key -> candidate. Ops are named by a small grammar (see `op_spec`): `conv3`, `conv5_pool`,
+`mb6_k5`, `mb3_k3_stride2`, `identity`, `identity_stride2`, ...
 
 The supernet holds every candidate; `set_arch` selects one per key and the forward pass runs
 only the chosen ops (body convolutions past the chosen skip depth are not run). The same
@@ -14,12 +17,14 @@ whose parameters are exactly those of the chosen ops and keep the supernet's nam
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -33,27 +38,49 @@ Arch = dict[str, str]
 
 @dataclass(frozen=True)
 class OpSpec:
-    """A conv-BN-ReLU op: kernel size, stride, and whether a 2x2 max-pool follows."""
+    """An op declared by its name: a conv-BN-ReLU, an inverted residual, or the identity, and how it downsamples."""
 
-    kernel: int
+    family: str  # "conv", "mb" (MobileNetV2 inverted residual) or "identity"
+    kernel: int = 1
+    expansion: int = 1
     stride: int = 1
-    pool: bool = False
+    pool: bool = False  # a 2x2 max-pool after the op (convs only)
 
     @property
     def downsamples(self) -> bool:
         return self.stride == 2 or self.pool
 
 
-OPS: dict[str, OpSpec] = {
-    "conv3": OpSpec(3),
-    "conv5": OpSpec(5),
-    "conv3_pool": OpSpec(3, pool=True),
-    "conv5_pool": OpSpec(5, pool=True),
-    "conv3_stride2": OpSpec(3, stride=2),
-    "conv5_stride2": OpSpec(5, stride=2),
-}
-DOWNSAMPLING_OPS = [name for name, op in OPS.items() if op.downsamples]
-SAME_SIZE_OPS = [name for name, op in OPS.items() if not op.downsamples]
+_OP_NAME = re.compile(r"(?:conv(?P<conv>\d+)|mb(?P<expansion>\d+)_k(?P<mb>\d+)|(?P<identity>identity))"
+                      r"(?P<down>_pool|_stride2)?$")
+OP_GRAMMAR = ("conv<k>, conv<k>_pool, conv<k>_stride2, mb<e>_k<k>, mb<e>_k<k>_stride2, identity, identity_stride2 "
+              "(k odd, 1-9; e 1-8)")
+
+
+@functools.lru_cache(maxsize=None)
+def op_spec(name: str) -> OpSpec | None:
+    """The op an op name declares, or None if the name does not follow the grammar (OP_GRAMMAR).
+
+    `conv<k>`: k x k conv + BN + ReLU. `mb<e>_k<k>`: 1x1 expand to e x the input channels + BN +
+    ReLU, k x k depthwise + BN + ReLU, 1x1 project + BN, plus the input when the shapes match
+    (e = 1: no expand conv). `identity`: nothing, or a 1x1 conv + BN where the shape changes.
+    `_stride2` strides the (depthwise) conv; `_pool` (convs only) adds a 2x2 max-pool.
+    """
+    match = _OP_NAME.match(name)
+    if not match:
+        return None
+    down = match.group("down")
+    stride, pool = (2 if down == "_stride2" else 1), down == "_pool"
+    if match.group("identity"):
+        return None if pool else OpSpec("identity", stride=stride)
+    kernel = int(match.group("conv") or match.group("mb"))
+    if kernel % 2 == 0 or not 1 <= kernel <= 9:
+        return None
+    if match.group("conv"):
+        return OpSpec("conv", kernel, stride=stride, pool=pool)
+    expansion = int(match.group("expansion"))
+    return None if pool or not 1 <= expansion <= 8 else OpSpec("mb", kernel, expansion, stride)
+
 
 SEED_SPACE: dict[str, Any] = {
     "stem": {"op": "conv3", "width": "prep"},
@@ -67,14 +94,57 @@ SEED_SPACE: dict[str, Any] = {
         for i in (1, 2, 3)
     ],
 }
+# NAS-Bench-Macro (Su et al., CVPR 2021): 8 layers in 3 stages of 2, 3 and 3, each identity or an inverted
+# residual; digit i of a table key is the candidate index of the i-th key below. The standalone network has
+# exactly the benchmark's parameters (tests/test_nas_table.py checks the table's `params`).
+MACRO_CANDIDATES = ["identity", "mb3_k3", "mb6_k5"]
+NAS_BENCH_MACRO_SPACE: dict[str, Any] = {
+    "stem": {"op": "conv3", "width": 32},
+    "stages": [
+        {"name": f"stage{i + 1}", "width": width, "conv1": [f"{op}_stride2" for op in MACRO_CANDIDATES],
+         **{f"conv{j + 2}": MACRO_CANDIDATES for j in range(layers - 1)}}
+        for i, (width, layers) in enumerate([(64, 2), (128, 3), (256, 3)])
+    ],
+    "head": {"conv": 1280, "pool": "avg", "bias": True, "scale_logits": False},
+}
+BUILTIN_SPACES = {"seed": SEED_SPACE, "nas-bench-macro": NAS_BENCH_MACRO_SPACE}
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 _SKIP = re.compile(r"conv(\d+)_(input|output)$")
 
 
-def make_op(name: str, c_in: int, c_out: int) -> nn.Sequential:
-    """The module of op `name` (see OPS) from c_in to c_out channels."""
-    op = OPS[name]
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand + BN + ReLU, depthwise + BN + ReLU, 1x1 project + BN (+ input)."""
+
+    def __init__(self, c_in: int, c_out: int, expansion: int, kernel: int, stride: int):
+        super().__init__()
+        hidden = c_in * expansion
+        layers: list[nn.Module] = []
+        if expansion != 1:
+            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        ]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+def make_op(name: str, c_in: int, c_out: int) -> nn.Module:
+    """The module of op `name` (see `op_spec`) from c_in to c_out channels."""
+    op = op_spec(name)
+    if op is None:
+        raise ValueError(f"not an op name: {name!r} (expected {OP_GRAMMAR})")
+    if op.family == "mb":
+        return InvertedResidual(c_in, c_out, op.expansion, op.kernel, op.stride)
+    if op.family == "identity":
+        if op.stride == 1 and c_in == c_out:
+            return nn.Identity()
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=op.stride, bias=False), nn.BatchNorm2d(c_out))
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, op.kernel, stride=op.stride, padding=op.kernel // 2, bias=False),
         nn.BatchNorm2d(c_out),
@@ -83,6 +153,23 @@ def make_op(name: str, c_in: int, c_out: int) -> nn.Sequential:
     if op.pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The classifier after the last stage: optional 1x1 conv + BN + ReLU, global pool, linear, logits scale.
+
+    The default is the seed's (global max-pool, bias-free linear, the config's `logits_weight`);
+    NAS-Bench-Macro's is a 1x1 conv to 1280 channels, average pool and a linear layer with bias.
+    """
+
+    conv: int | None = None  # channels of the 1x1 conv before pooling; None: no conv
+    pool: str = "max"  # "max" or "avg"
+    bias: bool = False  # of the linear layer
+    scale_logits: bool = True  # multiply the logits by the config's logits_weight
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"conv": self.conv, "pool": self.pool, "bias": self.bias, "scale_logits": self.scale_logits}
 
 
 def skip_depth(name: str) -> int:
@@ -98,7 +185,10 @@ def skip_depth(name: str) -> int:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage: its name (the key prefix), width, and the candidates of each choice."""
+    """One stage: its name (the key prefix), width, and the candidates of each choice.
+
+    An empty `skip` means the stage has no skip choice: its body layers all run, in sequence.
+    """
 
     name: str
     width: str | int
@@ -111,17 +201,23 @@ class StageSpec:
         out = {f"{self.name}.conv1": self.conv1}
         for i, candidates in enumerate(self.body):
             out[f"{self.name}.conv{i + 2}"] = candidates
-        out[f"{self.name}.skip"] = self.skip
+        if self.skip:
+            out[f"{self.name}.skip"] = self.skip
         return out
+
+    def depth(self, arch: Mapping[str, str]) -> int:
+        """How many body layers `arch` computes in this stage (all of them without a skip choice)."""
+        return skip_depth(arch[f"{self.name}.skip"]) if self.skip else len(self.body)
 
 
 @dataclass(frozen=True)
 class ArchSpace:
-    """A declared architecture space: stem op and width, then the stages."""
+    """A declared architecture space: stem op and width, the stages, the head."""
 
     stem_op: str
     stem_width: str | int
     stages: tuple[StageSpec, ...]
+    head: HeadSpec = HeadSpec()
 
     @classmethod
     def seed(cls) -> ArchSpace:
@@ -130,9 +226,11 @@ class ArchSpace:
 
     @classmethod
     def load(cls, spec: str | Path | None) -> ArchSpace:
-        """'seed' (or None) for the seed's space, else a YAML/JSON space file."""
-        if spec is None or str(spec) == "seed":
+        """A built-in space by name (BUILTIN_SPACES: 'seed', the default, or 'nas-bench-macro'), else a YAML/JSON file."""
+        if spec is None:
             return cls.seed()
+        if str(spec) in BUILTIN_SPACES:
+            return cls.from_dict(BUILTIN_SPACES[str(spec)], f"the {spec} space")
         return cls.from_file(spec)
 
     @classmethod
@@ -147,16 +245,17 @@ class ArchSpace:
             return ConfigError(f"{source}: field '{field}': expected {expected}, got {value!r}")
 
         if not isinstance(spec, Mapping):
-            raise fail("(top level)", "a mapping with 'stem' and 'stages'", spec)
-        unknown = set(spec) - {"stem", "stages"}
+            raise fail("(top level)", "a mapping with 'stem', 'stages' and optionally 'head'", spec)
+        unknown = set(spec) - {"stem", "stages", "head"}
         if unknown:
-            raise fail(sorted(unknown)[0], "only 'stem' and 'stages'", spec[sorted(unknown)[0]])
+            raise fail(sorted(unknown)[0], "only 'stem', 'stages' and 'head'", spec[sorted(unknown)[0]])
         stem = spec.get("stem", {"op": "conv3", "width": "prep"})
         if not isinstance(stem, Mapping) or set(stem) - {"op", "width"}:
             raise fail("stem", "a mapping with 'op' and 'width'", stem)
         stem_op = stem.get("op", "conv3")
-        if stem_op not in SAME_SIZE_OPS:
-            raise fail("stem.op", f"one of {SAME_SIZE_OPS}", stem_op)
+        stem_spec = op_spec(stem_op) if isinstance(stem_op, str) else None
+        if stem_spec is None or stem_spec.family != "conv" or stem_spec.downsamples:
+            raise fail("stem.op", "a same-size conv op such as conv3 or conv5", stem_op)
         stem_width = _width(stem.get("width", "prep"), "stem.width", fail)
         stages_spec = spec.get("stages")
         if not isinstance(stages_spec, list) or not stages_spec:
@@ -168,18 +267,20 @@ class ArchSpace:
                 raise fail(f"stages[{i}].name", "a stage name not used before (choice keys must be unique)", parsed.name)
             names.add(parsed.name)
             stages.append(parsed)
-        return cls(stem_op, stem_width, tuple(stages))
+        return cls(stem_op, stem_width, tuple(stages), _head(spec.get("head", {}), fail))
 
     def to_dict(self) -> dict[str, Any]:
-        """The declaration, loadable again with `from_dict`."""
+        """The declaration, loadable again with `from_dict` (the head only where it is not the seed's)."""
         stages = []
         for s in self.stages:
             entry: dict[str, Any] = {"name": s.name, "width": s.width, "conv1": list(s.conv1)}
             for i, candidates in enumerate(s.body):
                 entry[f"conv{i + 2}"] = list(candidates)
-            entry["skip"] = list(s.skip)
+            if s.skip:
+                entry["skip"] = list(s.skip)
             stages.append(entry)
-        return {"stem": {"op": self.stem_op, "width": self.stem_width}, "stages": stages}
+        out = {"stem": {"op": self.stem_op, "width": self.stem_width}, "stages": stages}
+        return out | ({"head": self.head.to_dict()} if self.head != HeadSpec() else {})
 
     def choices(self) -> dict[str, list[str]]:
         """Every choice key -> its candidates, in order (the NAS search space)."""
@@ -209,10 +310,9 @@ class ArchSpace:
         """Keys whose choice is computed: body convs beyond the skip depth are not."""
         keys = []
         for s in self.stages:
-            depth = skip_depth(arch[f"{s.name}.skip"])
             keys.append(f"{s.name}.conv1")
-            keys += [f"{s.name}.conv{i + 2}" for i in range(depth)]
-            keys.append(f"{s.name}.skip")
+            keys += [f"{s.name}.conv{i + 2}" for i in range(s.depth(arch))]
+            keys += [f"{s.name}.skip"] if s.skip else []
         return keys
 
     def restrict(self, choices: Mapping[str, Sequence[str]]) -> ArchSpace:
@@ -224,18 +324,18 @@ class ArchSpace:
                 empty = next(k for k, v in keep.items() if not v)
                 raise ConfigError(f"restricting the space: key '{empty}' would have no candidate left")
             body = tuple(keep[f"{s.name}.conv{i + 2}"] for i in range(len(s.body)))
-            stages.append(StageSpec(s.name, s.width, keep[f"{s.name}.conv1"], body, keep[f"{s.name}.skip"]))
-        return ArchSpace(self.stem_op, self.stem_width, tuple(stages))
+            stages.append(StageSpec(s.name, s.width, keep[f"{s.name}.conv1"], body, keep.get(f"{s.name}.skip", ())))
+        return ArchSpace(self.stem_op, self.stem_width, tuple(stages), self.head)
 
     def fix(self, arch: Mapping[str, str]) -> ArchSpace:
         """The one-architecture space of a standalone network: chosen ops only, unused body convs dropped."""
         arch = self.check(arch)
         stages = []
         for s in self.stages:
-            depth = skip_depth(arch[f"{s.name}.skip"])
-            body = tuple((arch[f"{s.name}.conv{i + 2}"],) for i in range(depth))
-            stages.append(StageSpec(s.name, s.width, (arch[f"{s.name}.conv1"],), body, (arch[f"{s.name}.skip"],)))
-        return ArchSpace(self.stem_op, self.stem_width, tuple(stages))
+            body = tuple((arch[f"{s.name}.conv{i + 2}"],) for i in range(s.depth(arch)))
+            skip = (arch[f"{s.name}.skip"],) if s.skip else ()
+            stages.append(StageSpec(s.name, s.width, (arch[f"{s.name}.conv1"],), body, skip))
+        return ArchSpace(self.stem_op, self.stem_width, tuple(stages), self.head)
 
     def to_nni(self) -> dict[str, Any]:
         """NNI's classic one-shot search-space JSON (`nnictl ss_gen` format)."""
@@ -254,15 +354,25 @@ def _width(value: Any, field: str, fail: Any) -> str | int:
     return value
 
 
-def _candidates(value: Any, field: str, allowed: Sequence[str], fail: Any) -> tuple[str, ...]:
+def _names(value: Any, field: str, allowed: Callable[[str], bool], expected: str, fail: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise fail(field, "a non-empty list of candidates", value)
     for i, name in enumerate(value):
-        if name not in allowed:
-            raise fail(f"{field}[{i}]", f"one of {list(allowed)}", name)
+        if not (isinstance(name, str) and allowed(name)):
+            raise fail(f"{field}[{i}]", expected, name)
     if len(set(value)) != len(value):
         raise fail(field, "candidates without repeats", value)
     return tuple(value)
+
+
+def _candidates(value: Any, field: str, downsampling: bool, fail: Any) -> tuple[str, ...]:
+    """Op names of a conv1 (downsampling ops) or body (same-size ops) choice."""
+    def allowed(name: str) -> bool:
+        op = op_spec(name)
+        return op is not None and op.downsamples == downsampling
+
+    kind = "a downsampling op (_pool or _stride2)" if downsampling else "a same-size op (no _pool or _stride2)"
+    return _names(value, field, allowed, f"{kind}: {OP_GRAMMAR}", fail)
 
 
 def _stage(stage: Any, where: str, fail: Any) -> StageSpec:
@@ -277,16 +387,31 @@ def _stage(stage: Any, where: str, fail: Any) -> StageSpec:
     for key in stage:
         if key not in expected_fields:
             raise fail(f"{where}.{key}", f"fields name, width, conv1, conv2…conv{n_body + 1} (consecutive), skip", key)
-    for key in ("conv1", "skip"):
-        if key not in stage:
-            raise fail(f"{where}.{key}", "a list of candidates", None)
-    conv1 = _candidates(stage["conv1"], f"{where}.conv1", DOWNSAMPLING_OPS, fail)
-    body = tuple(
-        _candidates(stage[f"conv{i + 2}"], f"{where}.conv{i + 2}", SAME_SIZE_OPS, fail) for i in range(n_body)
-    )
-    skip_names = ["zero"] + [f"conv{k}_input" for k in range(3, n_body + 3)] + [f"conv{k}_output" for k in range(2, n_body + 2)]
-    skip = _candidates(stage["skip"], f"{where}.skip", skip_names, fail)
+    if "conv1" not in stage:
+        raise fail(f"{where}.conv1", "a list of candidates", None)
+    conv1 = _candidates(stage["conv1"], f"{where}.conv1", True, fail)
+    body = tuple(_candidates(stage[f"conv{i + 2}"], f"{where}.conv{i + 2}", False, fail) for i in range(n_body))
+    skip: tuple[str, ...] = ()
+    if "skip" in stage:
+        skip_names = (["zero"] + [f"conv{k}_input" for k in range(3, n_body + 3)]
+                      + [f"conv{k}_output" for k in range(2, n_body + 2)])
+        skip = _names(stage["skip"], f"{where}.skip", lambda name: name in skip_names, f"one of {skip_names}", fail)
     return StageSpec(name, _width(stage.get("width"), f"{where}.width", fail), conv1, body, skip)
+
+
+def _head(head: Any, fail: Any) -> HeadSpec:
+    fields = {"conv", "pool", "bias", "scale_logits"}
+    if not isinstance(head, Mapping) or set(head) - fields:
+        raise fail("head", f"a mapping with some of {sorted(fields)}", head)
+    spec = HeadSpec(**head)
+    if spec.conv is not None and (isinstance(spec.conv, bool) or not isinstance(spec.conv, int) or spec.conv <= 0):
+        raise fail("head.conv", "a positive channel count or null (no conv)", spec.conv)
+    if spec.pool not in ("max", "avg"):
+        raise fail("head.pool", "max or avg", spec.pool)
+    for name in ("bias", "scale_logits"):
+        if not isinstance(getattr(spec, name), bool):
+            raise fail(f"head.{name}", "true or false", getattr(spec, name))
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +457,7 @@ class InputChoice(nn.Module):
 
 
 class SearchStage(nn.Module):
-    """conv1 (downsampling), body convs, and the skip that adds a body output back to conv1's."""
+    """conv1 (downsampling), body layers, and (if the stage has one) the skip that adds a body output back to conv1's."""
 
     def __init__(self, spec: StageSpec, c_in: int, c_out: int):
         super().__init__()
@@ -341,23 +466,36 @@ class SearchStage(nn.Module):
             f"conv{i + 2}": LayerChoice(f"{spec.name}.conv{i + 2}", {op: make_op(op, c_out, c_out) for op in ops})
             for i, ops in enumerate(spec.body)
         })
-        self.skip = InputChoice(f"{spec.name}.skip", spec.skip)
+        self.skip = InputChoice(f"{spec.name}.skip", spec.skip) if spec.skip else None
         self.depths = [skip_depth(name) for name in spec.skip]
+
+    @property
+    def depth(self) -> int:
+        """Body layers the chosen path computes."""
+        return len(self.body) if self.skip is None else self.depths[self.skip.chosen_index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
-        depth = self.depths[self.skip.chosen_index]
+        if self.skip is None:
+            for layer in self.body.values():
+                x = layer(x)
+            return x
         taps = [x]  # taps[d]: the output after d body convs; only those needed are computed
-        for conv in list(self.body.values())[:depth]:
+        for conv in list(self.body.values())[:self.depth]:
             taps.append(conv(taps[-1]))
         skip = self.skip([taps[d] if 0 < d < len(taps) else None for d in self.depths])
         return x if skip is None else x + skip
 
 
-def make_head(c_in: int, num_classes: int, logits_weight: float = 0.125) -> nn.Sequential:
-    """The seed's head: global max-pool, bias-free linear, logits scale."""
-    return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes, bias=False),
-                         Scale(logits_weight))
+def make_head(head: HeadSpec, c_in: int, num_classes: int, logits_weight: float = 0.125) -> nn.Sequential:
+    """The declared head (see HeadSpec) on c_in channels."""
+    layers: list[nn.Module] = []
+    if head.conv is not None:
+        layers += [nn.Conv2d(c_in, head.conv, 1, bias=False), nn.BatchNorm2d(head.conv), nn.ReLU(inplace=True)]
+        c_in = head.conv
+    layers += [nn.AdaptiveMaxPool2d(1) if head.pool == "max" else nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+               nn.Linear(c_in, num_classes, bias=head.bias)]
+    return nn.Sequential(*layers, *([Scale(logits_weight)] if head.scale_logits else []))
 
 
 def resolve_width(width: str | int, channels: Mapping[str, int]) -> int:
@@ -366,11 +504,12 @@ def resolve_width(width: str | int, channels: Mapping[str, int]) -> int:
 
 
 class Supernet(nn.Module):
-    """Stem, search stages, global max-pool, bias-free linear, logits scale (the seed's head)."""
+    """Stem, search stages and the declared head; `set_arch` picks the path the forward pass runs."""
 
-    def __init__(self, space: ArchSpace, channels: Mapping[str, int], num_classes: int, logits_weight: float = 0.125):
+    def __init__(self, space: ArchSpace, channels: Mapping[str, int], num_classes: int, logits_weight: float = 0.125,
+                 canonical_paths: bool = False):
         super().__init__()
-        self.space = space
+        self.space, self.canonical_paths = space, canonical_paths
         c_in = resolve_width(space.stem_width, channels)
         self.prep = make_op(space.stem_op, 3, c_in)
         stages = {}
@@ -379,7 +518,7 @@ class Supernet(nn.Module):
             stages[spec.name] = SearchStage(spec, c_in, c_out)
             c_in = c_out
         self.stages = nn.ModuleDict(stages)
-        self.head = make_head(c_in, num_classes, logits_weight)
+        self.head = make_head(space.head, c_in, num_classes, logits_weight)
         if space.size() == 1:  # a standalone network: its only architecture is always active
             self.set_arch({k: v[0] for k, v in space.choices().items()})
 
@@ -387,20 +526,28 @@ class Supernet(nn.Module):
         """Choice key -> its module."""
         return {m.key: m for m in self.modules() if isinstance(m, (LayerChoice, InputChoice))}
 
-    def set_arch(self, arch: Mapping[str, str]) -> None:
-        """Select one candidate per key; later forwards run only that path."""
+    def path_of(self, arch: Mapping[str, str]) -> Arch:
+        """The path that runs `arch`: the architecture itself, or with `canonical_paths` its network's canonical path."""
         arch = self.space.check(arch)
-        for key, module in self.choice_modules().items():
-            module.chosen = arch[key]
+        return canonical_path(self.space, arch) if self.canonical_paths else arch
+
+    def set_arch(self, arch: Mapping[str, str]) -> None:
+        """Select one candidate per key (see `path_of`); later forwards run only that path."""
+        modules = self.choice_modules()
+        for key, candidate in self.path_of(arch).items():
+            modules[key].chosen = candidate
+
+    def active_network(self) -> Supernet:
+        """The network the selected path runs in: this one (see FewShotSupernet)."""
+        return self
 
     def inactive_parameters(self) -> list[nn.Parameter]:
         """Parameters the current path does not use (unchosen candidates, body convs past the skip)."""
         unused = []
         for stage in self.stages.values():
-            depth = stage.depths[stage.skip.chosen_index]
             for index, choice in enumerate([stage.conv1, *stage.body.values()]):
                 for name, op in choice.candidates.items():
-                    if name != choice.chosen or index > depth:
+                    if name != choice.chosen or index > stage.depth:
                         unused += list(op.parameters())
         return unused
 
@@ -409,6 +556,39 @@ class Supernet(nn.Module):
         for stage in self.stages.values():
             x = stage(x)
         return self.head(x)
+
+
+class FewShotSupernet(nn.Module):
+    """Sub-supernets split on one choice key (few-shot NAS, Zhao et al. 2021), each a copy of one supernet.
+
+    Sub-supernet `c` only ever trains paths whose candidate at `key` is `c`, so those paths no
+    longer share weights with the others; a path runs (and is judged) in its own sub-supernet.
+    """
+
+    def __init__(self, oneshot: Supernet, key: str, candidates: Sequence[str]):
+        super().__init__()
+        self.space, self.key = oneshot.space, key
+        self.splits = nn.ModuleDict({c: copy.deepcopy(oneshot) for c in candidates})
+        self.active = candidates[0]
+
+    def split(self, candidate: str) -> Supernet:
+        return self.splits[candidate]  # type: ignore[return-value]
+
+    def path_of(self, arch: Mapping[str, str]) -> Arch:
+        """The path that runs `arch` (see Supernet.path_of)."""
+        return self.split(self.active).path_of(arch)
+
+    def set_arch(self, arch: Mapping[str, str]) -> None:
+        """Select the path in the sub-supernet of its candidate at `key`."""
+        self.active = self.path_of(arch)[self.key]
+        self.split(self.active).set_arch(arch)
+
+    def active_network(self) -> Supernet:
+        """The sub-supernet the selected path runs in."""
+        return self.split(self.active)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.splits[self.active](x)
 
 
 def build_standalone(space: ArchSpace, arch: Mapping[str, str], channels: Mapping[str, int], num_classes: int,
@@ -459,6 +639,43 @@ def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
     return ",".join(f"{key}={arch[key]}" for key in space.active_keys(arch))
 
 
+def body_layers(stage: StageSpec, arch: Mapping[str, str]) -> list[str]:
+    """The body ops `arch` computes in a stage; in a stage without a skip choice a same-size `identity` is a no-op,
+    so only the other ops count, in order (where the identities sit does not change the network)."""
+    layers = [arch[f"{stage.name}.conv{i + 2}"] for i in range(stage.depth(arch))]
+    return layers if stage.skip else [op for op in layers if op != "identity"]
+
+
+def network_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
+    """The key of the standalone network (see `body_layers`): NAS-Bench-Macro trained each such network once.
+
+    A supernet holds separate weights per position, so the paths of one network can score differently
+    unless it runs them all as one (`canonical_path`).
+    """
+    parts = []
+    for s in space.stages:
+        parts.append(f"{s.name}={'+'.join([arch[f'{s.name}.conv1'], *body_layers(s, arch)])}"
+                     + (f",{s.name}.skip={arch[f'{s.name}.skip']}" if s.skip else ""))
+    return ",".join(parts)
+
+
+def canonical_path(space: ArchSpace, arch: Mapping[str, str]) -> Arch:
+    """The one path of `arch`'s network with each sequential stage's layers first and its identities last.
+
+    As OFA's elastic depth keeps a stage's first layers, a layer position then always sees the
+    same input (the previous real layer). Stages whose keys could not hold the moved ops keep theirs.
+    """
+    path = dict(arch)
+    for s in space.stages:
+        if s.skip:
+            continue
+        layers = body_layers(s, arch)
+        moved = layers + ["identity"] * (len(s.body) - len(layers))
+        if all(op in candidates for op, candidates in zip(moved, s.body)):
+            path.update({f"{s.name}.conv{i + 2}": op for i, op in enumerate(moved)})
+    return path
+
+
 def distinct_random_archs(space: ArchSpace, count: int, rng: random.Random) -> list[Arch]:
     """Up to `count` uniformly random architectures that are different networks (distinct `arch_key`), in draw order.
 
@@ -474,11 +691,38 @@ def distinct_random_archs(space: ArchSpace, count: int, rng: random.Random) -> l
     return list(archs.values())
 
 
+def pick_stratified(items: Sequence[Any], count: int, rng: random.Random) -> list[Any]:
+    """`count` of `items` (sorted by a cost), one drawn from each of `count` strata of (nearly) equal size; all if fewer.
+
+    A uniform sample of a space clusters around its median size; strata spread the sample over
+    the whole range, which is where a ranking must hold.
+    """
+    if count <= 0 or count >= len(items):
+        return list(items)
+    bounds = [round(i * len(items) / count) for i in range(count + 1)]
+    return [items[rng.randrange(lo, hi)] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def stratified_archs(space: ArchSpace, costs: CostTable, count: int, rng: random.Random) -> list[Arch]:
+    """`count` architectures of distinct networks spread over FLOPs (see `pick_stratified`), smallest first.
+
+    Drawn from a pool of max(2,000, 50 x count) distinct uniform random networks (the whole space when smaller).
+    """
+    pool: dict[str, Arch] = {}
+    for _ in range(max(20_000, 500 * count)):
+        if len(pool) == max(2_000, 50 * count):
+            break
+        arch = {key: rng.choice(candidates) for key, candidates in space.choices().items()}
+        pool.setdefault(network_key(space, arch), arch)
+    ordered = sorted(pool.values(), key=lambda arch: (costs.flops_of(arch), network_key(space, arch)))
+    return pick_stratified(ordered, count, rng)
+
+
 def extreme_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, largest: bool) -> Arch:
     """The subnet of `space` with the largest or smallest additive cost (per-key costs over active keys).
 
     Deepest (shallowest) skip and costliest (cheapest) op per key; the cost is additive over
-    active keys and a deeper skip only adds convs, so the per-key pick is the extreme.
+    active keys and a deeper skip only adds layers, so the per-key pick is the extreme.
     """
     pick = max if largest else min
     arch = {}
@@ -519,9 +763,10 @@ class CostTable:
             params[site.key][site.name] = count_parameters(module)
         c_stem = resolve_width(space.stem_width, channels)
         stem = make_op(space.stem_op, 3, c_stem)
-        c_last, _ = head_input(space, channels)
-        base_flops = count_flops(stem, (1, 3, IMAGE_SIZE, IMAGE_SIZE)) + 2 * c_last * num_classes
-        return cls(base_flops, count_parameters(stem) + c_last * num_classes, flops, params, space)
+        c_last, size = head_input(space, channels)
+        head = make_head(space.head, c_last, num_classes)
+        base_flops = count_flops(stem, (1, 3, IMAGE_SIZE, IMAGE_SIZE)) + count_flops(head, (1, c_last, size, size))
+        return cls(base_flops, count_parameters(stem) + count_parameters(head), flops, params, space)
 
     def flops_of(self, arch: Mapping[str, str]) -> int:
         """Forward FLOPs of one image through the subnet."""

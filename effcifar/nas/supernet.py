@@ -29,12 +29,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_reduce
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
@@ -44,7 +44,7 @@ from effcifar.config import build_config, execution, field_error, fingerprint, r
 from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
-from effcifar.nas.space import Arch, ArchSpace, CostTable, LayerChoice, Supernet, extreme_arch, skip_depth
+from effcifar.nas.space import Arch, ArchSpace, CostTable, FewShotSupernet, LayerChoice, Supernet, extreme_arch, skip_depth
 from effcifar.rundir import locked
 from effcifar.train import (
     AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, check_memory,
@@ -52,6 +52,8 @@ from effcifar.train import (
 )
 
 SCHEDULES = ("linear", "cosine")
+SAMPLINGS = ("uniform", "fair", "sandwich")  # paths per step: one; one per candidate (FairNAS); largest+smallest+random
+BN_EVALS = ("recalibrate", "batch")  # BN statistics when a subnet is judged
 # Fields that the hyper-parameter search decides; `hparams: best.json` supplies them.
 HPARAM_FIELDS = (
     "dataset", "batch_size", "crop_pad", "flip", "cutout", "peak_lr", "base_wd", "momentum", "nesterov",
@@ -59,6 +61,7 @@ HPARAM_FIELDS = (
 )
 CHECKPOINT_MAGIC = b"EFFCIFAR-CKPT-1\n"
 MAX_SAMPLING_TRIES = 10_000
+EXTREME_DRAWS = 1_000  # feasible draws among which a sampler takes the largest/smallest path under FLOPs limits
 
 
 class TrainingInterrupted(EffcifarError):
@@ -75,11 +78,12 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     """
 
     holdout: int = 5000  # held-out training images for the panel and shrinking (never the test set)
-    space: str = "seed"  # 'seed' or a YAML/JSON space file
+    space: str = "seed"  # a built-in space (seed, nas-bench-macro) or a YAML/JSON space file
     hparams: str | None = execution(None)  # best.json of an HPO run: widths, LR, weight decay, augmentation
     epochs: int = 30
     lr_factor: float = 0.3
     schedule: str = "linear"
+    warmup_epochs: float = 0.0  # the LR rises linearly from 0 over these epochs, then decays
     # path sampling and evaluation
     flops_min: float | None = None  # sample only paths with at least this many forward FLOPs
     flops_max: float | None = None
@@ -87,6 +91,13 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     bn_batches: int = 10  # training batches used to recalibrate BN before each evaluation
     shrink_at: str = ""  # comma-separated epochs after which each key loses its worst candidate
     shrink_samples: int = 10  # each candidate is judged on at least this many subnets
+    sampling: str = "sandwich"  # uniform (SPOS), fair (FairNAS strict fairness) or sandwich (BigNAS): SAMPLINGS
+    sandwich_paths: int = 4  # paths per step with sandwich: largest, smallest and the rest random
+    distill: bool = False  # in-place distillation: each step's other paths learn the largest path's soft labels
+    bn_eval: str = "recalibrate"  # a judged subnet's BN: running statistics recalibrated, or each batch's own
+    canonical_paths: bool = False  # run each network as one path: a sequential stage's identities last (see canonical_path)
+    few_shot_key: str = ""  # after `epochs`, split the supernet on this choice key: one sub-supernet per candidate
+    few_shot_epochs: int = 0  # epochs each sub-supernet trains, warm-started from the one-shot weights
     keep_checkpoints: int = execution(3)
 
     def train_config(self) -> TrainConfig:
@@ -104,10 +115,37 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
             raise field_error("holdout", "a positive number of held-out training images", self.holdout)
         if self.panel_random < 0:
             raise field_error("panel_random", "an integer >= 0", self.panel_random)
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise field_error("warmup_epochs", f"a number in [0, epochs={self.epochs})", self.warmup_epochs)
         if not self.lr_factor > 0:
             raise field_error("lr_factor", "a number > 0", self.lr_factor)
         if self.schedule not in SCHEDULES:
             raise field_error("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        if self.sampling not in SAMPLINGS:
+            raise field_error("sampling", f"one of {', '.join(SAMPLINGS)}", self.sampling)
+        if self.sampling == "fair" and (self.flops_min is not None or self.flops_max is not None):
+            raise field_error("sampling", "uniform or sandwich when flops_min or flops_max is set (fair's paths are "
+                                          "fixed by the space, not by FLOPs limits)", self.sampling)
+        if self.sandwich_paths < 2:
+            raise field_error("sandwich_paths", "an integer >= 2 (the largest and the smallest path)",
+                              self.sandwich_paths)
+        if self.bn_eval not in BN_EVALS:
+            raise field_error("bn_eval", f"one of {', '.join(BN_EVALS)}", self.bn_eval)
+        if self.few_shot_key:
+            keys = list(ArchSpace.load(self.space).choices())
+            if self.few_shot_key not in keys:
+                raise field_error("few_shot_key", f"a choice key of the space ({', '.join(keys)}) or empty",
+                                  self.few_shot_key)
+            if self.few_shot_epochs < 1:
+                raise field_error("few_shot_epochs", "a positive integer with few_shot_key", self.few_shot_epochs)
+        elif self.few_shot_epochs:
+            raise field_error("few_shot_epochs", "0 without few_shot_key", self.few_shot_epochs)
+        if self.canonical_paths and self.sampling == "fair":
+            raise field_error("canonical_paths", "false with fair sampling (moving identities would undo the fairness)",
+                              self.canonical_paths)
+        if self.canonical_paths and self.few_shot_key and not self.few_shot_key.endswith(".conv1"):
+            raise field_error("few_shot_key", "a stage's conv1 key with canonical_paths (body ops move between keys)",
+                              self.few_shot_key)
         for name in ("flops_min", "flops_max"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise field_error(name, "a positive number of FLOPs or none", getattr(self, name))
@@ -130,8 +168,11 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
         return {s: getattr(self, s) for s in STAGES}
 
     def lr_at(self, epoch: float) -> float:
-        """Learning rate at a fractional epoch: lr_factor x peak_lr decayed to 0 at `epochs`."""
-        top, t = self.lr_factor * self.peak_lr, min(max(epoch / self.epochs, 0.0), 1.0)
+        """Learning rate at a fractional epoch: warm-up to lr_factor x peak_lr, then decayed to 0 at `epochs`."""
+        top = self.lr_factor * self.peak_lr
+        if epoch < self.warmup_epochs:
+            return top * epoch / self.warmup_epochs
+        t = min(max((epoch - self.warmup_epochs) / (self.epochs - self.warmup_epochs), 0.0), 1.0)
         return top * (1 - t) if self.schedule == "linear" else top * 0.5 * (1 + math.cos(math.pi * t))
 
     def fingerprint(self) -> str:
@@ -157,11 +198,30 @@ def load_config(file: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 class PathSampler:
-    """Uniform single-path sampling from a space, resampled until the FLOPs are within limits."""
+    """The paths of each training step. Uniform (SPOS): one path, resampled until its FLOPs are within limits."""
 
     def __init__(self, costs: CostTable, seed: int, flops_min: float | None = None, flops_max: float | None = None):
-        self.costs, self.flops_min, self.flops_max = costs, flops_min, flops_max
+        self.costs, self.flops_min, self.flops_max, self.seed = costs, flops_min, flops_max, seed
         self.rng = random.Random(seed)
+        self.extremes: dict[tuple[bool, str], Arch] = {}  # (largest, space) -> path: computed once per space
+
+    def step_paths(self, space: ArchSpace) -> list[Arch]:
+        """The paths one training step trains (their gradients are added before the update)."""
+        return [self.sample(space)]
+
+    def extreme(self, largest: bool, space: ArchSpace) -> Arch:
+        """The path with the most (fewest) FLOPs within the limits: the table's extreme when it is within them,
+        else the extreme of EXTREME_DRAWS feasible draws of a generator of its own (the training draws are untouched,
+        so a resumed run picks the same one)."""
+        key = (largest, json.dumps(space.choices()))
+        if key not in self.extremes:
+            arch = self.costs.extreme(largest, space)
+            if not self.within_limits(arch):
+                own = PathSampler(self.costs, self.seed, self.flops_min, self.flops_max)
+                arch = (max if largest else min)([own.sample(space) for _ in range(EXTREME_DRAWS)],
+                                                 key=self.costs.flops_of)
+            self.extremes[key] = arch
+        return self.extremes[key]
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state (weights_only-loadable), for checkpoints."""
@@ -189,6 +249,49 @@ class PathSampler:
         )
 
 
+class FairSampler(PathSampler):
+    """FairNAS's strict fairness: each step trains K paths that together use every candidate of every key evenly.
+
+    K is the largest number of candidates of a key. A key's column of K picks is a run of random
+    permutations of its candidates, so within a step each candidate is used K // n or K // n + 1
+    times (n candidates): every candidate, every step, and no weight trained twice as often.
+    """
+
+    def step_paths(self, space: ArchSpace) -> list[Arch]:
+        choices = space.choices()
+        k = max(len(c) for c in choices.values())
+        columns = {}
+        for key, candidates in choices.items():
+            column: list[str] = []
+            while len(column) < k:
+                column += self.rng.sample(candidates, len(candidates))
+            columns[key] = column[:k]
+        return [{key: column[j] for key, column in columns.items()} for j in range(k)]
+
+
+class SandwichSampler(PathSampler):
+    """BigNAS's sandwich rule: the largest and the smallest path (by FLOPs, within the limits) and `paths - 2`
+    uniform random ones."""
+
+    def __init__(self, costs: CostTable, seed: int, paths: int, flops_min: float | None = None,
+                 flops_max: float | None = None):
+        super().__init__(costs, seed, flops_min, flops_max)
+        self.paths = paths
+
+    def step_paths(self, space: ArchSpace) -> list[Arch]:
+        return [self.extreme(True, space), self.extreme(False, space)] + [
+            self.sample(space) for _ in range(self.paths - 2)]
+
+
+def make_sampler(config: SupernetConfig, costs: CostTable) -> PathSampler:
+    """The config's path sampler, seeded with its seed."""
+    if config.sampling == "fair":
+        return FairSampler(costs, config.seed)
+    if config.sampling == "sandwich":
+        return SandwichSampler(costs, config.seed, config.sandwich_paths, config.flops_min, config.flops_max)
+    return PathSampler(costs, config.seed, config.flops_min, config.flops_max)
+
+
 def widest_path(net: Supernet) -> Supernet:
     """`net` with its path of the most parameters chosen: the memory estimate's (all candidates are held, one runs)."""
     sizes = {key: {name: sum(p.numel() for p in op.parameters()) for name, op in module.candidates.items()}
@@ -209,28 +312,61 @@ def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], autocast: Call
     model.eval()
 
 
+class SubnetScore(NamedTuple):
+    """A judged subnet's held-out top-1 and top-5 accuracy and mean cross-entropy."""
+
+    top1: float
+    top5: float
+    loss: float
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DeviceLoader, autocast: Callable[[], Any]) -> tuple[float, float]:
-    """(top-1, top-5) accuracy of the model as it is (eval mode)."""
+def accuracy(model: nn.Module, loader: DeviceLoader, autocast: Callable[[], Any]) -> SubnetScore:
+    """Top-1, top-5 and mean cross-entropy of the model as it is (eval mode)."""
     model.eval()
     top1 = torch.zeros((), dtype=torch.long, device=loader.labels.device)
     top5 = torch.zeros((), dtype=torch.long, device=loader.labels.device)
+    loss = torch.zeros((), dtype=torch.float64, device=loader.labels.device)
     with autocast():
         for x, y in loader:
             logits = model(x)
             best = logits.topk(min(5, logits.shape[1]), dim=1).indices
             top1 += (best[:, 0] == y).sum()
             top5 += (best == y[:, None]).any(1).sum()
+            loss += F.cross_entropy(logits.float(), y, reduction="sum")
     n = len(loader.labels)
-    return top1.item() / n, top5.item() / n
+    return SubnetScore(top1.item() / n, top5.item() / n, loss.item() / n)
 
 
-def evaluate_subnet(net: Supernet, arch: Arch, bn_batches: list[torch.Tensor], loader: DeviceLoader,
-                    autocast: Callable[[], Any]) -> tuple[float, float]:
-    """(top-1, top-5) of one path: select it, recalibrate BN, evaluate."""
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block, BN layers normalise with each batch's own statistics, in eval mode too; running ones untouched.
+
+    The alternative to recalibration (Yu et al. 2020, "How to train your super-net"): no
+    calibration passes, but a judged batch must be large enough for its statistics to be stable.
+    (torch's BN uses batch statistics in eval mode exactly when it holds no running ones.)
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.running_mean, m.running_var) for m in norms]
+    for m in norms:
+        m.running_mean = m.running_var = None
+    try:
+        yield
+    finally:
+        for m, (mean, var) in zip(norms, saved):
+            m.running_mean, m.running_var = mean, var
+
+
+def evaluate_subnet(net: Supernet | FewShotSupernet, arch: Arch, bn_batches: list[torch.Tensor], loader: DeviceLoader,
+                    autocast: Callable[[], Any], bn_eval: str = "recalibrate") -> SubnetScore:
+    """One path's held-out figures: select it, then recalibrate BN (or use batch statistics, see BN_EVALS), evaluate."""
     net.set_arch(arch)
-    recalibrate_bn(net, bn_batches, autocast)
-    return accuracy(net, loader, autocast)
+    model = net.active_network()  # a few-shot run recalibrates only the sub-supernet the path runs in
+    if bn_eval == "batch":
+        with batch_statistics(model):
+            return accuracy(model, loader, autocast)
+    recalibrate_bn(model, bn_batches, autocast)
+    return accuracy(model, loader, autocast)
 
 
 def calibration_batches(loader: DeviceLoader, count: int, seed: int) -> list[torch.Tensor]:
@@ -278,10 +414,10 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
             counts[key][arch[key]] += 1
     for key, candidates in choices.items():
         skip_key = key.rsplit(".", 1)[0] + ".skip"
-        deepest = max(choices[skip_key], key=skip_depth)
+        deepest = {skip_key: max(choices[skip_key], key=skip_depth)} if skip_key in choices else {}
         for candidate in candidates:
-            while counts[key][candidate] < samples and key in space.active_keys({**archs[0], skip_key: deepest}):
-                arch = {k: rng.choice(c) for k, c in choices.items()} | {key: candidate, skip_key: deepest}
+            while counts[key][candidate] < samples and key in space.active_keys({**archs[0], **deepest}):
+                arch = {k: rng.choice(c) for k, c in choices.items()} | {key: candidate, **deepest}
                 archs.append(arch)
                 for active in space.active_keys(arch):
                     counts[active][arch[active]] += 1
@@ -306,6 +442,31 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
 # Data-parallel pieces
 
 
+class _GlobalSum(torch.autograd.Function):
+    """A sum over the ranks whose gradient is the sum of the ranks' gradients.
+
+    Ours because torch 2.13 deprecates torch.distributed.nn.functional.all_reduce, and the
+    replacement it names (torch.distributed._functional_collectives) is private.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def global_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all ranks, with autograd."""
+    return _GlobalSum.apply(tensor)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose training statistics are those of the global batch across all ranks.
 
@@ -319,9 +480,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in at least fp32
         count = xf.numel() // xf.shape[1] * dist.get_world_size()
-        mean = all_reduce(xf.sum((0, 2, 3))) / count
+        mean = global_sum(xf.sum((0, 2, 3))) / count
         centred = xf - mean[None, :, None, None]  # two passes: E[x^2] - E[x]^2 loses digits
-        var = all_reduce((centred * centred).sum((0, 2, 3))) / count
+        var = global_sum((centred * centred).sum((0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
@@ -338,16 +499,29 @@ def use_global_batch_norm(model: nn.Module) -> None:
             module.__class__ = GlobalBatchNorm2d
 
 
-def data_parallel(net: nn.Module, device: torch.device) -> nn.Module:
-    """`net` under DDP, its batch norm over the global batch: nn.SyncBatchNorm on CUDA, GlobalBatchNorm2d elsewhere.
-
-    The network's modules are swapped in place (same parameters and buffers), so `net` stays the model to save.
-    """
+def global_batch_norm(net: nn.Module, device: torch.device) -> None:
+    """Batch norm over the global batch, in place (same parameters and buffers): nn.SyncBatchNorm on CUDA,
+    GlobalBatchNorm2d elsewhere."""
     if device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(net)  # replaces net's BatchNorm children in place
     else:
         use_global_batch_norm(net)
-    return nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+
+
+def average_gradients(net: nn.Module, world: int) -> None:
+    """Average over the ranks the gradients of the parameters this step's paths used, in one all-reduce.
+
+    Every rank trains the same paths (same seeds), so the same parameters hold gradients on every
+    rank, and parameters off the paths keep none (SGD skips them, as in one process). Not DDP:
+    its reducer expects one forward per backward and would hand unused weights zero gradients,
+    which multi-path steps (sandwich, fair, distillation) and sub-supernets do not fit.
+    """
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 @dataclass(frozen=True)
@@ -511,34 +685,60 @@ class SupernetTrainer:
         self.train_loader, self.valid_loader = device_loaders(config.train_config(), self.data, device)
 
         seed_everything(config.seed)
-        self.net = Supernet(self.space, config.channels(), self.data.num_classes, config.logits_weight).to(device)
+        self.net = Supernet(self.space, config.channels(), self.data.num_classes, config.logits_weight,
+                            config.canonical_paths).to(device)
         if config.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        runner: nn.Module = self.net
-        before_update = None
         if self.ranks.launched:
-            runner = data_parallel(self.net, device)
-            before_update = self.drop_inactive_gradients
-        self.step = TrainStep(runner, config.train_config(), self.precision, before_update=before_update)
+            global_batch_norm(self.net, device)
+        self.step = self.train_step_for(self.net)
         self.costs = CostTable.build(self.space, config.channels(), self.data.num_classes)
-        self.sampler = PathSampler(self.costs, config.seed, config.flops_min, config.flops_max)
+        self.sampler = make_sampler(config, self.costs)
         self.sampler.sample(self.space)  # fail now, not after data loading on every rank, if no path is allowed
         self.sampler.rng.seed(config.seed)
+        self.split: int | None = None  # the sub-supernet being trained (few-shot), None while one-shot
+        self.train_space = self.space  # the space training draws paths from (a split's fixes few_shot_key)
         self.bn_batches = calibration_batches(self.train_loader, config.bn_batches, config.seed + 1)
         self.progress = Progress()
         self.order: torch.Tensor | None = None  # the current epoch's data order
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, images
 
-    def drop_inactive_gradients(self) -> None:
-        """DDP hands unused parameters zero gradients; SGD (momentum, weight decay) must skip them."""
-        for p in self.net.inactive_parameters():
-            p.grad = None
+    def train_step_for(self, net: nn.Module) -> TrainStep:
+        """The core trainer's step on `net` (a fresh optimiser); under torchrun, gradients averaged over ranks."""
+        before_update = (lambda: average_gradients(net, self.ranks.world)) if self.ranks.launched else None
+        return TrainStep(net, self.config.train_config(), self.precision, before_update=before_update)
 
     # ---- one step, one epoch -------------------------------------------------------------
 
     def lr(self) -> float:
         """The learning rate of the next step."""
-        return self.config.lr_at(self.progress.epoch + self.progress.step / len(self.train_loader))
+        return self.lr_at(self.progress.epoch + self.progress.step / len(self.train_loader))
+
+    def lr_at(self, epoch: float) -> float:
+        """The schedule at a fractional epoch; a sub-supernet retraces its last `few_shot_epochs` (a warm restart's tail)."""
+        c = self.config
+        if self.split is not None:
+            epoch = c.epochs - c.few_shot_epochs + epoch - c.epochs - self.split * c.few_shot_epochs
+        return c.lr_at(max(epoch, 0.0))
+
+    # ---- few-shot splits ------------------------------------------------------------------
+
+    def split_candidates(self) -> list[str]:
+        """Candidates of `few_shot_key`, one sub-supernet each (none for a one-shot run)."""
+        return self.space.choices()[self.config.few_shot_key] if self.config.few_shot_key else []
+
+    def total_epochs(self) -> int:
+        """One-shot epochs, then `few_shot_epochs` per sub-supernet."""
+        return self.config.epochs + len(self.split_candidates()) * self.config.few_shot_epochs
+
+    def enter_split(self, index: int) -> None:
+        """Train sub-supernet `index` from now on (splitting the one-shot supernet first): a fresh optimiser."""
+        key, candidates = self.config.few_shot_key, self.split_candidates()
+        if not isinstance(self.net, FewShotSupernet):
+            self.net = FewShotSupernet(self.net, key, candidates)
+        self.split, candidate = index, candidates[index]
+        self.train_space = self.space.restrict({**self.space.choices(), key: [candidate]})
+        self.step = self.train_step_for(self.net.split(candidate))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the next global batch, augmented."""
@@ -551,11 +751,29 @@ class SupernetTrainer:
         return self.train_loader.batch(index)[shard], self.train_loader.labels[index][shard]
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw a path, train it on (x, y) at `lr`; return (loss, logits), detached."""
-        self.net.set_arch(self.sampler.sample(self.space))
-        loss, logits = self.step.backward(x, y)
+        """Draw the step's paths, add their gradients on (x, y), update at `lr`; return (mean loss, first logits)."""
+        passes = self.backward_paths(x, y)
         self.step.update(lr)
-        return loss, logits
+        return torch.stack([loss for _, loss, _ in passes]).mean(), passes[0][2]
+
+    def backward_paths(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[Arch, torch.Tensor, torch.Tensor]]:
+        """Forward and backward of each of the step's paths (gradients add up); (path, loss, logits) of each.
+
+        With `distill`, the largest path goes first and learns the labels; the others learn its
+        predicted probabilities on the same images (BigNAS/OFA in-place distillation).
+        """
+        paths = self.sampler.step_paths(self.train_space)
+        if self.config.distill:
+            largest = self.sampler.extreme(True, self.train_space)
+            paths = paths if paths[0] == largest else [largest] + paths  # sandwich's first path is the largest
+        passes, teacher = [], None
+        for arch in paths:
+            self.net.set_arch(arch)
+            loss, logits = self.step.backward(x, y, soft_targets=teacher)
+            if self.config.distill and teacher is None:
+                teacher = logits.float().softmax(1)
+            passes.append((arch, loss, logits))
+        return passes
 
     def train_epoch(self, stop: Callable[[], bool] = lambda: False,
                     on_step: Callable[[int, int, int], None] | None = None) -> None:
@@ -593,7 +811,7 @@ class SupernetTrainer:
         eval_start = time.perf_counter()
         accs = self.panel()
         row: dict[str, Any] = {
-            "epoch": self.progress.epoch, "lr": self.config.lr_at(self.progress.epoch),
+            "epoch": self.progress.epoch, "lr": self.lr_at(self.progress.epoch),
             "train_loss": loss_sum / seen, "train_acc": correct / seen,
             **{f"valid_{name}": acc for name, acc in accs.items()},
             "valid_panel_mean": sum(accs.values()) / len(accs), "space_size": self.space.size(),
@@ -611,8 +829,9 @@ class SupernetTrainer:
     # ---- evaluation and shrinking ----------------------------------------------------------
 
     def evaluate(self, arch: Arch) -> float:
-        """Held-out top-1 of one path after BN recalibration."""
-        return evaluate_subnet(self.net, arch, self.bn_batches, self.valid_loader, self.step.autocast)[0]
+        """Held-out top-1 of one path (BN as `bn_eval` says)."""
+        return evaluate_subnet(self.net, arch, self.bn_batches, self.valid_loader, self.step.autocast,
+                               self.config.bn_eval)[0]
 
     def panel(self) -> dict[str, float]:
         """Held-out accuracy of the reference subnets (largest, smallest, seeded random ones)."""
@@ -635,7 +854,7 @@ class SupernetTrainer:
             "optimizer": self.step.optimizer.state_dict(), "scaler": self.step.scaler.state_dict(),
             "sampler": self.sampler.state_dict(), "loader_generator": self.train_loader.generator.get_state(),
             "rng": rng_states(self.device), "order": self.order, "epoch_sums": self.epoch_sums.cpu(),
-            "space": self.space.choices(), "progress": asdict(self.progress),
+            "space": self.space.choices(), "progress": asdict(self.progress), "split": self.split,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -645,6 +864,8 @@ class SupernetTrainer:
                 f"the checkpoint was made with a different config (fingerprint {state['fingerprint']} vs "
                 f"{self.config.fingerprint()}); resume with the run's own config.yaml or start a new --out")
         self.space = self.space.restrict(state["space"])
+        if state["split"] is not None:
+            self.enter_split(state["split"])
         self.net.load_state_dict(state["model"])
         self.step.optimizer.load_state_dict(state["optimizer"])
         self.step.scaler.load_state_dict(state["scaler"])
@@ -692,8 +913,12 @@ class SupernetTrainer:
         self.write_files()
         start = time.perf_counter()
         with StopSignal() as stop:
-            while self.progress.epoch < self.config.epochs:
+            while self.progress.epoch < self.total_epochs():
                 epoch_start = time.perf_counter()
+                if self.progress.epoch >= self.config.epochs:
+                    index = (self.progress.epoch - self.config.epochs) // self.config.few_shot_epochs
+                    if index != self.split:
+                        self.enter_split(index)
                 self.train_epoch(lambda: stop_requested(stop, self.ranks, self.device), on_step)
                 row = self.end_epoch(epoch_start)
                 self.write_files()
@@ -704,10 +929,17 @@ class SupernetTrainer:
         if self.out is not None and self.ranks.main:
             save_checkpoint({"model": self.net.state_dict(), "space": ArchSpace.load(self.config.space).to_dict(),
                              "choices": self.space.choices(), "channels": self.config.channels(),
-                             "num_classes": self.data.num_classes, "logits_weight": self.config.logits_weight},
+                             "num_classes": self.data.num_classes, "logits_weight": self.config.logits_weight,
+                             "few_shot": self.few_shot_record(), "canonical_paths": self.config.canonical_paths},
                             self.out / "supernet.pt")
             atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return SupernetResult(self.net, self.space, self.progress.history, self.progress.shrink_log, summary, self.out)
+
+    def few_shot_record(self) -> dict[str, Any] | None:
+        """The split of a few-shot run (key and candidates, one sub-supernet each), None for a one-shot run."""
+        if not isinstance(self.net, FewShotSupernet):
+            return None
+        return {"key": self.net.key, "candidates": list(self.net.splits), "epochs": self.config.few_shot_epochs}
 
     def summary(self, total_time: float) -> dict[str, Any]:
         """What summary.json holds."""
@@ -717,7 +949,8 @@ class SupernetTrainer:
             "space_size": self.space.size(),
             "dataset": {"name": data.name, "source": data.source, "num_classes": data.num_classes,
                         "train_images": len(self.train_loader.labels), "valid_images": len(self.valid_loader.labels)},
-            "epochs": self.config.epochs, "train_time": self.progress.train_time, "total_time": total_time,
+            "epochs": self.config.epochs, "few_shot": self.few_shot_record(),
+            "train_time": self.progress.train_time, "total_time": total_time,
             "final_panel": {k: v for k, v in history[-1].items() if k.startswith("valid_")},
             "processes": self.ranks.world, "device": device_name(self.device), "precision": self.precision,
             "malloc": allocator_in_effect(), "versions": library_versions(),
@@ -768,8 +1001,9 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[Supernet, ArchSpace, SupernetConfig]:
-    """(trained supernet, its final space, its config) from a finished run directory."""
+def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu",
+                  ) -> tuple[Supernet | FewShotSupernet, ArchSpace, SupernetConfig]:
+    """(trained supernet, its final space, its config) from a finished run directory (few-shot: its sub-supernets)."""
     run = Path(run_dir)
     path = run / "supernet.pt"
     if not path.exists():
@@ -780,6 +1014,9 @@ def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu")
         raise ConfigError(f"{path}: {e}") from None
     config = build_config(SupernetConfig, run / "config.yaml")
     full = ArchSpace.from_dict(state["space"], str(path))
-    net = Supernet(full, state["channels"], state["num_classes"], state["logits_weight"])
+    net: Supernet | FewShotSupernet = Supernet(full, state["channels"], state["num_classes"], state["logits_weight"],
+                                               state.get("canonical_paths", False))
+    if state.get("few_shot"):
+        net = FewShotSupernet(net, state["few_shot"]["key"], state["few_shot"]["candidates"])
     net.load_state_dict(state["model"])
     return net, full.restrict(state["choices"]), config

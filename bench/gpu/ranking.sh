@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One call on a lent GPU for architecture ranking (docs/benchmarks.md): three jobs at once on the one GPU.
+#  truth:    the seed space's ground truth — SAMPLE subnets stratified over FLOPs, each trained standalone with
+#            2 seeds for TRUTH_EPOCHS epochs (`nas-eval --repeats 2 --workers WORKERS`) at the quick preset's
+#            widths on SUBSET images; its table.json ranks any seed-space supernet later (`nas-eval --table`).
+#            (nas-eval needs a supernet run: a 1-epoch one is trained first; its own ranking is not the point.)
+#  ablation: bench/nas_bench_macro.py for each variant in ABLATION (NAME:FIELD=VALUE,...) in LANES parallel
+#            lanes, all at one small equal budget (10,000 images, 10 epochs, LR 0.025, batch 128; ABLATION_SET
+#            adds options), each ranked on the same 100 table architectures by loss.
+#  macro:    a NAS-Bench-Macro supernet on the whole training set but the 5,000 held out, MACRO_EPOCHS epochs,
+#            with the options in MACRO_SET, then ranked on TABLE_SAMPLE table architectures (`nas-eval --table`).
+# Each job runs under LIMIT seconds; everything written comes back as $OUT/ranking.tar.gz (and summary.txt).
+# Needs the carried .cache/gpu (cifar10_jpeg.npz, wheels/ with Optuna's; see docs/benchmarks.md).
+# CPU dry run: DEVICE=cpu SUBSET=2000 SAMPLE=4 TRUTH_EPOCHS=1 WORKERS=2 MACRO_EPOCHS=1 MACRO_SUBSET=1000
+#   TABLE_SAMPLE=5 ABLATION_SET="--set subset=1000 --set epochs=2 --sample 5" LIMIT=1500 bash bench/gpu/ranking.sh
+set -uo pipefail
+source "$(dirname "$0")/env.sh"
+NPZ=$PWD/$GPU_CACHE/work/cifar10.npz
+W=$GPU_CACHE/ranking
+rm -rf "$W" && mkdir -p "$W"
+export NPZ W PYTHON DEVICE=${DEVICE:-cuda} SUBSET=${SUBSET:-20000} SAMPLE=${SAMPLE:-24} TRUTH_EPOCHS=${TRUTH_EPOCHS:-20} \
+  WORKERS=${WORKERS:-4} MACRO_EPOCHS=${MACRO_EPOCHS:-50} MACRO_SUBSET=${MACRO_SUBSET:-0} MACRO_SET=${MACRO_SET:-} \
+  TABLE_SAMPLE=${TABLE_SAMPLE:-300} ABLATION_SET=${ABLATION_SET:-} LANES=${LANES:-5} \
+  ABLATION=${ABLATION:-"uniform:sampling=uniform uniform-lr0125:sampling=uniform,peak_lr=0.0125
+    canonical:sampling=uniform,canonical_paths=true fair:sampling=fair sandwich:sampling=sandwich
+    sandwich-distill:sampling=sandwich,distill=true uniform-distill:sampling=uniform,distill=true
+    bn-batch:sampling=uniform,bn_eval=batch few-shot:sampling=uniform,epochs=7,few_shot_key=stage1.conv1,few_shot_epochs=1
+    wd1e-4:sampling=uniform,base_wd=0.0001"}
+
+truth() {
+  "$PYTHON" -m effcifar supernet train --dataset cifar10 --data-dir "$NPZ" --subset "$SUBSET" --holdout 5000 \
+    --prep 16 --layer1 32 --layer2 64 --layer3 128 --epochs 1 --panel-random 0 --device "$DEVICE" --quiet \
+    --out "$W/seed-supernet" &&
+  "$PYTHON" -m effcifar nas-eval "$W/seed-supernet" --sample "$SAMPLE" --epochs "$TRUTH_EPOCHS" --repeats 2 \
+    --workers "$WORKERS" --device "$DEVICE" --out "$W/truth"
+}
+macro() {
+  # shellcheck disable=SC2086  # MACRO_SET is a list of options
+  "$PYTHON" -m effcifar supernet train --space nas-bench-macro --dataset cifar10 --data-dir "$NPZ" \
+    --subset "$MACRO_SUBSET" --holdout 5000 --epochs "$MACRO_EPOCHS" --panel-random 0 --device "$DEVICE" --quiet \
+    $MACRO_SET --out "$W/macro" &&
+  "$PYTHON" -m effcifar nas-eval "$W/macro" --table nas-bench-macro --sample "$TABLE_SAMPLE" --score loss --eval-images 2000 --device "$DEVICE"
+}
+ablation() {  # the variants in LANES parallel lanes, each lane's variants one after another
+  local variants=($ABLATION) lane
+  for ((lane = 0; lane < LANES; lane++)); do
+    for ((i = lane; i < ${#variants[@]}; i += LANES)); do
+      variant=${variants[i]}
+      # shellcheck disable=SC2086  # ABLATION_SET is a list of options
+      EFFCIFAR_DATA=$NPZ "$PYTHON" bench/nas_bench_macro.py --out "$W/ablation/${variant%%:*}" --variant "$variant" \
+        --sample 100 --eval-images 1000 --set batch_size=128 --set epochs=10 --set warmup_epochs=1 \
+        --set peak_lr=0.025 --set device="$DEVICE" $ABLATION_SET > "$W/ablation-${variant%%:*}.log" 2>&1
+    done &
+  done
+  wait
+}
+export -f truth macro ablation
+for job in truth ablation macro; do
+  timeout "${LIMIT:-270}" bash -c $job > "$W/$job.log" 2>&1 &
+done
+wait
+# Two files come back (the device returns at most 8): every result and log in one tarball, and the logs' tails.
+tar czf "$OUT_DIR/ranking.tar.gz" -C "$W" --exclude='*.pt' --exclude='*.npz' --exclude='*/checkpoints' .
+tail -n 3 "$W"/*.log | tee "$OUT_DIR/summary.txt"

@@ -1,0 +1,124 @@
+"""NAS-Bench-Macro: does the supernet rank like real training, and does the search find the table's best?
+
+    EFFCIFAR_DATA=.cache/cifar10.npz python bench/nas_bench_macro.py --out runs/bench-macro \\
+        --variant uniform:sampling=uniform --variant sandwich:sampling=sandwich --regret
+
+Each variant is NAME or NAME:FIELD=VALUE,FIELD=VALUE (SupernetConfig fields over the common
+settings, `--set FIELD=VALUE` changes those). For each: train a supernet on the NAS-Bench-Macro
+space (an existing run directory is resumed or reused), score `--sample` table architectures
+(stratified over FLOPs; the same ones for every variant) and, with `--regret`, search it under the
+table's 30 M and 50 M FLOPs (our count is 2x the table's multiply-accumulates) with `--seeds`
+evolution seeds. Regret is the table's best accuracy under the limit minus the table accuracy of
+the search's top_0. Prints one markdown table and writes OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from effcifar.config import build_config
+from effcifar.nas.ranking import ranker_quality
+from effcifar.nas.retrain import rank_against_table
+from effcifar.nas.search import SearchConfig, run_search
+from effcifar.nas.space import ArchSpace, read_arch_file
+from effcifar.nas.supernet import SupernetConfig, train_supernet
+from effcifar.nas.table import BenchmarkTable
+
+COMMON = {"space": "nas-bench-macro", "dataset": "cifar10", "subset": 10000, "holdout": 2000, "batch_size": 256,
+          "epochs": 30, "peak_lr": 0.1, "lr_factor": 1.0, "schedule": "cosine", "label_smoothing": 0.1, "cutout": 0,
+          "precision": "bf16", "threads": 2, "panel_random": 1, "bn_batches": 4, "eval_batch_size": 500}
+LIMITS = (30e6, 50e6)  # table FLOPs (multiply-accumulates), as the issue's reference points
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, fields = text.partition(":")
+    return name, dict(item.split("=", 1) for item in fields.split(",") if item)
+
+
+def regret(supernet_dir: Path, out: Path, table: BenchmarkTable, ratio: float, args: argparse.Namespace) -> dict:
+    """Per limit: the table accuracy of each seed's top_0, the median regret, and the reference points."""
+    rows = {}
+    for limit in LIMITS:
+        accs = []
+        for seed in range(args.seeds):
+            config = SearchConfig(strategy="evolution", evaluations=args.evaluations, population=args.population,
+                                  top_k=args.population // 4, mutations=args.population // 2,
+                                  crossovers=args.population // 2, max_flops=limit * ratio, seed=seed,
+                                  bn_batches=args.bn_batches, eval_images=args.eval_images, precision=args.precision,
+                                  threads=2, top_k_export=1)
+            run_search(config, supernet_dir, out / f"search-{limit / 1e6:.0f}M-seed{seed}")
+            arch = read_arch_file(out / f"search-{limit / 1e6:.0f}M-seed{seed}" / "arch" / "top_0.json")["arch"]
+            accs.append(table.rows[table.key_of(arch)].mean_acc)
+        best, largest = table.best_under(limit), table.largest_under(limit)
+        rows[f"{limit / 1e6:.0f}M"] = {
+            "top0_table_acc": accs, "regret_median": best.mean_acc - statistics.median(accs),
+            "best": best.mean_acc, "largest_under_limit": largest.mean_acc}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-macro"))
+    parser.add_argument("--variant", action="append", required=True, help="NAME or NAME:FIELD=VALUE,...")
+    parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE over the common settings")
+    parser.add_argument("--data-dir", help="CIFAR-10 (default: $EFFCIFAR_DATA)")
+    parser.add_argument("--sample", type=int, default=150, help="table architectures scored per variant")
+    parser.add_argument("--eval-images", type=int, default=2000, help="held-out images per score (0: all)")
+    parser.add_argument("--bn-batches", type=int, default=4)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--score", default="loss", help="what the supernet ranks by: loss or accuracy")
+    parser.add_argument("--regret", action="store_true", help="also search under 30M and 50M table FLOPs")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--evaluations", type=int, default=200)
+    parser.add_argument("--population", type=int, default=40)
+    args = parser.parse_args()
+    common = {**COMMON, **dict(item.split("=", 1) for item in args.set)}
+    if args.data_dir:
+        common["data_dir"] = args.data_dir
+    results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
+    table = BenchmarkTable.load_named("nas-bench-macro", ArchSpace.load("nas-bench-macro"))
+    for name, fields in map(parse_variant, args.variant):
+        config = build_config(SupernetConfig, None, {k: str(v) for k, v in {**common, **fields}.items()},
+                              overrides_from_text=True)
+        run = args.out / name
+        started = time.perf_counter()
+        if not (run / "supernet.pt").is_file():
+            train_supernet(config, run, resume=(run / "checkpoints").is_dir(), warn=print,
+                           on_epoch=lambda row: print(f"{name} epoch {row['epoch']}: panel {row['valid_panel_mean']:.3f}",
+                                                      flush=True))
+        summary = json.loads((run / "summary.json").read_text())
+        search = SearchConfig(bn_batches=args.bn_batches, eval_images=args.eval_images, precision=args.precision,
+                              threads=2, score=args.score)
+        ranking = rank_against_table(run, "nas-bench-macro", args.sample, 0, run / "nas_eval_table", search)
+        by_accuracy = ranker_quality("supernet (accuracy)", ranking["supernet_acc"], ranking["standalone_acc"])
+        row: dict[str, Any] = {"config": asdict(config), "train_time": summary["train_time"],
+                               "rankers": ranking["rankers"], "tau_vs_flops": ranking["tau_vs_flops"],
+                               "by_accuracy": asdict(by_accuracy), "score_seconds": ranking["score_seconds"],
+                               "n": ranking["n"], "score": args.score}
+        if args.regret:
+            row["regret"] = regret(run, run, table, ranking["flops_ratio"], args)
+        row["wall_seconds"] = time.perf_counter() - started
+        results[name] = row
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{name}: {ranking['verdict']}", flush=True)
+    print("\n| variant | n | tau (score) | tau top 10% | top-10% overlap | tau (accuracy) | train s | score s | "
+          "regret 30M | regret 50M |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, row in results.items():
+        r, acc = row["rankers"][0], row.get("by_accuracy", {}).get("tau", float("nan"))
+        regrets = [f"{row['regret'][k]['regret_median'] * 100:.2f}" if "regret" in row else "" for k in ("30M", "50M")]
+        print(f"| {name} | {row['n']} | {r['tau']:.3f} ({row.get('score', 'accuracy')}) | {r['tau_top']:.3f} | "
+              f"{r['top_overlap']:.2f} | {acc:.3f} | {row['train_time']:.0f} | {row['score_seconds']:.0f} | "
+              f"{regrets[0]} | {regrets[1]} |")
+    flops = results[next(iter(results))]["rankers"][1]
+    print(f"| FLOPs (reference) | | {flops['tau']:.3f} | {flops['tau_top']:.3f} | {flops['top_overlap']:.2f} | | | | | |")
+
+
+if __name__ == "__main__":
+    main()
