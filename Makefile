@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 DATASET ?= cifar100
 DEMO_OUT ?= runs/pipeline-quick-$(DATASET)
-# The main job: the whole series at the quick preset (about 10 minutes on a 2-core CPU). Extra
+# The main job: the whole series at the quick preset (9-18 minutes on a 2-core CPU). Extra
 # options go here, e.g. DEMO_ARGS="--set search.evaluations=100" or DEMO_ARGS="--quiet".
 DEMO_ARGS ?=
 
