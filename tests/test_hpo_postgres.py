@@ -34,16 +34,22 @@ def hpo_command(files, out, study, trials, *extra):
 
 
 def test_two_machines_share_one_study_exactly(tmp_path, files):
+    """Both machines run the same command (docs/hpo.md); a third with another seed is refused."""
     study = f"shared-{uuid.uuid4().hex[:8]}"
-    procs = [subprocess.Popen(hpo_command(files, tmp_path / f"worker{i}", study, 6, "--sampler", "random", "--pruner", "none",
-                                          "--seed", str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    settings = ["--sampler", "random", "--pruner", "none", "--seed", "0"]
+    procs = [subprocess.Popen(hpo_command(files, tmp_path / f"worker{i}", study, 6, *settings),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outputs]
     _, loaded = load_run(tmp_path / "worker0", URL)
     trials = loaded.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
     assert sorted(t.number for t in trials) == list(range(6))
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 6  # one seed, yet no trial repeats another
+    other_seed = subprocess.run(hpo_command(files, tmp_path / "worker2", study, 6, *settings[:-1], "1"),
+                                capture_output=True, text=True, timeout=300)
+    assert other_seed.returncode == 2 and "seed changed" in other_seed.stderr
+    assert "Traceback" not in other_seed.stderr  # (Optuna's own log line about the existing study comes first)
     by_worker = {t.user_attrs["worker_pid"] for t in trials}
     assert len(by_worker) == 2  # both machines took trials
     for t in trials:  # every trial's files are on the machine that ran it
