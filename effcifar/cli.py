@@ -240,7 +240,8 @@ def print_study(study: Any, tie: float, console: Console, hpo: Any, top: int = 1
         table.add_column(column, justify="right")
     for r in records:
         table.add_row(f"{r['number']}{'*' if r['number'] == chosen else ''}", r["state"], f"{r['accuracy']:.2%}",
-                      f"{r['train_time']:.1f} s", str(r["epochs"] or ""), f"{r['params']:,}" if r["params"] else "")
+                      "" if r["train_time"] is None else f"{r['train_time']:.1f} s",  # a cut trial has no time
+                      str(r["epochs"] or ""), f"{r['params']:,}" if r["params"] else "")
     console.print(table)
 
 

@@ -233,3 +233,20 @@ def test_accuracy_and_time_objective_gives_a_pareto_front(tmp_path, files):
     # no trial on the front is beaten on both accuracy and time by another trial
     for f in front:
         assert not any(t.values[0] > f.values[0] and t.values[1] < f.values[1] for t in trials)
+
+
+def test_the_table_of_a_study_shows_a_trial_cut_before_its_time_was_recorded():
+    """A killed trial keeps the accuracy it reported but has no train time: a blank cell, not a crash."""
+    from rich.console import Console
+
+    from effcifar import hpo
+    from effcifar.cli import print_study
+
+    study = optuna.create_study(direction="maximize")
+    done = {"accuracy": 0.5, "train_time": 3.0, "epochs": 2, "params": 1000, "config": {}}
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs=done))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"accuracy": 0.7}))
+    console = Console(record=True, width=120)
+    print_study(study, 0.1, console, hpo.study)
+    text = console.export_text()
+    assert "2 trials (1 complete, 1 fail)" in text and "70.00%" in text and "3.0 s" in text
