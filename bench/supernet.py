@@ -10,7 +10,8 @@
     (`build_standalone`, only the chosen ops), one `TrainStep` each, one step per network per
     round — the same FLOPs per round as (a).
 Rounds alternate a and b (which goes first alternates); medians and the ratio a/b (images per
-second) are reported. Then the time to save and load a supernet checkpoint (model, optimiser
+second) are reported, with the system CPU time per second of each (the process sets malloc as
+every effcifar process does; EFFCIFAR_MALLOC=system runs it with the C library's own). Then the time to save and load a supernet checkpoint (model, optimiser
 with momentum, RNG states) at these widths.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import resource
 import statistics
 import tempfile
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from effcifar.allocator import allocator_in_effect, configure_allocator
 from effcifar.data import Augment, DeviceLoader
 from effcifar.nas.space import ArchSpace, CostTable, Supernet, build_standalone
 from effcifar.nas.supernet import PathSampler, SupernetConfig, read_checkpoint, rng_states, save_checkpoint
@@ -42,13 +45,13 @@ def batches(device: torch.device, batch_size: int, count: int) -> list[tuple[tor
     return list(loader)
 
 
-def timed_round(steps: list, data: list) -> float:
-    """Seconds for one step of each (step function, prepare) pair on successive batches."""
-    start = time.perf_counter()
+def timed_round(steps: list, data: list) -> tuple[float, float]:
+    """(wall, system CPU) seconds for one step of each (step function, prepare) pair on successive batches."""
+    start, kernel = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
     for (step, prepare), (x, y) in zip(steps, data):
         prepare()
         step(x, y, 0.05)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_stime - kernel
 
 
 def main() -> None:
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
+    configure_allocator()  # as every effcifar process does (EFFCIFAR_MALLOC=system turns it off)
     prep, l1, l2, l3 = (int(w) for w in args.widths.split(","))
     config = SupernetConfig(prep=prep, layer1=l1, layer2=l2, layer3=l3, batch_size=args.batch_size,
                             device=args.device, precision=args.precision)
@@ -89,19 +93,23 @@ def main() -> None:
     timed_round(supernet_steps, data)  # warm-up: allocator, oneDNN/cuDNN kernels
     timed_round(standalone_steps, data)
     times: dict[str, list[float]] = {"a": [], "b": []}
+    kernel: dict[str, list[float]] = {"a": [], "b": []}
     for r in range(args.rounds):
         order = [("a", supernet_steps), ("b", standalone_steps)]
         for name, steps in (order if r % 2 == 0 else order[::-1]):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            times[name].append(timed_round(steps, data))
+            wall, system = timed_round(steps, data)
+            times[name].append(wall)
+            kernel[name].append(system / wall)
     images = args.paths * args.batch_size
     a, b = (images / statistics.median(times[k]) for k in ("a", "b"))
     flops = statistics.mean(costs.flops_of(p) for p in paths)
     print(f"widths {args.widths}, batch {args.batch_size}, {args.paths} paths (mean {flops / 1e6:.1f} MFLOPs/image), "
-          f"{device} {precision}, {torch.get_num_threads()} threads, {args.rounds} rounds")
-    print("| widths | a: supernet img/s | b: standalone img/s | a/b |")
-    print(f"| {args.widths} | {a:.1f} | {b:.1f} | **{a / b:.3f}** |")
+          f"{device} {precision}, {torch.get_num_threads()} threads, {args.rounds} rounds, malloc {allocator_in_effect()}")
+    print("| widths | a: supernet img/s | b: standalone img/s | a/b | system CPU s per wall s (a / b) |")
+    print(f"| {args.widths} | {a:.1f} | {b:.1f} | **{a / b:.3f}** | "
+          f"{statistics.median(kernel['a']):.2f} / {statistics.median(kernel['b']):.2f} |")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "step_000000001.pt"

@@ -404,13 +404,13 @@ class TrainStep:
         self.update(lr)
         return loss, logits
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor,
-                 soft_targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward on one batch, adding to the gradients; return (loss, logits), detached.
+    def backward(self, x: torch.Tensor, y: torch.Tensor, soft_targets: torch.Tensor | None = None,
+                 weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward on one batch, adding `weight` x its gradients; return (loss, logits), detached.
 
-        Separate from `update`, so that a step can add the gradients of several passes (e.g. paths).
-        With `soft_targets` (class probabilities, e.g. a teacher's) the loss is their cross-entropy
-        instead of the label-smoothed one against `y`.
+        Separate from `update`, so that a step can combine the gradients of several passes (e.g.
+        paths; a weight of 1/passes averages them). With `soft_targets` (class probabilities, e.g.
+        a teacher's) the loss is their cross-entropy instead of the label-smoothed one against `y`.
         """
         with self.autocast():
             logits = self.model_to_run(x)
@@ -418,7 +418,7 @@ class TrainStep:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
             else:
                 loss = F.cross_entropy(logits.float(), soft_targets)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * weight).backward()
         return loss.detach(), logits.detach()
 
     def update(self, lr: float) -> None:

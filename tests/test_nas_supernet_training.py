@@ -77,6 +77,29 @@ def space_archs(space: ArchSpace):
     return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
 
 
+def test_a_multi_path_step_averages_its_paths_gradients():
+    """The learning rate means the same step size for every sampling: a 4-path step's gradient is the
+    mean of its paths' own gradients on the batch (BigNAS adds them, which made LRs tuned on one path
+    four times too large)."""
+    trainer = SupernetTrainer(tiny_config(sampling="sandwich"))
+    x, y = trainer.batch()
+    passes = trainer.backward_paths(x, y)
+    assert len(passes) == 4
+    step = {n: p.grad.clone() for n, p in trainer.net.named_parameters() if p.grad is not None}
+    trainer.net.zero_grad(set_to_none=True)
+    total: dict[str, torch.Tensor] = {}
+    for arch, _, _ in passes:  # each path alone, weight 1
+        trainer.net.set_arch(arch)
+        trainer.step.backward(x, y)
+        for n, p in trainer.net.named_parameters():
+            if p.grad is not None:
+                total[n] = total.get(n, 0) + p.grad
+        trainer.net.zero_grad(set_to_none=True)
+    assert step.keys() == total.keys() and len(step) > 20
+    for n, grad in step.items():
+        torch.testing.assert_close(grad, total[n] / 4, rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_distillation_changes_the_smaller_paths_loss_and_not_the_largests():
     losses = {}
     for distill in (False, True):

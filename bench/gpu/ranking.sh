@@ -6,7 +6,9 @@
 #            (nas-eval needs a supernet run: a 1-epoch one is trained first; its own ranking is not the point.)
 #  ablation: bench/nas_bench_macro.py for each variant in ABLATION (NAME:FIELD=VALUE,...) in LANES parallel
 #            lanes, all at one small equal budget (10,000 images, 10 epochs, LR 0.025, batch 128; ABLATION_SET
-#            adds options), each ranked on the same 100 table architectures by loss.
+#            adds options), each ranked on the same 100 table architectures by loss. A multi-path step averages
+#            its K paths' gradients; the variants of K paths that were measured when they were summed (K x the
+#            step) keep that update with LR x K and weight decay / K (fair K=3, sandwich K=4, distill K=2).
 #  macro:    a NAS-Bench-Macro supernet on the whole training set but the 5,000 held out, MACRO_EPOCHS epochs,
 #            with the options in MACRO_SET, then ranked on TABLE_SAMPLE table architectures (`nas-eval --table`).
 # Each job runs under LIMIT seconds; everything written comes back as $OUT/ranking.tar.gz (and summary.txt).
@@ -22,8 +24,10 @@ export NPZ W PYTHON DEVICE=${DEVICE:-cuda} SUBSET=${SUBSET:-20000} SAMPLE=${SAMP
   WORKERS=${WORKERS:-4} MACRO_EPOCHS=${MACRO_EPOCHS:-50} MACRO_SUBSET=${MACRO_SUBSET:-0} MACRO_SET=${MACRO_SET:-} \
   TABLE_SAMPLE=${TABLE_SAMPLE:-300} ABLATION_SET=${ABLATION_SET:-} LANES=${LANES:-5} \
   ABLATION=${ABLATION:-"uniform:sampling=uniform uniform-lr0125:sampling=uniform,peak_lr=0.0125
-    canonical:sampling=uniform,canonical_paths=true fair:sampling=fair sandwich:sampling=sandwich
-    sandwich-distill:sampling=sandwich,distill=true uniform-distill:sampling=uniform,distill=true
+    canonical:sampling=uniform,canonical_paths=true fair:sampling=fair,peak_lr=0.075,base_wd=0.00016667
+    sandwich:sampling=sandwich,peak_lr=0.1,base_wd=0.000125
+    sandwich-distill:sampling=sandwich,distill=true,peak_lr=0.1,base_wd=0.000125
+    uniform-distill:sampling=uniform,distill=true,peak_lr=0.05,base_wd=0.00025
     bn-batch:sampling=uniform,bn_eval=batch few-shot:sampling=uniform,epochs=7,few_shot_key=stage1.conv1,few_shot_epochs=1
     wd1e-4:sampling=uniform,base_wd=0.0001"}
 

@@ -206,7 +206,7 @@ class PathSampler:
         self.extremes: dict[tuple[bool, str], Arch] = {}  # (largest, space) -> path: computed once per space
 
     def step_paths(self, space: ArchSpace) -> list[Arch]:
-        """The paths one training step trains (their gradients are added before the update)."""
+        """The paths one training step trains (their gradients are averaged before the update)."""
         return [self.sample(space)]
 
     def extreme(self, largest: bool, space: ArchSpace) -> Arch:
@@ -757,10 +757,13 @@ class SupernetTrainer:
         return torch.stack([loss for _, loss, _ in passes]).mean(), passes[0][2]
 
     def backward_paths(self, x: torch.Tensor, y: torch.Tensor) -> list[tuple[Arch, torch.Tensor, torch.Tensor]]:
-        """Forward and backward of each of the step's paths (gradients add up); (path, loss, logits) of each.
+        """Forward and backward of each of the step's paths (gradients averaged); (path, loss, logits) of each.
 
-        With `distill`, the largest path goes first and learns the labels; the others learn its
-        predicted probabilities on the same images (BigNAS/OFA in-place distillation).
+        The average, not the sum (BigNAS and FairNAS add them up): then the learning rate means the
+        same step size whatever the number of paths, and a sampling switch needs no LR retuning
+        (summed, a 4-path sandwich step at the quick preset's LR left the supernet at chance:
+        docs/benchmarks.md). With `distill`, the largest path goes first and learns the labels; the
+        others learn its predicted probabilities on the same images (BigNAS/OFA in-place distillation).
         """
         paths = self.sampler.step_paths(self.train_space)
         if self.config.distill:
@@ -769,7 +772,7 @@ class SupernetTrainer:
         passes, teacher = [], None
         for arch in paths:
             self.net.set_arch(arch)
-            loss, logits = self.step.backward(x, y, soft_targets=teacher)
+            loss, logits = self.step.backward(x, y, soft_targets=teacher, weight=1 / len(paths))
             if self.config.distill and teacher is None:
                 teacher = logits.float().softmax(1)
             passes.append((arch, loss, logits))
