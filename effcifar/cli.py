@@ -406,6 +406,10 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
         epochs, seed = int(overrides.pop("total_epoch")), int(overrides.get("seed", 0))
     except ValueError:
         raise EffcifarError("--epochs and --seed: expected integers") from None
+    if args.score is not None:  # checked as --table checks it, so that the error names its source
+        from effcifar.nas.search import SearchConfig
+
+        build_config(SearchConfig, None, {"score": args.score}, overrides_from_text=True)
     retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config, overrides, overrides_from_text=True,
                      progress=lambda text: console.print(text, markup=False), repeats=args.repeats,
                      workers=args.workers, **({"score": args.score} if args.score else {}))

@@ -179,6 +179,15 @@ def test_table_mode_refuses_training_options(tiny_supernet, capsys):
     assert err.count("\n") == 0 and "--epochs: does not apply with --table" in err
 
 
+@pytest.mark.parametrize("mode", [["--table", "nas-bench-macro"], ["--sample", "3", "--epochs", "1"]])
+def test_a_bad_score_is_one_line_naming_its_source(tiny_supernet, tmp_path, capsys, mode):
+    out = tmp_path / "out"
+    assert main(["nas-eval", str(tiny_supernet), *mode, "--score", "bogus", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "command line: field 'score': expected one of accuracy, loss" in err
+    assert not out.exists()
+
+
 def test_ranking_by_loss_uses_the_negative_cross_entropy(tiny_supernet, tmp_path):
     rows = {key: {"mean_acc": acc, "test_acc": [acc], "params": 1, "flops": 1}
             for key, acc in (("00", 40.0), ("01", 50.0), ("10", 60.0), ("11", 70.0))}
