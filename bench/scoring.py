@@ -24,13 +24,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from measure import run_measured, variant_env
 
 MALLOCS = {"ours": "as a user runs it", "ours-system": "EFFCIFAR_MALLOC=system"}
 
 
-def paths_to_score(args: argparse.Namespace):
+def paths_to_score(args: argparse.Namespace) -> tuple[Any, list[dict[str, str]]]:
     """(evaluator, `args.archs` + 1 random paths of the run's space, seed 0), set up as an effcifar process is."""
     from effcifar.allocator import configure_allocator
 
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a JSON file: score in this process, write there
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.archs < 1 or args.rounds < 1:
+        parser.error(f"--archs and --rounds: expected integers >= 1, got {args.archs} and {args.rounds}")
     if args.child:
         Path(args.child).write_text(json.dumps(score_paths(args)))
         return

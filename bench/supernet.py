@@ -11,8 +11,9 @@
     round — the same FLOPs per round as (a).
 Rounds alternate a and b (which goes first alternates); medians and the ratio a/b (images per
 second) are reported, with the system CPU time per second of each (the process sets malloc as
-every effcifar process does; EFFCIFAR_MALLOC=system runs it with the C library's own). Then the time to save and load a supernet checkpoint (model, optimiser
-with momentum, RNG states) at these widths.
+every effcifar process does; EFFCIFAR_MALLOC=system runs it with the C library's own). Then the
+time to save and load a supernet checkpoint (model, optimiser with momentum, RNG states) at
+these widths.
 """
 
 from __future__ import annotations
