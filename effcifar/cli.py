@@ -713,8 +713,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(handler=run_dashboard)
     add_nas_parsers(sub, command)
     p = sub.add_parser("pipeline", help="the whole series: baseline, HPO, supernet, search, retrain, report (resumable)")
-    p.add_argument("--preset", default="quick", choices=["quick", "full"],
-                   help="quick: about 10 minutes on a 2-core CPU; full: the seed's scale, for GPUs (default: quick)")
+    p.add_argument("--preset", default="quick",
+                   help="quick: about 10 minutes on a 2-core CPU; medium: under an hour there; full: the seed's scale, "
+                        "for GPUs (default: quick)")
     p.add_argument("--config", help="YAML/JSON file over the preset (same layout: top-level fields and stage sections)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override one value, e.g. --set search.evaluations=100 --set subset=0 (repeatable)")

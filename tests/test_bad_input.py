@@ -134,6 +134,7 @@ def test_unreadable_files(inputs, capsys, args, message):
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--heartbeat", "nan", "--out", "{tmp}/run"],
      "command line: field 'heartbeat': expected a finite number, got nan"),
     (["pipeline", "--set", "hpo.tie=inf", "--out", "{tmp}/run"], "field 'hpo.tie': expected a finite number"),
+    (["pipeline", "--preset", "huge", "--out", "{tmp}/run"], "--preset: expected one of quick, medium, full, got 'huge'"),
     (["dashboard", "{tmp}/run", "--host", "0.0.0.0"], "--host 0.0.0.0: optuna-dashboard has no login, and anyone who "
                                                       "can reach it can edit and delete studies; add --allow-network"),
     (["dashboard", "{tmp}/run", "--port", "70000"], "--port 70000: expected a port number in 1..65535"),

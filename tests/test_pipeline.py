@@ -13,6 +13,7 @@ import yaml
 
 from effcifar.errors import ConfigError
 from effcifar.pipeline import STAGES, load_pipeline_config, nest
+from effcifar.pipeline.plan import PRESETS, WIDTHS
 from effcifar.rundir import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,11 +65,22 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, str]:
 # ---- settings ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["quick", "full"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load_and_check_every_stage(preset):
     config = load_pipeline_config(preset)
     assert config.dataset == "cifar100" and config.hpo["space"] and config.retrain["top"] >= 1
     assert config.baseline_config().holdout == 0 and config.trial_base().holdout == config.holdout
+
+
+def test_medium_preset_keeps_quicks_split_and_widths_at_larger_budgets():
+    """The seed space's measured truth (bench/tables/seed-quick-cifar10.json) ranks both presets' supernets."""
+    quick, medium = load_pipeline_config("quick"), load_pipeline_config("medium")
+    assert (medium.subset, medium.holdout, medium.seed) == (quick.subset, quick.holdout, quick.seed)
+    assert [medium.train[w] for w in WIDTHS] == [quick.train[w] for w in WIDTHS]
+    for section, field in (("train", "total_epoch"), ("hpo", "trials"), ("supernet", "epochs"),
+                           ("search", "evaluations")):
+        assert getattr(medium, section)[field] > getattr(quick, section)[field], (section, field)
+    assert medium.trial_base().total_epoch > quick.trial_base().total_epoch
 
 
 def test_full_preset_is_the_seeds_scale():
@@ -129,7 +141,7 @@ def test_bad_values_in_a_file_name_the_file(tmp_path):
     file.write_text("hpo: {space: {peak_lr: {_type: uniform, _value: [1]}}}\n")
     with pytest.raises(ConfigError, match="peak_lr"):
         load_pipeline_config("quick", file)
-    with pytest.raises(ConfigError, match="--preset: expected one of quick, full"):
+    with pytest.raises(ConfigError, match="--preset: expected one of quick, medium, full"):
         load_pipeline_config("huge")
 
 

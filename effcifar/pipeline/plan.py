@@ -20,7 +20,7 @@ from effcifar.errors import ConfigError
 from effcifar.train import TrainConfig
 
 C = TypeVar("C")
-PRESETS = ("quick", "full")
+PRESETS = ("quick", "medium", "full")
 COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "device", "precision", "threads")
 STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "retrain", "nas_eval")
 WIDTHS = ("prep", "layer1", "layer2", "layer3")
