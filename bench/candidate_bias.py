@@ -1,0 +1,42 @@
+"""Which candidates does a supernet over- or under-rate? Read from a ranking against a benchmark table.
+
+    python bench/candidate_bias.py runs/macro300/sandwich/nas_eval_table/ranking.json [more ranking.json ...]
+
+For each `ranking.json` that `effcifar nas-eval --table` (or bench/nas_bench_macro.py) wrote: every
+architecture's misplacement (its rank by the supernet's score minus its rank by the table's accuracy,
+over n; positive: the supernet rates it above the table) and, for each candidate position (the
+i-th choice of a key, named as in the space's first key), the Pearson correlation of the
+misplacement with how many of the architecture's keys chose it. A sampling that trains one candidate
+less than the others shows up as a negative correlation for that candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from scipy.stats import pearsonr, rankdata
+
+
+def candidate_bias(ranking: dict) -> dict[str, float]:
+    """{candidate name: correlation of the misplacement with the count of that candidate}."""
+    keys = ranking["keys"]
+    misplacement = (rankdata(ranking["supernet_score"]) - rankdata(ranking["standalone_acc"])) / len(keys)
+    names = json.loads((Path(ranking["supernet"]) / "space.json").read_text())[ranking["space_keys"][0]]  # its choices
+    return {names[i].removesuffix("_stride2"): float(pearsonr([key.count(str(i)) for key in keys], misplacement)[0])
+            for i in range(len(names))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ranking", nargs="+", help="ranking.json files of nas-eval --table")
+    args = parser.parse_args()
+    for path in args.ranking:
+        ranking = json.loads(Path(path).read_text())
+        bias = ", ".join(f"{name} {r:+.2f}" for name, r in candidate_bias(ranking).items())
+        print(f"{path} (n = {len(ranking['keys'])}): {bias}")
+
+
+if __name__ == "__main__":
+    main()
