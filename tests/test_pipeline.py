@@ -77,6 +77,7 @@ def test_medium_preset_keeps_quicks_split_and_widths_at_larger_budgets():
     quick, medium = load_pipeline_config("quick"), load_pipeline_config("medium")
     assert (medium.subset, medium.holdout, medium.seed) == (quick.subset, quick.holdout, quick.seed)
     assert [medium.train[w] for w in WIDTHS] == [quick.train[w] for w in WIDTHS]
+    assert medium.hpo["space"] == quick.hpo["space"]
     for section, field in (("train", "total_epoch"), ("hpo", "trials"), ("supernet", "epochs"),
                            ("search", "evaluations")):
         assert getattr(medium, section)[field] > getattr(quick, section)[field], (section, field)
