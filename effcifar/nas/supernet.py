@@ -62,6 +62,7 @@ HPARAM_FIELDS = (
 CHECKPOINT_MAGIC = b"EFFCIFAR-CKPT-1\n"
 MAX_SAMPLING_TRIES = 10_000
 EXTREME_DRAWS = 1_000  # feasible draws among which a sampler takes the largest/smallest path under FLOPs limits
+FAIR_DRAWS = 100  # fair groups drawn per step under FLOPs limits before the step takes uniform paths within them
 
 
 class TrainingInterrupted(EffcifarError):
@@ -123,9 +124,6 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
             raise field_error("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         if self.sampling not in SAMPLINGS:
             raise field_error("sampling", f"one of {', '.join(SAMPLINGS)}", self.sampling)
-        if self.sampling == "fair" and (self.flops_min is not None or self.flops_max is not None):
-            raise field_error("sampling", "uniform or sandwich when flops_min or flops_max is set (fair's paths are "
-                                          "fixed by the space, not by FLOPs limits)", self.sampling)
         if self.sandwich_paths < 2:
             raise field_error("sandwich_paths", "an integer >= 2 (the largest and the smallest path)",
                               self.sandwich_paths)
@@ -254,19 +252,25 @@ class FairSampler(PathSampler):
 
     K is the largest number of candidates of a key. A key's column of K picks is a run of random
     permutations of its candidates, so within a step each candidate is used K // n or K // n + 1
-    times (n candidates): every candidate, every step, and no weight trained twice as often.
+    times (n candidates): every candidate, every step, and no weight trained twice as often. Under
+    FLOPs limits a group with a path outside them is redrawn (FAIR_DRAWS times); if none fits, the
+    step trains K uniform paths within the limits (fair where the limits allow it).
     """
 
     def step_paths(self, space: ArchSpace) -> list[Arch]:
         choices = space.choices()
         k = max(len(c) for c in choices.values())
-        columns = {}
-        for key, candidates in choices.items():
-            column: list[str] = []
-            while len(column) < k:
-                column += self.rng.sample(candidates, len(candidates))
-            columns[key] = column[:k]
-        return [{key: column[j] for key, column in columns.items()} for j in range(k)]
+        for _ in range(FAIR_DRAWS):
+            columns = {}
+            for key, candidates in choices.items():
+                column: list[str] = []
+                while len(column) < k:
+                    column += self.rng.sample(candidates, len(candidates))
+                columns[key] = column[:k]
+            paths = [{key: column[j] for key, column in columns.items()} for j in range(k)]
+            if all(self.within_limits(path) for path in paths):
+                return paths
+        return [self.sample(space) for _ in range(k)]
 
 
 class SandwichSampler(PathSampler):
@@ -286,7 +290,7 @@ class SandwichSampler(PathSampler):
 def make_sampler(config: SupernetConfig, costs: CostTable) -> PathSampler:
     """The config's path sampler, seeded with its seed."""
     if config.sampling == "fair":
-        return FairSampler(costs, config.seed)
+        return FairSampler(costs, config.seed, config.flops_min, config.flops_max)
     if config.sampling == "sandwich":
         return SandwichSampler(costs, config.seed, config.sandwich_paths, config.flops_min, config.flops_max)
     return PathSampler(costs, config.seed, config.flops_min, config.flops_max)
