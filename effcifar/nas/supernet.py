@@ -230,6 +230,8 @@ class PathSampler:
         self.rng.setstate(_as_tuple(state["rng"]))
 
     def within_limits(self, arch: Arch) -> bool:
+        if self.flops_min is None and self.flops_max is None:
+            return True  # no FLOPs to count: every training step asks, with or without limits
         flops = self.costs.flops_of(arch)
         return (self.flops_min is None or flops >= self.flops_min) and (self.flops_max is None or flops <= self.flops_max)
 
