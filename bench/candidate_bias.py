@@ -5,9 +5,10 @@
 For each `ranking.json` that `effcifar nas-eval --table` (or bench/nas_bench_macro.py) wrote: every
 architecture's misplacement (its rank by the supernet's score minus its rank by the table's accuracy,
 over n; positive: the supernet rates it above the table) and, for each candidate position (the
-i-th choice of a key, named as in the space's first key), the Pearson correlation of the
-misplacement with how many of the architecture's keys chose it. A sampling that trains one candidate
-less than the others shows up as a negative correlation for that candidate.
+i-th choice of a key), the Pearson correlation of the misplacement with how many of the
+architecture's keys chose it. A position is named by its op where every key lists the same op there,
+else by the ops it stands for (`conv3_pool|conv3|zero` in the seed space). A sampling that trains one
+candidate less than the others shows up as a negative correlation for that candidate.
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ def candidate_bias(ranking: dict) -> dict[str, float]:
     """{candidate name: correlation of the misplacement with the count of that candidate}."""
     keys = ranking["keys"]
     misplacement = (rankdata(ranking["supernet_score"]) - rankdata(ranking["standalone_acc"])) / len(keys)
-    names = json.loads((Path(ranking["supernet"]) / "space.json").read_text())[ranking["space_keys"][0]]  # its choices
-    return {names[i].removesuffix("_stride2"): float(pearsonr([key.count(str(i)) for key in keys], misplacement)[0])
-            for i in range(len(names))}
+    space = json.loads((Path(ranking["supernet"]) / "space.json").read_text())
+    return {position_name(space, ranking["space_keys"], i): float(pearsonr([key.count(str(i)) for key in keys],
+                                                                            misplacement)[0])
+            for i in range(max(len(space[k]) for k in ranking["space_keys"]))}
+
+
+def position_name(space: dict[str, list[str]], space_keys: list[str], i: int) -> str:
+    """The op(s) that candidate position i stands for across the keys ("a|b" where keys list different ops)."""
+    ops = dict.fromkeys(space[k][i].removesuffix("_stride2") for k in space_keys if i < len(space[k]))
+    return "|".join(ops)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ stop the run (hyper-parameter search prunes through them).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -591,7 +592,8 @@ def run_training(config: TrainConfig, out: Path | None, callbacks: Sequence[Epoc
         torch.backends.cudnn.benchmark = True
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
     recipe = recipe_for(config)
-    check_memory(config, data, device, precision, lambda: recipe.build_model(data.num_classes))
+    # a partial, not a lambda: `data` is deleted below (a lambda naming it reads as a use after del)
+    check_memory(config, data, device, precision, functools.partial(recipe.build_model, data.num_classes))
     train_loader, valid_loader = device_loaders(config, data, device, recipe.augment())
     test_loader = valid_loader
     if config.holdout:
