@@ -1,9 +1,13 @@
-"""Shared test fixtures: a tiny trial config and search space for the HPO tests; headless Chromium."""
+"""Shared test fixtures: a tiny trial config and search space for the HPO tests; a tiny supernet run for the NAS
+tests; headless Chromium."""
 
 import json
 from pathlib import Path
 
 import pytest
+
+import effcifar.nas.search as search_lib
+from effcifar.nas.supernet import SupernetConfig, train_supernet
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -12,6 +16,8 @@ TINY_BASE = {"dataset": "synthetic", "subset": 256, "batch_size": 64, "prep": 8,
              "layer3": 16, "total_epoch": 2, "peak_epoch": 1, "eval_batch_size": 500}
 TINY_SPACE = {"peak_lr": {"_type": "loguniform", "_value": [0.01, 0.5]},
               "cutout": {"_type": "choice", "_value": [0, 4, 8]}}
+# Seed-space widths at which a supernet epoch on 500 synthetic images takes about a second.
+NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
 
 
 @pytest.fixture
@@ -21,6 +27,30 @@ def files(tmp_path):
     base.write_text(json.dumps(TINY_BASE))
     space.write_text(json.dumps(TINY_SPACE))
     return base, space
+
+
+@pytest.fixture(scope="module")
+def supernet_run(tmp_path_factory) -> Path:
+    """One epoch of a tiny supernet on synthetic data (500 training images, 100 held out)."""
+    out = tmp_path_factory.mktemp("nas") / "supernet"
+    config = SupernetConfig(dataset="synthetic", subset=500, holdout=100, batch_size=50, bn_batches=2, panel_random=0,
+                            eval_batch_size=100, precision="fp32", threads=1, epochs=1, **NARROW)
+    train_supernet(config, out, warn=lambda message: None)
+    return out
+
+
+@pytest.fixture
+def evaluations(monkeypatch) -> list[dict]:
+    """Every architecture actually evaluated on the supernet (cache hits are not)."""
+    seen = []
+    real = search_lib.evaluate_subnet
+
+    def record(net, arch, *args):
+        seen.append(dict(arch))
+        return real(net, arch, *args)
+
+    monkeypatch.setattr(search_lib, "evaluate_subnet", record)
+    return seen
 
 
 @pytest.fixture

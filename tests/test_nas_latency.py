@@ -15,7 +15,8 @@ from effcifar.errors import ConfigError
 from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, distinct_archs, fit_scale, load_or_measure
 from effcifar.nas.search import CandidateEvaluator, run_search
 from effcifar.nas.space import ArchSpace, arch_key, extreme_arch
-from test_nas_search import NARROW, cli, complete, config, evaluations, supernet_run  # noqa: F401 (fixtures)
+from conftest import NARROW
+from test_nas_search import cli, complete, config
 
 TINY = ArchSpace.from_dict({"stages": [{"name": "s1", "width": "layer1", "conv1": ["conv3_pool", "conv3_stride2"],
                                         "conv2": ["conv3", "conv5"], "skip": ["zero", "conv2_output"]}]})

@@ -15,10 +15,10 @@ from effcifar.nas.ranking import RankingReport, kendall_tau
 from effcifar.nas.retrain import base_config, nas_eval, retrain_top
 from effcifar.nas.search import SearchConfig, arch_key, run_search
 from effcifar.nas.space import ArchSpace, CostTable, Supernet
-from effcifar.nas.supernet import SupernetConfig, train_supernet
 from effcifar.train import TrainConfig, load_model, recipe_for
 
-NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
+from conftest import NARROW
+
 ROOT = Path(__file__).resolve().parents[1]
 # An architecture with a skip in every stage style: zero, a mid-body skip and the whole body.
 ARCH = {"stage1.conv1": "conv3_pool", "stage1.conv2": "conv5", "stage1.conv3": "conv3", "stage1.conv4": "conv3",
@@ -38,15 +38,12 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def search_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(supernet run, search run): one tiny supernet epoch, then 4 random evaluations (top 3 exported)."""
-    root = tmp_path_factory.mktemp("nas")
-    config = SupernetConfig(dataset="synthetic", subset=500, holdout=100, batch_size=50, bn_batches=2,
-                            panel_random=0, eval_batch_size=100, precision="fp32", threads=1, epochs=1, **NARROW)
-    train_supernet(config, root / "supernet", warn=lambda message: None)
+def search_run(supernet_run) -> tuple[Path, Path]:
+    """(supernet run, search run): the tiny supernet, then 4 random evaluations (top 3 exported)."""
+    search = supernet_run.parent / "search"
     run_search(SearchConfig(strategy="random", evaluations=4, precision="fp32", threads=1, top_k_export=3),
-               root / "supernet", root / "search")
-    return root / "supernet", root / "search"
+               supernet_run, search)
+    return supernet_run, search
 
 
 def test_standalone_has_exactly_the_chosen_ops_parameters(tmp_path):

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import torch
@@ -16,37 +15,11 @@ from effcifar.config import build_config
 from effcifar.errors import ConfigError
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, export_top, run_search
 from effcifar.nas.space import ArchSpace, arch_key, load_arch
-from effcifar.nas.supernet import SupernetConfig, train_supernet
 from effcifar.rundir import LOCK_FILE, locked
 from effcifar.studies import open_storage
 
-NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
 # Small generations so that a few trials reach mutation and crossover.
 SMALL = dict(population=4, top_k=2, mutations=1, crossovers=1, precision="fp32", threads=1, top_k_export=3)
-
-
-@pytest.fixture(scope="module")
-def supernet_run(tmp_path_factory) -> Path:
-    """One epoch of a tiny supernet on synthetic data (500 training images, 100 held out)."""
-    out = tmp_path_factory.mktemp("search") / "supernet"
-    config = SupernetConfig(dataset="synthetic", subset=500, holdout=100, batch_size=50, bn_batches=2, panel_random=0,
-                            eval_batch_size=100, precision="fp32", threads=1, epochs=1, **NARROW)
-    train_supernet(config, out, warn=lambda message: None)
-    return out
-
-
-@pytest.fixture
-def evaluations(monkeypatch) -> list[dict]:
-    """Every architecture actually evaluated on the supernet (cache hits are not)."""
-    seen = []
-    real = search_lib.evaluate_subnet
-
-    def record(net, arch, *args):
-        seen.append(dict(arch))
-        return real(net, arch, *args)
-
-    monkeypatch.setattr(search_lib, "evaluate_subnet", record)
-    return seen
 
 
 def config(**changes) -> SearchConfig:

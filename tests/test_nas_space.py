@@ -12,8 +12,9 @@ from effcifar.nas.space import (
     ArchSpace, CostTable, InputChoice, LayerChoice, Supernet, build_standalone, skip_depth,
 )
 
+from conftest import NARROW
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
 
 
 def random_arch(space: ArchSpace, seed: int) -> dict[str, str]:

@@ -51,13 +51,7 @@ class BenchmarkTable:
     def load(cls, path: str | Path, space: ArchSpace) -> BenchmarkTable:
         """Read and check a table (.json or .json.gz): every key must name an architecture of `space`."""
         path = Path(path)
-        try:
-            with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
-                raw = json.loads(file.read().decode("utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such table file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise ConfigError(f"{path}: not a JSON table ({type(e).__name__}: {str(e)[:120]})") from None
+        raw = read_table_json(path)
         if not isinstance(raw, dict) or len(raw) < 2:
             raise ConfigError(f"{path}: expected a JSON object of at least 2 architectures, got {type(raw).__name__}")
         choices = list(space.choices().values())
@@ -125,6 +119,17 @@ def table_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
     if wide:
         raise ConfigError(f"key {wide[0]!r} has more than 10 candidates: a benchmark table has one digit per key")
     return "".join(str(candidates.index(arch[name])) for name, candidates in space.choices().items())
+
+
+def read_table_json(path: Path) -> Any:
+    """The parsed JSON of a table file (.json, or .json.gz as shipped), unchecked; a one-line error if unreadable."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+            return json.loads(file.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such table file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not a JSON table ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def _row(path: Path, key: str, value: Any) -> TableRow:
