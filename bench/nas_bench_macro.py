@@ -66,6 +66,13 @@ def regret(supernet_dir: Path, out: Path, table: BenchmarkTable, ratio: float, a
     return rows
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0; a negative count is a usage error, not a silent "every network"."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def write_top_table(table: BenchmarkTable, path: Path, fraction: float = 0.1) -> Path:
     """The table's rows with the best `fraction` of mean accuracies, as a table file of the same format."""
     raw = read_table_json(table.path)
@@ -80,12 +87,12 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, help="NAME or NAME:FIELD=VALUE,...")
     parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE over the common settings")
     parser.add_argument("--data-dir", help="CIFAR-10 (default: $EFFCIFAR_DATA)")
-    parser.add_argument("--sample", type=int, default=150, help="table architectures scored per variant")
+    parser.add_argument("--sample", type=count, default=150, help="table architectures scored per variant")
     parser.add_argument("--eval-images", type=int, default=2000, help="held-out images per score (0: all)")
     parser.add_argument("--bn-batches", type=int, default=4)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--score", default="loss", help="what the supernet ranks by: loss or accuracy")
-    parser.add_argument("--top-sample", type=int, default=0,
+    parser.add_argument("--top-sample", type=count, default=0,
                         help="also score this many architectures of the table's best 10%% (0: don't)")
     parser.add_argument("--regret", action="store_true", help="also search under 30M and 50M table FLOPs")
     parser.add_argument("--seeds", type=int, default=3)
