@@ -591,14 +591,17 @@ class DeviceLoader:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def subset(self, count: int, seed: int) -> DeviceLoader:
+    def subset(self, count: int, seed: int, skip: int = 0) -> DeviceLoader:
         """A loader like this one over `count` of its images drawn at random (seeded), in their original order.
 
         A split can be class-sorted (the held-out split keeps the dataset's order), so never its first `count`.
+        `skip` passes over the first images of the same seeded draw: `subset(n, s, skip=n)` is disjoint from
+        `subset(n, s)` (a second sample, to measure how much a score owes to the images it was judged on).
         """
-        if count >= len(self.labels):
+        if skip == 0 and count >= len(self.labels):
             return self
-        keep = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))
+        keep = order[skip:skip + count].sort().values
         loader = copy.copy(self)
         keep = keep.to(self.labels.device)
         loader.images, loader.labels = self.images[keep], self.labels[keep]

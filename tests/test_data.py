@@ -602,3 +602,15 @@ def test_device_loader_batches_normalises_and_is_seeded():
     # an epoch sees each image at most once, shuffled
     seen = torch.cat([y for _, y in a])
     assert len(seen) == 768 and not torch.equal(seen, torch.from_numpy(labels[:768]))
+
+
+def test_subset_is_a_seeded_sample_and_skip_draws_a_disjoint_one():
+    images = np.arange(100, dtype=np.uint8).repeat(32 * 32 * 3).reshape(100, 32, 32, 3)
+    loader = data.DeviceLoader(images, np.arange(100), batch_size=10, mean=np.zeros(3), std=np.ones(3))
+    first, again, second = loader.subset(30, 4), loader.subset(30, 4), loader.subset(30, 4, skip=30)
+    assert torch.equal(first.labels, again.labels) and len(second.labels) == 30
+    assert torch.equal(first.labels, first.labels.sort().values)  # in the split's own order
+    assert not set(first.labels.tolist()) & set(second.labels.tolist())
+    assert first.labels.tolist() != list(range(30))  # a random sample, not the first images
+    assert torch.equal(first.images[:, 0, 0, 0].long(), first.labels)  # images and labels stay paired
+    assert loader.subset(100, 4) is loader and len(loader.subset(100, 4, skip=90).labels) == 10
