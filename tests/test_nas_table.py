@@ -201,3 +201,18 @@ def test_ranking_by_loss_uses_the_negative_cross_entropy(tiny_supernet, tmp_path
     assert all(s < 0 for s in by["loss"]["supernet_score"])  # minus the mean cross-entropy
     assert by["loss"]["rankers"][0]["tau"] == pytest.approx(tau_by_hand(by["loss"]["supernet_score"],
                                                                         by["loss"]["standalone_acc"]))
+
+
+def test_a_rerun_reuses_the_scores_and_keeps_their_scoring_time(tiny_supernet, tmp_path):
+    rows = {key: {"mean_acc": acc, "test_acc": [acc], "params": 1, "flops": 1}
+            for key, acc in (("00", 40.0), ("01", 50.0), ("10", 60.0), ("11", 70.0))}
+    path, out = write_table(tmp_path / "tiny.json", rows), tmp_path / "out"
+    first = rank_against_table(tiny_supernet, path, sample=0, out_dir=out, search=SearchConfig(precision="fp32", threads=1))
+    first_file = (out / "scores.json").read_text()
+    saved = json.loads(first_file)
+    saved["seconds"] += 1000.0  # as if the first run had been slow: a re-run must report that, not its own time
+    (out / "scores.json").write_text(json.dumps(saved))
+    again = rank_against_table(tiny_supernet, path, sample=0, out_dir=out, search=SearchConfig(precision="fp32", threads=1))
+    assert again["supernet_score"] == first["supernet_score"]
+    assert first["score_seconds"] == json.loads(first_file)["seconds"] > 0
+    assert 1000 + first["score_seconds"] <= again["score_seconds"] < 1000 + first["score_seconds"] + 5

@@ -249,7 +249,8 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
     Each is evaluated as the search does (BN as the supernet run says, its held-out images;
     `search` sets the batches, images and device). Writes `ranking.json` (see `ranking_result`)
     and `ranking.png`, and returns the same dict. Scores are kept in `scores.json` as they come,
-    so an interrupted run continues where it stopped.
+    so an interrupted run continues where it stopped; `score_seconds` adds up the scoring time of
+    every run that scored them (a re-run served from the file adds next to nothing).
     """
     supernet_dir = Path(supernet_dir)
     out = Path(out_dir) if out_dir is not None else supernet_dir / "nas_eval_table"
@@ -264,8 +265,16 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
     with locked(out):
         scores_file = out / "scores.json"
         saved = read_json(scores_file, "supernet scores") if scores_file.is_file() else {}
-        scores: dict[str, tuple[float, float]] = saved.get("scores", {}) if saved.get("setup") == setup else {}  # acc, loss
-        started = time.perf_counter()
+        if saved.get("setup") != setup:
+            saved = {}
+        scores: dict[str, tuple[float, float]] = saved.get("scores", {})  # acc, loss
+        started, earlier = time.perf_counter(), saved.get("seconds", 0.0)  # the scoring time of earlier runs
+
+        def save() -> float:
+            seconds = earlier + time.perf_counter() - started
+            atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores, "seconds": seconds}) + "\n")
+            return seconds
+
         for i, key in enumerate(keys):
             if key not in scores:
                 evaluation = evaluator.evaluate(bench.arch(key))[0]
@@ -274,10 +283,10 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
                     progress(f"{i + 1}/{len(keys)} {key}: supernet {evaluation.accuracy:.4f} (loss {evaluation.loss:.4f}), "
                              f"table {bench.rows[key].mean_acc:.4f}")
                 if len(scores) % 10 == 0:
-                    atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
-        atomic_write(scores_file, json.dumps({"setup": setup, "scores": scores}) + "\n")
+                    save()
+        seconds = save()
         result = {**ranking_result(bench, keys, scores, evaluator.costs, seed, search.score), **setup, "sample_seed": seed,
-                  "score_seconds": time.perf_counter() - started}
+                  "score_seconds": seconds}
         return write_ranking(out, result, f"{len(keys)} architectures of {bench.path.name}",
                              "table accuracy (mean of its seeds)")
 
