@@ -130,7 +130,7 @@ def main() -> None:
             row["regret"] = regret(run, run, table, ranking["flops_ratio"], args)
         row["wall_seconds"] = time.perf_counter() - started
         results[name] = row
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write(args.out / "results.json", json.dumps(results, indent=2) + "\n")  # a kill mid-write keeps the old rows
         print(f"{name}: {ranking['verdict']}", flush=True)
     print("\n| variant | n | tau (score) | tau top 10% | top-10% overlap | tau (accuracy) | train s | score s | "
           "regret 30M | regret 50M |")
