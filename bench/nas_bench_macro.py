@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config
 from effcifar.nas.ranking import ranker_quality
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=200)
     parser.add_argument("--population", type=int, default=40)
     args = parser.parse_args()
+    configure_allocator()  # as the effcifar command does at start-up, before any tensor
     common = {**COMMON, **dict(item.split("=", 1) for item in args.set)}
     if args.data_dir:
         common["data_dir"] = args.data_dir

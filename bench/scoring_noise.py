@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.nas.ranking import compare_rankers, kendall_tau, null_tau_sd
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="scores as JSON (default: RUN/scoring_noise-TABLE-SAMPLE.json)")
     args = parser.parse_args()
+    configure_allocator()  # as the effcifar command does at start-up, before any tensor
     if args.sample < 0 or args.eval_images < 1:
         parser.error(f"--sample >= 0 and --eval-images >= 1 expected, got {args.sample} and {args.eval_images}")
     evaluator = CandidateEvaluator.from_run(args.run, SearchConfig(eval_images=0, bn_batches=args.bn_batches,
