@@ -23,32 +23,23 @@ import numpy as np
 
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
+from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.ranking import compare_rankers, kendall_tau, null_tau_sd
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
 from effcifar.nas.supernet import accuracy, evaluate_subnet
 from effcifar.nas.table import BenchmarkTable
+from nas_bench_macro import count  # the bench's own "whole number >= 0" argparse type
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a finished supernet run directory")
-    parser.add_argument("--table", default="nas-bench-macro", help="a table file or a shipped table's name")
-    parser.add_argument("--sample", type=int, default=200, help="table architectures scored (0: every network)")
-    parser.add_argument("--eval-images", type=int, default=1000, help="held-out images in each of the two samples")
-    parser.add_argument("--bn-batches", type=int, default=None, help="default: the run's")
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, help="scores as JSON (default: RUN/scoring_noise-TABLE-SAMPLE.json)")
-    args = parser.parse_args()
-    configure_allocator()  # as the effcifar command does at start-up, before any tensor
-    if args.sample < 0 or args.eval_images < 1:
-        parser.error(f"--sample >= 0 and --eval-images >= 1 expected, got {args.sample} and {args.eval_images}")
-    evaluator = CandidateEvaluator.from_run(args.run, SearchConfig(eval_images=0, bn_batches=args.bn_batches,
-                                                                   precision=args.precision, threads=args.threads))
+def score_on_two_samples(args: argparse.Namespace) -> tuple[list[str], BenchmarkTable, dict[str, list[float]], float]:
+    """(keys, table, mean losses on samples A and B per key, start time) for `args.sample` of the table's networks."""
+    search = SearchConfig(eval_images=0, bn_batches=args.bn_batches, precision=args.precision, threads=args.threads)
+    search.validate()
+    evaluator = CandidateEvaluator.from_run(args.run, search)
     held_out, seed = evaluator.loader, load_supernet_config(args.run).seed
-    if 2 * args.eval_images > len(held_out.labels):
-        parser.error(f"--eval-images: two disjoint samples of {args.eval_images} need {2 * args.eval_images} held-out "
-                     f"images; the run holds out {len(held_out.labels)}")
+    if not 1 <= args.eval_images <= len(held_out.labels) // 2:
+        raise ConfigError(f"--eval-images: expected 1 to {len(held_out.labels) // 2} (two disjoint samples of the run's "
+                          f"{len(held_out.labels)} held-out images), got {args.eval_images}")
     halves = {"A": held_out.subset(args.eval_images, seed), "B": held_out.subset(args.eval_images, seed, skip=args.eval_images)}
     table = BenchmarkTable.load_named(args.table, evaluator.space)
     keys = table.sample(args.sample, 0)
@@ -62,6 +53,25 @@ def main() -> None:
         losses["B"].append(accuracy(evaluator.net.active_network(), halves["B"], evaluator.autocast).loss)
         if (i + 1) % 20 == 0:
             print(f"{i + 1}/{len(keys)} scored ({time.perf_counter() - started:.0f} s)", flush=True)
+    return keys, table, losses, started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a finished supernet run directory")
+    parser.add_argument("--table", default="nas-bench-macro", help="a table file or a shipped table's name")
+    parser.add_argument("--sample", type=count, default=200, help="table architectures scored (0: every network)")
+    parser.add_argument("--eval-images", type=int, default=1000, help="held-out images in each of the two samples")
+    parser.add_argument("--bn-batches", type=int, default=None, help="default: the run's")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="scores as JSON (default: RUN/scoring_noise-TABLE-SAMPLE.json)")
+    args = parser.parse_args()
+    configure_allocator()  # as the effcifar command does at start-up, before any tensor
+    try:
+        keys, table, losses, started = score_on_two_samples(args)
+    except EffcifarError as e:  # a bad run, table or setting: one line, nothing written
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     rows = [table.rows[key] for key in keys]
     truth = [row.mean_acc for row in rows]
     rankers = {"supernet, A": [-x for x in losses["A"]], "supernet, B": [-x for x in losses["B"]],
