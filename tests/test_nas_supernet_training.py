@@ -8,7 +8,7 @@ import torch
 from effcifar.errors import ConfigError
 from effcifar.nas.space import ArchSpace, CostTable
 from effcifar.nas.supernet import (
-    FairSampler, SandwichSampler, SupernetConfig, SupernetTrainer, batch_statistics, evaluate_subnet,
+    FairSampler, LadderSampler, SandwichSampler, SupernetConfig, SupernetTrainer, batch_statistics, evaluate_subnet,
 )
 
 NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
@@ -85,6 +85,43 @@ def test_sandwich_under_flops_limits_takes_the_extremes_within_them():
     assert largest > flops[int(len(flops) * 0.7)] and smallest < flops[int(len(flops) * 0.3)]  # near the limits
     again = SandwichSampler(costs, seed=0, paths=4, flops_min=low, flops_max=high)
     assert again.step_paths(space)[:2] == paths[:2]  # fixed by the seed and the limits (a resume picks the same)
+
+
+def test_ladder_steps_give_every_candidate_an_all_same_path_then_random_ones():
+    space = ArchSpace.load("nas-bench-macro")
+    costs = CostTable.build(space, NARROW, 10)
+    sampler = LadderSampler(costs, seed=0, paths=5)
+    flops = [costs.flops_of(a) for a in space_archs(space)]
+    randoms = set()
+    for _ in range(10):
+        paths = sampler.step_paths(space)
+        assert len(paths) == 5
+        assert costs.flops_of(paths[0]) == max(flops) and costs.flops_of(paths[1]) == min(flops)
+        assert [{name.removesuffix("_stride2") for name in p.values()} for p in paths[:3]] == [
+            {"mb6_k5"}, {"identity"}, {"mb3_k3"}]  # the largest first (distillation's teacher), the middle rung last
+        randoms.update(tuple(sorted(p.items())) for p in paths[3:])
+    assert len(randoms) > 10
+
+
+def test_ladder_rungs_use_every_candidate_evenly_where_keys_have_fewer():
+    space = ArchSpace.load("seed")  # four candidates on conv1 and skip keys, two on the others
+    costs = CostTable.build(space, NARROW, 10)
+    rungs = LadderSampler(costs, seed=0, paths=4).step_paths(space)
+    for key, candidates in space.choices().items():
+        counts = collections.Counter(path[key] for path in rungs)
+        assert set(counts) == set(candidates) and max(counts.values()) - min(counts.values()) <= 1
+    climb = [costs.flops_of(path) for path in rungs[1:] + rungs[:1]]  # smallest, middle rungs, largest
+    assert climb == sorted(set(climb))
+
+
+def test_ladder_under_flops_limits_stays_within_them():
+    space = ArchSpace.load("nas-bench-macro")
+    costs = CostTable.build(space, NARROW, 10)
+    flops = sorted(costs.flops_of(a) for a in space_archs(space))
+    low, high = flops[len(flops) // 4], flops[3 * len(flops) // 4]
+    sampler = LadderSampler(costs, seed=0, paths=4, flops_min=low, flops_max=high)
+    for _ in range(20):
+        assert all(low <= costs.flops_of(p) <= high for p in sampler.step_paths(space))
 
 
 def space_archs(space: ArchSpace):
@@ -179,6 +216,7 @@ def test_batch_statistics_judge_each_batch_by_itself_and_leave_running_stats_alo
 @pytest.mark.parametrize("changes, field", [
     (dict(sampling="random"), "sampling"),
     (dict(sampling="sandwich", sandwich_paths=1), "sandwich_paths"), (dict(bn_eval="none"), "bn_eval"),
+    (dict(space="nas-bench-macro", sampling="ladder", sandwich_paths=2), "sandwich_paths"),
     (dict(warmup_epochs=2), "warmup_epochs"), (dict(few_shot_key="stage9.conv1", few_shot_epochs=1), "few_shot_key"),
     (dict(few_shot_key="stage1.conv1"), "few_shot_epochs"), (dict(few_shot_epochs=2), "few_shot_epochs"),
 ])

@@ -725,12 +725,22 @@ def extreme_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, lar
     active keys and a deeper skip only adds layers, so the per-key pick is the extreme.
     """
     pick = max if largest else min
+    return {key: pick(candidates, key=candidate_cost(costs, key)) for key, candidates in space.choices().items()}
+
+
+def candidate_cost(costs: Mapping[str, Mapping[str, float]], key: str) -> Callable[[str], float]:
+    """How a candidate of `key` is ranked by size: a skip by its depth, an op by its cost."""
+    return skip_depth if key.endswith(".skip") else costs[key].__getitem__
+
+
+def ladder_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, rung: int, rungs: int) -> Arch:
+    """Rung `rung` of `rungs` all-same paths from the cheapest to the costliest: each key takes its candidate
+    of rank `rung * n // rungs` by size (n candidates), so every candidate is on a rung and a key with fewer
+    candidates than `rungs` repeats them evenly (K // n or K // n + 1 times)."""
     arch = {}
     for key, candidates in space.choices().items():
-        if key.endswith(".skip"):
-            arch[key] = pick(candidates, key=skip_depth)
-        else:
-            arch[key] = pick(candidates, key=lambda op, cost=costs[key]: cost[op])
+        ranked = sorted(candidates, key=candidate_cost(costs, key))
+        arch[key] = ranked[rung * len(ranked) // rungs]
     return arch
 
 

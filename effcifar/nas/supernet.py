@@ -44,7 +44,9 @@ from effcifar.config import build_config, execution, field_error, fingerprint, r
 from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
-from effcifar.nas.space import Arch, ArchSpace, CostTable, FewShotSupernet, LayerChoice, Supernet, extreme_arch, skip_depth
+from effcifar.nas.space import (
+    Arch, ArchSpace, CostTable, FewShotSupernet, LayerChoice, Supernet, extreme_arch, ladder_arch, skip_depth,
+)
 from effcifar.rundir import locked
 from effcifar.train import (
     AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, check_memory,
@@ -52,7 +54,8 @@ from effcifar.train import (
 )
 
 SCHEDULES = ("linear", "cosine")
-SAMPLINGS = ("uniform", "fair", "sandwich")  # paths per step: one; one per candidate (FairNAS); largest+smallest+random
+SAMPLINGS = ("uniform", "fair", "sandwich", "ladder")  # paths per step: one; one per candidate (FairNAS);
+# largest+smallest+random (BigNAS); every candidate's all-same rung+random (LadderSampler)
 BN_EVALS = ("recalibrate", "batch")  # BN statistics when a subnet is judged
 # Fields that the hyper-parameter search decides; `hparams: best.json` supplies them.
 HPARAM_FIELDS = (
@@ -92,8 +95,8 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     bn_batches: int = 10  # training batches used to recalibrate BN before each evaluation
     shrink_at: str = ""  # comma-separated epochs after which each key loses its worst candidate
     shrink_samples: int = 10  # each candidate is judged on at least this many subnets
-    sampling: str = "sandwich"  # uniform (SPOS), fair (FairNAS strict fairness) or sandwich (BigNAS): SAMPLINGS
-    sandwich_paths: int = 4  # paths per step with sandwich: largest, smallest and the rest random
+    sampling: str = "sandwich"  # uniform (SPOS), fair (FairNAS strict fairness), sandwich (BigNAS), ladder: SAMPLINGS
+    sandwich_paths: int = 4  # paths per step with sandwich (largest, smallest, the rest random) and ladder (rungs first)
     distill: bool = False  # in-place distillation: each step's other paths learn the largest path's soft labels
     bn_eval: str = "recalibrate"  # a judged subnet's BN: running statistics recalibrated, or each batch's own
     canonical_paths: bool = False  # run each network as one path: a sequential stage's identities last (see canonical_path)
@@ -127,6 +130,11 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
         if self.sandwich_paths < 2:
             raise field_error("sandwich_paths", "an integer >= 2 (the largest and the smallest path)",
                               self.sandwich_paths)
+        if self.sampling == "ladder":
+            rungs = max(len(candidates) for candidates in ArchSpace.load(self.space).choices().values())
+            if self.sandwich_paths < rungs:
+                raise field_error("sandwich_paths", f"an integer >= {rungs} (one rung per candidate) with sampling "
+                                  f"ladder", self.sandwich_paths)
         if self.bn_eval not in BN_EVALS:
             raise field_error("bn_eval", f"one of {', '.join(BN_EVALS)}", self.bn_eval)
         if self.few_shot_key:
@@ -289,12 +297,31 @@ class SandwichSampler(PathSampler):
             self.sample(space) for _ in range(self.paths - 2)]
 
 
+class LadderSampler(SandwichSampler):
+    """The sandwich rule with every rung between the extremes: K all-same paths (K: the most candidates of a
+    key), path j taking each key's j-th candidate by FLOPs (`ladder_arch`), then `paths - K` uniform random ones.
+
+    Under the sandwich rule only the two extreme candidates have a path of their own each step; on
+    NAS-Bench-Macro the one between (`mb3_k3`) trains 2.5x less and is under-rated (docs/benchmarks.md).
+    Here every candidate has its rung, so a key's candidates train evenly. The largest path goes
+    first (distillation's teacher), then the smallest; under FLOPs limits those are the extremes
+    within them and a middle rung outside them is replaced by a random path within them.
+    """
+
+    def step_paths(self, space: ArchSpace) -> list[Arch]:
+        rungs = max(len(candidates) for candidates in space.choices().values())
+        middle = [ladder_arch(self.costs.flops, space, j, rungs) for j in range(1, rungs - 1)]
+        return [self.extreme(True, space), self.extreme(False, space)] + [
+            arch if self.within_limits(arch) else self.sample(space) for arch in middle] + [
+            self.sample(space) for _ in range(self.paths - rungs)]
+
+
 def make_sampler(config: SupernetConfig, costs: CostTable) -> PathSampler:
     """The config's path sampler, seeded with its seed."""
     if config.sampling == "fair":
         return FairSampler(costs, config.seed, config.flops_min, config.flops_max)
-    if config.sampling == "sandwich":
-        return SandwichSampler(costs, config.seed, config.sandwich_paths, config.flops_min, config.flops_max)
+    if config.sampling in ("sandwich", "ladder"):
+        return (SandwichSampler if config.sampling == "sandwich" else LadderSampler)(costs, config.seed, config.sandwich_paths, config.flops_min, config.flops_max)
     return PathSampler(costs, config.seed, config.flops_min, config.flops_max)
 
 
