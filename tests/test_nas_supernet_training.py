@@ -53,19 +53,23 @@ def test_fair_under_flops_limits_stays_within_them_and_stays_fair_where_it_can()
     assert all(costs.flops_of(p) <= flops[10] for p in tight.step_paths(space))
 
 
-def test_sandwich_steps_are_largest_smallest_and_random():
+@pytest.mark.parametrize("sampler_class, fixed", [
+    (SandwichSampler, ["mb6_k5", "identity"]),  # the largest first (distillation's teacher), then the smallest
+    (LadderSampler, ["mb6_k5", "identity", "mb3_k3"]),  # and every rung between
+])
+def test_multi_path_steps_are_the_fixed_all_same_paths_then_random_ones(sampler_class, fixed):
     space = ArchSpace.load("nas-bench-macro")
     costs = CostTable.build(space, NARROW, 10)
-    sampler = SandwichSampler(costs, seed=0, paths=4)
+    sampler = sampler_class(costs, seed=0, paths=5)
     flops = [costs.flops_of(a) for a in space_archs(space)]
     randoms = set()
     for _ in range(10):
         paths = sampler.step_paths(space)
-        assert len(paths) == 4
+        assert len(paths) == 5
         assert costs.flops_of(paths[0]) == max(flops) and costs.flops_of(paths[1]) == min(flops)
-        assert set(paths[0].values()) == {"mb6_k5", "mb6_k5_stride2"}  # and which ones they are
-        assert set(paths[1].values()) == {"identity", "identity_stride2"}
-        randoms.update(tuple(sorted(p.items())) for p in paths[2:])
+        assert [{name.removesuffix("_stride2") for name in p.values()} for p in paths[:len(fixed)]] == [
+            {name} for name in fixed]
+        randoms.update(tuple(sorted(p.items())) for p in paths[len(fixed):])
     assert len(randoms) > 10
 
 
@@ -85,22 +89,6 @@ def test_sandwich_under_flops_limits_takes_the_extremes_within_them():
     assert largest > flops[int(len(flops) * 0.7)] and smallest < flops[int(len(flops) * 0.3)]  # near the limits
     again = SandwichSampler(costs, seed=0, paths=4, flops_min=low, flops_max=high)
     assert again.step_paths(space)[:2] == paths[:2]  # fixed by the seed and the limits (a resume picks the same)
-
-
-def test_ladder_steps_give_every_candidate_an_all_same_path_then_random_ones():
-    space = ArchSpace.load("nas-bench-macro")
-    costs = CostTable.build(space, NARROW, 10)
-    sampler = LadderSampler(costs, seed=0, paths=5)
-    flops = [costs.flops_of(a) for a in space_archs(space)]
-    randoms = set()
-    for _ in range(10):
-        paths = sampler.step_paths(space)
-        assert len(paths) == 5
-        assert costs.flops_of(paths[0]) == max(flops) and costs.flops_of(paths[1]) == min(flops)
-        assert [{name.removesuffix("_stride2") for name in p.values()} for p in paths[:3]] == [
-            {"mb6_k5"}, {"identity"}, {"mb3_k3"}]  # the largest first (distillation's teacher), the middle rung last
-        randoms.update(tuple(sorted(p.items())) for p in paths[3:])
-    assert len(randoms) > 10
 
 
 def test_ladder_rungs_use_every_candidate_evenly_where_keys_have_fewer():
