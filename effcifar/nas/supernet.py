@@ -96,7 +96,7 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     shrink_at: str = ""  # comma-separated epochs after which each key loses its worst candidate
     shrink_samples: int = 10  # each candidate is judged on at least this many subnets
     sampling: str = "sandwich"  # uniform (SPOS), fair (FairNAS strict fairness), sandwich (BigNAS), ladder: SAMPLINGS
-    sandwich_paths: int = 4  # paths per step with sandwich (largest, smallest, the rest random) and ladder (rungs first)
+    sandwich_paths: int = 4  # paths per step, sandwich (largest, smallest, the rest random) and ladder (rungs first)
     distill: bool = False  # in-place distillation: each step's other paths learn the largest path's soft labels
     bn_eval: str = "recalibrate"  # a judged subnet's BN: running statistics recalibrated, or each batch's own
     canonical_paths: bool = False  # run each network as one path: a sequential stage's identities last (see canonical_path)
@@ -321,7 +321,8 @@ def make_sampler(config: SupernetConfig, costs: CostTable) -> PathSampler:
     if config.sampling == "fair":
         return FairSampler(costs, config.seed, config.flops_min, config.flops_max)
     if config.sampling in ("sandwich", "ladder"):
-        return (SandwichSampler if config.sampling == "sandwich" else LadderSampler)(costs, config.seed, config.sandwich_paths, config.flops_min, config.flops_max)
+        rule = SandwichSampler if config.sampling == "sandwich" else LadderSampler
+        return rule(costs, config.seed, config.sandwich_paths, config.flops_min, config.flops_max)
     return PathSampler(costs, config.seed, config.flops_min, config.flops_max)
 
 
