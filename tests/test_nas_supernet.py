@@ -21,7 +21,8 @@ from effcifar.nas.supernet import (
     read_checkpoint, recalibrate_bn, save_checkpoint, shrink_space, train_supernet, use_global_batch_norm,
 )
 
-NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
+from conftest import NARROW
+
 # A tiny run: 600 synthetic training images (100 held out), batches of 50, fp32 on 1 thread.
 TINY = ["--dataset", "synthetic", "--subset", "500", "--holdout", "100", "--batch-size", "50", "--prep", "8",
         "--layer1", "16", "--layer2", "24", "--layer3", "32", "--bn-batches", "2", "--panel-random", "2",

@@ -11,7 +11,7 @@ from effcifar.nas.supernet import (
     FairSampler, LadderSampler, SandwichSampler, SupernetConfig, SupernetTrainer, batch_statistics, evaluate_subnet,
 )
 
-NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
+from conftest import NARROW
 
 
 def tiny_config(**changes) -> SupernetConfig:

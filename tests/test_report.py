@@ -16,9 +16,8 @@ from effcifar.nas.supernet import SupernetConfig, train_supernet
 from effcifar.report import load_study, make_report, param_importances, pareto_front, write_report
 from effcifar.train import TrainConfig, train
 
-from conftest import TINY_BASE, TINY_SPACE
+from conftest import NARROW, TINY_BASE, TINY_SPACE
 
-NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
 RESULTS = [{"name": "baseline", "test_acc": 0.91, "train_time": 12.5, "params": 123456, "flops": 2_000_000},
            {"name": "hpo", "test_acc": 0.93, "train_time": 10.0, "params": 98765, "flops": 1_500_000},
            {"name": "nas", "test_acc": 0.94, "train_time": 11.0, "params": 87654, "flops": 1_200_000}]

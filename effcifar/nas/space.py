@@ -286,6 +286,10 @@ class ArchSpace:
         """Every choice key -> its candidates, in order (the NAS search space)."""
         return {k: list(v) for s in self.stages for k, v in s.choices().items()}
 
+    def most_candidates(self) -> int:
+        """The most candidates of any key: K, the paths per step of strict fairness and of the ladder's rungs."""
+        return max(len(candidates) for candidates in self.choices().values())
+
     def size(self) -> int:
         """Number of distinct architectures (key assignments)."""
         total = 1

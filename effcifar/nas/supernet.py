@@ -131,7 +131,7 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
             raise field_error("sandwich_paths", "an integer >= 2 (the largest and the smallest path)",
                               self.sandwich_paths)
         if self.sampling == "ladder":
-            rungs = max(len(candidates) for candidates in ArchSpace.load(self.space).choices().values())
+            rungs = ArchSpace.load(self.space).most_candidates()
             if self.sandwich_paths < rungs:
                 raise field_error("sandwich_paths", f"an integer >= {rungs} (one rung per candidate) with sampling "
                                   f"ladder", self.sandwich_paths)
@@ -269,7 +269,7 @@ class FairSampler(PathSampler):
 
     def step_paths(self, space: ArchSpace) -> list[Arch]:
         choices = space.choices()
-        k = max(len(c) for c in choices.values())
+        k = space.most_candidates()
         for _ in range(FAIR_DRAWS):
             columns = {}
             for key, candidates in choices.items():
@@ -309,7 +309,7 @@ class LadderSampler(SandwichSampler):
     """
 
     def step_paths(self, space: ArchSpace) -> list[Arch]:
-        rungs = max(len(candidates) for candidates in space.choices().values())
+        rungs = space.most_candidates()
         middle = [ladder_arch(self.costs.flops, space, j, rungs) for j in range(1, rungs - 1)]
         return [self.extreme(True, space), self.extreme(False, space)] + [
             arch if self.within_limits(arch) else self.sample(space) for arch in middle] + [
@@ -437,7 +437,7 @@ def shrink_space(net: Supernet, space: ArchSpace, samples: int, seed: int,
     """
     rng = random.Random(seed)
     choices = space.choices()
-    width = max(len(c) for c in choices.values())
+    width = space.most_candidates()
     archs = []
     for _ in range(samples):
         perms = {k: rng.sample(c, len(c)) for k, c in choices.items()}
