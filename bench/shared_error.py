@@ -11,8 +11,9 @@ the best of them, the error is shared, not noise that more supernets would avera
 With `--cells` (key=candidate, comma-separated): how much a score shift for networks that choose
 those cells could move the ranking. Per RUN, the shifts (a grid of ±1.5 s.d. of the scores, 31 steps
 per cell) that rank RUN/nas_eval_table (the 300, minus networks shared with the 200) best, carried
-over to the 200; and the shifts fitted on the 200 themselves — in-sample, an optimistic bound.
-Diagnostic only: the shifts are fitted on the table's answer.
+over to the 200; and the shifts fitted on the 200 themselves — in-sample, an optimistic bound, beside
+the same fit on the cell columns shuffled over the networks (`--shuffles` times: what 2 fitted
+parameters gain by chance). Diagnostic only: the shifts are fitted on the table's answer.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="bench/nas_bench_macro.py variant directories")
     parser.add_argument("--cells", default="", help="key=candidate,... to fit score shifts for (a diagnostic)")
+    parser.add_argument("--shuffles", type=int, default=20, help="shuffled-cells fits per run (the chance gain)")
     args = parser.parse_args()
     top = {run.name: load(run / "nas_eval_top10" / "ranking.json") for run in args.runs}
     first = next(iter(top.values()))
@@ -80,10 +82,15 @@ def main() -> None:
         t_cells = cell_matrix(top[run.name], cells)
         carried = kendall_tau(truth, scores[run.name] + t_cells @ shift)
         in_sample, _ = best_shift(scores[run.name], truth, t_cells)
+        rng = np.random.default_rng(0)
+        chance = [best_shift(scores[run.name], truth, t_cells[rng.permutation(len(truth))])[0]
+                  for _ in range(args.shuffles)]
+        base = kendall_tau(truth, scores[run.name])
         print(f"{run.name}: over {len(outside)} of the wide sample {kendall_tau(w_truth, w_scores):.3f} -> "
               f"{w_tau:.3f} (shift / s.d. {', '.join(f'{s / w_scores.std():+.2f}' for s in shift)}); "
-              f"the 200 {kendall_tau(truth, scores[run.name]):.3f} -> {carried:.3f} carried over, "
-              f"{in_sample:.3f} fitted in-sample")
+              f"the 200 {base:.3f} -> {carried:.3f} carried over, {in_sample:.3f} fitted in-sample"
+              + (f" (shuffled cells: +{np.mean(chance) - base:.3f} on average, +{max(chance) - base:.3f} at most)"
+                 if chance else ""))
 
 
 if __name__ == "__main__":
