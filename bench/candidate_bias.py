@@ -32,10 +32,10 @@ def misplacement(ranking: dict) -> list[float]:
 
 def candidate_bias(ranking: dict) -> dict[str, float]:
     """{candidate name: correlation of the misplacement with the count of that candidate}."""
-    keys = ranking["keys"]
+    keys, missed = ranking["keys"], misplacement(ranking)
     space = json.loads((Path(ranking["supernet"]) / "space.json").read_text())
     return {position_name(space, ranking["space_keys"], i): float(pearsonr([key.count(str(i)) for key in keys],
-                                                                            misplacement(ranking))[0])
+                                                                            missed)[0])
             for i in range(max(len(space[k]) for k in ranking["space_keys"]))}
 
 
