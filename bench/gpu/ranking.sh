@@ -9,8 +9,11 @@
 #            adds options), each ranked on the same 100 table architectures by loss. A multi-path step averages
 #            its K paths' gradients; the variants of K paths that were measured when they were summed (K x the
 #            step) keep that update with LR x K and weight decay / K (fair K=3, sandwich K=4, distill K=2).
-#  macro:    a NAS-Bench-Macro supernet on the whole training set but the 5,000 held out, MACRO_EPOCHS epochs,
-#            with the options in MACRO_SET, then ranked on TABLE_SAMPLE table architectures (`nas-eval --table`).
+#  macro:    bench/nas_bench_macro.py for each variant in MACRO, one lane each: a NAS-Bench-Macro supernet on the
+#            whole training set but the 2,000 held out, MACRO_EPOCHS epochs (MACRO_SET adds options), ranked on
+#            TABLE_SAMPLE table architectures by loss, then searched under the table's 30 M and 50 M FLOPs (regret,
+#            3 evolution seeds) — the issue's larger-budget measurement of the chosen recipe.
+# JOBS picks the jobs (default all three); SMOKE=1 first starts bench/gpu/smoke.sh beside them.
 # Each job runs under LIMIT seconds; everything written comes back as $OUT/ranking.tar.gz (and summary.txt).
 # Needs the carried .cache/gpu (cifar10_jpeg.npz, wheels/ with Optuna's; see docs/benchmarks.md).
 # CPU dry run: DEVICE=cpu SUBSET=2000 SAMPLE=4 TRUTH_EPOCHS=1 WORKERS=2 MACRO_EPOCHS=1 MACRO_SUBSET=1000
@@ -23,6 +26,7 @@ rm -rf "$W" && mkdir -p "$W"
 export NPZ W PYTHON DEVICE=${DEVICE:-cuda} SUBSET=${SUBSET:-20000} SAMPLE=${SAMPLE:-24} TRUTH_EPOCHS=${TRUTH_EPOCHS:-20} \
   WORKERS=${WORKERS:-4} MACRO_EPOCHS=${MACRO_EPOCHS:-50} MACRO_SUBSET=${MACRO_SUBSET:-0} MACRO_SET=${MACRO_SET:-} \
   TABLE_SAMPLE=${TABLE_SAMPLE:-300} ABLATION_SET=${ABLATION_SET:-} LANES=${LANES:-5} \
+  MACRO=${MACRO:-"sandwich:sampling=sandwich,peak_lr=0.1,base_wd=0.000125"} \
   ABLATION=${ABLATION:-"uniform:sampling=uniform uniform-lr0125:sampling=uniform,peak_lr=0.0125
     canonical:sampling=uniform,canonical_paths=true fair:sampling=fair,peak_lr=0.075,base_wd=0.00016667
     sandwich:sampling=sandwich,peak_lr=0.1,base_wd=0.000125
@@ -38,12 +42,16 @@ truth() {
   "$PYTHON" -m effcifar nas-eval "$W/seed-supernet" --sample "$SAMPLE" --epochs "$TRUTH_EPOCHS" --repeats 2 \
     --workers "$WORKERS" --device "$DEVICE" --out "$W/truth"
 }
-macro() {
-  # shellcheck disable=SC2086  # MACRO_SET is a list of options
-  "$PYTHON" -m effcifar supernet train --space nas-bench-macro --dataset cifar10 --data-dir "$NPZ" \
-    --subset "$MACRO_SUBSET" --holdout 5000 --epochs "$MACRO_EPOCHS" --panel-random 0 --device "$DEVICE" --quiet \
-    $MACRO_SET --out "$W/macro" &&
-  "$PYTHON" -m effcifar nas-eval "$W/macro" --table nas-bench-macro --sample "$TABLE_SAMPLE" --score loss --eval-images 2000 --device "$DEVICE"
+macro() {  # each variant in its own lane
+  local variant
+  for variant in $MACRO; do
+    # shellcheck disable=SC2086  # MACRO_SET is a list of options
+    EFFCIFAR_DATA=$NPZ "$PYTHON" bench/nas_bench_macro.py --out "$W/macro/${variant%%:*}" --variant "$variant" \
+      --sample "$TABLE_SAMPLE" --eval-images 1000 --set subset="$MACRO_SUBSET" --set epochs="$MACRO_EPOCHS" \
+      --set device="$DEVICE" $MACRO_SET --regret --seeds 3 --evaluations 100 --population 20 \
+      > "$W/macro-${variant%%:*}.log" 2>&1 &
+  done
+  wait
 }
 ablation() {  # the variants in LANES parallel lanes, each lane's variants one after another
   local variants=($ABLATION) lane
@@ -59,7 +67,10 @@ ablation() {  # the variants in LANES parallel lanes, each lane's variants one a
   wait
 }
 export -f truth macro ablation
-for job in truth ablation macro; do
+if [ "${SMOKE:-0}" = 1 ]; then  # the CUDA smoke of every command (bench/gpu/smoke.sh), beside the jobs
+  OUT=$OUT_DIR bash bench/gpu/smoke.sh "$NPZ" "$DEVICE" > "$W/smoke.log" 2>&1 &
+fi
+for job in ${JOBS:-truth ablation macro}; do
   timeout "${LIMIT:-270}" bash -c $job > "$W/$job.log" 2>&1 &
 done
 wait
