@@ -19,6 +19,9 @@
 # CPU dry run: DEVICE=cpu SUBSET=2000 SAMPLE=4 TRUTH_EPOCHS=1 WORKERS=2 MACRO_EPOCHS=1 MACRO_SUBSET=1000
 #   TABLE_SAMPLE=5 ABLATION_SET="--set subset=1000 --set epochs=2 --sample 5" LIMIT=1500 bash bench/gpu/ranking.sh
 set -uo pipefail
+for job in ${JOBS:-}; do  # a misspelt job is a usage error before anything is decoded or removed
+  case $job in truth | ablation | macro) ;; *) echo "ranking.sh: JOBS: unknown job '$job' (expected truth, ablation or macro)" >&2; exit 2 ;; esac
+done
 source "$(dirname "$0")/env.sh"
 NPZ=$PWD/$GPU_CACHE/work/cifar10.npz
 W=$GPU_CACHE/ranking
