@@ -4,6 +4,8 @@
 #            2 seeds for TRUTH_EPOCHS epochs (`nas-eval --repeats 2 --workers WORKERS`) at the quick preset's
 #            widths on SUBSET images; its table.json ranks any seed-space supernet later (`nas-eval --table`).
 #            (nas-eval needs a supernet run: a 1-epoch one is trained first; its own ranking is not the point.)
+#            Beside it, a default (sandwich) supernet per SEED_EPOCHS entry on the same split, each then ranked
+#            against that truth (`nas-eval --table truth/table.json --sample 0`): the issue's seed-space target.
 #  ablation: bench/nas_bench_macro.py for each variant in ABLATION (NAME:FIELD=VALUE,...) in LANES parallel
 #            lanes, all at one small equal budget (10,000 images, 10 epochs, LR 0.025, batch 128; ABLATION_SET
 #            adds options), each ranked on the same 100 table architectures by loss. A multi-path step averages
@@ -16,7 +18,7 @@
 # JOBS picks the jobs (default all three); SMOKE=1 first starts bench/gpu/smoke.sh beside them.
 # Each job runs under LIMIT seconds; everything written comes back as $OUT/ranking.tar.gz (and summary.txt).
 # Needs the carried .cache/gpu (cifar10_jpeg.npz, wheels/ with Optuna's; see docs/benchmarks.md).
-# CPU dry run: DEVICE=cpu SUBSET=2000 SAMPLE=4 TRUTH_EPOCHS=1 WORKERS=2 MACRO_EPOCHS=1 MACRO_SUBSET=1000
+# CPU dry run: DEVICE=cpu SUBSET=2000 SAMPLE=4 TRUTH_EPOCHS=1 WORKERS=2 SEED_EPOCHS=1 MACRO_EPOCHS=1 MACRO_SUBSET=1000
 #   TABLE_SAMPLE=5 ABLATION_SET="--set subset=1000 --set epochs=2 --sample 5" LIMIT=1500 bash bench/gpu/ranking.sh
 set -uo pipefail
 for job in ${JOBS:-}; do  # a misspelt job is a usage error before anything is decoded or removed
@@ -27,7 +29,7 @@ NPZ=$PWD/$GPU_CACHE/work/cifar10.npz
 W=$GPU_CACHE/ranking
 rm -rf "$W" && mkdir -p "$W"
 export NPZ W PYTHON DEVICE=${DEVICE:-cuda} SUBSET=${SUBSET:-20000} SAMPLE=${SAMPLE:-24} TRUTH_EPOCHS=${TRUTH_EPOCHS:-20} \
-  WORKERS=${WORKERS:-4} MACRO_EPOCHS=${MACRO_EPOCHS:-50} MACRO_SUBSET=${MACRO_SUBSET:-0} MACRO_SET=${MACRO_SET:-} \
+  WORKERS=${WORKERS:-4} SEED_EPOCHS=${SEED_EPOCHS:-30} MACRO_EPOCHS=${MACRO_EPOCHS:-50} MACRO_SUBSET=${MACRO_SUBSET:-0} MACRO_SET=${MACRO_SET:-} \
   TABLE_SAMPLE=${TABLE_SAMPLE:-300} ABLATION_SET=${ABLATION_SET:-} LANES=${LANES:-5} \
   MACRO=${MACRO:-"sandwich:sampling=sandwich,peak_lr=0.1,base_wd=0.000125"} \
   ABLATION=${ABLATION:-"uniform:sampling=uniform uniform-lr0125:sampling=uniform,peak_lr=0.0125
@@ -39,11 +41,18 @@ export NPZ W PYTHON DEVICE=${DEVICE:-cuda} SUBSET=${SUBSET:-20000} SAMPLE=${SAMP
     wd1e-4:sampling=uniform,base_wd=0.0001"}
 
 truth() {
-  "$PYTHON" -m effcifar supernet train --dataset cifar10 --data-dir "$NPZ" --subset "$SUBSET" --holdout 5000 \
-    --prep 16 --layer1 32 --layer2 64 --layer3 128 --epochs 1 --panel-random 0 --device "$DEVICE" --quiet \
-    --out "$W/seed-supernet" &&
-  "$PYTHON" -m effcifar nas-eval "$W/seed-supernet" --sample "$SAMPLE" --epochs "$TRUTH_EPOCHS" --repeats 2 \
-    --workers "$WORKERS" --device "$DEVICE" --out "$W/truth"
+  local split=(--dataset cifar10 --data-dir "$NPZ" --subset "$SUBSET" --holdout 5000 --prep 16 --layer1 32 --layer2 64
+    --layer3 128 --panel-random 0 --device "$DEVICE" --quiet) epochs
+  { "$PYTHON" -m effcifar supernet train "${split[@]}" --epochs 1 --out "$W/seed-supernet" &&
+    "$PYTHON" -m effcifar nas-eval "$W/seed-supernet" --sample "$SAMPLE" --epochs "$TRUTH_EPOCHS" --repeats 2 \
+      --workers "$WORKERS" --device "$DEVICE" --out "$W/truth"; } &
+  for epochs in $SEED_EPOCHS; do
+    "$PYTHON" -m effcifar supernet train "${split[@]}" --epochs "$epochs" --out "$W/seed-sandwich-$epochs" &
+  done
+  wait
+  for epochs in $SEED_EPOCHS; do
+    "$PYTHON" -m effcifar nas-eval "$W/seed-sandwich-$epochs" --table "$W/truth/table.json" --sample 0 --device "$DEVICE"
+  done
 }
 macro() {  # each variant in its own lane
   local variant
