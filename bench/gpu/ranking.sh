@@ -41,13 +41,13 @@ export NPZ W PYTHON DEVICE=${DEVICE:-cuda} SUBSET=${SUBSET:-20000} SAMPLE=${SAMP
     wd1e-4:sampling=uniform,base_wd=0.0001"}
 
 truth() {
-  local split=(--dataset cifar10 --data-dir "$NPZ" --subset "$SUBSET" --holdout 5000 --prep 16 --layer1 32 --layer2 64
+  local seed_run=(--dataset cifar10 --data-dir "$NPZ" --subset "$SUBSET" --holdout 5000 --prep 16 --layer1 32 --layer2 64
     --layer3 128 --panel-random 0 --device "$DEVICE" --quiet) epochs
-  { "$PYTHON" -m effcifar supernet train "${split[@]}" --epochs 1 --out "$W/seed-supernet" &&
+  { "$PYTHON" -m effcifar supernet train "${seed_run[@]}" --epochs 1 --out "$W/seed-supernet" &&
     "$PYTHON" -m effcifar nas-eval "$W/seed-supernet" --sample "$SAMPLE" --epochs "$TRUTH_EPOCHS" --repeats 2 \
       --workers "$WORKERS" --device "$DEVICE" --out "$W/truth"; } &
   for epochs in $SEED_EPOCHS; do
-    "$PYTHON" -m effcifar supernet train "${split[@]}" --epochs "$epochs" --out "$W/seed-sandwich-$epochs" &
+    "$PYTHON" -m effcifar supernet train "${seed_run[@]}" --epochs "$epochs" --out "$W/seed-sandwich-$epochs" &
   done
   wait
   for epochs in $SEED_EPOCHS; do
