@@ -28,6 +28,7 @@ from typing import Any
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config
+from effcifar.errors import EffcifarError
 from effcifar.nas.ranking import ranker_quality
 from effcifar.nas.retrain import rank_against_table
 from effcifar.nas.search import SearchConfig, run_search
@@ -41,9 +42,20 @@ COMMON = {"space": "nas-bench-macro", "dataset": "cifar10", "subset": 10000, "ho
 LIMITS = (30e6, 50e6)  # table FLOPs (multiply-accumulates), as the issue's reference points
 
 
+def parse_assignment(text: str) -> tuple[str, str]:
+    """FIELD=VALUE as a pair; argparse turns the error into a one-line usage message."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    return field, value
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """NAME or NAME:FIELD=VALUE,FIELD=VALUE."""
     name, _, fields = text.partition(":")
-    return name, dict(item.split("=", 1) for item in fields.split(",") if item)
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:FIELD=VALUE,..., got {text!r}")
+    return name, dict(parse_assignment(item) for item in fields.split(",") if item)
 
 
 def regret(supernet_dir: Path, out: Path, table: BenchmarkTable, ratio: float, args: argparse.Namespace) -> dict:
@@ -85,8 +97,10 @@ def write_top_table(table: BenchmarkTable, path: Path, fraction: float = 0.1) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-macro"))
-    parser.add_argument("--variant", action="append", required=True, help="NAME or NAME:FIELD=VALUE,...")
-    parser.add_argument("--set", action="append", default=[], help="FIELD=VALUE over the common settings")
+    parser.add_argument("--variant", type=parse_variant, action="append", required=True,
+                        help="NAME or NAME:FIELD=VALUE,...")
+    parser.add_argument("--set", type=parse_assignment, action="append", default=[],
+                        help="FIELD=VALUE over the common settings")
     parser.add_argument("--data-dir", help="CIFAR-10 (default: $EFFCIFAR_DATA)")
     parser.add_argument("--sample", type=count, default=150, help="table architectures scored per variant")
     parser.add_argument("--eval-images", type=int, default=2000, help="held-out images per score (0: all)")
@@ -101,14 +115,19 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=40)
     args = parser.parse_args()
     configure_allocator()  # as the effcifar command does at start-up, before any tensor
-    common = {**COMMON, **dict(item.split("=", 1) for item in args.set)}
+    common = {**COMMON, **dict(args.set)}
     if args.data_dir:
         common["data_dir"] = args.data_dir
     results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
     table = BenchmarkTable.load_named("nas-bench-macro", ArchSpace.load("nas-bench-macro"))
-    for name, fields in map(parse_variant, args.variant):
-        config = build_config(SupernetConfig, None, {k: str(v) for k, v in {**common, **fields}.items()},
-                              overrides_from_text=True)
+    configs = {}
+    for name, fields in args.variant:  # every variant checked before the first one trains for hours
+        try:
+            configs[name] = build_config(SupernetConfig, None, {k: str(v) for k, v in {**common, **fields}.items()},
+                                         overrides_from_text=True)
+        except EffcifarError as error:
+            parser.error(f"--variant {name}: {error}")
+    for name, config in configs.items():
         run = args.out / name
         started = time.perf_counter()
         if not (run / "supernet.pt").is_file():
