@@ -122,6 +122,8 @@ def main() -> None:
     table = BenchmarkTable.load_named("nas-bench-macro", ArchSpace.load("nas-bench-macro"))
     configs = {}
     for name, fields in args.variant:  # every variant checked before the first one trains for hours
+        if name in configs:
+            parser.error(f"--variant {name}: named twice (each variant's run directory is OUT/NAME)")
         try:
             configs[name] = build_config(SupernetConfig, None, {k: str(v) for k, v in {**common, **fields}.items()},
                                          overrides_from_text=True)
