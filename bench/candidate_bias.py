@@ -32,29 +32,26 @@ def misplacement(ranking: dict) -> list[float]:
 
 def candidate_bias(ranking: dict) -> dict[str, float]:
     """{candidate name: correlation of the misplacement with the count of that candidate}."""
-    keys, missed = ranking["keys"], misplacement(ranking)
-    space = json.loads((Path(ranking["supernet"]) / "space.json").read_text())
-    return {position_name(space, ranking["space_keys"], i): float(pearsonr([key.count(str(i)) for key in keys],
-                                                                            missed)[0])
-            for i in range(max(len(space[k]) for k in ranking["space_keys"]))}
+    keys, missed, space = ranking["keys"], misplacement(ranking), ranking["space"]
+    return {position_name(space, i): float(pearsonr([key.count(str(i)) for key in keys], missed)[0])
+            for i in range(max(map(len, space.values())))}
 
 
 def key_bias(ranking: dict) -> dict[str, dict[str, float | None]]:
     """{key: {candidate: correlation of the misplacement with choosing it at that key}}; None where constant."""
     keys, missed = ranking["keys"], misplacement(ranking)
-    space = json.loads((Path(ranking["supernet"]) / "space.json").read_text())
     out: dict[str, dict[str, float | None]] = {}
-    for digit, key in enumerate(ranking["space_keys"]):
+    for digit, (key, candidates) in enumerate(ranking["space"].items()):
         out[key] = {}
-        for i, candidate in enumerate(space[key]):
+        for i, candidate in enumerate(candidates):
             chosen = [float(arch[digit] == str(i)) for arch in keys]
             out[key][candidate] = float(pearsonr(chosen, missed)[0]) if 0 < sum(chosen) < len(keys) else None
     return out
 
 
-def position_name(space: dict[str, list[str]], space_keys: list[str], i: int) -> str:
+def position_name(space: dict[str, list[str]], i: int) -> str:
     """The op(s) that candidate position i stands for across the keys ("a|b" where keys list different ops)."""
-    ops = dict.fromkeys(space[k][i].removesuffix("_stride2") for k in space_keys if i < len(space[k]))
+    ops = dict.fromkeys(candidates[i].removesuffix("_stride2") for candidates in space.values() if i < len(candidates))
     return "|".join(ops)
 
 

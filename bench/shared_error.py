@@ -35,8 +35,8 @@ def load(path: Path) -> dict:
 
 def cell_matrix(ranking: dict, cells: list[tuple[str, str]]) -> np.ndarray:
     """networks x cells: 1 where the network chose that candidate at that key (a key's digit indexes its candidates)."""
-    space = load(Path(ranking["supernet"]) / "space.json")
-    digits = [(ranking["space_keys"].index(key), str(space[key].index(candidate))) for key, candidate in cells]
+    space = ranking["space"]  # key -> candidates, in the table's digit order
+    digits = [(list(space).index(key), str(space[key].index(candidate))) for key, candidate in cells]
     return np.array([[float(arch[i] == d) for i, d in digits] for arch in ranking["keys"]])
 
 
@@ -68,12 +68,12 @@ def main() -> None:
     print(f"  mean rank of all {len(scores)}: {kendall_tau(truth, mean_rank):.3f}")
     if not args.cells:
         return
-    space = load(Path(first["supernet"]) / "space.json")
+    space = first["space"]
     cells = [tuple(cell.split("=", 1)) for cell in args.cells.split(",")]
     for cell in cells:
-        if len(cell) != 2 or cell[0] not in first["space_keys"] or cell[1] not in space[cell[0]]:
+        if len(cell) != 2 or cell[0] not in space or cell[1] not in space[cell[0]]:
             parser.error(f"--cells: {'='.join(cell)} is not key=candidate of the space "
-                         f"(keys: {', '.join(first['space_keys'])})")
+                         f"(keys: {', '.join(space)})")
     for run in args.runs:
         wide = load(run / "nas_eval_table" / "ranking.json")
         outside = [i for i, key in enumerate(wide["keys"]) if key not in set(first["keys"])]

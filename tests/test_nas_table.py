@@ -164,6 +164,7 @@ def test_ranking_against_a_tiny_table_matches_a_count_by_hand(tiny_supernet, tmp
     assert by_name["one seed vs another (ceiling)"]["tau"] == pytest.approx(np.mean(pairs))
     saved = json.loads((tmp_path / "out" / "ranking.json").read_text())
     assert saved["verdict"] == result["verdict"] and "FLOPs" in saved["verdict"]
+    assert saved["space"] == space.choices()  # decodes the keys without the supernet run
     assert (tmp_path / "out" / "ranking.png").stat().st_size > 1000
 
 

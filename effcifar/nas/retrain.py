@@ -306,7 +306,7 @@ def ranking_result(bench: BenchmarkTable, keys: list[str], scores: Mapping[str, 
                               np.array([row.seed_accs for row in rows]))
     difference, se = tau_difference(supernet, flops, truth, seed=seed)
     return {
-        "table": str(bench.path), "space_keys": bench.keys, "n": len(keys), "keys": keys, "score": score,
+        "table": str(bench.path), "space": bench.space.choices(), "n": len(keys), "keys": keys, "score": score,
         "supernet_acc": [scores[key][0] for key in keys], "supernet_score": supernet,
         "standalone_acc": truth, "standalone_seed_acc": [list(row.seed_accs) for row in rows], "flops": flops,
         "params": [row.params for row in rows], "rankers": [asdict(r) for r in rankers],
