@@ -25,8 +25,8 @@ the interrupted one from what it saved: HPO and search studies keep their finish
 keeps the finished runs; a training stage cut short starts again. A stage that was started with
 other settings is refused rather than mixed.
 
-Settings come from one YAML file per preset (`effcifar/presets/quick.yaml`, `medium.yaml`,
-`full.yaml`), a user file over it and `SECTION.FIELD=VALUE` overrides; every section holds fields
+Settings come from the preset's YAML files (`effcifar/presets/quick.yaml`; `medium.yaml`, only
+what differs, over quick's; `full.yaml`), a user file over them and `SECTION.FIELD=VALUE` overrides; every section holds fields
 of that stage's own config class, so each stage can also be run alone with the same values.
 """
 

@@ -20,7 +20,7 @@ from effcifar.errors import ConfigError
 from effcifar.train import TrainConfig
 
 C = TypeVar("C")
-PRESETS = ("quick", "medium", "full")
+PRESETS = {"quick": ("quick",), "medium": ("quick", "medium"), "full": ("full",)}  # name -> its files, lowest first
 COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "device", "precision", "threads")
 STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "retrain", "nas_eval")
 WIDTHS = ("prep", "layer1", "layer2", "layer3")
@@ -197,11 +197,11 @@ class PipelineConfig:
                     self.nas_eval.get("epochs", 1), {k: v for k, v in self.nas_eval.items() if k in names})
 
 
-def preset_file(preset: str) -> Path:
-    """The YAML file of a preset shipped with the package."""
+def preset_files(preset: str) -> list[Path]:
+    """The YAML files of a preset shipped with the package, each layered over the one before (medium: over quick)."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
-    return Path(str(resources.files("effcifar") / "presets" / f"{preset}.yaml"))
+    return [Path(str(resources.files("effcifar") / "presets" / f"{name}.yaml")) for name in PRESETS[preset]]
 
 
 def section_fields(section: str) -> dict[str, Any]:
@@ -281,11 +281,11 @@ def nest(overrides: Mapping[str, str]) -> dict[str, Any]:
 
 def load_pipeline_config(preset: str = "quick", file: str | Path | None = None,
                          overrides: Mapping[str, str] | None = None) -> PipelineConfig:
-    """The preset's YAML < a user file < `overrides` ({"SECTION.FIELD": "text"}), every stage config checked."""
-    path = preset_file(preset)
+    """The preset's YAML files < a user file < `overrides` ({"SECTION.FIELD": "text"}), every stage config checked."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    merge_layer(values, sources, f"preset {preset} ({path})", read_config_file(path), False)
+    for path in preset_files(preset):
+        merge_layer(values, sources, f"preset {preset} ({path})", read_config_file(path), False)
     if file is not None:
         merge_layer(values, sources, str(file), read_config_file(file), False)
     if overrides:
