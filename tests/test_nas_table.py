@@ -217,3 +217,24 @@ def test_a_rerun_reuses_the_scores_and_keeps_their_scoring_time(tiny_supernet, t
     assert again["supernet_score"] == first["supernet_score"]
     assert first["score_seconds"] == json.loads(first_file)["seconds"] > 0
     assert 1000 + first["score_seconds"] <= again["score_seconds"] < 1000 + first["score_seconds"] + 5
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("seconds", "12", "field 'seconds': expected a number >= 0, got '12'"),
+    ("scores", {"00": [0.5]}, "field 'scores': expected a mapping of table key -> [accuracy, loss]"),
+])
+def test_a_damaged_scores_file_is_one_line_naming_it(tiny_supernet, tmp_path, capsys, field, value, expected):
+    rows = {key: {"mean_acc": acc, "test_acc": [acc], "params": 1, "flops": 1}
+            for key, acc in (("00", 40.0), ("01", 50.0), ("10", 60.0), ("11", 70.0))}
+    path, out = write_table(tmp_path / "tiny.json", rows), tmp_path / "out"
+    command = ["nas-eval", str(tiny_supernet), "--table", str(path), "--sample", "0", "--out", str(out)]
+    assert main(command) == 0
+    capsys.readouterr()
+    scores_file = out / "scores.json"
+    saved = json.loads(scores_file.read_text())
+    (out / "ranking.json").unlink()
+    scores_file.write_text(json.dumps(saved | {field: value}))
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{scores_file}: {expected}" in err and "Traceback" not in err
+    assert not (out / "ranking.json").exists()

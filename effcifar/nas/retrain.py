@@ -264,11 +264,8 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
              "eval_images": search.eval_images, "precision": search.precision}
     with locked(out):
         scores_file = out / "scores.json"
-        saved = read_json(scores_file, "supernet scores") if scores_file.is_file() else {}
-        if saved.get("setup") != setup:
-            saved = {}
-        scores: dict[str, tuple[float, float]] = saved.get("scores", {})  # acc, loss
-        started, earlier = time.perf_counter(), saved.get("seconds", 0.0)  # the scoring time of earlier runs
+        scores, earlier = _saved_scores(scores_file, setup)  # key -> (acc, loss); the scoring time of earlier runs
+        started = time.perf_counter()
 
         def save() -> float:
             seconds = earlier + time.perf_counter() - started
@@ -289,6 +286,27 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
                   "score_seconds": seconds}
         return write_ranking(out, result, f"{len(keys)} architectures of {bench.path.name}",
                              "table accuracy (mean of its seeds)")
+
+
+def _saved_scores(path: Path, setup: Mapping[str, Any]) -> tuple[dict[str, tuple[float, float]], float]:
+    """The scores and scoring seconds an earlier run of the same setup kept in `path`; none for another setup."""
+    saved = read_json(path, "supernet scores") if path.is_file() else {}
+    if not isinstance(saved, dict) or saved.get("setup") != setup:
+        return {}, 0.0
+    scores, seconds = saved.get("scores"), saved.get("seconds")
+    pair = (list, tuple)
+    if (not isinstance(scores, dict) or not all(isinstance(v, pair) and len(v) == 2 and all(_is_number(x) for x in v)
+                                                 for v in scores.values())):
+        raise ConfigError(f"{path}: field 'scores': expected a mapping of table key -> [accuracy, loss] "
+                          "(delete the file to score again)")
+    if not _is_number(seconds) or seconds < 0:
+        raise ConfigError(f"{path}: field 'seconds': expected a number >= 0, got {seconds!r} "
+                          "(delete the file to score again)")
+    return {key: (float(acc), float(loss)) for key, (acc, loss) in scores.items()}, float(seconds)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def ranking_result(bench: BenchmarkTable, keys: list[str], scores: Mapping[str, tuple[float, float]],
