@@ -189,10 +189,14 @@ def test_a_bad_score_is_one_line_naming_its_source(tiny_supernet, tmp_path, caps
     assert not out.exists()
 
 
+def ordered_tiny_table(tmp_path: Path) -> Path:
+    """The tiny space's four networks, one seed each, accuracy rising with the key."""
+    return write_table(tmp_path / "tiny.json", {key: {"mean_acc": acc, "test_acc": [acc], "params": 1, "flops": 1}
+                                                for key, acc in (("00", 40.0), ("01", 50.0), ("10", 60.0), ("11", 70.0))})
+
+
 def test_ranking_by_loss_uses_the_negative_cross_entropy(tiny_supernet, tmp_path):
-    rows = {key: {"mean_acc": acc, "test_acc": [acc], "params": 1, "flops": 1}
-            for key, acc in (("00", 40.0), ("01", 50.0), ("10", 60.0), ("11", 70.0))}
-    path = write_table(tmp_path / "tiny.json", rows)
+    path = ordered_tiny_table(tmp_path)
     by = {}
     for score in ("accuracy", "loss"):
         by[score] = rank_against_table(tiny_supernet, path, sample=0, out_dir=tmp_path / score,
@@ -205,9 +209,7 @@ def test_ranking_by_loss_uses_the_negative_cross_entropy(tiny_supernet, tmp_path
 
 
 def test_a_rerun_reuses_the_scores_and_keeps_their_scoring_time(tiny_supernet, tmp_path):
-    rows = {key: {"mean_acc": acc, "test_acc": [acc], "params": 1, "flops": 1}
-            for key, acc in (("00", 40.0), ("01", 50.0), ("10", 60.0), ("11", 70.0))}
-    path, out = write_table(tmp_path / "tiny.json", rows), tmp_path / "out"
+    path, out = ordered_tiny_table(tmp_path), tmp_path / "out"
     first = rank_against_table(tiny_supernet, path, sample=0, out_dir=out, search=SearchConfig(precision="fp32", threads=1))
     first_file = (out / "scores.json").read_text()
     saved = json.loads(first_file)
@@ -224,9 +226,7 @@ def test_a_rerun_reuses_the_scores_and_keeps_their_scoring_time(tiny_supernet, t
     ("scores", {"00": [0.5]}, "field 'scores': expected a mapping of table key -> [accuracy, loss]"),
 ])
 def test_a_damaged_scores_file_is_one_line_naming_it(tiny_supernet, tmp_path, capsys, field, value, expected):
-    rows = {key: {"mean_acc": acc, "test_acc": [acc], "params": 1, "flops": 1}
-            for key, acc in (("00", 40.0), ("01", 50.0), ("10", 60.0), ("11", 70.0))}
-    path, out = write_table(tmp_path / "tiny.json", rows), tmp_path / "out"
+    path, out = ordered_tiny_table(tmp_path), tmp_path / "out"
     command = ["nas-eval", str(tiny_supernet), "--table", str(path), "--sample", "0", "--out", str(out)]
     assert main(command) == 0
     capsys.readouterr()
