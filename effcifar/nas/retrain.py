@@ -294,9 +294,8 @@ def _saved_scores(path: Path, setup: Mapping[str, Any]) -> tuple[dict[str, tuple
     if not isinstance(saved, dict) or saved.get("setup") != setup:
         return {}, 0.0
     scores, seconds = saved.get("scores"), saved.get("seconds")
-    pair = (list, tuple)
-    if (not isinstance(scores, dict) or not all(isinstance(v, pair) and len(v) == 2 and all(_is_number(x) for x in v)
-                                                 for v in scores.values())):
+    if not isinstance(scores, dict) or not all(isinstance(v, list) and len(v) == 2 and all(map(_is_number, v))
+                                               for v in scores.values()):
         raise ConfigError(f"{path}: field 'scores': expected a mapping of table key -> [accuracy, loss] "
                           "(delete the file to score again)")
     if not _is_number(seconds) or seconds < 0:

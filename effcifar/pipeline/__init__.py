@@ -26,8 +26,9 @@ keeps the finished runs; a training stage cut short starts again. A stage that w
 other settings is refused rather than mixed.
 
 Settings come from the preset's YAML files (`effcifar/presets/quick.yaml`; `medium.yaml`, only
-what differs, over quick's; `full.yaml`), a user file over them and `SECTION.FIELD=VALUE` overrides; every section holds fields
-of that stage's own config class, so each stage can also be run alone with the same values.
+what differs, over quick's; `full.yaml`), a user file over them and `SECTION.FIELD=VALUE`
+overrides; every section holds fields of that stage's own config class, so each stage can also be
+run alone with the same values.
 """
 
 from effcifar.pipeline.plan import STAGES, PipelineConfig, Plan, load_pipeline_config, nest
