@@ -296,3 +296,23 @@ def test_canonical_paths_refuse_fair_sampling_and_a_split_on_a_body_key():
     with pytest.raises(ConfigError, match="field 'few_shot_key'"):
         tiny_config(space="nas-bench-macro", canonical_paths=True, few_shot_key="stage2.conv2",
                     few_shot_epochs=1).validate()
+
+
+def test_depth_from_trains_every_stage_at_full_depth_first_then_samples_the_skips():
+    trainer = SupernetTrainer(tiny_config(sampling="fair", depth_from=1))
+    skips = [key for key in trainer.space.choices() if key.endswith(".skip")]
+    x, y = trainer.batch()
+    early = [arch for arch, _, _ in trainer.backward_paths(x, y)]
+    assert {arch[key] for arch in early for key in skips} == {"conv4_output"}  # the deepest, in every stage
+    assert {arch["stage1.conv1"] for arch in early} == set(trainer.space.choices()["stage1.conv1"])  # still fair
+    trainer.progress.epoch = 1
+    late = [arch for arch, _, _ in trainer.backward_paths(x, y)]
+    for key in skips:
+        assert {arch[key] for arch in late} == set(trainer.space.choices()[key])
+
+
+def test_depth_from_refuses_an_epoch_outside_the_run_and_a_space_without_skips():
+    with pytest.raises(ConfigError, match="field 'depth_from'.*epochs=2"):
+        tiny_config(depth_from=2).validate()
+    with pytest.raises(ConfigError, match="field 'depth_from'.*without skip"):
+        tiny_config(space="nas-bench-macro", depth_from=1).validate()

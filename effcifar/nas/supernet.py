@@ -102,6 +102,7 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     canonical_paths: bool = False  # run each network as one path: a sequential stage's identities last (see canonical_path)
     few_shot_key: str = ""  # after `epochs`, split the supernet on this choice key: one sub-supernet per candidate
     few_shot_epochs: int = 0  # epochs each sub-supernet trains, warm-started from the one-shot weights
+    depth_from: int = 0  # progressive depth (OFA): before this epoch every stage runs its deepest skip
     keep_checkpoints: int = execution(3)
 
     def train_config(self) -> TrainConfig:
@@ -146,6 +147,11 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
                 raise field_error("few_shot_epochs", "a positive integer with few_shot_key", self.few_shot_epochs)
         elif self.few_shot_epochs:
             raise field_error("few_shot_epochs", "0 without few_shot_key", self.few_shot_epochs)
+        if self.depth_from and not 0 < self.depth_from < self.epochs:
+            raise field_error("depth_from", f"an epoch in [1, epochs={self.epochs}) or 0 (off)", self.depth_from)
+        if self.depth_from and not any(key.endswith(".skip") for key in ArchSpace.load(self.space).choices()):
+            raise field_error("depth_from", "0 for a space without skip choices (no depth to grow into)",
+                              self.depth_from)
         if self.canonical_paths and self.sampling == "fair":
             raise field_error("canonical_paths", "false with fair sampling (moving identities would undo the fairness)",
                               self.canonical_paths)
@@ -799,9 +805,10 @@ class SupernetTrainer:
         docs/benchmarks.md). With `distill`, the largest path goes first and learns the labels; the
         others learn its predicted probabilities on the same images (BigNAS/OFA in-place distillation).
         """
-        paths = self.sampler.step_paths(self.train_space)
+        space = self.step_space()
+        paths = self.sampler.step_paths(space)
         if self.config.distill:
-            largest = self.sampler.extreme(True, self.train_space)
+            largest = self.sampler.extreme(True, space)
             paths = paths if paths[0] == largest else [largest] + paths  # sandwich's first path is the largest
         passes, teacher = [], None
         for arch in paths:
@@ -811,6 +818,15 @@ class SupernetTrainer:
                 teacher = logits.float().softmax(1)
             passes.append((arch, loss, logits))
         return passes
+
+    def step_space(self) -> ArchSpace:
+        """The space this step draws from: before `depth_from`, each skip at its deepest (OFA's elastic depth
+        comes after the ops are trained at full depth)."""
+        if self.progress.epoch >= self.config.depth_from:
+            return self.train_space
+        choices = self.train_space.choices()
+        return self.train_space.restrict({key: [max(candidates, key=skip_depth)] if key.endswith(".skip") else candidates
+                                          for key, candidates in choices.items()})
 
     def train_epoch(self, stop: Callable[[], bool] = lambda: False,
                     on_step: Callable[[int, int, int], None] | None = None) -> None:
