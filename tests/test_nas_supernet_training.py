@@ -316,3 +316,13 @@ def test_depth_from_refuses_an_epoch_outside_the_run_and_a_space_without_skips()
         tiny_config(depth_from=2).validate()
     with pytest.raises(ConfigError, match="field 'depth_from'.*without skip"):
         tiny_config(space="nas-bench-macro", depth_from=1).validate()
+
+
+def test_after_shrinking_training_draws_only_from_the_shrunk_space():
+    trainer = SupernetTrainer(tiny_config(sampling="fair", shrink_at="1", shrink_samples=2))
+    trainer.train_epoch()
+    trainer.end_epoch(0.0)
+    assert trainer.space.size() < ArchSpace.load("seed").size()
+    x, y = trainer.batch()
+    for arch, _, _ in trainer.backward_paths(x, y):
+        trainer.space.check(arch)  # a dropped candidate is a ConfigError

@@ -737,7 +737,6 @@ class SupernetTrainer:
         self.sampler.sample(self.space)  # fail now, not after data loading on every rank, if no path is allowed
         self.sampler.rng.seed(config.seed)
         self.split: int | None = None  # the sub-supernet being trained (few-shot), None while one-shot
-        self.train_space = self.space  # the space training draws paths from (a split's fixes few_shot_key)
         self.bn_batches = calibration_batches(self.train_loader, config.bn_batches, config.seed + 1)
         self.progress = Progress()
         self.order: torch.Tensor | None = None  # the current epoch's data order
@@ -777,7 +776,6 @@ class SupernetTrainer:
         if not isinstance(self.net, FewShotSupernet):
             self.net = FewShotSupernet(self.net, key, candidates)
         self.split, candidate = index, candidates[index]
-        self.train_space = self.space.restrict({**self.space.choices(), key: [candidate]})
         self.step = self.train_step_for(self.net.split(candidate))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -820,13 +818,14 @@ class SupernetTrainer:
         return passes
 
     def step_space(self) -> ArchSpace:
-        """The space this step draws from: before `depth_from`, each skip at its deepest (OFA's elastic depth
-        comes after the ops are trained at full depth)."""
-        if self.progress.epoch >= self.config.depth_from:
-            return self.train_space
-        choices = self.train_space.choices()
-        return self.train_space.restrict({key: [max(candidates, key=skip_depth)] if key.endswith(".skip") else candidates
-                                          for key, candidates in choices.items()})
+        """The space this step draws from: the current (shrunk) space, with a split's candidate fixed at
+        few_shot_key and, before `depth_from`, each skip at its deepest (OFA's elastic depth comes after the
+        ops are trained at full depth)."""
+        choices = self.space.choices()
+        fixed = {self.config.few_shot_key: [self.split_candidates()[self.split]]} if self.split is not None else {}
+        if self.progress.epoch < self.config.depth_from:
+            fixed.update({key: [max(c, key=skip_depth)] for key, c in choices.items() if key.endswith(".skip")})
+        return self.space.restrict({**choices, **fixed}) if fixed else self.space
 
     def train_epoch(self, stop: Callable[[], bool] = lambda: False,
                     on_step: Callable[[int, int, int], None] | None = None) -> None:
