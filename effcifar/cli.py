@@ -391,6 +391,41 @@ def run_retrain(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def run_select(args: argparse.Namespace, console: Console) -> int:
+    """effcifar select: the search's proposals and the incumbent trained at rising fidelity; the held-out best wins."""
+    from effcifar.nas import retrain, select
+
+    base = retrain.base_config(retrain.search_supernet_dir(args.search), args.config, train_overrides(args),
+                               overrides_from_text=True)
+    names = {f.name for f in dataclasses.fields(select.SelectConfig)}
+    config = build_config(select.SelectConfig, None, {k: v for k, v in vars(args).items() if k in names},
+                          overrides_from_text=True)
+    out = Path(args.out) if args.out else Path(args.search) / "select"
+
+    def on_trial(t: Any) -> None:
+        a = t.user_attrs
+        accuracies = " ".join(f"{v:.2%}" for v in a.get("accuracies", []))
+        detail = a.get("fail_reason") or f"held out by epoch: {accuracies}"
+        console.print(f"{t.params.get('candidate', '?'):<12} {t.state.name.lower():<9} {detail}", markup=False)
+
+    result = select.select_from_search(config, args.search, out, base, on_trial=on_trial)
+    table = Table(title=f"effcifar select: {len(result.rows)} candidates of {args.search}, rungs at epochs "
+                        f"{', '.join(map(str, result.rungs))} (held-out accuracy chooses; test is only reported)")
+    for column in ("candidate", "source", "state", "epochs", "held out", "test", "MFLOPs", "params"):
+        table.add_column(column, justify="left" if column in ("candidate", "source", "state") else "right")
+    percent = lambda v: "—" if v is None else f"{v:.2%}"  # noqa: E731
+    for r in result.rows:
+        mark = " *" if r["name"] == result.answer else ""
+        table.add_row(r["name"] + mark, r["source"], r["state"].lower(), str(r["epochs"]), percent(r["holdout_acc"]),
+                      percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}")
+    console.print(table)
+    console.print(result.sentence, markup=False, soft_wrap=True)
+    console.print(f"training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.0f} s; "
+                  f"wrote {out / 'select.json'} and {out / 'answer.json'} (effcifar train --arch {out / 'answer.json'})",
+                  markup=False, soft_wrap=True)
+    return 0
+
+
 def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     """effcifar nas-eval: rank correlation between supernet and standalone accuracy of random subnets."""
     from effcifar.nas import retrain
@@ -675,6 +710,22 @@ def add_retrain_parsers(sub: Any) -> None:
                    help="with --table: score on this many held-out images, a seeded random sample (0: all)")
 
 
+def add_select_parser(sub: Any, command: str | None) -> None:
+    """effcifar select: selection by real training over a search run (its options only when `command` is select or None)."""
+    p = sub.add_parser("select", help="choose among the search's best networks and the ResNet-9 by real training "
+                                      "at rising fidelity (successive halving; resumable)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("search", help="a finished search run directory, e.g. runs/search1")
+    p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
+    p.add_argument("--out", help="where to write trials/, select.json and answer.json (default: SEARCH/select)")
+    if command in (None, "select"):  # the module imports Optuna
+        from effcifar.nas.select import SelectConfig
+
+        add_config_options(p, SelectConfig)
+    add_config_options(p, TrainConfig)
+    p.set_defaults(handler=run_select)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The effcifar command and its subcommands.
 
@@ -730,6 +781,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", help="where report.html and its PNGs go (default: RUN/report)")
     p.set_defaults(handler=run_report)
     add_retrain_parsers(sub)
+    add_select_parser(sub, command)
     return parser
 
 

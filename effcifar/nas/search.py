@@ -409,7 +409,7 @@ def top_records(study: optuna.Study, k: int, latency: LatencyTable | None = None
     """
     ranked = ranked_results(study.get_trials(deepcopy=False))[:k]
     extra = (lambda record: {"latency_ms": latency.latency_of(record["arch"])}) if latency else (lambda record: {})
-    return [{**record, **extra(record), "trial": t.number} for t, record in ranked]
+    return [{**record, **extra(record), "score": t.values[0], "trial": t.number} for t, record in ranked]
 
 
 def export_top(study: optuna.Study, out_dir: str | Path, k: int, space: ArchSpace | None = None,

@@ -1,0 +1,432 @@
+"""Selection by real training: the supernet proposes, standalone training at rising fidelity decides.
+
+A supernet's score is a proxy; its top-1 is not checked by anything. `run_selection` turns the
+search's best `pool` distinct networks under the cost limits (or, as a control, random networks
+under them) plus the **incumbent** — the hand-designed ResNet-9 at the supernet's widths, when
+the space can express it — into an Optuna study through the same worker loop as HPO (workers,
+PostgreSQL, resume, the run-directory lock). Each trial trains one candidate standalone on the
+supernet run's held-out split for the final budget, reporting held-out accuracy after every
+epoch to Optuna's `SuccessiveHalvingPruner`: epochs are the resource, and from `min_epochs` on
+only the best 1/`reduction` of the candidates that reached a rung train on. The incumbent is a
+fixed arm that is never pruned, so a proposal must beat it at every rung to stay, and the answer
+can never be worse on held-out images than the network the user started with.
+
+The answer is the best candidate that finished the last rung, by held-out accuracy (fewer FLOPs
+on a tie). Test accuracy is recorded for every finished candidate and reported, never used to
+choose. `select.json` holds every candidate's rungs and the answer; `answer.json` is the answer's
+architecture file (with its space), usable as `effcifar train --arch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from effcifar.atomic import atomic_write
+from effcifar.config import execution, field_error, result_values, save_config
+from effcifar.data import CifarData, load_dataset
+from effcifar.errors import ConfigError
+from effcifar.nas.space import Arch, ArchSpace, CostTable, HeadSpec, network_key
+from effcifar.rundir import clear, locked
+from effcifar.studies import (
+    FINISHED, OnTrial, StorageConfig, check_setup, open_storage, recorded_study, run_trials, start_workers, study_name,
+)
+from effcifar.train import EpochMetrics, TrainConfig, train
+
+PROPOSALS = ("search", "random")
+INCUMBENT = "incumbent"
+CONFIG_FILE = "select.yaml"
+SETUP_ATTR = "select:setup"
+RESULT_FILE = "select.json"
+ANSWER_FILE = "answer.json"
+
+
+@dataclass
+class SelectConfig(StorageConfig):
+    """One selection: which candidates, how fidelity rises, the cost limits; where the study lives (StorageConfig)."""
+
+    pool: int = 4  # proposals: the search's best `pool` distinct networks under the limits (or random ones)
+    proposals: str = "search"  # search: by supernet score; random: uniform random networks under the limits (a control)
+    incumbent: bool = True  # add the ResNet-9 at the supernet's widths as a fixed, never-pruned arm
+    min_epochs: int = 1  # the first rung (epochs); later rungs at min_epochs x reduction^k
+    reduction: int = 3  # successive halving's reduction factor: the best 1/reduction of a rung train on
+    max_flops: float | None = None  # forward FLOPs per image; candidates above are not trained (default: no limit)
+    max_params: float | None = None  # trainable parameters; candidates above are not trained
+    proposal_seed: int = 0  # seeds the random proposals
+    workers: int = execution(1)  # training processes on this machine
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for the first bad value."""
+        if self.pool < 1:
+            raise field_error("pool", "a positive integer", self.pool)
+        if self.proposals not in PROPOSALS:
+            raise field_error("proposals", f"one of {', '.join(PROPOSALS)}", self.proposals)
+        if self.min_epochs < 1:
+            raise field_error("min_epochs", "a positive integer", self.min_epochs)
+        if self.reduction < 2:
+            raise field_error("reduction", "an integer >= 2", self.reduction)
+        for name in ("max_flops", "max_params"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise field_error(name, "a positive number or none", getattr(self, name))
+        if not 0 <= self.proposal_seed < 2**32:
+            raise field_error("proposal_seed", "an integer in [0, 2**32)", self.proposal_seed)
+        if self.workers < 1:
+            raise field_error("workers", "a positive integer", self.workers)
+        super().validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# The incumbent and the pool
+
+
+def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
+    """The architecture of `space` that is the config's ResNet (cifar10-fast's ResNet-9 family), or None.
+
+    Expressible when the space has three stages of a `conv3_pool` downsampling conv and a skip
+    choice, the ResNet has no extra layers and at most one residual block per stage, and the
+    space's widths are the config's. A residual block is `conv2`, `conv3` and the skip after
+    them (`conv4_input`); a stage without one is the bodiless `zero` skip. Every body conv the
+    path does not compute takes its first candidate (it does not change the network).
+    """
+    names = [f"layer{i}" for i in (1, 2, 3)]
+    if (len(space.stages) != 3 or space.stem_op != "conv3" or space.stem_width != "prep" or space.head != HeadSpec()
+            or base.res_prep or any(getattr(base, f"extra_{n}") for n in ("prep", *names))):
+        return None
+    arch: Arch = {}
+    for stage, name in zip(space.stages, names):
+        res = getattr(base, f"res_{name}")
+        skip = "conv4_input" if res == 1 else "zero" if res == 0 else None
+        if (stage.width != name or "conv3_pool" not in stage.conv1 or skip not in stage.skip
+                or (res == 1 and (len(stage.body) < 2 or "conv3" not in stage.body[0] or "conv3" not in stage.body[1]))):
+            return None
+        arch[f"{stage.name}.conv1"] = "conv3_pool"
+        for i, candidates in enumerate(stage.body):
+            arch[f"{stage.name}.conv{i + 2}"] = "conv3" if res == 1 and i < 2 else candidates[0]
+        arch[f"{stage.name}.skip"] = skip
+    return space.check(arch)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One arm of the selection: a name, its architecture, where it came from and what it costs."""
+
+    name: str  # incumbent, proposal_0, proposal_1, ... (proposals in the order they were proposed)
+    arch: Arch
+    source: str  # incumbent, search (with its supernet score) or random
+    flops: int
+    params: int
+    supernet_score: float | None = None  # the search's score (accuracy or -loss), for proposals from a search
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def search_proposals(ranked: list[dict[str, Any]], space: ArchSpace, count: int, within: Callable[[Arch], bool],
+                     exclude: set[str]) -> list[Arch]:
+    """The first `count` distinct networks of the search's ranked records within the limits, not in `exclude`."""
+    seen, out = set(exclude), []
+    for record in ranked:
+        arch = space.check(record["arch"])
+        key = network_key(space, arch)
+        if key in seen or not within(arch):
+            continue
+        seen.add(key)
+        out.append(arch)
+        if len(out) == count:
+            break
+    return out
+
+
+def random_proposals(space: ArchSpace, count: int, within: Callable[[Arch], bool], exclude: set[str],
+                     seed: int) -> list[Arch]:
+    """`count` uniform random distinct networks within the limits (fewer if the space has fewer)."""
+    rng, seen, out = random.Random(seed), set(exclude), []
+    choices = space.choices()
+    for _ in range(max(10_000, 200 * count)):
+        arch = {key: rng.choice(candidates) for key, candidates in choices.items()}
+        key = network_key(space, arch)
+        if key in seen or not within(arch):
+            continue
+        seen.add(key)
+        out.append(arch)
+        if len(out) == count:
+            break
+    return out
+
+
+def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
+              base: TrainConfig) -> list[Candidate]:
+    """The incumbent (if asked for and expressible) then the proposals, each a distinct network within the limits.
+
+    A ConfigError when nothing in the space meets the limits (naming the smallest cost there is),
+    or when fewer proposals exist than `pool` asks for.
+    """
+    def within(arch: Mapping[str, str]) -> bool:
+        return ((config.max_flops is None or costs.flops_of(arch) <= config.max_flops)
+                and (config.max_params is None or costs.params_of(arch) <= config.max_params))
+
+    smallest = costs.extreme(False, space)
+    if not within(smallest):
+        raise ConfigError(f"no architecture within max_flops {config.max_flops} / max_params {config.max_params}: the "
+                          f"smallest has {costs.flops_of(smallest):,} FLOPs and {costs.params_of(smallest):,} parameters")
+    pool: list[Candidate] = []
+    incumbent = resnet9_arch(space, base) if config.incumbent else None
+    if incumbent is not None and within(incumbent):
+        pool.append(Candidate(INCUMBENT, incumbent, INCUMBENT, costs.flops_of(incumbent), costs.params_of(incumbent)))
+    exclude = {network_key(space, c.arch) for c in pool}
+    if config.proposals == "search":
+        archs = search_proposals(ranked, space, config.pool, within, exclude)
+        scores: dict[str, float | None] = {}
+        for r in ranked:  # a network's best-ranked record holds its score
+            scores.setdefault(network_key(space, space.check(r["arch"])), r.get("score"))
+    else:
+        archs = random_proposals(space, config.pool, within, exclude, config.proposal_seed)
+        scores = {}
+    if len(archs) < config.pool:
+        where = "the search's results" if config.proposals == "search" else "the space"
+        raise ConfigError(f"pool: {config.pool} distinct networks within the limits were asked for, {where} "
+                          f"{'hold' if config.proposals == 'search' else 'holds'} only {len(archs)} besides the "
+                          f"incumbent; lower --pool")
+    for i, arch in enumerate(archs):
+        pool.append(Candidate(f"proposal_{i}", arch, config.proposals, costs.flops_of(arch), costs.params_of(arch),
+                              scores.get(network_key(space, arch))))
+    return pool
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+
+
+def rungs(config: SelectConfig, epochs: int) -> list[int]:
+    """The epochs at which candidates are compared: min_epochs x reduction^k below `epochs`, then `epochs`."""
+    out, rung = [], config.min_epochs
+    while rung < epochs:
+        out.append(rung)
+        rung *= config.reduction
+    return [*out, epochs]
+
+
+def open_select_study(config: SelectConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create or load the study: enqueued candidates, successive halving on the held-out accuracy per epoch."""
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=config.min_epochs, reduction_factor=config.reduction,
+                                                    min_early_stopping_rate=0)
+    return optuna.create_study(storage=storage, study_name=config.study, sampler=optuna.samplers.RandomSampler(0),
+                               pruner=pruner, direction="maximize", load_if_exists=True)
+
+
+class CandidateRunner:
+    """The objective: one trial = one candidate trained standalone in OUT/trials/NAME, pruned at a rung if behind."""
+
+    def __init__(self, study: optuna.Study, pool: list[Candidate], base: TrainConfig, out_dir: Path,
+                 data: CifarData | None = None):
+        self.study, self.pool, self.base, self.out_dir, self.data = study, {c.name: c for c in pool}, base, out_dir, data
+
+    def __call__(self, trial: optuna.Trial) -> FrozenTrial:
+        name = trial.suggest_categorical("candidate", list(self.pool))
+        candidate = self.pool[name]
+        run_dir = self.out_dir / "trials" / name
+        trial.set_user_attr("run_dir", str(run_dir.relative_to(self.out_dir)))
+        config = dataclasses.replace(self.base, arch=str((self.out_dir / "archs" / f"{name}.json").resolve()))
+        accuracies: list[float] = []
+
+        def report(m: EpochMetrics) -> None:
+            accuracies.append(m.valid_acc)
+            trial.set_user_attr("accuracies", list(accuracies))
+            trial.set_user_attr("train_time", m.train_time)
+            trial.report(m.valid_acc, m.epoch)
+            behind = trial.should_prune()  # asked of the incumbent too: it records the arm's value at each rung
+            if behind and candidate.source != INCUMBENT:
+                raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
+
+        try:
+            if self.data is None or self.data.name != config.dataset:
+                self.data = load_dataset(config.dataset, config.data_dir)
+            with locked(run_dir):
+                clear(run_dir)  # a retried candidate starts again
+                summary = train(config, run_dir, callbacks=[report], data=self.data).summary
+        except optuna.TrialPruned:
+            trial.set_user_attr("epochs", len(accuracies))
+            return self.study.tell(trial, state=TrialState.PRUNED)
+        except Exception as e:  # a failed candidate is recorded and the study goes on
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}".splitlines()[0])
+            return self.study.tell(trial, state=TrialState.FAIL)
+        trial.set_user_attr("epochs", len(accuracies))
+        trial.set_user_attr("train_images", summary["dataset"]["train_images"])
+        trial.set_user_attr("test_acc", summary["test_acc"])
+        return self.study.tell(trial, summary["final_valid_acc"])
+
+
+def run_worker(config: SelectConfig, pool: list[Candidate], base: TrainConfig, out_dir: Path, threads: int = 0,
+               on_trial: OnTrial | None = None, worker: int = 0) -> None:
+    """Take candidates until every one has finished (complete, pruned or failed)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_select_study(config, open_storage(config, out_dir))
+    run_trials(study, config, out_dir, len(pool), CandidateRunner(study, pool, base, out_dir), on_trial=on_trial)
+
+
+def setup_values(config: SelectConfig, pool: list[Candidate], base: TrainConfig) -> dict[str, Any]:
+    """What the recorded results mean: the candidates, their training and the halving schedule."""
+    return {"pool": [(c.name, c.arch) for c in pool], "base": result_values(base), "min_epochs": config.min_epochs,
+            "reduction": config.reduction}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and reading a selection
+
+
+@dataclass
+class SelectionResult:
+    """The answer and every candidate's record (`select.json`)."""
+
+    answer: str  # the chosen candidate's name
+    rows: list[dict[str, Any]]  # per candidate: arch, source, costs, rung accuracies, state, final held-out, test
+    rungs: list[int]
+    image_epochs: int  # training work of the whole selection: training images x epochs, summed over candidates
+    train_seconds: float
+    sentence: str  # what the selection bought, in one sentence
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        return next(r for r in self.rows if r["name"] == self.answer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_inputs(config: SelectConfig, base: TrainConfig) -> None:
+    """ConfigError for a bad config, training without held-out images, or a first rung past the budget."""
+    config.validate()
+    base.validate()
+    if not base.holdout:
+        raise ConfigError("holdout: selection chooses on held-out training images; expected holdout > 0, got 0")
+    if config.min_epochs > base.total_epoch:
+        raise ConfigError(f"min_epochs: the first rung must fit the training budget; expected at most "
+                          f"total_epoch = {base.total_epoch}, got {config.min_epochs}")
+
+
+def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
+                  base: TrainConfig, out_dir: str | Path, data: CifarData | None = None,
+                  on_trial: OnTrial | None = None) -> SelectionResult:
+    """Run (or resume) the selection in `out_dir`; write select.json and answer.json; return the result.
+
+    `ranked` is the search's records best first (`effcifar.nas.search.top_records`), `base` the
+    candidates' training (held-out validation required: `base.holdout` > 0), `costs` the space's
+    cost table at the base's widths. Nothing is written before every check has passed.
+    """
+    check_inputs(config, base)
+    out_dir = Path(out_dir)
+    pool = make_pool(config, space, costs, ranked, base)
+    with locked(out_dir):
+        storage = open_storage(config, out_dir)
+        config = dataclasses.replace(config, study=study_name(storage, config, out_dir,
+                                                              recorded_study(out_dir / CONFIG_FILE, SelectConfig)))
+        study = open_select_study(config, storage)
+        check_setup(study, SETUP_ATTR, setup_values(config, pool, base), str(out_dir),
+                    "pool, training config or halving schedule")
+        for c in pool:
+            atomic_write(out_dir / "archs" / f"{c.name}.json",
+                         json.dumps({"arch": c.arch, "space": space.to_dict()}, indent=2) + "\n")
+        save_config(config.without_password(), out_dir / CONFIG_FILE)
+        if not study.get_trials(deepcopy=False):  # enqueued once, in pool order: the incumbent first
+            for c in pool:
+                study.enqueue_trial({"candidate": c.name}, user_attrs={"source": c.source})
+        if config.workers == 1:
+            run_trials(study, config, out_dir, len(pool), CandidateRunner(study, pool, base, out_dir, data),
+                       on_trial=on_trial)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // config.workers)
+            start_workers(study, config.workers, run_worker, (config, pool, base, out_dir, threads), on_trial)
+        result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.total_epoch))
+        atomic_write(out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
+        chosen = result.chosen
+        atomic_write(out_dir / ANSWER_FILE, json.dumps({
+            "arch": chosen["arch"], "space": space.to_dict(), "name": chosen["name"], "source": chosen["source"],
+            "accuracy": chosen["holdout_acc"], "flops": chosen["flops"], "params": chosen["params"]}, indent=2) + "\n")
+    return result
+
+
+def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: str | Path, base: TrainConfig,
+                       on_trial: OnTrial | None = None) -> SelectionResult:
+    """`run_selection` over a finished search run: its supernet's final space and widths, its ranked results."""
+    from effcifar.nas.retrain import search_supernet_dir
+    from effcifar.nas.search import CONFIG_FILE as SEARCH_CONFIG, SearchConfig, top_records
+    from effcifar.nas.supernet import load_supernet
+    from effcifar.studies import load_study
+    from effcifar.config import build_config
+
+    search_dir = Path(search_dir)
+    check_inputs(config, base)
+    if not (search_dir / SEARCH_CONFIG).is_file():
+        raise ConfigError(f"{search_dir}: not a search run (no {SEARCH_CONFIG}; run `effcifar search` first)")
+    _, space, sconfig = load_supernet(search_supernet_dir(search_dir))
+    study = load_study(build_config(SearchConfig, search_dir / SEARCH_CONFIG), search_dir)
+    data = load_dataset(base.dataset, base.data_dir)
+    costs = CostTable.build(space, {w: getattr(base, w) for w in sconfig.channels()}, data.num_classes)
+    ranked = top_records(study, len(study.trials))
+    return run_selection(config, space, costs, ranked, base, out_dir, data, on_trial)
+
+
+def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: list[int]) -> SelectionResult:
+    """Every candidate's record and the answer: the best held-out accuracy at the last rung (fewer FLOPs on a tie)."""
+    latest: dict[str, FrozenTrial] = {}
+    for t in sorted(trials, key=lambda t: t.number):  # a retried candidate: its last trial counts
+        if "candidate" in t.params and (t.state in FINISHED or t.state == TrialState.FAIL):
+            latest[t.params["candidate"]] = t
+    rows = []
+    for c in pool:
+        t = latest.get(c.name)
+        attrs = t.user_attrs if t is not None else {}
+        complete = t is not None and t.state == TrialState.COMPLETE
+        rows.append({**c.to_dict(), "state": t.state.name if t is not None else "NOT RUN",
+                     "epochs": attrs.get("epochs", 0), "accuracies": attrs.get("accuracies", []),
+                     "holdout_acc": t.value if complete else None, "test_acc": attrs.get("test_acc"),
+                     "train_time": attrs.get("train_time"), "fail_reason": attrs.get("fail_reason"),
+                     "image_epochs": attrs.get("epochs", 0) * attrs.get("train_images", 0)})
+    finished = [r for r in rows if r["holdout_acc"] is not None]
+    if not finished:
+        reasons = sorted({r["fail_reason"] for r in rows if r["fail_reason"]})
+        raise ConfigError("no candidate finished the last rung" + (f" ({reasons[0]})" if reasons else ""))
+    best = max(finished, key=lambda r: (r["holdout_acc"], -r["flops"], -r["params"]))
+    images = next((t.user_attrs["train_images"] for t in trials if "train_images" in t.user_attrs), 0)
+    for r in rows:  # a pruned run stopped before summary.json: its images are those of any finished one
+        r["image_epochs"] = r["epochs"] * images
+    return SelectionResult(best["name"], rows, rung_epochs, sum(r["image_epochs"] for r in rows),
+                           sum(r["train_time"] or 0.0 for r in rows), verdict(best, rows))
+
+
+def verdict(best: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> str:
+    """One sentence: which candidate won on held-out images, and by how much over the incumbent (one seed)."""
+    incumbent = next((r for r in rows if r["name"] == INCUMBENT), None)
+    figure = lambda r: f"{r['holdout_acc']:.2%} held out at {r['flops'] / 1e6:,.1f} MFLOPs"  # noqa: E731
+    finished = sum(r["holdout_acc"] is not None for r in rows)
+    tail = f" ({finished} of {len(rows)} candidates reached the last rung; one training seed each)"
+    if incumbent is None:
+        return f"selected {best['name']}: {figure(best)}; no incumbent in the pool" + tail
+    if best["name"] == INCUMBENT:
+        return f"no proposal beat the incumbent ResNet-9 ({figure(best)}): the baseline stands" + tail
+    return (f"selected {best['name']} ({figure(best)}) over the incumbent ResNet-9 ({figure(incumbent)}): "
+            f"{(best['holdout_acc'] - incumbent['holdout_acc']) * 100:+.2f} points held out" + tail)
+
+
+def read_selection(out_dir: str | Path) -> SelectionResult:
+    """The select.json of a finished selection."""
+    from effcifar.config import read_json
+
+    path = Path(out_dir) / RESULT_FILE
+    data = read_json(path, "selection result")
+    try:
+        return SelectionResult(**data)
+    except TypeError:
+        raise ConfigError(f"{path}: not a selection result (expected {', '.join(f.name for f in dataclasses.fields(SelectionResult))})") from None

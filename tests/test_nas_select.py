@@ -1,0 +1,133 @@
+"""Selection by real training: the incumbent, the pool under the limits, successive halving, the answer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from effcifar.errors import ConfigError
+from effcifar.models import NetConfig, ResNet, count_flops, count_parameters
+from effcifar.nas.retrain import base_config
+from effcifar.nas.search import SearchConfig, run_search
+from effcifar.nas.select import (
+    INCUMBENT, SelectConfig, make_pool, read_selection, resnet9_arch, rungs, select_from_search,
+)
+from effcifar.nas.space import ArchSpace, CostTable, build_standalone, network_key
+from effcifar.train import TrainConfig
+
+from conftest import NARROW
+
+ROOT = Path(__file__).resolve().parents[1]
+# Candidates trained on the tiny supernet run's synthetic split (100 images held out), three epochs each.
+TINY = {"subset": 500, "batch_size": 50, "eval_batch_size": 100, "precision": "fp32", "threads": 1,
+        "total_epoch": 3, "peak_epoch": 1}
+
+
+@pytest.fixture(scope="module")
+def search_run(supernet_run) -> Path:
+    """A random search of 12 evaluations over the tiny supernet."""
+    search = supernet_run.parent / "search_for_select"
+    run_search(SearchConfig(strategy="random", evaluations=12, precision="fp32", threads=1, top_k_export=2),
+               supernet_run, search)
+    return search
+
+
+def tiny_base(supernet_run: Path) -> TrainConfig:
+    return base_config(supernet_run, overrides=TINY)
+
+
+def test_the_incumbent_is_resnet9_exactly():
+    """The seed space expresses cifar10-fast's ResNet-9: same parameters and FLOPs as models.ResNet."""
+    space, widths = ArchSpace.seed(), {"prep": 16, "layer1": 32, "layer2": 64, "layer3": 128}
+    arch = resnet9_arch(space, TrainConfig(**widths))
+    assert arch["stage1.skip"] == "conv4_input" and arch["stage2.skip"] == "zero" and arch["stage3.skip"] == "conv4_input"
+    standalone = build_standalone(space, arch, widths, 10)
+    resnet = ResNet(NetConfig(channels=widths, num_classes=10))
+    assert count_parameters(standalone) == count_parameters(resnet)
+    assert count_flops(standalone) == count_flops(resnet) == CostTable.build(space, widths, 10).flops_of(arch)
+    assert sorted(p.shape for p in standalone.parameters()) == sorted(p.shape for p in resnet.parameters())
+    # a ResNet the space cannot express (two residual blocks, extra layers) has no incumbent
+    assert resnet9_arch(space, TrainConfig(res_layer1=2)) is None
+    assert resnet9_arch(space, TrainConfig(extra_layer3=1)) is None
+    assert resnet9_arch(ArchSpace.load("nas-bench-macro"), TrainConfig()) is None
+
+
+def test_pool_holds_the_incumbent_and_distinct_proposals_under_the_limit():
+    space, base = ArchSpace.seed(), TrainConfig(**NARROW)
+    costs = CostTable.build(space, NARROW, 10)
+    incumbent = resnet9_arch(space, base)
+    limit = costs.flops_of(incumbent)
+    ranked = [{"arch": a, "score": -i} for i, a in enumerate(
+        [costs.extreme(True, space), incumbent, costs.extreme(False, space), costs.extreme(False, space)])]
+    with pytest.raises(ConfigError, match="only 1 besides the incumbent"):  # the largest is over, the rest repeat
+        make_pool(SelectConfig(pool=2, max_flops=limit), space, costs, ranked, base)
+    pool = make_pool(SelectConfig(pool=1, max_flops=limit), space, costs, ranked, base)
+    assert [c.name for c in pool] == [INCUMBENT, "proposal_0"]
+    assert pool[1].arch == costs.extreme(False, space) and pool[1].supernet_score == -2
+    random_pool = make_pool(SelectConfig(pool=5, proposals="random", max_flops=limit), space, costs, [], base)
+    assert len({network_key(space, c.arch) for c in random_pool}) == 6
+    assert all(c.flops <= limit for c in random_pool)
+    smallest = costs.flops_of(costs.extreme(False, space))
+    with pytest.raises(ConfigError, match=f"the smallest has {smallest:,} FLOPs"):
+        make_pool(SelectConfig(max_flops=smallest - 1), space, costs, ranked, base)
+
+
+def test_rungs_fit_the_budget():
+    assert rungs(SelectConfig(min_epochs=1, reduction=3), 4) == [1, 3, 4]
+    assert rungs(SelectConfig(min_epochs=1, reduction=2), 4) == [1, 2, 4]
+    assert rungs(SelectConfig(min_epochs=2, reduction=3), 2) == [2]
+
+
+def test_selection_prunes_at_rungs_keeps_the_incumbent_and_resumes(supernet_run, search_run, tmp_path):
+    out = tmp_path / "select"
+    base = tiny_base(supernet_run)
+    config = SelectConfig(pool=4, min_epochs=1, reduction=2)
+    result = select_from_search(config, search_run, out, base)
+    rows = {r["name"]: r for r in result.rows}
+    assert list(rows) == [INCUMBENT, "proposal_0", "proposal_1", "proposal_2", "proposal_3"]
+    assert rows[INCUMBENT]["state"] == "COMPLETE" and rows[INCUMBENT]["epochs"] == 3  # a fixed arm: never pruned
+    pruned = [r for r in rows.values() if r["state"] == "PRUNED"]
+    assert pruned, "successive halving pruned no candidate"
+    for r in pruned:  # a pruned arm stops at its rung
+        assert r["epochs"] in result.rungs[:-1] and len(r["accuracies"]) == r["epochs"] and r["test_acc"] is None
+    complete = [r for r in rows.values() if r["state"] == "COMPLETE"]
+    assert result.answer == max(complete, key=lambda r: (r["holdout_acc"], -r["flops"]))["name"]
+    assert all(r["test_acc"] is not None for r in complete)
+    images = json.loads((out / "trials" / INCUMBENT / "summary.json").read_text())["dataset"]["train_images"]
+    assert result.image_epochs == sum(r["epochs"] for r in rows.values()) * images
+    answer = json.loads((out / "answer.json").read_text())
+    assert answer["name"] == result.answer and ArchSpace.from_dict(answer["space"]).check(answer["arch"])
+    assert read_selection(out) == result
+    # resumed: nothing trains again, the same answer
+    again = select_from_search(config, search_run, out, base)
+    assert again == result
+    # another pool is refused
+    with pytest.raises(ConfigError, match="another pool"):
+        select_from_search(SelectConfig(pool=3, min_epochs=1, reduction=2), search_run, out, base)
+
+
+def test_selection_input_errors(supernet_run, search_run, tmp_path):
+    base = tiny_base(supernet_run)
+    with pytest.raises(ConfigError, match="holdout"):
+        select_from_search(SelectConfig(), search_run, tmp_path / "a", TrainConfig(**{**TINY, "dataset": "synthetic", "holdout": 0}))
+    with pytest.raises(ConfigError, match="min_epochs"):
+        select_from_search(SelectConfig(min_epochs=4), search_run, tmp_path / "b", base)
+    with pytest.raises(ConfigError, match="lower --pool"):
+        select_from_search(SelectConfig(pool=50), search_run, tmp_path / "c", base)
+    with pytest.raises(ConfigError, match="not a search run"):
+        select_from_search(SelectConfig(), supernet_run, tmp_path / "d", base)
+    assert not any((tmp_path / name).exists() for name in "abcd")  # nothing written
+
+
+def test_select_cli(supernet_run, search_run, tmp_path):
+    out = tmp_path / "cli"
+    args = [sys.executable, "-m", "effcifar", "select", str(search_run), "--pool", "2", "--out", str(out),
+            *[f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "incumbent" in result.stdout and (out / "select.json").is_file()
+    bad = subprocess.run([*args[:-len(TINY)], "--reduction", "1"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "reduction" in bad.stderr and "Traceback" not in bad.stderr
