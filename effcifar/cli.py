@@ -593,9 +593,13 @@ def run_pipeline_command(args: argparse.Namespace, console: Console) -> int:
     for column in ("method", "test accuracy", "train time", "params", "MFLOPs"):
         table.add_column(column, justify="right")
     for row in result.results:
-        table.add_row(row["name"], f"{row['test_acc']:.2%}", f"{row['train_time']:.1f} s", f"{row['params']:,}",
+        name = f"{row['name']} ({row['answer']})" if "answer" in row else row["name"]
+        table.add_row(name, f"{row['test_acc']:.2%}", f"{row['train_time']:.1f} s", f"{row['params']:,}",
                       f"{row['flops'] / 1e6:,.1f}")
     console.print(table)
+    for row in result.results:
+        if "verdict" in row:
+            console.print(f"selection: {row['verdict']}", markup=False, soft_wrap=True)
     console.print(f"report: {result.report}", markup=False, soft_wrap=True)
     return 0
 
@@ -763,7 +767,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--storage", help="the study's database URL, if it used one (default: as saved, without password)")
     p.set_defaults(handler=run_dashboard)
     add_nas_parsers(sub, command)
-    p = sub.add_parser("pipeline", help="the whole series: baseline, HPO, supernet, search, retrain, report (resumable)")
+    p = sub.add_parser("pipeline", help="the whole series: baseline, HPO, supernet, search, selection, retrain, report "
+                                        "(resumable)")
     p.add_argument("--preset", default="quick",
                    help="quick: about 10 minutes on a 2-core CPU; medium: under an hour there; full: the seed's scale, "
                         "for GPUs (default: quick)")

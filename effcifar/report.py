@@ -7,8 +7,9 @@ what exists is drawn, and what is missing is named with the command that produce
 
 What a directory can be (checked in this order):
 - a pipeline directory: any of the subdirectories `baseline`, `hpo`, `hpo_best`, `supernet`,
-  `search`, `retrain`, `nas_eval`, or `results.json`. Each subdirectory is one of the kinds below;
-  `retrain` is a training run or holds several in `top_0`, `top_1`, ... `results.json` is the
+  `search`, `select`, `retrain`, `nas_eval`, or `results.json`. Each subdirectory is one of the kinds
+  below; `retrain` holds the NAS answer's run in `answer/` (or only `retrain.json` when the incumbent
+  won and the HPO best's run is the answer). `results.json` is the
   final table: `[{"name": "baseline"|"hpo"|"nas", "test_acc": float, "train_time": float,
   "params": int, "flops": int}, ...]` (accuracy as a fraction, train time in seconds).
 - a ranking result: `ranking.json` holding `{"supernet_acc": [float, ...], "standalone_acc":
@@ -59,7 +60,8 @@ STAGES = (
     ("hpo_best", "HPO best, retrained", "effcifar train --config {run}/hpo/best.json --holdout 0 --out {run}/hpo_best"),
     ("supernet", "Supernet training", "effcifar supernet train --out {run}/supernet"),
     ("search", "Architecture search", "effcifar search {run}/supernet --out {run}/search"),
-    ("retrain", "Retrained architectures", "effcifar retrain {run}/search --top K"),
+    ("select", "Selection by real training", "effcifar select {run}/search --out {run}/select"),
+    ("retrain", "The NAS answer, retrained", "effcifar train --arch {run}/select/answer.json --out {run}/retrain/answer"),
     ("nas_eval", "Supernet ranking quality", "effcifar nas-eval {run}"),
 )
 RESULTS = "results.json"
@@ -128,6 +130,8 @@ def run_kind(run_dir: Path) -> str | None:
         return "hpo"
     if (run_dir / "search.yaml").is_file():
         return "search"
+    if (run_dir / "select.yaml").is_file():
+        return "selection"
     columns = _tsv_columns(run_dir / "logs.tsv")
     if "valid_panel_mean" in columns:
         return "supernet"
@@ -461,6 +465,59 @@ def ranking_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Se
     return section
 
 
+def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
+    """Every candidate's held-out accuracy by epoch (rungs marked), the table of candidates, and the answer."""
+    from effcifar.nas.select import INCUMBENT, read_selection
+
+    section = Section(title, run_dir)
+    if not (run_dir / "select.json").is_file():
+        section.notes.append(f"No select.json in {run_dir} yet (the selection has not finished).")
+        return section
+    result = read_selection(run_dir)
+    section.notes.append(result.sentence)
+    section.notes.append(f"Candidates trained on the held-out split; held-out accuracy chose, test accuracy is only "
+                         f"reported. Training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.0f} s.")
+    figure = new_figure(10, 4)
+    curves, costs = figure.subplots(1, 2)
+    percent = lambda v: "—" if v is None else f"{v:.2%}"  # noqa: E731
+    section.table.append(["candidate", "source", "state", "held out by epoch", "held out (final)", "test", "MFLOPs"])
+    for i, r in enumerate(result.rows):
+        style = dict(color="black", lw=2.5) if r["name"] == INCUMBENT else dict(color=f"C{i % 10}", lw=1.2)
+        epochs = list(range(1, len(r["accuracies"]) + 1))
+        curves.plot(epochs, r["accuracies"], "-o", ms=3, label=r["name"], **style)
+        if r["holdout_acc"] is not None:
+            costs.scatter(r["flops"] / 1e6, r["holdout_acc"], s=60 if r["name"] == result.answer else 25,
+                          marker="*" if r["name"] == result.answer else "o", color=style["color"], zorder=3)
+            costs.annotate(r["name"], (r["flops"] / 1e6, r["holdout_acc"]), fontsize="x-small",
+                           xytext=(4, 4), textcoords="offset points")
+        mark = " (answer)" if r["name"] == result.answer else ""
+        section.table.append([r["name"] + mark, r["source"], r["state"].lower(),
+                              " ".join(f"{v:.1%}" for v in r["accuracies"]), percent(r["holdout_acc"]),
+                              percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}"])
+    for rung in result.rungs[:-1]:
+        curves.axvline(rung, color="grey", ls=":", lw=1)
+    curves.set(xlabel="epoch (dotted: rungs)", ylabel="held-out accuracy", title="successive halving")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.legend(fontsize="x-small", loc="lower right")
+    costs.set(xlabel="MFLOPs", ylabel="held-out accuracy (final)", title="finished candidates (star: the answer)")
+    for ax in (curves, costs):
+        ax.grid(alpha=0.3)
+    save_figure(figure, out_dir, f"{prefix}_selection.png", section)
+    return section
+
+
+def retrain_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
+    """The NAS answer's final run, or the note that the incumbent won and the HPO best's run is the answer."""
+    if training_runs(run_dir):
+        return training_section(title, run_dir, out_dir, prefix)
+    section = Section(title, run_dir)
+    rows = read_json(run_dir / "retrain.json", "retraining results")
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+        section.notes.append(f"{rows[0].get('how', '')}: test accuracy {rows[0].get('test_acc', 0):.2%} "
+                             f"({rows[0].get('run', '')}).")
+    return section
+
+
 def results_section(run_dir: Path) -> Section:
     """The final table of results.json: accuracy, train time, params and FLOPs per method."""
     path = run_dir / RESULTS
@@ -478,15 +535,23 @@ def results_section(run_dir: Path) -> Section:
         section.table.append([str(r.get("name", "?")), cell(r, "test_acc", lambda v: f"{v:.2%}"),
                               cell(r, "train_time", lambda v: f"{v:.1f}"), cell(r, "params", lambda v: f"{v:,.0f}"),
                               cell(r, "flops", lambda v: f"{v / 1e6:,.1f}")])
+    by_name = {r.get("name"): r for r in rows}
+    nas, hpo = by_name.get("nas", {}), by_name.get("hpo", {})
+    if isinstance(nas.get("test_acc"), (int, float)) and isinstance(hpo.get("test_acc"), (int, float)):
+        section.notes.append(f"NAS answer {nas.get('answer', 'nas')}: {nas['test_acc']:.2%} test at "
+                             f"{nas.get('flops', 0) / 1e6:,.1f} MFLOPs vs HPO best {hpo['test_acc']:.2%} at "
+                             f"{hpo.get('flops', 0) / 1e6:,.1f}: {(nas['test_acc'] - hpo['test_acc']) * 100:+.2f} points "
+                             f"(one training seed each; chosen on held-out images). {nas.get('verdict', '')}")
     return section
 
 
 SECTIONS: dict[str, Callable[[str, Path, Path, str], Section]] = {
     "training": training_section, "hpo": hpo_section, "supernet": supernet_section, "search": search_section,
-    "ranking": ranking_section,
+    "ranking": ranking_section, "selection": selection_section, "retrain": retrain_section,
 }
 TITLES = {"training": "Training run", "hpo": "Hyper-parameter search", "supernet": "Supernet training",
-          "search": "Architecture search", "ranking": "Supernet ranking quality"}
+          "search": "Architecture search", "ranking": "Supernet ranking quality",
+          "selection": "Selection by real training", "retrain": "The NAS answer, retrained"}
 
 
 def guarded(build: Callable[..., Section], title: str, source: Path, *args: Any) -> Section:
@@ -507,8 +572,8 @@ def pipeline_sections(run_dir: Path, out_dir: Path) -> tuple[list[Section], list
     for name, title, command in STAGES:
         stage = run_dir / name
         kind = run_kind(stage) if stage.is_dir() else None
-        if name == "retrain" and stage.is_dir() and training_runs(stage):
-            kind = "training"
+        if name == "retrain" and stage.is_dir() and (training_runs(stage) or (stage / "retrain.json").is_file()):
+            kind = "retrain"
         if kind is None or kind == "pipeline":
             missing.append((f"{title} ({name}/)", command.format(run=run_dir)))
             continue

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "pipeline_tiny.yaml"
 # Files whose bytes are deterministic (CPU runs are bitwise reproducible; times are not compared).
 SAME_BYTES = ["hpo/best.json", "baseline/model.pt", "hpo_best/model.pt", "supernet/supernet.pt",
-              "search/arch/top_0.json", "search/arch/top_1.json", "retrain/top_0/model.pt", "retrain/top_1/model.pt"]
+              "search/arch/top_0.json", "search/arch/top_1.json", "select/answer.json", "select/trials/incumbent/model.pt"]
 
 
 def effcifar(*args: str, **kwargs) -> subprocess.Popen:
@@ -68,7 +68,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, str]:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load_and_check_every_stage(preset):
     config = load_pipeline_config(preset)
-    assert config.dataset == "cifar100" and config.hpo["space"] and config.retrain["top"] >= 1
+    assert config.dataset == "cifar100" and config.hpo["space"] and config.plan.select.pool >= 1
     assert config.baseline_config().holdout == 0 and config.trial_base().holdout == config.holdout
 
 
@@ -122,7 +122,10 @@ def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet(
     ({"train.total_epoch": "x"}, "command line: field 'train.total_epoch': expected a value of type int, got 'x'"),
     ({"train.subset": "3"}, "field 'train.subset': set 'subset' at the top level"),
     ({"supernet.hparams": "b.json"}, "field 'supernet.hparams': set by the pipeline itself"),
-    ({"retrain.top": "0"}, "field 'retrain.top': expected an integer >= 1, got 0"),
+    ({"select.pool": "0"}, "section select: field 'pool': expected a positive integer, got 0"),
+    ({"select.min_epochs": "9"}, "min_epochs: the first rung must fit the training budget; expected at most "
+                                 "total_epoch = 4, got 9"),
+    ({"select.max_flops": "1e6"}, "field 'select.max_flops': set by the pipeline itself"),
     ({"nas_eval.sample": "1"}, "field 'nas_eval.sample': expected 0 (skip) or at least 2"),
     ({"hpo.trial.total_epoch": "0"}, "section hpo.trial: field 'total_epoch': expected a positive integer"),
     ({"hpo.space": "x"}, "field 'hpo.space': set the search space in a --config file"),
@@ -182,19 +185,32 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
         marker = json.loads((out / stage / "stage.json").read_text())
         assert marker["stage"] == stage and marker["finished"] and marker["seconds"] > 0
     assert [row[0] for row in accuracies(out)] == ["baseline", "hpo", "nas"]
-    runs = {"baseline": "baseline", "hpo": "hpo_best", "nas": "retrain/top_0"}  # results.json: what each run measured
+    runs = {name: run for name, _, _, _, run in accuracies(out)}  # results.json: what each run measured
+    assert runs["baseline"] == "baseline" and runs["hpo"] == "hpo_best" and runs["nas"] in ("hpo_best", "retrain/answer")
     for name, test_acc, params, _, run in accuracies(out):
-        summary = json.loads((out / runs[name] / "summary.json").read_text())
-        assert (test_acc, params, run) == (summary["test_acc"], summary["params"], runs[name])
+        summary = json.loads((out / run / "summary.json").read_text())
+        assert (test_acc, params) == (summary["test_acc"], summary["params"])
     assert (out / "search" / "architecture_final.json").is_file() and (out / "nas_eval" / "ranking.png").is_file()
     assert (out / "retrain" / "retrain.json").is_file() and (out / "hpo" / "best.json").is_file()
-    # final runs test on the test set; the searches select on held-out training images
-    for run in ("baseline", "hpo_best", "retrain/top_0"):
+    # final runs test on the test set; the searches and the selection choose on held-out training images
+    for run in ("baseline", "hpo_best", runs["nas"]):
         assert json.loads((out / run / "summary.json").read_text())["dataset"]["valid_split"] == "test"
+    incumbent = json.loads((out / "select" / "trials" / "incumbent" / "summary.json").read_text())
+    assert incumbent["dataset"]["valid_split"] == "holdout"
+    # the search's default limit is the HPO best network's own cost, and the incumbent (that network) is in the pool
+    hpo_best = json.loads((out / "hpo_best" / "summary.json").read_text())
+    assert yaml.safe_load((out / "search" / "search.yaml").read_text())["max_flops"] == hpo_best["flops"]
+    selection = json.loads((out / "select" / "select.json").read_text())
+    assert selection["rows"][0]["name"] == "incumbent" and selection["rows"][0]["flops"] == hpo_best["flops"]
+    assert (incumbent["params"], incumbent["flops"]) == (hpo_best["params"], hpo_best["flops"])
+    assert all(r["flops"] <= hpo_best["flops"] for r in selection["rows"])
+    nas = json.loads((out / "results.json").read_text())[2]
+    assert nas["answer"] == selection["answer"] and nas["verdict"] == selection["sentence"]
+    assert (nas["run"] == "hpo_best") == (selection["answer"] == "incumbent")
     trial = json.loads((out / "hpo" / "trials" / "0000" / "summary.json").read_text())
     assert trial["dataset"]["valid_split"] == "holdout" and trial["config"]["total_epoch"] == 1
     assert yaml.safe_load((out / "supernet" / "config.yaml").read_text())["hparams"] == str(out / "hpo" / "best.json")
-    assert "[7/7] nas_eval" in output and "test accuracy" in output
+    assert "[8/8] nas_eval" in output and "test accuracy" in output and "selection: " in output
     html = (out / "report" / "report.html").read_text()
     assert "Not (yet) available" not in html and "Final results" in html
     assert load_pipeline_config("quick", out / "pipeline.yaml").to_dict() == load_pipeline_config("quick", TINY).to_dict()
@@ -219,13 +235,13 @@ def test_another_setting_is_refused_for_a_finished_stage(uninterrupted):
 def test_kill_anywhere_then_resume_ends_with_the_same_files(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     out = tmp_path / "run"
-    # killed during the second HPO trial, after the first supernet epoch, and between two retraining runs
+    # killed during the second HPO trial, after the first supernet epoch, and between two selection candidates
     for ready in (lambda: (out / "hpo" / "trials" / "0001").is_dir(),
                   lambda: any((out / "supernet" / "checkpoints").glob("*")),
-                  lambda: (out / "retrain" / "top_0" / "summary.json").is_file()):
+                  lambda: (out / "select" / "trials" / "incumbent" / "summary.json").is_file()):
         kill_when(pipeline(out), ready)
     output = finish(pipeline(out))
-    assert "[1/7] baseline: skipped (finished)" in output and "[6/7] retrain (resumed" in output
+    assert "[1/8] baseline: skipped (finished)" in output and "[6/8] select (resumed" in output
     for name in SAME_BYTES:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert accuracies(out) == accuracies(reference)

@@ -22,7 +22,7 @@ from effcifar.train import TrainConfig
 C = TypeVar("C")
 PRESETS = {"quick": ("quick",), "medium": ("quick", "medium"), "full": ("full",)}  # name -> its files, lowest first
 COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "device", "precision", "threads")
-STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "retrain", "nas_eval")
+STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "select", "retrain", "nas_eval")
 WIDTHS = ("prep", "layer1", "layer2", "layer3")
 
 
@@ -30,17 +30,20 @@ def _stage_classes() -> dict[str, type]:
     """The config class whose fields each section holds (imported late: optuna loads with hpo and search)."""
     from effcifar.hpo.study import HpoConfig
     from effcifar.nas.search import SearchConfig
+    from effcifar.nas.select import SelectConfig
     from effcifar.nas.supernet import SupernetConfig
 
     return {"train": TrainConfig, "hpo": HpoConfig, "supernet": SupernetConfig, "search": SearchConfig,
-            "retrain": TrainConfig, "nas_eval": TrainConfig}
+            "select": SelectConfig, "retrain": TrainConfig, "nas_eval": TrainConfig}
 
 
 # Section fields the pipeline sets itself (from the top level or from earlier stages).
+# The selection's limits are the search's (by default the HPO best network's own FLOPs: `search_limits`).
 RESERVED = {"train": {"arch", "space"}, "hpo": {"base", "dataset"}, "supernet": {"hparams"}, "search": set(),
-            "retrain": {"arch", "space"}, "nas_eval": {"arch", "space", "total_epoch"}}
+            "select": {"max_flops", "max_params"}, "retrain": {"arch", "space"},
+            "nas_eval": {"arch", "space", "total_epoch"}}
 # Section fields that are not fields of the section's class: name -> type.
-EXTRA_FIELDS: dict[str, dict[str, Any]] = {"retrain": {"top": int}, "nas_eval": {"sample": int, "epochs": int},
+EXTRA_FIELDS: dict[str, dict[str, Any]] = {"nas_eval": {"sample": int, "epochs": int},
                                            "hpo": {"space": dict, "trial": dict}}
 
 
@@ -51,8 +54,8 @@ class Plan:
     baseline: TrainConfig  # also what the final runs start from
     trial_base: TrainConfig  # what every HPO trial starts from
     hpo: Any  # HpoConfig; its space and base are written into the stage's directory
-    search: Any  # SearchConfig
-    retrain_top: int
+    search: Any  # SearchConfig; its limits are set once the HPO best's network is known (`search_limits`)
+    select: Any  # SelectConfig
     nas_eval_sample: int
     nas_eval_epochs: int
     nas_eval_overrides: dict[str, Any]  # TrainConfig fields over the HPO best
@@ -78,7 +81,8 @@ class PipelineConfig:
     hpo: dict[str, Any] = field(default_factory=dict)  # HpoConfig + space (NNI) + trial (TrainConfig for trials)
     supernet: dict[str, Any] = field(default_factory=dict)  # SupernetConfig
     search: dict[str, Any] = field(default_factory=dict)  # SearchConfig
-    retrain: dict[str, Any] = field(default_factory=dict)  # top + TrainConfig over the HPO best
+    select: dict[str, Any] = field(default_factory=dict)  # SelectConfig (its limits are the search's)
+    retrain: dict[str, Any] = field(default_factory=dict)  # TrainConfig over the HPO best
     nas_eval: dict[str, Any] = field(default_factory=dict)  # sample, epochs + TrainConfig
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -161,6 +165,18 @@ class PipelineConfig:
         return self._build(TrainConfig, "retrain", extra=[("HPO best at the final budget", values)],
                            last={"holdout": 0})
 
+    def select_base(self, final: TrainConfig, supernet: Any) -> TrainConfig:
+        """The selection's candidates: trained as a retrained network is, but validated on the `holdout` images."""
+        return dataclasses.replace(self.retrain_base(final, supernet), holdout=self.holdout)
+
+    def search_limits(self, network_flops: int) -> dict[str, Any]:
+        """The search's cost limits: the `search` section's, else the HPO best network's own FLOPs, so that NAS
+        competes at equal cost (`--set search.max_flops=none` lifts it)."""
+        search = self.plan.search
+        if "search.max_flops" in self.sources:
+            return {"max_flops": search.max_flops, "max_params": search.max_params}
+        return {"max_flops": float(network_flops), "max_params": search.max_params}
+
     @functools.cached_property
     def plan(self) -> Plan:
         """Every stage config that does not wait for an earlier stage's results, built and checked once.
@@ -182,9 +198,12 @@ class PipelineConfig:
         final = self.final_config(stand_in, "baseline")
         self.supernet_config(stand_in, "baseline")
         search = self._build(_stage_classes()["search"], "search")
-        self.retrain_base(final, final)
-        for name, minimum in (("top", 1), ("sample", 0), ("epochs", 1)):
-            section = "retrain" if name == "top" else "nas_eval"
+        select = self._build(_stage_classes()["select"], "select")
+        from effcifar.nas.select import check_inputs
+
+        check_inputs(select, self.select_base(final, final))
+        for name, minimum in (("sample", 0), ("epochs", 1)):
+            section = "nas_eval"
             value = getattr(self, section).get(name, minimum)
             if value < minimum:
                 raise ConfigError(f"{self.sources.get(f'{section}.{name}', 'pipeline config')}: field "
@@ -193,7 +212,7 @@ class PipelineConfig:
             raise ConfigError(f"{self.sources.get('nas_eval.sample')}: field 'nas_eval.sample': expected 0 (skip) "
                               f"or at least 2 subnets to rank, got 1")
         names = set(field_types(TrainConfig))
-        return Plan(baseline, trial_base, hpo, search, self.retrain.get("top", 1), self.nas_eval.get("sample", 0),
+        return Plan(baseline, trial_base, hpo, search, select, self.nas_eval.get("sample", 0),
                     self.nas_eval.get("epochs", 1), {k: v for k, v in self.nas_eval.items() if k in names})
 
 

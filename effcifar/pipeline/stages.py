@@ -15,7 +15,7 @@ import yaml
 from effcifar.atomic import atomic_write
 from effcifar.config import changed_fields, execution_fields, fingerprint, read_json, result_values, save_config
 from effcifar.errors import ConfigError
-from effcifar.pipeline.plan import STAGES, PipelineConfig
+from effcifar.pipeline.plan import STAGES, WIDTHS, PipelineConfig
 from effcifar.rundir import clear, locked
 from effcifar.train import EpochMetrics, TrainConfig, train
 
@@ -281,12 +281,12 @@ class SupernetStage(Stage):
 class SearchStage(Stage):
     """The architecture search over the supernet; arch/top_K.json."""
 
-    name, unit, after = "search", "evaluations", ("supernet",)
+    name, unit, after = "search", "evaluations", ("supernet", "hpo_best")
 
-    def __init__(self, pipeline: Pipeline, supernet: SupernetStage):
+    def __init__(self, pipeline: Pipeline, supernet: SupernetStage, hpo_best: TrainingStage):
         super().__init__(pipeline)
         self.supernet_dir = supernet.directory
-        self.config = dataclasses.replace(pipeline.plan.search,
+        self.config = dataclasses.replace(pipeline.plan.search, **pipeline.config.search_limits(hpo_best.summary["flops"]),
                                           study=pipeline.study_name("search", pipeline.plan.search, "search.yaml"))
 
     def settings(self) -> dict[str, Any]:
@@ -316,42 +316,113 @@ class SearchStage(Stage):
 
         study = search_lib.run_search(self.config, self.supernet_dir, self.directory, on_trial=on_trial)
         top = search_lib.top_records(study, 1)[0]
-        return f"best held-out accuracy {top['accuracy']:.2%} ({top['flops'] / 1e6:,.1f} MFLOPs)"
+        limit = "" if self.config.max_flops is None else f", limit {self.config.max_flops / 1e6:,.1f} MFLOPs"
+        return f"best held-out accuracy {top['accuracy']:.2%} ({top['flops'] / 1e6:,.1f} MFLOPs{limit})"
 
 
-class RetrainStage(Stage):
-    """The search's top architectures from scratch with the HPO best's hyper-parameters; `rows` per architecture."""
+class SelectStage(Stage):
+    """The search's best networks under its limits and the incumbent ResNet-9, trained at rising fidelity on the
+    held-out images (`effcifar.nas.select`); `result` holds the answer."""
 
-    name, after = "retrain", ("search", "hpo")
+    name, unit, after = "select", "candidates", ("search", "hpo")
 
     def __init__(self, pipeline: Pipeline, search: SearchStage, final: TrainConfig, supernet: SupernetStage):
         super().__init__(pipeline)
-        self.search_dir, self.top = search.directory, pipeline.plan.retrain_top
-        self.base = pipeline.config.retrain_base(final, supernet.config)
+        self.search_dir = search.directory
+        plan = pipeline.plan
+        self.config = dataclasses.replace(plan.select, max_flops=search.config.max_flops,
+                                          max_params=search.config.max_params,
+                                          study=pipeline.study_name("select", plan.select, "select.yaml"))
+        self.base = pipeline.config.select_base(final, supernet.config)
+        self.result: Any = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"select": result_values(self.config), "base": result_values(self.base)}
+
+    def total(self) -> int:
+        return self.config.pool + self.config.incumbent
+
+    def done(self) -> int:
+        return trials_done(self.directory, self.config)
+
+    def run(self) -> str:
+        from effcifar.nas import select
+
+        done = self.done_before
+
+        def on_trial(t: Any) -> None:
+            nonlocal done
+            done += 1
+            accuracies = ", ".join(f"{v:.2%}" for v in t.user_attrs.get("accuracies", []))
+            detail = t.user_attrs.get("fail_reason") or f"held out by epoch: {accuracies}"
+            self.monitor.line(f"{t.params.get('candidate', '?')}: {t.state.name.lower()}, {detail}")
+            self.monitor.advance(done, self.total())
+
+        self.result = select.select_from_search(self.config, self.search_dir, self.directory, self.base,
+                                                on_trial=on_trial)
+        return self.result.sentence
+
+    def load(self) -> None:
+        from effcifar.nas import select
+
+        self.result = select.read_selection(self.directory)
+
+
+class RetrainStage(Stage):
+    """The selection's answer from scratch on all `subset` images at the final budget, test accuracy reported.
+
+    When the answer is the incumbent and the supernet kept the HPO best's widths, the answer is the
+    HPO best's own network with its own settings: that run is its result and nothing trains again.
+    """
+
+    name, after = "retrain", ("select", "hpo_best")
+
+    def __init__(self, pipeline: Pipeline, select: SelectStage, final: TrainConfig, supernet: SupernetStage,
+                 hpo_best: TrainingStage):
+        super().__init__(pipeline)
+        self.select, self.hpo_best = select, hpo_best
+        self.base = dataclasses.replace(pipeline.config.retrain_base(final, supernet.config),
+                                        arch=str((select.directory / "answer.json").resolve()))
         self.rows: list[dict[str, Any]] = []
 
     def settings(self) -> dict[str, Any]:
-        return {"top": self.top, "base": result_values(self.base)}
+        return {"base": result_values(self.base)}
 
     def total(self) -> int:
-        return self.top
+        return 1
+
+    def is_hpo_best(self) -> bool:
+        """Whether the answer is the incumbent in the HPO best's own training config (widths, logits scale)."""
+        from effcifar.nas.select import INCUMBENT
+
+        final = self.hpo_best.config
+        same = all(getattr(self.base, f) == getattr(final, f) for f in (*WIDTHS, "logits_weight"))
+        return self.select.result.answer == INCUMBENT and same
 
     def run(self) -> str:
         from effcifar.nas import retrain as retrain_lib
 
-        self.rows = retrain_lib.retrain_top(self.search_dir, self.top, self.directory, self.base,
-                                            progress=self.pipeline.run_counter(self.top))
-        self.monitor.advance(self.top, self.top)
-        return ", ".join(f"top_{r['rank']}: test acc {r['standalone_test_acc']:.2%}" for r in self.rows)
+        chosen = self.select.result.chosen
+        if self.is_hpo_best():
+            run, summary = Path(self.hpo_best.name), self.hpo_best.summary
+            how = "the incumbent won: the HPO best's network and run"
+        else:
+            run = Path(self.name) / "answer"
+            self.monitor.line(f"training {chosen['name']} on all subset images")
+            summary = retrain_lib.train_once(self.base, self.pipeline.out / run, self.pipeline.dataset())
+            how = f"{chosen['name']} trained from scratch"
+        self.rows = [{**result_row("nas", summary, run), "answer": chosen["name"], "source": chosen["source"],
+                      "holdout_acc": chosen["holdout_acc"], "how": how, "verdict": self.select.result.sentence}]
+        atomic_write(self.directory / "retrain.json", json.dumps(self.rows, indent=2) + "\n")
+        self.monitor.advance(1, 1)
+        return f"{how}: test acc {summary['test_acc']:.2%}"
 
     def load(self) -> None:
         self.rows = read_json(self.directory / "retrain.json", "retraining results")
 
     def result(self, name: str) -> dict[str, Any]:
-        """The best architecture's row of the final table."""
-        r = self.rows[0]
-        return {"name": name, "test_acc": r["standalone_test_acc"], "train_time": r["train_time"],
-                "params": r["params"], "flops": r["flops"], "run": str(Path(self.name) / "top_0")}
+        """The answer's row of the final table."""
+        return {**self.rows[0], "name": name}
 
 
 class NasEvalStage(Stage):
@@ -505,8 +576,9 @@ class Pipeline:
             final = self.config.final_config(hpo.best, str(hpo.best_file))
             hpo_best = self.execute(TrainingStage(self, "hpo_best", final, after=("hpo",)))
             supernet = self.execute(SupernetStage(self, hpo))
-            search = self.execute(SearchStage(self, supernet))
-            retrain = self.execute(RetrainStage(self, search, final, supernet))
+            search = self.execute(SearchStage(self, supernet, hpo_best))
+            select = self.execute(SelectStage(self, search, final, supernet))
+            retrain = self.execute(RetrainStage(self, select, final, supernet, hpo_best))
             self.execute(NasEvalStage(self, supernet, hpo))
             results = [baseline.result("baseline"), hpo_best.result("hpo"), retrain.result("nas")]
             atomic_write(self.out / RESULTS, json.dumps(results, indent=2) + "\n")
