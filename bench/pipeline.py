@@ -43,9 +43,11 @@ def stage_table(out: Path) -> list[str]:
         elif stage == "search":
             top = json.loads((out / "search" / "arch" / "top_0.json").read_text())
             detail = f"best held-out (supernet) {top['accuracy']:.2%}, {top['flops'] / 1e6:.1f} MFLOPs"
+        elif stage == "select":
+            detail = json.loads((out / "select" / "select.json").read_text())["sentence"]
         elif stage == "retrain":
-            retrained = json.loads((out / "retrain" / "retrain.json").read_text())
-            detail = ", ".join(f"top_{r['rank']} test {r['standalone_test_acc']:.2%}" for r in retrained)
+            answer = json.loads((out / "retrain" / "retrain.json").read_text())[0]
+            detail = f"{answer['how']}: test {answer['test_acc']:.2%}"
         elif stage == "nas_eval":
             ranking = json.loads((out / "nas_eval" / "ranking.json").read_text())
             detail = f"Kendall tau {ranking['tau']:.3f} over {len(ranking['archs'])} subnets"

@@ -243,7 +243,7 @@ class CandidateRunner:
             trial.set_user_attr("train_time", m.train_time)
             trial.report(m.valid_acc, m.epoch)
             behind = trial.should_prune()  # asked of the incumbent too: it records the arm's value at each rung
-            if behind and candidate.source != INCUMBENT:
+            if behind and candidate.source != INCUMBENT and m.epoch < config.total_epoch:  # a full run is complete
                 raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
 
         try:
