@@ -25,7 +25,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -129,12 +129,11 @@ class Candidate:
         return dataclasses.asdict(self)
 
 
-def search_proposals(ranked: list[dict[str, Any]], space: ArchSpace, count: int, within: Callable[[Arch], bool],
-                     exclude: set[str]) -> list[Arch]:
-    """The first `count` distinct networks of the search's ranked records within the limits, not in `exclude`."""
+def distinct_within(archs: Iterable[Arch], space: ArchSpace, count: int, within: Callable[[Arch], bool],
+                    exclude: set[str]) -> list[Arch]:
+    """The first `count` of `archs` that are distinct networks within the limits and not in `exclude`."""
     seen, out = set(exclude), []
-    for record in ranked:
-        arch = space.check(record["arch"])
+    for arch in archs:
         key = network_key(space, arch)
         if key in seen or not within(arch):
             continue
@@ -145,21 +144,11 @@ def search_proposals(ranked: list[dict[str, Any]], space: ArchSpace, count: int,
     return out
 
 
-def random_proposals(space: ArchSpace, count: int, within: Callable[[Arch], bool], exclude: set[str],
-                     seed: int) -> list[Arch]:
-    """`count` uniform random distinct networks within the limits (fewer if the space has fewer)."""
-    rng, seen, out = random.Random(seed), set(exclude), []
-    choices = space.choices()
-    for _ in range(max(10_000, 200 * count)):
-        arch = {key: rng.choice(candidates) for key, candidates in choices.items()}
-        key = network_key(space, arch)
-        if key in seen or not within(arch):
-            continue
-        seen.add(key)
-        out.append(arch)
-        if len(out) == count:
-            break
-    return out
+def random_archs(space: ArchSpace, draws: int, seed: int) -> Iterator[Arch]:
+    """`draws` uniform random architectures of the space."""
+    rng, choices = random.Random(seed), space.choices()
+    for _ in range(draws):
+        yield {key: rng.choice(candidates) for key, candidates in choices.items()}
 
 
 def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
@@ -183,12 +172,13 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
         pool.append(Candidate(INCUMBENT, incumbent, INCUMBENT, costs.flops_of(incumbent), costs.params_of(incumbent)))
     exclude = {network_key(space, c.arch) for c in pool}
     if config.proposals == "search":
-        archs = search_proposals(ranked, space, config.pool, within, exclude)
+        archs = distinct_within((space.check(r["arch"]) for r in ranked), space, config.pool, within, exclude)
         scores: dict[str, float | None] = {}
         for r in ranked:  # a network's best-ranked record holds its score
             scores.setdefault(network_key(space, space.check(r["arch"])), r.get("score"))
     else:
-        archs = random_proposals(space, config.pool, within, exclude, config.proposal_seed)
+        draws = random_archs(space, max(10_000, 200 * config.pool), config.proposal_seed)
+        archs = distinct_within(draws, space, config.pool, within, exclude)
         scores = {}
     if len(archs) < config.pool:
         where = "the search's results" if config.proposals == "search" else "the space"
