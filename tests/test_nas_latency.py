@@ -166,3 +166,9 @@ def test_cli_bad_latency_options_are_one_line(supernet_run, tmp_path, args, mess
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_a_space_with_width_choices_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="latency table: field 'space': expected a space without width choices .*"
+                                          "stage1.width"):
+        load_or_measure(None, ArchSpace.load("seed-widths"), NARROW, 10, Target(torch.device("cpu")))
