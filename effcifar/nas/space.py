@@ -843,11 +843,6 @@ def op_channels(space: ArchSpace, widths: Sequence[int], c_stem: int) -> Iterato
         c_in = c_out
 
 
-def head_input(space: ArchSpace, channels: Mapping[str, int]) -> tuple[int, int]:
-    """(channels, height and width) of what the head receives: the last stage's (widest) output."""
-    return space.stages[-1].max_channels(channels), IMAGE_SIZE >> len(space.stages)
-
-
 def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
     """The canonical key of an architecture: its active choices only (inactive body convs do not count)."""
     return ",".join(f"{key}={arch[key]}" for key in space.active_keys(arch))
@@ -1030,17 +1025,25 @@ class CostTable:
         space = space or self.space
         if not space.has_widths():
             return extreme_arch(self.flops, space, largest)
-        keys = {f"{s.name}.width": s.widths for s in space.stages if s.widths}
-        c_stem = resolve_width(space.stem_width, self.channels)
-        archs = []
-        for combination in itertools.product(*keys.values()):
-            fixed = dict(zip(keys, combination))
-            widths = [s.channels_of(fixed, self.channels) for s in space.stages]
-            costs = {key: {name: self.ops[key, name, c_in, c_out][0] for name in space.choices()[key]}
-                     for key, c_in, c_out in op_channels(space, widths, c_stem)}
-            archs.append(extreme_arch(costs, space.restrict({**space.choices(), **{k: [v] for k, v in fixed.items()}}),
-                                      largest))
-        return (max if largest else min)(archs, key=self.flops_of)
+        return extreme_over_widths(space, self.channels, lambda *site: self.ops[site][0], self.flops_of, largest)
+
+
+def extreme_over_widths(space: ArchSpace, channels: Mapping[str, int], site_cost: Callable[[str, str, int, int], float],
+                        total: Callable[[Arch], float], largest: bool) -> Arch:
+    """The subnet of a space with width choices of the largest (smallest) `total` cost: for each combination of the
+    stages' widths the per-key extreme by `site_cost(key, candidate, c_in, c_out)` (exact: given the widths, costs
+    add up per key), then the extreme of those by `total` (which adds the parts that depend on the widths alone)."""
+    keys = {f"{s.name}.width": s.widths for s in space.stages if s.widths}
+    c_stem = resolve_width(space.stem_width, channels)
+    archs = []
+    for combination in itertools.product(*keys.values()):
+        fixed = dict(zip(keys, combination))
+        widths = [s.channels_of(fixed, channels) for s in space.stages]
+        costs = {key: {name: site_cost(key, name, c_in, c_out) for name in space.choices()[key]}
+                 for key, c_in, c_out in op_channels(space, widths, c_stem)}
+        archs.append(extreme_arch(costs, space.restrict({**space.choices(), **{k: [v] for k, v in fixed.items()}}),
+                                  largest))
+    return (max if largest else min)(archs, key=total)
 
 
 def nni_space_json(space: ArchSpace) -> str:
