@@ -22,7 +22,8 @@ come to a whole number of channels no larger than the stage's width (checked whe
 resolved). The supernet builds the stage's ops at its largest candidate and a path of width w
 runs the first w output channels of each conv (and the first input channels it receives), the
 matching slice of BatchNorm's parameters and statistics, and the head's first columns: every
-width shares the same weights. Width choices apply to conv and identity ops (not `mb*`).
+width shares the same weights. In an inverted residual (`mb*`) the expanded channels follow
+the input (e x its channels) and the projection the stage's width.
 """
 
 from __future__ import annotations
@@ -131,40 +132,24 @@ BUILTIN_SPACES = {"seed": SEED_SPACE, "seed-widths": SEED_WIDTHS_SPACE, "nas-ben
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 _SKIP = re.compile(r"conv(\d+)_(input|output)$")
 _FRACTION = re.compile(r"(\d+(?:\.\d+)?)x$")
-WIDTH_OPS = "width choices apply to conv and identity ops"
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1x1 expand + BN + ReLU, depthwise + BN + ReLU, 1x1 project + BN (+ input)."""
-
-    def __init__(self, c_in: int, c_out: int, expansion: int, kernel: int, stride: int):
-        super().__init__()
-        hidden = c_in * expansion
-        layers: list[nn.Module] = []
-        if expansion != 1:
-            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
-        layers += [
-            nn.Conv2d(hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
-        ]
-        self.body = nn.Sequential(*layers)
-        self.residual = stride == 1 and c_in == c_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x) if self.residual else self.body(x)
 
 
 class SlicedConv2d(nn.Conv2d):
     """A conv held at its largest width that runs its first `active_out` output channels (None: all) on the
-    input channels it receives: the weights every width of an elastic stage shares."""
+    input channels it receives: the weights every width of an elastic stage shares. A depthwise conv runs one
+    filter per input channel; with `expansion` the output is that many times the input's channels."""
 
     active_out: int | None = None
+    expansion: int = 0  # an inverted residual's expansion conv: e x the input channels out (0: active_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.active_out
+        c = x.shape[1]
+        if self.groups > 1:  # depthwise
+            bias = None if self.bias is None else self.bias[:c]
+            return F.conv2d(x, self.weight[:c], bias, self.stride, self.padding, self.dilation, c)
+        out = c * self.expansion if self.expansion else self.active_out
         bias = None if self.bias is None else self.bias[:out]
-        return self._conv_forward(x, self.weight[:out, :x.shape[1]], bias)
+        return self._conv_forward(x, self.weight[:out, :c], bias)
 
 
 class SlicedBatchNorm2d(nn.BatchNorm2d):
@@ -196,17 +181,43 @@ class SlicedLinear(nn.Linear):
         return F.linear(x, self.weight[:, :x.shape[1]], self.bias)
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand + BN + ReLU, depthwise + BN + ReLU, 1x1 project + BN (+ input).
+
+    `sliced`: elastic (see SlicedConv2d): the expansion and depthwise convs run on e x the input's
+    channels, the projection on the stage's chosen width.
+    """
+
+    def __init__(self, c_in: int, c_out: int, expansion: int, kernel: int, stride: int, sliced: bool = False):
+        super().__init__()
+        conv, norm = (SlicedConv2d, SlicedBatchNorm2d) if sliced else (nn.Conv2d, nn.BatchNorm2d)
+        hidden = c_in * expansion
+        layers: list[nn.Module] = []
+        if expansion != 1:
+            expand = conv(c_in, hidden, 1, bias=False)
+            expand.expansion = expansion
+            layers += [expand, norm(hidden), nn.ReLU(inplace=True)]
+        layers += [
+            conv(hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden, bias=False),
+            norm(hidden), nn.ReLU(inplace=True),
+            conv(hidden, c_out, 1, bias=False), norm(c_out),
+        ]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) if self.residual else self.body(x)
+
+
 def make_op(name: str, c_in: int, c_out: int, sliced: bool = False) -> nn.Module:
     """The module of op `name` (see `op_spec`) from c_in to c_out channels; `sliced`: with the modules of an
-    elastic stage (SlicedConv2d, SlicedBatchNorm2d), conv and identity ops only."""
+    elastic stage (SlicedConv2d, SlicedBatchNorm2d)."""
     op = op_spec(name)
     if op is None:
         raise ValueError(f"not an op name: {name!r} (expected {OP_GRAMMAR})")
     conv, norm = (SlicedConv2d, SlicedBatchNorm2d) if sliced else (nn.Conv2d, nn.BatchNorm2d)
     if op.family == "mb":
-        if sliced:
-            raise ValueError(f"{name}: {WIDTH_OPS}")
-        return InvertedResidual(c_in, c_out, op.expansion, op.kernel, op.stride)
+        return InvertedResidual(c_in, c_out, op.expansion, op.kernel, op.stride, sliced)
     if op.family == "identity":
         if op.stride == 1 and c_in == c_out:
             return nn.Identity()
@@ -374,11 +385,6 @@ class ArchSpace:
                 raise fail(f"stages[{i}].name", "a stage name not used before (choice keys must be unique)", parsed.name)
             names.add(parsed.name)
             stages.append(parsed)
-        for i, stage in enumerate(stages):  # sliced ops: the stage's own and the next conv1 (its input varies)
-            ops = [*stage.conv1, *itertools.chain(*stage.body), *(stages[i + 1].conv1 if i + 1 < len(stages) else ())]
-            mb = next((op for op in ops if op.startswith("mb")), None)
-            if len(stage.widths) > 1 and mb is not None:
-                raise fail(f"stages[{i}].widths", f"no width choices where an mb op runs ({WIDTH_OPS})", mb)
         return cls(stem_op, stem_width, tuple(stages), _head(spec.get("head", {}), fail))
 
     def to_dict(self) -> dict[str, Any]:
