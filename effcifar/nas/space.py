@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import random
-import itertools
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
