@@ -665,7 +665,7 @@ def add_nas_parsers(sub: Any, command: str | None) -> None:
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
     add_config_options(p, SupernetConfig)
     p = supernet_sub.add_parser("space", help="show a space; --export writes it as NNI search-space JSON")
-    p.add_argument("--space", default="seed", help="a built-in space (seed, nas-bench-macro) or a YAML/JSON declaration")
+    p.add_argument("--space", default="seed", help="a built-in space (seed, seed-widths, nas-bench-macro) or a YAML/JSON declaration")
     p.add_argument("--export", help="write the NNI-format search space (layer_choice / input_choice) here")
     p.add_argument("--declaration", help="write the space declaration (YAML) here, to start your own")
     supernet_parser.set_defaults(handler=run_supernet)

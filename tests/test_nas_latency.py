@@ -1,5 +1,6 @@
 """The latency lookup table (real CPU timings at small widths) and latency limits/objectives in the search."""
 
+import itertools
 import json
 import math
 import random
@@ -12,9 +13,11 @@ import effcifar.nas.latency as latency_lib
 import effcifar.nas.search as search_lib
 from effcifar.config import fingerprint
 from effcifar.errors import ConfigError
-from effcifar.nas.latency import LATENCY_FILE, LatencyTable, Target, distinct_archs, fit_scale, load_or_measure
+from effcifar.nas.latency import (
+    LATENCY_FILE, LatencyTable, Target, distinct_archs, fit_scale, load_or_measure, site_key,
+)
 from effcifar.nas.search import CandidateEvaluator, run_search
-from effcifar.nas.space import ArchSpace, arch_key, extreme_arch
+from effcifar.nas.space import ArchSpace, arch_key, extreme_arch, sites
 from conftest import NARROW
 from test_nas_search import cli, complete, config
 
@@ -166,3 +169,24 @@ def test_cli_bad_latency_options_are_one_line(supernet_run, tmp_path, args, mess
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+
+def test_with_width_choices_each_op_is_timed_at_every_pair_of_widths_it_runs_at(one_thread, tmp_path):
+    space = ArchSpace.from_dict({"stages": [
+        {"name": "s1", "width": "layer1", "widths": ["0.5x", "1x"], "conv1": ["conv3_pool", "conv3_stride2"],
+         "conv2": ["conv3"], "skip": ["zero", "conv2_output"]},
+        {"name": "s2", "width": 16, "widths": [8, 16], "conv1": ["conv3_stride2"]}]})
+    table = LatencyTable.measure(space, NARROW, 10, Target(torch.device("cpu")), repeats=3, warmup=1,
+                                 calibrate=3, check=2)
+    assert set(table.sized) == {site_key(s.key, s.name, s.c_in, s.c_out) for s in sites(space, NARROW)}
+    assert set(table.bases) == {"8", "16"} and "s2.conv1 conv3_stride2 8 16" in table.sized
+    arch = {"s1.conv1": "conv3_pool", "s1.conv2": "conv3", "s1.skip": "conv2_output", "s1.width": "0.5x",
+            "s2.conv1": "conv3_stride2", "s2.width": "16"}
+    parts = ["s1.conv1 conv3_pool 8 8", "s1.conv2 conv3 8 8", "s1.skip conv2_output 8 8", "s2.conv1 conv3_stride2 8 16"]
+    assert table.raw_latency_of(arch) == pytest.approx(table.bases["16"] + sum(table.sized[p] for p in parts))
+    archs = [dict(zip(space.choices(), values)) for values in itertools.product(*space.choices().values())]
+    assert table.raw_latency_of(table.fastest()) == min(map(table.raw_latency_of, archs))
+    assert all(p["table_ms"] == pytest.approx(table.raw_latency_of(p["arch"])) for p in table.validation["held_out"])
+    table.save(tmp_path / "t.json")
+    assert LatencyTable.load(tmp_path / "t.json") == table

@@ -183,3 +183,24 @@ def test_bn_recalibration_restores_a_subnet_whose_statistics_are_stale(supernet_
     restored = search_lib.evaluate_subnet(net, arch, evaluator.bn_batches, loader, autocast)[0]
     assert calibrated > 0.12 and stale < calibrated, (calibrated, stale)  # 10 classes: chance is 0.1 (deterministic on CPU)
     assert restored == calibrated
+
+
+def test_joint_width_and_op_space_trains_and_searches(tmp_path):
+    """The supernet of seed-widths trains its sandwich (widest and narrowest path by FLOPs), then a search runs on it."""
+    from conftest import NARROW
+    from effcifar.nas.supernet import SupernetConfig, train_supernet
+
+    run = tmp_path / "supernet"
+    train_supernet(SupernetConfig(space="seed-widths", dataset="synthetic", subset=500, holdout=100, batch_size=50,
+                                  bn_batches=2, panel_random=0, eval_batch_size=100, precision="fp32", threads=1,
+                                  epochs=1, **NARROW), run, warn=lambda message: None)
+    study = run_search(config(strategy="random", evaluations=4), run, tmp_path / "search")
+    evaluator = CandidateEvaluator.from_run(run, config())
+    widest, narrowest = evaluator.costs.extreme(True), evaluator.costs.extreme(False)
+    assert widest["stage2.width"] == "1x" and narrowest["stage2.width"] == "0.5x"
+    trials = complete(study)
+    assert len(trials) == 4 and all(0 <= t.user_attrs["accuracy"] <= 1 for t in trials)
+    assert all(t.user_attrs["flops"] == evaluator.costs.flops_of(t.params) for t in trials)
+    assert len({t.params["stage1.width"] for t in trials} | {t.params["stage3.width"] for t in trials}) > 1
+    final = json.loads((tmp_path / "search" / "architecture_final.json").read_text())
+    assert "stage1.width" in final["arch"]

@@ -54,6 +54,16 @@ def test_the_incumbent_is_resnet9_exactly():
     assert resnet9_arch(ArchSpace.load("nas-bench-macro"), TrainConfig()) is None
 
 
+def test_the_incumbent_is_the_full_width_path_of_the_joint_space():
+    """With width choices ResNet-9 is the full-width path, and no longer the costliest network of the space."""
+    space, widths = ArchSpace.load("seed-widths"), {"prep": 16, "layer1": 32, "layer2": 64, "layer3": 128}
+    arch = resnet9_arch(space, TrainConfig(**widths))
+    assert [arch[f"stage{i}.width"] for i in (1, 2, 3)] == ["1x", "1x", "1x"]
+    costs = CostTable.build(space, widths, 10)
+    assert costs.flops_of(arch) == count_flops(ResNet(NetConfig(channels=widths, num_classes=10)))
+    assert costs.flops_of(costs.extreme(False)) < costs.flops_of(arch) < costs.flops_of(costs.extreme(True))
+
+
 def test_pool_holds_the_incumbent_and_distinct_proposals_under_the_limit():
     space, base = ArchSpace.seed(), TrainConfig(**NARROW)
     costs = CostTable.build(space, NARROW, 10)

@@ -1,3 +1,4 @@
+import itertools
 import json
 import random
 from pathlib import Path
@@ -9,7 +10,8 @@ from effcifar.cli import main
 from effcifar.errors import ConfigError
 from effcifar.models import count_flops, count_parameters
 from effcifar.nas.space import (
-    ArchSpace, CostTable, InputChoice, LayerChoice, Supernet, build_standalone, skip_depth,
+    ArchSpace, CostTable, InputChoice, LayerChoice, SlicedBatchNorm2d, Supernet, WidthChoice, build_standalone,
+    skip_depth,
 )
 
 from conftest import NARROW
@@ -141,7 +143,7 @@ def test_choice_modules_need_a_choice_and_check_it():
     assert modules["stage1.conv1"].names == ["conv3_pool", "conv5_pool", "conv3_stride2", "conv5_stride2"]
 
 
-@pytest.mark.parametrize("space_name", ["seed", "nas-bench-macro"])
+@pytest.mark.parametrize("space_name", ["seed", "nas-bench-macro", "seed-widths"])
 def test_cost_table_matches_a_direct_count_of_the_built_subnet(space_name):
     space = ArchSpace.load(space_name)
     costs = CostTable.build(space, NARROW, num_classes=10)
@@ -171,7 +173,7 @@ def test_standalone_has_exactly_the_chosen_ops_and_matches_the_supernet_path(spa
     torch.testing.assert_close(standalone(x), net(x))
 
 
-@pytest.mark.parametrize("space_name", ["seed", "nas-bench-macro"])
+@pytest.mark.parametrize("space_name", ["seed", "nas-bench-macro", "seed-widths"])
 def test_fixed_spaces_round_trip_through_their_declaration(space_name):
     space = ArchSpace.load(space_name)
     for seed in range(8):
@@ -196,3 +198,126 @@ def test_nni_export(tmp_path, capsys):
         "candidates": ["zero", "conv3_input", "conv4_input", "conv4_output"], "n_chosen": 1}}
     assert len(exported) == 15
     assert "2,097,152 paths" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Width choices
+
+WIDTH_SPACE = {"stem": {"op": "conv3", "width": 8}, "stages": [
+    {"name": "s1", "width": 16, "widths": [8, 12, 16], "conv1": ["conv3_pool", "identity_stride2"],
+     "conv2": ["conv3", "identity"], "skip": ["zero", "conv2_output"]},
+    {"name": "s2", "width": "layer2", "widths": ["0.5x", "1x"], "conv1": ["conv5_stride2", "conv3_pool"],
+     "conv2": ["conv3", "conv5"], "conv3": ["conv3", "identity"]},
+]}
+
+
+def test_width_choices_are_keys_that_round_trip_and_export():
+    space = ArchSpace.from_dict(WIDTH_SPACE)
+    choices = space.choices()
+    assert choices["s1.width"] == ["8", "12", "16"] and choices["s2.width"] == ["0.5x", "1x"]
+    assert list(choices)[:5] == ["s1.conv1", "s1.conv2", "s1.skip", "s1.width", "s2.conv1"]
+    assert space.size() == (2 * 2 * 2 * 3) * (2 * 2 * 2 * 2)
+    assert ArchSpace.from_dict(space.to_dict()) == space and space.to_dict()["stages"][0]["widths"] == [8, 12, 16]
+    assert space.to_nni()["s1.width"] == {"_type": "layer_choice", "_value": ["8", "12", "16"]}
+    assert "s2.width" in space.active_keys(random_arch(space, 0))
+    shrunk = space.restrict({**choices, "s1.width": ["8", "16"]})
+    assert shrunk.choices()["s1.width"] == ["8", "16"]
+    fixed = space.fix({**random_arch(space, 1), "s1.width": "12", "s2.width": "0.5x"}, NARROW)
+    assert [s.width for s in fixed.stages] == [12, 12] and not fixed.has_widths() and fixed.size() == 1
+    seed = ArchSpace.load("seed-widths")
+    assert seed.choices()["stage3.width"] == ["0.5x", "0.75x", "1x"] and seed.size() == ArchSpace.seed().size() * 27
+    assert not ArchSpace.seed().has_widths() and "widths" not in json.dumps(ArchSpace.seed().to_dict())
+
+
+@pytest.mark.parametrize("widths, message", [
+    ("[8, 8]", "stages[0].widths': expected candidates without repeats"),
+    ("[8, 24]", "stages[0].widths[1]': expected a whole channel count of at most the stage's width 16"),
+    ("[0, 8]", "stages[0].widths[0]': expected a positive channel count"),
+    ("[8, 0.5x]", "stages[0].widths': expected a list of channel counts or of fractions"),
+    ("[0.3x, 1x]", "stages[0].widths[0]': expected a whole channel count"),
+    ("[1.5x]", "stages[0].widths[0]': expected a positive channel count or a fraction in (0, 1]"),
+    ("[]", "stages[0].widths': expected a list of channel counts"),
+])
+def test_width_declaration_errors_name_file_and_field(tmp_path, widths, message):
+    path = write_space(tmp_path, f"stages:\n- name: s1\n  width: 16\n  widths: {widths}\n  conv1: [conv3_pool]\n")
+    with pytest.raises(ConfigError) as error:
+        ArchSpace.from_file(path)
+    assert str(error.value).startswith(f"{path}: field '") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_width_choices_over_the_resolved_width_are_refused_when_built():
+    named = ArchSpace.from_dict({"stages": [{"name": "s1", "width": "layer1", "widths": [8, 24],
+                                             "conv1": ["conv3_pool"]}]})
+    with pytest.raises(ConfigError, match="'s1.widths': expected whole channel counts of at most the stage's width 16 "
+                                          "\\(layer1\\), got '24'"):
+        Supernet(named, NARROW, num_classes=10)
+    odd = ArchSpace.from_dict({"stages": [{"name": "s1", "width": "prep", "widths": ["0.75x", "1x"],
+                                           "conv1": ["conv3_pool"]}]})
+    with pytest.raises(ConfigError, match="got '0.75x' \\(7.5 channels\\)"):
+        CostTable.build(odd, {**NARROW, "prep": 10}, num_classes=10)
+
+
+def test_sliced_batch_norm_updates_the_shared_statistics_of_its_slice():
+    torch.manual_seed(0)
+    shared, plain = SlicedBatchNorm2d(8), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        shared.weight.uniform_(), shared.bias.uniform_()
+        plain.weight.copy_(shared.weight[:4]), plain.bias.copy_(shared.bias[:4])
+    x = torch.randn(16, 4, 5, 5) * 3 + 1
+    torch.testing.assert_close(shared(x), plain(x))
+    torch.testing.assert_close(shared.running_mean[:4], plain.running_mean)
+    torch.testing.assert_close(shared.running_var[:4], plain.running_var)
+    assert shared.running_mean[4:].eq(0).all() and shared.running_var[4:].eq(1).all()
+    assert int(shared.num_batches_tracked) == 1
+    shared.eval(), plain.eval()
+    torch.testing.assert_close(shared(x), plain(x))
+
+
+def sliced_state(net: Supernet, standalone: Supernet) -> dict[str, torch.Tensor]:
+    """The supernet's weights cut to the standalone network's shapes (first channels of every dimension)."""
+    state = net.state_dict()
+    return {name: state[name][tuple(slice(0, n) for n in value.shape)] for name, value in standalone.state_dict().items()}
+
+
+MACRO_WIDTHS = {"stem": {"op": "conv3", "width": 8}, "stages": [
+    {"name": f"s{i}", "width": width, "widths": [width // 2, width], "conv1": ["identity_stride2", "mb3_k3_stride2",
+     "mb6_k5_stride2"], "conv2": ["identity", "mb3_k3", "mb6_k5"], "conv3": ["identity", "mb1_k3"]}
+    for i, width in ((1, 16), (2, 24))], "head": {"conv": 32, "pool": "avg", "bias": True, "scale_logits": False}}
+
+
+@pytest.mark.parametrize("space_name", ["widths", "seed-widths", "macro-widths"])
+def test_a_sliced_path_is_its_standalone_network(space_name):
+    declared = {"widths": WIDTH_SPACE, "macro-widths": MACRO_WIDTHS}
+    space = ArchSpace.from_dict(declared[space_name]) if space_name in declared else ArchSpace.load(space_name)
+    torch.manual_seed(0)
+    net = Supernet(space, NARROW, num_classes=10)
+    assert isinstance(net.choice_modules()[space.stages[0].name + ".width"], WidthChoice)
+    for seed in range(4):  # train-mode passes of random paths: the running statistics differ per channel
+        net.set_arch(random_arch(space, 100 + seed))
+        net(torch.randn(8, 3, 32, 32))
+    net.eval()
+    costs = CostTable.build(space, NARROW, num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    for arch in [random_arch(space, seed) for seed in range(6)] + [costs.extreme(False)]:
+        standalone = build_standalone(space, arch, NARROW, num_classes=10).eval()
+        assert not any(isinstance(m, SlicedBatchNorm2d) for m in standalone.modules())
+        assert count_parameters(standalone) == costs.params_of(arch)
+        assert count_flops(standalone) == costs.flops_of(arch)
+        stage = space.stages[0]
+        assert standalone.stages[stage.name](standalone.prep(x)).shape[1] == stage.channels_of(arch, NARROW)
+        standalone.load_state_dict(sliced_state(net, standalone))
+        net.set_arch(arch)
+        torch.testing.assert_close(standalone(x), net(x))
+
+
+def test_width_extremes_are_the_most_and_fewest_flops_of_the_whole_space():
+    space = ArchSpace.from_dict({"stem": {"op": "conv3", "width": 8}, "stages": [
+        {"name": f"s{i}", "width": 16, "widths": [4, 16], "conv1": ["conv5_pool", "conv3_stride2"],
+         "conv2": ["conv3", "identity"], "skip": ["zero", "conv2_output"]} for i in (1, 2)]})
+    costs = CostTable.build(space, NARROW, num_classes=10)
+    flops = sorted(costs.flops_of(dict(zip(space.choices(), values)))
+                   for values in itertools.product(*space.choices().values()))
+    assert len(flops) == space.size() == 256
+    assert costs.flops_of(costs.extreme(True)) == flops[-1] and costs.flops_of(costs.extreme(False)) == flops[0]
+    assert costs.extreme(True)["s1.width"] == "16" and costs.extreme(False)["s2.width"] == "4"

@@ -18,7 +18,8 @@ from effcifar.nas.space import ArchSpace, CostTable, Supernet
 from effcifar.train import seed_everything
 from effcifar.nas.supernet import (
     GlobalBatchNorm2d, PathSampler, SupernetConfig, SupernetTrainer, average_gradients, checkpoint_files, load_config, load_supernet,
-    read_checkpoint, recalibrate_bn, save_checkpoint, shrink_space, train_supernet, use_global_batch_norm,
+    global_batch_norm, read_checkpoint, recalibrate_bn, save_checkpoint, shrink_space, train_supernet,
+    use_global_batch_norm,
 )
 
 from conftest import NARROW
@@ -257,6 +258,14 @@ def test_global_batch_norm_is_plain_batch_norm_without_a_process_group():
     x = torch.randn(8, 4, 5, 5)
     torch.testing.assert_close(swapped(x), plain(x))
 
+
+
+def test_width_choices_are_refused_for_batch_norm_over_several_processes():
+    """Sliced batch norm is not synchronised over processes: such a run is refused in one line, not trained wrong."""
+    net = Supernet(ArchSpace.load("seed-widths"), NARROW, num_classes=10)
+    with pytest.raises(ConfigError, match="expected a space without width choices when training on several processes"):
+        global_batch_norm(net, torch.device("cpu"))
+    global_batch_norm(Supernet(ArchSpace.seed(), NARROW, num_classes=10), torch.device("cpu"))
 
 def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -23,6 +23,11 @@ it keeps the table per-choice: the fastest subnet and the ranking are those of t
 The table is saved as JSON; `load_or_measure` reuses a saved one only if it was made for the
 same device, torch version, precision, memory format, batch, space, widths and classes, and by
 this version of the method (older files are measured again).
+
+With width choices an op's time depends on its stage's width and the previous one's, so the
+table also holds every op at every pair of channels it can run at (`sized`, keyed
+"key candidate c_in c_out") and the fixed parts at every last-stage width (`bases`); `ms` and
+`base_ms` are then the figures at the widest, and a subnet sums the figures at its own widths.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import platform
 import random
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -44,8 +49,8 @@ from effcifar.atomic import atomic_write
 from effcifar.config import read_json
 from effcifar.errors import ConfigError
 from effcifar.nas.space import (
-    IMAGE_SIZE, Arch, ArchSpace, build_standalone, distinct_random_archs, extreme_arch, head_input, make_head, make_op,
-    resolve_width, sites,
+    IMAGE_SIZE, Arch, ArchSpace, build_standalone, distinct_random_archs, extreme_arch, extreme_over_widths, make_head,
+    make_op, op_channels, resolve_width, sites,
 )
 
 LATENCY_FILE = "latency_table.json"
@@ -123,6 +128,8 @@ class LatencyTable:
     validation: dict[str, Any]  # the whole-network timings, and the raw and calibrated held-out errors
     build_seconds: float  # timing the ops (the whole-network check is timed in `validation`)
     threads: int  # torch CPU threads while measuring (not part of the setup: workers use fewer)
+    sized: dict[str, float] = field(default_factory=dict)  # with width choices: "key candidate c_in c_out" -> ms
+    bases: dict[str, float] = field(default_factory=dict)  # with width choices: last stage's channels -> fixed ms
 
     @functools.cached_property
     def space(self) -> ArchSpace:
@@ -135,30 +142,46 @@ class LatencyTable:
                 seed: int = 0) -> LatencyTable:
         """Time every op once at its input shape, then calibrate on whole random networks and check on others."""
         started = time.perf_counter()
-        ms: dict[str, dict[str, float]] = {key: {} for key in space.choices()}
+        sized: dict[str, float] = {}
         for site in sites(space, channels):
             x = target.input(site.c_in, site.size)
             if site.key.endswith(".skip"):
-                ms[site.key][site.name] = 0.0 if site.name == "zero" else target.median_ms(
-                    lambda x=x: x + x, repeats, warmup)
+                ms = 0.0 if site.name == "zero" else target.median_ms(lambda x=x: x + x, repeats, warmup)
             else:
                 op = target.prepare(make_op(site.name, site.c_in, site.c_out))
-                ms[site.key][site.name] = target.median_ms(lambda op=op, x=x: op(x), repeats, warmup)
-        c_stem, (c_last, size) = resolve_width(space.stem_width, channels), head_input(space, channels)
+                ms = target.median_ms(lambda op=op, x=x: op(x), repeats, warmup)
+            sized[site_key(site.key, site.name, site.c_in, site.c_out)] = ms
+        c_stem, size = resolve_width(space.stem_width, channels), IMAGE_SIZE >> len(space.stages)
         stem = target.prepare(make_op(space.stem_op, 3, c_stem))
-        head = target.prepare(make_head(space.head, c_last, num_classes))
-        images, features = target.input(3, IMAGE_SIZE, torch.float32), target.input(c_last, size)
-        base_ms = (target.median_ms(lambda: stem(images), repeats, warmup)
-                   + target.median_ms(lambda: head(features), repeats, warmup))
+        images = target.input(3, IMAGE_SIZE, torch.float32)
+        stem_ms = target.median_ms(lambda: stem(images), repeats, warmup)
+        bases = {}
+        for c_last in sorted({s.c_out for s in sites(space, channels) if s.key.startswith(f"{space.stages[-1].name}.")}):
+            head, features = target.prepare(make_head(space.head, c_last, num_classes)), target.input(c_last, size)
+            bases[str(c_last)] = stem_ms + target.median_ms(lambda: head(features), repeats, warmup)
+        widest = [s.max_channels(channels) for s in space.stages]
+        table: dict[str, dict[str, float]] = {key: {} for key in space.choices()}
+        for key, c_in, c_out in op_channels(space, widest, c_stem):
+            table[key] = {name: sized[site_key(key, name, c_in, c_out)] for name in space.choices()[key]}
         setup = table_setup(space, channels, num_classes, target)
         built = time.perf_counter() - started
-        raw = cls(setup, base_ms, ms, 1.0, {}, built, torch.get_num_threads())
+        elastic = space.has_widths()
+        raw = cls(setup, bases[str(widest[-1])], table, 1.0, {}, built, torch.get_num_threads(),
+                  sized if elastic else {}, bases if elastic else {})
         scale, validation = raw.calibrate(channels, num_classes, target, calibrate, check, repeats, warmup, seed)
         return replace(raw, scale=scale, validation=validation)
 
     def raw_latency_of(self, arch: Mapping[str, str]) -> float:
         """The sum of separately timed parts (fixed part plus active keys), before calibration: for diagnostics."""
-        return self.base_ms + sum(self.ms[key][arch[key]] for key in self.space.active_keys(arch))
+        if not self.sized:
+            return self.base_ms + sum(self.ms[key][arch[key]] for key in self.space.active_keys(arch))
+        channels = self.setup["channels"]
+        widths = [s.channels_of(arch, channels) for s in self.space.stages]
+        active = set(self.space.active_keys(arch))
+        return self.bases[str(widths[-1])] + sum(
+            self.sized[site_key(key, arch[key], c_in, c_out)]
+            for key, c_in, c_out in op_channels(self.space, widths, resolve_width(self.space.stem_width, channels))
+            if key in active)
 
     def latency_of(self, arch: Mapping[str, str]) -> float:
         """Predicted milliseconds of one forward of the whole subnet (the calibrated sum)."""
@@ -166,7 +189,11 @@ class LatencyTable:
 
     def fastest(self, space: ArchSpace | None = None) -> Arch:
         """The subnet of `space` (default: the table's) with the smallest predicted latency."""
-        return extreme_arch(self.ms, space or self.space, largest=False)
+        space = space or self.space
+        if not space.has_widths():
+            return extreme_arch(self.ms, space, largest=False)
+        return extreme_over_widths(space, self.setup["channels"], lambda *site: self.sized[site_key(*site)],
+                                   self.raw_latency_of, largest=False)
 
     def calibrate(self, channels: Mapping[str, int], num_classes: int, target: Target, calibrate: int, check: int,
                   repeats: int = REPEATS, warmup: int = WARMUP, seed: int = 0) -> tuple[float, dict[str, Any]]:
@@ -200,14 +227,15 @@ class LatencyTable:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (`from_dict` reads it back)."""
+        widths = {"sized": self.sized, "bases": self.bases} if self.sized else {}
         return {"setup": self.setup, "threads": self.threads, "build_seconds": self.build_seconds,
-                "base_ms": self.base_ms, "ms": self.ms, "scale": self.scale, "validation": self.validation}
+                "base_ms": self.base_ms, "ms": self.ms, "scale": self.scale, "validation": self.validation, **widths}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
         """The table of `to_dict`."""
         return cls(data["setup"], data["base_ms"], data["ms"], data["scale"], data["validation"],
-                   data["build_seconds"], data["threads"])
+                   data["build_seconds"], data["threads"], data.get("sized", {}), data.get("bases", {}))
 
     def save(self, path: str | Path) -> None:
         """Write the table as JSON atomically."""
@@ -221,6 +249,11 @@ class LatencyTable:
             return cls.from_dict(data)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{path}: not a latency table ({e})") from None
+
+
+def site_key(key: str, name: str, c_in: int, c_out: int) -> str:
+    """The JSON key of one op's figure at its channels: "stage1.conv1 conv3_pool 8 16"."""
+    return f"{key} {name} {c_in} {c_out}"
 
 
 def fit_scale(table_ms: list[float], measured_ms: list[float]) -> float:

@@ -34,7 +34,8 @@ from effcifar.atomic import atomic_write
 from effcifar.config import execution, field_error, result_values, save_config
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
-from effcifar.nas.space import Arch, ArchSpace, CostTable, HeadSpec, network_key
+from effcifar.models import STAGES
+from effcifar.nas.space import Arch, ArchSpace, CostTable, HeadSpec, network_key, width_channels
 from effcifar.rundir import clear, locked
 from effcifar.studies import (
     FINISHED, OnTrial, StorageConfig, check_setup, open_storage, recorded_study, run_trials, start_workers, study_name,
@@ -92,7 +93,7 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
 
     Expressible when the space has three stages of a `conv3_pool` downsampling conv and a skip
     choice, the ResNet has no extra layers and at most one residual block per stage, and the
-    space's widths are the config's. A residual block is `conv2`, `conv3` and the skip after
+    space's widths are the config's (with width choices: the full width). A residual block is `conv2`, `conv3` and the skip after
     them (`conv4_input`); a stage without one is the bodiless `zero` skip. Every body conv the
     path does not compute takes its first candidate (it does not change the network).
     """
@@ -111,6 +112,12 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
         for i, candidates in enumerate(stage.body):
             arch[f"{stage.name}.conv{i + 2}"] = "conv3" if res == 1 and i < 2 else candidates[0]
         arch[f"{stage.name}.skip"] = skip
+        if stage.widths:
+            channels = {n: getattr(base, n) for n in STAGES}
+            full = [w for w in stage.widths if width_channels(stage, w, channels) == getattr(base, name)]
+            if not full:
+                return None
+            arch[f"{stage.name}.width"] = full[0]
     return space.check(arch)
 
 

@@ -13,21 +13,35 @@ The supernet holds every candidate; `set_arch` selects one per key and the forwa
 only the chosen ops (body convolutions past the chosen skip depth are not run). The same
 class builds a standalone network from a space fixed to one architecture (`ArchSpace.fix`),
 whose parameters are exactly those of the chosen ops and keep the supernet's names.
+
+Width choices (OFA/BigNAS elastic channels): a stage may declare `widths` beside its `width`,
+adding the key `stageN.width`. Its candidates are either channel counts (`[16, 24, 32]`, the
+candidates "16", "24", "32") or fractions of the stage's width (`["0.5x", "0.75x", "1x"]`), one kind
+per stage; fractions are what a width named after a hyper-parameter (`layer1`) needs. Each must
+come to a whole number of channels no larger than the stage's width (checked where the width is
+resolved). The supernet builds the stage's ops at its largest candidate and a path of width w
+runs the first w output channels of each conv (and the first input channels it receives), the
+matching slice of BatchNorm's parameters and statistics, and the head's first columns: every
+width shares the same weights. In an inverted residual (`mb*`) the expanded channels follow
+the input (e x its channels) and the projection the stage's width.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from effcifar.config import read_config_file, read_json
 from effcifar.errors import ConfigError
@@ -107,25 +121,86 @@ NAS_BENCH_MACRO_SPACE: dict[str, Any] = {
     ],
     "head": {"conv": 1280, "pool": "avg", "bias": True, "scale_logits": False},
 }
-BUILTIN_SPACES = {"seed": SEED_SPACE, "nas-bench-macro": NAS_BENCH_MACRO_SPACE}
+# The seed space with each stage's width searched too (at 0.5, 0.75 and 1 times the hyper-parameter width), so the
+# search can trade channels for ops: ResNet-9 is no longer the only network at its cost.
+SEED_WIDTHS_SPACE: dict[str, Any] = {
+    "stem": SEED_SPACE["stem"],
+    "stages": [{**stage, "widths": ["0.5x", "0.75x", "1x"]} for stage in SEED_SPACE["stages"]],
+}
+BUILTIN_SPACES = {"seed": SEED_SPACE, "seed-widths": SEED_WIDTHS_SPACE, "nas-bench-macro": NAS_BENCH_MACRO_SPACE}
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 _SKIP = re.compile(r"conv(\d+)_(input|output)$")
+_FRACTION = re.compile(r"(\d+(?:\.\d+)?)x$")
+
+
+class SlicedConv2d(nn.Conv2d):
+    """A conv held at its largest width that runs its first `active_out` output channels (None: all) on the
+    input channels it receives: the weights every width of an elastic stage shares. A depthwise conv runs one
+    filter per input channel; with `expansion` the output is that many times the input's channels."""
+
+    active_out: int | None = None
+    expansion: int = 0  # an inverted residual's expansion conv: e x the input channels out (0: active_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if self.groups > 1:  # depthwise
+            bias = None if self.bias is None else self.bias[:c]
+            return F.conv2d(x, self.weight[:c], bias, self.stride, self.padding, self.dilation, c)
+        out = c * self.expansion if self.expansion else self.active_out
+        bias = None if self.bias is None else self.bias[:out]
+        return self._conv_forward(x, self.weight[:out, :c], bias)
+
+
+class SlicedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the first channels of its largest width, as many as the input has; the running statistics
+    of the slice are updated in place in the shared buffers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        if c == self.num_features:
+            return super().forward(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average (BN recalibration)
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or self.running_mean is None
+        track = not self.training or self.track_running_stats
+        mean = self.running_mean[:c] if track and self.running_mean is not None else None
+        var = self.running_var[:c] if track and self.running_var is not None else None
+        weight = None if self.weight is None else self.weight[:c]
+        bias = None if self.bias is None else self.bias[:c]
+        return F.batch_norm(x, mean, var, weight, bias, use_batch, momentum, self.eps)
+
+
+class SlicedLinear(nn.Linear):
+    """A linear layer held at its largest input width that uses the first columns, as many as the input has."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[:, :x.shape[1]], self.bias)
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1x1 expand + BN + ReLU, depthwise + BN + ReLU, 1x1 project + BN (+ input)."""
+    """MobileNetV2's block: 1x1 expand + BN + ReLU, depthwise + BN + ReLU, 1x1 project + BN (+ input).
 
-    def __init__(self, c_in: int, c_out: int, expansion: int, kernel: int, stride: int):
+    `sliced`: elastic (see SlicedConv2d): the expansion and depthwise convs run on e x the input's
+    channels, the projection on the stage's chosen width.
+    """
+
+    def __init__(self, c_in: int, c_out: int, expansion: int, kernel: int, stride: int, sliced: bool = False):
         super().__init__()
+        conv, norm = (SlicedConv2d, SlicedBatchNorm2d) if sliced else (nn.Conv2d, nn.BatchNorm2d)
         hidden = c_in * expansion
         layers: list[nn.Module] = []
         if expansion != 1:
-            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True)]
+            expand = conv(c_in, hidden, 1, bias=False)
+            expand.expansion = expansion
+            layers += [expand, norm(hidden), nn.ReLU(inplace=True)]
         layers += [
-            nn.Conv2d(hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+            conv(hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden, bias=False),
+            norm(hidden), nn.ReLU(inplace=True),
+            conv(hidden, c_out, 1, bias=False), norm(c_out),
         ]
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and c_in == c_out
@@ -134,20 +209,22 @@ class InvertedResidual(nn.Module):
         return x + self.body(x) if self.residual else self.body(x)
 
 
-def make_op(name: str, c_in: int, c_out: int) -> nn.Module:
-    """The module of op `name` (see `op_spec`) from c_in to c_out channels."""
+def make_op(name: str, c_in: int, c_out: int, sliced: bool = False) -> nn.Module:
+    """The module of op `name` (see `op_spec`) from c_in to c_out channels; `sliced`: with the modules of an
+    elastic stage (SlicedConv2d, SlicedBatchNorm2d)."""
     op = op_spec(name)
     if op is None:
         raise ValueError(f"not an op name: {name!r} (expected {OP_GRAMMAR})")
+    conv, norm = (SlicedConv2d, SlicedBatchNorm2d) if sliced else (nn.Conv2d, nn.BatchNorm2d)
     if op.family == "mb":
-        return InvertedResidual(c_in, c_out, op.expansion, op.kernel, op.stride)
+        return InvertedResidual(c_in, c_out, op.expansion, op.kernel, op.stride, sliced)
     if op.family == "identity":
         if op.stride == 1 and c_in == c_out:
             return nn.Identity()
-        return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=op.stride, bias=False), nn.BatchNorm2d(c_out))
+        return nn.Sequential(conv(c_in, c_out, 1, stride=op.stride, bias=False), norm(c_out))
     layers: list[nn.Module] = [
-        nn.Conv2d(c_in, c_out, op.kernel, stride=op.stride, padding=op.kernel // 2, bias=False),
-        nn.BatchNorm2d(c_out),
+        conv(c_in, c_out, op.kernel, stride=op.stride, padding=op.kernel // 2, bias=False),
+        norm(c_out),
         nn.ReLU(inplace=True),
     ]
     if op.pool:
@@ -187,7 +264,8 @@ def skip_depth(name: str) -> int:
 class StageSpec:
     """One stage: its name (the key prefix), width, and the candidates of each choice.
 
-    An empty `skip` means the stage has no skip choice: its body layers all run, in sequence.
+    An empty `skip` means the stage has no skip choice: its body layers all run, in sequence. An empty
+    `widths` means the stage runs at `width`; else `width` is the largest a width candidate may be.
     """
 
     name: str
@@ -195,19 +273,59 @@ class StageSpec:
     conv1: tuple[str, ...]
     body: tuple[tuple[str, ...], ...]  # conv2, conv3, ... candidates
     skip: tuple[str, ...]
+    widths: tuple[str, ...] = ()  # channel counts ("16") or fractions of `width` ("0.5x")
 
     def choices(self) -> dict[str, tuple[str, ...]]:
-        """Choice key -> candidates, in declaration order."""
+        """Choice key -> candidates, in declaration order (the width last)."""
         out = {f"{self.name}.conv1": self.conv1}
         for i, candidates in enumerate(self.body):
             out[f"{self.name}.conv{i + 2}"] = candidates
         if self.skip:
             out[f"{self.name}.skip"] = self.skip
+        if self.widths:
+            out[f"{self.name}.width"] = self.widths
         return out
 
     def depth(self, arch: Mapping[str, str]) -> int:
         """How many body layers `arch` computes in this stage (all of them without a skip choice)."""
         return skip_depth(arch[f"{self.name}.skip"]) if self.skip else len(self.body)
+
+    def candidate_channels(self, channels: Mapping[str, int]) -> dict[str, int]:
+        """Width candidate -> its channels (a ConfigError if one does not fit the resolved width); {} without widths."""
+        return {name: width_channels(self, name, channels) for name in self.widths}
+
+    def max_channels(self, channels: Mapping[str, int]) -> int:
+        """The channels the stage's ops are built with: its largest width candidate, else its width."""
+        return max(self.candidate_channels(channels).values(), default=resolve_width(self.width, channels))
+
+    def channels_of(self, arch: Mapping[str, str], channels: Mapping[str, int]) -> int:
+        """The channels `arch` runs the stage at."""
+        return width_channels(self, arch[f"{self.name}.width"], channels) if self.widths else resolve_width(
+            self.width, channels)
+
+
+def width_fraction(name: str) -> Fraction | None:
+    """The fraction of a width candidate such as "0.5x", or None for a channel count such as "16"."""
+    match = _FRACTION.match(name)
+    return Fraction(match.group(1)) if match else None
+
+
+def width_rank(name: str) -> Fraction:
+    """How a width candidate ranks by size among its stage's (all counts or all fractions)."""
+    fraction = width_fraction(name)
+    return Fraction(int(name)) if fraction is None else fraction
+
+
+def width_channels(stage: StageSpec, name: str, channels: Mapping[str, int]) -> int:
+    """The channels of width candidate `name` of `stage`: a count, or a fraction of the resolved width that gives a
+    whole number; a ConfigError if it exceeds the width."""
+    full = resolve_width(stage.width, channels)
+    fraction = width_fraction(name)
+    value = Fraction(int(name)) if fraction is None else fraction * full
+    if value.denominator != 1 or not 0 < value <= full:
+        raise ConfigError(f"space: field '{stage.name}.widths': expected whole channel counts of at most the stage's "
+                          f"width {full} ({stage.width}), got {name!r} ({float(value):g} channels)")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -278,6 +396,8 @@ class ArchSpace:
                 entry[f"conv{i + 2}"] = list(candidates)
             if s.skip:
                 entry["skip"] = list(s.skip)
+            if s.widths:
+                entry["widths"] = [c if width_fraction(c) else int(c) for c in s.widths]
             stages.append(entry)
         out = {"stem": {"op": self.stem_op, "width": self.stem_width}, "stages": stages}
         return out | ({"head": self.head.to_dict()} if self.head != HeadSpec() else {})
@@ -317,7 +437,12 @@ class ArchSpace:
             keys.append(f"{s.name}.conv1")
             keys += [f"{s.name}.conv{i + 2}" for i in range(s.depth(arch))]
             keys += [f"{s.name}.skip"] if s.skip else []
+            keys += [f"{s.name}.width"] if s.widths else []
         return keys
+
+    def has_widths(self) -> bool:
+        """Whether some stage's width is a choice."""
+        return any(s.widths for s in self.stages)
 
     def restrict(self, choices: Mapping[str, Sequence[str]]) -> ArchSpace:
         """The same space with each key limited to the given candidates (for shrinking)."""
@@ -328,17 +453,29 @@ class ArchSpace:
                 empty = next(k for k, v in keep.items() if not v)
                 raise ConfigError(f"restricting the space: key '{empty}' would have no candidate left")
             body = tuple(keep[f"{s.name}.conv{i + 2}"] for i in range(len(s.body)))
-            stages.append(StageSpec(s.name, s.width, keep[f"{s.name}.conv1"], body, keep.get(f"{s.name}.skip", ())))
+            stages.append(StageSpec(s.name, s.width, keep[f"{s.name}.conv1"], body, keep.get(f"{s.name}.skip", ()),
+                                    keep.get(f"{s.name}.width", ())))
         return ArchSpace(self.stem_op, self.stem_width, tuple(stages), self.head)
 
-    def fix(self, arch: Mapping[str, str]) -> ArchSpace:
-        """The one-architecture space of a standalone network: chosen ops only, unused body convs dropped."""
+    def fix(self, arch: Mapping[str, str], channels: Mapping[str, int] | None = None) -> ArchSpace:
+        """The one-architecture space of a standalone network: chosen ops only, unused body convs dropped, each
+        chosen width as the stage's width (a fraction of a width named after a hyper-parameter stays a
+        one-candidate choice unless `channels` resolves it)."""
         arch = self.check(arch)
         stages = []
         for s in self.stages:
             body = tuple((arch[f"{s.name}.conv{i + 2}"],) for i in range(s.depth(arch)))
             skip = (arch[f"{s.name}.skip"],) if s.skip else ()
-            stages.append(StageSpec(s.name, s.width, (arch[f"{s.name}.conv1"],), body, skip))
+            width, widths = s.width, ()
+            if s.widths:
+                chosen = arch[f"{s.name}.width"]
+                if channels is not None or isinstance(s.width, int):
+                    width = width_channels(s, chosen, channels or {})
+                elif width_fraction(chosen) is None:
+                    width = int(chosen)
+                else:
+                    widths = (chosen,)
+            stages.append(StageSpec(s.name, width, (arch[f"{s.name}.conv1"],), body, skip, widths))
         return ArchSpace(self.stem_op, self.stem_width, tuple(stages), self.head)
 
     def to_nni(self) -> dict[str, Any]:
@@ -379,18 +516,43 @@ def _candidates(value: Any, field: str, downsampling: bool, fail: Any) -> tuple[
     return _names(value, field, allowed, f"{kind}: {OP_GRAMMAR}", fail)
 
 
+def _widths(value: Any, width: str | int, field: str, fail: Any) -> tuple[str, ...]:
+    """Width candidates: distinct positive channel counts or fractions ("0.5x"), one kind, none over an int width."""
+    expected = "a list of channel counts or of fractions of the stage's width such as 0.5x (one kind)"
+    if not isinstance(value, list) or not value:
+        raise fail(field, expected, value)
+    names = []
+    for i, candidate in enumerate(value):
+        counted = isinstance(candidate, int) and not isinstance(candidate, bool) and candidate > 0
+        fraction = width_fraction(candidate) if isinstance(candidate, str) else None
+        if not counted and not (fraction is not None and 0 < fraction <= 1):
+            raise fail(f"{field}[{i}]", "a positive channel count or a fraction in (0, 1] such as 0.5x", candidate)
+        names.append(str(candidate))
+    if len({width_fraction(n) is None for n in names}) > 1:
+        raise fail(field, expected, value)
+    if len({width_rank(n) for n in names}) != len(names):
+        raise fail(field, "candidates without repeats", value)
+    if isinstance(width, int):
+        for i, name in enumerate(names):
+            size = width_rank(name) * (width if width_fraction(name) is not None else 1)
+            if size > width or size.denominator != 1:
+                raise fail(f"{field}[{i}]", f"a whole channel count of at most the stage's width {width}", value[i])
+    return tuple(names)
+
+
 def _stage(stage: Any, where: str, fail: Any) -> StageSpec:
     if not isinstance(stage, Mapping):
-        raise fail(where, "a mapping with name, width, conv1, conv2…, skip", stage)
+        raise fail(where, "a mapping with name, width, widths, conv1, conv2…, skip", stage)
     name = stage.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise fail(f"{where}.name", "an identifier (letters, digits, underscore)", name)
     body_fields = [k for k in stage if re.fullmatch(r"conv\d+", k) and k != "conv1"]
     n_body = len(body_fields)
-    expected_fields = {"name", "width", "conv1", "skip"} | {f"conv{i + 2}" for i in range(n_body)}
+    expected_fields = {"name", "width", "widths", "conv1", "skip"} | {f"conv{i + 2}" for i in range(n_body)}
     for key in stage:
         if key not in expected_fields:
-            raise fail(f"{where}.{key}", f"fields name, width, conv1, conv2…conv{n_body + 1} (consecutive), skip", key)
+            raise fail(f"{where}.{key}", f"fields name, width, widths, conv1, conv2…conv{n_body + 1} (consecutive), "
+                       f"skip", key)
     if "conv1" not in stage:
         raise fail(f"{where}.conv1", "a list of candidates", None)
     conv1 = _candidates(stage["conv1"], f"{where}.conv1", True, fail)
@@ -400,7 +562,9 @@ def _stage(stage: Any, where: str, fail: Any) -> StageSpec:
         skip_names = (["zero"] + [f"conv{k}_input" for k in range(3, n_body + 3)]
                       + [f"conv{k}_output" for k in range(2, n_body + 2)])
         skip = _names(stage["skip"], f"{where}.skip", lambda name: name in skip_names, f"one of {skip_names}", fail)
-    return StageSpec(name, _width(stage.get("width"), f"{where}.width", fail), conv1, body, skip)
+    width = _width(stage.get("width"), f"{where}.width", fail)
+    widths = _widths(stage["widths"], width, f"{where}.widths", fail) if "widths" in stage else ()
+    return StageSpec(name, width, conv1, body, skip, widths)
 
 
 def _head(head: Any, fail: Any) -> HeadSpec:
@@ -460,18 +624,52 @@ class InputChoice(nn.Module):
         return inputs[self.chosen_index]
 
 
-class SearchStage(nn.Module):
-    """conv1 (downsampling), body layers, and (if the stage has one) the skip that adds a body output back to conv1's."""
+class WidthChoice(nn.Module):
+    """A stage's width, picked by `chosen` among its candidates (no weights: the stage's sliced ops use it)."""
 
-    def __init__(self, spec: StageSpec, c_in: int, c_out: int):
+    def __init__(self, key: str, channels: Mapping[str, int]):
         super().__init__()
-        self.conv1 = LayerChoice(f"{spec.name}.conv1", {op: make_op(op, c_in, c_out) for op in spec.conv1})
+        self.key = key
+        self.channels = dict(channels)  # candidate -> channels
+        self.chosen: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.channels)
+
+    @property
+    def active(self) -> int:
+        if self.chosen is None:
+            raise RuntimeError(f"{self.key}: no width chosen; call set_arch first")
+        return self.channels[self.chosen]
+
+
+class SearchStage(nn.Module):
+    """conv1 (downsampling), body layers, and (if the stage has one) the skip that adds a body output back to conv1's.
+
+    `sliced`: the ops are elastic (see SlicedConv2d), as in a stage with several widths or after one.
+    """
+
+    def __init__(self, spec: StageSpec, c_in: int, c_out: int, widths: Mapping[str, int] | None = None,
+                 sliced: bool = False):
+        super().__init__()
+        self.conv1 = LayerChoice(f"{spec.name}.conv1", {op: make_op(op, c_in, c_out, sliced) for op in spec.conv1})
         self.body = nn.ModuleDict({
-            f"conv{i + 2}": LayerChoice(f"{spec.name}.conv{i + 2}", {op: make_op(op, c_out, c_out) for op in ops})
+            f"conv{i + 2}": LayerChoice(f"{spec.name}.conv{i + 2}",
+                                        {op: make_op(op, c_out, c_out, sliced) for op in ops})
             for i, ops in enumerate(spec.body)
         })
         self.skip = InputChoice(f"{spec.name}.skip", spec.skip) if spec.skip else None
         self.depths = [skip_depth(name) for name in spec.skip]
+        if widths:
+            self.width = WidthChoice(f"{spec.name}.width", widths)
+
+    def apply_width(self) -> None:
+        """Point the stage's sliced convs at the chosen width (all channels without a width choice)."""
+        active = self.width.active if hasattr(self, "width") else None
+        for module in self.modules():
+            if isinstance(module, SlicedConv2d):
+                module.active_out = active
 
     @property
     def depth(self) -> int:
@@ -491,14 +689,18 @@ class SearchStage(nn.Module):
         return x if skip is None else x + skip
 
 
-def make_head(head: HeadSpec, c_in: int, num_classes: int, logits_weight: float = 0.125) -> nn.Sequential:
-    """The declared head (see HeadSpec) on c_in channels."""
+def make_head(head: HeadSpec, c_in: int, num_classes: int, logits_weight: float = 0.125,
+              sliced: bool = False) -> nn.Sequential:
+    """The declared head (see HeadSpec) on c_in channels; `sliced`: on the first channels it receives (after an
+    elastic stage)."""
     layers: list[nn.Module] = []
     if head.conv is not None:
-        layers += [nn.Conv2d(c_in, head.conv, 1, bias=False), nn.BatchNorm2d(head.conv), nn.ReLU(inplace=True)]
-        c_in = head.conv
+        conv = SlicedConv2d if sliced else nn.Conv2d
+        layers += [conv(c_in, head.conv, 1, bias=False), nn.BatchNorm2d(head.conv), nn.ReLU(inplace=True)]
+        c_in, sliced = head.conv, False
+    linear = SlicedLinear if sliced else nn.Linear
     layers += [nn.AdaptiveMaxPool2d(1) if head.pool == "max" else nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-               nn.Linear(c_in, num_classes, bias=head.bias)]
+               linear(c_in, num_classes, bias=head.bias)]
     return nn.Sequential(*layers, *([Scale(logits_weight)] if head.scale_logits else []))
 
 
@@ -516,19 +718,20 @@ class Supernet(nn.Module):
         self.space, self.canonical_paths = space, canonical_paths
         c_in = resolve_width(space.stem_width, channels)
         self.prep = make_op(space.stem_op, 3, c_in)
-        stages = {}
+        stages, elastic = {}, False  # elastic: the previous stage's width varies
         for spec in space.stages:
-            c_out = resolve_width(spec.width, channels)
-            stages[spec.name] = SearchStage(spec, c_in, c_out)
-            c_in = c_out
+            widths = spec.candidate_channels(channels)
+            c_out = spec.max_channels(channels)
+            stages[spec.name] = SearchStage(spec, c_in, c_out, widths, sliced=elastic or len(widths) > 1)
+            c_in, elastic = c_out, len(widths) > 1
         self.stages = nn.ModuleDict(stages)
-        self.head = make_head(space.head, c_in, num_classes, logits_weight)
+        self.head = make_head(space.head, c_in, num_classes, logits_weight, sliced=elastic)
         if space.size() == 1:  # a standalone network: its only architecture is always active
             self.set_arch({k: v[0] for k, v in space.choices().items()})
 
-    def choice_modules(self) -> dict[str, LayerChoice | InputChoice]:
+    def choice_modules(self) -> dict[str, LayerChoice | InputChoice | WidthChoice]:
         """Choice key -> its module."""
-        return {m.key: m for m in self.modules() if isinstance(m, (LayerChoice, InputChoice))}
+        return {m.key: m for m in self.modules() if isinstance(m, (LayerChoice, InputChoice, WidthChoice))}
 
     def path_of(self, arch: Mapping[str, str]) -> Arch:
         """The path that runs `arch`: the architecture itself, or with `canonical_paths` its network's canonical path."""
@@ -540,6 +743,8 @@ class Supernet(nn.Module):
         modules = self.choice_modules()
         for key, candidate in self.path_of(arch).items():
             modules[key].chosen = candidate
+        for stage in self.stages.values():
+            stage.apply_width()
 
     def active_network(self) -> Supernet:
         """The network the selected path runs in: this one (see FewShotSupernet)."""
@@ -598,7 +803,7 @@ class FewShotSupernet(nn.Module):
 def build_standalone(space: ArchSpace, arch: Mapping[str, str], channels: Mapping[str, int], num_classes: int,
                      logits_weight: float = 0.125) -> Supernet:
     """A network with only the chosen ops of `arch` (its parameter names match the supernet's)."""
-    return Supernet(space.fix(arch), channels, num_classes, logits_weight)
+    return Supernet(space.fix(arch, channels), channels, num_classes, logits_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,22 +825,28 @@ class Site:
 
 
 def sites(space: ArchSpace, channels: Mapping[str, int]) -> list[Site]:
-    """Every candidate of every choice with its input shape, so cost tables measure each op where it runs."""
+    """Every candidate of every choice with its input shape, so cost tables measure each op where it runs; with
+    width choices, at every pair of input and output channels it can run at (width keys have no site)."""
     out = []
-    c_in, size = resolve_width(space.stem_width, channels), IMAGE_SIZE
+    c_ins, size = [resolve_width(space.stem_width, channels)], IMAGE_SIZE
     for s in space.stages:
-        c_out = resolve_width(s.width, channels)
-        out += [Site(f"{s.name}.conv1", op, c_in, c_out, size) for op in s.conv1]
+        c_outs = sorted(set(s.candidate_channels(channels).values())) or [resolve_width(s.width, channels)]
+        out += [Site(f"{s.name}.conv1", op, c_in, c_out, size) for op in s.conv1 for c_in in c_ins for c_out in c_outs]
         size //= 2
-        out += [Site(key, name, c_out, c_out, size)
-                for key, names in list(s.choices().items())[1:] for name in names]
-        c_in = c_out
+        out += [Site(key, name, c_out, c_out, size) for key, names in list(s.choices().items())[1:]
+                if not key.endswith(".width") for name in names for c_out in c_outs]
+        c_ins = c_outs
     return out
 
 
-def head_input(space: ArchSpace, channels: Mapping[str, int]) -> tuple[int, int]:
-    """(channels, height and width) of what the head receives: the last stage's output."""
-    return resolve_width(space.stages[-1].width, channels), IMAGE_SIZE >> len(space.stages)
+def op_channels(space: ArchSpace, widths: Sequence[int], c_stem: int) -> Iterator[tuple[str, int, int]]:
+    """(key, channels in, channels out) of every op and skip key when the stages run at `widths`."""
+    c_in = c_stem
+    for s, c_out in zip(space.stages, widths):
+        for key in s.choices():
+            if not key.endswith(".width"):
+                yield key, c_in if key.endswith(".conv1") else c_out, c_out
+        c_in = c_out
 
 
 def arch_key(space: ArchSpace, arch: Mapping[str, str]) -> str:
@@ -732,9 +943,11 @@ def extreme_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, lar
     return {key: pick(candidates, key=candidate_cost(costs, key)) for key, candidates in space.choices().items()}
 
 
-def candidate_cost(costs: Mapping[str, Mapping[str, float]], key: str) -> Callable[[str], float]:
-    """How a candidate of `key` is ranked by size: a skip by its depth, an op by its cost."""
-    return skip_depth if key.endswith(".skip") else costs[key].__getitem__
+def candidate_cost(costs: Mapping[str, Mapping[str, float]], key: str) -> Callable[[str], Any]:
+    """How a candidate of `key` is ranked by size: a skip by its depth, a width by its channels, an op by its cost."""
+    if key.endswith(".skip"):
+        return skip_depth
+    return width_rank if key.endswith(".width") else costs[key].__getitem__
 
 
 def ladder_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, rung: int, rungs: int) -> Arch:
@@ -750,49 +963,93 @@ def ladder_arch(costs: Mapping[str, Mapping[str, float]], space: ArchSpace, rung
 
 @dataclass(frozen=True)
 class CostTable:
-    """FLOPs and parameters of the fixed parts and of each candidate, computed once per space.
+    """FLOPs and parameters of the fixed parts and of each candidate at each width it can run at, computed once per space.
 
-    A subnet's cost is the fixed part plus the candidates of its active keys; this equals a
-    direct count of the standalone network (a test checks it), so limits can be applied to
-    sampled paths without building them.
+    A subnet's cost is the stem, the head at the last stage's width, and the candidates of its
+    active keys at their stages' widths; this equals a direct count of the standalone network (a
+    test checks it), so limits can be applied to sampled paths without building them.
     """
 
-    base_flops: int
-    base_params: int
-    flops: dict[str, dict[str, int]]
+    flops: dict[str, dict[str, int]]  # key -> candidate -> FLOPs at the widest (how candidates rank)
     params: dict[str, dict[str, int]]
     space: ArchSpace
+    channels: dict[str, int]
+    stem: tuple[int, int]  # (FLOPs, parameters)
+    heads: dict[int, tuple[int, int]]  # the last stage's channels -> the head's (FLOPs, parameters)
+    ops: dict[tuple[str, str, int, int], tuple[int, int]]  # (key, candidate, c_in, c_out) -> (FLOPs, parameters)
 
     @classmethod
     def build(cls, space: ArchSpace, channels: Mapping[str, int], num_classes: int) -> CostTable:
         """Count every op once on the meta device (nothing is computed); skips cost nothing counted."""
-        flops: dict[str, dict[str, int]] = {key: {} for key in space.choices()}
-        params: dict[str, dict[str, int]] = {key: {} for key in space.choices()}
+        ops: dict[tuple[str, str, int, int], tuple[int, int]] = {}
         for site in sites(space, channels):
             if site.key.endswith(".skip"):
-                flops[site.key][site.name] = params[site.key][site.name] = 0
+                ops[site.key, site.name, site.c_in, site.c_out] = (0, 0)
                 continue
             module = make_op(site.name, site.c_in, site.c_out)
-            flops[site.key][site.name] = count_flops(module, (1, site.c_in, site.size, site.size))
-            params[site.key][site.name] = count_parameters(module)
+            ops[site.key, site.name, site.c_in, site.c_out] = (
+                count_flops(module, (1, site.c_in, site.size, site.size)), count_parameters(module))
         c_stem = resolve_width(space.stem_width, channels)
         stem = make_op(space.stem_op, 3, c_stem)
-        c_last, size = head_input(space, channels)
-        head = make_head(space.head, c_last, num_classes)
-        base_flops = count_flops(stem, (1, 3, IMAGE_SIZE, IMAGE_SIZE)) + count_flops(head, (1, c_last, size, size))
-        return cls(base_flops, count_parameters(stem) + count_parameters(head), flops, params, space)
+        size = IMAGE_SIZE >> len(space.stages)
+        heads = {}
+        for c_last in {site.c_out for site in sites(space, channels) if site.key.startswith(f"{space.stages[-1].name}.")}:
+            head = make_head(space.head, c_last, num_classes)
+            heads[c_last] = (count_flops(head, (1, c_last, size, size)), count_parameters(head))
+        widest = [s.max_channels(channels) for s in space.stages]
+        flops: dict[str, dict[str, int]] = {key: {} for key in space.choices()}
+        params: dict[str, dict[str, int]] = {key: {} for key in space.choices()}
+        for key, c_in, c_out in op_channels(space, widest, c_stem):
+            for name in space.choices()[key]:
+                flops[key][name], params[key][name] = ops[key, name, c_in, c_out]
+        return cls(flops, params, space, dict(channels), (count_flops(stem, (1, 3, IMAGE_SIZE, IMAGE_SIZE)),
+                                                          count_parameters(stem)), heads, ops)
+
+    def total(self, arch: Mapping[str, str], part: int) -> int:
+        """FLOPs (part 0) or parameters (part 1) of the subnet: stem, head and active keys at the arch's widths."""
+        widths = [s.channels_of(arch, self.channels) for s in self.space.stages]
+        active = set(self.space.active_keys(arch))
+        c_stem = resolve_width(self.space.stem_width, self.channels)
+        return self.stem[part] + self.heads[widths[-1]][part] + sum(
+            self.ops[key, arch[key], c_in, c_out][part]
+            for key, c_in, c_out in op_channels(self.space, widths, c_stem) if key in active)
 
     def flops_of(self, arch: Mapping[str, str]) -> int:
         """Forward FLOPs of one image through the subnet."""
-        return self.base_flops + sum(self.flops[k][arch[k]] for k in self.space.active_keys(arch))
+        return self.total(arch, 0)
 
     def params_of(self, arch: Mapping[str, str]) -> int:
         """Trainable parameters of the standalone subnet."""
-        return self.base_params + sum(self.params[k][arch[k]] for k in self.space.active_keys(arch))
+        return self.total(arch, 1)
 
     def extreme(self, largest: bool, space: ArchSpace | None = None) -> Arch:
-        """The subnet of `space` (default: the table's) with the most or fewest FLOPs."""
-        return extreme_arch(self.flops, space or self.space, largest)
+        """The subnet of `space` (default: the table's) with the most or fewest FLOPs.
+
+        Given the widths, costs add up per key, so the per-key pick is the extreme; over widths,
+        each combination of a stage's widths is tried (few: the candidates of each stage multiplied).
+        """
+        space = space or self.space
+        if not space.has_widths():
+            return extreme_arch(self.flops, space, largest)
+        return extreme_over_widths(space, self.channels, lambda *site: self.ops[site][0], self.flops_of, largest)
+
+
+def extreme_over_widths(space: ArchSpace, channels: Mapping[str, int], site_cost: Callable[[str, str, int, int], float],
+                        total: Callable[[Arch], float], largest: bool) -> Arch:
+    """The subnet of a space with width choices of the largest (smallest) `total` cost: for each combination of the
+    stages' widths the per-key extreme by `site_cost(key, candidate, c_in, c_out)` (exact: given the widths, costs
+    add up per key), then the extreme of those by `total` (which adds the parts that depend on the widths alone)."""
+    keys = {f"{s.name}.width": s.widths for s in space.stages if s.widths}
+    c_stem = resolve_width(space.stem_width, channels)
+    archs = []
+    for combination in itertools.product(*keys.values()):
+        fixed = dict(zip(keys, combination))
+        widths = [s.channels_of(fixed, channels) for s in space.stages]
+        costs = {key: {name: site_cost(key, name, c_in, c_out) for name in space.choices()[key]}
+                 for key, c_in, c_out in op_channels(space, widths, c_stem)}
+        archs.append(extreme_arch(costs, space.restrict({**space.choices(), **{k: [v] for k, v in fixed.items()}}),
+                                  largest))
+    return (max if largest else min)(archs, key=total)
 
 
 def nni_space_json(space: ArchSpace) -> str:

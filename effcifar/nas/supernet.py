@@ -45,7 +45,8 @@ from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
 from effcifar.nas.space import (
-    Arch, ArchSpace, CostTable, FewShotSupernet, LayerChoice, Supernet, extreme_arch, ladder_arch, skip_depth,
+    Arch, ArchSpace, CostTable, FewShotSupernet, LayerChoice, SlicedBatchNorm2d, Supernet, extreme_arch, ladder_arch,
+    skip_depth,
 )
 from effcifar.rundir import locked
 from effcifar.train import (
@@ -82,7 +83,7 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     """
 
     holdout: int = 5000  # held-out training images for the panel and shrinking (never the test set)
-    space: str = "seed"  # a built-in space (seed, nas-bench-macro) or a YAML/JSON space file
+    space: str = "seed"  # a built-in space (seed, seed-widths, nas-bench-macro) or a YAML/JSON space file
     hparams: str | None = execution(None)  # best.json of an HPO run: widths, LR, weight decay, augmentation
     epochs: int = 30
     lr_factor: float = 0.3
@@ -542,6 +543,9 @@ def use_global_batch_norm(model: nn.Module) -> None:
 def global_batch_norm(net: nn.Module, device: torch.device) -> None:
     """Batch norm over the global batch, in place (same parameters and buffers): nn.SyncBatchNorm on CUDA,
     GlobalBatchNorm2d elsewhere."""
+    if any(isinstance(m, SlicedBatchNorm2d) for m in net.modules()):
+        raise ConfigError("supernet: field 'space': expected a space without width choices when training on several "
+                          "processes (sliced batch norm is not synchronised), got one with width choices")
     if device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(net)  # replaces net's BatchNorm children in place
     else:
