@@ -263,6 +263,20 @@ def budget_used(trials: list[FrozenTrial]) -> int:
     return sum(t.number not in retried for t in trials)
 
 
+def budget_spent(trials: list[FrozenTrial], budget: int, max_failures: int | None = None) -> bool:
+    """Whether a worker should stop taking trials.
+
+    Without `max_failures` every trial counts toward `budget` (a retried one once). With it, only
+    complete, pruned and running ones do, so failures do not eat the budget, and `max_failures` failed
+    trials (retried ones aside) stop the study: a broken setup ends instead of failing forever.
+    """
+    if max_failures is None:
+        return budget_used(trials) >= budget
+    retried = retried_numbers(trials)
+    failed = sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
+    return failed >= max_failures or sum(t.state in (*FINISHED, TrialState.RUNNING) for t in trials) >= budget
+
+
 def trial_seed(seed: int, worker: int, trials: list[FrozenTrial]) -> int:
     """The sampler seed of the study's next trial, a function of its position in the budget.
 
@@ -323,8 +337,8 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractCo
 def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget: int,
                objective: Callable[[optuna.Trial], FrozenTrial], *, seed: int | None = None, worker: int = 0,
                sampler: Callable[[int], optuna.samplers.BaseSampler] | None = None, deadline: float | None = None,
-               on_trial: OnTrial | None = None) -> None:
-    """The worker loop: take trials until `budget` trials have finished (or the deadline passes).
+               on_trial: OnTrial | None = None, max_failures: int | None = None) -> None:
+    """The worker loop: take trials until the budget is spent (`budget_spent`) or the deadline passes.
 
     With a `seed`, each trial's sampler is `sampler(trial_seed(...))`, so a resumed study draws
     what an uninterrupted one would. `objective(trial)` runs one trial and tells the study; an
@@ -337,7 +351,7 @@ def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget
             fail_lost_trials(study, config)
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
-            if not waiting and budget_used(trials) >= budget:
+            if not waiting and budget_spent(trials, budget, max_failures):
                 return
             if seed is not None and sampler is not None:
                 study.sampler = sampler(trial_seed(seed, worker, trials))

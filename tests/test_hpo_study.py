@@ -17,7 +17,9 @@ from optuna.trial import TrialState
 
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
-from effcifar.hpo.study import HpoConfig, load_run, open_study, run_study, select_best, write_best
+from effcifar.hpo.study import (
+    HpoConfig, TrialsFailed, default_holdout, load_run, open_study, run_study, select_best, write_best,
+)
 from effcifar.studies import open_storage
 from effcifar.train import TrainConfig
 
@@ -144,11 +146,12 @@ def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files)
     base, _ = files
     space = tmp_path / "explode.json"
     space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [1e30, 0.1]}}))
-    run_study(HpoConfig(space=str(space), base=str(base), trials=4, sampler="random", seed=0), tmp_path / "hpo")
+    run_study(HpoConfig(space=str(space), base=str(base), trials=3, sampler="random", seed=0, max_failures=10),
+              tmp_path / "hpo")
     _, study = load_run(tmp_path / "hpo")
     trials = study.get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(trials) == 4 and failed and len(failed) < 4
+    assert failed and len(trials) == 3 + len(failed)  # failures do not eat the budget of 3
     assert all(t.params["peak_lr"] == 1e30 and "TrainingDiverged: train loss is nan" in t.user_attrs["fail_reason"]
                for t in failed)
 
@@ -209,16 +212,47 @@ def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     assert final.count(TrialState.COMPLETE) == 2 and final.count(TrialState.FAIL) == killed
 
 
-def test_tie_rule_prefers_the_shorter_trial():
-    def trial(number, acc, time_):
-        t = optuna.trial.create_trial(value=acc, user_attrs={"accuracy": acc, "train_time": time_})
+def test_tie_rule_prefers_less_training_work_whatever_the_clock_says():
+    def trial(number, acc, work, time_):
+        t = optuna.trial.create_trial(value=acc, user_attrs={"accuracy": acc, "work": work, "train_time": time_})
         t.number = number
         return t
 
-    trials = [trial(0, 0.800, 100.0), trial(1, 0.7995, 60.0), trial(2, 0.790, 10.0)]
-    assert select_best(trials, tie=0.1).number == 1  # within 0.1 points of the best, and shorter
+    # trial 1 ran on a slower machine: more seconds, less work
+    trials = [trial(0, 0.800, 9e12, 100.0), trial(1, 0.7995, 6e12, 150.0), trial(2, 0.790, 1e12, 10.0)]
+    assert select_best(trials, tie=0.1).number == 1  # within 0.1 points of the best, and less work
     assert select_best(trials, tie=0.0).number == 0
     assert select_best(trials, tie=1.0).number == 2
+    with pytest.raises(ConfigError, match="tie: expected"):
+        select_best(trials, tie=float("nan"))
+
+
+def test_trials_record_their_training_work_and_hold_out_training_images(tmp_path, files):
+    base, space = files
+    run_study(HpoConfig(space=str(space), base=str(base), trials=1, seed=0), tmp_path / "hpo")
+    _, study = load_run(tmp_path / "hpo")
+    (t,) = study.get_trials()
+    a = t.user_attrs
+    assert a["config"]["holdout"] == default_holdout(256) == 25
+    summary = json.loads((tmp_path / "hpo" / a["run_dir"] / "summary.json").read_text())
+    assert summary["dataset"]["valid_split"] == "holdout"
+    assert a["work"] == a["flops"] * 256 * 2 and a["train_images"] == 256
+
+
+def test_select_on_test_keeps_the_test_set_only_when_asked(tmp_path, files):
+    base, space = files
+    run_study(HpoConfig(space=str(space), base=str(base), trials=1, seed=0, select_on_test=True), tmp_path / "hpo")
+    _, study = load_run(tmp_path / "hpo")
+    assert study.get_trials()[0].user_attrs["config"]["holdout"] == 0
+
+
+def test_a_study_whose_trials_all_fail_raises_with_the_first_reason(tmp_path, files):
+    base, _ = files
+    space = tmp_path / "explode.json"
+    space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [1e30]}}))
+    with pytest.raises(TrialsFailed, match="2 failed trial.*TrainingDiverged: train loss is nan"):
+        run_study(HpoConfig(space=str(space), base=str(base), trials=5, max_failures=2, seed=0), tmp_path / "hpo")
+    assert states(tmp_path / "hpo") == [TrialState.FAIL] * 2  # the bound stopped it, not the budget of 5
 
 
 def test_accuracy_and_time_objective_gives_a_pareto_front(tmp_path, files):
