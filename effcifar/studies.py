@@ -38,7 +38,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.allocator import configure_allocator
-from effcifar.config import build_config, changed_fields, execution, field_error, fingerprint
+from effcifar.config import build_config, changed_fields, execution, field_error, fingerprint, setting
 from effcifar.errors import ConfigError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -51,9 +51,12 @@ S = TypeVar("S", bound="StorageConfig")
 class StorageConfig:
     """Where a study lives; the config part shared by HPO and search studies."""
 
-    storage: str | None = execution(None)  # postgresql://user@host/db shared by machines (default: the run dir's journal)
-    heartbeat: float = execution(10.0)  # seconds (PostgreSQL): a trial silent for 3 heartbeats is failed and retried
-    study: str | None = None  # study name (default: the one recorded in the run directory, else its name)
+    storage: str | None = execution(None, "postgresql://USER@HOST/DB shared by several machines (password: "
+                                          "PGPASSWORD or ~/.pgpass; never printed); default: a journal file in the "
+                                          "run directory")
+    heartbeat: float = execution(10.0, "seconds between worker heartbeats (PostgreSQL): a trial silent for 3 is "
+                                       "failed and retried")
+    study: str | None = setting(None, "study name (default: the one recorded in the run directory, else its name)")
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for a bad storage URL or heartbeat."""

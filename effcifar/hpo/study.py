@@ -27,9 +27,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
 from effcifar.config import (
-    build_config, execution, field_error, field_types, read_config_file, result_values, save_config,
+    build_config, execution, field_error, field_types, read_config_file, result_values, save_config, setting,
 )
-from effcifar.data import CifarData, load_dataset
+from effcifar.data import DATASET_NAMES, CifarData, load_dataset
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.hpo.experiment import SAMPLERS
 from effcifar.hpo.space import SearchSpace
@@ -53,19 +53,22 @@ SPACE_FILE = "search_space.json"  # an experiment file's inline space, kept in t
 class HpoConfig(StorageConfig):
     """One study. Trials = base TrainConfig (file) + the search space's sampled values; where it lives (StorageConfig)."""
 
-    space: str | None = None  # NNI search space (.json/.yaml)
-    base: str | None = None  # TrainConfig file the sampled values override
-    dataset: str | None = None  # overrides the base config's dataset
-    trials: int = 20  # budget of complete and pruned trials, across restarts (failed ones do not count)
-    max_failures: int | None = None  # stop after this many failed trials (default: `trials`)
-    select_on_test: bool = False  # allow a base config that validates (and so selects) on the test set
-    timeout: float | None = execution(None)  # seconds this invocation may start new trials for
-    workers: int = execution(1)  # trial processes on this machine
-    sampler: str = "tpe"
-    pruner: str = "median"
-    objective: str = "acc"  # acc: maximise validation accuracy; acc,time: Pareto front with train time
-    seed: int | None = None  # sampler seed (reproducible suggestions)
-    tie: float = 0.1  # percentage points: among trials this close to the best, the shortest wins
+    space: str | None = setting(None, "NNI search space over TrainConfig fields (.json or .yaml)")
+    base: str | None = setting(None, "TrainConfig file the sampled values override (default: the recipe)")
+    dataset: str | None = setting(None, "overrides the base config's dataset", DATASET_NAMES)
+    trials: int = setting(20, "budget of complete and pruned trials, across restarts (failed ones do not count)")
+    max_failures: int | None = setting(None, "stop after this many failed trials (default: trials)")
+    select_on_test: bool = setting(False, "allow trials to validate, and the best to be chosen, on the test set "
+                                          "(by default trials hold out training images)")
+    timeout: float | None = execution(None, "seconds this invocation may start new trials for")
+    workers: int = execution(1, "trial processes on this machine")
+    sampler: str = setting("tpe", "Optuna sampler", SAMPLERS)
+    pruner: str = setting("median", "stops poor trials early", PRUNERS)
+    objective: str = setting("acc", "acc: maximise validation accuracy; acc,time: Pareto front with train time",
+                             OBJECTIVES)
+    seed: int | None = setting(None, "sampler seed (reproducible suggestions)")
+    tie: float = setting(0.1, "percentage points: among trials this close to the best, the least training work "
+                              "(FLOPs x images x epochs) wins")
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
