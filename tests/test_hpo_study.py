@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -284,3 +285,26 @@ def test_the_table_of_a_study_shows_a_trial_cut_before_its_time_was_recorded():
     print_study(study, 0.1, console, hpo.study)
     text = console.export_text()
     assert "2 trials (1 complete, 1 fail)" in text and "70.00%" in text and "3.0 s" in text
+
+
+def test_status_and_best_show_sampled_values_and_why_optuna_differs():
+    from rich.console import Console
+
+    from effcifar import hpo
+    from effcifar.cli import print_best, print_study
+
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(0.01, 0.5, log=True)
+    for acc, work, value in ((0.800, 9e12, 0.31), (0.7995, 3e12, 0.12)):
+        study.add_trial(optuna.trial.create_trial(
+            value=acc, params={"peak_lr": value}, distributions={"peak_lr": lr},
+            user_attrs={"accuracy": acc, "work": work, "train_time": 5.0, "epochs": 2, "params": 1000}))
+    console = Console(record=True, width=160)
+    print_study(study, 0.1, console, hpo.study)
+    best = select_best(study.trials, 0.1)
+    print_best(study, best, 0.1, Path("best.json"), console)
+    text = " ".join(console.export_text().split())
+    assert "1* COMPLETE peak_lr=0.12" in text and "peak_lr=0.31" in text and "9 TFLOP" in text
+    assert "best by the tie rule: trial 1 (peak_lr=0.12)" in text
+    assert "Optuna's best_trial: trial 0 (peak_lr=0.31)" in text
+    assert "prefers trial 1: within 0.1 points of its accuracy with 0.33x its training work" in text
