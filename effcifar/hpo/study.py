@@ -78,7 +78,7 @@ class HpoConfig(StorageConfig):
             if getattr(self, name) not in choices:
                 raise field_error(name, f"one of {', '.join(choices)}", getattr(self, name))
         for name in ("trials", "workers", "max_failures"):
-            if (getattr(self, name) or 1) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
         if self.timeout is not None and not self.timeout > 0:
             raise field_error("timeout", "a positive number of seconds", self.timeout)
