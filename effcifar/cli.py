@@ -198,13 +198,13 @@ def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[
     from effcifar.hpo.experiment import load_experiment, parse_duration
     from effcifar.hpo.space import SearchSpace
 
-    if args.base is not None:
-        console_warning("--base is deprecated: use --config (any run's config.yaml or an HPO best.json)")
-        args.config = args.config or args.base
     if args.config is not None and args.experiment is None and is_experiment(read_config_file(args.config)):
         console_warning(f"{args.config}: an NNI experiment config: pass it with --experiment (--config now takes "
                         "the trials' base config)")
         args.experiment, args.config = args.config, None
+    if args.base is not None:
+        console_warning("--base is deprecated: use --config (any run's config.yaml or an HPO best.json)")
+        args.config = args.config or args.base
     layers: list[tuple[str, dict[str, Any], bool]] = []
     inline = None
     if args.experiment:
@@ -222,8 +222,8 @@ def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[
                                            "sampler": exp.sampler, "seed": exp.seed, "study": exp.name}.items()
                        if v is not None})
         layers.append((args.experiment, values, False))
-    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(hpo.HpoConfig)}}
-    given.update({"base": args.config} if args.config else {})
+    names = {f.name for f in dataclasses.fields(hpo.HpoConfig)} - HPO_OWN_OPTIONS
+    given = {k: v for k, v in vars(args).items() if k in names} | ({"base": args.config} if args.config else {})
     if args.timeout is not None:
         given["timeout"] = parse_duration(args.timeout, "--timeout")
     layers.append(("command line", {k: v for k, v in given.items() if isinstance(v, str)}, True))
