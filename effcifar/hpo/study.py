@@ -256,14 +256,17 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
         else:
             threads = max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker, (config, run_dir, threads, deadline), on_trial)
-    check_failures(study.get_trials(deepcopy=False), config.max_failures or config.trials)
+    check_failures(study.get_trials(deepcopy=False), config.trials, config.max_failures or config.trials)
     return study
 
 
-def check_failures(trials: list[FrozenTrial], max_failures: int) -> None:
-    """Raise when failed trials ended the study (or none completed): a broken setup must not look like success."""
+def check_failures(trials: list[FrozenTrial], budget: int, max_failures: int) -> None:
+    """Raise when failed trials ended the study before its budget (or none completed): a broken setup must not
+    look like success."""
     failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("worker_lost")]
-    if failed and (len(failed) >= max_failures or not any(t.state == TrialState.COMPLETE for t in trials)):
+    counted = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    if failed and (len(failed) >= max_failures and counted < budget
+                   or not any(t.state == TrialState.COMPLETE for t in trials)):
         reason = failed[0].user_attrs.get("fail_reason", "no reason recorded")
         raise TrialsFailed(f"{len(failed)} failed trial(s) ended the study (max_failures {max_failures}); "
                            f"trial {failed[0].number}: {reason}")
