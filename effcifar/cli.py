@@ -9,10 +9,11 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import yaml
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
@@ -24,26 +25,44 @@ import effcifar
 from effcifar import data as data_lib
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
-from effcifar.config import base_type, build_config, field_types, read_json
-from effcifar.errors import EffcifarError
+from effcifar.config import (
+    base_type, build_config, build_from_layers, field_help, field_types, read_config_file, read_json,
+)
+from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 ALIASES = {"total_epoch": ["--epochs"]}
 NAS_EVAL_SAMPLE = 20  # subnets trained standalone by nas-eval
 TABLE_SAMPLE = 300  # table architectures scored by nas-eval --table (a tau over 300 has a standard error near 0.04)
+HPO_OWN_OPTIONS = {"base", "timeout"}  # HpoConfig fields that `hpo run` takes as --config and a duration
+HPO_TRIAL_EXCLUDED = {"dataset", "seed", "space"}  # TrainConfig fields whose names are HpoConfig's (--dataset: both)
 NOTES = {"total_epoch": "; given without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its "
                         "fraction of the run"}
 
 
-def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --option per config field (underscores become dashes); unset options stay out of the namespace."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if action.default is None or "(default" in text else super()._get_help_string(action)
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type, exclude: Collection[str] = (),
+                       title: str | None = None) -> None:
+    """One --option per config field but `exclude` (underscores become dashes), its help from the field's
+    metadata (`effcifar.config.setting`); unset options stay out of the namespace."""
     defaults = cls()
-    group = parser.add_argument_group(f"{cls.__name__} fields (override --config)")
+    group = parser.add_argument_group(title or f"{cls.__name__} fields (override --config)")
+    helps = {f.name: field_help(f) for f in dataclasses.fields(cls)}
     for name, annotation in field_types(cls).items():
+        if name in exclude:
+            continue
         kind, _ = base_type(annotation)
         flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, [])]
-        text = f"(default: {getattr(defaults, name)}){NOTES.get(name, '')}"
+        default = "" if "default" in helps[name] else f" (default: {getattr(defaults, name)})"
+        text = f"{helps[name]}{NOTES.get(name, '')}{default}".replace("%", "%%")
         if kind is bool:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
@@ -159,8 +178,8 @@ def run_hpo(args: argparse.Namespace, console: Console) -> int:
         return run_hpo_study(args, console, hpo)
     if args.action == "best":
         path, best = hpo.write_best(args.run, args.tie, args.storage)
-        console.print(f"best: trial {best.number}, valid acc {best.user_attrs['accuracy']:.2%}, "
-                      f"train time {best.user_attrs['train_time']:.1f} s -> {path}")
+        config, study = hpo.load_run(args.run, args.storage)
+        print_best(study, best, config.tie if args.tie is None else args.tie, path, console)
     elif args.action == "export":
         for path in hpo.export_trials(args.run, args.storage):
             console.print(f"wrote {path}")
@@ -170,35 +189,58 @@ def run_hpo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[str, Any] | None]:
-    """(config, inline space): --config (NNI experiment file) < explicit options.
+def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[str, Any] | None, TrainConfig | None]:
+    """(config, inline space, base): --experiment (NNI experiment file) < options; the trials' base is
+    --config (a TrainConfig file) with the TrainConfig options over it, None when no option changes the file.
 
     An inline NNI space is checked here and written into the run directory by `run_study`.
     """
     from effcifar.hpo.experiment import load_experiment, parse_duration
     from effcifar.hpo.space import SearchSpace
 
-    values: dict[str, Any] = {}
+    if args.config is not None and args.experiment is None and is_experiment(read_config_file(args.config)):
+        console_warning(f"{args.config}: an NNI experiment config: pass it with --experiment (--config now takes "
+                        "the trials' base config)")
+        args.experiment, args.config = args.config, None
+    if args.base is not None:
+        console_warning("--base is deprecated: use --config (any run's config.yaml or an HPO best.json)")
+        args.config = args.config or args.base
+    layers: list[tuple[str, dict[str, Any], bool]] = []
     inline = None
-    if args.config:
-        exp = load_experiment(args.config)
+    if args.experiment:
+        values: dict[str, Any] = {}
+        exp = load_experiment(args.experiment)
         for warning in exp.warnings:
-            console_warning(f"{args.config}: {warning}")
+            console_warning(f"{args.experiment}: {warning}")
         if exp.search_space is not None:  # an inline v2 space: kept in the run directory
             inline = exp.search_space
-            SearchSpace.from_dict(inline, f"{args.config}: key 'searchSpace'", field_types(TrainConfig))
+            SearchSpace.from_dict(inline, f"{args.experiment}: key 'searchSpace'", field_types(TrainConfig))
             values["space"] = str(Path(args.out) / hpo.SPACE_FILE)
         elif exp.search_space_file is not None:
             values["space"] = exp.search_space_file
         values.update({k: v for k, v in {"trials": exp.trials, "timeout": exp.timeout, "workers": exp.workers,
                                            "sampler": exp.sampler, "seed": exp.seed, "study": exp.name}.items()
                        if v is not None})
-    option_names = ("space", "base", "dataset", "trials", "workers", "sampler", "pruner", "objective", "study", "seed",
-                    "tie", "storage", "heartbeat")
-    values.update({k: getattr(args, k) for k in option_names if getattr(args, k) is not None})
+        layers.append((args.experiment, values, False))
+    names = {f.name for f in dataclasses.fields(hpo.HpoConfig)} - HPO_OWN_OPTIONS
+    given = {k: v for k, v in vars(args).items() if k in names} | ({"base": args.config} if args.config else {})
     if args.timeout is not None:
-        values["timeout"] = parse_duration(args.timeout, "--timeout")
-    return build_config(hpo.HpoConfig, None, values, override_source=args.config or "command line"), inline
+        given["timeout"] = parse_duration(args.timeout, "--timeout")
+    layers.append(("command line", {k: v for k, v in given.items() if isinstance(v, str)}, True))
+    layers.append(("command line", {k: v for k, v in given.items() if not isinstance(v, str)}, False))
+    config = build_from_layers(hpo.HpoConfig, layers)
+    if getattr(args, "holdout", None) == "0" and not config.select_on_test:
+        raise ConfigError("--holdout 0: trials would validate, and the best be chosen, on the test set; "
+                          "add --select-on-test to mean it")
+    trial_options = {k: v for k, v in vars(args).items() if k in set(field_types(TrainConfig)) - HPO_TRIAL_EXCLUDED}
+    base = config_from_args(TrainConfig, argparse.Namespace(config=args.config, **trial_options)) \
+        if trial_options else None
+    return config, inline, base
+
+
+def is_experiment(data: dict[str, Any]) -> bool:
+    """Whether a config file's keys are an NNI experiment's rather than TrainConfig fields."""
+    return bool(data) and not set(data) & set(field_types(TrainConfig))
 
 
 def console_warning(message: str) -> None:
@@ -207,42 +249,93 @@ def console_warning(message: str) -> None:
 
 
 def run_hpo_study(args: argparse.Namespace, console: Console, hpo: Any) -> int:
-    """effcifar hpo run: start or resume a study and print its table at the end."""
-    config, inline_space = hpo_config_from_args(args, hpo)
+    """effcifar hpo run: start or resume a study, a line per trial and its table at the end.
+
+    A study that failed trials ended (or that completed none) exits non-zero with the first failure's reason.
+    """
+    config, inline_space, base = hpo_config_from_args(args, hpo)
+    start = hpo.trial_config(config, {}, 0, base)
+    if start.holdout:
+        console.print(f"trials validate on {start.holdout} held-out training images (holdout)")
+    else:
+        console_warning("trials validate on the test set (--select-on-test): the best is chosen on test images, "
+                        "so its test accuracy is no longer an unbiased estimate")
 
     def on_trial(t: Any) -> None:
         a = t.user_attrs
-        detail = a.get("fail_reason") or (f"valid acc {a['accuracy']:.2%}  train time {a['train_time']:.1f} s"
-                                          if "accuracy" in a else "")
-        console.print(f"trial {t.number:4d}  {t.state.name:<8}  {detail}")
+        detail = a.get("fail_reason") or (f"valid acc {a['accuracy']:.2%}  work {format_work(a.get('work'))}  "
+                                          f"train time {a['train_time']:.1f} s" if "accuracy" in a else "")
+        console.print(f"trial {t.number:4d}  {t.state.name:<8}  {format_params(t.params)}  {detail}",
+                      markup=False, soft_wrap=True)
 
-    study = hpo.run_study(config, args.out, on_trial=on_trial, inline_space=inline_space)
+    try:
+        study = hpo.run_study(config, args.out, on_trial=on_trial, inline_space=inline_space, base=base)
+    except hpo.TrialsFailed:
+        print_study(hpo.load_run(args.out, config.storage)[1], config.tie, console, hpo)
+        raise
     print_study(study, config.tie, console, hpo)
     return 0
 
 
+def format_params(params: dict[str, Any]) -> str:
+    """A trial's sampled values, compactly: peak_lr=0.31 cutout=8."""
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def format_work(work: float | None) -> str:
+    """Training work (FLOPs per image x training images x epochs) in G, T or P FLOP."""
+    if work is None:
+        return "?"
+    scale, unit = next(((s, u) for s, u in ((1e15, "P"), (1e12, "T")) if work >= s), (1e9, "G"))
+    return f"{work / scale:.3g} {unit}FLOP"
+
+
 def print_study(study: Any, tie: float, console: Console, hpo: Any, top: int = 10) -> None:
-    """Counts by state and a table of the top trials by accuracy, marking the one the tie rule picks."""
+    """Counts by state and a table of the top trials by accuracy with their sampled values, marking the one the
+    tie rule picks."""
     trials = study.get_trials(deepcopy=False)
     counts = collections.Counter(t.state.name for t in trials)
     console.print(f"study {study.study_name}: {len(trials)} trials (" +
                   ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")")
-    records = sorted((hpo.trial_record(t) for t in trials if t.user_attrs.get("accuracy") is not None),
-                     key=lambda r: -r["accuracy"])[:top]
-    if not records:
+    ranked = sorted((t for t in trials if t.user_attrs.get("accuracy") is not None),
+                    key=lambda t: -t.user_attrs["accuracy"])[:top]
+    if not ranked:
         return
     chosen = hpo.select_best(trials, tie).number if counts.get("COMPLETE") else None
     if len(study.directions) == 2 and counts.get("COMPLETE"):
         front = sorted(t.number for t in study.best_trials)
         console.print(f"Pareto front (accuracy vs train time): trials {', '.join(map(str, front))}")
-    table = Table(title=f"top {len(records)} trials (* = best by the tie rule, {tie} points)")
-    for column in ("trial", "state", "valid acc", "train time", "epochs", "params"):
-        table.add_column(column, justify="right")
-    for r in records:
-        table.add_row(f"{r['number']}{'*' if r['number'] == chosen else ''}", r["state"], f"{r['accuracy']:.2%}",
+    table = Table(title=f"top {len(ranked)} trials (* = best by the tie rule: least work within {tie} points)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("trial", "state", "sampled values", "valid acc", "work", "train time", "epochs", "params"):
+        table.add_column(column, justify="left" if column == "sampled values" else "right",
+                         no_wrap=column in ("sampled values", "work"))
+    for t in ranked:
+        r = hpo.trial_record(t)
+        table.add_row(f"{r['number']}{'*' if r['number'] == chosen else ''}", r["state"], format_params(t.params),
+                      f"{r['accuracy']:.2%}", format_work(r["work"]) if r["work"] else "",
                       "" if r["train_time"] is None else f"{r['train_time']:.1f} s",  # a cut trial has no time
                       str(r["epochs"] or ""), f"{r['params']:,}" if r["params"] else "")
     console.print(table)
+
+
+def print_best(study: Any, best: Any, tie: float, path: Path, console: Console) -> None:
+    """The tie rule's pick and Optuna's best_trial (the highest accuracy), and why they differ when they do."""
+    def line(t: Any) -> str:
+        a = t.user_attrs
+        return (f"trial {t.number} ({format_params(t.params)}): valid acc {a['accuracy']:.2%}, "
+                f"work {format_work(a.get('work'))}, train time {a['train_time']:.1f} s")
+
+    console.print(f"best by the tie rule: {line(best)} -> {path}", markup=False, soft_wrap=True)
+    if len(study.directions) != 1:
+        return
+    optuna_best = study.best_trial
+    if optuna_best.number == best.number:
+        console.print("Optuna's best_trial is the same trial", markup=False)
+        return
+    ratio = best.user_attrs.get("work", 0) / optuna_best.user_attrs.get("work", float("nan"))
+    console.print(f"Optuna's best_trial: {line(optuna_best)}; the tie rule prefers trial {best.number}: within "
+                  f"{tie} points of its accuracy with {ratio:.2f}x its training work", markup=False, soft_wrap=True)
 
 
 def run_dashboard(args: argparse.Namespace, console: Console) -> int:
@@ -619,28 +712,26 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def add_hpo_parser(sub: Any) -> None:
-    """effcifar hpo run|status|best|export."""
+def add_hpo_parser(sub: Any, command: str | None) -> None:
+    """effcifar hpo run|status|best|export (run's options only when `command` is hpo or None: they import Optuna)."""
     hpo = sub.add_parser("hpo", help="hyper-parameter search (Optuna study; NNI search spaces and configs)")
     hpo_sub = hpo.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = hpo_sub.add_parser("run", help="run or resume a study (the same command again resumes)")
-    p.add_argument("--space", help="NNI search space (.json or .yaml), e.g. examples/search_space.json")
-    p.add_argument("--config", help="NNI experiment config (v1 or v2 keys), e.g. examples/config.yml")
-    p.add_argument("--base", help="TrainConfig file the sampled values override (default: the recipe)")
-    p.add_argument("--dataset", help="cifar10, cifar100, synthetic, ... (overrides the base config)")
-    p.add_argument("--trials", type=int, help="budget of finished trials, across restarts (default 20)")
+    p = hpo_sub.add_parser("run", help="run or resume a study (the same command again resumes)",
+                           formatter_class=HelpFormatter)
+    p.add_argument("--config", help="the trials' base: any run's config.yaml or an HPO best.json (TrainConfig "
+                                    "fields; default: the recipe)")
+    p.add_argument("--base", help="deprecated name of --config")
+    p.add_argument("--experiment", help="NNI experiment config (v1 or v2 keys), e.g. examples/config.yml; options "
+                                        "given here win")
     p.add_argument("--timeout", help="stop starting trials after this long: seconds or 30m, 2h, 1d")
-    p.add_argument("--workers", type=int, help="trial processes on this machine (default 1)")
-    p.add_argument("--sampler", help="tpe (default), random, cmaes, nsga2")
-    p.add_argument("--pruner", help="median (default), hyperband, none")
-    p.add_argument("--objective", help="acc (default) or acc,time (Pareto front with train time)")
-    p.add_argument("--study", help="study name (default: the run directory's name)")
-    p.add_argument("--heartbeat", type=float, help="seconds between worker heartbeats with --storage (default 10)")
-    p.add_argument("--storage", help="postgresql://USER@HOST/DB shared by several machines (password: PGPASSWORD "
-                                     "or ~/.pgpass; never printed); default: a journal file in the run directory")
-    p.add_argument("--seed", type=int, help="sampler seed")
-    p.add_argument("--tie", type=float, help="percentage points within which the shorter trial wins (default 0.1)")
     p.add_argument("--out", required=True, help="run directory, e.g. runs/hpo1")
+    if command in (None, "hpo"):  # HpoConfig's module imports Optuna
+        from effcifar.hpo.study import HpoConfig
+
+        add_config_options(p, HpoConfig, exclude=HPO_OWN_OPTIONS, title="study (HpoConfig fields)")
+        add_config_options(p, TrainConfig, exclude=HPO_TRIAL_EXCLUDED,
+                           title="the trials' base (TrainConfig fields, over --config; holdout 0 holds out a tenth "
+                                 "of subset, or 5000, unless --select-on-test)")
     for action, text in (("status", "counts by state and the top trials"),
                          ("best", "write best.json (usable as effcifar train --config best.json)"),
                          ("export", "write trials.csv and trials.json")):
@@ -657,7 +748,7 @@ def add_nas_parsers(sub: Any, command: str | None) -> None:
     supernet_parser = sub.add_parser("supernet", help="one-shot architecture search: the SPOS supernet")
     supernet_sub = supernet_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = supernet_sub.add_parser("train", help="train a supernet (SPOS); --resume continues a stopped run",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML or JSON file of SupernetConfig fields")
     p.add_argument("--out", required=True, help="run directory, e.g. runs/supernet1")
     p.add_argument("--resume", action="store_true",
@@ -670,7 +761,7 @@ def add_nas_parsers(sub: Any, command: str | None) -> None:
     p.add_argument("--declaration", help="write the space declaration (YAML) here, to start your own")
     supernet_parser.set_defaults(handler=run_supernet)
     p = sub.add_parser("search", help="architecture search over a trained supernet (Optuna study; resumable)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("supernet", help="a finished supernet run directory, e.g. runs/supernet1")
     p.add_argument("--config", help="YAML or JSON file of SearchConfig fields")
     p.add_argument("--out", required=True, help="search run directory, e.g. runs/search1 (the same command resumes)")
@@ -693,7 +784,7 @@ def add_retrain_parsers(sub: Any) -> None:
          "random subnets (distinct architectures; --seed also seeds the sample)",
          "subnet_0/, ... and ranking.json/png (default: SUPERNET/nas_eval)", run_nas_eval),
     ):
-        p = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=text, formatter_class=HelpFormatter)
         p.add_argument(run, help=run_help)
         p.add_argument(count, type=int, default=1 if count == "--top" else None, help=count_help)
         p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
@@ -737,10 +828,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     `effcifar train` and `--help` import neither Optuna nor SQLAlchemy.
     """
     parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
+    parser.add_argument("--version", action="version", version=f"effcifar {effcifar.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="one training run (the cifar10-fast ResNet-9 recipe by default)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML or JSON file of TrainConfig fields (e.g. a run's config.yaml or best.json)")
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<time>)")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
@@ -753,10 +845,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar")
     p.set_defaults(handler=run_data)
 
-    add_hpo_parser(sub)
+    add_hpo_parser(sub, command)
 
     p = sub.add_parser("dashboard", help="browse a study's trials in Optuna's web dashboard",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("run", help="the study's run directory, e.g. runs/hpo1")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
     p.add_argument("--host", default="127.0.0.1",

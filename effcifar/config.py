@@ -20,7 +20,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -29,11 +29,24 @@ from effcifar.errors import ConfigError
 
 C = TypeVar("C")
 EXECUTION = "execution"  # field metadata key: the field does not change results
+HELP = "help"  # field metadata key: what the field means, for --help and the docs
+CHOICES = "choices"  # field metadata key: the values a field accepts, when they are a fixed list
 
 
-def execution(default: Any) -> Any:
+def setting(default: Any, help: str, choices: Sequence[str] = (), *, execution: bool = False) -> Any:
+    """A config field with its meaning (`help`, with the unit) and fixed `choices`, which `--help` shows."""
+    return dataclasses.field(default=default, metadata={HELP: help, CHOICES: tuple(choices), EXECUTION: execution})
+
+
+def execution(default: Any, help: str = "", choices: Sequence[str] = ()) -> Any:
     """A config field that changes where or how fast a run computes, never its results (free to change on resume)."""
-    return dataclasses.field(default=default, metadata={EXECUTION: True})
+    return setting(default, help, choices, execution=True)
+
+
+def field_help(field: dataclasses.Field) -> str:
+    """A field's help text, its choices appended ("...; one of a, b")."""
+    choices = field.metadata.get(CHOICES, ())
+    return field.metadata.get(HELP, "") + (f"; one of {', '.join(choices)}" if choices else "")
 
 
 def execution_fields(cls: Any) -> set[str]:

@@ -38,7 +38,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.allocator import configure_allocator
-from effcifar.config import build_config, changed_fields, execution, field_error, fingerprint
+from effcifar.config import build_config, changed_fields, execution, field_error, fingerprint, setting
 from effcifar.errors import ConfigError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -51,9 +51,12 @@ S = TypeVar("S", bound="StorageConfig")
 class StorageConfig:
     """Where a study lives; the config part shared by HPO and search studies."""
 
-    storage: str | None = execution(None)  # postgresql://user@host/db shared by machines (default: the run dir's journal)
-    heartbeat: float = execution(10.0)  # seconds (PostgreSQL): a trial silent for 3 heartbeats is failed and retried
-    study: str | None = None  # study name (default: the one recorded in the run directory, else its name)
+    storage: str | None = execution(None, "postgresql://USER@HOST/DB shared by several machines (password: "
+                                          "PGPASSWORD or ~/.pgpass; never printed); default: a journal file in the "
+                                          "run directory")
+    heartbeat: float = execution(10.0, "seconds between worker heartbeats (PostgreSQL): a trial silent for 3 is "
+                                       "failed and retried")
+    study: str | None = setting(None, "study name (default: the one recorded in the run directory, else its name)")
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for a bad storage URL or heartbeat."""
@@ -263,6 +266,20 @@ def budget_used(trials: list[FrozenTrial]) -> int:
     return sum(t.number not in retried for t in trials)
 
 
+def budget_spent(trials: list[FrozenTrial], budget: int, max_failures: int | None = None) -> bool:
+    """Whether a worker should stop taking trials.
+
+    Without `max_failures` every trial counts toward `budget` (a retried one once). With it, only
+    complete, pruned and running ones do, so failures do not eat the budget, and `max_failures` failed
+    trials (retried ones aside) stop the study: a broken setup ends instead of failing forever.
+    """
+    if max_failures is None:
+        return budget_used(trials) >= budget
+    retried = retried_numbers(trials)
+    failed = sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
+    return failed >= max_failures or sum(t.state in (*FINISHED, TrialState.RUNNING) for t in trials) >= budget
+
+
 def trial_seed(seed: int, worker: int, trials: list[FrozenTrial]) -> int:
     """The sampler seed of the study's next trial, a function of its position in the budget.
 
@@ -323,8 +340,8 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractCo
 def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget: int,
                objective: Callable[[optuna.Trial], FrozenTrial], *, seed: int | None = None, worker: int = 0,
                sampler: Callable[[int], optuna.samplers.BaseSampler] | None = None, deadline: float | None = None,
-               on_trial: OnTrial | None = None) -> None:
-    """The worker loop: take trials until `budget` trials have finished (or the deadline passes).
+               on_trial: OnTrial | None = None, max_failures: int | None = None) -> None:
+    """The worker loop: take trials until the budget is spent (`budget_spent`) or the deadline passes.
 
     With a `seed`, each trial's sampler is `sampler(trial_seed(...))`, so a resumed study draws
     what an uninterrupted one would. `objective(trial)` runs one trial and tells the study; an
@@ -337,7 +354,7 @@ def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget
             fail_lost_trials(study, config)
             trials = study.get_trials(deepcopy=False)
             waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
-            if not waiting and budget_used(trials) >= budget:
+            if not waiting and budget_spent(trials, budget, max_failures):
                 return
             if seed is not None and sampler is not None:
                 study.sampler = sampler(trial_seed(seed, worker, trials))

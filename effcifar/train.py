@@ -29,7 +29,7 @@ import effcifar
 from effcifar import memory
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_torch_save, atomic_write
-from effcifar.config import build_from_layers, execution, field_error, read_json, save_config
+from effcifar.config import build_from_layers, execution, field_error, read_json, save_config, setting
 from effcifar.errors import ConfigError, TrainingDiverged
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
@@ -51,67 +51,75 @@ SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so
 class DataFields:
     """Which images a run trains and validates on (a part of every stage config that trains)."""
 
-    dataset: str = "cifar10"
-    data_dir: str | None = execution(None)  # a folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar
-    subset: int = 0  # train on this many training images (0: all)
-    holdout: int = 0  # validate on this many held-out training images (0: on the test set, as cifar10-fast)
-    batch_size: int = 512
+    dataset: str = setting("cifar10", "the dataset", DATASET_NAMES)
+    data_dir: str | None = execution(None, "folder or file of the dataset (default: $EFFCIFAR_DATA, then "
+                                           "~/.cache/effcifar)")
+    subset: int = setting(0, "train on this many training images (0: all)")
+    holdout: int = setting(0, "validate on this many held-out training images (0: on the test set, as cifar10-fast)")
+    batch_size: int = setting(512, "training images per SGD step")
 
 
 @dataclass
 class AugmentFields:
     """The training batches' augmentation: random crop of the padded image, flip, Cutout."""
 
-    crop_pad: int = 4
-    flip: bool = True
-    cutout: int = 8
+    crop_pad: int = setting(4, "pixels of padding around each image before the random 32x32 crop (0: no crop)")
+    flip: bool = setting(True, "flip training images left-right at random")
+    cutout: int = setting(8, "side in pixels of the square Cutout blanks in each training image (0: none)")
 
 
 @dataclass
 class OptimiserFields:
     """SGD with Nesterov momentum and label smoothing; `peak_lr` is the schedule's top."""
 
-    peak_lr: float = 0.4
-    base_wd: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-    label_smoothing: float = 0.2
+    peak_lr: float = setting(0.4, "the learning rate at the top of the schedule")
+    base_wd: float = setting(5e-4, "weight decay")
+    momentum: float = setting(0.9, "SGD momentum, in [0, 1)")
+    nesterov: bool = setting(True, "Nesterov momentum")
+    label_smoothing: float = setting(0.2, "label smoothing of the cross-entropy loss, in [0, 1)")
 
 
 @dataclass
 class WidthFields:
     """The widths of the four stages (the seed's search-space names) and the logits scale."""
 
-    logits_weight: float = 0.125
-    prep: int = 64
-    layer1: int = 128
-    layer2: int = 256
-    layer3: int = 512
+    logits_weight: float = setting(0.125, "the logits are multiplied by this before the loss")
+    prep: int = setting(64, "channels of the first (prep) convolution")
+    layer1: int = setting(128, "channels of stage 1")
+    layer2: int = setting(256, "channels of stage 2")
+    layer3: int = setting(512, "channels of stage 3")
 
 
 @dataclass
 class ExecutionFields:
     """The seed, and where and how a run computes."""
 
-    seed: int = 0
-    device: str = execution("auto")  # auto (cuda if available), cpu, cuda, cuda:N
-    precision: str = "auto"  # auto: bf16 on GPUs and AMX CPUs that support it, else fp16 on GPU, fp32 on CPU
-    channels_last: bool = True
-    threads: int = execution(0)  # CPU threads for torch (0: torch's default)
-    eval_batch_size: int = execution(1024)
+    seed: int = setting(0, "random seed of weights, batch order and augmentation (not of the subset/holdout split)")
+    device: str = execution("auto", "auto (cuda if available), cpu, cuda or cuda:N")
+    precision: str = setting("auto", "arithmetic; auto: bf16 on GPUs and AMX CPUs that support it, else fp16 on GPU, "
+                                     "fp32 on CPU", PRECISIONS)
+    channels_last: bool = setting(True, "channels-last memory layout of images and weights")
+    threads: int = execution(0, "CPU threads for torch (0: torch's default)")
+    eval_batch_size: int = execution(1024, "images per evaluation batch")
 
 
 @dataclass
 class AirbenchFields:
     """Recipe airbench only: each switch turns one published method off, for ablations."""
 
-    whiten: bool = True  # first conv = frozen 2x2 patch-whitening filters from training-set statistics
-    whiten_bias_epochs: int = 3  # the whitening conv's bias trains for this many epochs, then freezes
-    identity_init: bool = True  # 3x3 convs start as identity (dirac) on their first input channels
-    lookahead: bool = True  # every 5 steps pull the weights toward their slow average; end on the average
-    alt_flip: bool = True  # flip every image on alternate epochs (random in the first) instead of at random
-    multicrop_tta: bool = True  # with tta, also average the mirror pairs of two 1-pixel translations
-    bn_bias_lr: float = 64.0  # LR multiplier of the BatchNorm biases (their weight decay is divided by it); 1: off
+    whiten: bool = setting(True, "airbench: first conv = frozen 2x2 patch-whitening filters from training-set "
+                                 "statistics")
+    whiten_bias_epochs: int = setting(3, "airbench: the whitening conv's bias trains for this many epochs, then "
+                                         "freezes")
+    identity_init: bool = setting(True, "airbench: 3x3 convs start as identity (dirac) on their first input channels")
+    lookahead: bool = setting(True, "airbench: every 5 steps pull the weights toward their slow average; end on the "
+                                    "average")
+    alt_flip: bool = setting(True, "airbench: flip every image on alternate epochs (random in the first) instead of "
+                                   "at random")
+    multicrop_tta: bool = setting(True, "airbench: with tta, also average the mirror pairs of two 1-pixel "
+                                        "translations")
+    bn_bias_lr: float = setting(64.0, "airbench: LR multiplier of the BatchNorm biases (their weight decay is "
+                                      "divided by it); 1: off")
 
 
 # A dataclass lists its bases' fields from the last base to the first: data first, airbench last.
@@ -141,21 +149,23 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
     # Counted in epochs of the run: a layer (file, option) that sets total_epoch alone scales them with it.
     SCHEDULE: ClassVar[dict[str, tuple[str, ...]]] = {"total_epoch": ("peak_epoch", "whiten_bias_epochs")}
 
-    recipe: str = "resnet9"
-    arch: str | None = None  # architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)
-    space: str = "seed"  # the space `arch` belongs to (a built-in name or a space file), unless the file embeds one
-    peak_epoch: float = 5
-    total_epoch: int = 24
-    res_prep: int = 0
-    res_layer1: int = 1
-    res_layer2: int = 0
-    res_layer3: int = 1
-    extra_prep: int = 0
-    extra_layer1: int = 0
-    extra_layer2: int = 0
-    extra_layer3: int = 0
-    compile: bool = execution(False)
-    tta: bool = False  # average the logits of each test image and its mirror image
+    recipe: str = setting("resnet9", "the training method; airbench changes the defaults of the fields it tunes",
+                          tuple(RECIPES))
+    arch: str | None = setting(None, "architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)")
+    space: str = setting("seed", "the space `arch` belongs to (a built-in name or a space file), unless the file "
+                                 "embeds one")
+    peak_epoch: float = setting(5, "epoch at which the learning rate peaks (it rises linearly from 0 to there)")
+    total_epoch: int = setting(24, "epochs of the run; the learning rate falls linearly to 0 at the end")
+    res_prep: int = setting(0, "residual blocks in the prep stage")
+    res_layer1: int = setting(1, "residual blocks in stage 1 (after its conv and pooling)")
+    res_layer2: int = setting(0, "residual blocks in stage 2 (after its conv and pooling)")
+    res_layer3: int = setting(1, "residual blocks in stage 3 (after its conv and pooling)")
+    extra_prep: int = setting(0, "extra conv-BN-ReLU layers in the prep stage (after the residual blocks)")
+    extra_layer1: int = setting(0, "extra conv-BN-ReLU layers in stage 1 (after the residual blocks)")
+    extra_layer2: int = setting(0, "extra conv-BN-ReLU layers in stage 2 (after the residual blocks)")
+    extra_layer3: int = setting(0, "extra conv-BN-ReLU layers in stage 3 (after the residual blocks)")
+    compile: bool = execution(False, "compile the network with torch.compile (faster steps after a slow start)")
+    tta: bool = setting(False, "average the logits of each test image and its mirror image")
 
     @classmethod
     def recipe_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:

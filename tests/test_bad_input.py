@@ -129,10 +129,10 @@ def test_unreadable_files(inputs, capsys, args, message):
      "field 'storage': expected a postgresql://USER@HOST[:PORT]/DB URL, got 'postgresql://alice@db:notaport/hpo'"),
     (["hpo", "run", "--space", "{tmp}/empty_space.json", "--dataset", "synthetic", "--out", "{tmp}/run"],
      "{tmp}/empty_space.json: expected at least one parameter"),
-    (["hpo", "run", "--config", "{tmp}/inline.yml", "--base", "{tmp}/bad_base.json", "--out", "{tmp}/run"],
+    (["hpo", "run", "--experiment", "{tmp}/inline.yml", "--config", "{tmp}/bad_base.json", "--out", "{tmp}/run"],
      "{tmp}/bad_base.json: field 'peak_lr': expected a value of type float, got 'fast'"),
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--heartbeat", "nan", "--out", "{tmp}/run"],
-     "command line: field 'heartbeat': expected a finite number, got nan"),
+     "command line: field 'heartbeat': expected a finite number, got 'nan'"),
     (["pipeline", "--set", "hpo.tie=inf", "--out", "{tmp}/run"], "field 'hpo.tie': expected a finite number"),
     (["pipeline", "--preset", "huge", "--out", "{tmp}/run"], "--preset: expected one of quick, medium, full, got 'huge'"),
     (["dashboard", "{tmp}/run", "--host", "0.0.0.0"], "--host 0.0.0.0: optuna-dashboard has no login, and anyone who "
@@ -151,7 +151,7 @@ def test_a_gpu_this_machine_lacks(inputs, capsys):
 
 @pytest.mark.parametrize("args", [
     ["train", *TINY, "--out", "{tmp}/a_file"],
-    ["hpo", "run", "--space", "{tmp}/space.json", "--base", "{tmp}/base.json", "--out", "{tmp}/a_file"],
+    ["hpo", "run", "--space", "{tmp}/space.json", "--config", "{tmp}/base.json", "--out", "{tmp}/a_file"],
     ["supernet", "train", "--dataset", "synthetic", "--out", "{tmp}/a_file"],
     ["report", "{tmp}/training", "--out", "{tmp}/a_file"],
     ["pipeline", "--config", "tests/data/pipeline_tiny.yaml", "--out", "{tmp}/a_file"],

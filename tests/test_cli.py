@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def test_data_info_on_synthetic():
 
 
 def test_help_lists_every_config_field():
-    r = effcifar("train", "--help")
+    r = effcifar("train", "--help", env={"COLUMNS": "200"})  # no line break inside an option's name
     for option in ("--peak-lr", "--base-wd", "--logits-weight", "--peak-epoch", "--cutout", "--epochs",
                    "--prep", "--layer1", "--res-layer1", "--extra-layer3", "--tta", "--compile", "--data-dir"):
         assert option in r.stdout
@@ -169,3 +170,103 @@ def test_hpo_bad_space_is_one_line_and_writes_nothing(tmp_path, space, message):
     assert str(path) in r.stderr and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not run.exists()
+
+
+def help_entries(*command):
+    """(option, help text) of each option of a command's --help, help text joined over its lines."""
+    r = effcifar(*command, "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    entries, current = [], None
+    for line in r.stdout.splitlines():
+        if line.startswith("  -"):
+            option, _, text = line.strip().partition("  ")
+            current = [option, text.strip()]
+            entries.append(current)
+        elif current is not None and line.startswith("    "):
+            current[1] = f"{current[1]} {line.strip()}".strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("command", [("train",), ("hpo", "run"), ("supernet", "train")])
+def test_every_option_explains_itself(command):
+    entries = help_entries(*command)
+    assert len(entries) > 20
+    for option, text in entries:
+        assert text and not text.startswith("(default"), f"{' '.join(command)} {option}: no help text"
+        assert text.count("(default") <= 1, f"{option}: {text}"
+    texts = dict(entries)
+    if command == ("train",):
+        assert "one of auto, fp32, bf16, fp16" in texts["--precision STR"]
+        assert "one of resnet9, airbench" in texts["--recipe STR"]
+    if command == ("hpo", "run"):
+        assert "one of tpe, random, cmaes, nsga2" in texts["--sampler STR"]
+
+
+def test_version():
+    r = effcifar("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"effcifar {effcifar_version()}"
+
+
+def effcifar_version():
+    import effcifar as package
+
+    return package.__version__
+
+
+def tiny_space(tmp_path, values=(0.01, 0.5)):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"peak_lr": {"_type": "loguniform", "_value": list(values)},
+                                "cutout": {"_type": "choice", "_value": [0, 8]}}))
+    return path
+
+
+def test_hpo_run_takes_training_options_and_selects_on_held_out_images(tmp_path):
+    run = tmp_path / "hpo"
+    r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path)), *TINY, "--trials", "1", "--seed", "0",
+                 "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "trials validate on 25 held-out training images" in r.stdout
+    assert re.search(r"trial +0 +COMPLETE +peak_lr=[0-9.]+ cutout=[08] +valid acc", r.stdout)
+    (trial,) = (run / "trials").iterdir()
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["dataset"]["valid_split"] == "holdout" and summary["config"]["layer3"] == 16
+    assert summary["config"]["holdout"] == 25 and summary["epochs_run"] == 1
+    r = effcifar("hpo", "best", str(run))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"best by the tie rule: trial 0 \(peak_lr=[0-9.]+ cutout=[08]\)", r.stdout)
+    assert "Optuna's best_trial is the same trial" in r.stdout
+    r = effcifar("hpo", "best", str(run), "--tie", "nan")
+    assert r.returncode == 2 and "tie: expected" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # a study can start from a previous result: best.json (or any run's config.yaml) as --config
+    again = tmp_path / "again"
+    r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path)), "--config", str(run / "best.json"),
+                 "--trials", "1", "--out", str(again))
+    assert r.returncode == 0, r.stderr
+    (trial,) = (again / "trials").iterdir()
+    assert json.loads((trial / "summary.json").read_text())["config"]["layer3"] == 16
+
+
+def test_hpo_run_on_the_test_set_needs_saying_so(tmp_path):
+    run = tmp_path / "hpo"
+    r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path)), *TINY, "--holdout", "0", "--out", str(run))
+    assert r.returncode == 2 and "--select-on-test" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not run.exists()
+    r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path)), *TINY, "--holdout", "0", "--select-on-test",
+                 "--trials", "1", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "trials validate on the test set" in r.stderr
+    (trial,) = (run / "trials").iterdir()
+    assert json.loads((trial / "summary.json").read_text())["dataset"]["valid_split"] == "test"
+
+
+def test_hpo_run_whose_trials_all_fail_exits_with_the_reason(tmp_path):
+    run = tmp_path / "hpo"
+    r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path, (1e30, 1e31))), *TINY, "--trials", "5",
+                 "--max-failures", "2", "--out", str(run))
+    assert r.returncode != 0
+    assert "2 trials (2 fail)" in r.stdout
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("effcifar hpo: error: 2 failed trial") and "TrainingDiverged" in error
+    assert "Traceback" not in r.stderr

@@ -122,3 +122,18 @@ def test_a_saved_config_naming_a_gpu_is_read_and_only_a_run_needs_the_gpu(tmp_pa
     with pytest.raises(ConfigError, match=f"{path}: field 'device': expected auto, cpu, cuda or cuda:N, got 'cuda:x'"):
         path.write_text("device: cuda:x\n")
         build_config(TrainConfig, path)
+
+
+def test_every_field_says_what_it_means_and_execution_fields_stay_marked():
+    import dataclasses
+
+    from effcifar.config import execution_fields, field_help
+    from effcifar.hpo.study import HpoConfig
+    from effcifar.nas.supernet import SupernetConfig
+
+    for cls in (TrainConfig, SupernetConfig, HpoConfig):
+        for f in dataclasses.fields(cls):
+            assert field_help(f), f"{cls.__name__}.{f.name}: no help text"
+    precision = next(f for f in dataclasses.fields(TrainConfig) if f.name == "precision")
+    assert field_help(precision).endswith("; one of auto, fp32, bf16, fp16")
+    assert execution_fields(TrainConfig) == {"data_dir", "device", "threads", "eval_batch_size", "compile"}

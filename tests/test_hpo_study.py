@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -17,7 +18,9 @@ from optuna.trial import TrialState
 
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
-from effcifar.hpo.study import HpoConfig, load_run, open_study, run_study, select_best, write_best
+from effcifar.hpo.study import (
+    HpoConfig, TrialsFailed, default_holdout, load_run, open_study, run_study, select_best, write_best,
+)
 from effcifar.studies import open_storage
 from effcifar.train import TrainConfig
 
@@ -144,11 +147,12 @@ def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files)
     base, _ = files
     space = tmp_path / "explode.json"
     space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [1e30, 0.1]}}))
-    run_study(HpoConfig(space=str(space), base=str(base), trials=4, sampler="random", seed=0), tmp_path / "hpo")
+    run_study(HpoConfig(space=str(space), base=str(base), trials=3, sampler="random", seed=0, max_failures=10),
+              tmp_path / "hpo")
     _, study = load_run(tmp_path / "hpo")
     trials = study.get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(trials) == 4 and failed and len(failed) < 4
+    assert failed and len(trials) == 3 + len(failed)  # failures do not eat the budget of 3
     assert all(t.params["peak_lr"] == 1e30 and "TrainingDiverged: train loss is nan" in t.user_attrs["fail_reason"]
                for t in failed)
 
@@ -209,16 +213,47 @@ def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     assert final.count(TrialState.COMPLETE) == 2 and final.count(TrialState.FAIL) == killed
 
 
-def test_tie_rule_prefers_the_shorter_trial():
-    def trial(number, acc, time_):
-        t = optuna.trial.create_trial(value=acc, user_attrs={"accuracy": acc, "train_time": time_})
+def test_tie_rule_prefers_less_training_work_whatever_the_clock_says():
+    def trial(number, acc, work, time_):
+        t = optuna.trial.create_trial(value=acc, user_attrs={"accuracy": acc, "work": work, "train_time": time_})
         t.number = number
         return t
 
-    trials = [trial(0, 0.800, 100.0), trial(1, 0.7995, 60.0), trial(2, 0.790, 10.0)]
-    assert select_best(trials, tie=0.1).number == 1  # within 0.1 points of the best, and shorter
+    # trial 1 ran on a slower machine: more seconds, less work
+    trials = [trial(0, 0.800, 9e12, 100.0), trial(1, 0.7995, 6e12, 150.0), trial(2, 0.790, 1e12, 10.0)]
+    assert select_best(trials, tie=0.1).number == 1  # within 0.1 points of the best, and less work
     assert select_best(trials, tie=0.0).number == 0
     assert select_best(trials, tie=1.0).number == 2
+    with pytest.raises(ConfigError, match="tie: expected"):
+        select_best(trials, tie=float("nan"))
+
+
+def test_trials_record_their_training_work_and_hold_out_training_images(tmp_path, files):
+    base, space = files
+    run_study(HpoConfig(space=str(space), base=str(base), trials=1, seed=0), tmp_path / "hpo")
+    _, study = load_run(tmp_path / "hpo")
+    (t,) = study.get_trials()
+    a = t.user_attrs
+    assert a["config"]["holdout"] == default_holdout(256) == 25
+    summary = json.loads((tmp_path / "hpo" / a["run_dir"] / "summary.json").read_text())
+    assert summary["dataset"]["valid_split"] == "holdout"
+    assert a["work"] == a["flops"] * 256 * 2 and a["train_images"] == 256
+
+
+def test_select_on_test_keeps_the_test_set_only_when_asked(tmp_path, files):
+    base, space = files
+    run_study(HpoConfig(space=str(space), base=str(base), trials=1, seed=0, select_on_test=True), tmp_path / "hpo")
+    _, study = load_run(tmp_path / "hpo")
+    assert study.get_trials()[0].user_attrs["config"]["holdout"] == 0
+
+
+def test_a_study_whose_trials_all_fail_raises_with_the_first_reason(tmp_path, files):
+    base, _ = files
+    space = tmp_path / "explode.json"
+    space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [1e30]}}))
+    with pytest.raises(TrialsFailed, match="2 failed trial.*TrainingDiverged: train loss is nan"):
+        run_study(HpoConfig(space=str(space), base=str(base), trials=5, max_failures=2, seed=0), tmp_path / "hpo")
+    assert states(tmp_path / "hpo") == [TrialState.FAIL] * 2  # the bound stopped it, not the budget of 5
 
 
 def test_accuracy_and_time_objective_gives_a_pareto_front(tmp_path, files):
@@ -250,3 +285,26 @@ def test_the_table_of_a_study_shows_a_trial_cut_before_its_time_was_recorded():
     print_study(study, 0.1, console, hpo.study)
     text = console.export_text()
     assert "2 trials (1 complete, 1 fail)" in text and "70.00%" in text and "3.0 s" in text
+
+
+def test_status_and_best_show_sampled_values_and_why_optuna_differs():
+    from rich.console import Console
+
+    from effcifar import hpo
+    from effcifar.cli import print_best, print_study
+
+    study = optuna.create_study(direction="maximize")
+    lr = optuna.distributions.FloatDistribution(0.01, 0.5, log=True)
+    for acc, work, value in ((0.800, 9e12, 0.31), (0.7995, 3e12, 0.12)):
+        study.add_trial(optuna.trial.create_trial(
+            value=acc, params={"peak_lr": value}, distributions={"peak_lr": lr},
+            user_attrs={"accuracy": acc, "work": work, "train_time": 5.0, "epochs": 2, "params": 1000}))
+    console = Console(record=True, width=160)
+    print_study(study, 0.1, console, hpo.study)
+    best = select_best(study.trials, 0.1)
+    print_best(study, best, 0.1, Path("best.json"), console)
+    text = " ".join(console.export_text().split())
+    assert "1* COMPLETE peak_lr=0.12" in text and "peak_lr=0.31" in text and "9 TFLOP" in text
+    assert "best by the tie rule: trial 1 (peak_lr=0.12)" in text
+    assert "Optuna's best_trial: trial 0 (peak_lr=0.31)" in text
+    assert "prefers trial 1: within 0.1 points of its accuracy with 0.33x its training work" in text

@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -26,10 +27,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
 from effcifar.config import (
-    build_config, execution, field_error, field_types, read_config_file, result_values, save_config,
+    build_config, execution, field_error, field_types, read_config_file, result_values, save_config, setting,
 )
-from effcifar.data import CifarData, load_dataset
-from effcifar.errors import ConfigError
+from effcifar.data import DATASET_NAMES, CifarData, load_dataset
+from effcifar.errors import ConfigError, EffcifarError
 from effcifar.hpo.experiment import SAMPLERS
 from effcifar.hpo.space import SearchSpace
 from effcifar.rundir import locked
@@ -44,6 +45,7 @@ SETUP_ATTR = "hpo:setup"  # what the results mean: space, base config, objective
 METHOD_ATTR = "hpo:method"  # how trials are chosen: sampler, pruner, seed
 OBJECTIVES = ("acc", "acc,time")
 CONFIG_FILE = "hpo.yaml"
+BASE_FILE = "base.yaml"  # the trials' base config when command-line options change a file's, kept in the run directory
 SPACE_FILE = "search_space.json"  # an experiment file's inline space, kept in the run directory
 
 
@@ -51,17 +53,22 @@ SPACE_FILE = "search_space.json"  # an experiment file's inline space, kept in t
 class HpoConfig(StorageConfig):
     """One study. Trials = base TrainConfig (file) + the search space's sampled values; where it lives (StorageConfig)."""
 
-    space: str | None = None  # NNI search space (.json/.yaml)
-    base: str | None = None  # TrainConfig file the sampled values override
-    dataset: str | None = None  # overrides the base config's dataset
-    trials: int = 20  # budget of finished (complete, pruned or failed) trials, across restarts
-    timeout: float | None = execution(None)  # seconds this invocation may start new trials for
-    workers: int = execution(1)  # trial processes on this machine
-    sampler: str = "tpe"
-    pruner: str = "median"
-    objective: str = "acc"  # acc: maximise validation accuracy; acc,time: Pareto front with train time
-    seed: int | None = None  # sampler seed (reproducible suggestions)
-    tie: float = 0.1  # percentage points: among trials this close to the best, the shortest wins
+    space: str | None = setting(None, "NNI search space over TrainConfig fields (.json or .yaml)")
+    base: str | None = setting(None, "TrainConfig file the sampled values override (default: the recipe)")
+    dataset: str | None = setting(None, "overrides the base config's dataset", DATASET_NAMES)
+    trials: int = setting(20, "budget of complete and pruned trials, across restarts (failed ones do not count)")
+    max_failures: int | None = setting(None, "stop after this many failed trials (default: trials)")
+    select_on_test: bool = setting(False, "allow trials to validate, and the best to be chosen, on the test set "
+                                          "(by default trials hold out training images)")
+    timeout: float | None = execution(None, "seconds this invocation may start new trials for")
+    workers: int = execution(1, "trial processes on this machine")
+    sampler: str = setting("tpe", "Optuna sampler", SAMPLERS)
+    pruner: str = setting("median", "stops poor trials early", PRUNERS)
+    objective: str = setting("acc", "acc: maximise validation accuracy; acc,time: Pareto front with train time",
+                             OBJECTIVES)
+    seed: int | None = setting(None, "sampler seed (reproducible suggestions)")
+    tie: float = setting(0.1, "percentage points: among trials this close to the best, the least training work "
+                              "(FLOPs x images x epochs) wins")
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
@@ -70,8 +77,8 @@ class HpoConfig(StorageConfig):
         for name, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("objective", OBJECTIVES)):
             if getattr(self, name) not in choices:
                 raise field_error(name, f"one of {', '.join(choices)}", getattr(self, name))
-        for name in ("trials", "workers"):
-            if getattr(self, name) < 1:
+        for name in ("trials", "workers", "max_failures"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
         if self.timeout is not None and not self.timeout > 0:
             raise field_error("timeout", "a positive number of seconds", self.timeout)
@@ -80,21 +87,42 @@ class HpoConfig(StorageConfig):
             raise field_error("tie", "a number of percentage points >= 0", self.tie)
 
 
+class TrialsFailed(EffcifarError):
+    """Failed trials ended a study; the message gives the first one's reason."""
+
+
 def load_space(config: HpoConfig) -> SearchSpace:
     """The validated search space of a study: its names are TrainConfig fields (errors name the file and key)."""
     return SearchSpace.from_file(config.space, fields=field_types(TrainConfig))
 
 
-def trial_config(config: HpoConfig, values: dict[str, Any], number: int) -> TrainConfig:
-    """Base config file < --dataset < sampled values, validated like any TrainConfig."""
+def default_holdout(subset: int) -> int:
+    """Held-out images of trials whose base validates on the test set: a tenth of the training images
+    (`subset`, or CIFAR's 50,000 when it is 0, so 5000), so that the test set never picks the best."""
+    return max(1, (subset or 50_000) // 10)
+
+
+def trial_config(config: HpoConfig, values: dict[str, Any], number: int,
+                 base: TrainConfig | None = None) -> TrainConfig:
+    """Base config (`base`, else the file config.base) < --dataset < default hold-out < sampled values, validated.
+
+    A base with holdout 0 would validate on the test set: it gets `default_holdout` images unless
+    `config.select_on_test`.
+    """
+    file, layer = (None, ("base config", dataclasses.asdict(base))) if base is not None else (config.base, None)
     overrides = {"dataset": config.dataset} if config.dataset else {}
+    if not config.select_on_test:
+        start = build_config(TrainConfig, file, overrides, base=layer)
+        if start.holdout == 0:
+            overrides["holdout"] = default_holdout(start.subset)
     overrides.update(values)
-    return build_config(TrainConfig, config.base, overrides, override_source=f"trial {number}")
+    return build_config(TrainConfig, file, overrides, override_source=f"trial {number}", base=layer)
 
 
-def setup_values(config: HpoConfig, space: Mapping[str, Any]) -> dict[str, Any]:
+def setup_values(config: HpoConfig, space: Mapping[str, Any], base: TrainConfig | None = None) -> dict[str, Any]:
     """What the recorded results mean: the search space, the trials' base config (its dataset too) and the objective."""
-    return {"space": dict(space), "base": result_values(trial_config(config, {}, 0)), "objective": config.objective}
+    return {"space": dict(space), "base": result_values(trial_config(config, {}, 0, base)),
+            "objective": config.objective}
 
 
 def method_values(config: HpoConfig) -> dict[str, Any]:
@@ -170,6 +198,8 @@ class TrialRunner:
         s = result.summary
         for key in ("params", "flops", "test_acc"):
             trial.set_user_attr(key, s[key])
+        trial.set_user_attr("train_images", s["dataset"]["train_images"])
+        trial.set_user_attr("work", s["flops"] * s["dataset"]["train_images"] * s["epochs_run"])
         trial.set_user_attr("accuracy", s["final_valid_acc"])
         trial.set_user_attr("train_time", s["train_time"])
         values = [s["final_valid_acc"]] + ([s["train_time"]] if self.config.objective == "acc,time" else [])
@@ -187,22 +217,24 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
     study = open_study(config, open_storage(config, run_dir), worker)
     run_trials(study, config, run_dir, config.trials, TrialRunner(config, study, run_dir), seed=config.seed,
                worker=worker, sampler=lambda seed: make_sampler(config.sampler, seed), deadline=deadline,
-               on_trial=on_trial)
+               on_trial=on_trial, max_failures=config.max_failures or config.trials)
 
 
 def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None = None,
-              inline_space: Mapping[str, Any] | None = None) -> optuna.Study:
+              inline_space: Mapping[str, Any] | None = None, base: TrainConfig | None = None) -> optuna.Study:
     """Run (or resume) a study in `run_dir` with `config.workers` trial processes; return the study.
 
     `inline_space` is an experiment file's `searchSpace`: checked with everything else, then kept in
-    the run directory as search_space.json (where `config.space` must point). Nothing is written
-    before every check has passed; the run directory is locked while the study runs.
+    the run directory as search_space.json (where `config.space` must point). `base` (a file's config
+    with command-line options over it) replaces `config.base`, kept as base.yaml. Nothing is written
+    before every check has passed; the run directory is locked while the study runs. A study that
+    stops on failed trials (`max_failures`, or none complete) raises with the first failure's reason.
     """
     config.validate()
     run_dir = Path(run_dir)
     space = read_config_file(config.space) if inline_space is None else inline_space  # type: ignore[arg-type]
     SearchSpace.from_dict(dict(space), config.space or SPACE_FILE, field_types(TrainConfig))
-    trial_config(config, {}, 0)  # the base config
+    trial_config(config, {}, 0, base)  # the base config
     with locked(run_dir):
         if inline_space is not None:
             atomic_write(Path(config.space), json.dumps(inline_space, indent=2) + "\n")  # type: ignore[arg-type]
@@ -210,9 +242,12 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
         config = dataclasses.replace(config, study=study_name(storage, config, run_dir,
                                                               recorded_study(run_dir / CONFIG_FILE, HpoConfig)))
         study = open_study(config, storage)
-        check_setup(study, SETUP_ATTR, setup_values(config, space), str(run_dir),
+        check_setup(study, SETUP_ATTR, setup_values(config, space, base), str(run_dir),
                     "search space, base config, dataset or objective")
         check_setup(study, METHOD_ATTR, method_values(config), str(run_dir), "sampler, pruner or seed")
+        if base is not None:
+            save_config(base, run_dir / BASE_FILE)
+            config = dataclasses.replace(config, base=str(run_dir / BASE_FILE))
         save_config(config.without_password(), run_dir / CONFIG_FILE)  # never the database password
         fail_lost_trials(study, config)
         deadline = time.time() + config.timeout if config.timeout else None
@@ -221,17 +256,36 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
         else:
             threads = max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker, (config, run_dir, threads, deadline), on_trial)
+    check_failures(study.get_trials(deepcopy=False), config.trials, config.max_failures or config.trials)
     return study
 
 
+def check_failures(trials: list[FrozenTrial], budget: int, max_failures: int) -> None:
+    """Raise when failed trials ended the study before its budget (or none completed): a broken setup must not
+    look like success."""
+    failed = [t for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("worker_lost")]
+    counted = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    if failed and (len(failed) >= max_failures and counted < budget
+                   or not any(t.state == TrialState.COMPLETE for t in trials)):
+        reason = failed[0].user_attrs.get("fail_reason", "no reason recorded")
+        raise TrialsFailed(f"{len(failed)} failed trial(s) ended the study (max_failures {max_failures}); "
+                           f"trial {failed[0].number}: {reason}")
+
+
 def select_best(trials: list[FrozenTrial], tie: float) -> FrozenTrial:
-    """The seed's rule: among complete trials within `tie` points of the best accuracy, the shortest train time."""
+    """Among complete trials within `tie` points of the best accuracy, the least training work.
+
+    Work (FLOPs per image x training images x epochs) rather than wall time, so that the same
+    trials pick the same best on any machine; trials recorded without it rank last among the close.
+    """
+    if not tie >= 0:
+        raise ConfigError(f"tie: expected a number of percentage points >= 0, got {tie}")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         raise ConfigError("no complete trial yet")
     best_acc = max(t.user_attrs["accuracy"] for t in complete)
     close = [t for t in complete if t.user_attrs["accuracy"] >= best_acc - tie / 100]
-    return min(close, key=lambda t: (t.user_attrs["train_time"], -t.user_attrs["accuracy"], t.number))
+    return min(close, key=lambda t: (t.user_attrs.get("work", math.inf), -t.user_attrs["accuracy"], t.number))
 
 
 def load_run(run_dir: str | Path, storage: str | None = None) -> tuple[HpoConfig, optuna.Study]:
@@ -254,7 +308,8 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
     """One trial as a flat record for tables and exports."""
     a = t.user_attrs
     return {
-        "number": t.number, "state": t.state.name, "accuracy": a.get("accuracy"), "train_time": a.get("train_time"),
+        "number": t.number, "state": t.state.name, "accuracy": a.get("accuracy"), "work": a.get("work"),
+        "train_time": a.get("train_time"),
         "epochs": a.get("epochs"), "params": a.get("params"), "flops": a.get("flops"), "test_acc": a.get("test_acc"),
         "duration": t.duration.total_seconds() if t.duration else None, "run_dir": a.get("run_dir"),
         "fail_reason": a.get("fail_reason"), **{f"param:{k}": v for k, v in t.params.items()},

@@ -40,7 +40,9 @@ from torch.optim.swa_utils import update_bn
 
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, execution, field_error, fingerprint, read_config_file, result_values, save_config
+from effcifar.config import (
+    build_config, execution, field_error, fingerprint, read_config_file, result_values, save_config, setting,
+)
 from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.models import STAGES
@@ -82,29 +84,36 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     optimiser, widths and execution are the core trainer's parts, with its checks.
     """
 
-    holdout: int = 5000  # held-out training images for the panel and shrinking (never the test set)
-    space: str = "seed"  # a built-in space (seed, seed-widths, nas-bench-macro) or a YAML/JSON space file
-    hparams: str | None = execution(None)  # best.json of an HPO run: widths, LR, weight decay, augmentation
-    epochs: int = 30
-    lr_factor: float = 0.3
-    schedule: str = "linear"
-    warmup_epochs: float = 0.0  # the LR rises linearly from 0 over these epochs, then decays
+    holdout: int = setting(5000, "held-out training images for the panel and shrinking (never the test set)")
+    space: str = setting("seed", "a built-in space (seed, seed-widths, nas-bench-macro) or a YAML/JSON space file")
+    hparams: str | None = execution(None, "best.json of an HPO run: widths, LR, weight decay, augmentation")
+    epochs: int = setting(30, "epochs of supernet training")
+    lr_factor: float = setting(0.3, "the learning rate is this times peak_lr")
+    schedule: str = setting("linear", "how the learning rate decays to 0 over the epochs", SCHEDULES)
+    warmup_epochs: float = setting(0.0, "the LR rises linearly from 0 over these epochs, then decays")
     # path sampling and evaluation
-    flops_min: float | None = None  # sample only paths with at least this many forward FLOPs
-    flops_max: float | None = None
-    panel_random: int = 5  # seeded random subnets in the per-epoch panel (besides largest and smallest)
-    bn_batches: int = 10  # training batches used to recalibrate BN before each evaluation
-    shrink_at: str = ""  # comma-separated epochs after which each key loses its worst candidate
-    shrink_samples: int = 10  # each candidate is judged on at least this many subnets
-    sampling: str = "sandwich"  # uniform (SPOS), fair (FairNAS strict fairness), sandwich (BigNAS), ladder: SAMPLINGS
-    sandwich_paths: int = 4  # paths per step, sandwich (largest, smallest, the rest random) and ladder (rungs first)
-    distill: bool = False  # in-place distillation: each step's other paths learn the largest path's soft labels
-    bn_eval: str = "recalibrate"  # a judged subnet's BN: running statistics recalibrated, or each batch's own
-    canonical_paths: bool = False  # run each network as one path: a sequential stage's identities last (see canonical_path)
-    few_shot_key: str = ""  # after `epochs`, split the supernet on this choice key: one sub-supernet per candidate
-    few_shot_epochs: int = 0  # epochs each sub-supernet trains, warm-started from the one-shot weights
-    depth_from: int = 0  # progressive depth (OFA): before this epoch every stage runs its deepest skip
-    keep_checkpoints: int = execution(3)
+    flops_min: float | None = setting(None, "sample only paths with at least this many forward FLOPs per image")
+    flops_max: float | None = setting(None, "sample only paths with at most this many forward FLOPs per image")
+    panel_random: int = setting(5, "seeded random subnets in the per-epoch panel (besides largest and smallest)")
+    bn_batches: int = setting(10, "training batches used to recalibrate BN before each evaluation")
+    shrink_at: str = setting("", "comma-separated epochs after which each key loses its worst candidate")
+    shrink_samples: int = setting(10, "each candidate is judged on at least this many subnets")
+    sampling: str = setting("sandwich", "paths per step: uniform (SPOS, one), fair (FairNAS, one per candidate), "
+                                        "sandwich (BigNAS: largest, smallest, random), ladder (rungs, then random)",
+                            SAMPLINGS)
+    sandwich_paths: int = setting(4, "paths per step, sandwich (largest, smallest, the rest random) and ladder "
+                                     "(rungs first)")
+    distill: bool = setting(False, "in-place distillation: each step's other paths learn the largest path's soft "
+                                   "labels")
+    bn_eval: str = setting("recalibrate", "a judged subnet's BN: running statistics recalibrated, or each batch's own",
+                           BN_EVALS)
+    canonical_paths: bool = setting(False, "run each network as one path: a sequential stage's identities last (see "
+                                           "canonical_path)")
+    few_shot_key: str = setting("", "after `epochs`, split the supernet on this choice key: one sub-supernet per "
+                                    "candidate")
+    few_shot_epochs: int = setting(0, "epochs each sub-supernet trains, warm-started from the one-shot weights")
+    depth_from: int = setting(0, "progressive depth (OFA): before this epoch every stage runs its deepest skip")
+    keep_checkpoints: int = execution(3, "checkpoints kept in the run directory (the newest)")
 
     def train_config(self) -> TrainConfig:
         """The core-trainer config of the shared fields (used for its checks and its step)."""
