@@ -31,7 +31,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import execution, field_error, result_values, save_config
+from effcifar.config import execution, field_error, result_values, save_config, setting
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.models import STAGES
@@ -54,15 +54,17 @@ ANSWER_FILE = "answer.json"
 class SelectConfig(StorageConfig):
     """One selection: which candidates, how fidelity rises, the cost limits; where the study lives (StorageConfig)."""
 
-    pool: int = 4  # proposals: the search's best `pool` distinct networks under the limits (or random ones)
-    proposals: str = "search"  # search: by supernet score; random: uniform random networks under the limits (a control)
-    incumbent: bool = True  # add the ResNet-9 at the supernet's widths as a fixed, never-pruned arm
-    min_epochs: int = 1  # the first rung (epochs); later rungs at min_epochs x reduction^k
-    reduction: int = 3  # successive halving's reduction factor: the best 1/reduction of a rung train on
-    max_flops: float | None = None  # forward FLOPs per image; candidates above are not trained (default: no limit)
-    max_params: float | None = None  # trainable parameters; candidates above are not trained
-    proposal_seed: int = 0  # seeds the random proposals
-    workers: int = execution(1)  # training processes on this machine
+    pool: int = setting(4, "proposals: the search's best distinct networks under the limits (or random ones)")
+    proposals: str = setting("search", "where proposals come from: the search's ranking by supernet score, or "
+                                       "uniform random networks under the limits (a control)", PROPOSALS)
+    incumbent: bool = setting(True, "add the ResNet-9 at the supernet's widths as a fixed arm that is never pruned")
+    min_epochs: int = setting(1, "the first rung, in epochs; later rungs at min_epochs x reduction^k")
+    reduction: int = setting(3, "successive halving's reduction factor: the best 1/reduction of a rung train on")
+    max_flops: float | None = setting(None, "forward FLOPs per image; candidates above are not trained (none: no "
+                                            "limit)")
+    max_params: float | None = setting(None, "trainable parameters; candidates above are not trained (none: no limit)")
+    proposal_seed: int = setting(0, "seeds the random proposals")
+    workers: int = execution(1, "training processes on this machine")
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
