@@ -71,14 +71,19 @@ STORAGE_SCHEMES = ("postgresql", "postgresql+psycopg")
 JOURNAL = "study.journal"
 
 
+def parse_url(url: str) -> sqlalchemy.engine.URL | None:
+    """`url` as SQLAlchemy parses it to connect (None if it does not parse): the one parser for checking,
+    connecting and redacting, so that what is hidden is what would be sent as the password."""
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        return None
+
+
 def is_storage_url(url: str) -> bool:
     """Whether `url` is a PostgreSQL URL whose parts parse (a port, if given, is a number 0-65535)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        return False
-    return parts.scheme in STORAGE_SCHEMES and "://" in url
+    parsed = parse_url(url)
+    return parsed is not None and parsed.drivername in STORAGE_SCHEMES and 0 <= (parsed.port or 0) <= 65535
 
 
 def is_password_key(name: str) -> bool:
@@ -87,25 +92,25 @@ def is_password_key(name: str) -> bool:
 
 
 def _redacted(url: str) -> tuple[str, list[str]]:
-    """(the URL without its passwords, every spelling of them as written and decoded)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
+    """(the URL without its passwords, every password it holds, decoded)."""
+    parsed = parse_url(url)
+    if parsed is None:
         return "<not a URL>", [url]
-    if not parts.scheme or "://" not in url:
-        return "<not a URL>", [url]
-    userinfo, at, host = parts.netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    secrets, kept = [password], []
-    for item in parts.query.split("&") if parts.query else []:
-        name, _, value = item.partition("=")
-        if is_password_key(name):
-            secrets.append(value)
-        else:
-            kept.append(item)
-    secrets += [urllib.parse.unquote_plus(s) for s in secrets]
-    redacted = urllib.parse.urlunsplit((parts.scheme, f"{user}{at}{host}", parts.path, "&".join(kept), ""))
-    return redacted, [s for s in secrets if s]
+    keys = [k for k in parsed.query if is_password_key(k)]
+    secrets = [parsed.password or ""]
+    for key in keys:
+        value = parsed.query[key]
+        secrets += [value] if isinstance(value, str) else list(value)
+    kept = sqlalchemy.engine.URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port,
+                                        parsed.database, parsed.difference_update_query(keys).query)
+    return kept.render_as_string(hide_password=True), [str(s) for s in secrets if s]
+
+
+def spellings(secret: str) -> set[str]:
+    """The forms a password can take in a URL or a message: as is, and percent-encoded (in either case)."""
+    every = "".join(f"%{b:02X}" for b in secret.encode())
+    return {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret, safe=""),
+            urllib.parse.quote(secret), every, every.lower()}
 
 
 def redact_url(url: str) -> str:
@@ -118,7 +123,8 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str, url: str) -> str:
     """`text` (e.g. a driver's error message) with every spelling of the URL's passwords masked."""
-    for secret in sorted(_redacted(url)[1], key=len, reverse=True):
+    masked = {form for secret in _redacted(url)[1] for form in spellings(secret)}
+    for secret in sorted(masked, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 

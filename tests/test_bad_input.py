@@ -126,7 +126,7 @@ def test_unreadable_files(inputs, capsys, args, message):
      "field 'subset': expected at most the 8000 training images of synthetic left after holdout=2000, got 9000"),
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--storage",
       "postgresql://alice:secret-pw@db:notaport/hpo", "--out", "{tmp}/run"],
-     "field 'storage': expected a postgresql://USER@HOST[:PORT]/DB URL, got 'postgresql://alice@db:notaport/hpo'"),
+     "field 'storage': expected a postgresql://USER@HOST[:PORT]/DB URL, got '<not a URL>'"),
     (["hpo", "run", "--space", "{tmp}/empty_space.json", "--dataset", "synthetic", "--out", "{tmp}/run"],
      "{tmp}/empty_space.json: expected at least one parameter"),
     (["hpo", "run", "--config", "{tmp}/inline.yml", "--base", "{tmp}/bad_base.json", "--out", "{tmp}/run"],
