@@ -49,6 +49,11 @@ def locked(directory: str | Path) -> Iterator[Path]:
             shutil.rmtree(created, ignore_errors=True)
 
 
+def holds(directory: str | Path) -> bool:
+    """Whether this process holds the run directory's lock (so that no other effcifar process writes it)."""
+    return Path(directory).resolve() in _held
+
+
 def acquire(directory: Path) -> int:
     """Create the directory and take its lock without waiting; the descriptor that holds it."""
     if directory.exists() and not directory.is_dir():
@@ -70,8 +75,9 @@ def acquire(directory: Path) -> int:
         if is_same_file(fd, path):
             break
         os.close(fd)  # its holder removed it between our open and our lock: lock the file there now
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    with contextlib.suppress(OSError):  # the id only names the holder to a refused process: a full disk may lack room
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 

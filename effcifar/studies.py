@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import socket
+import sys
 import time
 import urllib.parse
 import warnings
@@ -38,8 +39,10 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.allocator import configure_allocator
+from effcifar.atomic import DISK_FULL
 from effcifar.config import build_config, changed_fields, execution, field_error, fingerprint
-from effcifar.errors import ConfigError
+from effcifar.errors import ConfigError, DiskFull, EffcifarError
+from effcifar.rundir import holds
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_RETRY = 3  # PostgreSQL: retries of a trial whose worker went silent
@@ -69,6 +72,7 @@ class StorageConfig:
 
 STORAGE_SCHEMES = ("postgresql", "postgresql+psycopg")
 JOURNAL = "study.journal"
+JOURNAL_LOCK = JOURNAL + ".lock"  # Optuna's JournalFileSymlinkLock, held while a record is appended
 
 
 def parse_url(url: str) -> sqlalchemy.engine.URL | None:
@@ -156,6 +160,8 @@ def open_storage(config: StorageConfig, run_dir: Path, read_only: bool = False) 
         journal = run_dir / JOURNAL
         if read_only and not journal.is_file():
             raise ConfigError(f"{run_dir}: no study yet (no {JOURNAL})")
+        if journal.is_file():
+            check_journal(journal, repair=not read_only and holds(run_dir))
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     try:
         with warnings.catch_warnings():
@@ -170,6 +176,43 @@ def open_storage(config: StorageConfig, run_dir: Path, read_only: bool = False) 
                 )
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError) as e:
         raise storage_error("cannot open storage", config.storage, e) from None
+
+
+def check_journal(journal: Path, repair: bool) -> None:
+    """Refuse a journal with a damaged record in one line; with `repair`, first cut a damaged last record.
+
+    A writer stopped mid-record (a full disk, a kill) leaves a last line without its newline, or
+    one that does not parse; appending after it would glue the next record to it and make the
+    whole study unreadable. Like a write-ahead log, the writer that opens the journal next drops
+    that tail, losing only the record that was never complete. Only the holder of the run
+    directory's lock repairs (no other process writes the journal then), and it also removes
+    Optuna's journal lock file left by a killed writer, which would otherwise stall every write.
+    """
+    with open(journal, "rb") as f:
+        lines = f.readlines()
+    damaged = next((i for i, line in enumerate(lines) if not is_record(line)), None)
+    if repair:
+        (journal.parent / JOURNAL_LOCK).unlink(missing_ok=True)
+        if damaged == len(lines) - 1:
+            keep = sum(len(line) for line in lines[:damaged])
+            os.truncate(journal, keep)
+            print(f"effcifar: warning: {journal}: dropped an incomplete last record (line {damaged + 1}, "
+                  f"{len(lines[damaged])} bytes) left by an interrupted write", file=sys.stderr)
+            return
+    if damaged is not None and (damaged < len(lines) - 1 or lines[damaged].endswith(b"\n")):
+        raise ConfigError(f"{journal}: line {damaged + 1} of {len(lines)} is not a valid journal record; "
+                          f"the study cannot be read")
+    # a last line without its newline: Optuna's reader skips it, and the next writer drops it
+
+
+def is_record(line: bytes) -> bool:
+    """Whether a journal line is one whole JSON record (newline-terminated)."""
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        return False
 
 
 def storage_error(action: str, url: str, error: Exception) -> ConfigError:
@@ -326,6 +369,18 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractCo
     return get_heartbeat_thread(trial._trial_id, study._storage)
 
 
+@contextlib.contextmanager
+def disk_full_is_an_error(run_dir: Path) -> Iterator[None]:
+    """Turn a full disk met while the study writes (its journal, a trial's files) into a one-line WriteError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise DiskFull(f"{e.filename or run_dir}: disk full ({e.strerror}); free some space and run the same "
+                         f"command again to resume") from None
+
+
 def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget: int,
                objective: Callable[[optuna.Trial], FrozenTrial], *, seed: int | None = None, worker: int = 0,
                sampler: Callable[[int], optuna.samplers.BaseSampler] | None = None, deadline: float | None = None,
@@ -336,29 +391,30 @@ def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget
     what an uninterrupted one would. `objective(trial)` runs one trial and tells the study; an
     interrupt fails the running trial before it propagates.
     """
-    while deadline is None or time.time() < deadline:
-        with budget_lock(config, run_dir, study.study_name), warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for study.optimize; this loop beats itself.
-            warnings.simplefilter("ignore", UserWarning)
-            fail_lost_trials(study, config)
-            trials = study.get_trials(deepcopy=False)
-            waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
-            if not waiting and budget_used(trials) >= budget:
-                return
-            if seed is not None and sampler is not None:
-                study.sampler = sampler(trial_seed(seed, worker, trials))
-            trial = study.ask()
-        trial.set_user_attr("worker_host", socket.gethostname())
-        trial.set_user_attr("worker_pid", os.getpid())
-        with heartbeat(study, trial):
-            try:
-                frozen = objective(trial)
-            except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", "interrupted")
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                raise
-        if on_trial is not None:
-            on_trial(frozen)
+    with disk_full_is_an_error(run_dir):
+        while deadline is None or time.time() < deadline:
+            with budget_lock(config, run_dir, study.study_name), warnings.catch_warnings():
+                # Optuna warns that heartbeats are meant for study.optimize; this loop beats itself.
+                warnings.simplefilter("ignore", UserWarning)
+                fail_lost_trials(study, config)
+                trials = study.get_trials(deepcopy=False)
+                waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
+                if not waiting and budget_used(trials) >= budget:
+                    return
+                if seed is not None and sampler is not None:
+                    study.sampler = sampler(trial_seed(seed, worker, trials))
+                trial = study.ask()
+            trial.set_user_attr("worker_host", socket.gethostname())
+            trial.set_user_attr("worker_pid", os.getpid())
+            with heartbeat(study, trial):
+                try:
+                    frozen = objective(trial)
+                except KeyboardInterrupt:
+                    trial.set_user_attr("fail_reason", "interrupted")
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    raise
+            if on_trial is not None:
+                on_trial(frozen)
 
 
 def pin_worker_gpu(index: int) -> None:
@@ -376,7 +432,11 @@ def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int)
     """Entry point of a worker process: the CLI's malloc settings, a GPU, then `target(*args, worker=index)`."""
     configure_allocator()
     pin_worker_gpu(index)
-    target(*args, worker=index)
+    try:
+        target(*args, worker=index)
+    except EffcifarError as e:  # one line, like the command's own errors
+        print(f"effcifar: worker {index}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def start_workers(study: optuna.Study, count: int, target: Callable[..., None], args: tuple[Any, ...],

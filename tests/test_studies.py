@@ -1,11 +1,24 @@
-"""Study storage: a URL's password is hidden in the form SQLAlchemy connects with, in every message and file."""
+"""Study storage: a URL's password is hidden in the form SQLAlchemy connects with, in every message and file; a
+journal cut mid-record (a full disk, a kill) is repaired by its next writer and refused by nobody."""
 
+import contextlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from effcifar.cli import main
 from effcifar.config import save_config
+from effcifar.errors import ConfigError, DiskFull
 from effcifar.hpo.study import HpoConfig
-from effcifar.studies import is_storage_url, redact_text, redact_url, spellings
+from effcifar.rundir import locked
+from effcifar.studies import (
+    JOURNAL, StorageConfig, is_storage_url, load_study, open_storage, redact_text, redact_url, run_trials, spellings,
+)
 
 SECRET = "123/SECRET?PW#x"
 
@@ -51,3 +64,73 @@ def test_no_command_prints_a_password_with_url_delimiters(tmp_path, capsys, args
     printed = captured.out + captured.err
     assert "alice" in printed
     assert not any(form in printed for form in spellings(SECRET) | {"SECRET"}), printed
+
+
+def tiny_objective(study: optuna.Study):
+    """One real trial without training: a suggestion, told back as its value."""
+    return lambda trial: study.tell(trial, trial.suggest_float("x", 0, 1))
+
+
+def journal_study(run_dir: Path, trials: int) -> optuna.Study:
+    """A journal study in `run_dir` with `trials` finished trials, opened as its writer would (holding the lock)."""
+    with locked(run_dir):
+        study = optuna.create_study(storage=open_storage(StorageConfig(), run_dir), study_name="s", load_if_exists=True)
+        run_trials(study, StorageConfig(), run_dir, trials, tiny_objective(study))
+    return study
+
+
+def is_whole(journal: Path) -> bool:
+    return all(line.endswith(b"\n") and json.loads(line) for line in journal.read_bytes().splitlines(keepends=True))
+
+
+def test_a_journal_cut_mid_record_resumes_losing_only_that_record(tmp_path, capsys):
+    run = tmp_path / "run"
+    journal_study(run, 3)
+    journal = run / JOURNAL
+    journal.write_bytes(journal.read_bytes()[:-20])  # the last record (trial 2 told COMPLETE) is cut
+    reread = load_study(StorageConfig(study="s"), run)  # a reader skips the cut record
+    assert [t.state for t in reread.get_trials()] == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING]
+    journal_study(run, 4)
+    assert "dropped an incomplete last record (line" in capsys.readouterr().err
+    assert is_whole(journal)
+    states = [t.state for t in load_study(StorageConfig(study="s"), run).get_trials()]
+    assert states == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING, TrialState.COMPLETE]  # only trial 2's end lost
+
+
+def test_a_damaged_record_inside_a_journal_is_refused_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    journal_study(run, 2)
+    lines = (run / JOURNAL).read_bytes().splitlines(keepends=True)
+    (run / JOURNAL).write_bytes(b"".join([*lines[:2], lines[2][:-30] + lines[3], *lines[4:]]))
+    with pytest.raises(ConfigError, match=rf"{run / JOURNAL}: line 3 of {len(lines) - 1} is not a valid journal"):
+        load_study(StorageConfig(study="s"), run)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root; skipped where mounting is not permitted)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_the_study_in_one_line_and_it_resumes_when_space_is_freed(small_disk, capsys):
+    run = small_disk / "run"
+    journal_study(run, 1)
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):  # fill the disk: only the journal's last page has room left
+        while os.write(fd, b"\0" * 4096):
+            pass
+    os.close(fd)
+    with pytest.raises(DiskFull, match=r"disk full \(No space left on device\); free some space"):
+        journal_study(run, 10_000)
+    assert not is_whole(run / JOURNAL)  # the record that did not fit was cut
+    filler.unlink()
+    journal_study(run, 3)
+    assert is_whole(run / JOURNAL)
+    study = load_study(StorageConfig(study="s"), run)
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) >= 3

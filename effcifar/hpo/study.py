@@ -29,13 +29,13 @@ from effcifar.config import (
     build_config, execution, field_error, field_types, read_config_file, result_values, save_config,
 )
 from effcifar.data import CifarData, load_dataset
-from effcifar.errors import ConfigError
+from effcifar.errors import ConfigError, DiskFull
 from effcifar.hpo.experiment import SAMPLERS
 from effcifar.hpo.space import SearchSpace
 from effcifar.rundir import locked
 from effcifar.studies import (
-    OnTrial, StorageConfig, check_setup, fail_lost_trials, load_study, open_storage, recorded_study, run_trials,
-    start_workers, study_name,
+    OnTrial, StorageConfig, check_setup, disk_full_is_an_error, fail_lost_trials, load_study, open_storage,
+    recorded_study, run_trials, start_workers, study_name,
 )
 from effcifar.train import EpochMetrics, TrainConfig, train
 
@@ -164,6 +164,8 @@ class TrialRunner:
             result = train(train_config, trial_dir, callbacks=[report], data=self.dataset(train_config))
         except optuna.TrialPruned:
             return self.study.tell(trial, state=TrialState.PRUNED)
+        except DiskFull:  # every later trial would fail too: stop the study (the trial is failed on resume)
+            raise
         except Exception as e:  # a failed trial is recorded and the study goes on
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}".splitlines()[0])
             return self.study.tell(trial, state=TrialState.FAIL)
@@ -203,7 +205,7 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
     space = read_config_file(config.space) if inline_space is None else inline_space  # type: ignore[arg-type]
     SearchSpace.from_dict(dict(space), config.space or SPACE_FILE, field_types(TrainConfig))
     trial_config(config, {}, 0)  # the base config
-    with locked(run_dir):
+    with locked(run_dir), disk_full_is_an_error(run_dir):
         if inline_space is not None:
             atomic_write(Path(config.space), json.dumps(inline_space, indent=2) + "\n")  # type: ignore[arg-type]
         storage = open_storage(config, run_dir)

@@ -57,7 +57,8 @@ from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
 from effcifar.rundir import locked
 from effcifar.studies import (
-    OnTrial, StorageConfig, check_setup, open_storage, recorded_study, run_trials, start_workers, study_name,
+    OnTrial, StorageConfig, check_setup, disk_full_is_an_error, open_storage, recorded_study, run_trials,
+    start_workers, study_name,
 )
 from effcifar.train import PRECISIONS, check_device_name, device_loaders, resolve_device, resolve_precision
 
@@ -359,7 +360,7 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
     load_supernet_config(supernet_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    with locked(out_dir):
+    with locked(out_dir), disk_full_is_an_error(out_dir):
         evaluator = CandidateEvaluator.from_run(supernet_dir, config, out_dir)
         evaluator.check_limits()  # before any file is written
         storage = open_storage(config, out_dir)
