@@ -19,14 +19,17 @@ directory) or several (one PostgreSQL database). This module is that machinery, 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 import warnings
@@ -428,8 +431,32 @@ def pin_worker_gpu(index: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
 
 
-def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int) -> None:
-    """Entry point of a worker process: the CLI's malloc settings, a GPU, then `target(*args, worker=index)`."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when `parent` ends, so that no worker writes a study whose command (and lock) is gone.
+
+    Linux sends the parent-death signal at once; elsewhere, and if the parent died before it was set,
+    a thread that watches the parent's id ends the process within a second.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int, parent: int) -> None:
+    """Entry point of a worker process: die with the parent, the CLI's malloc settings, a GPU, then
+    `target(*args, worker=index)`."""
+    die_with_parent(parent)
     configure_allocator()
     pin_worker_gpu(index)
     try:
@@ -446,7 +473,7 @@ def start_workers(study: optuna.Study, count: int, target: Callable[..., None], 
     ConfigError if a worker exited with an error.
     """
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker_main, args=(target, args, i)) for i in range(count)]
+    workers = [context.Process(target=_worker_main, args=(target, args, i, os.getpid())) for i in range(count)]
     for w in workers:
         w.start()
     seen: set[int] = set()

@@ -1,10 +1,14 @@
 """Study storage: a URL's password is hidden in the form SQLAlchemy connects with, in every message and file; a
-journal cut mid-record (a full disk, a kill) is repaired by its next writer and refused by nobody."""
+journal cut mid-record (a full disk, a kill) is repaired by its next writer and refused by nobody; workers end
+with their command."""
 
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -19,6 +23,8 @@ from effcifar.rundir import locked
 from effcifar.studies import (
     JOURNAL, StorageConfig, is_storage_url, load_study, open_storage, redact_text, redact_url, run_trials, spellings,
 )
+
+from conftest import TINY_BASE
 
 SECRET = "123/SECRET?PW#x"
 
@@ -134,3 +140,55 @@ def test_a_full_disk_stops_the_study_in_one_line_and_it_resumes_when_space_is_fr
     assert is_whole(run / JOURNAL)
     study = load_study(StorageConfig(study="s"), run)
     assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) >= 3
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if int(fields["PPid"]) == pid:
+                found.append(int(status.parent.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting to be reaped is not)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def poll(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_workers_die_with_their_killed_command(tmp_path, files):
+    base, space = files
+    base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "total_epoch": 50}))  # trials outlast the test
+    proc = subprocess.Popen([sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
+                             "--workers", "2", "--trials", "4", "--out", str(tmp_path / "hpo")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        def two_workers_started() -> bool:
+            workers[:] = [p for p in children(proc.pid)
+                          if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+            return len(workers) == 2 and (tmp_path / "hpo" / "trials").is_dir()
+        assert poll(two_workers_started, 120), "the workers did not start"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert poll(lambda: not any(is_running(w) for w in workers), 5), "a worker outlived its command"
+    finally:
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
