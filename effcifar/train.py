@@ -576,7 +576,7 @@ def train(
     """
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
-    with locked(out) if out is not None else contextlib.nullcontext():
+    with locked(out, "train") if out is not None else contextlib.nullcontext():
         return run_training(config, out, callbacks, on_step, data)
 
 

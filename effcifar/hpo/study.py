@@ -205,7 +205,7 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
     space = read_config_file(config.space) if inline_space is None else inline_space  # type: ignore[arg-type]
     SearchSpace.from_dict(dict(space), config.space or SPACE_FILE, field_types(TrainConfig))
     trial_config(config, {}, 0)  # the base config
-    with locked(run_dir), disk_full_is_an_error(run_dir):
+    with locked(run_dir, "hpo"), disk_full_is_an_error(run_dir):
         if inline_space is not None:
             atomic_write(Path(config.space), json.dumps(inline_space, indent=2) + "\n")  # type: ignore[arg-type]
         storage = open_storage(config, run_dir)

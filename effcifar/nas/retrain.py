@@ -122,7 +122,7 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     configs = [dataclasses.replace(base, arch=str(f.resolve()), space=space) for f in files]
     for config in configs:
         config.validate()  # every file is checked before anything trains
-    with locked(out):
+    with locked(out, "retrain"):
         data = load_dataset(base.dataset, base.data_dir)
         rows = []
         for i, (file, config) in enumerate(zip(files, configs)):
@@ -209,7 +209,7 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     search = SearchConfig(device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
                           threads=config.threads, score=score)
     search.validate()
-    with locked(out):
+    with locked(out, "nas-eval"):
         evaluator = CandidateEvaluator.from_run(supernet_dir, search)
         archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
         if len(archs) < sample:
@@ -262,7 +262,7 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
         raise ConfigError(f"{bench.path}: fewer than 2 of its architectures are in the supernet's final space")
     setup = {"supernet": str(supernet_dir.resolve()), "table": str(bench.path), "bn_batches": search.bn_batches,
              "eval_images": search.eval_images, "precision": search.precision}
-    with locked(out):
+    with locked(out, "nas-eval"):
         scores_file = out / "scores.json"
         scores, earlier = _saved_scores(scores_file, setup)  # key -> (acc, loss); the scoring time of earlier runs
         started = time.perf_counter()

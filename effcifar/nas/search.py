@@ -360,7 +360,7 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
     load_supernet_config(supernet_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    with locked(out_dir), disk_full_is_an_error(out_dir):
+    with locked(out_dir, "search"), disk_full_is_an_error(out_dir):
         evaluator = CandidateEvaluator.from_run(supernet_dir, config, out_dir)
         evaluator.check_limits()  # before any file is written
         storage = open_storage(config, out_dir)
