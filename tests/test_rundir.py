@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -129,3 +130,20 @@ def test_a_stage_directory_of_a_running_pipeline_is_refused(holder, capsys):
     assert f"{pipeline}: in use by another effcifar process (PID {process.pid})" in err, err
     assert (pipeline / "baseline" / "summary.json").read_text() == "{}"
 
+
+def test_sigterm_stops_a_training_run_like_ctrl_c(tmp_path):
+    run = tmp_path / "run"
+    long = [a if a != "1" else "50" for a in TINY]  # --epochs 50: still training when the signal comes
+    process = subprocess.Popen([sys.executable, "-m", "effcifar", "train", *long, "--out", str(run), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "logs.tsv").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130 and stderr.strip() == "effcifar train: terminated", stderr
+    assert not (run / LOCK_FILE).exists()

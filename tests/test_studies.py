@@ -79,7 +79,7 @@ def tiny_objective(study: optuna.Study):
 
 def journal_study(run_dir: Path, trials: int) -> optuna.Study:
     """A journal study in `run_dir` with `trials` finished trials, opened as its writer would (holding the lock)."""
-    with locked(run_dir):
+    with locked(run_dir, "hpo"):
         study = optuna.create_study(storage=open_storage(StorageConfig(), run_dir), study_name="s", load_if_exists=True)
         run_trials(study, StorageConfig(), run_dir, trials, tiny_objective(study))
     return study
@@ -192,3 +192,13 @@ def test_workers_die_with_their_killed_command(tmp_path, files):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_journal_lock_left_by_a_killed_writer_does_not_stall_the_next(tmp_path):
+    run = tmp_path / "run"
+    journal_study(run, 1)
+    (run / f"{JOURNAL}.lock").symlink_to(run / "a-killed-writer")  # Optuna's lock, as a kill mid-append leaves it
+    started = time.monotonic()
+    journal_study(run, 2)
+    assert time.monotonic() - started < 10  # Optuna would wait 30 s for the lock to go stale
+    assert not (run / f"{JOURNAL}.lock").exists()
