@@ -57,14 +57,15 @@ def locked(directory: str | Path, kind: str) -> Iterator[Path]:
     created = first_missing(directory)
     fd = acquire(directory)
     _held[key] = 1
-    recorded = False
+    recorded, failed = False, True
     try:
         recorded = check_kind(directory, kind)
         yield directory
+        failed = False
     finally:
         del _held[key]
         empty = not any(p.is_file() and p.name not in (LOCK_FILE, KIND_FILE) for p in directory.rglob("*"))
-        if recorded and empty:  # nothing written: leave the directory as it was
+        if recorded and (empty or failed):  # a refused command leaves the directory as it was
             (directory / KIND_FILE).unlink(missing_ok=True)
         (directory / LOCK_FILE).unlink(missing_ok=True)  # before the release: a waiter then sees it is gone
         os.close(fd)
