@@ -137,6 +137,14 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     return rows
 
 
+MAX_SAMPLE = 10_000  # subnets nas-eval trains: beyond any run's means, and a bound on the sampling work
+
+
+def max_workers() -> int:
+    """The most training processes worth starting here: 4 per CPU core (several small networks share a GPU)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def train_all(jobs: list[tuple[TrainConfig, Path]], workers: int = 1, data: CifarData | None = None,
               progress: Progress | None = None) -> list[dict[str, Any]]:
     """The summaries of (config, run directory) jobs, finished ones reused (`train_once`), in job order.
@@ -203,6 +211,10 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
         raise ConfigError(f"--sample: expected at least 2 subnets to rank, got {sample}")
     if repeats < 1:
         raise ConfigError(f"--repeats: expected a positive number of training seeds, got {repeats}")
+    if not 1 <= workers <= max_workers():
+        raise ConfigError(f"--workers: expected 1 to {max_workers()} training processes on this machine, got {workers}")
+    if sample > MAX_SAMPLE:
+        raise ConfigError(f"--sample: expected at most {MAX_SAMPLE} subnets to train, got {sample}")
     sconfig = load_supernet_config(supernet_dir)
     config = base_config(supernet_dir, config_file, {**(overrides or {}), "total_epoch": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
@@ -211,6 +223,9 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     search.validate()
     with locked(out, "nas-eval"):
         evaluator = CandidateEvaluator.from_run(supernet_dir, search)
+        if sample > evaluator.space.size():
+            raise ConfigError(f"--sample: expected at most the {evaluator.space.size()} architectures of the space, "
+                              f"got {sample}")
         archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
         if len(archs) < sample:
             raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
