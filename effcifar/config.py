@@ -91,6 +91,15 @@ def field_error(field: str, expected: str, value: Any) -> ConfigError:
     return err
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are 0..2**32-1
+
+
+def check_seed(field: str, seed: int | None) -> None:
+    """A seed numpy, torch and Optuna all accept (None: unseeded), else a ConfigError with `field`."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise field_error(field, f"a seed in 0..{MAX_SEED}", seed)
+
+
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved type annotation of each field of a config dataclass."""
     hints = typing.get_type_hints(cls)
@@ -113,6 +122,8 @@ def coerce_value(annotation: Any, value: Any, from_text: bool = False) -> Any:
             return None
         raise ValueError(f"a value of type {kind.__name__}")
     if from_text:
+        if not isinstance(value, str):  # e.g. --set train.layer1.x=1: a path below a single value
+            raise ValueError(f"a single value of type {kind.__name__} (it has no fields below it)")
         if kind is bool:
             if value.lower() in ("true", "yes", "1", "on"):
                 return True

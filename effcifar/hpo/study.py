@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
 from effcifar.config import (
-    build_config, execution, field_error, field_types, read_config_file, result_values, save_config,
+    build_config, check_seed, execution, field_error, field_types, read_config_file, result_values, save_config,
 )
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError, DiskFull
@@ -65,6 +65,7 @@ class HpoConfig(StorageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
+        check_seed("seed", self.seed)
         if self.space is None:
             raise field_error("space", "a search space file (--space FILE)", None)
         for name, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("objective", OBJECTIVES)):
@@ -265,6 +266,8 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
 
 def write_best(run_dir: str | Path, tie: float | None = None, storage: str | None = None) -> tuple[Path, FrozenTrial]:
     """Write best.json (the chosen trial's full TrainConfig, usable as `effcifar train --config`)."""
+    if tie is not None and not tie >= 0:  # nan too
+        raise ConfigError(f"--tie: expected a number of percentage points >= 0, got {tie}")
     config, study = load_run(run_dir, storage)
     best = select_best(study.get_trials(deepcopy=False), config.tie if tie is None else tie)
     path = Path(run_dir) / "best.json"

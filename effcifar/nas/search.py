@@ -48,7 +48,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, execution, field_error, save_config
+from effcifar.config import build_config, check_seed, execution, field_error, save_config
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
@@ -98,6 +98,7 @@ class SearchConfig(StorageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
+        check_seed("seed", self.seed)
         if self.strategy not in STRATEGIES:
             raise field_error("strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
         for name in ("evaluations", "population", "top_k", "workers", "top_k_export", "latency_batch"):
