@@ -121,6 +121,8 @@ def coerce_value(annotation: Any, value: Any, from_text: bool = False) -> Any:
         if optional:
             return None
         raise ValueError(f"a value of type {kind.__name__}")
+    if isinstance(value, str) and any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError("text on one line without control characters (a NUL, a newline, ...)")
     if from_text:
         if not isinstance(value, str):  # e.g. --set train.layer1.x=1: a path below a single value
             raise ValueError(f"a single value of type {kind.__name__} (it has no fields below it)")

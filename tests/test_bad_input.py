@@ -57,6 +57,7 @@ def inputs(tmp_path):
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "deep.yaml").write_text("".join("  " * i + f"k{i}:\n" for i in range(3000)))
     (tmp_path / "inf.yaml").write_text("peak_lr: .inf\n")
+    (tmp_path / "nul.yaml").write_text('data_dir: "cache\\0x"\n')
     (tmp_path / "bomb.yaml").write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
                                         + "".join(f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n"
                                                   for p, x in zip("abcdefgh", "bcdefghi"))
@@ -152,6 +153,10 @@ def test_unreadable_files(inputs, capsys, args, message):
      "command line: field 'seed': expected a seed in 0..4294967295, got -1"),
     (["pipeline", "--set", "train.layer1.x=1", "--out", "{tmp}/run"],
      "command line: field 'train.layer1': expected a single value of type int (it has no fields below it)"),
+    (["train", "--config", "{tmp}/nul.yaml", "--out", "{tmp}/run"], "{tmp}/nul.yaml: field 'data_dir': expected text "
+                                                                    "on one line without control characters"),
+    (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--study", "mine\n", "--out", "{tmp}/run"],
+     "command line: field 'study': expected text on one line without control characters"),
     (["hpo", "best", "{tmp}/no_study", "--tie", "nan"], "--tie: expected a number of percentage points >= 0, got nan"),
     (["pipeline", "--preset", "huge", "--out", "{tmp}/run"], "--preset: expected one of quick, medium, full, got 'huge'"),
     (["dashboard", "{tmp}/run", "--host", "0.0.0.0"], "--host 0.0.0.0: optuna-dashboard has no login, and anyone who "
