@@ -57,20 +57,31 @@ def locked(directory: str | Path, kind: str) -> Iterator[Path]:
     created = first_missing(directory)
     fd = acquire(directory)
     _held[key] = 1
-    recorded, failed = False, True
+    before, recorded = files(directory), False
     try:
         recorded = check_kind(directory, kind)
         yield directory
-        failed = False
     finally:
         del _held[key]
-        empty = not any(p.is_file() and p.name not in (LOCK_FILE, KIND_FILE) for p in directory.rglob("*"))
-        if recorded and (empty or failed):  # a refused command leaves the directory as it was
+        after = files(directory)
+        if recorded and after == before:  # a command that wrote nothing (refused) leaves the directory as it was
             (directory / KIND_FILE).unlink(missing_ok=True)
         (directory / LOCK_FILE).unlink(missing_ok=True)  # before the release: a waiter then sees it is gone
         os.close(fd)
-        if created is not None and empty:
+        if created is not None and not after:
             shutil.rmtree(created, ignore_errors=True)
+
+
+def files(directory: Path) -> set[tuple[Path, int, int, int]]:
+    """(path, inode, size, modification time) of the files in a run directory at any depth, but for its lock and
+    kind: what tells whether a command wrote anything (an atomic write makes a new inode)."""
+    found = set()
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            if path.is_file() and path.name not in (LOCK_FILE, KIND_FILE):
+                stat = path.stat()
+                found.add((path, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return found
 
 
 def recorded_kind(directory: Path) -> str | None:

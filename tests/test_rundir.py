@@ -113,7 +113,7 @@ def test_a_directory_from_before_kinds_takes_the_kind_of_its_next_command(tmp_pa
     run.mkdir()
     (run / "logs.tsv").write_text("old")
     with locked(run, "train"):
-        pass
+        (run / "logs.tsv").write_text("newer")
     with pytest.raises(WriteError, match="is a train run, not a supernet run; choose another --out"):
         with locked(run, "supernet"):
             pass
