@@ -420,6 +420,17 @@ def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget
                 on_trial(frozen)
 
 
+def max_workers() -> int:
+    """The most worker processes worth starting on this machine: 4 per CPU core (small networks share a GPU)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_workers(workers: int) -> None:
+    """A ConfigError (with `field`) for a number of worker processes below 1 or beyond `max_workers()`."""
+    if not 1 <= workers <= max_workers():
+        raise field_error("workers", f"1 to {max_workers()} processes on this machine", workers)
+
+
 def pin_worker_gpu(index: int) -> None:
     """Show worker `index` one GPU (round robin over CUDA_VISIBLE_DEVICES, else over all); call before CUDA starts."""
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]

@@ -178,6 +178,8 @@ def test_a_huge_value_is_quoted_in_at_most_a_hundred_characters(inputs, capsys):
      "--workers: expected 1 to {max_workers} training processes on this machine, got 0"),
     (["nas-eval", "{tmp}/supernet", "--epochs", "1", "--workers", "1000000"],
      "--workers: expected 1 to {max_workers} training processes on this machine, got 1000000"),
+    (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--workers", "1000000", "--out", "{tmp}/run"],
+     "command line: field 'workers': expected 1 to {max_workers} processes on this machine, got 1000000"),
     (["nas-eval", "{tmp}/supernet", "--epochs", "1", "--sample", "1000000000"],
      "--sample: expected at most 10000 subnets to train, got 1000000000"),
 ])

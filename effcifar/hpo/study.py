@@ -34,7 +34,7 @@ from effcifar.hpo.experiment import SAMPLERS
 from effcifar.hpo.space import SearchSpace
 from effcifar.rundir import locked
 from effcifar.studies import (
-    OnTrial, StorageConfig, check_setup, disk_full_is_an_error, fail_lost_trials, load_study, open_storage,
+    OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, fail_lost_trials, load_study, open_storage,
     recorded_study, run_trials, start_workers, study_name,
 )
 from effcifar.train import EpochMetrics, TrainConfig, train
@@ -71,9 +71,9 @@ class HpoConfig(StorageConfig):
         for name, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("objective", OBJECTIVES)):
             if getattr(self, name) not in choices:
                 raise field_error(name, f"one of {', '.join(choices)}", getattr(self, name))
-        for name in ("trials", "workers"):
-            if getattr(self, name) < 1:
-                raise field_error(name, "a positive integer", getattr(self, name))
+        if self.trials < 1:
+            raise field_error("trials", "a positive integer", self.trials)
+        check_workers(self.workers)
         if self.timeout is not None and not self.timeout > 0:
             raise field_error("timeout", "a positive number of seconds", self.timeout)
         super().validate()

@@ -53,7 +53,7 @@ from effcifar.nas.space import CostTable, read_arch_file, stratified_archs
 from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.rundir import locked
-from effcifar.studies import pin_worker_gpu
+from effcifar.studies import max_workers, pin_worker_gpu
 from effcifar.train import TrainConfig, train, write_tsv
 
 Progress = Callable[[str], None]
@@ -138,11 +138,6 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
 
 
 MAX_SAMPLE = 10_000  # subnets nas-eval trains: beyond any run's means, and a bound on the sampling work
-
-
-def max_workers() -> int:
-    """The most training processes worth starting here: 4 per CPU core (several small networks share a GPU)."""
-    return 4 * (os.cpu_count() or 1)
 
 
 def train_all(jobs: list[tuple[TrainConfig, Path]], workers: int = 1, data: CifarData | None = None,

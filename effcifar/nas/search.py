@@ -57,7 +57,7 @@ from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
 from effcifar.rundir import locked
 from effcifar.studies import (
-    OnTrial, StorageConfig, check_setup, disk_full_is_an_error, open_storage, recorded_study, run_trials,
+    OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, open_storage, recorded_study, run_trials,
     start_workers, study_name,
 )
 from effcifar.train import PRECISIONS, check_device_name, device_loaders, resolve_device, resolve_precision
@@ -101,7 +101,8 @@ class SearchConfig(StorageConfig):
         check_seed("seed", self.seed)
         if self.strategy not in STRATEGIES:
             raise field_error("strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
-        for name in ("evaluations", "population", "top_k", "workers", "top_k_export", "latency_batch"):
+        check_workers(self.workers)
+        for name in ("evaluations", "population", "top_k", "top_k_export", "latency_batch"):
             if getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
         for name in ("mutations", "crossovers", "threads", "eval_images"):
