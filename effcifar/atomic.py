@@ -20,7 +20,7 @@ from typing import Any, Callable, BinaryIO
 
 import torch
 
-from effcifar.errors import WriteError
+from effcifar.errors import DiskFull, WriteError
 
 TEMP_SUFFIX = ".effcifar-tmp"
 STALE_AFTER = 5.0  # seconds since its last write before an unlocked temporary file counts as left behind
@@ -73,7 +73,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 def write_error(path: Path, error: OSError) -> WriteError:
     """The one-line error of a failed write; the previous file at `path`, if any, is untouched."""
     if error.errno in DISK_FULL:
-        return WriteError(f"{path}: disk full ({error.strerror}); the previous file, if any, is kept")
+        return DiskFull(f"{path}: disk full ({error.strerror}); the previous file, if any, is kept")
     return WriteError(f"{path}: cannot write ({error.strerror or error})")
 
 

@@ -6,7 +6,9 @@ import argparse
 import collections
 import dataclasses
 import functools
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
@@ -882,20 +884,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_sigterm() -> None:
+    """Stop on SIGTERM (kill, a scheduler ending a job) as on Ctrl-C: the running trial failed, locks released."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("terminated")
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, dispatch, and turn our errors into one line on stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     console = Console()
+    stop_on_sigterm()
     try:
         configure_allocator()  # before any tensor; HPO/search workers and torchrun ranks do it too
         return args.handler(args, console)
     except EffcifarError as e:  # our errors are one line; anything else is a bug and keeps its traceback
         print(f"effcifar {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"effcifar {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"effcifar {args.command}: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
         return 130
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -82,11 +83,34 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str =
     return names
 
 
+SHOWN_CHARS = 100  # of a value quoted in an error: a huge one must not become a huge message
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` for an error message, at most SHOWN_CHARS long (built without the full repr of a huge value)."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, SHOWN_CHARS, SHOWN_CHARS
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 8
+
+
 def field_error(field: str, expected: str, value: Any) -> ConfigError:
     """A ConfigError about one field, for `validate()` methods; the caller adds the source."""
-    err = ConfigError(f"field '{field}': expected {expected}, got {value!r}")
+    err = ConfigError(f"field '{field}': expected {expected}, got {shown(value)}")
     err.field = field  # type: ignore[attr-defined]
     return err
+
+
+MAX_SEED = 2**32 - 1  # numpy's seeds are 0..2**32-1
+
+
+def check_seed(field: str, seed: int | None) -> None:
+    """A seed numpy, torch and Optuna all accept (None: unseeded), else a ConfigError with `field`."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise field_error(field, f"a seed in 0..{MAX_SEED}", seed)
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -110,7 +134,11 @@ def coerce_value(annotation: Any, value: Any, from_text: bool = False) -> Any:
         if optional:
             return None
         raise ValueError(f"a value of type {kind.__name__}")
+    if isinstance(value, str) and any(ord(c) < 32 or c == "\x7f" for c in value):
+        raise ValueError("text on one line without control characters (a NUL, a newline, ...)")
     if from_text:
+        if not isinstance(value, str):  # e.g. --set train.layer1.x=1: a path below a single value
+            raise ValueError(f"a single value of type {kind.__name__} (it has no fields below it)")
         if kind is bool:
             if value.lower() in ("true", "yes", "1", "on"):
                 return True
@@ -134,7 +162,15 @@ def coerce_value(annotation: Any, value: Any, from_text: bool = False) -> Any:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a mapping with the same key twice (PyYAML keeps the last silently)."""
+    """SafeLoader that rejects a mapping with the same key twice (PyYAML keeps the last silently), and aliases:
+    a few nested aliases of aliases expand a file of a few hundred bytes into gigabytes."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed, at line "
+                                                          f"{event.start_mark.line + 1}; write the value out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
@@ -226,11 +262,11 @@ def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], b
     for source, mapping, from_text in layers:
         for key, value in mapping.items():
             if key not in types_:
-                raise ConfigError(f"{source}: unknown field '{key}' (known fields: {', '.join(types_)})")
+                raise ConfigError(f"{source}: unknown field {shown(key)} (known fields: {', '.join(types_)})")
             try:
                 values[key] = coerce_value(types_[key], value, from_text=from_text)
             except ValueError as e:
-                raise ConfigError(f"{source}: field '{key}': expected {e}, got {value!r}") from None
+                raise ConfigError(f"{source}: field '{key}': expected {e}, got {shown(value)}") from None
             origin[key] = source
         steps.append((set(mapping), dict(values)))
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}

@@ -17,5 +17,9 @@ class WriteError(EffcifarError):
     """A file or run directory cannot be written: disk full, no permission, a file in its place, another writer."""
 
 
+class DiskFull(WriteError):
+    """A write failed for want of space; whatever runs stops (every later write would fail too)."""
+
+
 class TrainingDiverged(EffcifarError):
     """The training loss became NaN or infinite; the run stops at the end of that epoch."""

@@ -626,7 +626,7 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repor
         raise ConfigError(f"{run_dir}: not a run directory (expected a training, HPO, supernet, search or "
                           f"ranking run, or a pipeline directory with {', '.join(n for n, _, _ in STAGES)})")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    with locked(out):
+    with locked(out, "report"):
         if kind == "pipeline":  # a part that cannot be drawn becomes a remark
             sections, missing = pipeline_sections(run_dir, out)
         else:  # the run is the whole report: what cannot be drawn is a one-line error

@@ -6,6 +6,12 @@ take no lock. A process may lock again a directory it holds (a pipeline stage wh
 the stage's directory too). The lock file is removed when the lock is released (a killed holder
 leaves it behind, unlocked), and a directory that `locked` created and that holds no file then (the
 command failed before writing anything) is removed too, so a refused input leaves nothing behind.
+
+Each run directory records its kind (train, hpo, supernet, ...) in RUN/.kind when first locked, and
+a command of another kind is refused, so that no command replaces another's files. A pipeline's
+stages are directories of their own kinds inside it; a command that writes into one also takes the
+pipeline's lock, so it is refused while the pipeline runs (and the pipeline while it runs).
+Directories made before kinds were recorded take the kind of the next command that locks them.
 """
 
 from __future__ import annotations
@@ -21,32 +27,89 @@ from typing import Iterator
 from effcifar.errors import WriteError
 
 LOCK_FILE = ".lock"
+KIND_FILE = ".kind"
+KINDS = ("train", "hpo", "supernet", "search", "select", "retrain", "nas-eval", "report", "pipeline")
 _held: dict[Path, int] = {}  # directories this process holds -> how many `locked` blocks hold them
 
 
 @contextlib.contextmanager
-def locked(directory: str | Path) -> Iterator[Path]:
-    """Hold the run directory's lock (creating the directory) for the block; WriteError if another process has it."""
+def locked(directory: str | Path, kind: str) -> Iterator[Path]:
+    """Hold the run directory's lock (creating the directory) for the block, as a run of `kind`.
+
+    WriteError if another process has it, if it is a run of another kind, or if it is a stage of a
+    pipeline that another process runs.
+    """
     directory = Path(directory)
     key = directory.resolve()
     if key in _held:
         _held[key] += 1
         try:
+            check_kind(directory, kind)
             yield directory
         finally:
             _held[key] -= 1
         return
+    parent = directory.parent
+    if recorded_kind(parent) == "pipeline" and parent.resolve() not in _held:
+        with locked(parent, "pipeline"), locked(directory, kind):  # one writer for the pipeline and its stages
+            yield directory
+        return
     created = first_missing(directory)
     fd = acquire(directory)
     _held[key] = 1
+    before, recorded = files(directory), False
     try:
+        recorded = check_kind(directory, kind)
         yield directory
     finally:
         del _held[key]
+        after = files(directory)
+        if recorded and after == before:  # a command that wrote nothing (refused) leaves the directory as it was
+            (directory / KIND_FILE).unlink(missing_ok=True)
         (directory / LOCK_FILE).unlink(missing_ok=True)  # before the release: a waiter then sees it is gone
         os.close(fd)
-        if created is not None and not any(p.is_file() for p in created.rglob("*")):
+        if created is not None and not after:
             shutil.rmtree(created, ignore_errors=True)
+
+
+def files(directory: Path) -> set[tuple[Path, int, int, int]]:
+    """(path, inode, size, modification time) of the files in a run directory at any depth, but for its lock and
+    kind: what tells whether a command wrote anything (an atomic write makes a new inode)."""
+    found = set()
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            if path.is_file() and path.name not in (LOCK_FILE, KIND_FILE):
+                stat = path.stat()
+                found.add((path, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return found
+
+
+def recorded_kind(directory: Path) -> str | None:
+    """The kind of run a directory records (None: not a run directory, or one made before kinds were recorded)."""
+    try:
+        return (directory / KIND_FILE).read_text(errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+def check_kind(directory: Path, kind: str) -> bool:
+    """Refuse a directory that records another kind of run; record `kind` in one that records none (True)."""
+    recorded = recorded_kind(directory)
+    if recorded is None:
+        from effcifar.atomic import atomic_write  # torch: only for the commands that write a run
+
+        atomic_write(directory / KIND_FILE, f"{kind}\n")
+        return True
+    if recorded != kind:
+        shown = recorded if recorded in KINDS else "another kind of"
+        raise WriteError(f"{directory} is {'an' if shown[0] in 'aehi' else 'a'} {shown} run, not a {kind} run; "
+                         f"choose another --out")
+    return False
+
+
+def holds(directory: str | Path) -> bool:
+    """Whether this process holds the run directory's lock (so that no other effcifar process writes it)."""
+    return Path(directory).resolve() in _held
 
 
 def acquire(directory: Path) -> int:
@@ -70,8 +133,9 @@ def acquire(directory: Path) -> int:
         if is_same_file(fd, path):
             break
         os.close(fd)  # its holder removed it between our open and our lock: lock the file there now
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    with contextlib.suppress(OSError):  # the id only names the holder to a refused process: a full disk may lack room
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 
@@ -108,7 +172,7 @@ def first_missing(directory: Path) -> Path | None:
 def clear(directory: Path) -> None:
     """Remove everything in a run directory this process holds, except its lock."""
     for path in directory.iterdir():
-        if path.name == LOCK_FILE:
+        if path.name in (LOCK_FILE, KIND_FILE):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

@@ -19,13 +19,17 @@ directory) or several (one PostgreSQL database). This module is that machinery, 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 import urllib.parse
 import warnings
@@ -38,8 +42,10 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.allocator import configure_allocator
+from effcifar.atomic import DISK_FULL
 from effcifar.config import build_config, changed_fields, execution, field_error, fingerprint, setting
-from effcifar.errors import ConfigError
+from effcifar.errors import ConfigError, DiskFull, EffcifarError
+from effcifar.rundir import holds
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 MAX_RETRY = 3  # PostgreSQL: retries of a trial whose worker went silent
@@ -72,16 +78,22 @@ class StorageConfig:
 
 STORAGE_SCHEMES = ("postgresql", "postgresql+psycopg")
 JOURNAL = "study.journal"
+JOURNAL_LOCK = JOURNAL + ".lock"  # Optuna's JournalFileSymlinkLock, held while a record is appended
+
+
+def parse_url(url: str) -> sqlalchemy.engine.URL | None:
+    """`url` as SQLAlchemy parses it to connect (None if it does not parse): the one parser for checking,
+    connecting and redacting, so that what is hidden is what would be sent as the password."""
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        return None
 
 
 def is_storage_url(url: str) -> bool:
     """Whether `url` is a PostgreSQL URL whose parts parse (a port, if given, is a number 0-65535)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        return False
-    return parts.scheme in STORAGE_SCHEMES and "://" in url
+    parsed = parse_url(url)
+    return parsed is not None and parsed.drivername in STORAGE_SCHEMES and 0 <= (parsed.port or 0) <= 65535
 
 
 def is_password_key(name: str) -> bool:
@@ -90,25 +102,25 @@ def is_password_key(name: str) -> bool:
 
 
 def _redacted(url: str) -> tuple[str, list[str]]:
-    """(the URL without its passwords, every spelling of them as written and decoded)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
+    """(the URL without its passwords, every password it holds, decoded)."""
+    parsed = parse_url(url)
+    if parsed is None:
         return "<not a URL>", [url]
-    if not parts.scheme or "://" not in url:
-        return "<not a URL>", [url]
-    userinfo, at, host = parts.netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    secrets, kept = [password], []
-    for item in parts.query.split("&") if parts.query else []:
-        name, _, value = item.partition("=")
-        if is_password_key(name):
-            secrets.append(value)
-        else:
-            kept.append(item)
-    secrets += [urllib.parse.unquote_plus(s) for s in secrets]
-    redacted = urllib.parse.urlunsplit((parts.scheme, f"{user}{at}{host}", parts.path, "&".join(kept), ""))
-    return redacted, [s for s in secrets if s]
+    keys = [k for k in parsed.query if is_password_key(k)]
+    secrets = [parsed.password or ""]
+    for key in keys:
+        value = parsed.query[key]
+        secrets += [value] if isinstance(value, str) else list(value)
+    kept = sqlalchemy.engine.URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port,
+                                        parsed.database, parsed.difference_update_query(keys).query)
+    return kept.render_as_string(hide_password=True), [str(s) for s in secrets if s]
+
+
+def spellings(secret: str) -> set[str]:
+    """The forms a password can take in a URL or a message: as is, and percent-encoded (in either case)."""
+    every = "".join(f"%{b:02X}" for b in secret.encode())
+    return {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret, safe=""),
+            urllib.parse.quote(secret), every, every.lower()}
 
 
 def redact_url(url: str) -> str:
@@ -121,7 +133,8 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str, url: str) -> str:
     """`text` (e.g. a driver's error message) with every spelling of the URL's passwords masked."""
-    for secret in sorted(_redacted(url)[1], key=len, reverse=True):
+    masked = {form for secret in _redacted(url)[1] for form in spellings(secret)}
+    for secret in sorted(masked, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 
@@ -153,6 +166,8 @@ def open_storage(config: StorageConfig, run_dir: Path, read_only: bool = False) 
         journal = run_dir / JOURNAL
         if read_only and not journal.is_file():
             raise ConfigError(f"{run_dir}: no study yet (no {JOURNAL})")
+        if journal.is_file():
+            check_journal(journal, repair=not read_only and holds(run_dir))
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
     try:
         with warnings.catch_warnings():
@@ -167,6 +182,43 @@ def open_storage(config: StorageConfig, run_dir: Path, read_only: bool = False) 
                 )
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError) as e:
         raise storage_error("cannot open storage", config.storage, e) from None
+
+
+def check_journal(journal: Path, repair: bool) -> None:
+    """Refuse a journal with a damaged record in one line; with `repair`, first cut a damaged last record.
+
+    A writer stopped mid-record (a full disk, a kill) leaves a last line without its newline, or
+    one that does not parse; appending after it would glue the next record to it and make the
+    whole study unreadable. Like a write-ahead log, the writer that opens the journal next drops
+    that tail, losing only the record that was never complete. Only the holder of the run
+    directory's lock repairs (no other process writes the journal then), and it also removes
+    Optuna's journal lock file left by a killed writer, which would otherwise stall every write.
+    """
+    with open(journal, "rb") as f:
+        lines = f.readlines()
+    damaged = next((i for i, line in enumerate(lines) if not is_record(line)), None)
+    if repair:
+        (journal.parent / JOURNAL_LOCK).unlink(missing_ok=True)
+        if damaged == len(lines) - 1:
+            keep = sum(len(line) for line in lines[:damaged])
+            os.truncate(journal, keep)
+            print(f"effcifar: warning: {journal}: dropped an incomplete last record (line {damaged + 1}, "
+                  f"{len(lines[damaged])} bytes) left by an interrupted write", file=sys.stderr)
+            return
+    if damaged is not None and (damaged < len(lines) - 1 or lines[damaged].endswith(b"\n")):
+        raise ConfigError(f"{journal}: line {damaged + 1} of {len(lines)} is not a valid journal record; "
+                          f"the study cannot be read")
+    # a last line without its newline: Optuna's reader skips it, and the next writer drops it
+
+
+def is_record(line: bytes) -> bool:
+    """Whether a journal line is one whole JSON record (newline-terminated)."""
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        return False
 
 
 def storage_error(action: str, url: str, error: Exception) -> ConfigError:
@@ -337,6 +389,18 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractCo
     return get_heartbeat_thread(trial._trial_id, study._storage)
 
 
+@contextlib.contextmanager
+def disk_full_is_an_error(run_dir: Path) -> Iterator[None]:
+    """Turn a full disk met while the study writes (its journal, a trial's files) into a one-line WriteError."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise DiskFull(f"{e.filename or run_dir}: disk full ({e.strerror}); free some space and run the same "
+                         f"command again to resume") from None
+
+
 def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget: int,
                objective: Callable[[optuna.Trial], FrozenTrial], *, seed: int | None = None, worker: int = 0,
                sampler: Callable[[int], optuna.samplers.BaseSampler] | None = None, deadline: float | None = None,
@@ -347,29 +411,41 @@ def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget
     what an uninterrupted one would. `objective(trial)` runs one trial and tells the study; an
     interrupt fails the running trial before it propagates.
     """
-    while deadline is None or time.time() < deadline:
-        with budget_lock(config, run_dir, study.study_name), warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for study.optimize; this loop beats itself.
-            warnings.simplefilter("ignore", UserWarning)
-            fail_lost_trials(study, config)
-            trials = study.get_trials(deepcopy=False)
-            waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
-            if not waiting and budget_spent(trials, budget, max_failures):
-                return
-            if seed is not None and sampler is not None:
-                study.sampler = sampler(trial_seed(seed, worker, trials))
-            trial = study.ask()
-        trial.set_user_attr("worker_host", socket.gethostname())
-        trial.set_user_attr("worker_pid", os.getpid())
-        with heartbeat(study, trial):
-            try:
-                frozen = objective(trial)
-            except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", "interrupted")
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                raise
-        if on_trial is not None:
-            on_trial(frozen)
+    with disk_full_is_an_error(run_dir):
+        while deadline is None or time.time() < deadline:
+            with budget_lock(config, run_dir, study.study_name), warnings.catch_warnings():
+                # Optuna warns that heartbeats are meant for study.optimize; this loop beats itself.
+                warnings.simplefilter("ignore", UserWarning)
+                fail_lost_trials(study, config)
+                trials = study.get_trials(deepcopy=False)
+                waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
+                if not waiting and budget_spent(trials, budget, max_failures):
+                    return
+                if seed is not None and sampler is not None:
+                    study.sampler = sampler(trial_seed(seed, worker, trials))
+                trial = study.ask()
+            trial.set_user_attr("worker_host", socket.gethostname())
+            trial.set_user_attr("worker_pid", os.getpid())
+            with heartbeat(study, trial):
+                try:
+                    frozen = objective(trial)
+                except KeyboardInterrupt:
+                    trial.set_user_attr("fail_reason", "interrupted")
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    raise
+            if on_trial is not None:
+                on_trial(frozen)
+
+
+def max_workers() -> int:
+    """The most worker processes worth starting on this machine: 4 per CPU core (small networks share a GPU)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_workers(workers: int) -> None:
+    """A ConfigError (with `field`) for a number of worker processes below 1 or beyond `max_workers()`."""
+    if not 1 <= workers <= max_workers():
+        raise field_error("workers", f"1 to {max_workers()} processes on this machine", workers)
 
 
 def pin_worker_gpu(index: int) -> None:
@@ -383,11 +459,39 @@ def pin_worker_gpu(index: int) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
 
 
-def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int) -> None:
-    """Entry point of a worker process: the CLI's malloc settings, a GPU, then `target(*args, worker=index)`."""
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when `parent` ends, so that no worker writes a study whose command (and lock) is gone.
+
+    Linux sends the parent-death signal at once; elsewhere, and if the parent died before it was set,
+    a thread that watches the parent's id ends the process within a second.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int, parent: int) -> None:
+    """Entry point of a worker process: die with the parent, the CLI's malloc settings, a GPU, then
+    `target(*args, worker=index)`."""
+    die_with_parent(parent)
     configure_allocator()
     pin_worker_gpu(index)
-    target(*args, worker=index)
+    try:
+        target(*args, worker=index)
+    except EffcifarError as e:  # one line, like the command's own errors
+        print(f"effcifar: worker {index}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def start_workers(study: optuna.Study, count: int, target: Callable[..., None], args: tuple[Any, ...],
@@ -397,7 +501,7 @@ def start_workers(study: optuna.Study, count: int, target: Callable[..., None], 
     ConfigError if a worker exited with an error.
     """
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker_main, args=(target, args, i)) for i in range(count)]
+    workers = [context.Process(target=_worker_main, args=(target, args, i, os.getpid())) for i in range(count)]
     for w in workers:
         w.start()
     seen: set[int] = set()

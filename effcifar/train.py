@@ -29,7 +29,7 @@ import effcifar
 from effcifar import memory
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_torch_save, atomic_write
-from effcifar.config import build_from_layers, execution, field_error, read_json, save_config, setting
+from effcifar.config import build_from_layers, check_seed, execution, field_error, read_json, save_config, setting
 from effcifar.errors import ConfigError, TrainingDiverged
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
@@ -180,6 +180,7 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first value outside its range."""
+        check_seed("seed", self.seed)
         if self.recipe not in RECIPES:
             raise field_error("recipe", f"one of {', '.join(RECIPES)}", self.recipe)
         if self.dataset not in DATASET_NAMES:
@@ -586,7 +587,7 @@ def train(
     """
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
-    with locked(out) if out is not None else contextlib.nullcontext():
+    with locked(out, "train") if out is not None else contextlib.nullcontext():
         return run_training(config, out, callbacks, on_step, data)
 
 

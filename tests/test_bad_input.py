@@ -8,6 +8,7 @@ an exception other than the project's one-line errors would fail the test with i
 
 import io
 import json
+import os
 import pickle
 import zipfile
 
@@ -56,6 +57,12 @@ def inputs(tmp_path):
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (tmp_path / "deep.yaml").write_text("".join("  " * i + f"k{i}:\n" for i in range(3000)))
     (tmp_path / "inf.yaml").write_text("peak_lr: .inf\n")
+    (tmp_path / "nul.yaml").write_text('data_dir: "cache\\0x"\n')
+    (tmp_path / "bomb.yaml").write_text("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                                        + "".join(f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n"
+                                                  for p, x in zip("abcdefgh", "bcdefghi"))
+                                        + "peak_lr: *i\n")  # 9**9 strings if expanded
+    (tmp_path / "long.yaml").write_text(f"peak_lr: [{', '.join(['1234567890'] * 100_000)}]\n")
     (tmp_path / "nan.json").write_text('{"peak_epoch": NaN}')
     (tmp_path / "text.npz").write_text("x_train, y_train: see the README\n")
     (tmp_path / "huge.npz").write_bytes(huge_array_npz())
@@ -94,6 +101,8 @@ def run_bad(tmp_path, capsys, args, message):
      "{tmp}/latin1.yaml: not a UTF-8 text config file (byte 0xe9 at offset 17)"),
     (["train", "--config", "{tmp}/deep.json", "--out", "{tmp}/run"], "{tmp}/deep.json: not valid JSON: nested too deeply"),
     (["train", "--config", "{tmp}/deep.yaml", "--out", "{tmp}/run"], "{tmp}/deep.yaml: not valid YAML: nested too deeply"),
+    (["train", "--config", "{tmp}/bomb.yaml", "--out", "{tmp}/run"],
+     "{tmp}/bomb.yaml: not valid YAML: aliases (*a) are not allowed, at line 2; write the value out"),
     (["train", *TINY, "--arch", "{tmp}/latin1_arch.json", "--out", "{tmp}/run"],
      "{tmp}/latin1_arch.json: not a UTF-8 text architecture file"),
     (["hpo", "run", "--space", "{tmp}/latin1_space.json", "--dataset", "synthetic", "--out", "{tmp}/run"],
@@ -126,7 +135,7 @@ def test_unreadable_files(inputs, capsys, args, message):
      "field 'subset': expected at most the 8000 training images of synthetic left after holdout=2000, got 9000"),
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--storage",
       "postgresql://alice:secret-pw@db:notaport/hpo", "--out", "{tmp}/run"],
-     "field 'storage': expected a postgresql://USER@HOST[:PORT]/DB URL, got 'postgresql://alice@db:notaport/hpo'"),
+     "field 'storage': expected a postgresql://USER@HOST[:PORT]/DB URL, got '<not a URL>'"),
     (["hpo", "run", "--space", "{tmp}/empty_space.json", "--dataset", "synthetic", "--out", "{tmp}/run"],
      "{tmp}/empty_space.json: expected at least one parameter"),
     (["hpo", "run", "--experiment", "{tmp}/inline.yml", "--config", "{tmp}/bad_base.json", "--out", "{tmp}/run"],
@@ -134,6 +143,21 @@ def test_unreadable_files(inputs, capsys, args, message):
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--heartbeat", "nan", "--out", "{tmp}/run"],
      "command line: field 'heartbeat': expected a finite number, got 'nan'"),
     (["pipeline", "--set", "hpo.tie=inf", "--out", "{tmp}/run"], "field 'hpo.tie': expected a finite number"),
+    (["train", *TINY, "--seed", "-1", "--out", "{tmp}/run"],
+     "command line: field 'seed': expected a seed in 0..4294967295, got -1"),
+    (["train", *TINY, "--seed", "100000000000000000000", "--out", "{tmp}/run"],
+     "command line: field 'seed': expected a seed in 0..4294967295, got 100000000000000000000"),
+    (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--seed", "-1", "--out", "{tmp}/run"],
+     "command line: field 'seed': expected a seed in 0..4294967295, got -1"),
+    (["pipeline", "--set", "seed=-1", "--out", "{tmp}/run"],
+     "command line: field 'seed': expected a seed in 0..4294967295, got -1"),
+    (["pipeline", "--set", "train.layer1.x=1", "--out", "{tmp}/run"],
+     "command line: field 'train.layer1': expected a single value of type int (it has no fields below it)"),
+    (["train", "--config", "{tmp}/nul.yaml", "--out", "{tmp}/run"], "{tmp}/nul.yaml: field 'data_dir': expected text "
+                                                                    "on one line without control characters"),
+    (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--study", "mine\n", "--out", "{tmp}/run"],
+     "command line: field 'study': expected text on one line without control characters"),
+    (["hpo", "best", "{tmp}/no_study", "--tie", "nan"], "--tie: expected a number of percentage points >= 0, got nan"),
     (["pipeline", "--preset", "huge", "--out", "{tmp}/run"], "--preset: expected one of quick, medium, full, got 'huge'"),
     (["dashboard", "{tmp}/run", "--host", "0.0.0.0"], "--host 0.0.0.0: optuna-dashboard has no login, and anyone who "
                                                       "can reach it can edit and delete studies; add --allow-network"),
@@ -141,6 +165,26 @@ def test_unreadable_files(inputs, capsys, args, message):
 ])
 def test_bad_values(inputs, capsys, args, message):
     run_bad(inputs, capsys, args, message)
+
+
+def test_a_huge_value_is_quoted_in_at_most_a_hundred_characters(inputs, capsys):
+    run_bad(inputs, capsys, ["train", "--config", "{tmp}/long.yaml", "--out", "{tmp}/run"],
+            "{tmp}/long.yaml: field 'peak_lr': expected a value of type float, got [1234567890, ")
+    assert len(capsys.readouterr().err) < 300
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nas-eval", "{tmp}/supernet", "--epochs", "1", "--workers", "0"],
+     "--workers: expected 1 to {max_workers} training processes on this machine, got 0"),
+    (["nas-eval", "{tmp}/supernet", "--epochs", "1", "--workers", "1000000"],
+     "--workers: expected 1 to {max_workers} training processes on this machine, got 1000000"),
+    (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--workers", "1000000", "--out", "{tmp}/run"],
+     "command line: field 'workers': expected 1 to {max_workers} processes on this machine, got 1000000"),
+    (["nas-eval", "{tmp}/supernet", "--epochs", "1", "--sample", "1000000000"],
+     "--sample: expected at most 10000 subnets to train, got 1000000000"),
+])
+def test_work_beyond_the_machine_is_refused_before_it_starts(inputs, capsys, args, message):
+    run_bad(inputs, capsys, args, message.replace("{max_workers}", str(4 * os.cpu_count())))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU refuses --device cuda")

@@ -103,7 +103,7 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"{out / 'model.pt'}: disk full (File too large); the previous file, if any, is kept" in r.stderr
     assert (out / "model.pt").read_bytes() == model
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file, no lock left
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".kind"]  # no temp file, no lock left
 
 
 def test_data_download_of_a_generated_dataset_is_refused():

@@ -84,9 +84,9 @@ def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp
 
 
 def test_a_search_directory_in_use_is_refused(supernet_run, tmp_path):
-    with locked(tmp_path / "s"):
+    with locked(tmp_path / "s", "search"):
         result = cli(str(supernet_run), "--evaluations", "2", "--out", str(tmp_path / "s"))
-        assert [p.name for p in (tmp_path / "s").iterdir()] == [LOCK_FILE]  # the refused search wrote nothing
+        assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".kind", LOCK_FILE]  # the refused search wrote nothing
     assert result.returncode == 2 and f"{tmp_path / 's'}: in use by another effcifar process (PID {os.getpid()})" \
         in result.stderr
 

@@ -5,11 +5,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
+from effcifar.cli import main
 from effcifar.errors import WriteError
-from effcifar.rundir import LOCK_FILE, locked
+from effcifar.rundir import KIND_FILE, LOCK_FILE, locked
 
 from test_cli import TINY, effcifar
 
@@ -17,17 +19,18 @@ from test_cli import TINY, effcifar
 HOLDER = """
     import sys, time
     from effcifar.rundir import locked
-    with locked(sys.argv[1]):
+    with locked(sys.argv[1], sys.argv[2]):
         print("locked", flush=True)
         time.sleep(120)
 """
 
 
 @pytest.fixture
-def holder(tmp_path):
-    """(directory, process holding its lock)."""
+def holder(tmp_path, request):
+    """(directory, process holding its lock as a run of the kind the test's parameter names, default train)."""
     run = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(run)], stdout=subprocess.PIPE,
+    kind = getattr(request, "param", "train")
+    process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(run), kind], stdout=subprocess.PIPE,
                                text=True)
     assert process.stdout.readline().strip() == "locked"
     yield run, process
@@ -38,7 +41,7 @@ def holder(tmp_path):
 def test_a_second_writer_is_refused_naming_the_holder(holder):
     run, process = holder
     with pytest.raises(WriteError, match=rf"^{run}: in use by another effcifar process \(PID {process.pid}\)"):
-        with locked(run):
+        with locked(run, "train"):
             pass
     assert (run / LOCK_FILE).is_file()  # the refused writer took nothing away
 
@@ -48,7 +51,7 @@ def test_kill_9_releases_the_lock(holder):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (run / LOCK_FILE).read_text().strip() == str(process.pid)  # left behind, but no longer held
-    with locked(run):
+    with locked(run, "train"):
         assert (run / LOCK_FILE).read_text().strip() == str(os.getpid())
     assert not (run / LOCK_FILE).exists()
 
@@ -59,12 +62,12 @@ def test_train_on_a_directory_in_use_is_one_line_and_touches_nothing(holder):
     r = effcifar("train", *TINY, "--out", str(run), "--quiet")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"{run}: in use by another effcifar process (PID {process.pid})" in r.stderr
-    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "logs.tsv"] and (run / "logs.tsv").read_text() == "theirs"
+    assert sorted(p.name for p in run.iterdir()) == [KIND_FILE, LOCK_FILE, "logs.tsv"] and (run / "logs.tsv").read_text() == "theirs"
 
 
 def test_a_process_may_lock_a_directory_it_holds(tmp_path):
-    with locked(tmp_path / "run"):
-        with locked(tmp_path / "run"):
+    with locked(tmp_path / "run", "train"):
+        with locked(tmp_path / "run", "train"):
             (tmp_path / "run" / "a").write_text("")
         assert (tmp_path / "run" / LOCK_FILE).is_file()  # still held by the outer block
     assert not (tmp_path / "run" / LOCK_FILE).exists()
@@ -72,11 +75,11 @@ def test_a_process_may_lock_a_directory_it_holds(tmp_path):
 
 def test_a_directory_left_empty_by_a_failure_is_removed_and_an_existing_one_kept(tmp_path):
     with pytest.raises(ValueError):
-        with locked(tmp_path / "new" / "run"):
+        with locked(tmp_path / "new" / "run", "train"):
             raise ValueError("refused before writing anything")
     assert not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()
-    with locked(tmp_path / "old"):
+    with locked(tmp_path / "old", "train"):
         pass
     assert (tmp_path / "old").is_dir() and not any((tmp_path / "old").iterdir())
 
@@ -84,6 +87,63 @@ def test_a_directory_left_empty_by_a_failure_is_removed_and_an_existing_one_kept
 def test_a_file_in_place_of_the_directory_is_refused(tmp_path):
     (tmp_path / "taken").write_text("mine")
     with pytest.raises(WriteError, match="taken: expected a run directory, got a file"):
-        with locked(tmp_path / "taken"):
+        with locked(tmp_path / "taken", "train"):
             pass
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind, command", [
+    ("supernet", ["train", *TINY]),
+    ("hpo", ["train", *TINY]),
+    ("train", ["supernet", "train", "--dataset", "synthetic"]),
+    ("pipeline", ["hpo", "run", "--space", "examples/search_space.json", "--dataset", "synthetic"]),
+])
+def test_a_run_directory_of_another_kind_is_refused_and_kept(tmp_path, capsys, kind, command):
+    run = tmp_path / "run"
+    with locked(run, kind):
+        (run / "theirs.txt").write_text("theirs")
+    assert main([*command, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{run} is a" in err and f" {kind} run, not a" in err, err
+    assert sorted(p.name for p in run.iterdir()) == [KIND_FILE, "theirs.txt"]
+
+
+def test_a_directory_from_before_kinds_takes_the_kind_of_its_next_command(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "logs.tsv").write_text("old")
+    with locked(run, "train"):
+        (run / "logs.tsv").write_text("newer")
+    with pytest.raises(WriteError, match="is a train run, not a supernet run; choose another --out"):
+        with locked(run, "supernet"):
+            pass
+
+
+@pytest.mark.parametrize("holder", ["pipeline"], indirect=True)
+def test_a_stage_directory_of_a_running_pipeline_is_refused(holder, capsys):
+    pipeline, process = holder
+    (pipeline / "baseline").mkdir()  # a finished stage
+    (pipeline / "baseline" / KIND_FILE).write_text("train\n")
+    (pipeline / "baseline" / "summary.json").write_text("{}")
+    assert main(["train", *TINY, "--out", str(pipeline / "baseline")]) == 2
+    err = capsys.readouterr().err
+    assert f"{pipeline}: in use by another effcifar process (PID {process.pid})" in err, err
+    assert (pipeline / "baseline" / "summary.json").read_text() == "{}"
+
+
+def test_sigterm_stops_a_training_run_like_ctrl_c(tmp_path):
+    run = tmp_path / "run"
+    long = [a if a != "1" else "50" for a in TINY]  # --epochs 50: still training when the signal comes
+    process = subprocess.Popen([sys.executable, "-m", "effcifar", "train", *long, "--out", str(run), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "logs.tsv").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130 and stderr.strip() == "effcifar train: terminated", stderr
+    assert not (run / LOCK_FILE).exists()

@@ -40,7 +40,7 @@ def test_run_writes_logs_summary_and_weights(tmp_path, synthetic):
     assert set(summary["versions"]) >= {"torch", "python", "numpy", "effcifar"}
     assert "threads" in summary["device"]
     assert (run / "config.yaml").exists()
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".kind"]  # no temp files left
     reloaded = load_model(run).eval()
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(reloaded(x), result.model.eval()(x))

@@ -27,16 +27,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
 from effcifar.config import (
-    build_config, execution, field_error, field_types, read_config_file, result_values, save_config, setting,
+    build_config, check_seed, execution, field_error, field_types, read_config_file, result_values, save_config,
+    setting,
 )
 from effcifar.data import DATASET_NAMES, CifarData, load_dataset
-from effcifar.errors import ConfigError, EffcifarError
+from effcifar.errors import ConfigError, DiskFull, EffcifarError
 from effcifar.hpo.experiment import SAMPLERS
 from effcifar.hpo.space import SearchSpace
 from effcifar.rundir import locked
 from effcifar.studies import (
-    OnTrial, StorageConfig, check_setup, fail_lost_trials, load_study, open_storage, recorded_study, run_trials,
-    start_workers, study_name,
+    OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, fail_lost_trials, load_study, open_storage,
+    recorded_study, run_trials, start_workers, study_name,
 )
 from effcifar.train import EpochMetrics, TrainConfig, train
 
@@ -72,14 +73,16 @@ class HpoConfig(StorageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
+        check_seed("seed", self.seed)
         if self.space is None:
             raise field_error("space", "a search space file (--space FILE)", None)
         for name, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("objective", OBJECTIVES)):
             if getattr(self, name) not in choices:
                 raise field_error(name, f"one of {', '.join(choices)}", getattr(self, name))
-        for name in ("trials", "workers", "max_failures"):
+        for name in ("trials", "max_failures"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
+        check_workers(self.workers)
         if self.timeout is not None and not self.timeout > 0:
             raise field_error("timeout", "a positive number of seconds", self.timeout)
         super().validate()
@@ -192,6 +195,8 @@ class TrialRunner:
             result = train(train_config, trial_dir, callbacks=[report], data=self.dataset(train_config))
         except optuna.TrialPruned:
             return self.study.tell(trial, state=TrialState.PRUNED)
+        except DiskFull:  # every later trial would fail too: stop the study (the trial is failed on resume)
+            raise
         except Exception as e:  # a failed trial is recorded and the study goes on
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}".splitlines()[0])
             return self.study.tell(trial, state=TrialState.FAIL)
@@ -235,7 +240,7 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
     space = read_config_file(config.space) if inline_space is None else inline_space  # type: ignore[arg-type]
     SearchSpace.from_dict(dict(space), config.space or SPACE_FILE, field_types(TrainConfig))
     trial_config(config, {}, 0, base)  # the base config
-    with locked(run_dir):
+    with locked(run_dir, "hpo"), disk_full_is_an_error(run_dir):
         if inline_space is not None:
             atomic_write(Path(config.space), json.dumps(inline_space, indent=2) + "\n")  # type: ignore[arg-type]
         storage = open_storage(config, run_dir)
@@ -318,6 +323,8 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
 
 def write_best(run_dir: str | Path, tie: float | None = None, storage: str | None = None) -> tuple[Path, FrozenTrial]:
     """Write best.json (the chosen trial's full TrainConfig, usable as `effcifar train --config`)."""
+    if tie is not None and not tie >= 0:  # nan too
+        raise ConfigError(f"--tie: expected a number of percentage points >= 0, got {tie}")
     config, study = load_run(run_dir, storage)
     best = select_best(study.get_trials(deepcopy=False), config.tie if tie is None else tie)
     path = Path(run_dir) / "best.json"

@@ -53,7 +53,7 @@ from effcifar.nas.space import CostTable, read_arch_file, stratified_archs
 from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.rundir import locked
-from effcifar.studies import pin_worker_gpu
+from effcifar.studies import max_workers, pin_worker_gpu
 from effcifar.train import TrainConfig, train, write_tsv
 
 Progress = Callable[[str], None]
@@ -122,7 +122,7 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     configs = [dataclasses.replace(base, arch=str(f.resolve()), space=space) for f in files]
     for config in configs:
         config.validate()  # every file is checked before anything trains
-    with locked(out):
+    with locked(out, "retrain"):
         data = load_dataset(base.dataset, base.data_dir)
         rows = []
         for i, (file, config) in enumerate(zip(files, configs)):
@@ -135,6 +135,9 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
         atomic_write(out / "retrain.json", json.dumps(rows, indent=2) + "\n")
         write_tsv(out / "retrain.tsv", rows)
     return rows
+
+
+MAX_SAMPLE = 10_000  # subnets nas-eval trains: beyond any run's means, and a bound on the sampling work
 
 
 def train_all(jobs: list[tuple[TrainConfig, Path]], workers: int = 1, data: CifarData | None = None,
@@ -203,14 +206,21 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
         raise ConfigError(f"--sample: expected at least 2 subnets to rank, got {sample}")
     if repeats < 1:
         raise ConfigError(f"--repeats: expected a positive number of training seeds, got {repeats}")
+    if not 1 <= workers <= max_workers():
+        raise ConfigError(f"--workers: expected 1 to {max_workers()} training processes on this machine, got {workers}")
+    if sample > MAX_SAMPLE:
+        raise ConfigError(f"--sample: expected at most {MAX_SAMPLE} subnets to train, got {sample}")
     sconfig = load_supernet_config(supernet_dir)
     config = base_config(supernet_dir, config_file, {**(overrides or {}), "total_epoch": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
     search = SearchConfig(device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
                           threads=config.threads, score=score)
     search.validate()
-    with locked(out):
+    with locked(out, "nas-eval"):
         evaluator = CandidateEvaluator.from_run(supernet_dir, search)
+        if sample > evaluator.space.size():
+            raise ConfigError(f"--sample: expected at most the {evaluator.space.size()} architectures of the space, "
+                              f"got {sample}")
         archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
         if len(archs) < sample:
             raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
@@ -262,7 +272,7 @@ def rank_against_table(supernet_dir: str | Path, table: str | Path, sample: int 
         raise ConfigError(f"{bench.path}: fewer than 2 of its architectures are in the supernet's final space")
     setup = {"supernet": str(supernet_dir.resolve()), "table": str(bench.path), "bn_batches": search.bn_batches,
              "eval_images": search.eval_images, "precision": search.precision}
-    with locked(out):
+    with locked(out, "nas-eval"):
         scores_file = out / "scores.json"
         scores, earlier = _saved_scores(scores_file, setup)  # key -> (acc, loss); the scoring time of earlier runs
         started = time.perf_counter()

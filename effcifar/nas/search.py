@@ -48,7 +48,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, execution, field_error, save_config
+from effcifar.config import build_config, check_seed, execution, field_error, save_config
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
@@ -57,7 +57,8 @@ from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
 from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
 from effcifar.rundir import locked
 from effcifar.studies import (
-    OnTrial, StorageConfig, check_setup, open_storage, recorded_study, run_trials, start_workers, study_name,
+    OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, open_storage, recorded_study, run_trials,
+    start_workers, study_name,
 )
 from effcifar.train import PRECISIONS, check_device_name, device_loaders, resolve_device, resolve_precision
 
@@ -97,9 +98,11 @@ class SearchConfig(StorageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
+        check_seed("seed", self.seed)
         if self.strategy not in STRATEGIES:
             raise field_error("strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
-        for name in ("evaluations", "population", "top_k", "workers", "top_k_export", "latency_batch"):
+        check_workers(self.workers)
+        for name in ("evaluations", "population", "top_k", "top_k_export", "latency_batch"):
             if getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
         for name in ("mutations", "crossovers", "threads", "eval_images"):
@@ -359,7 +362,7 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
     load_supernet_config(supernet_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    with locked(out_dir):
+    with locked(out_dir, "search"), disk_full_is_an_error(out_dir):
         evaluator = CandidateEvaluator.from_run(supernet_dir, config, out_dir)
         evaluator.check_limits()  # before any file is written
         storage = open_storage(config, out_dir)

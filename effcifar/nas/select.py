@@ -248,7 +248,7 @@ class CandidateRunner:
         try:
             if self.data is None or self.data.name != config.dataset:
                 self.data = load_dataset(config.dataset, config.data_dir)
-            with locked(run_dir):
+            with locked(run_dir, "train"):
                 clear(run_dir)  # a retried candidate starts again
                 summary = train(config, run_dir, callbacks=[report], data=self.data).summary
         except optuna.TrialPruned:
@@ -327,7 +327,7 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
     check_inputs(config, base)
     out_dir = Path(out_dir)
     pool = make_pool(config, space, costs, ranked, base)
-    with locked(out_dir):
+    with locked(out_dir, "select"):
         storage = open_storage(config, out_dir)
         config = dataclasses.replace(config, study=study_name(storage, config, out_dir,
                                                               recorded_study(out_dir / CONFIG_FILE, SelectConfig)))

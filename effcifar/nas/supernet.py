@@ -1039,7 +1039,7 @@ def train_supernet(
         raise ConfigError("resume needs the run directory (--out) that holds the checkpoints")
     config.validate()
     writer = out is not None and Ranks.from_env().main  # under torchrun, rank 0 writes (and locks) the directory
-    with locked(out) if writer else contextlib.nullcontext():
+    with locked(out, "supernet") if writer else contextlib.nullcontext():
         if out is not None and not resume and checkpoint_files(out):
             raise ConfigError(f"{out}: already holds a supernet run; pass --resume to continue it or choose "
                               f"another --out")

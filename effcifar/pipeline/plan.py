@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from effcifar.config import build_from_layers, coerce_value, field_types, read_config_file
+from effcifar.config import build_from_layers, check_seed, coerce_value, field_types, read_config_file, shown
 from effcifar.errors import ConfigError
 from effcifar.train import TrainConfig
 
@@ -207,7 +207,7 @@ class PipelineConfig:
             value = getattr(self, section).get(name, minimum)
             if value < minimum:
                 raise ConfigError(f"{self.sources.get(f'{section}.{name}', 'pipeline config')}: field "
-                                  f"'{section}.{name}': expected an integer >= {minimum}, got {value!r}")
+                                  f"'{section}.{name}': expected an integer >= {minimum}, got {shown(value)}")
         if self.nas_eval.get("sample", 0) == 1:
             raise ConfigError(f"{self.sources.get('nas_eval.sample')}: field 'nas_eval.sample': expected 0 (skip) "
                               f"or at least 2 subnets to rank, got 1")
@@ -235,12 +235,12 @@ def _coerce(annotation: Any, value: Any, from_text: bool, source: str, path: str
     """One checked value; errors name the source and the dotted field."""
     if annotation is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: field '{path}': expected a mapping, got {value!r}")
+            raise ConfigError(f"{source}: field '{path}': expected a mapping, got {shown(value)}")
         return value
     try:
         return coerce_value(annotation, value, from_text=from_text)
     except ValueError as e:
-        raise ConfigError(f"{source}: field '{path}': expected {e}, got {value!r}") from None
+        raise ConfigError(f"{source}: field '{path}': expected {e}, got {shown(value)}") from None
 
 
 def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, layer: Mapping[str, Any],
@@ -251,12 +251,17 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
     for key, value in layer.items():
         if key in COMMON:
             values[key] = _coerce(common_types[key], value, from_text, source, key)
+            if key == "seed":
+                try:
+                    check_seed(key, values[key])
+                except ConfigError as e:
+                    raise ConfigError(f"{source}: {e}") from None
             sources[key] = source
             continue
         if key not in sections:
             raise ConfigError(f"{source}: unknown field '{key}' (known: {', '.join([*COMMON, *sections])})")
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: field '{key}': expected a mapping of {key} fields, got {value!r}")
+            raise ConfigError(f"{source}: field '{key}': expected a mapping of {key} fields, got {shown(value)}")
         allowed = section_fields(key)
         target = values.setdefault(key, {})
         for name, item in value.items():

@@ -122,6 +122,7 @@ class Stage:
     """
 
     name = ""
+    kind = ""  # the kind of run its directory holds (effcifar.rundir)
     unit = "runs"
     after: tuple[str, ...] = ()  # the stages whose results it uses (their fingerprints are part of its own)
     restarts = False  # cut short, it starts again from an empty directory (a training run keeps no checkpoint)
@@ -158,7 +159,7 @@ class Stage:
 class TrainingStage(Stage):
     """One training run (baseline, HPO best); `summary` is its summary.json."""
 
-    unit = "steps"
+    kind, unit = "train", "steps"
     restarts = True
 
     def __init__(self, pipeline: Pipeline, name: str, config: TrainConfig, after: tuple[str, ...] = ()):
@@ -196,7 +197,7 @@ class TrainingStage(Stage):
 class HpoStage(Stage):
     """The HPO study; `best` holds the chosen trial's TrainConfig values, `best_file` their best.json."""
 
-    name, unit = "hpo", "trials"
+    name, kind, unit = "hpo", "hpo", "trials"
 
     def __init__(self, pipeline: Pipeline):
         super().__init__(pipeline)
@@ -250,7 +251,7 @@ class HpoStage(Stage):
 class SupernetStage(Stage):
     """The SPOS supernet with the HPO best's widths and learning rate; resumes from its checkpoints."""
 
-    name, unit, after = "supernet", "steps", ("hpo",)
+    name, kind, unit, after = "supernet", "supernet", "steps", ("hpo",)
 
     def __init__(self, pipeline: Pipeline, hpo: HpoStage):
         super().__init__(pipeline)
@@ -281,7 +282,7 @@ class SupernetStage(Stage):
 class SearchStage(Stage):
     """The architecture search over the supernet; arch/top_K.json."""
 
-    name, unit, after = "search", "evaluations", ("supernet", "hpo_best")
+    name, kind, unit, after = "search", "search", "evaluations", ("supernet", "hpo_best")
 
     def __init__(self, pipeline: Pipeline, supernet: SupernetStage, hpo_best: TrainingStage):
         super().__init__(pipeline)
@@ -324,7 +325,7 @@ class SelectStage(Stage):
     """The search's best networks under its limits and the incumbent ResNet-9, trained at rising fidelity on the
     held-out images (`effcifar.nas.select`); `result` holds the answer."""
 
-    name, unit, after = "select", "candidates", ("search", "hpo")
+    name, kind, unit, after = "select", "select", "candidates", ("search", "hpo")
 
     def __init__(self, pipeline: Pipeline, search: SearchStage, final: TrainConfig, supernet: SupernetStage):
         super().__init__(pipeline)
@@ -375,7 +376,7 @@ class RetrainStage(Stage):
     HPO best's own network with its own settings: that run is its result and nothing trains again.
     """
 
-    name, after = "retrain", ("select", "hpo_best")
+    name, kind, after = "retrain", "retrain", ("select", "hpo_best")
 
     def __init__(self, pipeline: Pipeline, select: SelectStage, final: TrainConfig, supernet: SupernetStage,
                  hpo_best: TrainingStage):
@@ -428,7 +429,7 @@ class RetrainStage(Stage):
 class NasEvalStage(Stage):
     """Supernet vs standalone ranking of random subnets (skipped when nas_eval.sample is 0)."""
 
-    name, unit, after = "nas_eval", "subnets", ("supernet", "hpo")
+    name, kind, unit, after = "nas_eval", "nas-eval", "subnets", ("supernet", "hpo")
 
     def __init__(self, pipeline: Pipeline, supernet: SupernetStage, hpo: HpoStage):
         super().__init__(pipeline)
@@ -550,7 +551,7 @@ class Pipeline:
             self.monitor.stage_skipped(stage.name, record.number, stage.skip_reason())
             return stage
         resumed = record.marker is not None
-        with locked(stage.directory):  # also against a lone command writing into the stage's directory
+        with locked(stage.directory, stage.kind):  # also against a lone command writing into the stage's directory
             if stage.restarts:
                 clear(stage.directory)
                 record.marker = None
@@ -568,7 +569,7 @@ class Pipeline:
 
     def run(self) -> PipelineResult:
         """Every stage in order, with the pipeline directory locked; then results.json and the report."""
-        with locked(self.out):
+        with locked(self.out, "pipeline"):
             if not (self.out / "pipeline.yaml").exists():
                 self.write_settings()
             baseline = self.execute(TrainingStage(self, "baseline", self.plan.baseline))
