@@ -31,14 +31,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import execution, field_error, result_values, save_config, setting
+from effcifar.config import check_seed, execution, field_error, result_values, save_config, setting
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.models import STAGES
 from effcifar.nas.space import Arch, ArchSpace, CostTable, HeadSpec, network_key, width_channels
 from effcifar.rundir import clear, locked
 from effcifar.studies import (
-    FINISHED, OnTrial, StorageConfig, check_setup, open_storage, recorded_study, run_trials, start_workers, study_name,
+    FINISHED, OnTrial, StorageConfig, check_setup, check_workers, open_storage, recorded_study, run_trials,
+    start_workers, study_name,
 )
 from effcifar.train import EpochMetrics, TrainConfig, train
 
@@ -79,10 +80,8 @@ class SelectConfig(StorageConfig):
         for name in ("max_flops", "max_params"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise field_error(name, "a positive number or none", getattr(self, name))
-        if not 0 <= self.proposal_seed < 2**32:
-            raise field_error("proposal_seed", "an integer in [0, 2**32)", self.proposal_seed)
-        if self.workers < 1:
-            raise field_error("workers", "a positive integer", self.workers)
+        check_seed("proposal_seed", self.proposal_seed)
+        check_workers(self.workers)
         super().validate()
 
 
@@ -95,9 +94,10 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
 
     Expressible when the space has three stages of a `conv3_pool` downsampling conv and a skip
     choice, the ResNet has no extra layers and at most one residual block per stage, and the
-    space's widths are the config's (with width choices: the full width). A residual block is `conv2`, `conv3` and the skip after
-    them (`conv4_input`); a stage without one is the bodiless `zero` skip. Every body conv the
-    path does not compute takes its first candidate (it does not change the network).
+    space's widths are the config's (with width choices: the full width). A residual block is
+    `conv2`, `conv3` and the skip after them (`conv4_input`); a stage without one is the bodiless
+    `zero` skip. Every body conv the path does not compute takes its first candidate (it does not
+    change the network).
     """
     names = [f"layer{i}" for i in (1, 2, 3)]
     if (len(space.stages) != 3 or space.stem_op != "conv3" or space.stem_width != "prep" or space.head != HeadSpec()
@@ -108,7 +108,7 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
         res = getattr(base, f"res_{name}")
         skip = "conv4_input" if res == 1 else "zero" if res == 0 else None
         if (stage.width != name or "conv3_pool" not in stage.conv1 or skip not in stage.skip
-                or (res == 1 and (len(stage.body) < 2 or "conv3" not in stage.body[0] or "conv3" not in stage.body[1]))):
+                or (res == 1 and not (len(stage.body) >= 2 and "conv3" in stage.body[0] and "conv3" in stage.body[1]))):
             return None
         arch[f"{stage.name}.conv1"] = "conv3_pool"
         for i, candidates in enumerate(stage.body):
@@ -174,7 +174,8 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
     smallest = costs.extreme(False, space)
     if not within(smallest):
         raise ConfigError(f"no architecture within max_flops {config.max_flops} / max_params {config.max_params}: the "
-                          f"smallest has {costs.flops_of(smallest):,} FLOPs and {costs.params_of(smallest):,} parameters")
+                          f"smallest has {costs.flops_of(smallest):,} FLOPs and {costs.params_of(smallest):,} "
+                          "parameters")
     pool: list[Candidate] = []
     incumbent = resnet9_arch(space, base) if config.incumbent else None
     if incumbent is not None and within(incumbent):
@@ -226,7 +227,8 @@ class CandidateRunner:
 
     def __init__(self, study: optuna.Study, pool: list[Candidate], base: TrainConfig, out_dir: Path,
                  data: CifarData | None = None):
-        self.study, self.pool, self.base, self.out_dir, self.data = study, {c.name: c for c in pool}, base, out_dir, data
+        self.study, self.base, self.out_dir, self.data = study, base, out_dir, data
+        self.pool = {c.name: c for c in pool}
 
     def __call__(self, trial: optuna.Trial) -> FrozenTrial:
         name = trial.suggest_categorical("candidate", list(self.pool))
@@ -428,4 +430,5 @@ def read_selection(out_dir: str | Path) -> SelectionResult:
     try:
         return SelectionResult(**data)
     except TypeError:
-        raise ConfigError(f"{path}: not a selection result (expected {', '.join(f.name for f in dataclasses.fields(SelectionResult))})") from None
+        expected = ", ".join(f.name for f in dataclasses.fields(SelectionResult))
+        raise ConfigError(f"{path}: not a selection result (expected {expected})") from None
