@@ -101,6 +101,7 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=5)
 
 
+@pytest.mark.slow
 def test_browser_lists_the_study_trials(browser, server, run_dir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -130,6 +131,7 @@ def outward_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
+@pytest.mark.slow
 def test_binds_loopback_by_default(server):
     port, _ = server
     with socket.create_connection(("127.0.0.1", port), timeout=2):
@@ -150,6 +152,7 @@ def test_a_host_beyond_loopback_needs_the_flag_and_is_warned_about():
                                                       "edit and delete studies")
 
 
+@pytest.mark.slow
 def test_allow_network_serves_and_prints_the_warning(run_dir, tmp_path):
     port, log = free_port(), tmp_path / "cli.log"
     with log.open("wb") as out:
@@ -185,6 +188,7 @@ def test_dashboard_url():
     assert dashboard_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
 
 
+@pytest.mark.slow
 def test_serves_an_architecture_search_run(tmp_path):
     run = tmp_path / "search1"
     run.mkdir()

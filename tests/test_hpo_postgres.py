@@ -26,7 +26,8 @@ from effcifar.studies import redact_url
 from conftest import TINY_BASE
 
 URL = os.environ.get("EFFCIFAR_TEST_POSTGRES")
-pytestmark = pytest.mark.skipif(not URL, reason="needs EFFCIFAR_TEST_POSTGRES (a PostgreSQL URL; .ci/run sets it)")
+pytestmark = [pytest.mark.slow,  # the second tier: worker processes on a real server
+              pytest.mark.skipif(not URL, reason="needs EFFCIFAR_TEST_POSTGRES (a PostgreSQL URL; .ci/run sets it)")]
 def hpo_command(files, out, study, trials, *extra):
     base, space = files
     return [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),

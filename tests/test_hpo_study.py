@@ -108,6 +108,7 @@ def test_resume_may_change_the_budget_tie_timeout_and_workers(one_trial_study, t
     assert optuna.study.get_all_study_names(open_storage(loaded_config, run)) == [original.name]
 
 
+@pytest.mark.slow
 def test_a_renamed_run_directory_is_read_from_its_own_study(one_trial_study, tmp_path):
     original, config, _ = one_trial_study
     run = tmp_path / "moved"
@@ -120,6 +121,7 @@ def test_a_renamed_run_directory_is_read_from_its_own_study(one_trial_study, tmp
     assert (run / "study.journal").read_bytes() == journal  # read-only: no new study, nothing appended
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action", ["status", "best", "export"])
 def test_read_only_commands_never_create_a_study(one_trial_study, tmp_path, action):
     original, _, _ = one_trial_study
@@ -153,6 +155,7 @@ def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files)
                for t in failed)
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_budget_without_duplicates(tmp_path, files):
     base, space = files
     run_study(HpoConfig(space=str(space), base=str(base), trials=4, workers=2, seed=0), tmp_path / "hpo")
@@ -166,6 +169,7 @@ def test_two_workers_share_the_budget_without_duplicates(tmp_path, files):
     assert build_config(TrainConfig, path).peak_lr == best.params["peak_lr"]
 
 
+@pytest.mark.slow
 def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
     base, space = files
     cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=0)
@@ -186,6 +190,7 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     base, space = files
     run = tmp_path / "hpo"

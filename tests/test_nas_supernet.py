@@ -114,6 +114,7 @@ def first_epoch_done(run: Path) -> bool:
     return (run / "checkpoints").exists() and bool(checkpoint_files(run))
 
 
+@pytest.mark.slow
 def test_kill_9_after_an_epoch_then_resume_is_bitwise_identical(reference_run, tmp_path):
     out = tmp_path / "killed"
     args = [*TINY, "--epochs", "3", "--shrink-at", "1", "--shrink-samples", "1", "--out", str(out)]
@@ -131,6 +132,7 @@ def test_kill_9_after_an_epoch_then_resume_is_bitwise_identical(reference_run, t
         json.loads((reference_run / "shrink_log.json").read_text())[0]["dropped"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resume_is_bitwise_identical(reference_run, tmp_path, monkeypatch, capsys):
     """SIGTERM arrives after step 3 of epoch 2 (sent by the run itself, so no timing is involved)."""
     out = tmp_path / "terminated"
@@ -157,6 +159,7 @@ def test_sigterm_mid_epoch_saves_and_resume_is_bitwise_identical(reference_run, 
     assert_bitwise_equal(weights(out), weights(reference_run))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference_run, tmp_path):
     out = tmp_path / "corrupt"
     shutil.copytree(reference_run, out)
@@ -266,6 +269,7 @@ def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     """torchrun, gloo: 2 processes end with the weights of 1 process on the same global batches.
 
@@ -318,6 +322,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_multi_path_gradients_over_two_processes_are_exact_in_float64(tmp_path):
     """In float64, a sandwich-like step (largest and smallest path) over 2 processes (global batch
     norm, one gradient average) gives the 1-process gradients of the same batch to ~1e-15; in fp32
