@@ -61,6 +61,7 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_every_artifact(reference_run):
     logs = (reference_run / "logs.tsv").read_text().splitlines()
     header = logs[0].split("\t")
@@ -78,6 +79,7 @@ def test_end_to_end_run_writes_every_artifact(reference_run):
     assert len(checkpoint_files(reference_run)) == 3
 
 
+@pytest.mark.slow
 def test_shrinking_removes_one_candidate_per_key_per_event(reference_run):
     log = json.loads((reference_run / "shrink_log.json").read_text())
     assert [event["epoch"] for event in log] == [1]
@@ -174,6 +176,7 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference_run,
     assert_bitwise_equal(weights(out), weights(reference_run))
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(reference_run, tmp_path, capsys):
     out = tmp_path / "other"
     shutil.copytree(reference_run, out)
