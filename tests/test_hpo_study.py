@@ -29,6 +29,7 @@ def states(run_dir):
     return [t.state for t in study.get_trials(deepcopy=False)]
 
 
+@pytest.mark.slow
 def test_study_runs_trials_records_attributes_and_best_reloads(tmp_path, files):
     base, space = files
     run = tmp_path / "hpo"
@@ -49,6 +50,7 @@ def test_study_runs_trials_records_attributes_and_best_reloads(tmp_path, files):
     assert config.peak_lr == best.params["peak_lr"] and config.dataset == "synthetic"
 
 
+@pytest.mark.slow
 def test_budget_counts_across_restarts_and_seed_reproduces(tmp_path, files):
     base, space = files
     cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=7, sampler="random")
@@ -142,6 +144,7 @@ def test_another_study_name_for_a_run_directory_is_refused(one_trial_study, tmp_
         run_study(dataclasses.replace(config, study="other"), run)
 
 
+@pytest.mark.slow
 def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files):
     base, _ = files
     space = tmp_path / "explode.json"

@@ -218,6 +218,7 @@ def few_shot_config(**changes) -> SupernetConfig:
     return tiny_config(space="nas-bench-macro", epochs=2, few_shot_key="stage1.conv1", few_shot_epochs=1, **changes)
 
 
+@pytest.mark.slow
 def test_few_shot_splits_train_only_their_own_paths_from_the_one_shot_weights():
     trainer = SupernetTrainer(few_shot_config())
     trainer.train_epoch()
