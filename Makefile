@@ -15,7 +15,7 @@ DEMO_ARGS ?=
 
 STAMP := $(VENV)/.effcifar-installed
 
-.PHONY: demo test test-lowest venv bench clean
+.PHONY: demo test test-slow test-all test-lowest venv bench clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/effcifar pipeline --preset $(PRESET) --dataset $(DATASET) $(DEMO_ARGS) --out $(DEMO_OUT)
 
+# The tests in two tiers: `make test` is the fast tier (under 5 minutes on a 2-core CPU); `make test-slow` the
+# second (end-to-end, subprocess, kill -9 and resume, real-data, PostgreSQL and browser tests: the `slow` marker);
+# `make test-all` both in one run. CI runs the two tiers and test-lowest.
 test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow
+
+test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 # The study tests once more against the lowest Optuna and SQLAlchemy that pyproject.toml allows: a second

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# The tunables, set from outside: malloc keeps blocks up to 1 GiB and never trims below 1 GiB.
+# Tunables set from outside: malloc keeps blocks up to 1 GiB and never trims below 1 GiB.
 OUTSIDE_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
 VARIANTS = ("ours", "ours-system", "ours-tunables", "main")  # see variant_env
 

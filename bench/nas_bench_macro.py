@@ -39,7 +39,7 @@ from effcifar.nas.table import BenchmarkTable, read_table_json
 COMMON = {"space": "nas-bench-macro", "dataset": "cifar10", "subset": 10000, "holdout": 2000, "batch_size": 256,
           "epochs": 30, "peak_lr": 0.1, "lr_factor": 1.0, "schedule": "cosine", "label_smoothing": 0.1, "cutout": 0,
           "precision": "bf16", "threads": 2, "panel_random": 1, "bn_batches": 4, "eval_batch_size": 500}
-LIMITS = (30e6, 50e6)  # table FLOPs (multiply-accumulates), as the reference points
+LIMITS = (30e6, 50e6)  # table FLOPs (multiply-accumulates): the two limits the search benchmark uses
 
 
 def parse_assignment(text: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ malloc's settings belong to a process, so every variant runs as a child process 
 images (a seeded subset of the training set, shuffled), network, batch and thread count:
   ours          `python -m effcifar train` as a user runs it (default environment)
   ours-system   the same with EFFCIFAR_MALLOC=system (glibc's defaults)
-  ours-tunables the same with the issue's GLIBC_TUNABLES set from outside
+  ours-tunables the same with GLIBC_TUNABLES (1 GiB mmap and trim thresholds) set from outside
   main          `python -m effcifar train` of another source tree (--main-src, e.g. `git archive main`)
   plain         a loop written here: the same network defined independently, one crop offset and
                 one flip per batch, no Cutout, default environment

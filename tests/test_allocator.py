@@ -40,24 +40,28 @@ def probe(**env: str) -> dict:
     return json.loads(run.stdout)
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_tuned_by_default_large_tensors_come_from_the_heap():
     result = probe()
     assert result == {"state": "tuned", "mmapped": 0}
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_system_setting_leaves_glibc_alone():
     result = probe(EFFCIFAR_MALLOC="system")
     assert result["state"] == "system" and result["mmapped"] >= 64 << 20  # glibc maps a block this large itself
 
 
+@pytest.mark.slow
 @needs_glibc
 def test_users_own_glibc_tunables_win():
     result = probe(GLIBC_TUNABLES="glibc.malloc.mmap_threshold=1048576")
     assert result["state"] == "environment" and result["mmapped"] >= 64 << 20  # their threshold, not ours
 
 
+@pytest.mark.slow
 def test_bad_value_is_a_one_line_error_naming_the_variable():
     run = subprocess.run([sys.executable, "-m", "effcifar", "supernet", "space"], capture_output=True, text=True,
                          timeout=120, env=dict(os.environ, EFFCIFAR_MALLOC="fast"))
@@ -65,6 +69,7 @@ def test_bad_value_is_a_one_line_error_naming_the_variable():
     assert run.stderr == "effcifar supernet: error: EFFCIFAR_MALLOC: expected one of tuned, system, got 'fast'\n"
 
 
+@pytest.mark.slow
 @needs_glibc
 @pytest.mark.parametrize("setting", ["tuned", "system"])
 def test_spawned_hpo_workers_apply_the_setting(tmp_path: Path, files, monkeypatch, setting):

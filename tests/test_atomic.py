@@ -53,6 +53,7 @@ def age(path, seconds=60):
     os.utime(path, (past, past))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_new_files_follow_the_umask(tmp_path, umask, mode):
     path = tmp_path / "summary.json"
@@ -66,6 +67,7 @@ def test_new_files_follow_the_umask(tmp_path, umask, mode):
     assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
+@pytest.mark.slow
 def test_kill_9_mid_write_keeps_the_old_file_and_the_next_write_clears_the_temp_file(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"old")
@@ -82,6 +84,7 @@ def test_kill_9_mid_write_keeps_the_old_file_and_the_next_write_clears_the_temp_
     assert path.read_bytes() == b"old"
 
 
+@pytest.mark.slow
 def test_the_temp_file_of_a_live_writer_is_kept(tmp_path):
     path = tmp_path / "model.pt"
     writer = start_slow_writer(path)
@@ -100,6 +103,7 @@ def limit_file_size(size: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
+@pytest.mark.slow
 def test_file_size_limit_keeps_the_previous_file_and_says_disk_full(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"previous")
@@ -116,6 +120,7 @@ def test_file_size_limit_keeps_the_previous_file_and_says_disk_full(tmp_path):
     assert path.read_bytes() == b"previous" and temp_files(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_full_tmpfs_keeps_the_previous_file(tmp_path):
     """A real full filesystem: a 64 KiB tmpfs in a private mount namespace (skipped where one cannot be made)."""
     mount = tmp_path / "small"

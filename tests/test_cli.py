@@ -21,6 +21,7 @@ def effcifar(*args, cwd=None, env=None):
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_runs_and_prints_the_final_table(tmp_path):
     out = tmp_path / "run"
     r = effcifar("train", *TINY, "--out", str(out), "--quiet")
@@ -30,6 +31,7 @@ def test_train_runs_and_prints_the_final_table(tmp_path):
     assert summary["config"]["layer3"] == 16 and summary["epochs_run"] == 1
 
 
+@pytest.mark.slow
 def test_config_file_and_option_precedence(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("peak_lr: 0.05\ncutout: 4\n")
@@ -49,6 +51,7 @@ def test_config_file_and_option_precedence(tmp_path):
     (["--peak-lr", "fast"], "field 'peak_lr': expected a value of type float, got 'fast'"),
     (["--config", "missing.yaml"], "missing.yaml: cannot read config file"),
 ])
+@pytest.mark.slow
 def test_bad_values_give_one_line_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "run"
     r = effcifar("train", "--dataset", "synthetic", *args, "--out", str(out))
@@ -58,6 +61,7 @@ def test_bad_values_give_one_line_and_write_nothing(tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset_without_network_is_one_line(tmp_path):
     out = tmp_path / "run"
     r = effcifar("train", "--dataset", "cifar100", "--out", str(out),
@@ -69,12 +73,14 @@ def test_missing_dataset_without_network_is_one_line(tmp_path):
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
 
 
+@pytest.mark.slow
 def test_data_info_on_synthetic():
     r = effcifar("data", "info", "--dataset", "synthetic100")
     assert r.returncode == 0, r.stderr
     assert "10000 / 2000" in r.stdout and "100: class_0" in r.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_every_config_field():
     r = effcifar("train", "--help", env={"COLUMNS": "200"})  # no line break inside an option's name
     for option in ("--peak-lr", "--base-wd", "--logits-weight", "--peak-epoch", "--cutout", "--epochs",
@@ -84,6 +90,7 @@ def test_help_lists_every_config_field():
         " ".join(r.stdout.split())
 
 
+@pytest.mark.slow
 def test_epochs_alone_is_accepted_and_moves_the_peak(tmp_path):
     out = tmp_path / "run"
     r = effcifar("train", *[a for a in TINY if a not in ("--peak-epoch", "0.5")], "--epochs", "2", "--out", str(out),
@@ -92,6 +99,7 @@ def test_epochs_alone_is_accepted_and_moves_the_peak(tmp_path):
     assert json.loads((out / "summary.json").read_text())["config"]["peak_epoch"] == pytest.approx(2 * 5 / 24)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path):
     out = tmp_path / "run"
     assert effcifar("train", *TINY, "--out", str(out), "--quiet").returncode == 0
@@ -106,6 +114,7 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path):
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".kind"]  # no temp file, no lock left
 
 
+@pytest.mark.slow
 def test_data_download_of_a_generated_dataset_is_refused():
     r = effcifar("data", "download", "--dataset", "synthetic")
     assert r.returncode == 2
@@ -113,6 +122,7 @@ def test_data_download_of_a_generated_dataset_is_refused():
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("EFFCIFAR_DATA", "").endswith(".npz"), reason="needs EFFCIFAR_DATA=<cifar10 .npz>")
 def test_data_verify_and_info_on_the_real_copy():
     r = effcifar("data", "verify", "--dataset", "cifar10")
@@ -123,6 +133,7 @@ def test_data_verify_and_info_on_the_real_copy():
     assert "airplane" in r.stdout and "5000" in r.stdout
 
 
+@pytest.mark.slow
 def test_hpo_run_from_nni_v2_config_then_status_best_export(tmp_path):
     base = tmp_path / "base.json"
     base.write_text(json.dumps(TINY_BASE))
@@ -161,6 +172,7 @@ def test_hpo_run_from_nni_v2_config_then_status_best_export(tmp_path):
     ({"peak_lrr": {"_type": "uniform", "_value": [0.1, 0.4]}}, "peak_lr"),
     ({"cutout": {"_type": "gaussian", "_value": [1, 2]}}, "key 'cutout'"),
 ])
+@pytest.mark.slow
 def test_hpo_bad_space_is_one_line_and_writes_nothing(tmp_path, space, message):
     path = tmp_path / "space.json"
     path.write_text(json.dumps(space))

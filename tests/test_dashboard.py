@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -82,14 +83,25 @@ def serving(run_dir: Path, tmp_path: Path):
         studies = wait_for_studies(f"http://127.0.0.1:{port}", process, log)
         yield port, studies
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)  # the child restored Python's Ctrl-C handler above
         try:
             assert process.wait(timeout=5) == 0, log.read_text()  # Ctrl-C stops it cleanly
         finally:
+            stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server for good: SIGTERM (which, unlike SIGINT, a shell's background job does not ignore), then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
 
 
+@pytest.mark.slow
 def test_browser_lists_the_study_trials(browser, server, run_dir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -119,6 +131,7 @@ def outward_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
+@pytest.mark.slow
 def test_binds_loopback_by_default(server):
     port, _ = server
     with socket.create_connection(("127.0.0.1", port), timeout=2):
@@ -139,16 +152,17 @@ def test_a_host_beyond_loopback_needs_the_flag_and_is_warned_about():
                                                       "edit and delete studies")
 
 
+@pytest.mark.slow
 def test_allow_network_serves_and_prints_the_warning(run_dir, tmp_path):
     port, log = free_port(), tmp_path / "cli.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "effcifar", "dashboard", str(run_dir), "--host", "0.0.0.0",
-                                    "--allow-network", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+                                    "--allow-network", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its lines reach the log at once
     try:
         assert [s["study_name"] for s in wait_for_studies(f"http://127.0.0.1:{port}", process, log)] == [run_dir.name]
     finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=10)
+        stop(process)
     text = log.read_text()
     assert "effcifar: warning: the dashboard on 0.0.0.0:" in text and "can edit and delete studies" in text
     assert f"dashboard of {run_dir}: http://0.0.0.0:{port}/dashboard" in text
@@ -174,6 +188,7 @@ def test_dashboard_url():
     assert dashboard_url("127.0.0.1", 8080) == "http://127.0.0.1:8080/dashboard"
 
 
+@pytest.mark.slow
 def test_serves_an_architecture_search_run(tmp_path):
     run = tmp_path / "search1"
     run.mkdir()

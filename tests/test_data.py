@@ -409,6 +409,7 @@ def test_npz_with_pickled_object_is_refused(tmp_path):
         data.load_dataset("cifar10", path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not str(os.environ.get("EFFCIFAR_DATA", "")).endswith(".npz")
                     or not Path(os.environ.get("EFFCIFAR_DATA", "")).is_file(), reason="EFFCIFAR_DATA is not an .npz")
 def test_shared_cifar10_npz():

@@ -26,7 +26,8 @@ from effcifar.studies import redact_url
 from conftest import TINY_BASE
 
 URL = os.environ.get("EFFCIFAR_TEST_POSTGRES")
-pytestmark = pytest.mark.skipif(not URL, reason="needs EFFCIFAR_TEST_POSTGRES (a PostgreSQL URL; .ci/run sets it)")
+pytestmark = [pytest.mark.slow,  # the second tier: worker processes on a real server
+              pytest.mark.skipif(not URL, reason="needs EFFCIFAR_TEST_POSTGRES (a PostgreSQL URL; .ci/run sets it)")]
 def hpo_command(files, out, study, trials, *extra):
     base, space = files
     return [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
@@ -64,6 +65,20 @@ def test_two_machines_share_one_study_exactly(tmp_path, files):
     assert redact_url(URL) in (tmp_path / "worker0" / "hpo.yaml").read_text()
 
 
+def wait_until_stale(study: str, heartbeat: int = 1, timeout: float = 60.0) -> None:
+    """Poll the database until a running trial of `study` has missed 3 heartbeats (as the workers judge it)."""
+    storage = optuna.storages.RDBStorage(URL, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
+    try:
+        study_id = storage.get_study_id_from_name(study)
+        deadline = time.monotonic() + timeout
+        while not storage._get_stale_trial_ids(study_id):  # the check fail_stale_trials makes, without failing
+            assert time.monotonic() < deadline, f"no trial of {study} went stale within {timeout} s"
+            time.sleep(0.2)
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+
+
 def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(tmp_path, files):
     study = f"killed-{uuid.uuid4().hex[:8]}"
     base, _ = files
@@ -76,7 +91,7 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(tmp_path, files)
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    time.sleep(4)  # longer than 3 heartbeats: the trial is stale
+    wait_until_stale(study)  # no heartbeat for 3 heartbeats: the next worker fails and retries the trial
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     trials = load_run(out, URL)[1].get_trials()

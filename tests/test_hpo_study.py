@@ -32,6 +32,7 @@ def states(run_dir):
     return [t.state for t in study.get_trials(deepcopy=False)]
 
 
+@pytest.mark.slow
 def test_study_runs_trials_records_attributes_and_best_reloads(tmp_path, files):
     base, space = files
     run = tmp_path / "hpo"
@@ -52,6 +53,7 @@ def test_study_runs_trials_records_attributes_and_best_reloads(tmp_path, files):
     assert config.peak_lr == best.params["peak_lr"] and config.dataset == "synthetic"
 
 
+@pytest.mark.slow
 def test_budget_counts_across_restarts_and_seed_reproduces(tmp_path, files):
     base, space = files
     cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=7, sampler="random")
@@ -111,6 +113,7 @@ def test_resume_may_change_the_budget_tie_timeout_and_workers(one_trial_study, t
     assert optuna.study.get_all_study_names(open_storage(loaded_config, run)) == [original.name]
 
 
+@pytest.mark.slow
 def test_a_renamed_run_directory_is_read_from_its_own_study(one_trial_study, tmp_path):
     original, config, _ = one_trial_study
     run = tmp_path / "moved"
@@ -123,6 +126,7 @@ def test_a_renamed_run_directory_is_read_from_its_own_study(one_trial_study, tmp
     assert (run / "study.journal").read_bytes() == journal  # read-only: no new study, nothing appended
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("action", ["status", "best", "export"])
 def test_read_only_commands_never_create_a_study(one_trial_study, tmp_path, action):
     original, _, _ = one_trial_study
@@ -143,6 +147,7 @@ def test_another_study_name_for_a_run_directory_is_refused(one_trial_study, tmp_
         run_study(dataclasses.replace(config, study="other"), run)
 
 
+@pytest.mark.slow
 def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files):
     base, _ = files
     space = tmp_path / "explode.json"
@@ -157,6 +162,7 @@ def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files)
                for t in failed)
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_budget_without_duplicates(tmp_path, files):
     base, space = files
     run_study(HpoConfig(space=str(space), base=str(base), trials=4, workers=2, seed=0), tmp_path / "hpo")
@@ -170,6 +176,7 @@ def test_two_workers_share_the_budget_without_duplicates(tmp_path, files):
     assert build_config(TrainConfig, path).peak_lr == best.params["peak_lr"]
 
 
+@pytest.mark.slow
 def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
     base, space = files
     cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=0)
@@ -190,6 +197,7 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     base, space = files
     run = tmp_path / "hpo"

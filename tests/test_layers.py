@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "effcifar"
 # Lowest layer first; a module may import modules of its own layer or of the layers before it.
 LAYERS = [
@@ -88,6 +90,7 @@ def test_no_import_cycle():
             visit(name, [])
 
 
+@pytest.mark.slow
 def test_train_and_help_load_neither_optuna_nor_sqlalchemy(tmp_path):
     """`effcifar train --help` and a config with a NAS subnet (`arch`) stay below the study layer."""
     code = ("import json, sys\nfrom effcifar.cli import main\n"

@@ -65,6 +65,7 @@ def test_standalone_has_exactly_the_chosen_ops_parameters(tmp_path):
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_train_arch_cli_and_load_model_round_trip(tmp_path):
     arch_file = tmp_path / "arch.json"
     arch_file.write_text(json.dumps({"arch": ARCH}))
@@ -83,6 +84,7 @@ def test_train_arch_cli_and_load_model_round_trip(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+@pytest.mark.slow
 def test_arch_errors_are_one_line_and_name_the_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**ARCH, "stage1.conv2": "conv7"}))
@@ -129,6 +131,7 @@ def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
         retrain_top(search_dir, 4, tmp_path / "retrain", base)
 
 
+@pytest.mark.slow
 def test_retrain_cli(search_run, tmp_path):
     supernet_dir, search_dir = search_run
     out = tmp_path / "r"
@@ -141,6 +144,7 @@ def test_retrain_cli(search_run, tmp_path):
     assert result.returncode == 2 and "not a search run" in result.stderr
 
 
+@pytest.mark.slow
 def test_nas_eval_ranks_random_subnets(search_run, tmp_path, monkeypatch):
     supernet_dir, _ = search_run
     out = tmp_path / "nas_eval"
@@ -174,6 +178,7 @@ def test_nas_eval_ranks_random_subnets(search_run, tmp_path, monkeypatch):
     assert result.returncode == 2 and "--epochs: required" in result.stderr
 
 
+@pytest.mark.slow
 def test_nas_eval_with_two_seeds_reports_the_truths_own_agreement(search_run, tmp_path):
     supernet_dir, _ = search_run
     out = tmp_path / "two_seeds"

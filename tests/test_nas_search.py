@@ -83,6 +83,7 @@ def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp
     assert optuna.study.get_all_study_names(open_storage(config(), moved)) == ["s"]
 
 
+@pytest.mark.slow
 def test_a_search_directory_in_use_is_refused(supernet_run, tmp_path):
     with locked(tmp_path / "s", "search"):
         result = cli(str(supernet_run), "--evaluations", "2", "--out", str(tmp_path / "s"))
@@ -140,6 +141,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_tiny_search(supernet_run, tmp_path):
     out = tmp_path / "cli"
     result = cli(str(supernet_run), "--strategy", "nsga2", "--evaluations", "5", "--population", "4",
@@ -159,6 +161,7 @@ def test_cli_end_to_end_tiny_search(supernet_run, tmp_path):
     (["--strategy", "bayes"], "field 'strategy': expected one of evolution, random, nsga2, got 'bayes'"),
     (["--evaluations", "many"], "field 'evaluations': expected a value of type int"),
 ])
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(supernet_run, tmp_path, args, message):
     result = cli(str(supernet_run), *args, "--out", str(tmp_path / "s"))
     assert result.returncode == 2 and message in result.stderr

@@ -62,6 +62,7 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_every_artifact(reference_run):
     logs = (reference_run / "logs.tsv").read_text().splitlines()
     header = logs[0].split("\t")
@@ -79,6 +80,7 @@ def test_end_to_end_run_writes_every_artifact(reference_run):
     assert len(checkpoint_files(reference_run)) == 3
 
 
+@pytest.mark.slow
 def test_shrinking_removes_one_candidate_per_key_per_event(reference_run):
     log = json.loads((reference_run / "shrink_log.json").read_text())
     assert [event["epoch"] for event in log] == [1]
@@ -115,6 +117,7 @@ def first_epoch_done(run: Path) -> bool:
     return (run / "checkpoints").exists() and bool(checkpoint_files(run))
 
 
+@pytest.mark.slow
 def test_kill_9_after_an_epoch_then_resume_is_bitwise_identical(reference_run, tmp_path):
     out = tmp_path / "killed"
     args = [*TINY, "--epochs", "3", "--shrink-at", "1", "--shrink-samples", "1", "--out", str(out)]
@@ -132,6 +135,7 @@ def test_kill_9_after_an_epoch_then_resume_is_bitwise_identical(reference_run, t
         json.loads((reference_run / "shrink_log.json").read_text())[0]["dropped"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_and_resume_is_bitwise_identical(reference_run, tmp_path, monkeypatch, capsys):
     """SIGTERM arrives after step 3 of epoch 2 (sent by the run itself, so no timing is involved)."""
     out = tmp_path / "terminated"
@@ -158,6 +162,7 @@ def test_sigterm_mid_epoch_saves_and_resume_is_bitwise_identical(reference_run, 
     assert_bitwise_equal(weights(out), weights(reference_run))
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference_run, tmp_path):
     out = tmp_path / "corrupt"
     shutil.copytree(reference_run, out)
@@ -172,6 +177,7 @@ def test_corrupt_checkpoint_is_reported_and_the_previous_one_used(reference_run,
     assert_bitwise_equal(weights(out), weights(reference_run))
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused(reference_run, tmp_path, capsys):
     out = tmp_path / "other"
     shutil.copytree(reference_run, out)
@@ -275,6 +281,7 @@ def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
     """torchrun, gloo: 2 processes end with the weights of 1 process on the same global batches.
 
@@ -327,6 +334,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_multi_path_gradients_over_two_processes_are_exact_in_float64(tmp_path):
     """In float64, a sandwich-like step (largest and smallest path) over 2 processes (global batch
     norm, one gradient average) gives the 1-process gradients of the same batch to ~1e-15; in fp32

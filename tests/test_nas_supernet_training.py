@@ -162,6 +162,7 @@ def test_distillation_with_uniform_sampling_puts_the_largest_path_first():
     assert len(passes) == 2 and passes[0][0] == trainer.costs.extreme(True, trainer.space)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes", [dict(sampling="fair"), dict(sampling="sandwich", distill=True),
                                      dict(sampling="uniform", distill=True, bn_eval="batch")])
 def test_multi_path_training_resumes_bitwise(changes):
@@ -217,6 +218,7 @@ def few_shot_config(**changes) -> SupernetConfig:
     return tiny_config(space="nas-bench-macro", epochs=2, few_shot_key="stage1.conv1", few_shot_epochs=1, **changes)
 
 
+@pytest.mark.slow
 def test_few_shot_splits_train_only_their_own_paths_from_the_one_shot_weights():
     trainer = SupernetTrainer(few_shot_config())
     trainer.train_epoch()
@@ -243,6 +245,7 @@ def test_few_shot_splits_train_only_their_own_paths_from_the_one_shot_weights():
     assert net.active_network() is net.split("mb6_k5_stride2")  # judged in its own sub-supernet
 
 
+@pytest.mark.slow
 def test_few_shot_run_resumes_bitwise_across_the_split_and_loads_for_search(tmp_path):
     config = few_shot_config(bn_eval="batch")
     whole = SupernetTrainer(config, out=tmp_path / "whole")

@@ -153,6 +153,7 @@ def test_nest():
     assert nest({"a.b": "1", "a.c.d": "2", "e": "3"}) == {"a": {"b": "1", "c": {"d": "2"}}, "e": "3"}
 
 
+@pytest.mark.slow
 def test_cli_bad_setting_exits_2_with_one_line_and_writes_nothing(tmp_path):
     process = effcifar("pipeline", "--set", "search.evaluations=0", "--out", str(tmp_path / "run"))
     output = finish_failing(process)
@@ -167,6 +168,7 @@ def finish_failing(process: subprocess.Popen) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_show_config_prints_every_setting_loadable_again(tmp_path):
     output = finish(effcifar("pipeline", "--preset", "quick", "--set", "search.evaluations=77", "--show-config"))
     settings = yaml.safe_load(output)
@@ -179,6 +181,7 @@ def test_show_config_prints_every_setting_loadable_again(tmp_path):
 # ---- end to end -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     out, output = uninterrupted
     for stage in STAGES:
@@ -216,6 +219,7 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     assert load_pipeline_config("quick", out / "pipeline.yaml").to_dict() == load_pipeline_config("quick", TINY).to_dict()
 
 
+@pytest.mark.slow
 def test_running_again_skips_every_finished_stage(uninterrupted, tmp_path):
     out, _ = uninterrupted
     before = {f: (out / f).read_bytes() for f in SAME_BYTES}
@@ -224,6 +228,7 @@ def test_running_again_skips_every_finished_stage(uninterrupted, tmp_path):
     assert all((out / f).read_bytes() == b for f, b in before.items())
 
 
+@pytest.mark.slow
 def test_another_setting_is_refused_for_a_finished_stage(uninterrupted):
     out, _ = uninterrupted
     output = finish_failing(pipeline(out, "--set", "search.evaluations=7"))
@@ -232,6 +237,7 @@ def test_another_setting_is_refused_for_a_finished_stage(uninterrupted):
     assert "stage 'hpo' was run with other settings (settings.hpo.trials differ)" in output
 
 
+@pytest.mark.slow
 def test_kill_anywhere_then_resume_ends_with_the_same_files(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     out = tmp_path / "run"
@@ -254,6 +260,7 @@ def test_kill_anywhere_then_resume_ends_with_the_same_files(uninterrupted, tmp_p
     assert len(lost) <= 1 and [t["state"] for t in trials].count("COMPLETE") == 3  # the cut trial retried, none redone
 
 
+@pytest.mark.slow
 def test_a_second_pipeline_on_the_same_directory_is_refused_and_the_first_ends_intact(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     out = tmp_path / "run"
@@ -305,6 +312,7 @@ def test_live_view_shows_stage_units_time_left_and_best(tmp_path):
     assert lines == ["[5/7] search (resumed: 12 of 30 evaluations done)"]
 
 
+@pytest.mark.slow
 def test_out_that_is_a_file_is_a_one_line_error(tmp_path):
     file = tmp_path / "taken"
     file.write_text("mine")

@@ -120,6 +120,7 @@ def test_hpo_with_one_trial_says_why_importances_are_missing(pipeline, tmp_path)
     assert param_importances(trials[:1]) == ({}, "needs at least 2 complete trials, there is 1")
 
 
+@pytest.mark.slow
 def test_not_a_run_directory_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not a run directory") as error:
         write_report(tmp_path)
@@ -129,6 +130,7 @@ def test_not_a_run_directory_is_a_one_line_config_error(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a run directory" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_prints_the_page_and_the_sections(pipeline, tmp_path):
     root = partial(pipeline, tmp_path, "baseline")
     r = subprocess.run([sys.executable, "-m", "effcifar", "report", str(root), "--out", str(tmp_path / "out")],
@@ -138,6 +140,7 @@ def test_cli_prints_the_page_and_the_sections(pipeline, tmp_path):
     assert "Baseline training" in r.stdout and "missing" in r.stdout and "effcifar hpo run" in r.stdout
 
 
+@pytest.mark.slow
 def test_an_unreadable_part_of_a_pipeline_is_named_and_the_rest_drawn(pipeline, tmp_path):
     root = partial(pipeline, tmp_path, "baseline")
     (root / "results.json").write_bytes(b"\xff\xfe[]")
@@ -149,6 +152,7 @@ def test_an_unreadable_part_of_a_pipeline_is_named_and_the_rest_drawn(pipeline, 
     assert (root / "report" / "baseline_curves.png").is_file() and not (root / "report" / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_report_loads_in_headless_chromium(browser, pipeline, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -38,6 +38,7 @@ def holder(tmp_path, request):
     process.wait()
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_holder(holder):
     run, process = holder
     with pytest.raises(WriteError, match=rf"^{run}: in use by another effcifar process \(PID {process.pid}\)"):
@@ -46,6 +47,7 @@ def test_a_second_writer_is_refused_naming_the_holder(holder):
     assert (run / LOCK_FILE).is_file()  # the refused writer took nothing away
 
 
+@pytest.mark.slow
 def test_kill_9_releases_the_lock(holder):
     run, process = holder
     process.send_signal(signal.SIGKILL)
@@ -56,6 +58,7 @@ def test_kill_9_releases_the_lock(holder):
     assert not (run / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
 def test_train_on_a_directory_in_use_is_one_line_and_touches_nothing(holder):
     run, process = holder
     (run / "logs.tsv").write_text("theirs")

@@ -1,12 +1,12 @@
-"""On a lent GPU, in one call: our airbench recipe x5, the public airbench94 x5, our resnet9 24-epoch recipe x2.
+"""On a GPU machine, in one run: our airbench recipe x5, the public airbench94 x5, our resnet9 24-epoch recipe x2.
 
     python bench/gpu/compare.py --pack .cache/gpu/cifar10_jpeg.npz --reference .cache/gpu/airbench-0.1.8.tar.gz
     python bench/gpu/compare.py ... --device cpu --tiny     # CPU dry run of every piece that runs without CUDA
 
 Nothing is downloaded: the data is the shared JPEG pack, decoded here; the reference is the
-PyPI sdist of airbench 0.1.8 (carried in an ignored folder), unpacked and imported from that
-folder. airbench imports torchvision only for `T.Normalize` and its CIFAR download; the device
-image has no torchvision, so a two-line stand-in for Normalize is installed when it is missing,
+PyPI sdist of airbench 0.1.8 (copied beforehand into an ignored folder), unpacked and imported from that
+folder. airbench imports torchvision only for `T.Normalize` and its CIFAR download; the GPU
+machine's image has no torchvision, so a two-line stand-in for Normalize is installed when it is missing,
 and the decoded data is written where airbench's loader looks for it (cifar10/train.pt,
 test.pt), so it never downloads. Every run trains on the same decoded images.
 
@@ -57,7 +57,7 @@ def decode_pack(pack: Path, out: Path) -> Path:
 
 
 def install_reference(sdist: Path, work: Path, x_train, y_train, x_test, y_test, classes) -> types.ModuleType:
-    """Unpack the carried airbench sdist into `work`, import it from there, and give its loader our data."""
+    """Unpack the copied airbench sdist into `work`, import it from there, and give its loader our data."""
     with tarfile.open(sdist) as tar:
         tar.extractall(work, filter="data")
     root = next(work.glob("airbench-*"))
@@ -75,7 +75,7 @@ def install_reference(sdist: Path, work: Path, x_train, y_train, x_test, y_test,
     import airbench
 
     if not Path(airbench.__file__).resolve().is_relative_to(root.resolve()):
-        raise SystemExit(f"airbench was imported from {airbench.__file__}, not from the carried sdist")
+        raise SystemExit(f"airbench was imported from {airbench.__file__}, not from the copied sdist")
     (work / "cifar10").mkdir(exist_ok=True)
     for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         torch.save({"images": torch.from_numpy(x), "labels": torch.from_numpy(y), "classes": list(classes)},
@@ -84,7 +84,7 @@ def install_reference(sdist: Path, work: Path, x_train, y_train, x_test, y_test,
 
 
 def reference_run(airbench: types.ModuleType, work: Path, seed: int) -> tuple[float, float]:
-    """(test accuracy, seconds) of one airbench94 run from the carried package, in `work`.
+    """(test accuracy, seconds) of one airbench94 run from the copied package, in `work`.
 
     train94 opens `CifarLoader('cifar10')` itself, relative to the working directory, so it runs
     from `work`, where install_reference wrote cifar10/train.pt and test.pt."""

@@ -1,4 +1,4 @@
-# Sourced by the device scripts: repository root, GPU_CACHE/OUT_DIR, wheels the image lacks, PYTHONPATH, PYTHON.
+# Sourced by the GPU scripts: repository root, GPU_CACHE/OUT_DIR, wheels the image lacks, PYTHONPATH, PYTHON.
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 GPU_CACHE=${GPU_CACHE:-.cache/gpu}
 OUT_DIR=${OUT:-$GPU_CACHE/out}

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: our airbench recipe x5, the public airbench94 (airbench==0.1.8) x5 and our
+# One run on a GPU machine: our airbench recipe x5, the public airbench94 (airbench==0.1.8) x5 and our
 # resnet9 24-epoch recipe x2 on the same decoded CIFAR-10; prints a table (see docs/benchmarks.md).
-# Reads only carried files, from the ignored folder .cache/gpu/ (GPU_CACHE):
+# Reads only files copied beforehand into the ignored folder .cache/gpu/ (GPU_CACHE):
 #   cifar10_jpeg.npz        a copy of ../shared/data/cifar10_jpeg.npz (decoded here, with Pillow)
 #   airbench-0.1.8.tar.gz   pip download --no-deps --no-binary=:all: airbench==0.1.8 (unpacked, imported from there)
-#   wheels/*.whl            optional: packages the device image lacks (installed with --no-index)
+#   wheels/*.whl            optional: packages the GPU machine lacks (installed with --no-index)
 # CALL_LIMIT_S=N stops the comparison in time to return its log. SMOKE=1 first runs bench/gpu/smoke.sh (every command at tiny settings on CUDA, SMOKE_DEVICE=cpu here).
 # CPU dry run of the pieces that need no CUDA: bash bench/gpu/run.sh --device cpu --tiny
 set -euo pipefail
@@ -12,7 +12,7 @@ source "$(dirname "$0")/env.sh"
 if [ "${SMOKE:-0}" = 1 ]; then  # the CUDA smoke of every command first (bench/gpu/smoke.sh), on the same data
   OUT=$OUT_DIR bash bench/gpu/smoke.sh "$GPU_CACHE/work/cifar10.npz" "${SMOKE_DEVICE:-cuda}"
 fi
-# CALL_LIMIT_S: the device call's limit; the comparison is stopped 15 s before it, so the log comes back.
+# CALL_LIMIT_S: the time limit of the whole run; the comparison is stopped 15 s before it, so the log comes back.
 LIMIT=()
 [ "${CALL_LIMIT_S:-0}" -gt 0 ] && LIMIT=(timeout $((CALL_LIMIT_S - SECONDS - 15)))
 "${LIMIT[@]}" "$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --reference "$GPU_CACHE/airbench-0.1.8.tar.gz" \

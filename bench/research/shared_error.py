@@ -1,6 +1,6 @@
 """Is a supernet's error among the best networks noise or a bias every supernet shares?
 
-    python bench/shared_error.py RUN [RUN ...] [--cells stage2.conv3=identity,stage3.conv1=identity_stride2]
+    python bench/research/shared_error.py RUN [RUN ...] [--cells stage2.conv3=identity,stage3.conv1=identity_stride2]
 
 Each RUN is a bench/nas_bench_macro.py variant directory scored with `--top-sample`, so that
 RUN/nas_eval_top10/ranking.json holds the same networks for every RUN. Prints each supernet's Kendall

@@ -1,6 +1,6 @@
 """Which candidates does a supernet over- or under-rate? Read from a ranking against a benchmark table.
 
-    python bench/candidate_bias.py runs/macro300/sandwich/nas_eval_table/ranking.json [more ranking.json ...]
+    python bench/research/candidate_bias.py runs/macro300/sandwich/nas_eval_table/ranking.json [more ranking.json ...]
 
 For each `ranking.json` that `effcifar nas-eval --table` (or bench/nas_bench_macro.py) wrote: every
 architecture's misplacement (its rank by the supernet's score minus its rank by the table's accuracy,

@@ -1,6 +1,6 @@
 """Scoring noise: how far a supernet's ranking owes to the held-out images it was judged on.
 
-    EFFCIFAR_DATA=.cache/cifar10.npz python bench/scoring_noise.py RUN --table OUT/top10.json --sample 200
+    EFFCIFAR_DATA=.cache/cifar10.npz python bench/research/scoring_noise.py RUN --table OUT/top10.json --sample 200
 
 Scores `--sample` architectures of a table (stratified over FLOPs, seed 0: the ones `nas-eval
 --table` and bench/nas_bench_macro.py score) on two disjoint samples of the run's held-out split,
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +29,8 @@ from effcifar.nas.ranking import compare_rankers, kendall_tau, null_tau_sd
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
 from effcifar.nas.supernet import accuracy, evaluate_subnet
 from effcifar.nas.table import BenchmarkTable
-from nas_bench_macro import count  # the bench's own "whole number >= 0" argparse type
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for nas_bench_macro
+from nas_bench_macro import count  # noqa: E402 (the bench's own "whole number >= 0" argparse type)
 
 
 def score_on_two_samples(args: argparse.Namespace) -> tuple[list[str], BenchmarkTable, dict[str, list[float]], float]:

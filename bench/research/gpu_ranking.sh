@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One call on a lent GPU for architecture ranking (docs/benchmarks.md): three jobs at once on the one GPU.
+# One run on a GPU machine for architecture ranking (docs/research/): three jobs at once on the one GPU.
 #  truth:    the seed space's ground truth — SAMPLE subnets stratified over FLOPs, each trained standalone with
 #            2 seeds for TRUTH_EPOCHS epochs (`nas-eval --repeats 2 --workers WORKERS`) at the quick preset's
 #            widths on SUBSET images; its table.json ranks any seed-space supernet later (`nas-eval --table`).
 #            (nas-eval needs a supernet run: a 1-epoch one is trained first; its own ranking is not the point.)
 #            Beside it, a default (sandwich) supernet per SEED_EPOCHS entry on the same split, each then ranked
-#            against that truth (`nas-eval --table truth/table.json --sample 0`): the issue's seed-space target.
+#            against that truth (`nas-eval --table truth/table.json --sample 0`).
 #  ablation: bench/nas_bench_macro.py for each variant in ABLATION (NAME:FIELD=VALUE,...) in LANES parallel
 #            lanes, all at one small equal budget (10,000 images, 10 epochs, LR 0.025, batch 128; ABLATION_SET
 #            adds options), each ranked on the same 100 table architectures by loss. A multi-path step averages
@@ -14,17 +14,17 @@
 #  macro:    bench/nas_bench_macro.py for each variant in MACRO, one lane each: a NAS-Bench-Macro supernet on the
 #            whole training set but the 2,000 held out, MACRO_EPOCHS epochs (MACRO_SET adds options), ranked on
 #            TABLE_SAMPLE table architectures by loss, then searched under the table's 30 M and 50 M FLOPs (regret,
-#            3 evolution seeds) — the issue's larger-budget measurement of the chosen recipe.
+#            3 evolution seeds) — the larger-budget measurement of the chosen recipe.
 # JOBS picks the jobs (default all three); SMOKE=1 first starts bench/gpu/smoke.sh beside them.
-# Each job runs under LIMIT seconds; everything written comes back as $OUT/ranking.tar.gz (and summary.txt).
-# Needs the carried .cache/gpu (cifar10_jpeg.npz, wheels/ with Optuna's; see docs/benchmarks.md).
+# Each job runs under LIMIT seconds; everything written is packed into $OUT/ranking.tar.gz (and summary.txt).
+# Needs .cache/gpu copied beforehand (cifar10_jpeg.npz, wheels/ with Optuna's; see bench/gpu/README.md).
 # CPU dry run: DEVICE=cpu SUBSET=2000 SAMPLE=4 TRUTH_EPOCHS=1 WORKERS=2 SEED_EPOCHS=1 MACRO_EPOCHS=1 MACRO_SUBSET=1000
-#   TABLE_SAMPLE=5 ABLATION_SET="--set subset=1000 --set epochs=2 --sample 5" LIMIT=1500 bash bench/gpu/ranking.sh
+#   TABLE_SAMPLE=5 ABLATION_SET="--set subset=1000 --set epochs=2 --sample 5" LIMIT=1500 bash bench/research/gpu_ranking.sh
 set -uo pipefail
 for job in ${JOBS:-}; do  # a misspelt job is a usage error before anything is decoded or removed
-  case $job in truth | ablation | macro) ;; *) echo "ranking.sh: JOBS: unknown job '$job' (expected truth, ablation or macro)" >&2; exit 2 ;; esac
+  case $job in truth | ablation | macro) ;; *) echo "gpu_ranking.sh: JOBS: unknown job '$job' (expected truth, ablation or macro)" >&2; exit 2 ;; esac
 done
-source "$(dirname "$0")/env.sh"
+source "$(dirname "$0")/../gpu/env.sh"
 NPZ=$PWD/$GPU_CACHE/work/cifar10.npz
 W=$GPU_CACHE/ranking
 rm -rf "$W" && mkdir -p "$W"
