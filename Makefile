@@ -43,7 +43,8 @@ test-all: $(STAMP)
 # The study tests once more against the lowest Optuna and SQLAlchemy that pyproject.toml allows: a second
 # environment that takes everything else from $(VENV) and installs only those two, at their lower bounds.
 LOWEST := $(shell sed -n 's/^ *"\(optuna\|sqlalchemy\)>=\([0-9.]*\).*/\1==\2/p' pyproject.toml)
-STUDY_TESTS ?= tests/test_hpo_study.py tests/test_hpo_postgres.py tests/test_nas_search.py tests/test_nas_samplers.py
+STUDY_TESTS ?= tests/test_hpo_study.py tests/test_hpo_postgres.py tests/test_nas_search.py tests/test_nas_samplers.py \
+	tests/test_nas_select.py
 test-lowest: $(STAMP)
 	test -x $(VENV)-lowest/bin/python || $(PYTHON) -m venv $(VENV)-lowest
 	$(VENV)/bin/python -c "import site; print('import site; site.addsitedir(%r)' % site.getsitepackages()[0])" \

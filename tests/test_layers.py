@@ -22,7 +22,8 @@ LAYERS = [
     ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking"],
     ["effcifar.studies"],
     ["effcifar.hpo", "effcifar.hpo.space", "effcifar.hpo.experiment", "effcifar.hpo.study",
-     "effcifar.nas.samplers", "effcifar.nas.supernet", "effcifar.nas.search", "effcifar.nas.retrain"],
+     "effcifar.nas.samplers", "effcifar.nas.supernet", "effcifar.nas.search", "effcifar.nas.retrain",
+     "effcifar.nas.select"],
     ["effcifar.pipeline", "effcifar.pipeline.plan", "effcifar.pipeline.stages", "effcifar.report", "effcifar.dashboard"],
     ["effcifar.cli", "effcifar.__main__"],
 ]

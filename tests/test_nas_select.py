@@ -90,6 +90,7 @@ def test_rungs_fit_the_budget():
     assert rungs(SelectConfig(min_epochs=2, reduction=3), 2) == [2]
 
 
+@pytest.mark.slow
 def test_selection_prunes_at_rungs_keeps_the_incumbent_and_resumes(supernet_run, search_run, tmp_path):
     out = tmp_path / "select"
     base = tiny_base(supernet_run)
@@ -131,6 +132,7 @@ def test_selection_input_errors(supernet_run, search_run, tmp_path):
     assert not any((tmp_path / name).exists() for name in "abcd")  # nothing written
 
 
+@pytest.mark.slow
 def test_select_cli(supernet_run, search_run, tmp_path):
     out = tmp_path / "cli"
     args = [sys.executable, "-m", "effcifar", "select", str(search_run), "--pool", "2", "--out", str(out),
