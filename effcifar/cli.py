@@ -811,7 +811,7 @@ def add_select_parser(sub: Any, command: str | None) -> None:
     """effcifar select: selection by real training over a search run (its options only when `command` is select or None)."""
     p = sub.add_parser("select", help="choose among the search's best networks and the ResNet-9 by real training "
                                       "at rising fidelity (successive halving; resumable)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("search", help="a finished search run directory, e.g. runs/search1")
     p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
     p.add_argument("--out", help="where to write trials/, select.json and answer.json (default: SEARCH/select)")

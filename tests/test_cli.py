@@ -201,7 +201,7 @@ def help_entries(*command):
     return entries
 
 
-@pytest.mark.parametrize("command", [("train",), ("hpo", "run"), ("supernet", "train")])
+@pytest.mark.parametrize("command", [("train",), ("hpo", "run"), ("supernet", "train"), ("search",), ("select",)])
 def test_every_option_explains_itself(command):
     entries = help_entries(*command)
     assert len(entries) > 20
@@ -214,6 +214,10 @@ def test_every_option_explains_itself(command):
         assert "one of resnet9, airbench" in texts["--recipe STR"]
     if command == ("hpo", "run"):
         assert "one of tpe, random, cmaes, nsga2" in texts["--sampler STR"]
+    if command == ("search",):
+        assert "one of evolution, random, nsga2" in texts["--strategy STR"]
+    if command == ("select",):
+        assert "one of search, random" in texts["--proposals STR"]
 
 
 def test_version():

@@ -48,7 +48,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, check_seed, execution, field_error, save_config
+from effcifar.config import build_config, check_seed, execution, field_error, save_config, setting
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
@@ -73,28 +73,34 @@ CONFIG_FILE = "search.yaml"
 class SearchConfig(StorageConfig):
     """One architecture search; the defaults are the seed's SPOS evolution (50 x 20 generations)."""
 
-    strategy: str = "evolution"  # evolution, random or nsga2 (accuracy against `cost`)
-    evaluations: int = 1000  # budget of finished trials, across restarts (evolution: population x generations)
-    population: int = 50
-    top_k: int = 10  # evolution parents
-    mutations: int = 25
-    crossovers: int = 25
-    mutation_prob: float = 0.1
-    max_flops: float | None = None  # forward FLOPs per image; candidates above are never evaluated
-    max_params: float | None = None  # trainable parameters; candidates above are never evaluated
-    max_latency_ms: float | None = None  # forward ms per `latency_batch` images (lookup table); never evaluated above
-    cost: str = "flops"  # nsga2's second objective: flops or latency
-    latency_batch: int = 1  # images per timed forward (1: one image at a time, as deployed)
-    bn_batches: int | None = None  # BN recalibration batches (default: the supernet run's)
-    eval_images: int = 0  # score each candidate on this many held-out images, a seeded random sample (0: all)
-    score: str = "loss"  # judge candidates by (negative) held-out mean cross-entropy, or by accuracy: see SCORES
-    workers: int = execution(1)  # search processes on this machine
-    seed: int | None = 0  # sampler seed (worker i uses seed + i)
-    top_k_export: int = 5  # architectures written to arch/top_{i}.json
-    device: str = execution("auto")
-    precision: str = "auto"
-    eval_batch_size: int | None = execution(None)  # default: the supernet run's
-    threads: int = execution(0)  # torch threads (0: torch's default; workers split the cores)
+    strategy: str = setting("evolution", "how candidates are drawn: SPOS evolution, uniform random, or NSGA-II "
+                                         "(score against `cost`)", STRATEGIES)
+    evaluations: int = setting(1000, "budget of finished trials, across restarts (evolution: population x "
+                                     "generations)")
+    population: int = setting(50, "evolution and NSGA-II: candidates per generation")
+    top_k: int = setting(10, "evolution: the best candidates so far that parent the next generation")
+    mutations: int = setting(25, "evolution: children per generation made by mutating a parent")
+    crossovers: int = setting(25, "evolution: children per generation made by crossing two parents")
+    mutation_prob: float = setting(0.1, "evolution: probability that a mutation changes each choice")
+    max_flops: float | None = setting(None, "forward FLOPs per image; candidates above are never evaluated")
+    max_params: float | None = setting(None, "trainable parameters; candidates above are never evaluated")
+    max_latency_ms: float | None = setting(None, "forward milliseconds per `latency_batch` images (lookup table "
+                                                 "measured on the device); candidates above are never evaluated")
+    cost: str = setting("flops", "nsga2's second objective", tuple(COSTS))
+    latency_batch: int = setting(1, "images per timed forward (1: one image at a time, as deployed)")
+    bn_batches: int | None = setting(None, "BN recalibration batches before each evaluation (default: the supernet "
+                                           "run's)")
+    eval_images: int = setting(0, "score each candidate on this many held-out images, a seeded random sample "
+                                  "(0: all)")
+    score: str = setting("loss", "judge candidates by (negative) held-out mean cross-entropy, or by accuracy",
+                         tuple(SCORES))
+    workers: int = execution(1, "search processes on this machine")
+    seed: int | None = setting(0, "sampler seed (worker i uses seed + i)")
+    top_k_export: int = setting(5, "architectures written to arch/top_{i}.json")
+    device: str = execution("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    precision: str = setting("auto", "autocast precision of the evaluations", PRECISIONS)
+    eval_batch_size: int | None = execution(None, "images per evaluation batch (default: the supernet run's)")
+    threads: int = execution(0, "torch threads (0: torch's default; workers split the cores)")
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
