@@ -829,7 +829,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     With `command`, only that subcommand gets the options that need a study module, so that
     `effcifar train` and `--help` import neither Optuna nor SQLAlchemy.
     """
-    parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__)
+    parser = argparse.ArgumentParser(prog="effcifar", description=effcifar.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"effcifar {effcifar.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -130,15 +130,15 @@ def base_type(annotation: Any) -> tuple[type, bool]:
 def coerce_value(annotation: Any, value: Any, from_text: bool = False) -> Any:
     """Check (and, for command-line text, parse) one value; raise ValueError with what was expected."""
     kind, optional = base_type(annotation)
-    if value is None or (from_text and optional and value.lower() in ("none", "null")):
+    if value is None or (from_text and optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
         raise ValueError(f"a value of type {kind.__name__}")
     if isinstance(value, str) and any(ord(c) < 32 or c == "\x7f" for c in value):
         raise ValueError("text on one line without control characters (a NUL, a newline, ...)")
-    if from_text:
-        if not isinstance(value, str):  # e.g. --set train.layer1.x=1: a path below a single value
-            raise ValueError(f"a single value of type {kind.__name__} (it has no fields below it)")
+    if from_text and isinstance(value, (dict, list)):  # e.g. --set train.layer1.x=1: a path below a single value
+        raise ValueError(f"a single value of type {kind.__name__} (it has no fields below it)")
+    if from_text and isinstance(value, str):  # text to parse; a value given typed is checked as it is
         if kind is bool:
             if value.lower() in ("true", "yes", "1", "on"):
                 return True

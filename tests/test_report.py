@@ -12,6 +12,7 @@ from effcifar.data import make_synthetic
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, run_study
 from effcifar.nas.search import SearchConfig, run_search
+from effcifar.nas.select import SelectConfig, select_from_search
 from effcifar.nas.supernet import SupernetConfig, train_supernet
 from effcifar.report import load_study, make_report, param_importances, pareto_front, write_report
 from effcifar.train import TrainConfig, train
@@ -25,7 +26,8 @@ STAGE_IMAGES = {"baseline": ["baseline_curves.png"],
                 "hpo": ["hpo_history.png", "hpo_pareto.png", "hpo_importance.png", "hpo_parallel.png"],
                 "hpo_best": ["hpo_best_curves.png"],
                 "supernet": ["supernet_panel.png"], "search": ["search_progress.png", "search_flops.png"],
-                "retrain": ["retrain_curves.png"], "nas_eval": ["nas_eval_ranking.png"]}
+                "select": ["select_selection.png"], "retrain": ["retrain_curves.png"],
+                "nas_eval": ["nas_eval_ranking.png"]}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,9 @@ def pipeline(tmp_path_factory) -> Path:
     train_supernet(supernet, root / "supernet", warn=lambda message: None)
     run_search(SearchConfig(population=4, top_k=2, mutations=1, crossovers=1, evaluations=8, precision="fp32",
                             threads=1, top_k_export=2), root / "supernet", root / "search")
-    for copy in ("hpo_best", "retrain/top_0", "retrain/top_1"):
+    select_from_search(SelectConfig(pool=1), root / "search", root / "select",
+                       TrainConfig(**{**tiny, "subset": 300, "holdout": 100, **NARROW}))
+    for copy in ("hpo_best", "retrain/answer"):
         shutil.copytree(root / "baseline", root / copy)
     (root / "nas_eval").mkdir()
     (root / "nas_eval" / "ranking.json").write_text(json.dumps(
@@ -89,7 +93,7 @@ def test_partial_pipeline_names_what_is_missing(pipeline, tmp_path):
     report = make_report(root)
     assert [s.source.name for s in report.sections] == ["baseline", "hpo"]
     missing = "\n".join(what for what, _ in report.missing)
-    for name in ("results.json", "hpo_best/", "supernet/", "search/", "retrain/", "nas_eval/"):
+    for name in ("results.json", "hpo_best/", "supernet/", "search/", "select/", "retrain/", "nas_eval/"):
         assert name in missing
     text = path.read_text()
     assert "Not (yet) available" in text and f"effcifar supernet train --out {root}/supernet" in text
@@ -100,7 +104,7 @@ def test_pipeline_with_only_a_training_run(pipeline, tmp_path):
     root = partial(pipeline, tmp_path, "baseline")
     report = make_report(root)
     assert [s.images for s in report.sections] == [["baseline_curves.png"]]
-    assert len(report.missing) == 7 and "Hyper-parameter search (hpo/)" in report.path.read_text()
+    assert len(report.missing) == 8 and "Hyper-parameter search (hpo/)" in report.path.read_text()
 
 
 def test_single_runs_and_an_unfinished_training_run(pipeline, tmp_path):
