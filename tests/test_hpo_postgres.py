@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow,  # the second tier: worker processes on a real s
               pytest.mark.skipif(not URL, reason="needs EFFCIFAR_TEST_POSTGRES (a PostgreSQL URL; .ci/run sets it)")]
 def hpo_command(files, out, study, trials, *extra):
     base, space = files
-    return [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
+    return [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--config", str(base),
             "--trials", str(trials), "--storage", URL, "--study", study, "--out", str(out), *extra]
 
 
@@ -124,7 +124,7 @@ def spellings(password: str) -> list[bytes]:
 ])
 def test_bad_password_is_one_line_and_not_printed(tmp_path, files, url):
     base, space = files
-    r = subprocess.run([sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
+    r = subprocess.run([sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--config", str(base),
                         "--storage", url, "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert not any(s.decode() in r.stderr + r.stdout for s in spellings("not-the-password-42"))
@@ -139,7 +139,7 @@ def test_the_password_reaches_no_file_and_no_screen(tmp_path):
     out = tmp_path / f"secret-{uuid.uuid4().hex[:8]}"  # the studies are named after it in the shared database
     in_query = f"postgresql://{USER}@{SERVER}?sslmode=disable&pass%77ord={ENCODED}"
     settings = ["--set", f"hpo.storage={URL}", "--set", f"search.storage={in_query}", "--set", "hpo.trials=2",
-                "--set", "search.evaluations=4", "--set", "retrain.top=1", "--set", "nas_eval.sample=0"]
+                "--set", "search.evaluations=4", "--set", "select.pool=1", "--set", "nas_eval.sample=0"]
     tiny = str(Path(__file__).parent / "data" / "pipeline_tiny.yaml")
     printed = []
 
@@ -158,7 +158,7 @@ def test_the_password_reaches_no_file_and_no_screen(tmp_path):
     for action in ("status", "best", "export"):
         run("hpo", action, str(out / "hpo"), env=with_pgpassword)
     resumed = run("pipeline", "--config", str(out / "pipeline.yaml"), "--quiet", "--out", str(out), env=with_pgpassword)
-    assert resumed.count("skipped (finished)") == 6 and "nas_eval: skipped (nas_eval.sample is 0)" in resumed
+    assert resumed.count("skipped (finished)") == 7 and "nas_eval: skipped (nas_eval.sample is 0)" in resumed
     files = [p for p in out.rglob("*") if p.is_file()]
     assert {"pipeline.yaml", "hpo.yaml", "search.yaml", "trials.csv", "report.html"} <= {p.name for p in files}
     for secret in spellings(PASSWORD):

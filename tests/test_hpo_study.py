@@ -203,7 +203,7 @@ def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     run = tmp_path / "hpo"
     slow = {**TINY_BASE, "subset": 2048, "total_epoch": 4}
     base.write_text(json.dumps(slow))
-    cmd = [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--base", str(base),
+    cmd = [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--config", str(base),
            "--trials", "2", "--seed", "0", "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

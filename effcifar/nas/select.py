@@ -359,8 +359,12 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
 
 
 def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: str | Path, base: TrainConfig,
-                       on_trial: OnTrial | None = None) -> SelectionResult:
-    """`run_selection` over a finished search run: its supernet's final space and widths, its ranked results."""
+                       on_trial: OnTrial | None = None, search_storage: str | None = None) -> SelectionResult:
+    """`run_selection` over a finished search run: its supernet's final space and widths, its ranked results.
+
+    A search study in PostgreSQL is saved without its password: give `search_storage` again, or let
+    libpq find the password (PGPASSWORD, ~/.pgpass).
+    """
     from effcifar.nas.retrain import search_supernet_dir
     from effcifar.nas.search import CONFIG_FILE as SEARCH_CONFIG, SearchConfig, top_records
     from effcifar.nas.supernet import load_supernet
@@ -372,7 +376,10 @@ def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: st
     if not (search_dir / SEARCH_CONFIG).is_file():
         raise ConfigError(f"{search_dir}: not a search run (no {SEARCH_CONFIG}; run `effcifar search` first)")
     _, space, sconfig = load_supernet(search_supernet_dir(search_dir))
-    study = load_study(build_config(SearchConfig, search_dir / SEARCH_CONFIG), search_dir)
+    search = build_config(SearchConfig, search_dir / SEARCH_CONFIG)
+    if search_storage is not None:
+        search = dataclasses.replace(search, storage=search_storage)
+    study = load_study(search, search_dir)
     data = load_dataset(base.dataset, base.data_dir)
     costs = CostTable.build(space, {w: getattr(base, w) for w in sconfig.channels()}, data.num_classes)
     ranked = top_records(study, len(study.trials))

@@ -329,7 +329,7 @@ class SelectStage(Stage):
 
     def __init__(self, pipeline: Pipeline, search: SearchStage, final: TrainConfig, supernet: SupernetStage):
         super().__init__(pipeline)
-        self.search_dir = search.directory
+        self.search_dir, self.search_storage = search.directory, search.config.storage
         plan = pipeline.plan
         self.config = dataclasses.replace(plan.select, max_flops=search.config.max_flops,
                                           max_params=search.config.max_params,
@@ -360,7 +360,7 @@ class SelectStage(Stage):
             self.monitor.advance(done, self.total())
 
         self.result = select.select_from_search(self.config, self.search_dir, self.directory, self.base,
-                                                on_trial=on_trial)
+                                                on_trial=on_trial, search_storage=self.search_storage)
         return self.result.sentence
 
     def load(self) -> None:
