@@ -538,10 +538,11 @@ def results_section(run_dir: Path) -> Section:
     by_name = {r.get("name"): r for r in rows}
     nas, hpo = by_name.get("nas", {}), by_name.get("hpo", {})
     if isinstance(nas.get("test_acc"), (int, float)) and isinstance(hpo.get("test_acc"), (int, float)):
+        verdict = str(nas.get("verdict", ""))
         section.notes.append(f"NAS answer {nas.get('answer', 'nas')}: {nas['test_acc']:.2%} test at "
                              f"{nas.get('flops', 0) / 1e6:,.1f} MFLOPs vs HPO best {hpo['test_acc']:.2%} at "
                              f"{hpo.get('flops', 0) / 1e6:,.1f}: {(nas['test_acc'] - hpo['test_acc']) * 100:+.2f} points "
-                             f"(one training seed each; chosen on held-out images). {nas.get('verdict', '')}")
+                             f"(one training seed each; chosen on held-out images). {verdict[:1].upper() + verdict[1:]}")
     return section
 
 
