@@ -506,18 +506,21 @@ def run_select(args: argparse.Namespace, console: Console) -> int:
     result = select.select_from_search(config, args.search, out, base, on_trial=on_trial)
     table = Table(title=f"effcifar select: {len(result.rows)} candidates of {args.search}, rungs at epochs "
                         f"{', '.join(map(str, result.rungs))} (held-out accuracy chooses; test is only reported)")
-    for column in ("candidate", "source", "state", "epochs", "held out", "test", "MFLOPs", "params"):
+    for column in ("candidate", "source", "state", "supernet weights", "epochs", "held out", "test", "MFLOPs",
+                   "params"):
         table.add_column(column, justify="left" if column in ("candidate", "source", "state") else "right")
     percent = lambda v: "—" if v is None else f"{v:.2%}"  # noqa: E731
     for r in result.rows:
         mark = " *" if r["name"] == result.answer else ""
-        table.add_row(r["name"] + mark, r["source"], r["state"].lower(), str(r["epochs"]), percent(r["holdout_acc"]),
+        table.add_row(r["name"] + mark, r["source"], r["state"].lower(), percent(r["inherited_acc"]), str(r["epochs"]),
+                      percent(r["holdout_acc"]),
                       percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}")
     console.print(table)
     console.print(result.sentence, markup=False, soft_wrap=True)
+    use = (f"effcifar train --arch {out / 'answer.json'}" if result.chosen["arch"] is not None
+           else "the base network itself, outside the space: effcifar train with the base config")
     console.print(f"training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.0f} s; "
-                  f"wrote {out / 'select.json'} and {out / 'answer.json'} (effcifar train --arch {out / 'answer.json'})",
-                  markup=False, soft_wrap=True)
+                  f"wrote {out / 'select.json'} and {out / 'answer.json'} ({use})", markup=False, soft_wrap=True)
     return 0
 
 

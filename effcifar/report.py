@@ -467,7 +467,7 @@ def ranking_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Se
 
 def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
     """Every candidate's held-out accuracy by epoch (rungs marked), the table of candidates, and the answer."""
-    from effcifar.nas.select import INCUMBENT, read_selection
+    from effcifar.nas.select import FIXED_ARMS, INCUMBENT, read_selection
 
     section = Section(title, run_dir)
     if not (run_dir / "select.json").is_file():
@@ -480,7 +480,11 @@ def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> 
     figure = new_figure(10, 4)
     curves, costs = figure.subplots(1, 2)
     percent = lambda v: "—" if v is None else f"{v:.2%}"  # noqa: E731
-    section.table.append(["candidate", "source", "state", "held out by epoch", "held out (final)", "test", "MFLOPs"])
+    section.notes.append("'Supernet weights': the candidate's held-out accuracy with the supernet's weights and "
+                         "recalibrated BN, untrained, as the search judged it; beside it, the accuracy from scratch.")
+    section.table.append(["candidate", "source", "state", "supernet weights", "held out by epoch", "held out (final)",
+                          "vs width curve", "test", "MFLOPs"])
+    points = lambda v: "—" if v is None else f"{v * 100:+.2f}"  # noqa: E731
     for i, r in enumerate(result.rows):
         style = dict(color="black", lw=2.5) if r["name"] == INCUMBENT else dict(color=f"C{i % 10}", lw=1.2)
         epochs = list(range(1, len(r["accuracies"]) + 1))
@@ -491,15 +495,23 @@ def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> 
             costs.annotate(r["name"], (r["flops"] / 1e6, r["holdout_acc"]), fontsize="x-small",
                            xytext=(4, 4), textcoords="offset points")
         mark = " (answer)" if r["name"] == result.answer else ""
-        section.table.append([r["name"] + mark, r["source"], r["state"].lower(),
+        section.table.append([r["name"] + mark, r["source"], r["state"].lower(), percent(r.get("inherited_acc")),
                               " ".join(f"{v:.1%}" for v in r["accuracies"]), percent(r["holdout_acc"]),
+                              points(None if r["holdout_acc"] is None or r.get("curve_acc") is None
+                                     else r["holdout_acc"] - r["curve_acc"]),
                               percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}"])
+    curve = sorted((r["flops"] / 1e6, r["holdout_acc"]) for r in result.rows
+                   if r["source"] in FIXED_ARMS and r["holdout_acc"] is not None)
+    if len(curve) > 1:
+        costs.plot(*zip(*curve), "--", color="black", lw=1, label="ResNet-9 at scaled widths")
+        costs.legend(fontsize="x-small", loc="lower right")
     for rung in result.rungs[:-1]:
         curves.axvline(rung, color="grey", ls=":", lw=1)
     curves.set(xlabel="epoch (dotted: rungs)", ylabel="held-out accuracy", title="successive halving")
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.legend(fontsize="x-small", loc="lower right")
-    costs.set(xlabel="MFLOPs", ylabel="held-out accuracy (final)", title="finished candidates (star: the answer)")
+    costs.set(xlabel="MFLOPs", ylabel="held-out accuracy (final)", title="finished candidates (star: the answer)",
+              xscale="log")
     for ax in (curves, costs):
         ax.grid(alpha=0.3)
     save_figure(figure, out_dir, f"{prefix}_selection.png", section)

@@ -12,7 +12,7 @@ from effcifar.models import NetConfig, ResNet, count_flops, count_parameters
 from effcifar.nas.retrain import base_config
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.select import (
-    INCUMBENT, SelectConfig, make_pool, read_selection, resnet9_arch, rungs, select_from_search,
+    INCUMBENT, SelectConfig, curve_accuracy, make_pool, read_selection, resnet9_arch, rungs, select_from_search,
 )
 from effcifar.nas.space import ArchSpace, CostTable, build_standalone, network_key
 from effcifar.train import TrainConfig
@@ -72,16 +72,55 @@ def test_pool_holds_the_incumbent_and_distinct_proposals_under_the_limit():
     ranked = [{"arch": a, "score": -i} for i, a in enumerate(
         [costs.extreme(True, space), incumbent, costs.extreme(False, space), costs.extreme(False, space)])]
     with pytest.raises(ConfigError, match="only 1 besides the incumbent"):  # the largest is over, the rest repeat
-        make_pool(SelectConfig(pool=2, max_flops=limit), space, costs, ranked, base)
-    pool = make_pool(SelectConfig(pool=1, max_flops=limit), space, costs, ranked, base)
+        make_pool(SelectConfig(pool=2, max_flops=limit, width_curve=""), space, costs, ranked, base, 10)
+    pool = make_pool(SelectConfig(pool=1, max_flops=limit, width_curve=""), space, costs, ranked, base, 10)
     assert [c.name for c in pool] == [INCUMBENT, "proposal_0"]
     assert pool[1].arch == costs.extreme(False, space) and pool[1].supernet_score == -2
-    random_pool = make_pool(SelectConfig(pool=5, proposals="random", max_flops=limit), space, costs, [], base)
+    random_pool = make_pool(SelectConfig(pool=5, proposals="random", max_flops=limit, width_curve=""), space, costs, [], base, 10)
     assert len({network_key(space, c.arch) for c in random_pool}) == 6
     assert all(c.flops <= limit for c in random_pool)
     smallest = costs.flops_of(costs.extreme(False, space))
     with pytest.raises(ConfigError, match=f"the smallest has {smallest:,} FLOPs"):
-        make_pool(SelectConfig(max_flops=smallest - 1), space, costs, ranked, base)
+        make_pool(SelectConfig(max_flops=smallest - 1), space, costs, ranked, base, 10)
+
+
+def test_a_base_network_outside_the_space_is_a_fixed_arm():
+    """nas-bench-macro cannot express ResNet-9: the incumbent is the base network itself, at its own exact cost."""
+    space, base = ArchSpace.load("nas-bench-macro"), TrainConfig()
+    costs = CostTable.build(space, NARROW, 10)
+    resnet = ResNet(NetConfig(num_classes=10))
+    pool = make_pool(SelectConfig(pool=2, proposals="random", width_curve=""), space, costs, [], base, 10,
+                     inherited=lambda arch: 0.5)
+    incumbent = pool[0]
+    assert (incumbent.name, incumbent.arch, incumbent.source) == (INCUMBENT, None, "baseline")
+    assert (incumbent.flops, incumbent.params) == (count_flops(resnet), count_parameters(resnet))
+    assert incumbent.inherited_acc is None and [c.inherited_acc for c in pool[1:]] == [0.5, 0.5]
+    # under a limit below its own cost the base network is not in the pool
+    smaller = make_pool(SelectConfig(pool=2, proposals="random", max_flops=count_flops(resnet) - 1), space, costs, [],
+                        base, 10)
+    assert INCUMBENT not in [c.name for c in smaller]
+
+
+def test_the_width_curve_is_the_base_network_scaled():
+    """Fixed arms at fractions of the base widths, at their exact costs; only those within the limits."""
+    space, base = ArchSpace.seed(), TrainConfig(**NARROW)
+    costs = CostTable.build(space, NARROW, 10)
+    pool = make_pool(SelectConfig(pool=1, proposals="random", width_curve="0.75, 0.5"), space, costs, [], base, 10)
+    assert [c.name for c in pool] == [INCUMBENT, "resnet_0.5x", "resnet_0.75x", "proposal_0"]
+    half = pool[1]
+    assert half.widths == {"prep": 4, "layer1": 8, "layer2": 12, "layer3": 16} and half.arch is None and half.fixed
+    assert half.flops == count_flops(ResNet(NetConfig(channels=half.widths, num_classes=10)))
+    limited = make_pool(SelectConfig(pool=1, proposals="random", max_flops=half.flops), space, costs, [], base, 10)
+    assert [c.name for c in limited] == ["resnet_0.5x", "proposal_0"]
+    for bad in ("1.0", "0.5,0.5", "half", "0"):
+        with pytest.raises(ConfigError, match="width_curve"):
+            SelectConfig(width_curve=bad).validate()
+
+
+def test_curve_accuracy_interpolates_in_log_flops():
+    curve = [(10, 0.5), (40, 0.7)]
+    assert curve_accuracy(curve, 20) == pytest.approx(0.6)
+    assert curve_accuracy(curve, 5) is None and curve_accuracy(curve, 80) == 0.7 and curve_accuracy([], 10) is None
 
 
 def test_rungs_fit_the_budget():
@@ -97,19 +136,24 @@ def test_selection_prunes_at_rungs_keeps_the_incumbent_and_resumes(supernet_run,
     config = SelectConfig(pool=4, min_epochs=1, reduction=2)
     result = select_from_search(config, search_run, out, base)
     rows = {r["name"]: r for r in result.rows}
-    assert list(rows) == [INCUMBENT, "proposal_0", "proposal_1", "proposal_2", "proposal_3"]
-    assert rows[INCUMBENT]["state"] == "COMPLETE" and rows[INCUMBENT]["epochs"] == 3  # a fixed arm: never pruned
+    assert list(rows) == [INCUMBENT, "resnet_0.5x", "resnet_0.75x", "proposal_0", "proposal_1", "proposal_2",
+                          "proposal_3"]
+    for name in (INCUMBENT, "resnet_0.5x", "resnet_0.75x"):  # fixed arms: never pruned
+        assert rows[name]["state"] == "COMPLETE" and rows[name]["epochs"] == 3 and rows[name]["curve_acc"] is None
     pruned = [r for r in rows.values() if r["state"] == "PRUNED"]
     assert pruned, "successive halving pruned no candidate"
     for r in pruned:  # a pruned arm stops at its rung
         assert r["epochs"] in result.rungs[:-1] and len(r["accuracies"]) == r["epochs"] and r["test_acc"] is None
     complete = [r for r in rows.values() if r["state"] == "COMPLETE"]
     assert result.answer == max(complete, key=lambda r: (r["holdout_acc"], -r["flops"]))["name"]
+    assert all(0 <= rows[n]["inherited_acc"] <= 1 for n in rows if n.startswith(("proposal", INCUMBENT)))
     assert all(r["test_acc"] is not None for r in complete)
     images = json.loads((out / "trials" / INCUMBENT / "summary.json").read_text())["dataset"]["train_images"]
     assert result.image_epochs == sum(r["epochs"] for r in rows.values()) * images
     answer = json.loads((out / "answer.json").read_text())
-    assert answer["name"] == result.answer and ArchSpace.from_dict(answer["space"]).check(answer["arch"])
+    assert answer["name"] == result.answer and answer["widths"] == rows[result.answer]["widths"]
+    if answer["arch"] is not None:  # else a width-curve arm won: the base network at its widths
+        assert ArchSpace.from_dict(answer["space"]).check(answer["arch"])
     assert read_selection(out) == result
     # resumed: nothing trains again, the same answer
     again = select_from_search(config, search_run, out, base)
@@ -129,7 +173,9 @@ def test_selection_input_errors(supernet_run, search_run, tmp_path):
         select_from_search(SelectConfig(pool=50), search_run, tmp_path / "c", base)
     with pytest.raises(ConfigError, match="not a search run"):
         select_from_search(SelectConfig(), supernet_run, tmp_path / "d", base)
-    assert not any((tmp_path / name).exists() for name in "abcd")  # nothing written
+    with pytest.raises(ConfigError, match=r"max_latency_ms: no architecture within 1e-09 ms; the fastest takes"):
+        select_from_search(SelectConfig(max_latency_ms=1e-9), search_run, tmp_path / "e", base)
+    assert not any((tmp_path / name).exists() for name in "abcde")  # nothing written
 
 
 @pytest.mark.slow

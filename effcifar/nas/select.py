@@ -9,7 +9,9 @@ supernet run's held-out split for the final budget, reporting held-out accuracy 
 epoch to Optuna's `SuccessiveHalvingPruner`: epochs are the resource, and from `min_epochs` on
 only the best 1/`reduction` of the candidates that reached a rung train on. The incumbent is a
 fixed arm that is never pruned, so a proposal must beat it at every rung to stay, and the answer
-can never be worse on held-out images than the network the user started with.
+can never be worse on held-out images than the network the user started with. So are the
+points of the width curve (the incumbent at fractions of its widths): a smaller proposal pays
+only where it lies above that curve.
 
 The answer is the best candidate that finished the last rung, by held-out accuracy (fewer FLOPs
 on a tie). Test accuracy is recorded for every finished candidate and reported, never used to
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -34,17 +37,18 @@ from effcifar.atomic import atomic_write
 from effcifar.config import check_seed, execution, field_error, result_values, save_config, setting
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
-from effcifar.models import STAGES
+from effcifar.models import STAGES, count_flops, count_parameters
 from effcifar.nas.space import Arch, ArchSpace, CostTable, HeadSpec, network_key, width_channels
 from effcifar.rundir import clear, locked
 from effcifar.studies import (
     FINISHED, OnTrial, StorageConfig, check_setup, check_workers, open_storage, recorded_study, run_trials,
     start_workers, study_name,
 )
-from effcifar.train import EpochMetrics, TrainConfig, train
+from effcifar.train import EpochMetrics, TrainConfig, recipe_for, train
 
 PROPOSALS = ("search", "random")
 INCUMBENT = "incumbent"
+FIXED_ARMS = ("incumbent", "baseline", "width curve")  # sources of arms that train the whole budget, never pruned
 CONFIG_FILE = "select.yaml"
 SETUP_ATTR = "select:setup"
 RESULT_FILE = "select.json"
@@ -59,11 +63,16 @@ class SelectConfig(StorageConfig):
     proposals: str = setting("search", "where proposals come from: the search's ranking by supernet score, or "
                                        "uniform random networks under the limits (a control)", PROPOSALS)
     incumbent: bool = setting(True, "add the ResNet-9 at the supernet's widths as a fixed arm that is never pruned")
+    width_curve: str = setting("0.5,0.75", "comma-separated fractions of the base network's widths, each trained as "
+                                           "a fixed arm: the width-scaled baseline a proposal must lie above (empty: "
+                                           "none)")
     min_epochs: int = setting(1, "the first rung, in epochs; later rungs at min_epochs x reduction^k")
     reduction: int = setting(3, "successive halving's reduction factor: the best 1/reduction of a rung train on")
     max_flops: float | None = setting(None, "forward FLOPs per image; candidates above are not trained (none: no "
                                             "limit)")
     max_params: float | None = setting(None, "trainable parameters; candidates above are not trained (none: no limit)")
+    max_latency_ms: float | None = setting(None, "forward milliseconds per image on the search's device (its latency "
+                                                 "table; none: no limit)")
     proposal_seed: int = setting(0, "seeds the random proposals")
     workers: int = execution(1, "training processes on this machine")
 
@@ -77,12 +86,24 @@ class SelectConfig(StorageConfig):
             raise field_error("min_epochs", "a positive integer", self.min_epochs)
         if self.reduction < 2:
             raise field_error("reduction", "an integer >= 2", self.reduction)
-        for name in ("max_flops", "max_params"):
+        for name in ("max_flops", "max_params", "max_latency_ms"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise field_error(name, "a positive number or none", getattr(self, name))
         check_seed("proposal_seed", self.proposal_seed)
         check_workers(self.workers)
+        self.curve_fractions()
         super().validate()
+
+    def curve_fractions(self) -> list[float]:
+        """The fractions of `width_curve`, checked: distinct numbers between 0 and 1 (exclusive)."""
+        try:
+            fractions = [float(f) for f in self.width_curve.replace(" ", "").split(",") if f]
+        except ValueError:
+            fractions = []
+            raise field_error("width_curve", "comma-separated fractions between 0 and 1", self.width_curve) from None
+        if len(set(fractions)) != len(fractions) or not all(0 < f < 1 for f in fractions):
+            raise field_error("width_curve", "distinct fractions between 0 and 1 (exclusive)", self.width_curve)
+        return sorted(fractions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,14 +146,26 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One arm of the selection: a name, its architecture, where it came from and what it costs."""
+    """One arm of the selection: a name, its architecture, where it came from and what it costs.
+
+    An arm with no `arch` trains the base config's own network: the incumbent where the space
+    cannot express it (`source` "baseline"), or the base network at other `widths` (`source`
+    "width curve").
+    """
 
     name: str  # incumbent, proposal_0, proposal_1, ... (proposals in the order they were proposed)
-    arch: Arch
-    source: str  # incumbent, search (with its supernet score) or random
+    arch: Arch | None
+    source: str  # incumbent (in the space), baseline (the base network itself), width curve, search or random
     flops: int
     params: int
     supernet_score: float | None = None  # the search's score (accuracy or -loss), for proposals from a search
+    inherited_acc: float | None = None  # held-out accuracy with the supernet's weights (BN recalibrated), untrained
+    widths: dict[str, int] | None = None  # the base network's widths for a width-curve arm
+
+    @property
+    def fixed(self) -> bool:
+        """Whether the arm trains the whole budget whatever its rungs show (the incumbent and the width curve)."""
+        return self.source in FIXED_ARMS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,27 +193,56 @@ def random_archs(space: ArchSpace, draws: int, seed: int) -> Iterator[Arch]:
         yield {key: rng.choice(candidates) for key, candidates in choices.items()}
 
 
+def baseline_costs(base: TrainConfig, num_classes: int) -> tuple[int, int]:
+    """(FLOPs, parameters) of the base config's own network."""
+    model = recipe_for(base).build_model(num_classes)
+    return count_flops(model), count_parameters(model)
+
+
+def scaled_widths(base: TrainConfig, fraction: float) -> dict[str, int]:
+    """The base network's widths times `fraction`, rounded (at least one channel)."""
+    return {name: max(1, round(getattr(base, name) * fraction)) for name in STAGES}
+
+
 def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
-              base: TrainConfig) -> list[Candidate]:
-    """The incumbent (if asked for and expressible) then the proposals, each a distinct network within the limits.
+              base: TrainConfig, num_classes: int, within: Callable[[Arch], bool] | None = None,
+              inherited: Callable[[Arch], float] | None = None) -> list[Candidate]:
+    """The incumbent and the width curve (those within the limits), then the proposals: distinct networks within them.
 
-    A ConfigError when nothing in the space meets the limits (naming the smallest cost there is),
-    or when fewer proposals exist than `pool` asks for.
+    The incumbent is the base network's architecture in the space, or, where the space cannot
+    express it, the base network itself as a fixed arm. The width curve is the base network at
+    `width_curve` fractions of its widths, fixed arms outside the space (left out under a latency
+    limit, which only the space's latency table can check). `within` tells whether an architecture
+    meets the limits (default: the config's FLOPs and parameter limits by `costs`); `inherited`
+    gives an architecture's accuracy with the supernet's weights. A ConfigError when nothing in
+    the space meets the limits (naming the smallest cost there is), or when fewer proposals exist
+    than `pool` asks for.
     """
-    def within(arch: Mapping[str, str]) -> bool:
-        return ((config.max_flops is None or costs.flops_of(arch) <= config.max_flops)
-                and (config.max_params is None or costs.params_of(arch) <= config.max_params))
+    def meets(flops: int, params: int) -> bool:
+        return ((config.max_flops is None or flops <= config.max_flops)
+                and (config.max_params is None or params <= config.max_params))
 
+    within = within or (lambda arch: meets(costs.flops_of(arch), costs.params_of(arch)))
     smallest = costs.extreme(False, space)
     if not within(smallest):
-        raise ConfigError(f"no architecture within max_flops {config.max_flops} / max_params {config.max_params}: the "
-                          f"smallest has {costs.flops_of(smallest):,} FLOPs and {costs.params_of(smallest):,} "
-                          "parameters")
+        raise ConfigError(f"no architecture within max_flops {config.max_flops} / max_params {config.max_params} / "
+                          f"max_latency_ms {config.max_latency_ms}: the smallest has {costs.flops_of(smallest):,} "
+                          f"FLOPs and {costs.params_of(smallest):,} parameters")
+    score = inherited or (lambda arch: None)
     pool: list[Candidate] = []
-    incumbent = resnet9_arch(space, base) if config.incumbent else None
-    if incumbent is not None and within(incumbent):
-        pool.append(Candidate(INCUMBENT, incumbent, INCUMBENT, costs.flops_of(incumbent), costs.params_of(incumbent)))
-    exclude = {network_key(space, c.arch) for c in pool}
+    if config.incumbent:
+        arch = resnet9_arch(space, base)
+        if arch is not None and within(arch):
+            pool.append(Candidate(INCUMBENT, arch, INCUMBENT, costs.flops_of(arch), costs.params_of(arch),
+                                  inherited_acc=score(arch)))
+        elif arch is None and meets(*(own := baseline_costs(base, num_classes))):
+            pool.append(Candidate(INCUMBENT, None, "baseline", *own))
+    for fraction in config.curve_fractions() if config.max_latency_ms is None else []:
+        widths = scaled_widths(base, fraction)
+        flops, params = baseline_costs(dataclasses.replace(base, **widths), num_classes)
+        if meets(flops, params):
+            pool.append(Candidate(f"resnet_{fraction:g}x", None, "width curve", flops, params, widths=widths))
+    exclude = {network_key(space, c.arch) for c in pool if c.arch is not None}
     if config.proposals == "search":
         archs = distinct_within((space.check(r["arch"]) for r in ranked), space, config.pool, within, exclude)
         scores: dict[str, float | None] = {}
@@ -197,7 +259,7 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
                           f"incumbent; lower --pool")
     for i, arch in enumerate(archs):
         pool.append(Candidate(f"proposal_{i}", arch, config.proposals, costs.flops_of(arch), costs.params_of(arch),
-                              scores.get(network_key(space, arch))))
+                              scores.get(network_key(space, arch)), score(arch)))
     return pool
 
 
@@ -235,7 +297,8 @@ class CandidateRunner:
         candidate = self.pool[name]
         run_dir = self.out_dir / "trials" / name
         trial.set_user_attr("run_dir", str(run_dir.relative_to(self.out_dir)))
-        config = dataclasses.replace(self.base, arch=str((self.out_dir / "archs" / f"{name}.json").resolve()))
+        config = dataclasses.replace(self.base, **(candidate.widths or {})) if candidate.arch is None else (
+            dataclasses.replace(self.base, arch=str((self.out_dir / "archs" / f"{name}.json").resolve())))
         accuracies: list[float] = []
 
         def report(m: EpochMetrics) -> None:
@@ -244,7 +307,7 @@ class CandidateRunner:
             trial.set_user_attr("train_time", m.train_time)
             trial.report(m.valid_acc, m.epoch)
             behind = trial.should_prune()  # asked of the incumbent too: it records the arm's value at each rung
-            if behind and candidate.source != INCUMBENT and m.epoch < config.total_epoch:  # a full run is complete
+            if behind and not candidate.fixed and m.epoch < config.total_epoch:  # a full run is complete
                 raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
 
         try:
@@ -279,7 +342,8 @@ def run_worker(config: SelectConfig, pool: list[Candidate], base: TrainConfig, o
 
 def setup_values(config: SelectConfig, pool: list[Candidate], base: TrainConfig) -> dict[str, Any]:
     """What the recorded results mean: the candidates, their training and the halving schedule."""
-    return {"pool": [(c.name, c.arch) for c in pool], "base": result_values(base), "min_epochs": config.min_epochs,
+    return {"pool": [(c.name, c.arch, c.widths) for c in pool], "base": result_values(base),
+            "min_epochs": config.min_epochs,
             "reduction": config.reduction}
 
 
@@ -319,16 +383,19 @@ def check_inputs(config: SelectConfig, base: TrainConfig) -> None:
 
 def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
                   base: TrainConfig, out_dir: str | Path, data: CifarData | None = None,
-                  on_trial: OnTrial | None = None) -> SelectionResult:
+                  on_trial: OnTrial | None = None, within: Callable[[Arch], bool] | None = None,
+                  inherited: Callable[[Arch], float] | None = None) -> SelectionResult:
     """Run (or resume) the selection in `out_dir`; write select.json and answer.json; return the result.
 
     `ranked` is the search's records best first (`effcifar.nas.search.top_records`), `base` the
     candidates' training (held-out validation required: `base.holdout` > 0), `costs` the space's
-    cost table at the base's widths. Nothing is written before every check has passed.
+    cost table at the base's widths; `within` and `inherited` as in `make_pool`. Nothing is
+    written before every check has passed.
     """
     check_inputs(config, base)
     out_dir = Path(out_dir)
-    pool = make_pool(config, space, costs, ranked, base)
+    data = data or load_dataset(base.dataset, base.data_dir)
+    pool = make_pool(config, space, costs, ranked, base, data.num_classes, within, inherited)
     with locked(out_dir, "select"):
         storage = open_storage(config, out_dir)
         config = dataclasses.replace(config, study=study_name(storage, config, out_dir,
@@ -337,8 +404,9 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
         check_setup(study, SETUP_ATTR, setup_values(config, pool, base), str(out_dir),
                     "pool, training config or halving schedule")
         for c in pool:
-            atomic_write(out_dir / "archs" / f"{c.name}.json",
-                         json.dumps({"arch": c.arch, "space": space.to_dict()}, indent=2) + "\n")
+            if c.arch is not None:
+                atomic_write(out_dir / "archs" / f"{c.name}.json",
+                             json.dumps({"arch": c.arch, "space": space.to_dict()}, indent=2) + "\n")
         save_config(config.without_password(), out_dir / CONFIG_FILE)
         if not study.get_trials(deepcopy=False):  # enqueued once, in pool order: the incumbent first
             for c in pool:
@@ -354,7 +422,8 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
         chosen = result.chosen
         atomic_write(out_dir / ANSWER_FILE, json.dumps({
             "arch": chosen["arch"], "space": space.to_dict(), "name": chosen["name"], "source": chosen["source"],
-            "accuracy": chosen["holdout_acc"], "flops": chosen["flops"], "params": chosen["params"]}, indent=2) + "\n")
+            "accuracy": chosen["holdout_acc"], "flops": chosen["flops"], "params": chosen["params"],
+            "widths": chosen["widths"]}, indent=2) + "\n")
     return result
 
 
@@ -362,28 +431,42 @@ def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: st
                        on_trial: OnTrial | None = None, search_storage: str | None = None) -> SelectionResult:
     """`run_selection` over a finished search run: its supernet's final space and widths, its ranked results.
 
-    A search study in PostgreSQL is saved without its password: give `search_storage` again, or let
-    libpq find the password (PGPASSWORD, ~/.pgpass).
+    Each candidate also gets its accuracy with the supernet's weights (BN recalibrated, as the
+    search judged it), shown beside its accuracy from scratch. A latency limit uses the search's
+    latency table (measured here when the search made none). A search study in PostgreSQL is
+    saved without its password: give `search_storage` again, or let libpq find the password
+    (PGPASSWORD, ~/.pgpass).
     """
-    from effcifar.nas.retrain import search_supernet_dir
-    from effcifar.nas.search import CONFIG_FILE as SEARCH_CONFIG, SearchConfig, top_records
-    from effcifar.nas.supernet import load_supernet
-    from effcifar.studies import load_study
     from effcifar.config import build_config
+    from effcifar.nas.retrain import search_supernet_dir
+    from effcifar.nas.search import CONFIG_FILE as SEARCH_CONFIG, CandidateEvaluator, SearchConfig, top_records
+    from effcifar.studies import load_study
 
     search_dir = Path(search_dir)
     check_inputs(config, base)
     if not (search_dir / SEARCH_CONFIG).is_file():
         raise ConfigError(f"{search_dir}: not a search run (no {SEARCH_CONFIG}; run `effcifar search` first)")
-    _, space, sconfig = load_supernet(search_supernet_dir(search_dir))
     search = build_config(SearchConfig, search_dir / SEARCH_CONFIG)
     if search_storage is not None:
         search = dataclasses.replace(search, storage=search_storage)
     study = load_study(search, search_dir)
+    judge = CandidateEvaluator.from_run(search_supernet_dir(search_dir), dataclasses.replace(
+        search, max_flops=None, max_params=None, max_latency_ms=config.max_latency_ms), search_dir)
+    judge.sync(study.get_trials(deepcopy=False))
+    if judge.latency is not None and not judge.is_feasible(fastest := judge.latency.fastest(judge.space)):
+        raise ConfigError(f"max_latency_ms: no architecture within {config.max_latency_ms} ms; the fastest takes "
+                          f"{judge.latency.latency_of(fastest):.3f} ms")
     data = load_dataset(base.dataset, base.data_dir)
-    costs = CostTable.build(space, {w: getattr(base, w) for w in sconfig.channels()}, data.num_classes)
+    costs = CostTable.build(judge.space, {w: getattr(base, w) for w in judge.costs.channels}, data.num_classes)
+
+    def within(arch: Arch) -> bool:  # FLOPs and parameters at the trained widths, latency by the search's table
+        return ((config.max_flops is None or costs.flops_of(arch) <= config.max_flops)
+                and (config.max_params is None or costs.params_of(arch) <= config.max_params)
+                and judge.is_feasible(arch))
+
     ranked = top_records(study, len(study.trials))
-    return run_selection(config, space, costs, ranked, base, out_dir, data, on_trial)
+    return run_selection(config, judge.space, costs, ranked, base, out_dir, data, on_trial, within,
+                         lambda arch: judge.evaluate(arch)[0].accuracy)
 
 
 def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: list[int]) -> SelectionResult:
@@ -408,10 +491,23 @@ def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: lis
         raise ConfigError("no candidate finished the last rung" + (f" ({reasons[0]})" if reasons else ""))
     best = max(finished, key=lambda r: (r["holdout_acc"], -r["flops"], -r["params"]))
     images = next((t.user_attrs["train_images"] for t in trials if "train_images" in t.user_attrs), 0)
+    curve = sorted((r["flops"], r["holdout_acc"]) for r in finished if r["source"] in FIXED_ARMS)
     for r in rows:  # a pruned run stopped before summary.json: its images are those of any finished one
         r["image_epochs"] = r["epochs"] * images
+        r["curve_acc"] = curve_accuracy(curve, r["flops"]) if r["source"] not in FIXED_ARMS else None
     return SelectionResult(best["name"], rows, rung_epochs, sum(r["image_epochs"] for r in rows),
                            sum(r["train_time"] or 0.0 for r in rows), verdict(best, rows))
+
+
+def curve_accuracy(curve: list[tuple[int, float]], flops: int) -> float | None:
+    """The width-scaled baseline's held-out accuracy at `flops`: linear in log FLOPs between its finished points,
+    its widest point's beyond them, None below its narrowest (nothing to compare with)."""
+    if not curve or flops < curve[0][0]:
+        return None
+    for (f0, a0), (f1, a1) in zip(curve, curve[1:]):
+        if f0 <= flops <= f1:
+            return a0 if f1 == f0 else a0 + (a1 - a0) * math.log(flops / f0) / math.log(f1 / f0)
+    return curve[-1][1]
 
 
 def verdict(best: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> str:
@@ -424,8 +520,10 @@ def verdict(best: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> str:
         return f"selected {best['name']}: {figure(best)}; no incumbent in the pool" + tail
     if best["name"] == INCUMBENT:
         return f"no proposal beat the incumbent ResNet-9 ({figure(best)}): the baseline stands" + tail
+    curve = "" if best.get("curve_acc") is None else (
+        f", {(best['holdout_acc'] - best['curve_acc']) * 100:+.2f} above the width-scaled ResNet-9 at its FLOPs")
     return (f"selected {best['name']} ({figure(best)}) over the incumbent ResNet-9 ({figure(incumbent)}): "
-            f"{(best['holdout_acc'] - incumbent['holdout_acc']) * 100:+.2f} points held out" + tail)
+            f"{(best['holdout_acc'] - incumbent['holdout_acc']) * 100:+.2f} points held out{curve}" + tail)
 
 
 def read_selection(out_dir: str | Path) -> SelectionResult:

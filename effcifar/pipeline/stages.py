@@ -333,6 +333,7 @@ class SelectStage(Stage):
         plan = pipeline.plan
         self.config = dataclasses.replace(plan.select, max_flops=search.config.max_flops,
                                           max_params=search.config.max_params,
+                                          max_latency_ms=search.config.max_latency_ms,
                                           study=pipeline.study_name("select", plan.select, "select.yaml"))
         self.base = pipeline.config.select_base(final, supernet.config)
         self.result: Any = None
@@ -341,7 +342,7 @@ class SelectStage(Stage):
         return {"select": result_values(self.config), "base": result_values(self.base)}
 
     def total(self) -> int:
-        return self.config.pool + self.config.incumbent
+        return self.config.pool + self.config.incumbent + len(self.config.curve_fractions())
 
     def done(self) -> int:
         return trials_done(self.directory, self.config)
@@ -410,7 +411,9 @@ class RetrainStage(Stage):
         else:
             run = Path(self.name) / "answer"
             self.monitor.line(f"training {chosen['name']} on all subset images")
-            summary = retrain_lib.train_once(self.base, self.pipeline.out / run, self.pipeline.dataset())
+            config = self.base if chosen["arch"] is not None else dataclasses.replace(  # the base network, scaled
+                self.base, arch=None, **(chosen.get("widths") or {}))
+            summary = retrain_lib.train_once(config, self.pipeline.out / run, self.pipeline.dataset())
             how = f"{chosen['name']} trained from scratch"
         self.rows = [{**result_row("nas", summary, run), "answer": chosen["name"], "source": chosen["source"],
                       "holdout_acc": chosen["holdout_acc"], "how": how, "verdict": self.select.result.sentence}]
