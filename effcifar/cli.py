@@ -503,8 +503,27 @@ def run_select(args: argparse.Namespace, console: Console) -> int:
         detail = a.get("fail_reason") or f"held out by epoch: {accuracies}"
         console.print(f"{t.params.get('candidate', '?'):<12} {t.state.name.lower():<9} {detail}", markup=False)
 
-    result = select.select_from_search(config, args.search, out, base, on_trial=on_trial)
-    table = Table(title=f"effcifar select: {len(result.rows)} candidates of {args.search}, rungs at epochs "
+    if args.front:
+        try:
+            limits = [float(v) for v in args.front.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ConfigError(f"--front: expected comma-separated FLOPs limits, e.g. 12e6,30e6,48e6; got "
+                              f"{args.front!r}") from None
+        if config.max_flops is not None:
+            raise ConfigError("--front gives the FLOPs limits: leave --max-flops out")
+        results = select.select_front(config, args.search, out, base, limits, on_trial=on_trial)
+        for limit, result in zip(sorted(limits), results):
+            print_selection(console, result, f"under {limit / 1e6:g} MFLOPs", select.limit_dir(out, limit))
+        console.print(f"wrote {out / select.FRONT_FILE}: one answer per limit", markup=False)
+        return 0
+    print_selection(console, select.select_from_search(config, args.search, out, base, on_trial=on_trial),
+                    f"of {args.search}", out)
+    return 0
+
+
+def print_selection(console: Console, result: Any, what: str, out: Path) -> None:
+    """The candidates' table, the verdict and where the answer is."""
+    table = Table(title=f"effcifar select: {len(result.rows)} candidates {what}, rungs at epochs "
                         f"{', '.join(map(str, result.rungs))} (held-out accuracy chooses; test is only reported)")
     for column in ("candidate", "source", "state", "supernet weights", "epochs", "held out", "test", "MFLOPs",
                    "params"):
@@ -513,15 +532,13 @@ def run_select(args: argparse.Namespace, console: Console) -> int:
     for r in result.rows:
         mark = " *" if r["name"] == result.answer else ""
         table.add_row(r["name"] + mark, r["source"], r["state"].lower(), percent(r["inherited_acc"]), str(r["epochs"]),
-                      percent(r["holdout_acc"]),
-                      percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}")
+                      percent(r["holdout_acc"]), percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}")
     console.print(table)
     console.print(result.sentence, markup=False, soft_wrap=True)
     use = (f"effcifar train --arch {out / 'answer.json'}" if result.chosen["arch"] is not None
            else "the base network itself, outside the space: effcifar train with the base config")
     console.print(f"training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.0f} s; "
                   f"wrote {out / 'select.json'} and {out / 'answer.json'} ({use})", markup=False, soft_wrap=True)
-    return 0
 
 
 def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
@@ -818,6 +835,8 @@ def add_select_parser(sub: Any, command: str | None) -> None:
     p.add_argument("search", help="a finished search run directory, e.g. runs/search1")
     p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
     p.add_argument("--out", help="where to write trials/, select.json and answer.json (default: SEARCH/select)")
+    p.add_argument("--front", help="comma-separated FLOPs limits, e.g. 12e6,30e6,48e6: one selection under each (in "
+                                   "OUT/flops_<M>M) and OUT/front.json, one answer per limit (instead of --max-flops)")
     if command in (None, "select"):  # the module imports Optuna
         from effcifar.nas.select import SelectConfig
 

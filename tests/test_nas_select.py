@@ -12,7 +12,8 @@ from effcifar.models import NetConfig, ResNet, count_flops, count_parameters
 from effcifar.nas.retrain import base_config
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.select import (
-    INCUMBENT, SelectConfig, curve_accuracy, make_pool, read_selection, resnet9_arch, rungs, select_from_search,
+    FRONT_FILE, INCUMBENT, SelectConfig, curve_accuracy, limit_dir, make_pool, read_selection, resnet9_arch, rungs,
+    select_from_search, select_front,
 )
 from effcifar.nas.space import ArchSpace, CostTable, build_standalone, network_key
 from effcifar.train import TrainConfig
@@ -179,6 +180,26 @@ def test_selection_input_errors(supernet_run, search_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_front_has_one_answer_per_limit(supernet_run, search_run, tmp_path):
+    """Two FLOPs limits, two selections, each answer within its own limit; a rerun trains nothing."""
+    base, out = tiny_base(supernet_run), tmp_path / "front"
+    config = SelectConfig(pool=1, min_epochs=1, reduction=2, width_curve="0.5")
+    incumbent_flops = select_from_search(config, search_run, tmp_path / "one", base).rows[0]["flops"]
+    limits = [incumbent_flops, incumbent_flops * 0.6]
+    results = select_front(config, search_run, out, base, limits)
+    front = json.loads((out / FRONT_FILE).read_text())
+    assert [row["max_flops"] for row in front] == sorted(limits)
+    for row, result in zip(front, results):
+        assert row["name"] == result.answer and row["flops"] <= row["max_flops"]
+        assert all(r["flops"] <= row["max_flops"] for r in result.rows)
+        assert (limit_dir(out, row["max_flops"]) / "select.json").is_file()
+    assert INCUMBENT not in [r["name"] for r in results[0].rows]  # the ResNet is over the smaller limit
+    assert select_front(config, search_run, out, base, limits) == results
+    with pytest.raises(ConfigError, match="distinct positive"):
+        select_front(config, search_run, tmp_path / "bad", base, [1e6, 1e6])
+
+
+@pytest.mark.slow
 def test_select_cli(supernet_run, search_run, tmp_path):
     out = tmp_path / "cli"
     args = [sys.executable, "-m", "effcifar", "select", str(search_run), "--pool", "2", "--out", str(out),
@@ -189,3 +210,6 @@ def test_select_cli(supernet_run, search_run, tmp_path):
     assert "incumbent" in result.stdout and (out / "select.json").is_file()
     bad = subprocess.run([*args[:-len(TINY)], "--reduction", "1"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "reduction" in bad.stderr and "Traceback" not in bad.stderr
+    front = subprocess.run([*args, "--front", "12e6,lots"], capture_output=True, text=True, env=env, timeout=60)
+    assert front.returncode != 0 and "--front: expected comma-separated FLOPs limits" in front.stderr
+    assert "Traceback" not in front.stderr

@@ -53,6 +53,7 @@ CONFIG_FILE = "select.yaml"
 SETUP_ATTR = "select:setup"
 RESULT_FILE = "select.json"
 ANSWER_FILE = "answer.json"
+FRONT_FILE = "front.json"
 
 
 @dataclass
@@ -467,6 +468,38 @@ def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: st
     ranked = top_records(study, len(study.trials))
     return run_selection(config, judge.space, costs, ranked, base, out_dir, data, on_trial, within,
                          lambda arch: judge.evaluate(arch)[0].accuracy)
+
+
+def limit_dir(out_dir: Path, max_flops: float) -> Path:
+    """Where the selection under one FLOPs limit of a front lives: OUT/flops_<M>M."""
+    return out_dir / f"flops_{max_flops / 1e6:g}M"
+
+
+def select_front(config: SelectConfig, search_dir: str | Path, out_dir: str | Path, base: TrainConfig,
+                 limits: Iterable[float], on_trial: OnTrial | None = None,
+                 search_storage: str | None = None) -> list[SelectionResult]:
+    """The verified front: one selection per FLOPs limit (each in `limit_dir`, a study of its own), one answer each.
+
+    The limits run from the smallest up, so a limit that nothing meets fails before anything
+    trains. Each selection takes the search's best networks under its own limit and the incumbent
+    and width curve within it; a network under several limits trains in each. `front.json` lists
+    the answers (limit, candidate, held-out and test accuracy, FLOPs, parameters).
+    """
+    limits = sorted(float(limit) for limit in limits)
+    if not limits or len(set(limits)) != len(limits) or not all(limit > 0 for limit in limits):
+        raise ConfigError(f"front: expected distinct positive FLOPs limits, got {', '.join(map(str, limits)) or 'none'}")
+    out_dir = Path(out_dir)
+    results = []
+    for limit in limits:
+        directory = limit_dir(out_dir, limit)
+        study = None if config.storage is None else f"{config.study or out_dir.name}-{directory.name}"
+        results.append(select_from_search(dataclasses.replace(config, max_flops=limit, study=study), search_dir,
+                                          directory, base, on_trial, search_storage))
+    front = [{"max_flops": limit, **{k: r.chosen[k] for k in ("name", "source", "holdout_acc", "test_acc", "flops",
+                                                              "params", "widths")}}
+             for limit, r in zip(limits, results)]
+    atomic_write(out_dir / FRONT_FILE, json.dumps(front, indent=2) + "\n")
+    return results
 
 
 def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: list[int]) -> SelectionResult:
