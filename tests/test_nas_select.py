@@ -14,7 +14,9 @@ from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.select import (
     INCUMBENT, SelectConfig, make_pool, read_selection, resnet9_arch, rungs, select_from_search,
 )
-from effcifar.nas.space import ArchSpace, CostTable, build_standalone, network_key
+from effcifar.nas.costs import CostTable
+from effcifar.nas.network import build_standalone
+from effcifar.nas.space import ArchSpace, network_key
 from effcifar.train import TrainConfig
 
 from conftest import NARROW
