@@ -33,8 +33,9 @@ from effcifar.nas.ranking import ranker_quality
 from effcifar.nas.retrain import rank_against_table
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.space import ArchSpace, read_arch_file
-from effcifar.nas.supernet import SupernetConfig, train_supernet
+from effcifar.nas.supernet import SupernetConfig
 from effcifar.nas.table import BenchmarkTable, read_table_json
+from effcifar.nas.trainer import train_supernet
 
 COMMON = {"space": "nas-bench-macro", "dataset": "cifar10", "subset": 10000, "holdout": 2000, "batch_size": 256,
           "epochs": 30, "peak_lr": 0.1, "lr_factor": 1.0, "schedule": "cosine", "label_smoothing": 0.1, "cutout": 0,

@@ -51,7 +51,7 @@ def paths_to_score(args: argparse.Namespace) -> tuple[Any, list[dict[str, str]]]
 
 def score_paths(args: argparse.Namespace) -> dict[str, float]:
     """The child: score the paths with the product's code (`evaluate_subnet`'s two parts); seconds per path by part."""
-    from effcifar.nas.supernet import accuracy, recalibrate_bn
+    from effcifar.nas.evaluation import accuracy, recalibrate_bn
 
     evaluator, archs = paths_to_score(args)
     parts = {"calibration": 0.0, "evaluation": 0.0}
@@ -76,7 +76,7 @@ def profile_paths(args: argparse.Namespace) -> None:
     """torch.profiler's top operators of calibration and of evaluation over the paths (in this process)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from effcifar.nas.supernet import accuracy, recalibrate_bn
+    from effcifar.nas.evaluation import accuracy, recalibrate_bn
 
     evaluator, archs = paths_to_score(args)
     evaluator.evaluate(archs[0])  # warm-up

@@ -31,8 +31,12 @@ import torch
 
 from effcifar.allocator import allocator_in_effect, configure_allocator
 from effcifar.data import Augment, DeviceLoader
-from effcifar.nas.space import ArchSpace, CostTable, Supernet, build_standalone
-from effcifar.nas.supernet import PathSampler, SupernetConfig, read_checkpoint, rng_states, save_checkpoint
+from effcifar.nas.checkpoint import read_checkpoint, rng_states, save_checkpoint
+from effcifar.nas.costs import CostTable
+from effcifar.nas.network import Supernet, build_standalone
+from effcifar.nas.path_samplers import PathSampler
+from effcifar.nas.space import ArchSpace
+from effcifar.nas.supernet import SupernetConfig
 from effcifar.train import TrainStep, resolve_device, resolve_precision
 
 

@@ -59,7 +59,7 @@ _API = {
     "build_config": "effcifar.config:build_config",
     "HpoConfig": "effcifar.hpo.study:HpoConfig", "run_study": "effcifar.hpo.study:run_study",
     "write_best": "effcifar.hpo.study:write_best",
-    "SupernetConfig": "effcifar.nas.supernet:SupernetConfig", "train_supernet": "effcifar.nas.supernet:train_supernet",
+    "SupernetConfig": "effcifar.nas.supernet:SupernetConfig", "train_supernet": "effcifar.nas.trainer:train_supernet",
     "SearchConfig": "effcifar.nas.search:SearchConfig", "run_search": "effcifar.nas.search:run_search",
     "SelectConfig": "effcifar.nas.select:SelectConfig", "select_from_search": "effcifar.nas.select:select_from_search",
     "load_pipeline_config": "effcifar.pipeline:load_pipeline_config", "run_pipeline": "effcifar.pipeline:run_pipeline",

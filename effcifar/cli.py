@@ -353,7 +353,7 @@ def run_dashboard(args: argparse.Namespace, console: Console) -> int:
 
 def run_supernet(args: argparse.Namespace, console: Console) -> int:
     """effcifar supernet train|space."""
-    from effcifar.nas import space as space_lib, supernet
+    from effcifar.nas import space as space_lib, supernet, trainer
 
     if args.action == "space":
         space = space_lib.ArchSpace.load(args.space)
@@ -375,8 +375,8 @@ def run_supernet(args: argparse.Namespace, console: Console) -> int:
         args.config = str(out / "config.yaml")  # resume with the run's own config unless told otherwise
     config = config_from_args(supernet.SupernetConfig, args, supernet.load_config)
     if args.quiet:
-        result = supernet.train_supernet(config, out, resume=args.resume, warn=console_warning,
-                                         on_epoch=lambda row: print(format_supernet_epoch(row), flush=True))
+        result = trainer.train_supernet(config, out, resume=args.resume, warn=console_warning,
+                                        on_epoch=lambda row: print(format_supernet_epoch(row), flush=True))
     else:
         columns = [TextColumn("[bold]supernet {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("steps"), TimeRemainingColumn()]
@@ -386,7 +386,7 @@ def run_supernet(args: argparse.Namespace, console: Console) -> int:
             def on_step(epoch: int, step: int, steps: int) -> None:
                 progress.update(task, completed=step, total=steps, epoch=f"epoch {epoch}/{config.epochs}")
 
-            result = supernet.train_supernet(
+            result = trainer.train_supernet(
                 config, out, resume=args.resume, warn=console_warning, on_step=on_step,
                 on_epoch=lambda row: progress.console.print(format_supernet_epoch(row), soft_wrap=True),
             )

@@ -41,7 +41,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RECIPES = {"resnet9": "effcifar.train:Recipe", "airbench": "effcifar.airbench:AirbenchRecipe"}
 # `arch` files are read and built by the NAS layer above core, named the same way.
 ARCH_FILE_READER = "effcifar.nas.space:load_arch_file"
-SUBNET_BUILDER = "effcifar.nas.space:build_standalone"
+SUBNET_BUILDER = "effcifar.nas.network:build_standalone"
 ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
 IMAGE_SIDE = 32
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images

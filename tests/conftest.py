@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import effcifar.nas.search as search_lib
-from effcifar.nas.supernet import SupernetConfig, train_supernet
+from effcifar.nas.supernet import SupernetConfig
+from effcifar.nas.trainer import train_supernet
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 

@@ -19,11 +19,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "effcifar"
 LAYERS = [
     ["effcifar", "effcifar.errors", "effcifar.allocator", "effcifar.atomic", "effcifar.rundir", "effcifar.config",
      "effcifar.data", "effcifar.memory", "effcifar.models", "effcifar.train", "effcifar.airbench"],
-    ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking"],
+    ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.ops", "effcifar.nas.network", "effcifar.nas.costs",
+     "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking"],
     ["effcifar.studies"],
     ["effcifar.hpo", "effcifar.hpo.space", "effcifar.hpo.experiment", "effcifar.hpo.study",
-     "effcifar.nas.samplers", "effcifar.nas.supernet", "effcifar.nas.search", "effcifar.nas.retrain",
-     "effcifar.nas.select"],
+     "effcifar.nas.samplers", "effcifar.nas.path_samplers", "effcifar.nas.evaluation", "effcifar.nas.shrinking",
+     "effcifar.nas.checkpoint", "effcifar.nas.distributed", "effcifar.nas.supernet", "effcifar.nas.trainer",
+     "effcifar.nas.search", "effcifar.nas.retrain", "effcifar.nas.select"],
     ["effcifar.pipeline", "effcifar.pipeline.plan", "effcifar.pipeline.stages", "effcifar.report", "effcifar.dashboard"],
     ["effcifar.cli", "effcifar.__main__"],
 ]

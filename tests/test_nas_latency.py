@@ -16,8 +16,9 @@ from effcifar.errors import ConfigError
 from effcifar.nas.latency import (
     LATENCY_FILE, LatencyTable, Target, distinct_archs, fit_scale, load_or_measure, site_key,
 )
+from effcifar.nas.costs import extreme_arch, sites
 from effcifar.nas.search import CandidateEvaluator, run_search
-from effcifar.nas.space import ArchSpace, arch_key, extreme_arch, sites
+from effcifar.nas.space import ArchSpace, arch_key
 from conftest import NARROW
 from test_nas_search import cli, complete, config
 

@@ -11,10 +11,12 @@ import torch
 import effcifar.nas.retrain as retrain_lib
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
+from effcifar.nas.costs import CostTable
+from effcifar.nas.network import Supernet
 from effcifar.nas.ranking import RankingReport, kendall_tau
 from effcifar.nas.retrain import base_config, nas_eval, retrain_top
 from effcifar.nas.search import SearchConfig, arch_key, run_search
-from effcifar.nas.space import ArchSpace, CostTable, Supernet
+from effcifar.nas.space import ArchSpace
 from effcifar.train import TrainConfig, load_model, recipe_for
 
 from conftest import NARROW

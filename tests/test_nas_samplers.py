@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from effcifar.errors import ConfigError
 from effcifar.nas.samplers import (
     ARCH_ATTR, GENERATION_ATTR, ORIGIN_ATTR, PARENTS_ATTR, EvolutionSampler, FeasibleSampler, RandomArchSampler,
-    make_sampler, suggest_arch,
+    arch_sampler, suggest_arch,
 )
 
 SMALL = {"population": 20, "top_k": 5, "mutations": 8, "crossovers": 8}
@@ -73,7 +73,7 @@ def test_evolution_finds_the_optimum_in_fewer_evaluations_than_random():
 @pytest.mark.parametrize("strategy", ["evolution", "random", "nsga2"])
 def test_no_candidate_over_a_limit_is_evaluated(strategy):
     objectives = ("accuracy", "flops") if strategy == "nsga2" else ("accuracy",)
-    sampler = make_sampler(strategy, SPACE, seed=0, is_feasible=no_conv5_in_stage3, objectives=objectives,
+    sampler = arch_sampler(strategy, SPACE, seed=0, is_feasible=no_conv5_in_stage3, objectives=objectives,
                            population=10, top_k=4, mutations=4, crossovers=4)
     study = optuna.create_study(directions=["maximize", "minimize"][:len(objectives)], sampler=sampler)
     fitness = matches({k: v[-1] for k, v in SPACE.items()})  # the optimum itself is over the limit
@@ -198,21 +198,21 @@ def test_no_feasible_architecture_is_a_config_error(sampler):
         study.optimize(lambda trial: len(suggest_arch(trial, SPACE)), n_trials=1)
 
 
-def test_make_sampler_checks_strategy_objectives_and_settings():
+def test_arch_sampler_checks_strategy_objectives_and_settings():
     with pytest.raises(ConfigError, match="evolution, random, nsga2") as e:
-        make_sampler("grid", SPACE)
+        arch_sampler("grid", SPACE)
     assert e.value.field == "strategy"
     with pytest.raises(ConfigError, match="objectives"):
-        make_sampler("evolution", SPACE, objectives=("accuracy", "flops"))
+        arch_sampler("evolution", SPACE, objectives=("accuracy", "flops"))
     with pytest.raises(ConfigError, match="objectives"):
-        make_sampler("nsga2", SPACE)
+        arch_sampler("nsga2", SPACE)
     with pytest.raises(ConfigError, match="mutation_prob"):
-        make_sampler("evolution", SPACE, mutation_prob=1.5)
+        arch_sampler("evolution", SPACE, mutation_prob=1.5)
     with pytest.raises(ConfigError, match="population"):
-        make_sampler("evolution", SPACE, population=20)  # fewer than 25 + 25 operator slots
+        arch_sampler("evolution", SPACE, population=20)  # fewer than 25 + 25 operator slots
     with pytest.raises(ConfigError, match="stage1.conv1"):
         RandomArchSampler({**SPACE, "stage1.conv1": []})
-    assert isinstance(make_sampler("nsga2", SPACE, objectives=("accuracy", "latency")).base,
+    assert isinstance(arch_sampler("nsga2", SPACE, objectives=("accuracy", "latency")).base,
                       optuna.samplers.NSGAIISampler)
 
 
@@ -225,7 +225,7 @@ def test_evolution_refuses_a_multi_objective_study():
 @pytest.mark.parametrize("strategy", ["random", "evolution"])
 def test_canonical_key_makes_equivalent_architectures_duplicates(strategy):
     space = {"a": ["x", "y"], "b": ["1", "2", "3", "4", "5"]}
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(
+    study = optuna.create_study(direction="maximize", sampler=arch_sampler(
         strategy, space, seed=0, canonical=lambda arch: arch["a"], population=2, top_k=1, mutations=1, crossovers=0))
     seen = []
     study.optimize(lambda trial: seen.append(suggest_arch(trial, space)) or 0.0, n_trials=2)

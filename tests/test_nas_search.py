@@ -172,7 +172,7 @@ def test_cli_bad_input_is_one_line(supernet_run, tmp_path, args, message):
 
 
 def test_bn_recalibration_restores_a_subnet_whose_statistics_are_stale(supernet_run):
-    from effcifar.nas.supernet import accuracy
+    from effcifar.nas.evaluation import accuracy
 
     evaluator = CandidateEvaluator.from_run(supernet_run, config())
     net, loader, autocast = evaluator.net, evaluator.loader, evaluator.autocast
@@ -191,7 +191,8 @@ def test_bn_recalibration_restores_a_subnet_whose_statistics_are_stale(supernet_
 def test_joint_width_and_op_space_trains_and_searches(tmp_path):
     """The supernet of seed-widths trains its sandwich (widest and narrowest path by FLOPs), then a search runs on it."""
     from conftest import NARROW
-    from effcifar.nas.supernet import SupernetConfig, train_supernet
+    from effcifar.nas.supernet import SupernetConfig
+    from effcifar.nas.trainer import train_supernet
 
     run = tmp_path / "supernet"
     train_supernet(SupernetConfig(space="seed-widths", dataset="synthetic", subset=500, holdout=100, batch_size=50,

@@ -15,7 +15,9 @@ from effcifar.nas.select import (
     FRONT_FILE, INCUMBENT, SelectConfig, curve_accuracy, limit_dir, make_pool, read_selection, resnet9_arch, rungs,
     select_from_search, select_front,
 )
-from effcifar.nas.space import ArchSpace, CostTable, build_standalone, network_key
+from effcifar.nas.costs import CostTable
+from effcifar.nas.network import build_standalone
+from effcifar.nas.space import ArchSpace, network_key
 from effcifar.train import TrainConfig
 
 from conftest import NARROW

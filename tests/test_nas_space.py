@@ -9,10 +9,10 @@ import torch
 from effcifar.cli import main
 from effcifar.errors import ConfigError
 from effcifar.models import count_flops, count_parameters
-from effcifar.nas.space import (
-    ArchSpace, CostTable, InputChoice, LayerChoice, SlicedBatchNorm2d, Supernet, WidthChoice, build_standalone,
-    skip_depth,
-)
+from effcifar.nas.costs import CostTable
+from effcifar.nas.network import InputChoice, LayerChoice, Supernet, WidthChoice, build_standalone
+from effcifar.nas.ops import SlicedBatchNorm2d
+from effcifar.nas.space import ArchSpace, skip_depth
 
 from conftest import NARROW
 

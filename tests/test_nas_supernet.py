@@ -14,13 +14,17 @@ import torch
 from effcifar.cli import main
 from effcifar.data import make_synthetic
 from effcifar.errors import ConfigError
-from effcifar.nas.space import ArchSpace, CostTable, Supernet
+from effcifar.nas.checkpoint import checkpoint_files, read_checkpoint, save_checkpoint
+from effcifar.nas.costs import CostTable
+from effcifar.nas.distributed import GlobalBatchNorm2d, average_gradients, global_batch_norm, use_global_batch_norm
+from effcifar.nas.evaluation import recalibrate_bn
+from effcifar.nas.network import Supernet
+from effcifar.nas.path_samplers import PathSampler
+from effcifar.nas.shrinking import shrink_space
+from effcifar.nas.space import ArchSpace
+from effcifar.nas.supernet import SupernetConfig, load_config, load_supernet
+from effcifar.nas.trainer import SupernetTrainer, train_supernet
 from effcifar.train import seed_everything
-from effcifar.nas.supernet import (
-    GlobalBatchNorm2d, PathSampler, SupernetConfig, SupernetTrainer, average_gradients, checkpoint_files, load_config, load_supernet,
-    global_batch_norm, read_checkpoint, recalibrate_bn, save_checkpoint, shrink_space, train_supernet,
-    use_global_batch_norm,
-)
 
 from conftest import NARROW
 
@@ -94,10 +98,9 @@ def test_shrinking_removes_one_candidate_per_key_per_event(reference_run):
 
 def test_shrink_never_drops_the_last_candidate_and_drops_the_worst():
     space = ArchSpace.seed().restrict({k: (v[:1] if k.endswith("conv1") else v) for k, v in ArchSpace.seed().choices().items()})
-    net = Supernet(space, NARROW, num_classes=10)
     # a synthetic judge: active 3x3 convs and the deepest skip score higher
     score = lambda arch: sum(arch[k] in ("conv3", "conv4_output") for k in space.active_keys(arch))
-    shrunk, record = shrink_space(net, space, samples=100, seed=0, evaluate=score)
+    shrunk, record = shrink_space(space, samples=100, seed=0, evaluate=score)
     for key, candidates in space.choices().items():
         if len(candidates) == 1:
             assert shrunk.choices()[key] == candidates and key not in record["dropped"]

@@ -12,11 +12,14 @@ import yaml
 from effcifar.cli import main
 from effcifar.errors import ConfigError
 from effcifar.models import count_flops, count_parameters
+from effcifar.nas.costs import CostTable
+from effcifar.nas.network import build_standalone
 from effcifar.nas.retrain import rank_against_table
 from effcifar.nas.search import SearchConfig
-from effcifar.nas.space import ArchSpace, CostTable, build_standalone, network_key
-from effcifar.nas.supernet import SupernetConfig, train_supernet
+from effcifar.nas.space import ArchSpace, network_key
+from effcifar.nas.supernet import SupernetConfig
 from effcifar.nas.table import BUILTIN_TABLES, BenchmarkTable
+from effcifar.nas.trainer import train_supernet
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MACRO = ArchSpace.load("nas-bench-macro")

@@ -13,7 +13,8 @@ from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, run_study
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.select import SelectConfig, select_from_search
-from effcifar.nas.supernet import SupernetConfig, train_supernet
+from effcifar.nas.supernet import SupernetConfig
+from effcifar.nas.trainer import train_supernet
 from effcifar.report import load_study, make_report, param_importances, pareto_front, write_report
 from effcifar.train import TrainConfig, train
 

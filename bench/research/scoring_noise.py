@@ -25,9 +25,9 @@ import numpy as np
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.errors import ConfigError, EffcifarError
+from effcifar.nas.evaluation import accuracy, evaluate_subnet
 from effcifar.nas.ranking import compare_rankers, kendall_tau, null_tau_sd
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
-from effcifar.nas.supernet import accuracy, evaluate_subnet
 from effcifar.nas.table import BenchmarkTable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for nas_bench_macro
 from nas_bench_macro import count  # noqa: E402 (the bench's own "whole number >= 0" argparse type)
@@ -50,9 +50,9 @@ def score_on_two_samples(args: argparse.Namespace) -> tuple[list[str], Benchmark
     for i, key in enumerate(keys):
         arch = table.arch(key)
         # A as search scores it (select, recalibrate, judge); B on the same recalibrated path
-        losses["A"].append(evaluate_subnet(evaluator.net, arch, evaluator.bn_batches, halves["A"], evaluator.autocast,
-                                           evaluator.bn_eval).loss)
-        losses["B"].append(accuracy(evaluator.net.active_network(), halves["B"], evaluator.autocast).loss)
+        losses["A"].append(evaluate_subnet(evaluator.net, arch, evaluator.bn_batches, halves["A"],
+                                           evaluator.autocast).loss)
+        losses["B"].append(accuracy(evaluator.net, halves["B"], evaluator.autocast).loss)
         if (i + 1) % 20 == 0:
             print(f"{i + 1}/{len(keys)} scored ({time.perf_counter() - started:.0f} s)", flush=True)
     return keys, table, losses, started

@@ -138,7 +138,7 @@ def open_study(config: HpoConfig, storage: optuna.storages.BaseStorage, worker: 
     """Create or load the study `config.study`; local worker i seeds its sampler with seed + i so workers do not
     repeat each other."""
     multi = config.objective == "acc,time"
-    sampler = make_sampler(config.sampler, None if config.seed is None else config.seed + worker)
+    sampler = optuna_sampler(config.sampler, None if config.seed is None else config.seed + worker)
     pruner = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
@@ -150,7 +150,7 @@ def open_study(config: HpoConfig, storage: optuna.storages.BaseStorage, worker: 
     )
 
 
-def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
+def optuna_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
     """The Optuna sampler called `name` (one of SAMPLERS)."""
     return {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
@@ -221,7 +221,7 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(config, open_storage(config, run_dir), worker)
     run_trials(study, config, run_dir, config.trials, TrialRunner(config, study, run_dir), seed=config.seed,
-               worker=worker, sampler=lambda seed: make_sampler(config.sampler, seed), deadline=deadline,
+               worker=worker, sampler=lambda seed: optuna_sampler(config.sampler, seed), deadline=deadline,
                on_trial=on_trial, max_failures=config.max_failures or config.trials)
 
 

@@ -48,10 +48,10 @@ from torch import nn
 from effcifar.atomic import atomic_write
 from effcifar.config import read_json
 from effcifar.errors import ConfigError
-from effcifar.nas.space import (
-    IMAGE_SIZE, Arch, ArchSpace, build_standalone, distinct_random_archs, extreme_arch, extreme_over_widths, make_head,
-    make_op, op_channels, resolve_width, sites,
-)
+from effcifar.nas.costs import IMAGE_SIZE, extreme_arch, extreme_over_widths, op_channels, sites
+from effcifar.nas.network import build_standalone
+from effcifar.nas.ops import make_head, make_op
+from effcifar.nas.space import Arch, ArchSpace, distinct_random_archs, resolve_width
 
 LATENCY_FILE = "latency_table.json"
 VERSION = 2  # 2: calibrated against whole networks (1: the raw sum)

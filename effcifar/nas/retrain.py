@@ -45,13 +45,14 @@ from effcifar.atomic import atomic_write
 from effcifar.config import build_config, fingerprint, read_json, result_values
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
+from effcifar.nas.costs import CostTable, stratified_archs
 from effcifar.nas.ranking import (
     RankingReport, compare_rankers, null_tau_sd, scatter_plot, tau_difference, verdict,
 )
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
-from effcifar.nas.space import CostTable, read_arch_file, stratified_archs
-from effcifar.nas.table import BenchmarkTable, table_key
+from effcifar.nas.space import read_arch_file
 from effcifar.nas.supernet import SupernetConfig
+from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.rundir import locked
 from effcifar.studies import max_workers, pin_worker_gpu
 from effcifar.train import TrainConfig, train, write_tsv

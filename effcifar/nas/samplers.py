@@ -271,7 +271,7 @@ class FeasibleSampler(ArchSampler):
             yield Candidate(arch, str(self.base))
 
 
-def make_sampler(strategy: str, space: Space, *, seed: int | None = None, is_feasible: Feasible | None = None,
+def arch_sampler(strategy: str, space: Space, *, seed: int | None = None, is_feasible: Feasible | None = None,
                  objectives: Sequence[str] = ("accuracy",), population: int = 50, top_k: int = 10,
                  mutations: int = 25, crossovers: int = 25, mutation_prob: float = 0.1,
                  max_tries: int = 1000, canonical: Canonical | None = None) -> ArchSampler:

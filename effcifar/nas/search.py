@@ -51,10 +51,13 @@ from effcifar.atomic import atomic_write
 from effcifar.config import build_config, check_seed, execution, field_error, save_config, setting
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.errors import ConfigError
+from effcifar.nas.costs import CostTable
+from effcifar.nas.evaluation import calibration_batches, evaluate_subnet
 from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, LatencyTable, Target, load_or_measure
-from effcifar.nas.samplers import STRATEGIES, make_sampler, suggest_arch
-from effcifar.nas.space import Arch, ArchSpace, CostTable, Supernet, arch_key
-from effcifar.nas.supernet import SupernetConfig, calibration_batches, evaluate_subnet, load_supernet
+from effcifar.nas.network import Supernet
+from effcifar.nas.samplers import STRATEGIES, arch_sampler, suggest_arch
+from effcifar.nas.space import Arch, ArchSpace, arch_key
+from effcifar.nas.supernet import SupernetConfig, load_supernet
 from effcifar.rundir import locked
 from effcifar.studies import (
     OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, open_storage, recorded_study, run_trials,
@@ -181,12 +184,11 @@ class CandidateEvaluator:
     def __init__(self, net: Supernet, space: ArchSpace, costs: CostTable, loader: DeviceLoader,
                  bn_batches: list[torch.Tensor], autocast: Callable[[], Any],
                  max_flops: float | None = None, max_params: float | None = None,
-                 latency: LatencyTable | None = None, max_latency_ms: float | None = None,
-                 bn_eval: str = "recalibrate"):
+                 latency: LatencyTable | None = None, max_latency_ms: float | None = None):
         if max_latency_ms is not None and latency is None:
             raise ValueError("a latency limit needs a latency table")
         self.net, self.space, self.costs, self.loader = net, space, costs, loader
-        self.bn_batches, self.autocast, self.bn_eval = bn_batches, autocast, bn_eval
+        self.bn_batches, self.autocast = bn_batches, autocast
         self.max_flops, self.max_params = max_flops, max_params
         self.latency, self.max_latency_ms = latency, max_latency_ms
         self.cache: dict[str, Evaluation] = {}
@@ -225,11 +227,11 @@ class CandidateEvaluator:
             return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
         return cls(net, space, costs, valid_loader, batches, autocast, config.max_flops, config.max_params,
-                   latency, config.max_latency_ms, sconfig.bn_eval)
+                   latency, config.max_latency_ms)
 
     def key(self, arch: Mapping[str, str]) -> str:
-        """The key of the path the supernet runs for `arch` (`arch_key`; one per network with canonical paths)."""
-        return arch_key(self.space, self.net.path_of(arch))
+        """The key of the path the supernet runs for `arch` (`arch_key`: its active choices)."""
+        return arch_key(self.space, arch)
 
     def is_feasible(self, arch: Mapping[str, str]) -> bool:
         """Whether the architecture is within the FLOPs, parameter and latency limits (from the tables)."""
@@ -263,7 +265,7 @@ class CandidateEvaluator:
         key = self.key(arch)
         if key in self.cache:
             return self.cache[key], True
-        top1, top5, loss = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast, self.bn_eval)
+        top1, top5, loss = evaluate_subnet(self.net, arch, self.bn_batches, self.loader, self.autocast)
         self.evaluated.append(arch)
         result = Evaluation(key, top1, top5, self.costs.flops_of(arch), self.costs.params_of(arch), loss)
         self.cache[key] = result
@@ -298,7 +300,7 @@ def load_supernet_config(supernet_dir: Path) -> SupernetConfig:
 def search_sampler(config: SearchConfig, space: ArchSpace, is_feasible: Callable[[Arch], bool],
                    seed: int | None) -> optuna.samplers.BaseSampler:
     """The strategy's sampler over the space, never proposing an infeasible architecture."""
-    return make_sampler(config.strategy, space.choices(), seed=seed, is_feasible=is_feasible,
+    return arch_sampler(config.strategy, space.choices(), seed=seed, is_feasible=is_feasible,
                         canonical=functools.partial(arch_key, space), objectives=config.objectives(),
                         population=config.population, top_k=config.top_k, mutations=config.mutations,
                         crossovers=config.crossovers, mutation_prob=config.mutation_prob)

@@ -38,7 +38,8 @@ from effcifar.config import check_seed, execution, field_error, result_values, s
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.models import STAGES, count_flops, count_parameters
-from effcifar.nas.space import Arch, ArchSpace, CostTable, HeadSpec, network_key, width_channels
+from effcifar.nas.costs import CostTable
+from effcifar.nas.space import Arch, ArchSpace, HeadSpec, network_key, width_channels
 from effcifar.rundir import clear, locked
 from effcifar.studies import (
     FINISHED, OnTrial, StorageConfig, check_setup, check_workers, open_storage, recorded_study, run_trials,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from effcifar.errors import ConfigError
-from effcifar.nas.space import Arch, ArchSpace, CostTable, network_key, pick_stratified
+from effcifar.nas.costs import CostTable, pick_stratified
+from effcifar.nas.space import Arch, ArchSpace, network_key
 
 # NAS-Bench-Macro's CIFAR-10 table (Su et al., CVPR 2021; Apache-2.0, see tables/NOTICE), shipped with the package.
 BUILTIN_TABLES = {"nas-bench-macro": Path(__file__).with_name("tables") / "nas-bench-macro_cifar10.json.gz"}

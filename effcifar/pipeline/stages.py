@@ -261,7 +261,8 @@ class SupernetStage(Stage):
         return result_values(self.config)
 
     def run(self) -> str:
-        from effcifar.nas import supernet as supernet_lib
+        from effcifar.nas.checkpoint import checkpoint_files
+        from effcifar.nas.trainer import train_supernet
 
         panel = ""
 
@@ -273,9 +274,9 @@ class SupernetStage(Stage):
             panel = f"panel {row['valid_panel_mean']:.2%}" if "valid_panel_mean" in row else ""
             self.monitor.line(f"epoch {row['epoch']}: train acc {row['train_acc']:.2%}, {panel}")
 
-        resume = bool(supernet_lib.checkpoint_files(self.directory))
-        result = supernet_lib.train_supernet(self.config, self.directory, resume=resume, data=self.pipeline.dataset(),
-                                             on_step=on_step, on_epoch=on_epoch, warn=self.monitor.line)
+        resume = bool(checkpoint_files(self.directory))
+        result = train_supernet(self.config, self.directory, resume=resume, data=self.pipeline.dataset(),
+                                on_step=on_step, on_epoch=on_epoch, warn=self.monitor.line)
         return "final panel: " + ", ".join(f"{k[6:]} {v:.2%}" for k, v in result.summary["final_panel"].items())
 
 
