@@ -10,7 +10,7 @@ from effcifar.errors import ConfigError
 from effcifar.nas.costs import CostTable
 from effcifar.nas.path_samplers import PATH_SAMPLERS, FairSampler, PathSampler, SandwichSampler, path_sampler_rule
 from effcifar.nas.space import ArchSpace
-from effcifar.nas.supernet import SupernetConfig
+from effcifar.nas.supernet import SupernetConfig, read_run_config
 from effcifar.nas.trainer import SupernetTrainer, TrainerHook
 
 from conftest import NARROW
@@ -160,6 +160,16 @@ def test_a_config_file_naming_a_removed_research_switch_is_refused(tmp_path, rem
     path.write_text(f"epochs: 2\n{removed}: 1\n")
     with pytest.raises(ConfigError, match=removed):
         build_config(SupernetConfig, path)
+
+
+def test_a_run_saved_with_the_removed_switches_off_still_loads(tmp_path):
+    """A run directory written before the switches left: off values load, an on value is a one-line error."""
+    off = "distill: false\nbn_eval: recalibrate\ncanonical_paths: false\nfew_shot_key: ''\nfew_shot_epochs: 0\n"
+    (tmp_path / "config.yaml").write_text(f"epochs: 2\n{off}depth_from: 0\n")
+    assert read_run_config(tmp_path).epochs == 2
+    (tmp_path / "config.yaml").write_text(f"epochs: 2\n{off}depth_from: 3\n")
+    with pytest.raises(ConfigError, match="field 'depth_from': this run used 3, a research switch"):
+        read_run_config(tmp_path)
 
 
 def test_a_registered_sampling_rule_is_what_the_trainer_draws_with():

@@ -57,7 +57,7 @@ from effcifar.nas.latency import LATENCY_FILE, VERSION as LATENCY_VERSION, Laten
 from effcifar.nas.network import Supernet
 from effcifar.nas.samplers import STRATEGIES, arch_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, arch_key
-from effcifar.nas.supernet import SupernetConfig, load_supernet
+from effcifar.nas.supernet import SupernetConfig, load_supernet, read_run_config
 from effcifar.rundir import locked
 from effcifar.studies import (
     OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, open_storage, recorded_study, run_trials,
@@ -294,7 +294,7 @@ def load_supernet_config(supernet_dir: Path) -> SupernetConfig:
     if not (supernet_dir / "supernet.pt").is_file() or not (supernet_dir / "config.yaml").is_file():
         raise ConfigError(f"{supernet_dir}: not a finished supernet run (expected supernet.pt and config.yaml; "
                           f"train one with `effcifar supernet train --out {supernet_dir}`)")
-    return build_config(SupernetConfig, supernet_dir / "config.yaml")
+    return read_run_config(supernet_dir)
 
 
 def search_sampler(config: SearchConfig, space: ArchSpace, is_feasible: Callable[[Arch], bool],

@@ -131,6 +131,24 @@ def load_config(file: str | Path | None = None, overrides: dict[str, Any] | None
     return build_config(SupernetConfig, file, overrides, overrides_from_text, override_source, base=base)
 
 
+# Research switches measured and taken out of the product (docs/research/README.md), each with the value that
+# meant "off": a run saved before they left still loads when it had them off.
+REMOVED_FIELDS: dict[str, Any] = {"distill": False, "bn_eval": "recalibrate", "canonical_paths": False,
+                                  "few_shot_key": "", "few_shot_epochs": 0, "depth_from": 0}
+
+
+def read_run_config(run_dir: str | Path) -> SupernetConfig:
+    """The config.yaml of a supernet run, including one saved before the research switches left the product."""
+    path = Path(run_dir) / "config.yaml"
+    values = read_config_file(path)
+    for name, off in REMOVED_FIELDS.items():
+        if name in values and values[name] != off:
+            raise ConfigError(f"{path}: field {name!r}: this run used {values[name]!r}, a research switch no longer "
+                              f"in effcifar (docs/research/README.md); expected {off!r} or no {name!r}")
+        values.pop(name, None)
+    return build_config(SupernetConfig, None, values, override_source=str(path))
+
+
 def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu",
                   ) -> tuple[Supernet, ArchSpace, SupernetConfig]:
     """(trained supernet, its final space, its config) from a finished run directory."""
@@ -142,7 +160,7 @@ def load_supernet(run_dir: str | Path, map_location: str | torch.device = "cpu",
         state = read_checkpoint(path, map_location)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"{path}: {e}") from None
-    config = build_config(SupernetConfig, run / "config.yaml")
+    config = read_run_config(run)
     full = ArchSpace.from_dict(state["space"], str(path))
     net = Supernet(full, state["channels"], state["num_classes"], state["logits_weight"])
     net.load_state_dict(state["model"])
