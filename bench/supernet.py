@@ -31,9 +31,10 @@ import torch
 
 from effcifar.allocator import allocator_in_effect, configure_allocator
 from effcifar.data import Augment, DeviceLoader
+from effcifar.device import resolve_device, resolve_precision
 from effcifar.nas.space import ArchSpace, CostTable, Supernet, build_standalone
 from effcifar.nas.supernet import PathSampler, SupernetConfig, read_checkpoint, rng_states, save_checkpoint
-from effcifar.train import TrainStep, resolve_device, resolve_precision
+from effcifar.train import TrainStep
 
 
 def batches(device: torch.device, batch_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -201,7 +201,7 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
 def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     base, space = files
     run = tmp_path / "hpo"
-    slow = {**TINY_BASE, "subset": 2048, "total_epoch": 4}
+    slow = {**TINY_BASE, "subset": 2048, "epochs": 4}
     base.write_text(json.dumps(slow))
     cmd = [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--config", str(base),
            "--trials", "2", "--seed", "0", "--out", str(run)]

@@ -35,7 +35,7 @@ def pipeline(tmp_path_factory) -> Path:
     """A pipeline directory of tiny real runs (1 epoch each, synthetic data), a ranking.json and results.json."""
     root = tmp_path_factory.mktemp("report") / "pipeline"
     data = make_synthetic(n_train=300, n_test=200)
-    tiny = {**TINY_BASE, "total_epoch": 1, "peak_epoch": 0.5, "threads": 1, "precision": "fp32"}
+    tiny = {**TINY_BASE, "epochs": 1, "peak_epoch": 0.5, "threads": 1, "precision": "fp32"}
     train(TrainConfig(**tiny), root / "baseline", data=data)
     files = tmp_path_factory.mktemp("hpo-files")
     (files / "base.json").write_text(json.dumps(tiny))

@@ -34,7 +34,7 @@ from effcifar.atomic import atomic_write
 from effcifar.config import check_seed, execution, field_error, result_values, save_config, setting
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
-from effcifar.models import STAGES
+from effcifar.models import NETWORK_STAGES
 from effcifar.nas.space import Arch, ArchSpace, CostTable, HeadSpec, network_key, width_channels
 from effcifar.rundir import clear, locked
 from effcifar.studies import (
@@ -100,12 +100,14 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
     change the network).
     """
     names = [f"layer{i}" for i in (1, 2, 3)]
-    if (len(space.stages) != 3 or space.stem_op != "conv3" or space.stem_width != "prep" or space.head != HeadSpec()
-            or base.res_prep or any(getattr(base, f"extra_{n}") for n in ("prep", *names))):
+    depths = base.recipe_fields  # resnet9's res_*/extra_*
+    if (base.recipe != "resnet9" or len(space.stages) != 3 or space.stem_op != "conv3" or space.stem_width != "prep"
+            or space.head != HeadSpec() or depths.res_prep
+            or any(getattr(depths, f"extra_{n}") for n in ("prep", *names))):
         return None
     arch: Arch = {}
     for stage, name in zip(space.stages, names):
-        res = getattr(base, f"res_{name}")
+        res = getattr(depths, f"res_{name}")
         skip = "conv4_input" if res == 1 else "zero" if res == 0 else None
         if (stage.width != name or "conv3_pool" not in stage.conv1 or skip not in stage.skip
                 or (res == 1 and not (len(stage.body) >= 2 and "conv3" in stage.body[0] and "conv3" in stage.body[1]))):
@@ -115,7 +117,7 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
             arch[f"{stage.name}.conv{i + 2}"] = "conv3" if res == 1 and i < 2 else candidates[0]
         arch[f"{stage.name}.skip"] = skip
         if stage.widths:
-            channels = {n: getattr(base, n) for n in STAGES}
+            channels = {n: getattr(base, n) for n in NETWORK_STAGES}
             full = [w for w in stage.widths if width_channels(stage, w, channels) == getattr(base, name)]
             if not full:
                 return None
@@ -244,7 +246,7 @@ class CandidateRunner:
             trial.set_user_attr("train_time", m.train_time)
             trial.report(m.valid_acc, m.epoch)
             behind = trial.should_prune()  # asked of the incumbent too: it records the arm's value at each rung
-            if behind and candidate.source != INCUMBENT and m.epoch < config.total_epoch:  # a full run is complete
+            if behind and candidate.source != INCUMBENT and m.epoch < config.epochs:  # a full run is complete
                 raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
 
         try:
@@ -312,9 +314,9 @@ def check_inputs(config: SelectConfig, base: TrainConfig) -> None:
     base.validate()
     if not base.holdout:
         raise ConfigError("holdout: selection chooses on held-out training images; expected holdout > 0, got 0")
-    if config.min_epochs > base.total_epoch:
+    if config.min_epochs > base.epochs:
         raise ConfigError(f"min_epochs: the first rung must fit the training budget; expected at most "
-                          f"total_epoch = {base.total_epoch}, got {config.min_epochs}")
+                          f"epochs = {base.epochs}, got {config.min_epochs}")
 
 
 def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
@@ -349,7 +351,7 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
         else:
             threads = max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker, (config, pool, base, out_dir, threads), on_trial)
-        result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.total_epoch))
+        result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.epochs))
         atomic_write(out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
         chosen = result.chosen
         atomic_write(out_dir / ANSWER_FILE, json.dumps({

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from effcifar.config import read_config_file, read_json
 from effcifar.errors import ConfigError
-from effcifar.models import STAGES, Scale, count_flops, count_parameters
+from effcifar.models import NETWORK_STAGES as STAGES, Scale, count_flops, count_parameters
 
 Arch = dict[str, str]
 

@@ -45,15 +45,16 @@ from effcifar.config import (
 )
 from effcifar.data import CifarData, DeviceLoader, load_dataset
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
-from effcifar.models import STAGES
+from effcifar.models import NETWORK_STAGES as STAGES
 from effcifar.nas.space import (
     Arch, ArchSpace, CostTable, FewShotSupernet, LayerChoice, SlicedBatchNorm2d, Supernet, extreme_arch, ladder_arch,
     skip_depth,
 )
 from effcifar.rundir import locked
+from effcifar.device import device_name, resolve_device, resolve_precision
 from effcifar.train import (
     AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, TrainStep, WidthFields, check_memory,
-    device_loaders, device_name, library_versions, resolve_device, resolve_precision, seed_everything, write_tsv,
+    device_loaders, library_versions, seed_everything, write_tsv,
 )
 
 SCHEDULES = ("linear", "cosine")
