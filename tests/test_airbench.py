@@ -245,6 +245,7 @@ def test_one_epoch_synthetic_run(tmp_path, synthetic):
         assert torch.allclose(reloaded(x), trained(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_recipe_airbench(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--recipe", "airbench", "--dataset", "synthetic", "--layer1", "8", "--layer2", "16",

@@ -260,6 +260,7 @@ def tiny_space(tmp_path, values=(0.01, 0.5)):
     return path
 
 
+@pytest.mark.slow
 def test_hpo_run_takes_training_options_and_selects_on_held_out_images(tmp_path):
     run = tmp_path / "hpo"
     r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path)), *TINY, "--trials", "1", "--seed", "0",
@@ -286,6 +287,7 @@ def test_hpo_run_takes_training_options_and_selects_on_held_out_images(tmp_path)
     assert json.loads((trial / "summary.json").read_text())["config"]["layer3"] == 16
 
 
+@pytest.mark.slow
 def test_hpo_run_on_the_test_set_needs_saying_so(tmp_path):
     run = tmp_path / "hpo"
     r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path)), *TINY, "--holdout", "0", "--out", str(run))
@@ -299,6 +301,7 @@ def test_hpo_run_on_the_test_set_needs_saying_so(tmp_path):
     assert json.loads((trial / "summary.json").read_text())["dataset"]["valid_split"] == "test"
 
 
+@pytest.mark.slow
 def test_hpo_run_whose_trials_all_fail_exits_with_the_reason(tmp_path):
     run = tmp_path / "hpo"
     r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path, (1e30, 1e31))), *TINY, "--trials", "5",

@@ -105,6 +105,7 @@ def test_export_embeds_the_space(search_run):
     assert json.loads((search_dir / "architecture_final.json").read_text()) == records[0]
 
 
+@pytest.mark.slow
 def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
     supernet_dir, search_dir = search_run
     base = base_config(supernet_dir, None, {**TINY, "peak_epoch": "0.5"}, overrides_from_text=True)

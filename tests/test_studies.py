@@ -170,6 +170,7 @@ def poll(condition, seconds: float) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
 def test_workers_die_with_their_killed_command(tmp_path, files):
     base, space = files

@@ -85,6 +85,7 @@ def test_hooks_see_every_step_may_change_its_lr_and_stop_the_run(synthetic):
     assert hook.epochs == [1, 2] and result.stopped_early and result.history[1].lr == 0.01
 
 
+@pytest.mark.slow
 def test_learns_synthetic_data(synthetic):
     cfg = TrainConfig(**{**TINY, "subset": 0, "epochs": 4, "peak_epoch": 1, "batch_size": 128,
                          "prep": 16, "layer1": 32, "layer2": 32, "layer3": 64})
