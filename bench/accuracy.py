@@ -16,7 +16,8 @@ import statistics
 import torch
 
 from effcifar.data import load_dataset
-from effcifar.train import TrainConfig, resolve_device, resolve_precision, train
+from effcifar.device import resolve_device, resolve_precision
+from effcifar.train import TrainConfig, train
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for precision in args.precisions.split(","):
             config = TrainConfig(dataset=args.dataset, prep=prep, layer1=layer1, layer2=layer2, layer3=layer3,
-                                 total_epoch=args.epochs, peak_epoch=args.peak_epoch, tta=True,
+                                 epochs=args.epochs, peak_epoch=args.peak_epoch, tta=True,
                                  precision=precision, seed=seed, threads=args.threads)
             s = train(config, data=data).summary
             name = f"{precision}={resolve_precision(precision, device)}" if precision == "auto" else precision

@@ -28,7 +28,7 @@ from effcifar.hpo.study import HpoConfig, load_space, open_study, run_study
 
 SEED_SPACE = Path(__file__).resolve().parent.parent / "examples" / "search_space.json"
 TINY = {"dataset": "synthetic", "subset": 128, "batch_size": 64, "prep": 8, "layer1": 8, "layer2": 8, "layer3": 8,
-        "total_epoch": 1, "peak_epoch": 0.5, "eval_batch_size": 1000}
+        "epochs": 1, "peak_epoch": 0.5, "eval_batch_size": 1000}
 
 
 def prefill(config: HpoConfig, run_dir: Path, n: int) -> None:
@@ -73,7 +73,7 @@ def overhead(storage: str | None, work: Path) -> dict[str, float]:
 def small_study(trials: int, work: Path) -> None:
     """TPE vs random on real data; best validation accuracy after 10 and `trials` trials."""
     base = work / "base.json"
-    base.write_text(json.dumps({"prep": 16, "layer1": 32, "layer2": 64, "layer3": 128, "total_epoch": 1,
+    base.write_text(json.dumps({"prep": 16, "layer1": 32, "layer2": 64, "layer3": 128, "epochs": 1,
                                 "peak_epoch": 0.25, "subset": 10000, "holdout": 5000, "batch_size": 128,
                                 "threads": 2}))
     space = {k: v for k, v in json.loads(SEED_SPACE.read_text()).items()

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from effcifar.device import resolve_device, resolve_precision
 from effcifar.nas.latency import LatencyTable, Target
 from effcifar.nas.ranking import spearman_rho
 from effcifar.nas.supernet import load_supernet
-from effcifar.train import resolve_device, resolve_precision
 
 
 def rounded(errors: dict[str, float]) -> dict[str, float]:

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from effcifar.data import CifarData, load_dataset
-from effcifar.train import TrainConfig, resolve_device, resolve_precision, train
+from effcifar.device import resolve_device, resolve_precision
+from effcifar.train import TrainConfig, train
 
 # name -> the fields that switch one airbench method off
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -67,10 +68,12 @@ def sized_to_budget(config: TrainConfig, data: CifarData, budget: float, args: a
     step_s = seconds_per_step(config, data, args.warmup_steps, args.probe_steps)
     epoch_s = step_s * (len(data.y_train) // config.batch_size)
     epochs = max(1, math.floor(0.95 * budget / epoch_s))
-    scale = epochs / config.total_epoch
-    changes: dict[str, Any] = {"total_epoch": epochs, "peak_epoch": config.peak_epoch * scale}
+    scale = epochs / config.epochs
+    changes: dict[str, Any] = {"epochs": epochs, "peak_epoch": config.peak_epoch * scale}
     if config.recipe == "airbench":
-        changes["whiten_bias_epochs"] = max(1, round(config.whiten_bias_epochs * scale))
+        own = config.recipe_fields
+        changes["recipe_fields"] = dataclasses.replace(own, whiten_bias_epochs=max(1, round(own.whiten_bias_epochs
+                                                                                           * scale)))
     print(f"  probe: {step_s:.3f} s/step, {epoch_s:.1f} s/epoch -> {epochs} epochs", flush=True)
     return dataclasses.replace(config, **changes)
 
@@ -89,7 +92,7 @@ def run(name: str, config: TrainConfig, data: CifarData, budget: float, args: ar
     print(f"{name} (seed {config.seed}):", flush=True)
     sized = sized_to_budget(config, data, budget, args)
     s = train(sized, data=data).summary
-    row = {"name": name, "seed": config.seed, "epochs": sized.total_epoch, "acc": s["test_acc"],
+    row = {"name": name, "seed": config.seed, "epochs": sized.epochs, "acc": s["test_acc"],
            "train_s": s["train_time"], "total_s": s["total_time"]}
     print(f"  {name:<36} seed {row['seed']}  epochs {row['epochs']:>3}  test acc {row['acc']:.2%}  "
           f"train {row['train_s']:.1f} s  total {row['total_s']:.1f} s", flush=True)

@@ -37,7 +37,8 @@ from effcifar.nas.network import Supernet, build_standalone
 from effcifar.nas.path_samplers import PathSampler
 from effcifar.nas.space import ArchSpace
 from effcifar.nas.supernet import SupernetConfig
-from effcifar.train import TrainStep, resolve_device, resolve_precision
+from effcifar.device import resolve_device, resolve_precision
+from effcifar.train import TrainStep
 
 
 def batches(device: torch.device, batch_size: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

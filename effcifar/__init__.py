@@ -12,7 +12,7 @@ about a minute on two CPU cores (`tests/test_api.py` runs it):
 Train one network (`TrainConfig` fields are `effcifar train`'s options; `train_network` is
 `effcifar.train.train`, named apart from the `effcifar.train` module):
 
->>> run = effcifar.train_network(effcifar.TrainConfig(**tiny, total_epoch=2, peak_epoch=1), out / "r9")
+>>> run = effcifar.train_network(effcifar.TrainConfig(**tiny, epochs=2, peak_epoch=1), out / "r9")
 >>> 0 <= run.summary["test_acc"] <= 1
 True
 
@@ -20,7 +20,7 @@ Tune its hyper-parameters (an NNI search space over TrainConfig fields; trials s
 held-out images):
 
 >>> _ = (out / "space.json").write_text(json.dumps({"peak_lr": {"_type": "loguniform", "_value": [0.05, 0.5]}}))
->>> effcifar.save_config(effcifar.TrainConfig(**tiny, total_epoch=1, peak_epoch=0.5), out / "base.yaml")
+>>> effcifar.save_config(effcifar.TrainConfig(**tiny, epochs=1, peak_epoch=0.5), out / "base.yaml")
 >>> study = effcifar.run_study(effcifar.HpoConfig(space=str(out / "space.json"), base=str(out / "base.yaml"),
 ...                                               trials=2, seed=0), out / "hpo")
 >>> best_file, best = effcifar.write_best(out / "hpo")
@@ -32,7 +32,7 @@ networks and the ResNet-9 incumbent:
 ...                                    out / "supernet", warn=lambda message: None)
 >>> search = effcifar.run_search(effcifar.SearchConfig(strategy="random", evaluations=4, threads=1,
 ...                                                    precision="fp32"), out / "supernet", out / "search")
->>> base = effcifar.TrainConfig(**tiny, total_epoch=2, peak_epoch=1)
+>>> base = effcifar.TrainConfig(**tiny, epochs=2, peak_epoch=1)
 >>> selection = effcifar.select_from_search(effcifar.SelectConfig(pool=2), out / "search", out / "select", base)
 >>> selection.answer in [row["name"] for row in selection.rows]
 True

@@ -13,23 +13,28 @@ seconds on a single GPU", arXiv 2404.00498), written from the paper and its abla
   translation, and multi-crop test-time augmentation (mirror + 1-pixel translations).
 
 It plugs into `effcifar.train.train()` as a `Recipe` (registered by name in `train.RECIPES`): the
-loop, loaders, logs and run directory are the trainer's. Every method is a TrainConfig field that
-can be switched off (see `TrainConfig`); `airbench_defaults` lists what the recipe changes in the
-shared fields.
+loop, loaders, logs and run directory are the trainer's. Every method is a switch of the recipe's
+own fields (`AirbenchFields`, given flat with `recipe: airbench`, e.g. `whiten: false`, for
+ablations); `airbench_defaults` lists what the recipe changes in the shared fields.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effcifar.config import setting
 from effcifar.data import Augment, DeviceLoader, batch_flip
+from effcifar.device import Autocast, device_type
 from effcifar.models import Scale
-from effcifar.train import Predict, Recipe, TrainConfig, TrainStep, device_type, evaluate, mirror_logits, plain_logits
+from effcifar.train import (
+    Predict, Recipe, RecipeFields, TrainConfig, TrainStep, evaluate, mirror_logits, plain_logits,
+)
 
 # The published hyper-parameters, in TrainConfig's units. airbench94 sums the loss over the batch and
 # divides its LR (11.5 per 1024 images) by 1024 * (1 + 1 / (1 - momentum)); for the mean loss at batch
@@ -37,8 +42,7 @@ from effcifar.train import Predict, Recipe, TrainConfig, TrainStep, device_type,
 AIRBENCH_MOMENTUM = 0.85
 AIRBENCH_FIELDS: dict[str, Any] = {
     "batch_size": 1024,
-    "total_epoch": 10,  # airbench94 trains 9.9 epochs; our schedules count whole epochs
-    "peak_epoch": 2.3,  # the LR peaks at 23% of training
+    "epochs": 10,  # airbench94 trains 9.9 epochs; our schedules count whole epochs (the LR peaks at PEAK_SHARE)
     "peak_lr": 11.5 / (1 + 1 / (1 - AIRBENCH_MOMENTUM)),
     "base_wd": 0.0153 / 11.5,
     "momentum": AIRBENCH_MOMENTUM,
@@ -53,6 +57,7 @@ AIRBENCH_FIELDS: dict[str, Any] = {
     "layer3": 256,
     "tta": True,
 }
+PEAK_SHARE = 0.23  # the LR peaks at 23% of training (epoch 2.3 of 10)
 LR_START, LR_END = 0.2, 0.07  # the triangular schedule starts and ends at these fractions of peak_lr
 BN_MOMENTUM = 0.4  # PyTorch's convention (weight of the new batch); airbench94 writes 0.6 for the old
 BN_EPS = 1e-12
@@ -61,6 +66,28 @@ WHITEN_EPS = 5e-4  # added to the patch covariance's eigenvalues before dividing
 WHITEN_IMAGES = 5000  # training images (a seeded random sample) whose patches estimate the covariance
 LOOKAHEAD_EVERY = 5  # steps between lookahead updates
 LOOKAHEAD_MAX_DECAY = 0.95**LOOKAHEAD_EVERY  # the pull's strength ramps as (progress ** 3) to this
+
+
+@dataclass
+class AirbenchFields(RecipeFields):
+    """Recipe airbench only: each switch turns one published method off, for ablations."""
+
+    EPOCH_FIELDS: ClassVar[tuple[str, ...]] = ("whiten_bias_epochs",)
+
+    whiten: bool = setting(True, "first conv = frozen 2x2 patch-whitening filters from training-set statistics")
+    whiten_bias_epochs: int = setting(3, "the whitening conv's bias trains for this many epochs, then freezes")
+    identity_init: bool = setting(True, "3x3 convs start as identity (dirac) on their first input channels")
+    lookahead: bool = setting(True, "every 5 steps pull the weights toward their slow average; end on the average")
+    alt_flip: bool = setting(True, "flip every image on alternate epochs (random in the first) instead of at random")
+    multicrop_tta: bool = setting(True, "with tta, also average the mirror pairs of two 1-pixel translations")
+    bn_bias_lr: float = setting(64.0, "LR multiplier of the BatchNorm biases (their weight decay is divided by it); "
+                                      "1: off")
+
+
+def switches(config: TrainConfig) -> AirbenchFields:
+    """The airbench fields of a config of this recipe."""
+    assert isinstance(config.recipe_fields, AirbenchFields), "a config of recipe airbench"
+    return config.recipe_fields
 
 
 def airbench_defaults(values: dict[str, Any]) -> dict[str, Any]:
@@ -119,12 +146,12 @@ def patch_whitening(images: torch.Tensor, kernel: int, eps: float = WHITEN_EPS) 
 def build_airbench_net(config: TrainConfig, num_classes: int, whiten_images: torch.Tensor | None) -> nn.Sequential:
     """Whitening conv - GELU - three ConvGroups (layer1..3 widths) - global max-pool - linear - scale.
 
-    With `config.whiten` the first conv is initialised from `whiten_images` (normalised NCHW;
+    With the `whiten` switch the first conv is initialised from `whiten_images` (normalised NCHW;
     None leaves it at its default init, for loading saved weights) and its weight is frozen.
     """
     width = 2 * 3 * WHITEN_KERNEL**2
     first = nn.Conv2d(3, width, WHITEN_KERNEL, bias=True)
-    if config.whiten:
+    if switches(config).whiten:
         if whiten_images is not None:
             weight, bias = patch_whitening(whiten_images, WHITEN_KERNEL)
             with torch.no_grad():
@@ -132,7 +159,7 @@ def build_airbench_net(config: TrainConfig, num_classes: int, whiten_images: tor
                 first.bias.copy_(bias)
         first.weight.requires_grad_(False)
     widths = [width, config.layer1, config.layer2, config.layer3]
-    groups = [ConvGroup(c_in, c_out, config.identity_init) for c_in, c_out in zip(widths, widths[1:])]
+    groups = [ConvGroup(c_in, c_out, switches(config).identity_init) for c_in, c_out in zip(widths, widths[1:])]
     return nn.Sequential(
         first, nn.GELU(), *groups, nn.AdaptiveMaxPool2d(1), nn.Flatten(),
         nn.Linear(config.layer3, num_classes, bias=False), Scale(config.logits_weight),
@@ -147,8 +174,9 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     bn = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.bias,)]
     bn_ids = {id(p) for p in bn}
     other = [p for p in model.parameters() if id(p) not in bn_ids]
+    scale = switches(config).bn_bias_lr
     return [
-        {"params": bn, "lr_scale": config.bn_bias_lr, "weight_decay": config.base_wd / config.bn_bias_lr},
+        {"params": bn, "lr_scale": scale, "weight_decay": config.base_wd / scale},
         {"params": other, "lr_scale": 1.0, "weight_decay": config.base_wd},
     ]
 
@@ -199,22 +227,25 @@ def alternate_flip_(loader: DeviceLoader, epoch: int) -> None:
 class AirbenchRecipe(Recipe):
     """The airbench methods as the trainer's Recipe hooks (see the module docstring)."""
 
+    fields_class = AirbenchFields
+    peak_share = PEAK_SHARE
     defaults = staticmethod(airbench_defaults)
 
     def __init__(self, config: TrainConfig):
         super().__init__(config)
+        self.switches = switches(config)
         self.lookahead: Lookahead | None = None
         self.whiten_bias: nn.Parameter | None = None
 
     def augment(self) -> Augment:
         """Random translation; flips come from `alternate_flip_` unless `alt_flip` is off."""
         c = self.config
-        return Augment(crop_pad=c.crop_pad, flip=c.flip and not c.alt_flip, cutout=c.cutout)
+        return Augment(crop_pad=c.crop_pad, flip=c.flip and not self.switches.alt_flip, cutout=c.cutout)
 
     def build_model(self, num_classes: int, train_loader: DeviceLoader | None = None) -> nn.Module:
         """The airbench network, its whitening filters from WHITEN_IMAGES training images drawn at random (seeded)."""
         images = None
-        if train_loader is not None and self.config.whiten:
+        if train_loader is not None and self.switches.whiten:
             images = whitening_sample(train_loader, WHITEN_IMAGES, self.config.seed)
         model = build_airbench_net(self.config, num_classes, images)
         self.whiten_bias = model[0].bias
@@ -222,20 +253,21 @@ class AirbenchRecipe(Recipe):
 
     def train_step(self, model: nn.Module, precision: str) -> TrainStep:
         """SGD with the BatchNorm-bias LR group."""
-        if self.config.lookahead:  # here the model sits on its device, in its memory format
+        if self.switches.lookahead:  # here the model sits on its device, in its memory format
             self.lookahead = Lookahead(model)
         return TrainStep(model, self.config, precision, param_groups(model, self.config))
 
     def lr(self, epoch: float) -> float:
-        """Triangular: LR_START * peak at 0, peak at peak_epoch, LR_END * peak at total_epoch."""
+        """Triangular: LR_START * peak at 0, peak at peak_epoch, LR_END * peak at the last epoch."""
         c = self.config
-        return float(np.interp(epoch, [0, c.peak_epoch, c.total_epoch], [LR_START * c.peak_lr, c.peak_lr, LR_END * c.peak_lr]))
+        return float(np.interp(epoch, [0, c.peak_epoch, c.epochs],
+                               [LR_START * c.peak_lr, c.peak_lr, LR_END * c.peak_lr]))
 
     def start_epoch(self, epoch: int, model: nn.Module, train_loader: DeviceLoader) -> None:
         """Freeze the whitening bias after `whiten_bias_epochs` (when whitening); alternate the flips."""
-        if self.config.whiten and self.whiten_bias is not None:
-            self.whiten_bias.requires_grad_(epoch <= self.config.whiten_bias_epochs)
-        if self.config.flip and self.config.alt_flip:
+        if self.switches.whiten and self.whiten_bias is not None:
+            self.whiten_bias.requires_grad_(epoch <= self.switches.whiten_bias_epochs)
+        if self.config.flip and self.switches.alt_flip:
             alternate_flip_(train_loader, epoch)
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
@@ -252,9 +284,9 @@ class AirbenchRecipe(Recipe):
         """Multi-crop TTA in the final evaluation (it costs 6 forward passes), mirror TTA before it."""
         if not self.config.tta:
             return plain_logits
-        return multicrop_logits if final and self.config.multicrop_tta else mirror_logits
+        return multicrop_logits if final and self.switches.multicrop_tta else mirror_logits
 
-    def evaluate(self, model: nn.Module, loader: DeviceLoader, autocast: Any, final: bool) -> tuple[float, float]:
+    def evaluate(self, model: nn.Module, loader: DeviceLoader, autocast: Autocast, final: bool) -> tuple[float, float]:
         """(mean loss, accuracy) with this recipe's TTA."""
         return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta, self.predict(final))
 

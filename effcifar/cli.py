@@ -32,15 +32,14 @@ from effcifar.config import (
 )
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.supernet import SupernetConfig
-from effcifar.train import EpochMetrics, TrainConfig, train
+from effcifar.train import EpochMetrics, TrainConfig, recipe_fields_classes, train
 
-ALIASES = {"total_epoch": ["--epochs"]}
 NAS_EVAL_SAMPLE = 20  # subnets trained standalone by nas-eval
 TABLE_SAMPLE = 300  # table architectures scored by nas-eval --table (a tau over 300 has a standard error near 0.04)
 HPO_OWN_OPTIONS = {"base", "timeout"}  # HpoConfig fields that `hpo run` takes as --config and a duration
 HPO_TRIAL_EXCLUDED = {"dataset", "seed", "space"}  # TrainConfig fields whose names are HpoConfig's (--dataset: both)
-NOTES = {"total_epoch": "; given without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its "
-                        "fraction of the run"}
+NOTES = {"epochs": "; given without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its "
+                   "fraction of the run"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -54,15 +53,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_config_options(parser: argparse.ArgumentParser, cls: type, exclude: Collection[str] = (),
                        title: str | None = None) -> None:
     """One --option per config field but `exclude` (underscores become dashes), its help from the field's
-    metadata (`effcifar.config.setting`); unset options stay out of the namespace."""
+    metadata (`effcifar.config.setting`); unset options stay out of the namespace. TrainConfig's recipe
+    fields come in a group per recipe, after the shared ones."""
     defaults = cls()
     group = parser.add_argument_group(title or f"{cls.__name__} fields (override --config)")
     helps = {f.name: field_help(f) for f in dataclasses.fields(cls)}
     for name, annotation in field_types(cls).items():
-        if name in exclude:
+        if name in exclude or name not in helps or annotation is dict:  # recipe fields and old names: below, none
             continue
         kind, _ = base_type(annotation)
-        flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, [])]
+        flags = [f"--{name.replace('_', '-')}"]
         default = "" if "default" in helps[name] else f" (default: {getattr(defaults, name)})"
         text = f"{helps[name]}{NOTES.get(name, '')}{default}".replace("%", "%%")
         if kind is bool:
@@ -71,6 +71,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, exclude: Coll
         else:
             group.add_argument(*flags, dest=name, metavar=kind.__name__.upper(), type=str,
                                default=argparse.SUPPRESS, help=text)
+    if cls is TrainConfig:
+        for recipe, fields_class in recipe_fields_classes().items():
+            add_config_options(parser, fields_class, exclude, f"recipe {recipe} only (with --recipe {recipe})")
 
 
 def config_from_args(cls: type, args: argparse.Namespace, load: Callable[..., Any] | None = None) -> Any:
@@ -78,12 +81,10 @@ def config_from_args(cls: type, args: argparse.Namespace, load: Callable[..., An
 
     `load(file, overrides, overrides_from_text=True)` builds it (default: `build_config(cls, ...)`).
     """
-    names = {f.name for f in dataclasses.fields(cls)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    text_overrides = {k: v for k, v in overrides.items() if isinstance(v, str)}
+    names = set(field_types(cls))
+    overrides = {k: v for k, v in vars(args).items() if k in names}  # text, and typed flags (True/False)
     load = load or functools.partial(build_config, cls)
-    config = load(args.config, text_overrides, overrides_from_text=True)
-    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if not isinstance(v, str)})
+    return load(args.config, overrides, overrides_from_text=True)
 
 
 def default_run_dir(dataset: str) -> Path:
@@ -458,7 +459,7 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig options given on the command line (text, as typed)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = set(field_types(TrainConfig))
     return {k: v for k, v in vars(args).items() if k in names}
 
 
@@ -470,7 +471,7 @@ def run_retrain(args: argparse.Namespace, console: Console) -> int:
     base = retrain.base_config(supernet_dir, args.config, train_overrides(args), overrides_from_text=True)
     out = Path(args.out) if args.out else Path(args.search) / "retrain"
     rows = retrain.retrain_top(args.search, args.top, out, base, progress=lambda text: console.print(text, markup=False))
-    table = Table(title=f"effcifar retrain: top {len(rows)} of {args.search}, {base.total_epoch} epochs")
+    table = Table(title=f"effcifar retrain: top {len(rows)} of {args.search}, {base.epochs} epochs")
     holdout = "standalone_holdout_acc" in rows[0]
     columns = ["rank", "trial", "supernet (held out)", "standalone test", *(["standalone held out"] * holdout),
                "params", "MFLOPs", "train time"]
@@ -550,10 +551,10 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval"
     args.sample = NAS_EVAL_SAMPLE if args.sample is None else args.sample
     overrides = train_overrides(args)  # --seed also seeds the sample; --epochs is each subnet's training
-    if "total_epoch" not in overrides:
+    if "epochs" not in overrides:
         raise EffcifarError("--epochs: required (standalone training epochs of each subnet)")
     try:
-        epochs, seed = int(overrides.pop("total_epoch")), int(overrides.get("seed", 0))
+        epochs, seed = int(overrides.pop("epochs")), int(overrides.get("seed", 0))
     except ValueError:
         raise EffcifarError("--epochs and --seed: expected integers") from None
     if args.score is not None:  # checked as --table checks it, so that the error names its source
@@ -590,7 +591,7 @@ def run_nas_eval_table(args: argparse.Namespace, console: Console) -> int:
     scoring = {"seed", "device", "precision", "threads", "eval_batch_size"}
     for name in overrides:
         if name not in scoring:
-            option = ALIASES.get(name, [f"--{name.replace('_', '-')}"])[0]
+            option = f"--{name.replace('_', '-')}"
             raise EffcifarError(f"{option}: does not apply with --table (nothing is trained; "
                                 f"scoring takes --seed, --device, --precision, --threads, --eval-batch-size)")
     if args.config is not None or args.repeats != 1 or args.workers != 1:

@@ -5,6 +5,8 @@ shared parts (see `effcifar.train`). Fields that change where or how fast a run 
 results, are declared with `execution(...)`; `fingerprint` is the one resume check of every stage
 (train, HPO, supernet, search, retrain, pipeline). A config is built as: defaults < file < overrides;
 a layer that sets a run's length alone scales the fields counted in its epochs (`keep_schedule_shape`).
+A field declared with `nested(...)` holds a config of its own (TrainConfig's recipe fields), whose keys a
+layer gives flat or under the field's name; a class's `RENAMED` old keys are accepted with a notice.
 Unknown keys, values of the wrong type and non-finite numbers are errors naming the file (or option),
 the field and what was expected; the dataclass's own `validate()` checks ranges and raises
 `ConfigError` with `field` set, and the source of that field is prefixed here. Files that are not
@@ -18,6 +20,7 @@ import hashlib
 import json
 import math
 import reprlib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -32,6 +35,7 @@ C = TypeVar("C")
 EXECUTION = "execution"  # field metadata key: the field does not change results
 HELP = "help"  # field metadata key: what the field means, for --help and the docs
 CHOICES = "choices"  # field metadata key: the values a field accepts, when they are a fixed list
+NESTED = "nested"  # field metadata key: the field holds a config of its own, whose keys layers give flat
 
 
 def setting(default: Any, help: str, choices: Sequence[str] = (), *, execution: bool = False) -> Any:
@@ -42,6 +46,15 @@ def setting(default: Any, help: str, choices: Sequence[str] = (), *, execution: 
 def execution(default: Any, help: str = "", choices: Sequence[str] = ()) -> Any:
     """A config field that changes where or how fast a run computes, never its results (free to change on resume)."""
     return setting(default, help, choices, execution=True)
+
+
+def nested(help: str) -> Any:
+    """A field holding a config of its own (default None: the class picks it), e.g. TrainConfig's recipe fields.
+
+    Layers give its keys flat (`whiten: false`) or under the field's name (`recipe_fields: {whiten: false}`, as
+    saved configs do); the class lists those keys in `extra_field_types()` and converts the mapping itself.
+    """
+    return dataclasses.field(default=None, metadata={HELP: help, CHOICES: (), EXECUTION: False, NESTED: True})
 
 
 def field_help(field: dataclasses.Field) -> str:
@@ -114,9 +127,41 @@ def check_seed(field: str, seed: int | None) -> None:
 
 
 def field_types(cls: type) -> dict[str, Any]:
-    """The resolved type annotation of each field of a config dataclass."""
+    """The resolved type of each key a layer of a config dataclass may set: its fields (a `nested` one as a
+    mapping) and the keys its `extra_field_types()` adds (TrainConfig: every recipe's own fields, old names)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    types_ = {f.name: dict if f.metadata.get(NESTED) else hints[f.name] for f in dataclasses.fields(cls)}
+    extra = getattr(cls, "extra_field_types", None)
+    return {**types_, **extra()} if extra is not None else types_
+
+
+def nested_field(cls: type) -> str | None:
+    """The name of a config class's `nested` field, if it has one."""
+    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get(NESTED)), None)
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """A config's values as plain data, a `nested` field's keys flat (as files and options give them)."""
+    values = dataclasses.asdict(config)
+    inner = nested_field(type(config))
+    if inner is not None:
+        values.update(values.pop(inner))
+    return values
+
+
+_NOTICES: set[str] = set()  # deprecation notices already printed by this process
+
+
+def renamed_key(cls: type, key: str, source: str) -> str:
+    """The field an old key of `cls.RENAMED` stands for (a one-line notice on stderr, once per process), else `key`."""
+    new = getattr(cls, "RENAMED", {}).get(key)
+    if new is None:
+        return key
+    if key not in _NOTICES:
+        _NOTICES.add(key)
+        print(f"effcifar: {source}: '{key}' is now '{new}'; the old name is accepted until the next release",
+              file=sys.stderr)
+    return new
 
 
 def base_type(annotation: Any) -> tuple[type, bool]:
@@ -255,20 +300,14 @@ def build_config(
 
 def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], bool]]) -> C:
     """Defaults < each (source, values, values are command-line text) layer in turn, checked as build_config does."""
-    types_ = field_types(cls)
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     steps: list[tuple[set[str], dict[str, Any]]] = []  # (the fields a layer set, all values after it)
     for source, mapping, from_text in layers:
-        for key, value in mapping.items():
-            if key not in types_:
-                raise ConfigError(f"{source}: unknown field {shown(key)} (known fields: {', '.join(types_)})")
-            try:
-                values[key] = coerce_value(types_[key], value, from_text=from_text)
-            except ValueError as e:
-                raise ConfigError(f"{source}: field '{key}': expected {e}, got {shown(value)}") from None
-            origin[key] = source
-        steps.append((set(mapping), dict(values)))
+        layer = read_layer(cls, source, mapping, from_text)
+        values.update(layer)
+        origin.update(dict.fromkeys(layer, source))
+        steps.append((set(layer), dict(values)))
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     presets = getattr(cls, "recipe_defaults", None)  # e.g. TrainConfig: `recipe` changes unset fields' defaults
     try:
@@ -278,6 +317,10 @@ def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], b
             values = {**preset, **values}
             defaults.update(preset)
         keep_schedule_shape(cls, steps, defaults, values, origin)
+        inner = nested_field(cls)
+        if inner is not None:  # the flat keys of the nested field go into it; the class converts the mapping
+            own = {f.name for f in dataclasses.fields(cls)}
+            values[inner] = {key: values.pop(key) for key in list(values) if key not in own}
         config = cls(**values)
         config.validate()  # type: ignore[attr-defined]
     except ConfigError as e:
@@ -286,20 +329,49 @@ def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], b
     return config
 
 
+def read_layer(cls: type, source: str, mapping: Mapping[str, Any], from_text: bool) -> dict[str, Any]:
+    """One layer's values, each checked against its field's type: a `nested` field's keys flat, old names mapped."""
+    types_, inner = field_types(cls), nested_field(cls)
+    items = list(mapping.items())
+    below = mapping.get(inner) if inner is not None else None
+    if dataclasses.is_dataclass(below) and not isinstance(below, type):  # e.g. vars(config): the instance's values
+        below = dataclasses.asdict(below)
+    if isinstance(below, Mapping):  # the nested field's keys, as if flat
+        items = [(k, v) for k, v in items if k != inner] + list(below.items())
+    values: dict[str, Any] = {}
+    for key, value in items:
+        if key == inner:
+            raise ConfigError(f"{source}: field '{key}': expected a mapping of field names to values, got "
+                              f"{shown(value)}")
+        if key not in types_:
+            known = [k for k in types_ if k not in getattr(cls, "RENAMED", {})]
+            raise ConfigError(f"{source}: unknown field {shown(key)} (known fields: {', '.join(known)})")
+        key = renamed_key(cls, key, source)
+        if key in values:
+            raise ConfigError(f"{source}: field '{key}': given twice (under its old name too)")
+        try:
+            values[key] = coerce_value(types_[key], value, from_text=from_text)
+        except ValueError as e:
+            raise ConfigError(f"{source}: field '{key}': expected {e}, got {shown(value)}") from None
+    return values
+
+
 def keep_schedule_shape(cls: type, steps: list[tuple[set[str], dict[str, Any]]], defaults: Mapping[str, Any],
                         values: dict[str, Any], origin: dict[str, str]) -> None:
     """Scale the fields counted in epochs of a run's length when a layer sets the length but not them.
 
-    `cls.SCHEDULE` maps a length field to those fields (TrainConfig: total_epoch -> peak_epoch,
-    whiten_bias_epochs). They keep the fraction of the run they had in the layers below (or in the
-    defaults), so `--epochs 12` alone moves the peak with it; integer fields round to at least 1.
+    `cls.schedule_fields()` maps a length field to those fields (TrainConfig: epochs -> peak_epoch,
+    airbench's whiten_bias_epochs). They keep the fraction of the run they had in the layers below (or
+    in the defaults), so `--epochs 12` alone moves the peak with it; integer fields round to at least 1.
+    A field without a value below (a default of None, or not a field of the chosen recipe) is left alone.
     """
     kinds = field_types(cls)
+    schedule = getattr(cls, "schedule_fields", dict)()
 
     def last_set(name: str) -> int | None:
         return next((i for i in reversed(range(len(steps))) if name in steps[i][0]), None)
 
-    for length, shaped in getattr(cls, "SCHEDULE", {}).items():
+    for length, shaped in schedule.items():
         length_layer = last_set(length)
         if length_layer is None:
             continue
@@ -308,8 +380,8 @@ def keep_schedule_shape(cls: type, steps: list[tuple[set[str], dict[str, Any]]],
             if layer is not None and layer >= length_layer:
                 continue
             below = steps[layer][1] if layer is not None else {}
-            old_value, old_length = below.get(name, defaults[name]), below.get(length, defaults[length])
-            if old_length <= 0:
+            old_value, old_length = below.get(name, defaults.get(name)), below.get(length, defaults[length])
+            if old_value is None or old_length <= 0:
                 continue
             scaled = old_value * values[length] / old_length
             if base_type(kinds[name])[0] is int:

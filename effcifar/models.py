@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-STAGES = ("prep", "layer1", "layer2", "layer3")
+NETWORK_STAGES = ("prep", "layer1", "layer2", "layer3")  # in order; also the names of their width fields
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class ResNet(nn.Sequential):
     def __init__(self, cfg: NetConfig = NetConfig()):
         layers: dict[str, nn.Module] = {}
         c_in = 3
-        for stage in STAGES:
+        for stage in NETWORK_STAGES:
             c_out = cfg.channels[stage]
             layers[stage] = make_stage(
                 c_in, c_out, pool=stage != "prep",

@@ -2,13 +2,23 @@
 
 `train(TrainConfig(...), out_dir)` loads the data onto the device, builds the network, runs SGD
 with the piecewise-linear schedule and writes the run directory: `config.yaml`, `logs.tsv`
-(one row per epoch), `summary.json` and `model.pt`. Callbacks see each epoch's metrics and may
-stop the run (hyper-parameter search prunes through them).
+(one row per epoch), `summary.json` and `model.pt`.
+
+Three seams keep the loop short and the config about what every run shares:
+
+- a recipe (`Recipe`, registered by name in RECIPES) is the method: network, optimiser step,
+  schedule, augmentation, evaluation, and its own fields (`RecipeFields`: resnet9's depths,
+  airbench's switches), which live in `TrainConfig.recipe_fields`;
+- hooks (`TrainHook`) see the loop before every step and after every epoch, so an experiment
+  plugs in (change the LR, freeze a layer, stop early, report progress) instead of adding a field;
+- a subnet builder (`register_subnet_builder`) trains a NAS architecture (`TrainConfig.arch`):
+  the NAS layer registers it, so that core never names the layers above it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import json
@@ -16,9 +26,10 @@ import math
 import platform
 import random
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,19 +40,21 @@ import effcifar
 from effcifar import memory
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_torch_save, atomic_write
-from effcifar.config import build_from_layers, check_seed, execution, field_error, read_json, save_config, setting
-from effcifar.errors import ConfigError, TrainingDiverged
+from effcifar.config import (
+    build_from_layers, check_seed, execution, field_error, field_types, nested, read_json, save_config, setting,
+)
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
-from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
+from effcifar.device import (
+    PRECISIONS, Autocast, autocast_factory, check_device_name, check_precision, configure_threads, device_name,
+    resolve_device, resolve_precision,
+)
+from effcifar.errors import ConfigError, TrainingDiverged
+from effcifar.models import NETWORK_STAGES, NetConfig, ResNet, count_flops, count_parameters
 from effcifar.rundir import locked
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Recipes by name, as "module:class" (like entry points): core names a recipe module but never imports
-# it; the recipe imports core. resnet9: cifar10-fast (the default); airbench: effcifar.airbench.
+# it at load time; the recipe imports core. resnet9: cifar10-fast (the default); airbench: effcifar.airbench.
 RECIPES = {"resnet9": "effcifar.train:Recipe", "airbench": "effcifar.airbench:AirbenchRecipe"}
-# `arch` files are read and built by the NAS layer above core, named the same way.
-ARCH_FILE_READER = "effcifar.nas.space:load_arch_file"
-SUBNET_BUILDER = "effcifar.nas.network:build_standalone"
 ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
 IMAGE_SIDE = 32
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
@@ -104,58 +117,25 @@ class ExecutionFields:
 
 
 @dataclass
-class AirbenchFields:
-    """Recipe airbench only: each switch turns one published method off, for ablations."""
+class RecipeFields:
+    """The fields of one recipe only (`TrainConfig.recipe_fields`); a subclass declares them with `setting`."""
 
-    whiten: bool = setting(True, "airbench: first conv = frozen 2x2 patch-whitening filters from training-set "
-                                 "statistics")
-    whiten_bias_epochs: int = setting(3, "airbench: the whitening conv's bias trains for this many epochs, then "
-                                         "freezes")
-    identity_init: bool = setting(True, "airbench: 3x3 convs start as identity (dirac) on their first input channels")
-    lookahead: bool = setting(True, "airbench: every 5 steps pull the weights toward their slow average; end on the "
-                                    "average")
-    alt_flip: bool = setting(True, "airbench: flip every image on alternate epochs (random in the first) instead of "
-                                   "at random")
-    multicrop_tta: bool = setting(True, "airbench: with tta, also average the mirror pairs of two 1-pixel "
-                                        "translations")
-    bn_bias_lr: float = setting(64.0, "airbench: LR multiplier of the BatchNorm biases (their weight decay is "
-                                      "divided by it); 1: off")
+    EPOCH_FIELDS: ClassVar[tuple[str, ...]] = ()  # fields counted in epochs, scaled with `epochs` (schedule_fields)
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for the first value outside its range; flags need no check."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise field_error(f.name, "an integer >= 0", value)
+            if isinstance(value, float) and not value > 0:
+                raise field_error(f.name, "a number > 0", value)
 
 
-# A dataclass lists its bases' fields from the last base to the first: data first, airbench last.
 @dataclass
-class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields, AugmentFields, DataFields):
-    """Everything one run depends on. The defaults are cifar10-fast's ResNet-9 recipe (24 epochs).
+class ResNet9Fields(RecipeFields):
+    """Recipe resnet9 only: the depth of each stage of the ResNet family (the defaults are cifar10-fast's ResNet-9)."""
 
-    The learning rate follows cifar10-fast: it rises linearly from 0 to `peak_lr` at `peak_epoch`
-    and falls linearly to 0 at `total_epoch`, updated every step. cifar10-fast sums the loss over
-    the batch, divides the LR by the batch size and multiplies the weight decay by it; that is the
-    same update as the mean loss with LR `peak_lr` and weight decay `base_wd`, which we compute.
-
-    `recipe` picks the method. `recipe: airbench` (effcifar.airbench) changes the defaults of the
-    fields it tunes (batch 1024, 10 epochs, its LR, widths, ...; see `recipe_defaults`): fields a
-    user sets in a file or on the command line win, the rest take the recipe's values. Build such
-    configs with `build_config` or `TrainConfig.for_recipe`; `TrainConfig(recipe="airbench")`
-    alone keeps the resnet9 values of the other fields. The fields under "recipe airbench only"
-    switch its published methods on or off (for ablations); resnet9 ignores them.
-
-    `arch` trains a NAS subnet instead of the ResNet (recipe resnet9 only): the standalone
-    network of an architecture file (`arch/top_K.json`, `architecture_final.json` or a plain NNI
-    `{key: choice}`) in the space `space`, with the widths prep/layer1..3 and `logits_weight`
-    (res_*/extra_* do not apply). A file that embeds its space (`"space": {...}`, as
-    `effcifar search` writes them) is built in that space and `space` is ignored.
-    """
-
-    # Counted in epochs of the run: a layer (file, option) that sets total_epoch alone scales them with it.
-    SCHEDULE: ClassVar[dict[str, tuple[str, ...]]] = {"total_epoch": ("peak_epoch", "whiten_bias_epochs")}
-
-    recipe: str = setting("resnet9", "the training method; airbench changes the defaults of the fields it tunes",
-                          tuple(RECIPES))
-    arch: str | None = setting(None, "architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)")
-    space: str = setting("seed", "the space `arch` belongs to (a built-in name or a space file), unless the file "
-                                 "embeds one")
-    peak_epoch: float = setting(5, "epoch at which the learning rate peaks (it rises linearly from 0 to there)")
-    total_epoch: int = setting(24, "epochs of the run; the learning rate falls linearly to 0 at the end")
     res_prep: int = setting(0, "residual blocks in the prep stage")
     res_layer1: int = setting(1, "residual blocks in stage 1 (after its conv and pooling)")
     res_layer2: int = setting(0, "residual blocks in stage 2 (after its conv and pooling)")
@@ -164,18 +144,101 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
     extra_layer1: int = setting(0, "extra conv-BN-ReLU layers in stage 1 (after the residual blocks)")
     extra_layer2: int = setting(0, "extra conv-BN-ReLU layers in stage 2 (after the residual blocks)")
     extra_layer3: int = setting(0, "extra conv-BN-ReLU layers in stage 3 (after the residual blocks)")
+
+
+# A dataclass lists its bases' fields from the last base to the first: data first, execution last.
+@dataclass
+class TrainConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentFields, DataFields):
+    """Everything one run depends on. The defaults are cifar10-fast's ResNet-9 recipe (24 epochs).
+
+    The learning rate follows cifar10-fast: it rises linearly from 0 to `peak_lr` at `peak_epoch`
+    and falls linearly to 0 at `epochs`, updated every step. `peak_epoch` left out (None) is the
+    recipe's share of the run (resnet9: 5/24 of `epochs`, as cifar10-fast's 5 of 24), so
+    `TrainConfig(epochs=4)` and `effcifar train --epochs 4` give the same schedule; a layered
+    config (file < options) that sets `epochs` alone also scales a `peak_epoch` set below it
+    (`SCHEDULE`). cifar10-fast sums the loss over the batch, divides the LR by the batch size and
+    multiplies the weight decay by it; that is the same update as the mean loss with LR `peak_lr`
+    and weight decay `base_wd`, which we compute.
+
+    `recipe` picks the method. `recipe: airbench` (effcifar.airbench) changes the defaults of the
+    shared fields it tunes (batch 1024, 10 epochs, its LR, widths, ...; see `recipe_defaults`):
+    fields a user sets in a file or on the command line win, the rest take the recipe's values.
+    Build such configs with `build_config` or `TrainConfig.for_recipe`; `TrainConfig(recipe=
+    "airbench")` alone keeps the resnet9 values of the shared fields. A recipe's own fields
+    (resnet9: the stage depths res_*/extra_*; airbench: the switches of its published methods)
+    are `recipe_fields`, an instance of the recipe's `RecipeFields` class (a mapping is converted):
+    files, options and search spaces give them flat (`whiten: false`), accepted with that recipe
+    only; a saved config nests them under `recipe_fields`, which a file may do too.
+
+    `arch` trains a NAS subnet instead of the ResNet (recipe resnet9 only): the standalone
+    network of an architecture file (`arch/top_K.json`, `architecture_final.json` or a plain NNI
+    `{key: choice}`) in the space `space`, with the widths prep/layer1..3 and `logits_weight`
+    (res_*/extra_* do not apply). A file that embeds its space (`"space": {...}`, as
+    `effcifar search` writes them) is built in that space and `space` is ignored. The NAS layer
+    registers what reads and builds them (`register_subnet_builder`).
+    """
+
+    RENAMED: ClassVar[dict[str, str]] = {"total_epoch": "epochs"}  # old key -> field, accepted with a notice
+
+    recipe: str = setting("resnet9", "the training method; airbench changes the defaults of the fields it tunes",
+                          tuple(RECIPES))
+    arch: str | None = setting(None, "architecture file of a NAS subnet to train instead of the ResNet (resnet9 only)")
+    space: str = setting("seed", "the space `arch` belongs to (a built-in name or a space file), unless the file "
+                                 "embeds one")
+    epochs: int = setting(24, "epochs of the run; the learning rate falls linearly to 0 at the end")
+    peak_epoch: float | None = setting(None, "epoch at which the learning rate peaks (it rises linearly from 0 to "
+                                             "there); default (none): the recipe's share of the run (resnet9: 5/24 "
+                                             "of epochs, airbench: 0.23)")
     compile: bool = execution(False, "compile the network with torch.compile (faster steps after a slow start)")
     tta: bool = setting(False, "average the logits of each test image and its mirror image")
+    recipe_fields: RecipeFields | None = nested("the recipe's own fields (resnet9: res_*/extra_*; airbench: its "
+                                                "switches); none: the recipe's defaults")
+
+    def __post_init__(self) -> None:
+        """Make `recipe_fields` the recipe's RecipeFields (from a mapping or None) and resolve `peak_epoch` (None)."""
+        if self.recipe not in RECIPES:
+            return  # validate() names the field
+        recipe = recipe_class(self.recipe)
+        if self.recipe_fields is None or isinstance(self.recipe_fields, Mapping):
+            given = dict(self.recipe_fields or {})
+            own = {f.name for f in dataclasses.fields(recipe.fields_class)}
+            stray = next((key for key in given if key not in own), None)
+            if stray is not None:
+                owner = next((name for name, cls in recipe_fields_classes().items()
+                              if stray in {f.name for f in dataclasses.fields(cls)}), None)
+                raise field_error(stray, f"no value with recipe {self.recipe}" + (
+                    f" (a field of recipe {owner})" if owner else " (not a field of any recipe)"), given[stray])
+            self.recipe_fields = recipe.fields_class(**given)
+        if self.peak_epoch is None and isinstance(self.epochs, int):
+            self.peak_epoch = float(f"{recipe.peak_share * self.epochs:.12g}")
 
     @classmethod
     def recipe_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """Field values that the recipe named in `values` puts in place of the resnet9 defaults."""
+        """Field values that the recipe named in `values` puts in place of the resnet9 defaults, and its own fields'
+        defaults (flat)."""
         name = values.get("recipe", "resnet9")
-        return recipe_class(name).defaults(values) if name in RECIPES else {}
+        if name not in RECIPES:
+            return {}
+        recipe = recipe_class(name)
+        return {**asdict(recipe.fields_class()), **recipe.defaults(values)}
+
+    @classmethod
+    def schedule_fields(cls) -> dict[str, tuple[str, ...]]:
+        """The fields counted in epochs of the run: a layer (file, option) that sets `epochs` alone scales them."""
+        own = tuple(name for fields_class in recipe_fields_classes().values() for name in fields_class.EPOCH_FIELDS)
+        return {"epochs": ("peak_epoch", *own)}
+
+    @classmethod
+    def extra_field_types(cls) -> dict[str, Any]:
+        """The keys a file or option may give besides the fields: every recipe's own fields (flat) and old names."""
+        types_ = {name: kind for fields_class in recipe_fields_classes().values()
+                  for name, kind in field_types(fields_class).items()}
+        hints = typing.get_type_hints(cls)
+        return {**types_, **{old: hints[new] for old, new in cls.RENAMED.items()}}
 
     @classmethod
     def for_recipe(cls, recipe: str = "resnet9", **fields: Any) -> "TrainConfig":
-        """A checked config of `recipe` with its defaults, where the given `fields` win (as build_config does)."""
+        """A checked config of `recipe` with its defaults, where the given `fields` (its own ones flat) win."""
         return build_from_layers(cls, [("TrainConfig.for_recipe", {"recipe": recipe, **fields}, False)])
 
     def validate(self) -> None:
@@ -185,21 +248,19 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
             raise field_error("recipe", f"one of {', '.join(RECIPES)}", self.recipe)
         if self.dataset not in DATASET_NAMES:
             raise field_error("dataset", f"one of {', '.join(DATASET_NAMES)}", self.dataset)
-        positive = ["batch_size", "total_epoch", "eval_batch_size", *STAGES]
-        for name in positive:
+        for name in ["batch_size", "epochs", "eval_batch_size", *NETWORK_STAGES]:
             if getattr(self, name) <= 0:
                 raise field_error(name, "a positive integer", getattr(self, name))
-        non_negative = ["subset", "holdout", "crop_pad", "threads", "whiten_bias_epochs", *self.depth_fields()]
-        for name in non_negative:
+        for name in ("subset", "holdout", "crop_pad", "threads"):
             if getattr(self, name) < 0:
                 raise field_error(name, "an integer >= 0", getattr(self, name))
         if not 0 <= self.cutout <= 32:
             raise field_error("cutout", "an integer in [0, 32]", self.cutout)
         if self.crop_pad > 16:
             raise field_error("crop_pad", "an integer in [0, 16]", self.crop_pad)
-        if not 0 <= self.peak_epoch <= self.total_epoch:
-            raise field_error("peak_epoch", f"a number in [0, total_epoch={self.total_epoch}]", self.peak_epoch)
-        for name in ("peak_lr", "logits_weight", "bn_bias_lr"):
+        if not 0 <= self.peak_epoch <= self.epochs:
+            raise field_error("peak_epoch", f"a number in [0, epochs={self.epochs}]", self.peak_epoch)
+        for name in ("peak_lr", "logits_weight"):
             if not getattr(self, name) > 0:
                 raise field_error(name, "a number > 0", getattr(self, name))
         if not self.base_wd >= 0:
@@ -208,37 +269,58 @@ class TrainConfig(AirbenchFields, ExecutionFields, WidthFields, OptimiserFields,
             raise field_error("momentum", "a number in [0, 1)", self.momentum)
         if not 0 <= self.label_smoothing < 1:
             raise field_error("label_smoothing", "a number in [0, 1)", self.label_smoothing)
-        if self.precision not in PRECISIONS:
-            raise field_error("precision", f"one of {', '.join(PRECISIONS)}", self.precision)
+        check_precision(self.precision)
         check_device_name(self.device)  # whether the machine has that GPU is asked where the run starts
+        fields_class = recipe_class(self.recipe).fields_class
+        if type(self.recipe_fields) is not fields_class:
+            raise field_error("recipe_fields", f"{fields_class.__name__} for recipe {self.recipe}", self.recipe_fields)
+        self.recipe_fields.validate()
         if self.arch is not None:
             if self.recipe != "resnet9":
-                raise field_error("arch", f"none with recipe {self.recipe} (a NAS subnet trains with resnet9)", self.arch)
+                raise field_error("arch", f"none with recipe {self.recipe} (a NAS subnet trains with resnet9)",
+                                  self.arch)
             self.architecture()
 
     def architecture(self) -> tuple[Any, dict[str, str]]:
-        """(ArchSpace, architecture) of `arch`; a ConfigError with field 'arch' names the file and the problem."""
+        """(space, architecture) of `arch`; a ConfigError with field 'arch' names the file and the problem."""
         try:
-            return plugin(ARCH_FILE_READER)(str(self.arch), self.space)
+            return subnet_builder().read(str(self.arch), self.space)
         except ConfigError as e:
             err = ConfigError(f"field 'arch': {e}")
             err.field = "arch"  # type: ignore[attr-defined]
             raise err from None
 
-    @staticmethod
-    def depth_fields() -> list[str]:
-        """Names of the res_*/extra_* depth fields."""
-        return [f"{kind}_{stage}" for kind in ("res", "extra") for stage in STAGES]
+    def widths(self) -> dict[str, int]:
+        """The width of each stage of the network (prep, layer1..3)."""
+        return {s: getattr(self, s) for s in NETWORK_STAGES}
 
-    def net_config(self, num_classes: int) -> NetConfig:
-        """The network this config describes."""
-        return NetConfig(
-            channels={s: getattr(self, s) for s in STAGES},
-            res_layers={s: getattr(self, f"res_{s}") for s in STAGES},
-            extra_layers={s: getattr(self, f"extra_{s}") for s in STAGES},
-            logits_weight=self.logits_weight,
-            num_classes=num_classes,
-        )
+
+@dataclass(frozen=True)
+class SubnetBuilder:
+    """What trains a NAS subnet (`TrainConfig.arch`); the NAS layer registers one with `register_subnet_builder`.
+
+    `read(arch_file, space)` gives (space, architecture), a ConfigError naming the file if it is bad;
+    the space has `to_dict()` (kept in the run's arch.json). `build(space, architecture, widths,
+    num_classes, logits_weight)` gives the standalone network, on CPU.
+    """
+
+    read: Callable[[str, str], tuple[Any, dict[str, str]]]
+    build: Callable[[Any, Mapping[str, str], Mapping[str, int], int, float], nn.Module]
+
+
+_subnet_builders: list[SubnetBuilder] = []
+
+
+def register_subnet_builder(builder: SubnetBuilder) -> None:
+    """Make `builder` the one that reads and builds `arch` files (the NAS package does this on import)."""
+    _subnet_builders[:] = [builder]
+
+
+def subnet_builder() -> SubnetBuilder:
+    """The registered SubnetBuilder; a ConfigError (field 'arch') when none is."""
+    if not _subnet_builders:
+        raise ConfigError("no subnet builder is registered (the NAS package registers one when it is imported)")
+    return _subnet_builders[0]
 
 
 @dataclass
@@ -272,55 +354,8 @@ class TrainResult:
 
 
 def lr_at(config: TrainConfig, epoch: float) -> float:
-    """Piecewise-linear schedule 0 -> peak_lr at peak_epoch -> 0 at total_epoch."""
-    return float(np.interp(epoch, [0, config.peak_epoch, config.total_epoch], [0, config.peak_lr, 0]))
-
-
-def check_device_name(name: str) -> None:
-    """ConfigError (field 'device') unless `name` is auto, cpu, cuda or cuda:N.
-
-    A saved config may name a GPU that the machine reading it lacks: only a run checks that.
-    """
-    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise field_error("device", "auto, cpu, cuda or cuda:N", name)
-
-
-def device_type(name: str) -> str:
-    """'cuda' or 'cpu': the kind of device a checked name means here, without asking for that GPU."""
-    check_device_name(name)
-    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' means the first GPU when there is one; a bad name or a GPU this machine lacks is a ConfigError."""
-    check_device_name(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            have = f"{count} CUDA device(s)" if torch.version.cuda else f"a PyTorch {torch.__version__} without CUDA"
-            raise field_error("device", f"auto or cpu, or a GPU this machine has ({have})", name)
-    return device
-
-
-def cpu_has_bf16_matrix_units() -> bool:
-    """True on CPUs with AMX-BF16 tiles, where bf16 convolutions run 2-3x faster than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' means bf16 where the hardware runs it natively (most GPUs, AMX CPUs), else fp16 on GPU, fp32 on CPU."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16_matrix_units() else "fp32"
+    """Piecewise-linear schedule 0 -> peak_lr at peak_epoch -> 0 at epochs."""
+    return float(np.interp(epoch, [0, config.peak_epoch, config.epochs], [0, config.peak_lr, 0]))
 
 
 def seed_everything(seed: int) -> None:
@@ -399,16 +434,12 @@ class TrainStep:
         self.model_to_run = torch.compile(model) if config.compile else model
         self.label_smoothing = config.label_smoothing
         self.device_type = next(model.parameters()).device.type
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast: Autocast = autocast_factory(self.device_type, precision)  # the run's precision (fp32: none)
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self.optimizer = torch.optim.SGD(  # a group's "lr_scale" multiplies the scheduled LR
             param_groups or model.parameters(), lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
             weight_decay=config.base_wd,
         )
-
-    def autocast(self) -> torch.autocast:
-        """The autocast context of this run's precision (a no-op for fp32)."""
-        return torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the weights on one batch at learning rate `lr`; return (loss, logits), detached."""
@@ -487,13 +518,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def device_name(device: torch.device) -> str:
-    """Human-readable device name (GPU model or CPU with thread count)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def write_tsv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Rewrite a tab-separated table atomically (columns of the first row; floats to 6 digits)."""
     names = list(rows[0])
@@ -514,14 +538,19 @@ class Recipe:
     `train()` runs one loop for every recipe and asks its recipe for the network, the optimiser
     step, the LR, the augmentation and the evaluation, and lets it act at the start of each epoch,
     after each step and at the end of training. effcifar.airbench.AirbenchRecipe overrides them.
+    `fields_class` holds the recipe's own fields; `peak_share` is the share of the run at which
+    the LR peaks when `peak_epoch` is left out.
     """
+
+    fields_class: ClassVar[type[RecipeFields]] = ResNet9Fields
+    peak_share: ClassVar[float] = 5 / 24
 
     def __init__(self, config: TrainConfig):
         self.config = config
 
     @classmethod
     def defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """Field values this recipe puts in place of the resnet9 defaults (given the values set so far)."""
+        """Shared fields' values this recipe puts in place of the resnet9 defaults (given the values set so far)."""
         return {}
 
     def augment(self) -> Augment:
@@ -534,8 +563,13 @@ class Recipe:
         c = self.config
         if c.arch is not None:  # a NAS subnet: only the chosen ops of its space
             space, arch = c.architecture()
-            return plugin(SUBNET_BUILDER)(space, arch, {s: getattr(c, s) for s in STAGES}, num_classes, c.logits_weight)
-        return ResNet(c.net_config(num_classes))
+            return subnet_builder().build(space, arch, c.widths(), num_classes, c.logits_weight)
+        depths = c.recipe_fields
+        return ResNet(NetConfig(
+            channels=c.widths(), res_layers={s: getattr(depths, f"res_{s}") for s in NETWORK_STAGES},
+            extra_layers={s: getattr(depths, f"extra_{s}") for s in NETWORK_STAGES},
+            logits_weight=c.logits_weight, num_classes=num_classes,
+        ))
 
     def train_step(self, model: nn.Module, precision: str) -> TrainStep:
         """The optimiser step."""
@@ -554,20 +588,20 @@ class Recipe:
     def finish(self, model: nn.Module) -> None:
         """Called once after the last step, before the last evaluation."""
 
-    def evaluate(self, model: nn.Module, loader: DeviceLoader, autocast: Any, final: bool) -> tuple[float, float]:
+    def evaluate(self, model: nn.Module, loader: DeviceLoader, autocast: Autocast, final: bool) -> tuple[float, float]:
         """(mean loss, accuracy) on a loader; `final` marks the evaluation after the last epoch."""
         return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta)
 
 
-def plugin(ref: str) -> Any:
-    """The object a "module:attribute" reference names, imported on first use."""
-    module, _, attribute = ref.partition(":")
+def recipe_class(name: str) -> type[Recipe]:
+    """The Recipe class registered as `name` in RECIPES, imported on first use."""
+    module, _, attribute = RECIPES[name].partition(":")
     return getattr(importlib.import_module(module), attribute)
 
 
-def recipe_class(name: str) -> type[Recipe]:
-    """The Recipe class registered as `name` in RECIPES."""
-    return plugin(RECIPES[name])
+def recipe_fields_classes() -> dict[str, type[RecipeFields]]:
+    """Each recipe's own fields class, by recipe name."""
+    return {name: recipe_class(name).fields_class for name in RECIPES}
 
 
 def recipe_for(config: TrainConfig) -> Recipe:
@@ -575,35 +609,133 @@ def recipe_for(config: TrainConfig) -> Recipe:
     return recipe_class(config.recipe)(config)
 
 
+@dataclass
+class Loop:
+    """A run in progress, as hooks see it: what it trains, with what, and where it stands.
+
+    A hook may change `lr` in `before_step` (the step uses it) and read everything else.
+    """
+
+    config: TrainConfig
+    recipe: Recipe
+    model: nn.Module
+    step_fn: TrainStep
+    train_loader: DeviceLoader
+    valid_loader: DeviceLoader
+    test_loader: DeviceLoader
+    device: torch.device
+    precision: str
+    dataset: dict[str, Any]  # name, source, classes
+    params: int  # trainable parameters and forward FLOPs per image, counted before training
+    flops: int
+    start: float  # time.perf_counter() at the run's start
+    epoch: int = 0  # the epoch in progress, from 1
+    steps_done: int = 0
+    lr: float = 0.0  # of the step about to run (before_step), else of the last step
+    train_time: float = 0.0  # seconds spent in training steps so far (without evaluation)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch."""
+        return len(self.train_loader)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps in the whole run."""
+        return self.steps_per_epoch * self.config.epochs
+
+
+class TrainHook:
+    """A plug-in of the training loop; override what an experiment needs (here every call does nothing).
+
+    Hooks run in the order given to `train`: `before_step` after the recipe has set the step's LR,
+    `after_step` after the step (and the recipe's own), `after_epoch` with each epoch's metrics once
+    they are logged; True from any hook's `after_epoch` stops the run after that epoch.
+    """
+
+    def before_step(self, loop: Loop) -> None:
+        """Called before each optimiser step; `loop.lr` is the step's LR and may be changed."""
+
+    def after_step(self, loop: Loop) -> None:
+        """Called after each optimiser step; `loop.steps_done` counts it."""
+
+    def after_epoch(self, loop: Loop, metrics: EpochMetrics) -> bool | None:
+        """Called after each epoch's evaluation; return True to stop the run here."""
+        return None
+
+
+class EpochCallbackHook(TrainHook):
+    """A plain `callback(metrics) -> stop?` as a hook (HPO pruning, progress lines)."""
+
+    def __init__(self, callback: EpochCallback):
+        self.callback = callback
+
+    def after_epoch(self, loop: Loop, metrics: EpochMetrics) -> bool | None:
+        return bool(self.callback(metrics))
+
+
+class ProgressHook(TrainHook):
+    """`on_step(steps done, total steps)` after every step, for progress bars."""
+
+    def __init__(self, on_step: StepHook):
+        self.on_step = on_step
+
+    def after_step(self, loop: Loop) -> None:
+        self.on_step(loop.steps_done, loop.total_steps)
+
+
 def train(
     config: TrainConfig, out_dir: str | Path | None = None, *, callbacks: Sequence[EpochCallback] = (),
-    on_step: StepHook | None = None, data: CifarData | None = None,
+    on_step: StepHook | None = None, hooks: Sequence[TrainHook] = (), data: CifarData | None = None,
 ) -> TrainResult:
     """Run one training run; write the run directory if `out_dir` is given.
 
     `data` lets a caller that runs many trials load the dataset once. Each callback receives
-    the metrics of every epoch; if one returns True the run stops after that epoch. The run
-    directory is locked while the run writes it (`effcifar.rundir`).
+    the metrics of every epoch; if one returns True the run stops after that epoch. `on_step`
+    reports progress; `hooks` plug into the loop (`TrainHook`). The run directory is locked
+    while the run writes it (`effcifar.rundir`).
     """
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
+    every_hook = [*hooks, *map(EpochCallbackHook, callbacks), *([ProgressHook(on_step)] if on_step else [])]
     with locked(out, "train") if out is not None else contextlib.nullcontext():
-        return run_training(config, out, callbacks, on_step, data)
+        return run_training(config, out, every_hook, data)
 
 
-def run_training(config: TrainConfig, out: Path | None, callbacks: Sequence[EpochCallback], on_step: StepHook | None,
+def run_training(config: TrainConfig, out: Path | None, hooks: Sequence[TrainHook],
                  data: CifarData | None) -> TrainResult:
-    """The body of `train`, with its run directory (if any) locked."""
+    """The body of `train`, with its run directory (if any) locked: set up, one epoch at a time, sum up."""
+    loop = start_loop(config, data)
+    if out is not None:
+        write_run_config(config, out)
+    history: list[EpochMetrics] = []
+    stopped_early = False
+    while loop.epoch < config.epochs:
+        metrics = train_epoch(loop, hooks)
+        history.append(metrics)
+        if out is not None:
+            write_logs(out / "logs.tsv", history)
+        if not math.isfinite(metrics.train_loss):
+            raise TrainingDiverged(f"train loss is {metrics.train_loss} at epoch {loop.epoch} "
+                                   f"(peak_lr {config.peak_lr})")
+        if any([bool(hook.after_epoch(loop, metrics)) for hook in hooks]) and loop.epoch < config.epochs:
+            stopped_early = True
+            break
+    summary = run_summary(loop, history, stopped_early)
+    if out is not None:
+        atomic_torch_save(loop.model.state_dict(), out / "model.pt")
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return TrainResult(model=loop.model, history=history, summary=summary, out_dir=out, stopped_early=stopped_early)
+
+
+def start_loop(config: TrainConfig, data: CifarData | None) -> Loop:
+    """Device, precision, data on the device, the seeded network and its optimiser step: a loop at epoch 0."""
     start = time.perf_counter()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    configure_threads(config.threads, device)
     precision = resolve_precision(config.precision, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     data = data if data is not None else load_dataset(config.dataset, config.data_dir)
     recipe = recipe_for(config)
-    # a partial, not a lambda: `data` is deleted below (a lambda naming it reads as a use after del)
     check_memory(config, data, device, precision, functools.partial(recipe.build_model, data.num_classes))
     train_loader, valid_loader = device_loaders(config, data, device, recipe.augment())
     test_loader = valid_loader
@@ -611,103 +743,96 @@ def run_training(config: TrainConfig, out: Path | None, callbacks: Sequence[Epoc
         mean, std = data.mean_std()
         test_loader = DeviceLoader(data.x_test, data.y_test, batch_size=config.eval_batch_size, mean=mean, std=std,
                                    device=device, channels_last=config.channels_last)
-
     seed_everything(config.seed)
     model = recipe.build_model(data.num_classes, train_loader).to(device)
-    dataset = {"name": data.name, "source": data.source, "num_classes": data.num_classes}
-    del data  # the loaders hold the images they use; a data set loaded here is not kept through training
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params, flops = count_parameters(model), count_flops(model)
-    step_fn = recipe.train_step(model, precision)
+    dataset = {"name": data.name, "source": data.source, "num_classes": data.num_classes}
+    return Loop(config, recipe, model, recipe.train_step(model, precision), train_loader, valid_loader, test_loader,
+                device, precision, dataset, count_parameters(model), count_flops(model), start)
 
-    if out is not None:
-        save_config(config, out / "config.yaml")
-        if config.arch is not None:  # the run keeps its architecture and space, wherever the file was
-            space, arch = config.architecture()
-            record = {"arch": arch, "space": space.to_dict(), "source": config.arch}
-            atomic_write(out / ARCH_FILE, json.dumps(record, indent=2) + "\n")
 
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * config.total_epoch
-    history: list[EpochMetrics] = []
-    train_time = 0.0
-    step = 0
-    stopped_early = False
-    for epoch in range(1, config.total_epoch + 1):
-        step_fn.model_to_run.train()
-        epoch_start = time.perf_counter()
-        recipe.start_epoch(epoch, model, train_loader)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for x, y in train_loader:
-            lr = recipe.lr(step / steps_per_epoch)
-            loss, logits = step_fn(x, y, lr)
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            step += 1
-            recipe.after_step(model, step, total_steps)
-            if on_step is not None:
-                on_step(step, total_steps)
-        last = epoch == config.total_epoch
-        if last:
-            recipe.finish(model)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_time = time.perf_counter() - epoch_start
-        train_time += epoch_time
-        n_seen = steps_per_epoch * config.batch_size
-        valid_loss, valid_acc = recipe.evaluate(step_fn.model_to_run, valid_loader, step_fn.autocast, last)
-        metrics = EpochMetrics(
-            epoch=epoch, lr=lr, train_loss=loss_sum.item() / n_seen, train_acc=correct.item() / n_seen,
-            valid_loss=valid_loss, valid_acc=valid_acc, epoch_time=epoch_time, train_time=train_time,
-            total_time=time.perf_counter() - start,
-        )
-        history.append(metrics)
-        if out is not None:
-            write_logs(out / "logs.tsv", history)
-        if not math.isfinite(metrics.train_loss):
-            raise TrainingDiverged(f"train loss is {metrics.train_loss} at epoch {epoch} (peak_lr {config.peak_lr})")
-        if any([bool(cb(metrics)) for cb in callbacks]) and epoch < config.total_epoch:
-            stopped_early = True
-            break
+def write_run_config(config: TrainConfig, out: Path) -> None:
+    """config.yaml, and for a NAS subnet its architecture and space (arch.json), wherever its file was."""
+    save_config(config, out / "config.yaml")
+    if config.arch is not None:
+        space, arch = config.architecture()
+        record = {"arch": arch, "space": space.to_dict(), "source": config.arch}
+        atomic_write(out / ARCH_FILE, json.dumps(record, indent=2) + "\n")
 
+
+def train_epoch(loop: Loop, hooks: Sequence[TrainHook]) -> EpochMetrics:
+    """One epoch: the recipe's epoch start, every step (with the hooks before and after it), the recipe's finish
+    after the last step, then the evaluation."""
+    loop.epoch += 1
+    recipe, model, step_fn = loop.recipe, loop.model, loop.step_fn
+    step_fn.model_to_run.train()
+    epoch_start = time.perf_counter()
+    recipe.start_epoch(loop.epoch, model, loop.train_loader)
+    loss_sum = torch.zeros((), device=loop.device)
+    correct = torch.zeros((), device=loop.device, dtype=torch.long)
+    for x, y in loop.train_loader:
+        loop.lr = recipe.lr(loop.steps_done / loop.steps_per_epoch)
+        for hook in hooks:
+            hook.before_step(loop)
+        loss, logits = step_fn(x, y, loop.lr)
+        loss_sum += loss * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        loop.steps_done += 1
+        recipe.after_step(model, loop.steps_done, loop.total_steps)
+        for hook in hooks:
+            hook.after_step(loop)
+    last = loop.epoch == loop.config.epochs
+    if last:
+        recipe.finish(model)
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize(loop.device)
+    epoch_time = time.perf_counter() - epoch_start
+    loop.train_time += epoch_time
+    valid_loss, valid_acc = recipe.evaluate(step_fn.model_to_run, loop.valid_loader, step_fn.autocast, last)
+    seen = loop.steps_per_epoch * loop.config.batch_size
+    return EpochMetrics(epoch=loop.epoch, lr=loop.lr, train_loss=loss_sum.item() / seen,
+                        train_acc=correct.item() / seen, valid_loss=valid_loss, valid_acc=valid_acc,
+                        epoch_time=epoch_time, train_time=loop.train_time,
+                        total_time=time.perf_counter() - loop.start)
+
+
+def run_summary(loop: Loop, history: Sequence[EpochMetrics], stopped_early: bool) -> dict[str, Any]:
+    """What summary.json holds: the config, the data, the accuracies, the times, the costs and the machine."""
+    config, step_fn = loop.config, loop.step_fn
     test_acc = history[-1].valid_acc
     if config.holdout:
-        test_acc = recipe.evaluate(step_fn.model_to_run, test_loader, step_fn.autocast, True)[1]
-    summary = {
+        test_acc = loop.recipe.evaluate(step_fn.model_to_run, loop.test_loader, step_fn.autocast, True)[1]
+    return {
         "config": asdict(config),
-        "dataset": {**dataset,
-                    "train_images": len(train_loader.labels), "valid_images": len(valid_loader.labels),
+        "dataset": {**loop.dataset,
+                    "train_images": len(loop.train_loader.labels), "valid_images": len(loop.valid_loader.labels),
                     "valid_split": "holdout" if config.holdout else "test"},
         "epochs_run": len(history),
         "stopped_early": stopped_early,
         "final_valid_acc": history[-1].valid_acc,
         "best_valid_acc": max(m.valid_acc for m in history),
         "test_acc": test_acc,
-        "train_time": train_time,
-        "total_time": time.perf_counter() - start,
-        "params": params,
-        "flops": flops,
-        "device": device_name(device),
-        "precision": precision,
+        "train_time": loop.train_time,
+        "total_time": time.perf_counter() - loop.start,
+        "params": loop.params,
+        "flops": loop.flops,
+        "device": device_name(loop.device),
+        "precision": loop.precision,
         "malloc": allocator_in_effect(),
         "seed": config.seed,
         "versions": library_versions(),
     }
-    if out is not None:
-        atomic_torch_save(model.state_dict(), out / "model.pt")
-        atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return TrainResult(model=model, history=history, summary=summary, out_dir=out, stopped_early=stopped_early)
 
 
 def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a trained network from a run directory (summary.json + model.pt, weights_only; arch.json for a subnet)."""
     run = Path(run_dir)
     summary = read_json(run / "summary.json", "run summary")
-    config = TrainConfig(**summary["config"])
-    if config.arch is not None and (run / ARCH_FILE).is_file():
-        config.arch = str(run / ARCH_FILE)  # the run's own copy (with its space)
+    values = dict(summary["config"])
+    if values.get("arch") is not None and (run / ARCH_FILE).is_file():
+        values["arch"] = str(run / ARCH_FILE)  # the run's own copy (with its space)
+    config = build_from_layers(TrainConfig, [(f"{run / 'summary.json'}: config", values, False)])
     model = recipe_for(config).build_model(summary["dataset"]["num_classes"])
     model.load_state_dict(torch.load(run / "model.pt", map_location=map_location, weights_only=True))
     return model

@@ -14,7 +14,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 # One trial of this base config trains in about a second on 2 CPU cores.
 TINY_BASE = {"dataset": "synthetic", "subset": 256, "batch_size": 64, "prep": 8, "layer1": 8, "layer2": 16,
-             "layer3": 16, "total_epoch": 2, "peak_epoch": 1, "eval_batch_size": 500}
+             "layer3": 16, "epochs": 2, "peak_epoch": 1, "eval_batch_size": 500}
 TINY_SPACE = {"peak_lr": {"_type": "loguniform", "_value": [0.01, 0.5]},
               "cutout": {"_type": "choice", "_value": [0, 4, 8]}}
 # Seed-space widths at which a supernet epoch on 500 synthetic images takes about a second.

@@ -17,7 +17,7 @@ from effcifar.data import DeviceLoader, make_synthetic
 from effcifar.errors import ConfigError
 from effcifar.train import TrainConfig, load_model, mirror_logits, train
 
-TINY = dict(dataset="synthetic", layer1=8, layer2=16, layer3=16, batch_size=128, subset=512, total_epoch=1,
+TINY = dict(dataset="synthetic", layer1=8, layer2=16, layer3=16, batch_size=128, subset=512, epochs=1,
             peak_epoch=0.3, eval_batch_size=500)
 
 
@@ -214,12 +214,12 @@ def test_triangular_lr_schedule():
 
 def test_recipe_defaults_apply_to_unset_fields_only(tmp_path):
     c = build_config(TrainConfig, overrides={"recipe": "airbench"})
-    assert (c.batch_size, c.total_epoch, c.layer2, c.cutout, c.momentum) == (1024, 10, 256, 0, 0.85)
+    assert (c.batch_size, c.epochs, c.layer2, c.cutout, c.momentum) == (1024, 10, 256, 0, 0.85)
     assert c.peak_lr == pytest.approx(1.5) and c.compile is torch.cuda.is_available()
     path = tmp_path / "c.yaml"
     path.write_text("recipe: airbench\nbatch_size: 256\n")
-    c = build_config(TrainConfig, path, {"total_epoch": "3", "peak_epoch": "1"}, overrides_from_text=True)
-    assert (c.batch_size, c.total_epoch, c.layer1, c.crop_pad) == (256, 3, 64, 2)
+    c = build_config(TrainConfig, path, {"epochs": "3", "peak_epoch": "1"}, overrides_from_text=True)
+    assert (c.batch_size, c.epochs, c.layer1, c.crop_pad) == (256, 3, 64, 2)
     assert build_config(TrainConfig, overrides={"recipe": "airbench", "device": "cpu"}).compile is False
     assert build_config(TrainConfig) == TrainConfig()  # resnet9: the defaults as they were
 
@@ -245,6 +245,7 @@ def test_one_epoch_synthetic_run(tmp_path, synthetic):
         assert torch.allclose(reloaded(x), trained(x), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_recipe_airbench(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--recipe", "airbench", "--dataset", "synthetic", "--layer1", "8", "--layer2", "16",
@@ -253,5 +254,6 @@ def test_cli_recipe_airbench(tmp_path, capsys):
     assert cli.main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     config = summary["config"]
-    assert config["recipe"] == "airbench" and config["lookahead"] is False and config["batch_size"] == 256
+    assert config["recipe"] == "airbench" and config["batch_size"] == 256
+    assert config["recipe_fields"]["lookahead"] is False
     assert config["crop_pad"] == 2 and config["cutout"] == 0  # recipe defaults for what was not given

@@ -43,8 +43,8 @@ def test_config_file_and_option_precedence(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "field 'total_epoch': expected a positive integer, got 0"),
-    (["--epochs", "4", "--peak-epoch", "5"], "field 'peak_epoch': expected a number in [0, total_epoch=4]"),
+    (["--epochs", "0"], "field 'epochs': expected a positive integer, got 0"),
+    (["--epochs", "4", "--peak-epoch", "5"], "field 'peak_epoch': expected a number in [0, epochs=4]"),
     (["--layer2", "-8"], "field 'layer2': expected a positive integer"),
     (["--cutout", "33"], "field 'cutout': expected an integer in [0, 32], got 33"),
     (["--dataset", "imagenet"], "field 'dataset': expected one of cifar10, cifar100, synthetic"),
@@ -88,6 +88,28 @@ def test_help_lists_every_config_field():
         assert option in r.stdout
     assert "without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its fraction of the run" in \
         " ".join(r.stdout.split())
+
+
+def test_train_help_groups_each_recipes_own_fields(capsys, monkeypatch):
+    from effcifar import cli
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    shared, resnet9 = text.index("TrainConfig fields"), text.index("recipe resnet9 only (with --recipe resnet9)")
+    airbench = text.index("recipe airbench only (with --recipe airbench)")
+    assert shared < text.index("--peak-epoch", shared) < resnet9 < text.index("--res-layer1", shared) < airbench
+    assert text.index("--whiten,", shared) > airbench and text.index("--no-lookahead", shared) > airbench
+    assert "--total-epoch" not in text and "--recipe-fields" not in text
+
+
+def test_no_lookahead_is_an_airbench_option_only(tmp_path, capsys):
+    from effcifar import cli
+
+    assert cli.main(["train", *TINY, "--no-lookahead", "--out", str(tmp_path / "run")]) == 2
+    assert "field 'lookahead': expected no value with recipe resnet9 (a field of recipe airbench)" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -238,6 +260,7 @@ def tiny_space(tmp_path, values=(0.01, 0.5)):
     return path
 
 
+@pytest.mark.slow
 def test_hpo_run_takes_training_options_and_selects_on_held_out_images(tmp_path):
     run = tmp_path / "hpo"
     r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path)), *TINY, "--trials", "1", "--seed", "0",
@@ -264,6 +287,7 @@ def test_hpo_run_takes_training_options_and_selects_on_held_out_images(tmp_path)
     assert json.loads((trial / "summary.json").read_text())["config"]["layer3"] == 16
 
 
+@pytest.mark.slow
 def test_hpo_run_on_the_test_set_needs_saying_so(tmp_path):
     run = tmp_path / "hpo"
     r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path)), *TINY, "--holdout", "0", "--out", str(run))
@@ -277,6 +301,7 @@ def test_hpo_run_on_the_test_set_needs_saying_so(tmp_path):
     assert json.loads((trial / "summary.json").read_text())["dataset"]["valid_split"] == "test"
 
 
+@pytest.mark.slow
 def test_hpo_run_whose_trials_all_fail_exits_with_the_reason(tmp_path):
     run = tmp_path / "hpo"
     r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path, (1e30, 1e31))), *TINY, "--trials", "5",

@@ -1,28 +1,60 @@
 """Config files and overrides: types, unknown keys and range errors name their source."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from effcifar import config as config_lib
+from effcifar.airbench import AirbenchFields
 from effcifar.config import build_config, read_config_file, save_config
+from effcifar.device import resolve_device
 from effcifar.errors import ConfigError
-from effcifar.train import TrainConfig, resolve_device
+from effcifar.train import ResNet9Fields, TrainConfig
 
 
 def test_defaults_are_the_cifar10_fast_recipe():
     c = build_config(TrainConfig)
-    assert (c.batch_size, c.peak_lr, c.peak_epoch, c.total_epoch, c.base_wd) == (512, 0.4, 5, 24, 5e-4)
+    assert (c.batch_size, c.peak_lr, c.peak_epoch, c.epochs, c.base_wd) == (512, 0.4, 5, 24, 5e-4)
     assert (c.momentum, c.nesterov, c.label_smoothing, c.cutout, c.logits_weight) == (0.9, True, 0.2, 8, 0.125)
     assert (c.prep, c.layer1, c.layer2, c.layer3) == (64, 128, 256, 512)
-    assert (c.res_layer1, c.res_layer3, c.res_prep, c.res_layer2) == (1, 1, 0, 0)
+    depths = c.recipe_fields
+    assert (depths.res_layer1, depths.res_layer3, depths.res_prep, depths.res_layer2) == (1, 1, 0, 0)
+
+
+def test_train_config_holds_the_shared_fields_and_each_recipe_its_own():
+    assert len(dataclasses.fields(TrainConfig)) <= 36
+    assert {f.name for f in dataclasses.fields(TrainConfig)}.isdisjoint({"whiten", "lookahead", "res_layer1"})
+    assert TrainConfig().recipe_fields == ResNet9Fields()
+    assert TrainConfig.for_recipe("airbench").recipe_fields == AirbenchFields()
+
+
+def test_recipe_fields_are_given_flat_or_nested_and_only_with_their_recipe(tmp_path):
+    flat = build_config(TrainConfig, None, {"recipe": "airbench", "lookahead": "false"}, overrides_from_text=True)
+    assert flat.recipe_fields.lookahead is False
+    path = tmp_path / "config.yaml"
+    save_config(flat, path)  # nested under recipe_fields, as a run's config.yaml
+    assert "recipe_fields:\n" in path.read_text() and build_config(TrainConfig, path) == flat
+    assert TrainConfig(**dataclasses.asdict(flat)) == flat  # summary.json's config
+    assert build_config(TrainConfig, None, {"res_layer1": "2"}, overrides_from_text=True).recipe_fields.res_layer1 == 2
+    with pytest.raises(ConfigError, match=r"^command line: field 'whiten': expected no value with recipe resnet9 "
+                                          r"\(a field of recipe airbench\), got False$"):
+        build_config(TrainConfig, None, {"whiten": "false"}, overrides_from_text=True)
+    path.write_text("recipe: airbench\nres_layer1: 2\n")
+    with pytest.raises(ConfigError, match=f"^{path}: field 'res_layer1': expected no value with recipe airbench "
+                                          r"\(a field of recipe resnet9\)"):
+        build_config(TrainConfig, path)
+    path.write_text("recipe_fields: 3\n")
+    with pytest.raises(ConfigError, match="field 'recipe_fields': expected a mapping of field names to values"):
+        build_config(TrainConfig, path)
 
 
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("peak_lr: 0.2\ntotal_epoch: 10\nlayer1: 96\n")
-    c = build_config(TrainConfig, path, {"total_epoch": "12", "tta": "true"}, overrides_from_text=True)
-    assert (c.peak_lr, c.total_epoch, c.layer1, c.tta) == (0.2, 12, 96, True)
+    path.write_text("peak_lr: 0.2\nepochs: 10\nlayer1: 96\n")
+    c = build_config(TrainConfig, path, {"epochs": "12", "tta": "true"}, overrides_from_text=True)
+    assert (c.peak_lr, c.epochs, c.layer1, c.tta) == (0.2, 12, 96, True)
 
 
 def test_json_and_roundtrip(tmp_path):
@@ -35,12 +67,12 @@ def test_json_and_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("peak_lr: 0.1\nwarmup: 3\n", "unknown field 'warmup'"),
-    ("total_epoch: ten\n", "field 'total_epoch': expected a value of type int, got 'ten'"),
-    ("total_epoch: 2.5\n", "field 'total_epoch': expected a value of type int"),
+    ("epochs: ten\n", "field 'epochs': expected a value of type int, got 'ten'"),
+    ("epochs: 2.5\n", "field 'epochs': expected a value of type int"),
     ("tta: 1\n", "field 'tta': expected a value of type bool"),
     ("cutout: 40\n", "field 'cutout': expected an integer in [0, 32], got 40"),
-    ("total_epoch: 0\n", "field 'total_epoch': expected a positive integer, got 0"),
-    ("total_epoch: 4\npeak_epoch: 5\n", "field 'peak_epoch': expected a number in [0, total_epoch=4], got 5"),
+    ("epochs: 0\n", "field 'epochs': expected a positive integer, got 0"),
+    ("epochs: 4\npeak_epoch: 5\n", "field 'peak_epoch': expected a number in [0, epochs=4], got 5"),
     ("layer2: 0\n", "field 'layer2': expected a positive integer"),
     ("dataset: imagenet\n", "field 'dataset': expected one of cifar10, cifar100, synthetic"),
     ("- 1\n- 2\n", "expected a mapping"),
@@ -79,27 +111,51 @@ def test_a_key_given_twice_is_an_error(tmp_path, name, content):
 
 
 @pytest.mark.parametrize("recipe, epochs, peak, whiten_bias", [
-    ("resnet9", "1", 5 / 24, 1),  # the default peak 5 of 24 would be refused after epoch 1
-    ("resnet9", "12", 2.5, 2),
-    ("resnet9", "48", 10.0, 6),
+    ("resnet9", "1", 5 / 24, None),  # the default peak 5 of 24 would be refused after epoch 1
+    ("resnet9", "12", 2.5, None),
+    ("resnet9", "48", 10.0, None),
     ("airbench", "1", 0.23, 1),  # its peak 2.3 of 10 and whitening bias 3 of 10 epochs
     ("airbench", "20", 4.6, 6),
     ("airbench", "10", 2.3, 3),
 ])
 def test_epochs_alone_keep_the_schedule_shape(recipe, epochs, peak, whiten_bias):
-    c = build_config(TrainConfig, None, {"recipe": recipe, "total_epoch": epochs}, overrides_from_text=True)
-    assert (c.total_epoch, c.peak_epoch, c.whiten_bias_epochs) == (int(epochs), pytest.approx(peak), whiten_bias)
+    c = build_config(TrainConfig, None, {"recipe": recipe, "epochs": epochs}, overrides_from_text=True)
+    assert (c.epochs, c.peak_epoch) == (int(epochs), pytest.approx(peak))
+    assert getattr(c.recipe_fields, "whiten_bias_epochs", None) == whiten_bias
+    api = TrainConfig(epochs=int(epochs)) if recipe == "resnet9" else TrainConfig.for_recipe(recipe, epochs=int(epochs))
+    assert api == c  # the Python API gives the schedule the command line gives
+
+
+def test_the_peak_left_out_is_the_recipes_share_of_the_run():
+    assert TrainConfig(epochs=1).peak_epoch == pytest.approx(5 / 24)  # valid: no ConfigError on peak_epoch
+    TrainConfig(epochs=1).validate()
+    assert TrainConfig().peak_epoch == 5 and TrainConfig(epochs=4, peak_epoch=1).peak_epoch == 1
+    with pytest.raises(ConfigError, match=r"field 'peak_epoch': expected a number in \[0, epochs=4\], got 5"):
+        TrainConfig(epochs=4, peak_epoch=5).validate()
+
+
+def test_the_old_name_total_epoch_is_accepted_with_one_notice(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(config_lib, "_NOTICES", set())
+    path = tmp_path / "old.yaml"
+    path.write_text("total_epoch: 4\npeak_epoch: 1\n")
+    assert build_config(TrainConfig, path).epochs == 4
+    assert build_config(TrainConfig, None, {"total_epoch": "2"}, overrides_from_text=True).epochs == 2
+    err = capsys.readouterr().err
+    assert err == f"effcifar: {path}: 'total_epoch' is now 'epochs'; the old name is accepted until the next release\n"
+    path.write_text("total_epoch: 4\nepochs: 4\n")
+    with pytest.raises(ConfigError, match="field 'epochs': given twice"):
+        build_config(TrainConfig, path)
 
 
 def test_the_length_scales_what_the_layers_below_set_and_not_what_its_own_layer_sets(tmp_path):
     file = tmp_path / "best.json"
-    file.write_text(json.dumps({"total_epoch": 20, "peak_epoch": 4}))
-    assert build_config(TrainConfig, file, {"total_epoch": "10"}, overrides_from_text=True).peak_epoch == 2
-    c = build_config(TrainConfig, file, {"total_epoch": "10", "peak_epoch": "7"}, overrides_from_text=True)
+    file.write_text(json.dumps({"epochs": 20, "peak_epoch": 4}))
+    assert build_config(TrainConfig, file, {"epochs": "10"}, overrides_from_text=True).peak_epoch == 2
+    c = build_config(TrainConfig, file, {"epochs": "10", "peak_epoch": "7"}, overrides_from_text=True)
     assert c.peak_epoch == 7  # set with the length: as given
     file.write_text(json.dumps({"peak_epoch": 6}))  # 6 of the default 24 epochs
-    assert build_config(TrainConfig, file, {"total_epoch": "12"}, overrides_from_text=True).peak_epoch == 3
-    file.write_text(json.dumps({"peak_epoch": 6, "total_epoch": 12}))
+    assert build_config(TrainConfig, file, {"epochs": "12"}, overrides_from_text=True).peak_epoch == 3
+    file.write_text(json.dumps({"peak_epoch": 6, "epochs": 12}))
     assert build_config(TrainConfig, file).peak_epoch == 6  # one layer sets both: nothing is scaled
     with pytest.raises(ConfigError, match="command line: field 'peak_epoch': expected a number in"):
         build_config(TrainConfig, file, {"peak_epoch": "13"}, overrides_from_text=True)

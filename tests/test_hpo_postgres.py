@@ -82,7 +82,7 @@ def wait_until_stale(study: str, heartbeat: int = 1, timeout: float = 60.0) -> N
 def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(tmp_path, files):
     study = f"killed-{uuid.uuid4().hex[:8]}"
     base, _ = files
-    base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "total_epoch": 4}))
+    base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "epochs": 4}))
     out = tmp_path / "w"
     cmd = hpo_command(files, out, study, 2, "--heartbeat", "1", "--seed", "0")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,6 +1,5 @@
 """NNI search spaces on Optuna: every type's support, nested choices, validation errors, the examples."""
 
-import dataclasses
 import json
 import math
 import statistics
@@ -17,7 +16,7 @@ from effcifar.train import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TYPES = field_types(TrainConfig)
-NAMES = [f.name for f in dataclasses.fields(TrainConfig)]
+NAMES = list(TYPES)  # the keys a config may set: fields, recipe fields (flat), old names
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -195,9 +194,15 @@ def test_examples_build_valid_train_configs(name):
         build_config(TrainConfig, overrides=sampled)
 
 
+def test_a_space_over_the_old_name_total_epoch_still_sets_epochs():
+    space = SearchSpace.from_dict({"total_epoch": {"_type": "choice", "_value": [2, 3]}}, fields=TYPES)
+    sampled = space.suggest(optuna.create_study().ask())
+    assert build_config(TrainConfig, overrides=sampled).epochs == sampled["total_epoch"]
+
+
 def test_seed_table():
     space = SearchSpace.from_file(EXAMPLES / "search_space.json", TYPES)
-    assert space.names() == ["peak_lr", "base_wd", "logits_weight", "peak_epoch", "cutout", "total_epoch",
+    assert space.names() == ["peak_lr", "base_wd", "logits_weight", "peak_epoch", "cutout", "epochs",
                              "prep", "layer1", "layer2", "layer3"]
     assert space.spec["peak_lr"] == {"_type": "loguniform", "_value": [4e-5, 4e-1]}
     assert space.spec["layer3"]["_value"] == [256, 320, 384, 448, 512]

@@ -102,6 +102,7 @@ def test_resume_with_another_setup_is_refused_naming_what_changed(one_trial_stud
     assert states(run) == [TrialState.COMPLETE] and (run / "hpo.yaml").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_may_change_the_budget_tie_timeout_and_workers(one_trial_study, tmp_path):
     original, config, _ = one_trial_study
     run = tmp_path / "renamed"  # another name: the study name recorded in hpo.yaml is used
@@ -201,7 +202,7 @@ def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
 def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     base, space = files
     run = tmp_path / "hpo"
-    slow = {**TINY_BASE, "subset": 2048, "total_epoch": 4}
+    slow = {**TINY_BASE, "subset": 2048, "epochs": 4}
     base.write_text(json.dumps(slow))
     cmd = [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--config", str(base),
            "--trials", "2", "--seed", "0", "--out", str(run)]
@@ -236,6 +237,7 @@ def test_tie_rule_prefers_less_training_work_whatever_the_clock_says():
         select_best(trials, tie=float("nan"))
 
 
+@pytest.mark.slow
 def test_trials_record_their_training_work_and_hold_out_training_images(tmp_path, files):
     base, space = files
     run_study(HpoConfig(space=str(space), base=str(base), trials=1, seed=0), tmp_path / "hpo")
@@ -248,6 +250,7 @@ def test_trials_record_their_training_work_and_hold_out_training_images(tmp_path
     assert a["work"] == a["flops"] * 256 * 2 and a["train_images"] == 256
 
 
+@pytest.mark.slow
 def test_select_on_test_keeps_the_test_set_only_when_asked(tmp_path, files):
     base, space = files
     run_study(HpoConfig(space=str(space), base=str(base), trials=1, seed=0, select_on_test=True), tmp_path / "hpo")
@@ -264,6 +267,7 @@ def test_a_study_whose_trials_all_fail_raises_with_the_first_reason(tmp_path, fi
     assert states(tmp_path / "hpo") == [TrialState.FAIL] * 2  # the bound stopped it, not the budget of 5
 
 
+@pytest.mark.slow
 def test_accuracy_and_time_objective_gives_a_pareto_front(tmp_path, files):
     base, space = files
     study = run_study(HpoConfig(space=str(space), base=str(base), trials=3, objective="acc,time", seed=0,

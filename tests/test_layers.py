@@ -8,6 +8,7 @@ import graph (every `effcifar` import, also those inside functions).
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "effcifar"
 # Lowest layer first; a module may import modules of its own layer or of the layers before it.
 LAYERS = [
     ["effcifar", "effcifar.errors", "effcifar.allocator", "effcifar.atomic", "effcifar.rundir", "effcifar.config",
-     "effcifar.data", "effcifar.memory", "effcifar.models", "effcifar.train", "effcifar.airbench"],
+     "effcifar.data", "effcifar.device", "effcifar.memory", "effcifar.models", "effcifar.train", "effcifar.airbench"],
     ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.ops", "effcifar.nas.network", "effcifar.nas.costs",
      "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking"],
     ["effcifar.studies"],
@@ -91,6 +92,20 @@ def test_no_import_cycle():
     for name in sorted(edges):
         if name not in state:
             visit(name, [])
+
+
+def test_no_module_names_a_higher_layer_in_a_string():
+    """A "module:attribute" string imported by name would hide an upward dependency from the graph (the package's
+    lazy public API table, `effcifar._API`, is the one exception: it imports nothing until a name is used)."""
+    trees = modules()
+    named = []
+    for name, tree in trees.items():
+        texts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        for target in trees:
+            if name != "effcifar" and layer_of(target) > layer_of(name):
+                pattern = re.compile(rf"(?<![\w.]){re.escape(target)}:\w")
+                named += [f"{name} names {target} in {text!r}" for text in texts if pattern.search(text)]
+    assert not named, "\n".join(named)
 
 
 @pytest.mark.slow

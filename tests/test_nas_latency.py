@@ -137,6 +137,7 @@ def test_impossible_latency_limit_is_a_config_error_before_any_file(supernet_run
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path, monkeypatch):
     out = tmp_path / "cli"
     result = cli(str(supernet_run), "--strategy", "nsga2", "--cost", "latency", "--evaluations", "5",

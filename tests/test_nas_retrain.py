@@ -31,7 +31,7 @@ ARCH = {"stage1.conv1": "conv3_pool", "stage1.conv2": "conv5", "stage1.conv3": "
         "stage3.skip": "conv4_output"}
 # One epoch of 500 synthetic images (100 held out by the supernet run) at the narrow widths.
 TINY = {"subset": 500, "batch_size": 50, "eval_batch_size": 100, "precision": "fp32", "threads": 1,
-        "total_epoch": "1"}
+        "epochs": "1"}
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -107,10 +107,11 @@ def test_export_embeds_the_space(search_run):
     assert json.loads((search_dir / "architecture_final.json").read_text()) == records[0]
 
 
+@pytest.mark.slow
 def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
     supernet_dir, search_dir = search_run
     base = base_config(supernet_dir, None, {**TINY, "peak_epoch": "0.5"}, overrides_from_text=True)
-    assert base.prep == NARROW["prep"] and base.holdout == 100 and base.total_epoch == 1
+    assert base.prep == NARROW["prep"] and base.holdout == 100 and base.epochs == 1
     rows = retrain_top(search_dir, 2, tmp_path / "retrain", base)
     assert [r["rank"] for r in rows] == [0, 1]
     table = json.loads((tmp_path / "retrain" / "retrain.json").read_text())

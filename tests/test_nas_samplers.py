@@ -62,6 +62,7 @@ def evaluations_to_optimum(sampler, seed, budget):
     return len(study.trials) if study.best_value == len(SPACE) else budget + 1
 
 
+@pytest.mark.slow
 def test_evolution_finds_the_optimum_in_fewer_evaluations_than_random():
     budget = 500
     evolution = [evaluations_to_optimum(EvolutionSampler(SPACE, seed=s, **SMALL), s, budget) for s in range(5)]

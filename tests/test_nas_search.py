@@ -63,6 +63,7 @@ def test_cache_shares_architectures_that_differ_only_in_inactive_convs(supernet_
     assert cached and again == first and len(evaluator.evaluated) == 1
 
 
+@pytest.mark.slow
 def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp_path, evaluations):
     out = tmp_path / "s"
     run_search(config(strategy="random", evaluations=5), supernet_run, out)
@@ -188,6 +189,7 @@ def test_bn_recalibration_restores_a_subnet_whose_statistics_are_stale(supernet_
     assert restored == calibrated
 
 
+@pytest.mark.slow
 def test_joint_width_and_op_space_trains_and_searches(tmp_path):
     """The supernet of seed-widths trains its sandwich (widest and narrowest path by FLOPs), then a search runs on it."""
     from conftest import NARROW

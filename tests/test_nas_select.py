@@ -25,7 +25,7 @@ from conftest import NARROW
 ROOT = Path(__file__).resolve().parents[1]
 # Candidates trained on the tiny supernet run's synthetic split (100 images held out), three epochs each.
 TINY = {"subset": 500, "batch_size": 50, "eval_batch_size": 100, "precision": "fp32", "threads": 1,
-        "total_epoch": 3, "peak_epoch": 1}
+        "epochs": 3, "peak_epoch": 1}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_the_incumbent_is_resnet9_exactly():
     assert count_flops(standalone) == count_flops(resnet) == CostTable.build(space, widths, 10).flops_of(arch)
     assert sorted(p.shape for p in standalone.parameters()) == sorted(p.shape for p in resnet.parameters())
     # a ResNet the space cannot express (two residual blocks, extra layers) has no incumbent
-    assert resnet9_arch(space, TrainConfig(res_layer1=2)) is None
-    assert resnet9_arch(space, TrainConfig(extra_layer3=1)) is None
+    assert resnet9_arch(space, TrainConfig(recipe_fields={"res_layer1": 2})) is None
+    assert resnet9_arch(space, TrainConfig(recipe_fields={"extra_layer3": 1})) is None
     assert resnet9_arch(ArchSpace.load("nas-bench-macro"), TrainConfig()) is None
 
 

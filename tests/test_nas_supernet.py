@@ -234,7 +234,7 @@ def test_schedules_and_hparams_layer(tmp_path):
     assert warm.lr_at(0) == 0 and warm.lr_at(1) == pytest.approx(0.06) and warm.lr_at(2) == pytest.approx(0.12)
     assert warm.lr_at(7) == pytest.approx(0.06) and warm.lr_at(12) == pytest.approx(0)
     best = tmp_path / "best.json"
-    best.write_text(json.dumps({"peak_lr": 0.2, "layer1": 96, "cutout": 4, "total_epoch": 40, "seed": 7}))
+    best.write_text(json.dumps({"peak_lr": 0.2, "layer1": 96, "cutout": 4, "epochs": 40, "seed": 7}))
     config = load_config(None, {"hparams": str(best), "cutout": "6"}, overrides_from_text=True)
     assert (config.peak_lr, config.layer1, config.cutout, config.seed, config.epochs) == (0.2, 96, 6, 0, 30)
 

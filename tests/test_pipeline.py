@@ -78,31 +78,31 @@ def test_medium_preset_keeps_quicks_split_and_widths_at_larger_budgets():
     assert (medium.subset, medium.holdout, medium.seed) == (quick.subset, quick.holdout, quick.seed)
     assert [medium.train[w] for w in WIDTHS] == [quick.train[w] for w in WIDTHS]
     assert medium.hpo["space"] == quick.hpo["space"]
-    for section, field in (("train", "total_epoch"), ("hpo", "trials"), ("supernet", "epochs"),
+    for section, field in (("train", "epochs"), ("hpo", "trials"), ("supernet", "epochs"),
                            ("search", "evaluations")):
         assert getattr(medium, section)[field] > getattr(quick, section)[field], (section, field)
-    assert medium.trial_base().total_epoch > quick.trial_base().total_epoch
+    assert medium.trial_base().epochs > quick.trial_base().epochs
 
 
 def test_full_preset_is_the_seeds_scale():
     config = load_pipeline_config("full")
     assert config.hpo["trials"] >= 100 and config.supernet["epochs"] == 200 and config.subset == 0
-    assert config.search["evaluations"] == config.search["population"] * 20 and config.train["total_epoch"] == 24
-    assert config.trial_base().total_epoch == 24 and config.supernet_config({}, "none").lr_factor == 0.3
+    assert config.search["evaluations"] == config.search["population"] * 20 and config.train["epochs"] == 24
+    assert config.trial_base().epochs == 24 and config.supernet_config({}, "none").lr_factor == 0.3
 
 
 def test_layers_file_over_preset_and_command_line_over_file(tmp_path):
     file = tmp_path / "mine.yaml"
-    file.write_text("subset: 5000\nsearch: {evaluations: 50}\nhpo: {trial: {total_epoch: 3}}\n")
+    file.write_text("subset: 5000\nsearch: {evaluations: 50}\nhpo: {trial: {epochs: 3}}\n")
     config = load_pipeline_config("quick", file, {"search.population": "12", "hpo.trial.peak_epoch": "1"})
     assert config.subset == 5000 and config.search["evaluations"] == 50 and config.search["population"] == 12
     assert config.search["strategy"] == "evolution"  # kept from the preset
-    assert config.hpo["trial"] == {"total_epoch": 3, "peak_epoch": 1.0}
-    assert config.trial_base().total_epoch == 3 and config.baseline_config().total_epoch == 4
+    assert config.hpo["trial"] == {"epochs": 3, "peak_epoch": 1.0}
+    assert config.trial_base().epochs == 3 and config.baseline_config().epochs == 4
     # the HPO best goes back to the baseline's budget for the fields hpo.trial shortened
     best = {**vars(config.trial_base()), "peak_lr": 0.7}
     final = config.final_config(best, "best.json")
-    assert (final.total_epoch, final.peak_epoch, final.peak_lr, final.holdout) == (4, 1.0, 0.7, 0)
+    assert (final.epochs, final.peak_epoch, final.peak_lr, final.holdout) == (4, 1.0, 0.7, 0)
 
 
 def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet():
@@ -119,15 +119,15 @@ def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet(
     ({"search.evalutions": "3"}, "command line: field 'search.evalutions': unknown (known: storage, heartbeat, study, "
                                  "strategy, evaluations"),
     ({"search.evaluations": "0"}, "command line, section search: field 'evaluations': expected a positive integer, got 0"),
-    ({"train.total_epoch": "x"}, "command line: field 'train.total_epoch': expected a value of type int, got 'x'"),
+    ({"train.epochs": "x"}, "command line: field 'train.epochs': expected a value of type int, got 'x'"),
     ({"train.subset": "3"}, "field 'train.subset': set 'subset' at the top level"),
     ({"supernet.hparams": "b.json"}, "field 'supernet.hparams': set by the pipeline itself"),
     ({"select.pool": "0"}, "section select: field 'pool': expected a positive integer, got 0"),
     ({"select.min_epochs": "9"}, "min_epochs: the first rung must fit the training budget; expected at most "
-                                 "total_epoch = 4, got 9"),
+                                 "epochs = 4, got 9"),
     ({"select.max_flops": "1e6"}, "field 'select.max_flops': set by the pipeline itself"),
     ({"nas_eval.sample": "1"}, "field 'nas_eval.sample': expected 0 (skip) or at least 2"),
-    ({"hpo.trial.total_epoch": "0"}, "section hpo.trial: field 'total_epoch': expected a positive integer"),
+    ({"hpo.trial.epochs": "0"}, "section hpo.trial: field 'epochs': expected a positive integer"),
     ({"hpo.space": "x"}, "field 'hpo.space': set the search space in a --config file"),
     ({"nonsense": "1"}, "command line: unknown field 'nonsense'"),
 ])
@@ -211,7 +211,7 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     assert nas["answer"] == selection["answer"] and nas["verdict"] == selection["sentence"]
     assert (nas["run"] == "hpo_best") == (selection["answer"] == "incumbent")
     trial = json.loads((out / "hpo" / "trials" / "0000" / "summary.json").read_text())
-    assert trial["dataset"]["valid_split"] == "holdout" and trial["config"]["total_epoch"] == 1
+    assert trial["dataset"]["valid_split"] == "holdout" and trial["config"]["epochs"] == 1
     assert yaml.safe_load((out / "supernet" / "config.yaml").read_text())["hparams"] == str(out / "hpo" / "best.json")
     assert "[8/8] nas_eval" in output and "test accuracy" in output and "selection: " in output
     html = (out / "report" / "report.html").read_text()

@@ -36,7 +36,7 @@ def pipeline(tmp_path_factory) -> Path:
     """A pipeline directory of tiny real runs (1 epoch each, synthetic data), a ranking.json and results.json."""
     root = tmp_path_factory.mktemp("report") / "pipeline"
     data = make_synthetic(n_train=300, n_test=200)
-    tiny = {**TINY_BASE, "total_epoch": 1, "peak_epoch": 0.5, "threads": 1, "precision": "fp32"}
+    tiny = {**TINY_BASE, "epochs": 1, "peak_epoch": 0.5, "threads": 1, "precision": "fp32"}
     train(TrainConfig(**tiny), root / "baseline", data=data)
     files = tmp_path_factory.mktemp("hpo-files")
     (files / "base.json").write_text(json.dumps(tiny))
@@ -72,6 +72,7 @@ def test_pareto_front():
     assert pareto_front([1, 2, 3, 4], [0.5, 0.4, 0.7, 0.6]) == [0, 2]
 
 
+@pytest.mark.slow
 def test_full_pipeline_draws_every_section(pipeline, tmp_path):
     report = make_report(pipeline, tmp_path / "out")
     assert report.path == tmp_path / "out" / "report.html" and not report.missing
@@ -87,6 +88,7 @@ def test_full_pipeline_draws_every_section(pipeline, tmp_path):
     assert "http" not in text and "<script" not in text  # opens offline, needs no JavaScript
 
 
+@pytest.mark.slow
 def test_partial_pipeline_names_what_is_missing(pipeline, tmp_path):
     root = partial(pipeline, tmp_path, "baseline", "hpo")
     path = write_report(root)
@@ -101,6 +103,7 @@ def test_partial_pipeline_names_what_is_missing(pipeline, tmp_path):
     assert (root / "report" / "hpo_parallel.png").is_file()
 
 
+@pytest.mark.slow
 def test_pipeline_with_only_a_training_run(pipeline, tmp_path):
     root = partial(pipeline, tmp_path, "baseline")
     report = make_report(root)
@@ -108,6 +111,7 @@ def test_pipeline_with_only_a_training_run(pipeline, tmp_path):
     assert len(report.missing) == 8 and "Hyper-parameter search (hpo/)" in report.path.read_text()
 
 
+@pytest.mark.slow
 def test_single_runs_and_an_unfinished_training_run(pipeline, tmp_path):
     report = make_report(pipeline / "baseline", tmp_path / "a")
     assert report.sections[0].images == ["training_curves.png"] and report.sections[0].table and not report.missing
@@ -120,6 +124,7 @@ def test_single_runs_and_an_unfinished_training_run(pipeline, tmp_path):
     assert section.images == ["training_curves.png"] and "has not finished" in " ".join(section.notes)
 
 
+@pytest.mark.slow
 def test_hpo_with_one_trial_says_why_importances_are_missing(pipeline, tmp_path):
     trials = load_study(HpoConfig, pipeline / "hpo" / "hpo.yaml").trials
     assert param_importances(trials[:1]) == ({}, "needs at least 2 complete trials, there is 1")

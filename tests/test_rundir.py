@@ -134,6 +134,7 @@ def test_a_stage_directory_of_a_running_pipeline_is_refused(holder, capsys):
     assert (pipeline / "baseline" / "summary.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_training_run_like_ctrl_c(tmp_path):
     run = tmp_path / "run"
     long = [a if a != "1" else "50" for a in TINY]  # --epochs 50: still training when the signal comes

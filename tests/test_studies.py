@@ -170,10 +170,11 @@ def poll(condition, seconds: float) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
 def test_workers_die_with_their_killed_command(tmp_path, files):
     base, space = files
-    base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "total_epoch": 50}))  # trials outlast the test
+    base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "epochs": 50}))  # trials outlast the test
     proc = subprocess.Popen([sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--config", str(base),
                              "--workers", "2", "--trials", "4", "--out", str(tmp_path / "hpo")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -8,10 +8,10 @@ import torch
 
 from effcifar.data import DeviceLoader, load_dataset, make_synthetic
 from effcifar.errors import TrainingDiverged
-from effcifar.train import TrainConfig, evaluate, load_model, lr_at, train
+from effcifar.train import TrainConfig, TrainHook, evaluate, load_model, lr_at, train
 
 TINY = dict(dataset="synthetic", prep=8, layer1=16, layer2=16, layer3=32, batch_size=64, subset=512,
-            total_epoch=2, peak_epoch=1, eval_batch_size=500)
+            epochs=2, peak_epoch=1, eval_batch_size=500)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +56,38 @@ def test_same_seed_gives_bitwise_identical_weights(synthetic):
 
 def test_callback_sees_every_epoch_and_can_stop(synthetic):
     seen = []
-    cfg = TrainConfig(**{**TINY, "total_epoch": 4})
+    cfg = TrainConfig(**{**TINY, "epochs": 4})
     result = train(cfg, data=synthetic, callbacks=[lambda m: seen.append(m) or m.epoch == 2])
     assert [m.epoch for m in seen] == [1, 2]
     assert result.stopped_early and result.summary["epochs_run"] == 2
     assert seen[0].lr == pytest.approx(lr_at(cfg, 7 / 8))  # the last of 512 / 64 = 8 steps
 
 
+def test_hooks_see_every_step_may_change_its_lr_and_stop_the_run(synthetic):
+    class HoldLr(TrainHook):
+        """A constant LR in epoch 2, and a stop after it: what an experiment plugs in without a config field."""
+
+        def __init__(self):
+            self.steps, self.epochs = [], []
+
+        def before_step(self, loop):
+            self.steps.append((loop.epoch, loop.steps_done))
+            if loop.epoch == 2:
+                loop.lr = 0.01
+
+        def after_epoch(self, loop, metrics):
+            self.epochs.append(metrics.epoch)
+            return metrics.epoch == 2
+
+    hook = HoldLr()
+    result = train(TrainConfig(**{**TINY, "epochs": 3}), data=synthetic, hooks=[hook])
+    assert hook.steps == [(1 + i // 8, i) for i in range(16)]  # 512 / 64 = 8 steps an epoch, before each
+    assert hook.epochs == [1, 2] and result.stopped_early and result.history[1].lr == 0.01
+
+
+@pytest.mark.slow
 def test_learns_synthetic_data(synthetic):
-    cfg = TrainConfig(**{**TINY, "subset": 0, "total_epoch": 4, "peak_epoch": 1, "batch_size": 128,
+    cfg = TrainConfig(**{**TINY, "subset": 0, "epochs": 4, "peak_epoch": 1, "batch_size": 128,
                          "prep": 16, "layer1": 32, "layer2": 32, "layer3": 64})
     result = train(cfg, data=synthetic)
     assert result.history[-1].train_loss < result.history[0].train_loss
@@ -101,7 +124,7 @@ def test_real_cifar10_narrow_network(tmp_path):
     """
     data = load_dataset("cifar10")
     assert data.num_classes == 10 and len(data.y_train) == 50000
-    cfg = TrainConfig(prep=16, layer1=32, layer2=64, layer3=128, total_epoch=2, peak_epoch=0.5, tta=True, threads=2)
+    cfg = TrainConfig(prep=16, layer1=32, layer2=64, layer3=128, epochs=2, peak_epoch=0.5, tta=True, threads=2)
     result = train(cfg, tmp_path / "run", data=data)
     accuracies = [round(m.valid_acc, 4) for m in result.history]
     assert result.summary["test_acc"] >= 0.66, accuracies
@@ -109,5 +132,5 @@ def test_real_cifar10_narrow_network(tmp_path):
 
 def test_diverging_run_stops_with_a_clear_error(synthetic, tmp_path):
     with pytest.raises(TrainingDiverged, match="train loss is nan at epoch 1"):
-        train(TrainConfig(**{**TINY, "peak_lr": 1e30, "total_epoch": 3}), tmp_path / "run", data=synthetic)
+        train(TrainConfig(**{**TINY, "peak_lr": 1e30, "epochs": 3}), tmp_path / "run", data=synthetic)
     assert len((tmp_path / "run" / "logs.tsv").read_text().splitlines()) == 2  # header + the epoch that diverged

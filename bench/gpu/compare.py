@@ -137,7 +137,7 @@ def main() -> None:
     data = load_dataset("cifar10", decoded)
     common = dict(device=args.device, dataset="cifar10")
     if args.tiny:
-        common.update(subset=2048, total_epoch=1, peak_epoch=0.5, layer1=8, layer2=16, layer3=16, eval_batch_size=2000)
+        common.update(subset=2048, epochs=1, peak_epoch=0.5, layer1=8, layer2=16, layer3=16, eval_batch_size=2000)
         args.airbench_runs = args.reference_runs = args.resnet9_runs = 1
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

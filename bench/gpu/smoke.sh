@@ -22,7 +22,7 @@ data_dir: $NPZ
 device: $DEVICE
 subset: $((IMAGES / 2))
 holdout: $((IMAGES / 10))
-total_epoch: 2
+epochs: 2
 batch_size: 256
 peak_epoch: 0.5
 EOF

@@ -18,7 +18,7 @@ seed-to-seed agreement (`ranking.json` with `rankers` and a verdict, `ranking.pn
 
 The base config of the standalone runs is layered: the supernet run's fields that TrainConfig
 shares (data, augmentation, optimiser, widths, hold-out, seed) < a `config` file (e.g. an HPO
-best.json) < per-field overrides. A `total_epoch` override without `peak_epoch` keeps the
+best.json) < per-field overrides. An `epochs` override without `peak_epoch` keeps the
 base schedule's shape (the peak at the same fraction of training; `effcifar.config`). Both commands
 lock their output directory and resume:
 a run with a summary.json is not trained again (it must have been made with the same config).
@@ -65,7 +65,7 @@ def base_config(supernet_dir: str | Path, config_file: str | Path | None = None,
     """The standalone runs' TrainConfig: supernet run's shared fields < config file < overrides."""
     supernet_dir = Path(supernet_dir)
     sconfig = load_supernet_config(supernet_dir)
-    shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(SupernetConfig)} - {"space"}
+    shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(SupernetConfig)} - {"space", "epochs"}
     base = (str(supernet_dir / "config.yaml"), {name: getattr(sconfig, name) for name in sorted(shared)})
     return build_config(TrainConfig, config_file, overrides, overrides_from_text, base=base)
 
@@ -212,7 +212,7 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     if sample > MAX_SAMPLE:
         raise ConfigError(f"--sample: expected at most {MAX_SAMPLE} subnets to train, got {sample}")
     sconfig = load_supernet_config(supernet_dir)
-    config = base_config(supernet_dir, config_file, {**(overrides or {}), "total_epoch": epochs}, overrides_from_text)
+    config = base_config(supernet_dir, config_file, {**(overrides or {}), "epochs": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
     search = SearchConfig(device=config.device, precision=sconfig.precision, eval_batch_size=sconfig.eval_batch_size,
                           threads=config.threads, score=score)

@@ -50,6 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config, check_seed, execution, field_error, save_config, setting
 from effcifar.data import DeviceLoader, load_dataset
+from effcifar.device import PRECISIONS, check_device_name, resolve_device, resolve_precision
 from effcifar.errors import ConfigError
 from effcifar.nas.costs import CostTable
 from effcifar.nas.evaluation import calibration_batches, evaluate_subnet
@@ -63,7 +64,7 @@ from effcifar.studies import (
     OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, open_storage, recorded_study, run_trials,
     start_workers, study_name,
 )
-from effcifar.train import PRECISIONS, check_device_name, device_loaders, resolve_device, resolve_precision
+from effcifar.train import device_loaders
 
 RESULT_ATTRS = ("arch_key", "accuracy", "top5", "flops", "params")  # of every result ("loss" since scoring by it)
 SCORES = {"accuracy": "accuracy", "loss": "neg_loss"}  # what a candidate is judged by -> the maximised trial attribute

@@ -37,7 +37,7 @@ from effcifar.atomic import atomic_write
 from effcifar.config import check_seed, execution, field_error, result_values, save_config, setting
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
-from effcifar.models import STAGES, count_flops, count_parameters
+from effcifar.models import NETWORK_STAGES, count_flops, count_parameters
 from effcifar.nas.costs import CostTable
 from effcifar.nas.space import Arch, ArchSpace, HeadSpec, network_key, width_channels
 from effcifar.rundir import clear, locked
@@ -123,12 +123,14 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
     change the network).
     """
     names = [f"layer{i}" for i in (1, 2, 3)]
-    if (len(space.stages) != 3 or space.stem_op != "conv3" or space.stem_width != "prep" or space.head != HeadSpec()
-            or base.res_prep or any(getattr(base, f"extra_{n}") for n in ("prep", *names))):
+    depths = base.recipe_fields  # resnet9's res_*/extra_*
+    if (base.recipe != "resnet9" or len(space.stages) != 3 or space.stem_op != "conv3" or space.stem_width != "prep"
+            or space.head != HeadSpec() or depths.res_prep
+            or any(getattr(depths, f"extra_{n}") for n in ("prep", *names))):
         return None
     arch: Arch = {}
     for stage, name in zip(space.stages, names):
-        res = getattr(base, f"res_{name}")
+        res = getattr(depths, f"res_{name}")
         skip = "conv4_input" if res == 1 else "zero" if res == 0 else None
         if (stage.width != name or "conv3_pool" not in stage.conv1 or skip not in stage.skip
                 or (res == 1 and not (len(stage.body) >= 2 and "conv3" in stage.body[0] and "conv3" in stage.body[1]))):
@@ -138,7 +140,7 @@ def resnet9_arch(space: ArchSpace, base: TrainConfig) -> Arch | None:
             arch[f"{stage.name}.conv{i + 2}"] = "conv3" if res == 1 and i < 2 else candidates[0]
         arch[f"{stage.name}.skip"] = skip
         if stage.widths:
-            channels = {n: getattr(base, n) for n in STAGES}
+            channels = {n: getattr(base, n) for n in NETWORK_STAGES}
             full = [w for w in stage.widths if width_channels(stage, w, channels) == getattr(base, name)]
             if not full:
                 return None
@@ -203,7 +205,7 @@ def baseline_costs(base: TrainConfig, num_classes: int) -> tuple[int, int]:
 
 def scaled_widths(base: TrainConfig, fraction: float) -> dict[str, int]:
     """The base network's widths times `fraction`, rounded (at least one channel)."""
-    return {name: max(1, round(getattr(base, name) * fraction)) for name in STAGES}
+    return {name: max(1, round(getattr(base, name) * fraction)) for name in NETWORK_STAGES}
 
 
 def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
@@ -309,7 +311,7 @@ class CandidateRunner:
             trial.set_user_attr("train_time", m.train_time)
             trial.report(m.valid_acc, m.epoch)
             behind = trial.should_prune()  # asked of the incumbent too: it records the arm's value at each rung
-            if behind and not candidate.fixed and m.epoch < config.total_epoch:  # a full run is complete
+            if behind and not candidate.fixed and m.epoch < config.epochs:  # a full run is complete
                 raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
 
         try:
@@ -378,9 +380,9 @@ def check_inputs(config: SelectConfig, base: TrainConfig) -> None:
     base.validate()
     if not base.holdout:
         raise ConfigError("holdout: selection chooses on held-out training images; expected holdout > 0, got 0")
-    if config.min_epochs > base.total_epoch:
+    if config.min_epochs > base.epochs:
         raise ConfigError(f"min_epochs: the first rung must fit the training budget; expected at most "
-                          f"total_epoch = {base.total_epoch}, got {config.min_epochs}")
+                          f"epochs = {base.epochs}, got {config.min_epochs}")
 
 
 def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
@@ -419,7 +421,7 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
         else:
             threads = max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker, (config, pool, base, out_dir, threads), on_trial)
-        result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.total_epoch))
+        result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.epochs))
         atomic_write(out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
         chosen = result.chosen
         atomic_write(out_dir / ANSWER_FILE, json.dumps({

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from effcifar.config import read_config_file, read_json
 from effcifar.errors import ConfigError
-from effcifar.models import STAGES
+from effcifar.models import NETWORK_STAGES
 
 Arch = dict[str, str]
 
@@ -382,8 +382,8 @@ class ArchSpace:
 
 
 def _width(value: Any, field: str, fail: Any) -> str | int:
-    if isinstance(value, bool) or not (value in STAGES or (isinstance(value, int) and value > 0)):
-        raise fail(field, f"a positive channel count or one of {list(STAGES)} (taken from the hyper-parameters)", value)
+    if isinstance(value, bool) or not (value in NETWORK_STAGES or (isinstance(value, int) and value > 0)):
+        raise fail(field, f"a positive channel count or one of {list(NETWORK_STAGES)} (taken from the hyper-parameters)", value)
     return value
 
 

@@ -19,7 +19,7 @@ from effcifar.config import (
     build_config, execution, field_error, fingerprint, read_config_file, result_values, setting,
 )
 from effcifar.errors import ConfigError
-from effcifar.models import STAGES
+from effcifar.models import NETWORK_STAGES
 from effcifar.nas.checkpoint import read_checkpoint
 from effcifar.nas.network import Supernet
 from effcifar.nas.path_samplers import PATH_SAMPLERS, check_sampling
@@ -30,7 +30,7 @@ SCHEDULES = ("linear", "cosine")
 # Fields that the hyper-parameter search decides; `hparams: best.json` supplies them.
 HPARAM_FIELDS = (
     "dataset", "batch_size", "crop_pad", "flip", "cutout", "peak_lr", "base_wd", "momentum", "nesterov",
-    "label_smoothing", "logits_weight", *STAGES,
+    "label_smoothing", "logits_weight", *NETWORK_STAGES,
 )
 
 
@@ -103,7 +103,7 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
 
     def channels(self) -> dict[str, int]:
         """Width of each named stage (what a space's `width: layer1` refers to)."""
-        return {s: getattr(self, s) for s in STAGES}
+        return {s: getattr(self, s) for s in NETWORK_STAGES}
 
     def lr_at(self, epoch: float) -> float:
         """Learning rate at a fractional epoch: warm-up to lr_factor x peak_lr, then decayed to 0 at `epochs`."""

@@ -32,6 +32,7 @@ from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_write
 from effcifar.config import field_error, save_config
 from effcifar.data import CifarData, load_dataset
+from effcifar.device import device_name, resolve_device, resolve_precision
 from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
 from effcifar.nas.checkpoint import (
     StopSignal, checkpoint_files, latest_checkpoint, rng_states, save_checkpoint, set_rng_states,
@@ -45,10 +46,7 @@ from effcifar.nas.shrinking import shrink_space
 from effcifar.nas.space import Arch, ArchSpace
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.rundir import locked
-from effcifar.train import (
-    TrainStep, check_memory, device_loaders, device_name, library_versions, resolve_device, resolve_precision,
-    seed_everything, write_tsv,
-)
+from effcifar.train import TrainStep, check_memory, device_loaders, library_versions, seed_everything, write_tsv
 
 
 class TrainingInterrupted(EffcifarError):

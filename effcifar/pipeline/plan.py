@@ -15,7 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from effcifar.config import build_from_layers, check_seed, coerce_value, field_types, read_config_file, shown
+from effcifar.config import (
+    build_from_layers, check_seed, coerce_value, field_types, flat_values, read_config_file, renamed_key, shown,
+)
 from effcifar.errors import ConfigError
 from effcifar.train import TrainConfig
 
@@ -41,7 +43,7 @@ def _stage_classes() -> dict[str, type]:
 # The selection's limits are the search's (by default the HPO best network's own FLOPs: `search_limits`).
 RESERVED = {"train": {"arch", "space"}, "hpo": {"base", "dataset"}, "supernet": {"hparams"}, "search": set(),
             "select": {"max_flops", "max_params"}, "retrain": {"arch", "space"},
-            "nas_eval": {"arch", "space", "total_epoch"}}
+            "nas_eval": {"arch", "space"}}  # nas_eval's own `epochs` is each subnet's training
 # Section fields that are not fields of the section's class: name -> type.
 EXTRA_FIELDS: dict[str, dict[str, Any]] = {"nas_eval": {"sample": int, "epochs": int},
                                            "hpo": {"space": dict, "trial": dict}}
@@ -142,7 +144,7 @@ class PipelineConfig:
 
     def final_config(self, best: Mapping[str, Any], best_source: str) -> TrainConfig:
         """The HPO best at the `train` budget: the fields `hpo.trial` shortened go back to the baseline's."""
-        baseline = dataclasses.asdict(self.baseline_config())
+        baseline = flat_values(self.baseline_config())
         restored = {k: baseline[k] for k in self.hpo.get("trial", {})}
         best = {k: v for k, v in best.items() if k not in COMMON}  # the current top-level values win
         return self._build(TrainConfig, None, extra=[(best_source, best), ("train (undoing hpo.trial)", restored)],
@@ -213,7 +215,8 @@ class PipelineConfig:
                               f"or at least 2 subnets to rank, got 1")
         names = set(field_types(TrainConfig))
         return Plan(baseline, trial_base, hpo, search, select, self.nas_eval.get("sample", 0),
-                    self.nas_eval.get("epochs", 1), {k: v for k, v in self.nas_eval.items() if k in names})
+                    self.nas_eval.get("epochs", 1),
+                    {k: v for k, v in self.nas_eval.items() if k in names and k not in EXTRA_FIELDS["nas_eval"]})
 
 
 def preset_files(preset: str) -> list[Path]:
@@ -265,6 +268,7 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
         allowed = section_fields(key)
         target = values.setdefault(key, {})
         for name, item in value.items():
+            name = renamed_key(sections[key], name, source)  # an old name (TrainConfig's total_epoch) is mapped
             path = f"{key}.{name}"
             if name in COMMON:
                 raise ConfigError(f"{source}: field '{path}': set '{name}' at the top level (every stage shares it)")
@@ -277,6 +281,7 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
                 trial_types = field_types(TrainConfig)
                 merged = dict(target.get("trial", {}))
                 for k, v in item.items():
+                    k = renamed_key(TrainConfig, k, source)
                     if k not in trial_types or k in COMMON or k in RESERVED["train"]:
                         raise ConfigError(f"{source}: field '{path}.{k}': expected a TrainConfig field other than "
                                           f"{', '.join(sorted({*COMMON, *RESERVED['train']}))}")
@@ -290,7 +295,7 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
 
 
 def nest(overrides: Mapping[str, str]) -> dict[str, Any]:
-    """{"search.evaluations": "50", "hpo.trial.total_epoch": "2"} as nested mappings."""
+    """{"search.evaluations": "50", "hpo.trial.epochs": "2"} as nested mappings."""
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         *parents, last = dotted.split(".")
