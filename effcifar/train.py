@@ -2,8 +2,9 @@
 
 `train(TrainConfig(...), out_dir)` loads the data onto the device, builds the network, runs SGD
 with the piecewise-linear schedule and writes the run directory: `config.yaml`, `logs.tsv`
-(one row per epoch), `summary.json` and `model.pt`. Callbacks see each epoch's metrics and may
-stop the run (hyper-parameter search prunes through them).
+(one row per epoch), `summary.json` and `model.pt` (the weights with the input normalisation, class
+names and architecture: `effcifar.load_model` predicts from it alone). Callbacks see each epoch's
+metrics and may stop the run (hyper-parameter search prunes through them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import effcifar
 from effcifar import memory
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_torch_save, atomic_write
-from effcifar.config import build_from_layers, check_seed, execution, field_error, read_json, save_config, setting
+from effcifar.config import build_from_layers, check_seed, execution, field_error, save_config, setting
 from effcifar.errors import ConfigError, TrainingDiverged
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.models import STAGES, NetConfig, ResNet, count_flops, count_parameters
@@ -43,6 +44,7 @@ RECIPES = {"resnet9": "effcifar.train:Recipe", "airbench": "effcifar.airbench:Ai
 ARCH_FILE_READER = "effcifar.nas.space:load_arch_file"
 SUBNET_BUILDER = "effcifar.nas.space:build_standalone"
 ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
+MODEL_FORMAT = "effcifar-model/1"  # model.pt: a `model_record`, not a bare state dict
 IMAGE_SIDE = 32
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
 
@@ -607,14 +609,15 @@ def run_training(config: TrainConfig, out: Path | None, callbacks: Sequence[Epoc
     check_memory(config, data, device, precision, functools.partial(recipe.build_model, data.num_classes))
     train_loader, valid_loader = device_loaders(config, data, device, recipe.augment())
     test_loader = valid_loader
+    mean, std = data.mean_std()
     if config.holdout:
-        mean, std = data.mean_std()
         test_loader = DeviceLoader(data.x_test, data.y_test, batch_size=config.eval_batch_size, mean=mean, std=std,
                                    device=device, channels_last=config.channels_last)
 
     seed_everything(config.seed)
     model = recipe.build_model(data.num_classes, train_loader).to(device)
     dataset = {"name": data.name, "source": data.source, "num_classes": data.num_classes}
+    classes = list(data.classes)
     del data  # the loaders hold the images they use; a data set loaded here is not kept through training
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -696,18 +699,20 @@ def run_training(config: TrainConfig, out: Path | None, callbacks: Sequence[Epoc
         "versions": library_versions(),
     }
     if out is not None:
-        atomic_torch_save(model.state_dict(), out / "model.pt")
+        atomic_torch_save(model_record(model, config, mean, std, classes), out / "model.pt")
         atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return TrainResult(model=model, history=history, summary=summary, out_dir=out, stopped_early=stopped_early)
 
 
-def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a trained network from a run directory (summary.json + model.pt, weights_only; arch.json for a subnet)."""
-    run = Path(run_dir)
-    summary = read_json(run / "summary.json", "run summary")
-    config = TrainConfig(**summary["config"])
-    if config.arch is not None and (run / ARCH_FILE).is_file():
-        config.arch = str(run / ARCH_FILE)  # the run's own copy (with its space)
-    model = recipe_for(config).build_model(summary["dataset"]["num_classes"])
-    model.load_state_dict(torch.load(run / "model.pt", map_location=map_location, weights_only=True))
-    return model
+def model_record(model: nn.Module, config: TrainConfig, mean: Sequence[float], std: Sequence[float],
+                 classes: Sequence[str]) -> dict[str, Any]:
+    """What model.pt holds: the weights and all a prediction needs without the dataset (`effcifar.load_model`):
+    the input normalisation (per-channel mean and std in 0..255 units), the class names, the config and, for a
+    NAS subnet, its architecture and space. Plain data and tensors only, so `torch.load(weights_only=True)` reads
+    it."""
+    record = {"format": MODEL_FORMAT, "state_dict": model.state_dict(), "mean": [float(v) for v in mean],
+              "std": [float(v) for v in std], "classes": [str(c) for c in classes], "config": asdict(config)}
+    if config.arch is not None:
+        space, arch = config.architecture()
+        record["arch"] = {"arch": dict(arch), "space": space.to_dict()}
+    return record

@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "effcifar"
 LAYERS = [
     ["effcifar", "effcifar.errors", "effcifar.allocator", "effcifar.atomic", "effcifar.rundir", "effcifar.config",
      "effcifar.data", "effcifar.memory", "effcifar.models", "effcifar.train", "effcifar.airbench"],
-    ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking"],
+    ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking",
+     "effcifar.inference"],
     ["effcifar.studies"],
     ["effcifar.hpo", "effcifar.hpo.space", "effcifar.hpo.experiment", "effcifar.hpo.study",
      "effcifar.nas.samplers", "effcifar.nas.supernet", "effcifar.nas.search", "effcifar.nas.retrain",
