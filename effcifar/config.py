@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import reprlib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -111,6 +112,36 @@ def check_seed(field: str, seed: int | None) -> None:
     """A seed numpy, torch and Optuna all accept (None: unseeded), else a ConfigError with `field`."""
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise field_error(field, f"a seed in 0..{MAX_SEED}", seed)
+
+
+_warned: set[str] = set()  # deprecated names already warned about by this process
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One line on stderr, once per process and name, when an old name is used for a renamed option or field."""
+    if old not in _warned:
+        _warned.add(old)
+        print(f"effcifar: warning: {old} is deprecated (it still works for now): use {new}", file=sys.stderr)
+
+
+def renamed_fields(cls: type) -> dict[str, str]:
+    """A config class's old field names -> the current ones (`RENAMED_FIELDS`), accepted with a warning."""
+    return getattr(cls, "RENAMED_FIELDS", {})
+
+
+def current_names(cls: type, values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`values` with old field names replaced by the current ones (a warning for each); both given is an error."""
+    renamed = renamed_fields(cls)
+    result: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in renamed:
+            new = renamed[key]
+            if new in values:
+                raise ConfigError(f"{source}: field {shown(key)} is the old name of {new!r}: give one of them")
+            warn_deprecated(f"field '{key}' ({cls.__name__})", f"'{new}'")
+            key = new
+        result[key] = value
+    return result
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -260,6 +291,7 @@ def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], b
     origin: dict[str, str] = {}
     steps: list[tuple[set[str], dict[str, Any]]] = []  # (the fields a layer set, all values after it)
     for source, mapping, from_text in layers:
+        mapping = current_names(cls, mapping, source)
         for key, value in mapping.items():
             if key not in types_:
                 raise ConfigError(f"{source}: unknown field {shown(key)} (known fields: {', '.join(types_)})")
