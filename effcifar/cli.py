@@ -505,7 +505,7 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_retrain(args: argparse.Namespace, console: Console) -> int:
-    """effcifar retrain: train the search's top K from scratch; table of supernet vs standalone accuracy."""
+    """effcifar retrain: train the search's best N from scratch; table of supernet vs standalone accuracy."""
     from effcifar.nas import retrain
 
     supernet_dir = retrain.search_supernet_dir(args.search)
@@ -515,13 +515,16 @@ def run_retrain(args: argparse.Namespace, console: Console) -> int:
                                progress=lambda text: console.print(text, markup=False))
     table = Table(title=f"effcifar retrain: best {len(rows)} of {args.search}, {base.total_epoch} epochs")
     holdout = "standalone_holdout_acc" in rows[0]
-    columns = ["rank", "trial", "supernet (held out)", "standalone test", *(["standalone held out"] * holdout),
-               "params", "MFLOPs", "train time"]
+    loss = any(isinstance(r["supernet_loss"], float) for r in rows)  # searches that recorded losses rank by them
+    columns = ["rank", "trial", *(["supernet loss (held out)"] * loss), "supernet (held out)", "standalone test",
+               *(["standalone held out"] * holdout), "params", "MFLOPs", "train time"]
     for column in columns:
         table.add_column(column, justify="right")
     percent = lambda v: f"{v:.2%}" if isinstance(v, float) else str(v)  # noqa: E731
     for r in rows:
-        table.add_row(str(r["rank"]), str(r["trial"]), percent(r["supernet_acc"]), percent(r["standalone_test_acc"]),
+        losses = [f"{r['supernet_loss']:.4f}" if isinstance(r["supernet_loss"], float) else "—"] * loss
+        table.add_row(str(r["rank"]), str(r["trial"]), *losses, percent(r["supernet_acc"]),
+                      percent(r["standalone_test_acc"]),
                       *([percent(r["standalone_holdout_acc"])] * holdout), f"{r['params']:,}",
                       f"{r['flops'] / 1e6:,.1f}", f"{r['train_time']:.1f} s")
     console.print(table)

@@ -304,7 +304,7 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
 
 
 def nest(overrides: Mapping[str, str]) -> dict[str, Any]:
-    """{"search.evaluations": "50", "hpo.trial.total_epoch": "2"} as nested mappings."""
+    """{"search.trials": "50", "hpo.trial.total_epoch": "2"} as nested mappings."""
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         *parents, last = dotted.split(".")
