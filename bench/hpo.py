@@ -51,7 +51,8 @@ def overhead(storage: str | None, work: Path) -> dict[str, float]:
     run_dir = work / f"overhead-{'pg' if storage else 'journal'}"
     base = work / "tiny.json"
     base.write_text(json.dumps(TINY))
-    config = HpoConfig(space=str(SEED_SPACE), base=str(base), trials=110, pruner="none", sampler_seed=0, storage=storage,
+    config = HpoConfig(space=str(SEED_SPACE), base=str(base), trials=110, pruner="none", sampler_seed=0,
+                       storage=storage,
                        study=f"overhead-{uuid.uuid4().hex[:8]}")
     # the seed's widths and epochs are pinned by a space of its other hyper-parameters
     space = {k: v for k, v in json.loads(SEED_SPACE.read_text()).items()

@@ -924,8 +924,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML/JSON file over the preset (same layout: top-level fields and stage sections)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override one value, e.g. --set search.trials=100 --set subset=0 (repeatable)")
-    p.add_argument("--seeds", metavar="N", help="train each final run (baseline, HPO best, the NAS answer) with this many training "
-                                   "seeds and report mean ± s.d. (default: the presets' 1; same as --set seeds=N)")
+    p.add_argument("--seeds", metavar="N", help="train each final run (baseline, HPO best, the NAS answer) with this "
+                                                "many training seeds and report mean ± s.d. (default 1; the same as "
+                                                "--set seeds=N)")
     p.add_argument("--dataset", help="cifar100 (the presets' default), cifar10, synthetic, ...")
     p.add_argument("--data-dir", help="folder or file of the dataset (default $EFFCIFAR_DATA, then ~/.cache/effcifar)")
     p.add_argument("--out", help="pipeline directory (default: runs/pipeline-PRESET-DATASET); the same command resumes")

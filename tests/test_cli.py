@@ -107,7 +107,8 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path):
     limit = len(model) - 1  # the logs and the config still fit; the model does not (EFBIG, as a full disk)
     # a second run writing over the first one's files, as a pipeline stage does through the API (the command
     # itself refuses an --out that holds a run: its check is switched off here)
-    code = "import sys; from effcifar import cli; cli.rundir_files = lambda out: set(); sys.exit(cli.main(sys.argv[1:]))"
+    code = ("import sys; from effcifar import cli; cli.rundir_files = lambda out: set(); "
+            "sys.exit(cli.main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", code, "train", *TINY, "--seed", "1", "--out", str(out), "--quiet"],
                        capture_output=True, text=True, timeout=300,
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))

@@ -250,7 +250,8 @@ def test_trials_record_their_training_work_and_hold_out_training_images(tmp_path
 
 def test_select_on_test_keeps_the_test_set_only_when_asked(tmp_path, files):
     base, space = files
-    run_study(HpoConfig(space=str(space), base=str(base), trials=1, sampler_seed=0, select_on_test=True), tmp_path / "hpo")
+    run_study(HpoConfig(space=str(space), base=str(base), trials=1, sampler_seed=0, select_on_test=True),
+              tmp_path / "hpo")
     _, study = load_run(tmp_path / "hpo")
     assert study.get_trials()[0].user_attrs["config"]["holdout"] == 0
 
@@ -260,7 +261,8 @@ def test_a_study_whose_trials_all_fail_raises_with_the_first_reason(tmp_path, fi
     space = tmp_path / "explode.json"
     space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [1e30]}}))
     with pytest.raises(TrialsFailed, match="2 failed trial.*TrainingDiverged: train loss is nan"):
-        run_study(HpoConfig(space=str(space), base=str(base), trials=5, max_failures=2, sampler_seed=0), tmp_path / "hpo")
+        run_study(HpoConfig(space=str(space), base=str(base), trials=5, max_failures=2, sampler_seed=0),
+                  tmp_path / "hpo")
     assert states(tmp_path / "hpo") == [TrialState.FAIL] * 2  # the bound stopped it, not the budget of 5
 
 

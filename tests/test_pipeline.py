@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "pipeline_tiny.yaml"
 # Files whose bytes are deterministic (CPU runs are bitwise reproducible; times are not compared).
 SAME_BYTES = ["hpo/best.json", "baseline/model.pt", "hpo_best/model.pt", "supernet/supernet.pt",
-              "search/arch/top_1.json", "search/arch/top_2.json", "select/answer.json", "select/trials/incumbent/model.pt"]
+              "search/arch/top_1.json", "search/arch/top_2.json", "select/answer.json",
+              "select/trials/incumbent/model.pt"]
 
 
 def effcifar(*args: str, **kwargs) -> subprocess.Popen:
@@ -256,6 +257,10 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     assert "[8/8] nas_eval" in output and "test accuracy" in output and "selection: " in output
     html = (out / "report" / "report.html").read_text()
     assert "Not (yet) available" not in html and "Final results" in html
+    for section in ("What each step bought", "HPO best against the baseline", "Wall time per stage"):
+        assert section in html
+    assert "3 trials" in output and "search done in" in output  # the study stages count their trials
+    assert nas["seeds"] == [0] and nas["test_images"] == hpo_best["dataset"]["valid_images"]
     assert load_pipeline_config("quick", out / "pipeline.yaml").to_dict() == load_pipeline_config("quick", TINY).to_dict()
 
 
