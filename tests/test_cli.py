@@ -122,14 +122,15 @@ def test_train_into_a_run_directory_is_refused_unless_overwrite(tmp_path, capsys
     from effcifar.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--out", str(out), "--quiet"]) == 0
-    model = (out / "model.pt").read_bytes()
-    assert main(["train", *TINY, "--seed", "1", "--out", str(out), "--quiet"]) == 2
+    tiny = [*TINY, "--threads", "1", "--precision", "fp32", "--subset", "128"]
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"an earlier run's")
+    assert main(["train", *tiny, "--seed", "1", "--out", str(out), "--quiet"]) == 2
     error = capsys.readouterr().err
     assert f"{out}: holds a run already" in error and "--overwrite" in error and len(error.splitlines()) == 1
-    assert (out / "model.pt").read_bytes() == model
+    assert (out / "model.pt").read_bytes() == b"an earlier run's"
     (out / "stale.txt").write_text("from before")
-    assert main(["train", *TINY, "--seed", "1", "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert main(["train", *tiny, "--seed", "1", "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert json.loads((out / "summary.json").read_text())["seed"] == 1 and not (out / "stale.txt").exists()
 
 

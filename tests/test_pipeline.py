@@ -168,14 +168,20 @@ def test_final_runs_with_several_training_seeds(tmp_path):
     from effcifar.pipeline import Pipeline
     from effcifar.pipeline.stages import TrainingStage
 
-    config = load_pipeline_config("quick", TINY, {"seeds": "2", "train.total_epoch": "1"})
+    from effcifar.data import make_synthetic
+
+    config = load_pipeline_config("quick", TINY, {"seeds": "2", "train.total_epoch": "1", "subset": "256",
+                                                  "holdout": "64", "train.batch_size": "64", "threads": "1",
+                                                  "precision": "fp32"})
     pipeline = Pipeline(config, tmp_path / "p")
+    pipeline.data = make_synthetic(n_train=300, n_test=200)  # a small stand-in, loaded once
     stage = pipeline.execute(TrainingStage(pipeline, "baseline", config.plan.baseline))
     assert sorted(p.name for p in (tmp_path / "p" / "baseline").iterdir() if p.is_dir()) == ["seed_0", "seed_1"]
     row = stage.result("baseline")
     assert row["seeds"] == [0, 1] and len(row["test_accs"]) == 2 and row["test_acc"] == pytest.approx(
         sum(row["test_accs"]) / 2) and "test_acc_sd" in row
     resumed = Pipeline(config, tmp_path / "p")
+    resumed.data = pipeline.data
     again = resumed.execute(TrainingStage(resumed, "baseline", config.plan.baseline))
     assert again.result("baseline") == row  # finished: loaded, not trained again
 
