@@ -51,7 +51,8 @@ def overhead(storage: str | None, work: Path) -> dict[str, float]:
     run_dir = work / f"overhead-{'pg' if storage else 'journal'}"
     base = work / "tiny.json"
     base.write_text(json.dumps(TINY))
-    config = HpoConfig(space=str(SEED_SPACE), base=str(base), trials=110, pruner="none", seed=0, storage=storage,
+    config = HpoConfig(space=str(SEED_SPACE), base=str(base), trials=110, pruner="none", sampler_seed=0,
+                       storage=storage,
                        study=f"overhead-{uuid.uuid4().hex[:8]}")
     # the seed's widths and epochs are pinned by a space of its other hyper-parameters
     space = {k: v for k, v in json.loads(SEED_SPACE.read_text()).items()
@@ -82,7 +83,7 @@ def small_study(trials: int, work: Path) -> None:
     print(f"{'sampler':<8}{'best@10':>9}{'best@' + str(trials):>9}{'median trial s':>16}")
     for sampler in ("tpe", "random"):
         config = HpoConfig(space=str(work / "space.json"), base=str(base), trials=trials, sampler=sampler,
-                           pruner="none", seed=0)
+                           pruner="none", sampler_seed=0)
         study = run_study(config, work / f"study-{sampler}")
         accs = [t.user_attrs.get("accuracy", 0.0) for t in study.get_trials()]
         times = [t.duration.total_seconds() for t in study.get_trials() if t.duration]

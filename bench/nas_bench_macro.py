@@ -65,13 +65,13 @@ def regret(supernet_dir: Path, out: Path, table: BenchmarkTable, ratio: float, a
     for limit in LIMITS:
         accs = []
         for seed in range(args.seeds):
-            config = SearchConfig(strategy="evolution", evaluations=args.evaluations, population=args.population,
-                                  top_k=args.population // 4, mutations=args.population // 2,
-                                  crossovers=args.population // 2, max_flops=limit * ratio, seed=seed,
+            config = SearchConfig(strategy="evolution", trials=args.evaluations, population=args.population,
+                                  parents=args.population // 4, mutations=args.population // 2,
+                                  crossovers=args.population // 2, max_flops=limit * ratio, sampler_seed=seed,
                                   bn_batches=args.bn_batches, eval_images=args.eval_images, precision=args.precision,
-                                  threads=2, top_k_export=1)
+                                  threads=2, export=1)
             run_search(config, supernet_dir, out / f"search-{limit / 1e6:.0f}M-seed{seed}")
-            arch = read_arch_file(out / f"search-{limit / 1e6:.0f}M-seed{seed}" / "arch" / "top_0.json")["arch"]
+            arch = read_arch_file(out / f"search-{limit / 1e6:.0f}M-seed{seed}" / "arch" / "top_1.json")["arch"]
             accs.append(table.rows[table.key_of(arch)].mean_acc)
         best, largest = table.best_under(limit), table.largest_under(limit)
         rows[f"{limit / 1e6:.0f}M"] = {

@@ -41,7 +41,7 @@ def stage_table(out: Path) -> list[str]:
             panel = json.loads((out / "supernet" / "summary.json").read_text())["final_panel"]
             detail = f"held-out panel mean {panel['valid_panel_mean']:.2%} (largest {panel['valid_largest']:.2%})"
         elif stage == "search":
-            top = json.loads((out / "search" / "arch" / "top_0.json").read_text())
+            top = json.loads((out / "search" / "arch" / "top_1.json").read_text())
             detail = f"best held-out (supernet) {top['accuracy']:.2%}, {top['flops'] / 1e6:.1f} MFLOPs"
         elif stage == "select":
             detail = json.loads((out / "select" / "select.json").read_text())["sentence"]

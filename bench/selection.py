@@ -47,7 +47,7 @@ def controls(pipeline: Path) -> dict[str, Any]:
     data = load_dataset(base.dataset, base.data_dir)
     random_final = train_once(dataclasses.replace(final, arch=str((out / "random_select" / "answer.json").resolve())),
                               out / "random_answer", data)
-    top1 = train_once(dataclasses.replace(final, arch=str((pipeline / "search" / "arch" / "top_0.json").resolve())),
+    top1 = train_once(dataclasses.replace(final, arch=str((pipeline / "search" / "arch" / "top_1.json").resolve())),
                       out / "top1", data)
     results = {r["name"]: r for r in read_json(pipeline / "results.json")}
     selection = read_selection(pipeline / "select")

@@ -16,13 +16,21 @@ Train one network (`TrainConfig` fields are `effcifar train`'s options; `train_n
 >>> 0 <= run.summary["test_acc"] <= 1
 True
 
+Predict with it from its model file alone (it records the input normalisation and class names):
+
+>>> import numpy as np
+>>> model = effcifar.load_model(out / "r9" / "model.pt")
+>>> images = np.zeros((2, 32, 32, 3), dtype=np.uint8)  # uint8 HWC, as CIFAR ships them
+>>> model.predict(images).shape, model.predict_proba(images).shape, len(model.classes)
+((2,), (2, 10), 10)
+
 Tune its hyper-parameters (an NNI search space over TrainConfig fields; trials select on the
 held-out images):
 
 >>> _ = (out / "space.json").write_text(json.dumps({"peak_lr": {"_type": "loguniform", "_value": [0.05, 0.5]}}))
 >>> effcifar.save_config(effcifar.TrainConfig(**tiny, epochs=1, peak_epoch=0.5), out / "base.yaml")
 >>> study = effcifar.run_study(effcifar.HpoConfig(space=str(out / "space.json"), base=str(out / "base.yaml"),
-...                                               trials=2, seed=0), out / "hpo")
+...                                               trials=2, sampler_seed=0), out / "hpo")
 >>> best_file, best = effcifar.write_best(out / "hpo")
 
 Train a supernet, search it under a FLOPs limit, and let real training choose among its best
@@ -30,7 +38,7 @@ networks and the ResNet-9 incumbent:
 
 >>> supernet = effcifar.train_supernet(effcifar.SupernetConfig(**tiny, epochs=1, bn_batches=2, panel_random=0),
 ...                                    out / "supernet", warn=lambda message: None)
->>> search = effcifar.run_search(effcifar.SearchConfig(strategy="random", evaluations=4, threads=1,
+>>> search = effcifar.run_search(effcifar.SearchConfig(strategy="random", trials=4, threads=1,
 ...                                                    precision="fp32"), out / "supernet", out / "search")
 >>> base = effcifar.TrainConfig(**tiny, epochs=2, peak_epoch=1)
 >>> selection = effcifar.select_from_search(effcifar.SelectConfig(pool=2), out / "search", out / "select", base)
@@ -55,7 +63,7 @@ __version__ = "0.1.0"
 # name -> "module:attribute" that defines it (imported when the name is first used)
 _API = {
     "TrainConfig": "effcifar.train:TrainConfig", "train_network": "effcifar.train:train",
-    "load_model": "effcifar.train:load_model", "save_config": "effcifar.config:save_config",
+    "load_model": "effcifar.inference:load_model", "save_config": "effcifar.config:save_config",
     "build_config": "effcifar.config:build_config",
     "HpoConfig": "effcifar.hpo.study:HpoConfig", "run_study": "effcifar.hpo.study:run_study",
     "write_best": "effcifar.hpo.study:write_best",

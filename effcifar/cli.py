@@ -28,16 +28,18 @@ from effcifar import data as data_lib
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.config import (
-    base_type, build_config, build_from_layers, field_help, field_types, read_config_file, read_json,
+    base_type, build_config, build_from_layers, field_help, field_types, read_config_file, read_json, renamed_fields,
+    warn_deprecated,
 )
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.supernet import SupernetConfig
+from effcifar.rundir import clear, files as rundir_files, locked
 from effcifar.train import EpochMetrics, TrainConfig, recipe_fields_classes, train
 
-NAS_EVAL_SAMPLE = 20  # subnets trained standalone by nas-eval
+NAS_EVAL_TRIALS = 20  # subnets trained standalone by nas-eval
 TABLE_SAMPLE = 300  # table architectures scored by nas-eval --table (a tau over 300 has a standard error near 0.04)
 HPO_OWN_OPTIONS = {"base", "timeout"}  # HpoConfig fields that `hpo run` takes as --config and a duration
-HPO_TRIAL_EXCLUDED = {"dataset", "seed", "space"}  # TrainConfig fields whose names are HpoConfig's (--dataset: both)
+HPO_TRIAL_EXCLUDED = {"dataset", "space"}  # TrainConfig fields whose names are HpoConfig's (--dataset: both)
 NOTES = {"epochs": "; given without --peak-epoch, the peak (and airbench's whiten_bias_epochs) keeps its "
                    "fraction of the run"}
 
@@ -50,11 +52,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if action.default is None or "(default" in text else super()._get_help_string(action)
 
 
+class DeprecatedOption(argparse.Action):
+    """An option's old name: sets the new one's value, with a one-line warning (once per name) on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        warn_deprecated(f"option {option_string}", self.new)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_option(parser: Any, old: str, new: str, dest: str, **kwargs: Any) -> None:
+    """`old` as a hidden alias of the option `new` (kept for a release; not in --help)."""
+    parser.add_argument(old, dest=dest, action=DeprecatedOption, new=new, help=argparse.SUPPRESS, **kwargs)
+
+
 def add_config_options(parser: argparse.ArgumentParser, cls: type, exclude: Collection[str] = (),
-                       title: str | None = None) -> None:
+                       title: str | None = None, old_names: bool = True) -> None:
     """One --option per config field but `exclude` (underscores become dashes), its help from the field's
     metadata (`effcifar.config.setting`); unset options stay out of the namespace. TrainConfig's recipe
-    fields come in a group per recipe, after the shared ones."""
+    fields come in a group per recipe, after the shared ones. With `old_names`, the class's renamed fields
+    (`RENAMED_FIELDS`) keep their old options as hidden aliases."""
     defaults = cls()
     group = parser.add_argument_group(title or f"{cls.__name__} fields (override --config)")
     helps = {f.name: field_help(f) for f in dataclasses.fields(cls)}
@@ -71,6 +92,10 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, exclude: Coll
         else:
             group.add_argument(*flags, dest=name, metavar=kind.__name__.upper(), type=str,
                                default=argparse.SUPPRESS, help=text)
+    for old, new in renamed_fields(cls).items() if old_names else ():
+        if new not in exclude:
+            add_deprecated_option(group, f"--{old.replace('_', '-')}", f"--{new.replace('_', '-')}", new,
+                                  default=argparse.SUPPRESS)
     if cls is TrainConfig:
         for recipe, fields_class in recipe_fields_classes().items():
             add_config_options(parser, fields_class, exclude, f"recipe {recipe} only (with --recipe {recipe})")
@@ -103,6 +128,17 @@ def run_train(args: argparse.Namespace, console: Console) -> int:
     """effcifar train."""
     config = config_from_args(TrainConfig, args)
     out = Path(args.out) if args.out else default_run_dir(config.dataset)
+    with locked(out, "train"):  # held from the check to the end of the run (train takes it again)
+        if rundir_files(out):
+            if not args.overwrite:
+                raise EffcifarError(f"{out}: holds a run already (a training run does not resume); choose another "
+                                    f"--out, or add --overwrite to replace it")
+            clear(out)
+        return train_and_show(config, out, args, console)
+
+
+def train_and_show(config: TrainConfig, out: Path, args: argparse.Namespace, console: Console) -> int:
+    """The run of `effcifar train` into `out` (locked), with its progress and its summary table."""
     callbacks: list[Callable[[EpochMetrics], bool | None]] = []
     if args.quiet:
         result = train(config, out, callbacks=[lambda m: print(format_epoch(m), flush=True)])
@@ -222,7 +258,7 @@ def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[
         elif exp.search_space_file is not None:
             values["space"] = exp.search_space_file
         values.update({k: v for k, v in {"trials": exp.trials, "timeout": exp.timeout, "workers": exp.workers,
-                                           "sampler": exp.sampler, "seed": exp.seed, "study": exp.name}.items()
+                                           "sampler": exp.sampler, "sampler_seed": exp.seed, "study": exp.name}.items()
                        if v is not None})
         layers.append((args.experiment, values, False))
     names = {f.name for f in dataclasses.fields(hpo.HpoConfig)} - HPO_OWN_OPTIONS
@@ -427,23 +463,28 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
     def on_trial(t: Any) -> None:
         a = t.user_attrs
         latency = f"  {a['latency_ms']:.3f} ms" if "latency_ms" in a else ""
-        detail = a.get("fail_reason") or (f"valid acc {a['accuracy']:.2%}  top-5 {a['top5']:.2%}  "
+        loss = f"loss {a['loss']:.4f}  " if config.score == "loss" and a.get("loss") is not None else ""
+        detail = a.get("fail_reason") or (f"held out: {loss}acc {a['accuracy']:.2%}  top-5 {a['top5']:.2%}  "
                                           f"{a['flops'] / 1e6:,.1f} MFLOPs{latency}"
                                           + ("  (cached)" if a.get("cached") else "") if "accuracy" in a else "")
         console.print(f"trial {t.number:4d}  {t.state.name:<8}  {detail}")
 
     study = search.run_search(config, args.supernet, args.out, on_trial=None if args.quiet else on_trial)
     latency = LatencyTable.load(Path(args.out) / LATENCY_FILE) if config.needs_latency() else None
-    records = search.top_records(study, config.top_k_export, latency)  # run_search wrote them
-    table = Table(title=f"effcifar search ({config.strategy}): top {len(records)} of {len(study.trials)} trials, "
-                        f"held-out accuracy after BN recalibration")
-    columns = ["rank", "trial", "top-1", "top-5", "MFLOPs", "params"] + (["ms"] if latency else [])
+    records = search.top_records(study, config.export, latency)  # run_search wrote them
+    by_loss = config.score == "loss"
+    table = Table(title=f"effcifar search ({config.strategy}): best {len(records)} of {len(study.trials)} trials, "
+                        f"ranked by held-out {'loss (lower is better)' if by_loss else 'accuracy'} after BN "
+                        f"recalibration")
+    columns = ["rank", "trial", *(["loss"] if by_loss else []), "top-1", "top-5", "MFLOPs", "params",
+               *(["ms"] if latency else [])]
     for column in [*columns, "architecture (active choices)"]:
         table.add_column(column, justify="left" if column.startswith("arch") else "right")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for rank, r in enumerate(records, 1):
+    for r in records:
         ms = [f"{r['latency_ms']:.3f}"] if latency else []
-        table.add_row(str(rank), str(r["trial"]), f"{r['accuracy']:.2%}", f"{r['top5']:.2%}",
+        loss = [f"{-r['score']:.4f}"] if by_loss else []
+        table.add_row(str(r["rank"]), str(r["trial"]), *loss, f"{r['accuracy']:.2%}", f"{r['top5']:.2%}",
                       f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}", *ms,
                       trials[r["trial"]].user_attrs["arch_key"].replace(",", " "))
     console.print(table)
@@ -451,8 +492,9 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
         console.print(latency.summary(), markup=False)
     if len(study.directions) == 2 and records:
         front = sorted(t.number for t in study.best_trials)
-        console.print(f"Pareto front (accuracy vs {config.cost}): trials {', '.join(map(str, front))}")
-    console.print(f"wrote {Path(args.out) / 'arch'}/top_0..{len(records) - 1}.json and "
+        console.print(f"Pareto front ({'held-out loss' if by_loss else 'accuracy'} vs {config.cost}): trials "
+                      f"{', '.join(map(str, front))}")
+    console.print(f"wrote {Path(args.out) / 'arch'}/top_1..{len(records)}.json and "
                   f"{Path(args.out) / 'architecture_final.json'}")
     return 0
 
@@ -464,22 +506,26 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_retrain(args: argparse.Namespace, console: Console) -> int:
-    """effcifar retrain: train the search's top K from scratch; table of supernet vs standalone accuracy."""
+    """effcifar retrain: train the search's best N from scratch; table of supernet vs standalone accuracy."""
     from effcifar.nas import retrain
 
     supernet_dir = retrain.search_supernet_dir(args.search)
     base = retrain.base_config(supernet_dir, args.config, train_overrides(args), overrides_from_text=True)
     out = Path(args.out) if args.out else Path(args.search) / "retrain"
-    rows = retrain.retrain_top(args.search, args.top, out, base, progress=lambda text: console.print(text, markup=False))
-    table = Table(title=f"effcifar retrain: top {len(rows)} of {args.search}, {base.epochs} epochs")
+    rows = retrain.retrain_top(args.search, args.best, out, base,
+                               progress=lambda text: console.print(text, markup=False))
+    table = Table(title=f"effcifar retrain: best {len(rows)} of {args.search}, {base.epochs} epochs")
     holdout = "standalone_holdout_acc" in rows[0]
-    columns = ["rank", "trial", "supernet (held out)", "standalone test", *(["standalone held out"] * holdout),
-               "params", "MFLOPs", "train time"]
+    loss = any(isinstance(r["supernet_loss"], float) for r in rows)  # searches that recorded losses rank by them
+    columns = ["rank", "trial", *(["supernet loss (held out)"] * loss), "supernet (held out)", "standalone test",
+               *(["standalone held out"] * holdout), "params", "MFLOPs", "train time"]
     for column in columns:
         table.add_column(column, justify="right")
     percent = lambda v: f"{v:.2%}" if isinstance(v, float) else str(v)  # noqa: E731
     for r in rows:
-        table.add_row(str(r["rank"]), str(r["trial"]), percent(r["supernet_acc"]), percent(r["standalone_test_acc"]),
+        losses = [f"{r['supernet_loss']:.4f}" if isinstance(r["supernet_loss"], float) else "—"] * loss
+        table.add_row(str(r["rank"]), str(r["trial"]), *losses, percent(r["supernet_acc"]),
+                      percent(r["standalone_test_acc"]),
                       *([percent(r["standalone_holdout_acc"])] * holdout), f"{r['params']:,}",
                       f"{r['flops'] / 1e6:,.1f}", f"{r['train_time']:.1f} s")
     console.print(table)
@@ -549,7 +595,7 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
     if args.table is not None:
         return run_nas_eval_table(args, console)
     out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval"
-    args.sample = NAS_EVAL_SAMPLE if args.sample is None else args.sample
+    args.trials = NAS_EVAL_TRIALS if args.trials is None else args.trials
     overrides = train_overrides(args)  # --seed also seeds the sample; --epochs is each subnet's training
     if "epochs" not in overrides:
         raise EffcifarError("--epochs: required (standalone training epochs of each subnet)")
@@ -561,7 +607,7 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
         from effcifar.nas.search import SearchConfig
 
         build_config(SearchConfig, None, {"score": args.score}, overrides_from_text=True)
-    retrain.nas_eval(args.supernet, args.sample, epochs, out, seed, args.config, overrides, overrides_from_text=True,
+    retrain.nas_eval(args.supernet, args.trials, epochs, out, seed, args.config, overrides, overrides_from_text=True,
                      progress=lambda text: console.print(text, markup=False), repeats=args.repeats,
                      workers=args.workers, **({"score": args.score} if args.score else {}))
     print_ranking(read_json(out / "ranking.json", "ranking"), console)
@@ -604,7 +650,7 @@ def run_nas_eval_table(args: argparse.Namespace, console: Console) -> int:
                               overrides_from_text=True)
     except ValueError:
         raise EffcifarError("--seed: expected an integer") from None
-    sample = TABLE_SAMPLE if args.sample is None else args.sample
+    sample = TABLE_SAMPLE if args.trials is None else args.trials
     out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval_table"
     result = retrain.rank_against_table(args.supernet, args.table, sample, seed, out, search,
                                         progress=lambda text: console.print(text, markup=False))
@@ -682,7 +728,7 @@ def parse_settings(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise EffcifarError(f"--set {pair}: expected SECTION.FIELD=VALUE, e.g. search.evaluations=100")
+            raise EffcifarError(f"--set {pair}: expected SECTION.FIELD=VALUE, e.g. search.trials=100")
         settings[name.strip()] = value.strip()
     return settings
 
@@ -692,7 +738,8 @@ def run_pipeline_command(args: argparse.Namespace, console: Console) -> int:
     from effcifar import pipeline
 
     overrides = parse_settings(args.set or [])
-    overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v is not None})
+    overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir), ("seeds", args.seeds))
+                      if v is not None})
     config = pipeline.load_pipeline_config(args.preset, args.config, overrides)
     if args.show_config:
         print(f"# preset: {args.preset}")
@@ -705,12 +752,14 @@ def run_pipeline_command(args: argparse.Namespace, console: Console) -> int:
     else:
         with Progress(*pipeline_columns(), console=console) as progress:
             result = pipeline.run_pipeline(config, out, RichMonitor(progress, stages))
-    table = Table(title=f"effcifar pipeline ({args.preset}, {config.dataset}): {out}")
+    seeds = "one training seed each" if config.seeds == 1 else f"mean ± s.d. over {config.seeds} training seeds"
+    table = Table(title=f"effcifar pipeline ({args.preset}, {config.dataset}): {out} (test accuracy: {seeds})")
     for column in ("method", "test accuracy", "train time", "params", "MFLOPs"):
         table.add_column(column, justify="right")
     for row in result.results:
         name = f"{row['name']} ({row['answer']})" if "answer" in row else row["name"]
-        table.add_row(name, f"{row['test_acc']:.2%}", f"{row['train_time']:.1f} s", f"{row['params']:,}",
+        spread = f" ± {row['test_acc_sd']:.2%}" if "test_acc_sd" in row else ""
+        table.add_row(name, f"{row['test_acc']:.2%}{spread}", f"{row['train_time']:.1f} s", f"{row['params']:,}",
                       f"{row['flops'] / 1e6:,.1f}")
     console.print(table)
     for row in result.results:
@@ -751,7 +800,8 @@ def add_hpo_parser(sub: Any, command: str | None) -> None:
     if command in (None, "hpo"):  # HpoConfig's module imports Optuna
         from effcifar.hpo.study import HpoConfig
 
-        add_config_options(p, HpoConfig, exclude=HPO_OWN_OPTIONS, title="study (HpoConfig fields)")
+        # --seed is the trials' training seed (a TrainConfig option below); the sampler's is --sampler-seed
+        add_config_options(p, HpoConfig, exclude=HPO_OWN_OPTIONS, title="study (HpoConfig fields)", old_names=False)
         add_config_options(p, TrainConfig, exclude=HPO_TRIAL_EXCLUDED,
                            title="the trials' base (TrainConfig fields, over --config; holdout 0 holds out a tenth "
                                  "of subset, or 5000, unless --select-on-test)")
@@ -798,24 +848,27 @@ def add_nas_parsers(sub: Any, command: str | None) -> None:
 
 def add_retrain_parsers(sub: Any) -> None:
     """effcifar retrain and effcifar nas-eval: standalone training of architectures over a supernet run."""
-    for name, text, run, run_help, count, count_help, written, handler in (
-        ("retrain", "train the top K architectures of a search from scratch", "search",
-         "a search run directory, e.g. runs/search1", "--top", "retrain arch/top_0.json .. top_{K-1}.json",
-         "top_0/, top_1/, ... and retrain.json (default: SEARCH/retrain)", run_retrain),
+    for name, text, run, run_help, count, old, count_help, written, handler in (
+        ("retrain", "train the best N architectures of a search from scratch", "search",
+         "a search run directory, e.g. runs/search1", "--best", "--top",
+         "how many of the search's best to retrain: arch/top_1.json .. top_N.json",
+         "top_1/, top_2/, ... and retrain.json (default: SEARCH/retrain)", run_retrain),
         ("nas-eval", "supernet ranking quality: Kendall tau over random subnets trained standalone (needs --epochs)",
-         "supernet", "a finished supernet run directory, e.g. runs/supernet1", "--sample",
-         "random subnets (distinct architectures; --seed also seeds the sample)",
-         "subnet_0/, ... and ranking.json/png (default: SUPERNET/nas_eval)", run_nas_eval),
+         "supernet", "a finished supernet run directory, e.g. runs/supernet1", "--trials", "--sample",
+         f"random subnets to train and rank (distinct architectures; --seed also seeds the draw; default "
+         f"{NAS_EVAL_TRIALS})", "subnet_0/, ... and ranking.json/png (default: SUPERNET/nas_eval)", run_nas_eval),
     ):
         p = sub.add_parser(name, help=text, formatter_class=HelpFormatter)
         p.add_argument(run, help=run_help)
-        p.add_argument(count, type=int, default=1 if count == "--top" else None, help=count_help)
+        dest = count.removeprefix("--")
+        p.add_argument(count, type=int, metavar="N", default=1 if count == "--best" else None, help=count_help)
+        add_deprecated_option(p, old, count, dest, type=int)
         p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
         p.add_argument("--out", help=f"where to write {written}")
         add_config_options(p, TrainConfig)
         p.set_defaults(handler=handler)
     p.add_argument("--table", help="rank against a benchmark table instead of training: 'nas-bench-macro' (built in) "
-                                   "or a table file of that format; --sample architectures stratified over FLOPs "
+                                   "or a table file of that format; --trials architectures stratified over FLOPs "
                                    f"(default {TABLE_SAMPLE}; 0: every distinct network); writes SUPERNET/nas_eval_table")
     p.add_argument("--repeats", type=int, default=1, help="without --table: train each subnet with this many seeds "
                                                           "(their mean is the truth, their agreement its ceiling)")
@@ -859,7 +912,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one training run (the cifar10-fast ResNet-9 recipe by default)",
                        formatter_class=HelpFormatter)
     p.add_argument("--config", help="YAML or JSON file of TrainConfig fields (e.g. a run's config.yaml or best.json)")
-    p.add_argument("--out", help="run directory (default: runs/<dataset>-<time>)")
+    p.add_argument("--out", help="run directory (default: runs/<dataset>-<time>); one that holds files is refused "
+                                 "unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (a training run cannot resume)")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
     add_config_options(p, TrainConfig)
     p.set_defaults(handler=run_train)
@@ -891,7 +946,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "for GPUs (default: quick)")
     p.add_argument("--config", help="YAML/JSON file over the preset (same layout: top-level fields and stage sections)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="override one value, e.g. --set search.evaluations=100 --set subset=0 (repeatable)")
+                   help="override one value, e.g. --set search.trials=100 --set subset=0 (repeatable)")
+    p.add_argument("--seeds", metavar="N", help="train each final run (baseline, HPO best, the NAS answer) with this "
+                                                "many training seeds and report mean ± s.d. (default 1; the same as "
+                                                "--set seeds=N)")
     p.add_argument("--dataset", help="cifar100 (the presets' default), cifar10, synthetic, ...")
     p.add_argument("--data-dir", help="folder or file of the dataset (default $EFFCIFAR_DATA, then ~/.cache/effcifar)")
     p.add_argument("--out", help="pipeline directory (default: runs/pipeline-PRESET-DATASET); the same command resumes")

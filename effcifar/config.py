@@ -6,7 +6,7 @@ results, are declared with `execution(...)`; `fingerprint` is the one resume che
 (train, HPO, supernet, search, retrain, pipeline). A config is built as: defaults < file < overrides;
 a layer that sets a run's length alone scales the fields counted in its epochs (`keep_schedule_shape`).
 A field declared with `nested(...)` holds a config of its own (TrainConfig's recipe fields), whose keys a
-layer gives flat or under the field's name; a class's `RENAMED` old keys are accepted with a notice.
+layer gives flat or under the field's name; a class's `RENAMED_FIELDS` old keys are accepted with a warning.
 Unknown keys, values of the wrong type and non-finite numbers are errors naming the file (or option),
 the field and what was expected; the dataclass's own `validate()` checks ranges and raises
 `ConfigError` with `field` set, and the source of that field is prefixed here. Files that are not
@@ -126,6 +126,23 @@ def check_seed(field: str, seed: int | None) -> None:
         raise field_error(field, f"a seed in 0..{MAX_SEED}", seed)
 
 
+_warned: set[str] = set()  # deprecated names already warned about by this process
+
+
+def warn_deprecated(old: str, new: str, where: str = "") -> None:
+    """One line on stderr, once per process and name, when an old name is used for a renamed option or field
+    (`where`: the file or option that used it first)."""
+    if old not in _warned:
+        _warned.add(old)
+        print(f"effcifar: warning: {where + ': ' if where else ''}{old} is deprecated (it still works for now): "
+              f"use {new}", file=sys.stderr)
+
+
+def renamed_fields(cls: type) -> dict[str, str]:
+    """A config class's old field names -> the current ones (`RENAMED_FIELDS`), accepted with a warning."""
+    return getattr(cls, "RENAMED_FIELDS", {})
+
+
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved type of each key a layer of a config dataclass may set: its fields (a `nested` one as a
     mapping) and the keys its `extra_field_types()` adds (TrainConfig: every recipe's own fields, old names)."""
@@ -149,18 +166,12 @@ def flat_values(config: Any) -> dict[str, Any]:
     return values
 
 
-_NOTICES: set[str] = set()  # deprecation notices already printed by this process
-
-
 def renamed_key(cls: type, key: str, source: str) -> str:
-    """The field an old key of `cls.RENAMED` stands for (a one-line notice on stderr, once per process), else `key`."""
-    new = getattr(cls, "RENAMED", {}).get(key)
+    """The field an old key of `cls.RENAMED_FIELDS` stands for (a one-line warning, once per process), else `key`."""
+    new = renamed_fields(cls).get(key)
     if new is None:
         return key
-    if key not in _NOTICES:
-        _NOTICES.add(key)
-        print(f"effcifar: {source}: '{key}' is now '{new}'; the old name is accepted until the next release",
-              file=sys.stderr)
+    warn_deprecated(f"field '{key}'", f"'{new}'", source)
     return new
 
 
@@ -343,10 +354,10 @@ def read_layer(cls: type, source: str, mapping: Mapping[str, Any], from_text: bo
         if key == inner:
             raise ConfigError(f"{source}: field '{key}': expected a mapping of field names to values, got "
                               f"{shown(value)}")
-        if key not in types_:
-            known = [k for k in types_ if k not in getattr(cls, "RENAMED", {})]
-            raise ConfigError(f"{source}: unknown field {shown(key)} (known fields: {', '.join(known)})")
         key = renamed_key(cls, key, source)
+        if key not in types_:
+            known = [k for k in types_ if k not in renamed_fields(cls)]
+            raise ConfigError(f"{source}: unknown field {shown(key)} (known fields: {', '.join(known)})")
         if key in values:
             raise ConfigError(f"{source}: field '{key}': given twice (under its old name too)")
         try:

@@ -9,9 +9,13 @@ What a directory can be (checked in this order):
 - a pipeline directory: any of the subdirectories `baseline`, `hpo`, `hpo_best`, `supernet`,
   `search`, `select`, `retrain`, `nas_eval`, or `results.json`. Each subdirectory is one of the kinds
   below; `retrain` holds the NAS answer's run in `answer/` (or only `retrain.json` when the incumbent
-  won and the HPO best's run is the answer). `results.json` is the
+  won and the HPO best's run is the answer). A final run trained with several seeds holds one
+  training run per seed (`baseline/seed_0/`, ...). `results.json` is the
   final table: `[{"name": "baseline"|"hpo"|"nas", "test_acc": float, "train_time": float,
-  "params": int, "flops": int}, ...]` (accuracy as a fraction, train time in seconds).
+  "params": int, "flops": int}, ...]` (accuracy as a fraction, train time in seconds; optionally
+  `test_accs` and `seeds`, per training seed, and `test_images`). Beside it the report shows what
+  each step bought (the differences with their spread), the HPO best's values beside the
+  baseline's (`hpo/best.json`, `hpo/search_space.json`) and each stage's wall time (`stage.json`).
 - a ranking result: `ranking.json` holding `{"supernet_acc": [float, ...], "standalone_acc":
   [float, ...]}`, the same subnets in the same order (supernet accuracy after BN recalibration,
   accuracy trained from scratch); other keys (e.g. "archs") are allowed and ignored.
@@ -47,9 +51,9 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write, atomic_write_with
-from effcifar.config import build_config, read_json, read_text
+from effcifar.config import build_config, read_config_file, read_json, read_text
 from effcifar.errors import ConfigError, EffcifarError
-from effcifar.nas.ranking import RankingReport, scatter_plot
+from effcifar.nas.ranking import RankingReport, null_tau_sd, scatter_plot, score_label
 from effcifar.nas.samplers import GENERATION_ATTR
 from effcifar.rundir import locked
 
@@ -69,6 +73,7 @@ RESULTS_COMMAND = "effcifar pipeline"
 TRAINING_COLUMNS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc")  # of logs.tsv, drawn
 SUPERNET_COLUMNS = ("epoch", "train_loss", "valid_panel_mean", "space_size")
 DPI = 100
+FEW = 20  # below this many trials or networks, importances and rank correlations are noisy
 
 
 @dataclass
@@ -140,12 +145,15 @@ def run_kind(run_dir: Path) -> str | None:
     return None
 
 
-def training_runs(run_dir: Path) -> list[Path]:
-    """The training runs of a directory: itself, or its subfolders that are (top_0, top_1, ...)."""
+def training_runs(run_dir: Path, depth: int = 2) -> list[Path]:
+    """The training runs of a directory: itself, or those among its subfolders (top_1, top_2, ...; seed_0,
+    seed_1, ... of a final run with several training seeds), `depth` levels down."""
     if run_kind(run_dir) == "training":
         return [run_dir]
-    return sorted((p for p in run_dir.iterdir() if p.is_dir() and run_kind(p) == "training"),
-                  key=lambda p: (len(p.name), p.name))
+    if depth == 0:
+        return []
+    folders = sorted((p for p in run_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name))
+    return [run for folder in folders for run in training_runs(folder, depth - 1)]
 
 
 def load_study(config_cls: type, config_file: Path) -> optuna.Study:
@@ -175,24 +183,29 @@ def save_figure(figure: Figure, out_dir: Path, name: str, section: Section) -> N
     section.images.append(name)
 
 
-def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
-    """Indices of the points no other point beats (lower x and higher y), sorted by x."""
-    order = sorted(range(len(x)), key=lambda i: (x[i], -y[i]))
+def pareto_front(x: Sequence[float], y: Sequence[float], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats (lower x and better y), sorted by x."""
+    sign = 1 if higher_is_better else -1
+    order = sorted(range(len(x)), key=lambda i: (x[i], -sign * y[i]))
     front, best = [], -math.inf
     for i in order:
-        if y[i] > best:
+        if sign * y[i] > best:
             front.append(i)
-            best = y[i]
+            best = sign * y[i]
     return front
 
 
-def draw_front(ax: Any, x: Sequence[float], y: Sequence[float], label: str) -> None:
-    """All points, and the Pareto front (lower x, higher y) highlighted as a step line."""
+def legend_outside(ax: Any, **kwargs: Any) -> None:
+    """The axes' legend to the right of the plot, where it covers no data point."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small", **kwargs)
+
+
+def draw_front(ax: Any, x: Sequence[float], y: Sequence[float], label: str, higher_is_better: bool = True) -> None:
+    """All points, and the Pareto front (lower x, better y) highlighted as a step line."""
     ax.scatter(x, y, s=18, alpha=0.6, label="trials")
-    front = pareto_front(x, y)
+    front = pareto_front(x, y, higher_is_better)
     ax.step([x[i] for i in front], [y[i] for i in front], where="post", color="tab:red", lw=1.5)
     ax.scatter([x[i] for i in front], [y[i] for i in front], s=40, color="tab:red", label=label, zorder=3)
-    ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
 
 
@@ -217,7 +230,7 @@ def training_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> S
     section.table.append(["run", "epochs", "test accuracy", "train time (s)", "params", "MFLOPs"])
     for i, run in enumerate(runs):
         rows, color = read_tsv(run / "logs.tsv", TRAINING_COLUMNS), f"C{i}"
-        label = run.name if len(runs) > 1 else ""
+        label = str(run.relative_to(run_dir)) if len(runs) > 1 else ""
         epochs = [r["epoch"] for r in rows]
         for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "--", color=color, label=f"{label} train".strip())
@@ -229,14 +242,15 @@ def training_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> S
             section.notes.append(f"{run.name}: no summary.json yet (the run has not finished); "
                                  f"curves show {len(rows)} epochs.")
             continue
-        section.table.append([run.name, str(summary.get("epochs_run", len(rows))), f"{summary['test_acc']:.2%}",
+        section.table.append([str(run.relative_to(run_dir)) if run != run_dir else run.name,
+                              str(summary.get("epochs_run", len(rows))), f"{summary['test_acc']:.2%}",
                               f"{summary['train_time']:.1f}", f"{summary['params']:,}",
                               f"{summary['flops'] / 1e6:,.1f}"])
     for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    legend_outside(acc_ax)
     figure.suptitle(f"{title}: training curves")
     save_figure(figure, out_dir, f"{prefix}_curves.png", section)
     if len(section.table) == 1:
@@ -269,13 +283,14 @@ def hpo_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Sectio
             color="tab:red", label="best so far")
     ax.set(xlabel="trial", ylabel="validation accuracy", title=f"{title}: history")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    legend_outside(ax)
     save_figure(figure, out_dir, f"{prefix}_history.png", section)
 
     figure = new_figure(7, 4)
     ax = figure.add_subplot()
     draw_front(ax, [t.user_attrs["train_time"] for t in complete], [t.user_attrs["accuracy"] for t in complete],
                "Pareto front")
+    legend_outside(ax)
     ax.set(xlabel="train time (s)", ylabel="validation accuracy", title=f"{title}: accuracy vs train time")
     save_figure(figure, out_dir, f"{prefix}_pareto.png", section)
 
@@ -285,9 +300,13 @@ def hpo_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Sectio
         ax = figure.add_subplot()
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
-        ax.set(xlabel="importance for accuracy (PED-ANOVA, normalised)", title=f"{title}: parameter importances")
+        ax.set(xlabel="importance for accuracy (PED-ANOVA, normalised)",
+               title=f"{title}: parameter importances ({len(complete)} trials)")
         ax.grid(alpha=0.3, axis="x")
         save_figure(figure, out_dir, f"{prefix}_importance.png", section)
+        section.notes.append(f"Parameter importances are estimated from {len(complete)} complete trials"
+                             + (f": with fewer than {FEW} they are noisy, a hint rather than a measurement."
+                                if len(complete) < FEW else "."))
     else:
         section.notes.append(f"Parameter importances not drawn: {reason}.")
 
@@ -379,7 +398,7 @@ def supernet_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> S
         section.notes.append("Space shrunk after epoch " + ", ".join(str(e["epoch"]) for e in shrinks)
                              + f"; size now {int(rows[-1]['space_size']):,} architectures.")
     panel_ax.set(xlabel="epoch", ylabel="held-out accuracy (BN recalibrated)", title="reference panel")
-    panel_ax.legend(fontsize="small")
+    legend_outside(panel_ax)
     loss_ax.plot(epochs, [r["train_loss"] for r in rows], "-o", ms=3)
     loss_ax.set(xlabel="epoch", ylabel="train loss (sampled paths)", title="training loss")
     for ax in (panel_ax, loss_ax):
@@ -390,47 +409,87 @@ def supernet_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> S
 
 
 def search_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
-    """Evolution progress (per generation, or best so far per trial) and accuracy vs FLOPs of the candidates."""
-    from effcifar.nas.search import SearchConfig
+    """Search progress and score against FLOPs of the candidates, by the score that ranks them (held-out loss or
+    accuracy), with the search's best (rank 1, exported as top_1) and, in a pipeline, the selected answer marked."""
+    from effcifar.nas.search import SCORES, SearchConfig, ranked_results
 
     section = Section(title, run_dir)
+    config = build_config(SearchConfig, run_dir / "search.yaml")
     trials = load_study(SearchConfig, run_dir / "search.yaml").get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and {"accuracy", "flops"} <= set(t.user_attrs)]
+    attribute = SCORES[config.score]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and {attribute, "flops"} <= set(t.user_attrs)]
     section.notes.append(f"{len(trials)} trials, {len(complete)} evaluated candidates, "
-                         f"{len({t.user_attrs.get('arch_key') for t in complete})} distinct architectures.")
+                         f"{len({t.user_attrs.get('arch_key') for t in complete})} distinct architectures, ranked "
+                         f"by held-out {'accuracy' if config.score == 'accuracy' else 'loss'} (the search's score).")
     if not complete:
         section.notes.append("No evaluated candidate yet: nothing to plot.")
         return section
+    by_loss = config.score == "loss"
+    plotted = (lambda t: t.user_attrs["loss"]) if by_loss else (lambda t: t.user_attrs["accuracy"])  # noqa: E731
+    ylabel = "held-out loss (lower is better)" if by_loss else "held-out accuracy"
+    best_of = min if by_loss else max
 
-    figure = new_figure(7, 4)
+    figure = new_figure(8, 4)
     ax = figure.add_subplot()
     generations: dict[int, list[float]] = {}
     for t in complete:
         if GENERATION_ATTR in t.system_attrs:
-            generations.setdefault(t.system_attrs[GENERATION_ATTR], []).append(t.user_attrs["accuracy"])
+            generations.setdefault(t.system_attrs[GENERATION_ATTR], []).append(plotted(t))
     if generations:
         gens = sorted(generations)
-        ax.plot(gens, [max(generations[g]) for g in gens], "-o", label="best of generation")
+        bests = [best_of(generations[g]) for g in gens]
+        ax.plot(gens, bests, "-o", label="best of generation")
         ax.plot(gens, [float(np.mean(generations[g])) for g in gens], "-s", label="mean of generation")
-        ax.plot(gens, best_so_far([max(generations[g]) for g in gens]), "--", color="tab:red", label="best so far")
+        ax.plot(gens, [best_of(bests[:i + 1]) for i in range(len(bests))], "--", color="tab:red",
+                label="best so far")
         ax.set(xlabel="generation", title=f"{title}: evolution progress")
     else:
-        ax.scatter([t.number for t in complete], [t.user_attrs["accuracy"] for t in complete], s=16, label="candidate")
-        ax.step([t.number for t in complete], best_so_far([t.user_attrs["accuracy"] for t in complete]),
+        values = [plotted(t) for t in complete]
+        ax.scatter([t.number for t in complete], values, s=16, label="candidate")
+        ax.step([t.number for t in complete], [best_of(values[:i + 1]) for i in range(len(values))],
                 where="post", color="tab:red", label="best so far")
         ax.set(xlabel="trial", title=f"{title}: progress")
-    ax.set_ylabel("supernet accuracy (held out)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    legend_outside(ax)
     save_figure(figure, out_dir, f"{prefix}_progress.png", section)
 
-    figure = new_figure(7, 4)
+    figure = new_figure(8, 4)
     ax = figure.add_subplot()
-    draw_front(ax, [t.user_attrs["flops"] / 1e6 for t in complete], [t.user_attrs["accuracy"] for t in complete],
-               "Pareto front")
-    ax.set(xlabel="MFLOPs per image", ylabel="supernet accuracy (held out)", title=f"{title}: accuracy vs FLOPs")
+    flops = [t.user_attrs["flops"] / 1e6 for t in complete]
+    draw_front(ax, flops, [plotted(t) for t in complete], "Pareto front", higher_is_better=not by_loss)
+    best = ranked_results(complete)[0][0]  # rank 1: what the search exports as top_1.json
+    ax.scatter([best.user_attrs["flops"] / 1e6], [plotted(best)], s=220, marker="*", color="gold",
+               edgecolors="black", zorder=4, label=f"rank 1 (trial {best.number})")
+    answer = selected_trial(run_dir, complete)
+    if answer is not None:
+        ax.scatter([answer.user_attrs["flops"] / 1e6], [plotted(answer)], s=140, marker="D", facecolors="none",
+                   edgecolors="tab:green", linewidths=2, zorder=5, label=f"selected answer (trial {answer.number})")
+    legend_outside(ax)
+    ax.set(xlabel="MFLOPs per image", ylabel=ylabel, title=f"{title}: {'loss' if by_loss else 'accuracy'} vs FLOPs")
     save_figure(figure, out_dir, f"{prefix}_flops.png", section)
+    section.notes.append(f"Rank 1 (star): trial {best.number}, held-out {score_text(best, by_loss)} at "
+                         f"{best.user_attrs['flops'] / 1e6:,.1f} MFLOPs.")
     return section
+
+
+def score_text(t: FrozenTrial, by_loss: bool) -> str:
+    """A candidate's held-out figures, the ranking one first."""
+    accuracy = f"accuracy {t.user_attrs['accuracy']:.2%}"
+    return f"loss {t.user_attrs['loss']:.4f} ({accuracy})" if by_loss else accuracy
+
+
+def selected_trial(search_dir: Path, complete: list[FrozenTrial]) -> FrozenTrial | None:
+    """In a pipeline directory, the search trial whose architecture the selection chose (select/answer.json), if
+    the answer is one of the search's networks."""
+    answer_file = search_dir.parent / "select" / "answer.json"
+    if search_dir.name != "search" or not answer_file.is_file():
+        return None
+    try:
+        arch = read_json(answer_file, "selection answer").get("arch")
+    except (ConfigError, AttributeError):
+        return None
+    return next((t for t in complete if dict(t.params) == arch), None)
 
 
 def ranking_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
@@ -447,7 +506,7 @@ def ranking_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Se
         scores = data.get("supernet_score", data["supernet_acc"])  # what the supernet ranked by (accuracy or -loss)
         report = RankingReport.compute(scores, data["standalone_acc"])
         scatter_plot(scores, data["standalone_acc"], out_dir / f"{prefix}_ranking.png",
-                     title=f"{title}: supernet vs standalone")
+                     title=f"{title}: supernet vs standalone", xlabel=score_label(data.get("score", "accuracy")))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     section.images.append(f"{prefix}_ranking.png")
@@ -462,6 +521,10 @@ def ranking_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Se
         return section
     section.notes.append(f"{report.n} subnets: Kendall τ = {report.tau:.3f}, Spearman ρ = {report.rho:.3f}, "
                          f"top-20% overlap {report.top_overlap:.0%}.")
+    section.notes.append(f"A τ over {report.n} networks has a noise floor: two random orders of {report.n} give "
+                         f"τ with a standard deviation of {null_tau_sd(report.n):.2f}"
+                         + (f"; below {FEW} networks, read it as a rough indication only." if report.n < FEW
+                            else "."))
     return section
 
 
@@ -525,37 +588,175 @@ def retrain_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Se
     section = Section(title, run_dir)
     rows = read_json(run_dir / "retrain.json", "retraining results")
     if isinstance(rows, list) and rows and isinstance(rows[0], dict):
-        section.notes.append(f"{rows[0].get('how', '')}: test accuracy {rows[0].get('test_acc', 0):.2%} "
+        section.notes.append(f"{rows[0].get('how', '')}: test accuracy {accuracy_cell(rows[0])} "
                              f"({rows[0].get('run', '')}).")
     return section
 
 
-def results_section(run_dir: Path) -> Section:
-    """The final table of results.json: accuracy, train time, params and FLOPs per method."""
-    path = run_dir / RESULTS
-    section = Section("Final results", path)
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of results.json, checked to be a list of objects."""
     rows = read_json(path)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ConfigError(f"{path}: expected a list of {{name, test_acc, train_time, params, flops}} objects")
+    return rows
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def seed_accuracies(row: dict[str, Any]) -> list[float]:
+    """A final run's test accuracy per training seed (one value for rows written before seeds were recorded)."""
+    accs = row.get("test_accs")
+    if isinstance(accs, list) and accs and all(is_number(a) for a in accs):
+        return [float(a) for a in accs]
+    return [float(row["test_acc"])] if is_number(row.get("test_acc")) else []
+
+
+def accuracy_cell(row: dict[str, Any]) -> str:
+    """Test accuracy: one seed's, or mean ± s.d. over the seeds."""
+    accs = seed_accuracies(row)
+    if len(accs) > 1:
+        return f"{float(np.mean(accs)):.2%} ± {float(np.std(accs, ddof=1)):.2%} (n={len(accs)})"
+    return f"{accs[0]:.2%}" if accs else "—"
+
+
+def sampling_se(accuracy: float, images: Any) -> float | None:
+    """The binomial standard error of a test accuracy measured on `images` images (None if unknown)."""
+    return math.sqrt(accuracy * (1 - accuracy) / images) if is_number(images) and images > 0 else None
+
+
+def difference_row(label: str, a: dict[str, Any], b: dict[str, Any]) -> list[str] | None:
+    """[comparison, difference, spread, how] of test accuracy a − b in points, or None if either is missing.
+
+    Several seeds (the same in both): the mean of the per-seed differences ± their s.d. (paired by seed).
+    One seed: the difference ± its test-set sampling error alone (1 s.e.), since seeds were not varied.
+    """
+    accs_a, accs_b = seed_accuracies(a), seed_accuracies(b)
+    if not accs_a or not accs_b:
+        return None
+    if a.get("run") is not None and a.get("run") == b.get("run"):
+        return [label, "+0.00", "—", "the same run (the incumbent won the selection)"]
+    if len(accs_a) == len(accs_b) > 1 and a.get("seeds") == b.get("seeds"):
+        diffs = [(x - y) * 100 for x, y in zip(accs_a, accs_b)]
+        return [label, f"{np.mean(diffs):+.2f}", f"± {np.std(diffs, ddof=1):.2f} s.d.",
+                f"{len(diffs)} training seeds, paired by seed"]
+    mean_a, mean_b = float(np.mean(accs_a)), float(np.mean(accs_b))
+    se_a, se_b = sampling_se(mean_a, a.get("test_images")), sampling_se(mean_b, b.get("test_images"))
+    spread = f"± {math.hypot(se_a, se_b) * 100:.2f} s.e." if se_a is not None and se_b is not None else "—"
+    how = "one seed each: test-set sampling error only" if len(accs_a) == len(accs_b) == 1 else \
+        f"means over {len(accs_a)} and {len(accs_b)} seeds (not paired): test-set sampling error only"
+    return [label, f"{(mean_a - mean_b) * 100:+.2f}", spread, how]
+
+
+def results_section(run_dir: Path) -> Section:
+    """The final table of results.json: accuracy (mean ± s.d. over training seeds), train time, params, FLOPs."""
+    path = run_dir / RESULTS
+    section = Section("Final results", path)
+    rows = read_results(path)
 
     def cell(row: dict[str, Any], key: str, fmt: Callable[[Any], str]) -> str:
         value = row.get(key)
-        return fmt(value) if isinstance(value, (int, float)) else "—"
+        return fmt(value) if is_number(value) else "—"
 
     section.table.append(["method", "test accuracy", "train time (s)", "params", "MFLOPs"])
     for r in rows:
-        section.table.append([str(r.get("name", "?")), cell(r, "test_acc", lambda v: f"{v:.2%}"),
-                              cell(r, "train_time", lambda v: f"{v:.1f}"), cell(r, "params", lambda v: f"{v:,.0f}"),
-                              cell(r, "flops", lambda v: f"{v / 1e6:,.1f}")])
-    by_name = {r.get("name"): r for r in rows}
-    nas, hpo = by_name.get("nas", {}), by_name.get("hpo", {})
-    if isinstance(nas.get("test_acc"), (int, float)) and isinstance(hpo.get("test_acc"), (int, float)):
-        verdict = str(nas.get("verdict", ""))
-        section.notes.append(f"NAS answer {nas.get('answer', 'nas')}: {nas['test_acc']:.2%} test at "
-                             f"{nas.get('flops', 0) / 1e6:,.1f} MFLOPs vs HPO best {hpo['test_acc']:.2%} at "
-                             f"{hpo.get('flops', 0) / 1e6:,.1f}: {(nas['test_acc'] - hpo['test_acc']) * 100:+.2f} points "
-                             f"(one training seed each; chosen on held-out images). {verdict[:1].upper() + verdict[1:]}")
+        name = f"{r.get('name', '?')} ({r['answer']})" if "answer" in r else str(r.get("name", "?"))
+        section.table.append([name, accuracy_cell(r), cell(r, "train_time", lambda v: f"{v:.1f}"),
+                              cell(r, "params", lambda v: f"{v:,.0f}"), cell(r, "flops", lambda v: f"{v / 1e6:,.1f}")])
+    seeds = max((len(seed_accuracies(r)) for r in rows), default=1)
+    if seeds == 1:
+        section.notes.append("Each final run was trained with one seed: the accuracies carry no seed-to-seed spread "
+                             "(run the pipeline with --seeds 3 or more to measure it).")
+    else:
+        section.notes.append(f"Test accuracy: mean ± standard deviation over {seeds} training seeds of each final "
+                             f"run.")
+    nas = next((r for r in rows if r.get("name") == "nas"), {})
+    if nas.get("verdict"):
+        verdict = str(nas["verdict"])
+        section.notes.append(f"NAS answer: {verdict[:1].upper() + verdict[1:]}")
     return section
+
+
+def gains_section(run_dir: Path) -> Section:
+    """What each step bought: the test-accuracy differences between the final runs, with their spread."""
+    path = run_dir / RESULTS
+    section = Section("What each step bought", path)
+    by_name = {r.get("name"): r for r in read_results(path)}
+    baseline, hpo, nas = (by_name.get(name) for name in ("baseline", "hpo", "nas"))
+    section.table.append(["comparison", "test accuracy difference (points)", "spread", "from"])
+    for label, a, b in (("HPO best − baseline", hpo, baseline), ("NAS answer − baseline", nas, baseline),
+                        ("NAS answer − HPO best", nas, hpo)):
+        row = difference_row(label, a, b) if a and b else None
+        if row is not None:
+            section.table.append(row)
+    if len(section.table) == 1:
+        section.table = []
+        section.notes.append("No two final runs to compare yet.")
+        return section
+    seeds = max(len(seed_accuracies(r)) for r in by_name.values())
+    if seeds == 1:
+        section.notes.append("One training seed per final run: a difference below about twice its spread is within "
+                             "the noise, and seed-to-seed variation (not measured here) typically adds as much again.")
+    else:
+        section.notes.append(f"{seeds} training seeds per final run; with fewer than about 5 the standard deviation "
+                             f"is itself a rough estimate.")
+    return section
+
+
+def hpo_best_section(run_dir: Path) -> Section:
+    """The HPO best's values of the searched hyper-parameters beside the baseline's."""
+    best_file = run_dir / "hpo" / "best.json"
+    section = Section("HPO best against the baseline", best_file)
+    best = read_json(best_file, "HPO best")
+    space_file = run_dir / "hpo" / "search_space.json"
+    space = read_json(space_file, "search space") if space_file.is_file() else {}
+    baseline_runs = training_runs(run_dir / "baseline") if (run_dir / "baseline").is_dir() else []
+    baseline = read_config_file(baseline_runs[0] / "config.yaml") if baseline_runs else {}
+    names = list(space) or sorted(k for k in best if k in baseline and best[k] != baseline[k])
+    section.table.append(["hyper-parameter", "baseline", "HPO best", "searched"])
+    for name in names:
+        rule = space.get(name, {})
+        searched = f"{rule.get('_type', '')} {rule.get('_value', '')}".strip() if isinstance(rule, dict) else ""
+        section.table.append([name, shown_value(baseline.get(name, "—")), shown_value(best.get(name, "—")), searched])
+    section.notes.append("The HPO best's final run trains at the baseline's budget with these values "
+                         "(fields the trials shortened, e.g. epochs, are the baseline's).")
+    return section
+
+
+def shown_value(value: Any) -> str:
+    """A hyper-parameter's value in a table cell (floats to 4 significant digits)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def stage_times_section(run_dir: Path) -> Section:
+    """Wall time of every stage from its stage.json (the attempt that finished it)."""
+    section = Section("Wall time per stage", run_dir)
+    section.table.append(["stage", "wall time", "state"])
+    total = 0.0
+    for name, _, _ in STAGES:
+        marker_file = run_dir / name / "stage.json"
+        if not marker_file.is_file():
+            continue
+        marker = read_json(marker_file, "stage marker")
+        seconds = marker.get("seconds") if isinstance(marker, dict) else None
+        finished = isinstance(marker, dict) and marker.get("finished") is not None
+        if is_number(seconds):
+            total += seconds
+        section.table.append([name, format_seconds(seconds) if is_number(seconds) else "—",
+                              "finished" if finished else "started, not finished"])
+    if len(section.table) == 1:
+        section.table = []
+        section.notes.append("No stage has started yet.")
+        return section
+    section.table.append(["all stages", format_seconds(total), ""])
+    section.notes.append("A stage resumed after an interruption counts the attempt that finished it.")
+    return section
+
+
+def format_seconds(seconds: float) -> str:
+    """12.3 s, or 4 min 05 s."""
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 SECTIONS: dict[str, Callable[[str, Path, Path, str], Section]] = {
@@ -580,6 +781,7 @@ def pipeline_sections(run_dir: Path, out_dir: Path) -> tuple[list[Section], list
     sections, missing = [], []
     if (run_dir / RESULTS).is_file():
         sections.append(guarded(results_section, "Final results", run_dir / RESULTS, run_dir))
+        sections.append(guarded(gains_section, "What each step bought", run_dir / RESULTS, run_dir))
     else:
         missing.append((f"final results table ({RESULTS})", RESULTS_COMMAND))
     for name, title, command in STAGES:
@@ -587,10 +789,16 @@ def pipeline_sections(run_dir: Path, out_dir: Path) -> tuple[list[Section], list
         kind = run_kind(stage) if stage.is_dir() else None
         if name == "retrain" and stage.is_dir() and (training_runs(stage) or (stage / "retrain.json").is_file()):
             kind = "retrain"
+        elif kind is None and stage.is_dir() and training_runs(stage):  # a final run's training seeds: seed_S/
+            kind = "training"
         if kind is None or kind == "pipeline":
             missing.append((f"{title} ({name}/)", command.format(run=run_dir)))
             continue
         sections.append(guarded(SECTIONS[kind], title, stage, title, stage, out_dir, name))
+        if name == "hpo" and (stage / "best.json").is_file():
+            sections.append(guarded(hpo_best_section, "HPO best against the baseline", stage / "best.json", run_dir))
+    if any((run_dir / name / "stage.json").is_file() for name, _, _ in STAGES):
+        sections.append(guarded(stage_times_section, "Wall time per stage", run_dir, run_dir))
     return sections, missing
 
 

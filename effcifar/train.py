@@ -2,7 +2,8 @@
 
 `train(TrainConfig(...), out_dir)` loads the data onto the device, builds the network, runs SGD
 with the piecewise-linear schedule and writes the run directory: `config.yaml`, `logs.tsv`
-(one row per epoch), `summary.json` and `model.pt`.
+(one row per epoch), `summary.json` and `model.pt` (the weights with the input normalisation, class
+names and architecture: `effcifar.load_model` predicts from it alone).
 
 Three seams keep the loop short and the config about what every run shares:
 
@@ -56,6 +57,7 @@ from effcifar.rundir import locked
 # it at load time; the recipe imports core. resnet9: cifar10-fast (the default); airbench: effcifar.airbench.
 RECIPES = {"resnet9": "effcifar.train:Recipe", "airbench": "effcifar.airbench:AirbenchRecipe"}
 ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
+MODEL_FORMAT = "effcifar-model/1"  # model.pt: a `model_record`, not a bare state dict
 IMAGE_SIDE = 32
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
 
@@ -178,7 +180,7 @@ class TrainConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentFields, 
     registers what reads and builds them (`register_subnet_builder`).
     """
 
-    RENAMED: ClassVar[dict[str, str]] = {"total_epoch": "epochs"}  # old key -> field, accepted with a notice
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"total_epoch": "epochs"}  # old key -> field, accepted with a notice
 
     recipe: str = setting("resnet9", "the training method; airbench changes the defaults of the fields it tunes",
                           tuple(RECIPES))
@@ -234,7 +236,7 @@ class TrainConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentFields, 
         types_ = {name: kind for fields_class in recipe_fields_classes().values()
                   for name, kind in field_types(fields_class).items()}
         hints = typing.get_type_hints(cls)
-        return {**types_, **{old: hints[new] for old, new in cls.RENAMED.items()}}
+        return {**types_, **{old: hints[new] for old, new in cls.RENAMED_FIELDS.items()}}
 
     @classmethod
     def for_recipe(cls, recipe: str = "resnet9", **fields: Any) -> "TrainConfig":
@@ -626,6 +628,9 @@ class Loop:
     device: torch.device
     precision: str
     dataset: dict[str, Any]  # name, source, classes
+    mean: tuple[float, ...]  # the input normalisation (per channel, 0..255 units) and the class names: model.pt's
+    std: tuple[float, ...]
+    classes: list[str]
     params: int  # trainable parameters and forward FLOPs per image, counted before training
     flops: int
     start: float  # time.perf_counter() at the run's start
@@ -723,7 +728,7 @@ def run_training(config: TrainConfig, out: Path | None, hooks: Sequence[TrainHoo
             break
     summary = run_summary(loop, history, stopped_early)
     if out is not None:
-        atomic_torch_save(loop.model.state_dict(), out / "model.pt")
+        atomic_torch_save(model_record(loop.model, config, loop.mean, loop.std, loop.classes), out / "model.pt")
         atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return TrainResult(model=loop.model, history=history, summary=summary, out_dir=out, stopped_early=stopped_early)
 
@@ -739,8 +744,8 @@ def start_loop(config: TrainConfig, data: CifarData | None) -> Loop:
     check_memory(config, data, device, precision, functools.partial(recipe.build_model, data.num_classes))
     train_loader, valid_loader = device_loaders(config, data, device, recipe.augment())
     test_loader = valid_loader
+    mean, std = data.mean_std()
     if config.holdout:
-        mean, std = data.mean_std()
         test_loader = DeviceLoader(data.x_test, data.y_test, batch_size=config.eval_batch_size, mean=mean, std=std,
                                    device=device, channels_last=config.channels_last)
     seed_everything(config.seed)
@@ -749,7 +754,8 @@ def start_loop(config: TrainConfig, data: CifarData | None) -> Loop:
         model = model.to(memory_format=torch.channels_last)
     dataset = {"name": data.name, "source": data.source, "num_classes": data.num_classes}
     return Loop(config, recipe, model, recipe.train_step(model, precision), train_loader, valid_loader, test_loader,
-                device, precision, dataset, count_parameters(model), count_flops(model), start)
+                device, precision, dataset, tuple(mean), tuple(std), list(data.classes), count_parameters(model),
+                count_flops(model), start)
 
 
 def write_run_config(config: TrainConfig, out: Path) -> None:
@@ -825,14 +831,15 @@ def run_summary(loop: Loop, history: Sequence[EpochMetrics], stopped_early: bool
     }
 
 
-def load_model(run_dir: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a trained network from a run directory (summary.json + model.pt, weights_only; arch.json for a subnet)."""
-    run = Path(run_dir)
-    summary = read_json(run / "summary.json", "run summary")
-    values = dict(summary["config"])
-    if values.get("arch") is not None and (run / ARCH_FILE).is_file():
-        values["arch"] = str(run / ARCH_FILE)  # the run's own copy (with its space)
-    config = build_from_layers(TrainConfig, [(f"{run / 'summary.json'}: config", values, False)])
-    model = recipe_for(config).build_model(summary["dataset"]["num_classes"])
-    model.load_state_dict(torch.load(run / "model.pt", map_location=map_location, weights_only=True))
-    return model
+def model_record(model: nn.Module, config: TrainConfig, mean: Sequence[float], std: Sequence[float],
+                 classes: Sequence[str]) -> dict[str, Any]:
+    """What model.pt holds: the weights and all a prediction needs without the dataset (`effcifar.load_model`):
+    the input normalisation (per-channel mean and std in 0..255 units), the class names, the config and, for a
+    NAS subnet, its architecture and space. Plain data and tensors only, so `torch.load(weights_only=True)` reads
+    it."""
+    record = {"format": MODEL_FORMAT, "state_dict": model.state_dict(), "mean": [float(v) for v in mean],
+              "std": [float(v) for v in std], "classes": [str(c) for c in classes], "config": asdict(config)}
+    if config.arch is not None:
+        space, arch = config.architecture()
+        record["arch"] = {"arch": dict(arch), "space": space.to_dict()}
+    return record

@@ -15,7 +15,8 @@ from effcifar.airbench import (
 from effcifar.config import build_config
 from effcifar.data import DeviceLoader, make_synthetic
 from effcifar.errors import ConfigError
-from effcifar.train import TrainConfig, load_model, mirror_logits, train
+from effcifar.inference import load_model
+from effcifar.train import TrainConfig, mirror_logits, train
 
 TINY = dict(dataset="synthetic", layer1=8, layer2=16, layer3=16, batch_size=128, subset=512, epochs=1,
             peak_epoch=0.3, eval_batch_size=500)
@@ -237,7 +238,7 @@ def test_one_epoch_synthetic_run(tmp_path, synthetic):
     assert summary["config"]["recipe"] == "airbench" and summary["epochs_run"] == 1
     assert summary["test_acc"] == result.history[-1].valid_acc and np.isfinite(result.history[0].train_loss)
     assert result.history[0].train_loss < np.log(10) + 0.5
-    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["state_dict"]
     assert state["0.weight"].shape == (24, 3, 2, 2)
     reloaded, trained = load_model(tmp_path / "run").eval(), result.model.cpu().float().eval()
     x = torch.randn(2, 3, 32, 32)

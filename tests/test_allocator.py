@@ -75,7 +75,7 @@ def test_bad_value_is_a_one_line_error_naming_the_variable():
 def test_spawned_hpo_workers_apply_the_setting(tmp_path: Path, files, monkeypatch, setting):
     base, space = files
     monkeypatch.setenv("EFFCIFAR_MALLOC", setting)  # the workers inherit the environment, as from the CLI
-    run_study(HpoConfig(space=str(space), base=str(base), trials=2, workers=2, seed=0), tmp_path / "hpo")
+    run_study(HpoConfig(space=str(space), base=str(base), trials=2, workers=2, sampler_seed=0), tmp_path / "hpo")
     trials = load_run(tmp_path / "hpo")[1].get_trials()
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2  # both ran in a spawned worker
     summaries = [json.loads((tmp_path / "hpo" / t.user_attrs["run_dir"] / "summary.json").read_text()) for t in trials]

@@ -149,6 +149,8 @@ def test_unreadable_files(inputs, capsys, args, message):
      "command line: field 'seed': expected a seed in 0..4294967295, got 100000000000000000000"),
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--seed", "-1", "--out", "{tmp}/run"],
      "command line: field 'seed': expected a seed in 0..4294967295, got -1"),
+    (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--sampler-seed", "-1", "--out",
+      "{tmp}/run"], "command line: field 'sampler_seed': expected a seed in 0..4294967295, got -1"),
     (["pipeline", "--set", "seed=-1", "--out", "{tmp}/run"],
      "command line: field 'seed': expected a seed in 0..4294967295, got -1"),
     (["pipeline", "--set", "train.layer1.x=1", "--out", "{tmp}/run"],
@@ -180,8 +182,8 @@ def test_a_huge_value_is_quoted_in_at_most_a_hundred_characters(inputs, capsys):
      "--workers: expected 1 to {max_workers} training processes on this machine, got 1000000"),
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--workers", "1000000", "--out", "{tmp}/run"],
      "command line: field 'workers': expected 1 to {max_workers} processes on this machine, got 1000000"),
-    (["nas-eval", "{tmp}/supernet", "--epochs", "1", "--sample", "1000000000"],
-     "--sample: expected at most 10000 subnets to train, got 1000000000"),
+    (["nas-eval", "{tmp}/supernet", "--epochs", "1", "--trials", "1000000000"],
+     "--trials: expected at most 10000 subnets to train, got 1000000000"),
 ])
 def test_work_beyond_the_machine_is_refused_before_it_starts(inputs, capsys, args, message):
     run_bad(inputs, capsys, args, message.replace("{max_workers}", str(4 * os.cpu_count())))

@@ -127,13 +127,64 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(tmp_path):
     assert effcifar("train", *TINY, "--out", str(out), "--quiet").returncode == 0
     model = (out / "model.pt").read_bytes()
     limit = len(model) - 1  # the logs and the config still fit; the model does not (EFBIG, as a full disk)
-    r = subprocess.run([sys.executable, "-m", "effcifar", "train", *TINY, "--seed", "1", "--out", str(out), "--quiet"],
+    # a second run writing over the first one's files, as a pipeline stage does through the API (the command
+    # itself refuses an --out that holds a run: its check is switched off here)
+    code = ("import sys; from effcifar import cli; cli.rundir_files = lambda out: set(); "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "train", *TINY, "--seed", "1", "--out", str(out), "--quiet"],
                        capture_output=True, text=True, timeout=300,
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"{out / 'model.pt'}: disk full (File too large); the previous file, if any, is kept" in r.stderr
     assert (out / "model.pt").read_bytes() == model
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".kind"]  # no temp file, no lock left
+
+
+def test_train_into_a_run_directory_is_refused_unless_overwrite(tmp_path, capsys):
+    from effcifar.cli import main
+
+    out = tmp_path / "run"
+    tiny = [*TINY, "--threads", "1", "--precision", "fp32", "--subset", "128"]
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"an earlier run's")
+    assert main(["train", *tiny, "--seed", "1", "--out", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert f"{out}: holds a run already" in error and "--overwrite" in error and len(error.splitlines()) == 1
+    assert (out / "model.pt").read_bytes() == b"an earlier run's"
+    (out / "stale.txt").write_text("from before")
+    assert main(["train", *tiny, "--seed", "1", "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["seed"] == 1 and not (out / "stale.txt").exists()
+
+
+def test_old_option_names_still_work_with_one_notice_each(capsys):
+    from effcifar.cli import build_parser
+    from effcifar import config
+
+    config._warned.clear()
+    args = build_parser("search").parse_args(["search", "runs/s", "--out", "o", "--evaluations", "7", "--top-k", "3",
+                                               "--top-k-export", "2", "--seed", "5", "--evaluations", "8"])
+    assert (args.trials, args.parents, args.export, args.sampler_seed) == ("8", "3", "2", "5")
+    assert build_parser("nas-eval").parse_args(["nas-eval", "runs/sn", "--sample", "4"]).trials == 4
+    assert build_parser("retrain").parse_args(["retrain", "runs/s", "--top", "2"]).best == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 6 and "effcifar: warning: option --evaluations is deprecated" in lines[0]
+    assert lines[0].endswith("use --trials")
+    with pytest.raises(SystemExit):
+        build_parser("search").parse_args(["search", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--evaluations" not in help_text and "--trials" in help_text and "--sampler-seed" in help_text
+
+
+def test_hpo_run_seed_is_the_trials_training_seed(tmp_path):
+    from effcifar.cli import build_parser, hpo_config_from_args
+    from effcifar.hpo import study as hpo
+
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"peak_lr": {"_type": "uniform", "_value": [0.1, 0.2]}}))
+    args = build_parser("hpo").parse_args(["hpo", "run", "--space", str(space), *TINY, "--seed", "3",
+                                           "--sampler-seed", "9", "--out", str(tmp_path / "hpo")])
+    config, _, base = hpo_config_from_args(args, hpo)
+    assert config.sampler_seed == 9 and base.seed == 3
 
 
 @pytest.mark.slow

@@ -135,13 +135,14 @@ def test_the_peak_left_out_is_the_recipes_share_of_the_run():
 
 
 def test_the_old_name_total_epoch_is_accepted_with_one_notice(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(config_lib, "_NOTICES", set())
+    monkeypatch.setattr(config_lib, "_warned", set())
     path = tmp_path / "old.yaml"
     path.write_text("total_epoch: 4\npeak_epoch: 1\n")
     assert build_config(TrainConfig, path).epochs == 4
     assert build_config(TrainConfig, None, {"total_epoch": "2"}, overrides_from_text=True).epochs == 2
     err = capsys.readouterr().err
-    assert err == f"effcifar: {path}: 'total_epoch' is now 'epochs'; the old name is accepted until the next release\n"
+    assert err == (f"effcifar: warning: {path}: field 'total_epoch' is deprecated (it still works for now): "
+                   f"use 'epochs'\n")
     path.write_text("total_epoch: 4\nepochs: 4\n")
     with pytest.raises(ConfigError, match="field 'epochs': given twice"):
         build_config(TrainConfig, path)

@@ -37,7 +37,7 @@ def hpo_command(files, out, study, trials, *extra):
 def test_two_machines_share_one_study_exactly(tmp_path, files):
     """Both machines run the same command (docs/hpo.md); a third with another seed is refused."""
     study = f"shared-{uuid.uuid4().hex[:8]}"
-    settings = ["--sampler", "random", "--pruner", "none", "--seed", "0"]
+    settings = ["--sampler", "random", "--pruner", "none", "--sampler-seed", "0"]
     procs = [subprocess.Popen(hpo_command(files, tmp_path / f"worker{i}", study, 6, *settings),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -84,7 +84,7 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(tmp_path, files)
     base, _ = files
     base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "epochs": 4}))
     out = tmp_path / "w"
-    cmd = hpo_command(files, out, study, 2, "--heartbeat", "1", "--seed", "0")
+    cmd = hpo_command(files, out, study, 2, "--heartbeat", "1", "--sampler-seed", "0")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("trials/*/logs.tsv")):
@@ -139,7 +139,7 @@ def test_the_password_reaches_no_file_and_no_screen(tmp_path):
     out = tmp_path / f"secret-{uuid.uuid4().hex[:8]}"  # the studies are named after it in the shared database
     in_query = f"postgresql://{USER}@{SERVER}?sslmode=disable&pass%77ord={ENCODED}"
     settings = ["--set", f"hpo.storage={URL}", "--set", f"search.storage={in_query}", "--set", "hpo.trials=2",
-                "--set", "search.evaluations=4", "--set", "select.pool=1", "--set", "nas_eval.sample=0"]
+                "--set", "search.trials=4", "--set", "select.pool=1", "--set", "nas_eval.trials=0"]
     tiny = str(Path(__file__).parent / "data" / "pipeline_tiny.yaml")
     printed = []
 
@@ -158,7 +158,7 @@ def test_the_password_reaches_no_file_and_no_screen(tmp_path):
     for action in ("status", "best", "export"):
         run("hpo", action, str(out / "hpo"), env=with_pgpassword)
     resumed = run("pipeline", "--config", str(out / "pipeline.yaml"), "--quiet", "--out", str(out), env=with_pgpassword)
-    assert resumed.count("skipped (finished)") == 7 and "nas_eval: skipped (nas_eval.sample is 0)" in resumed
+    assert resumed.count("skipped (finished)") == 7 and "nas_eval: skipped (nas_eval.trials is 0)" in resumed
     files = [p for p in out.rglob("*") if p.is_file()]
     assert {"pipeline.yaml", "hpo.yaml", "search.yaml", "trials.csv", "report.html"} <= {p.name for p in files}
     for secret in spellings(PASSWORD):

@@ -37,7 +37,7 @@ def test_study_runs_trials_records_attributes_and_best_reloads(tmp_path, files):
     base, space = files
     run = tmp_path / "hpo"
     seen = []
-    run_study(HpoConfig(space=str(space), base=str(base), trials=3, seed=0), run, on_trial=seen.append)
+    run_study(HpoConfig(space=str(space), base=str(base), trials=3, sampler_seed=0), run, on_trial=seen.append)
     assert [t.number for t in seen] == [0, 1, 2]
     _, study = load_run(run)
     trials = study.get_trials()
@@ -56,7 +56,7 @@ def test_study_runs_trials_records_attributes_and_best_reloads(tmp_path, files):
 @pytest.mark.slow
 def test_budget_counts_across_restarts_and_seed_reproduces(tmp_path, files):
     base, space = files
-    cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=7, sampler="random")
+    cfg = HpoConfig(space=str(space), base=str(base), trials=2, sampler_seed=7, sampler="random")
     run_study(cfg, tmp_path / "a")
     run_study(cfg, tmp_path / "a")  # nothing left to do
     assert len(states(tmp_path / "a")) == 2
@@ -75,7 +75,7 @@ def one_trial_study(tmp_path_factory):
     (files / "space.json").write_text(json.dumps(TINY_SPACE))
     (files / "other_base.json").write_text(json.dumps({**TINY_BASE, "label_smoothing": 0.1}))
     (files / "other_space.json").write_text(json.dumps({**TINY_SPACE, "cutout": {"_type": "choice", "_value": [0]}}))
-    config = HpoConfig(space=str(files / "space.json"), base=str(files / "base.json"), trials=1, seed=7,
+    config = HpoConfig(space=str(files / "space.json"), base=str(files / "base.json"), trials=1, sampler_seed=7,
                        sampler="random", pruner="none")
     run = tmp_path_factory.mktemp("study") / "hpo"
     run_study(config, run)
@@ -85,7 +85,7 @@ def one_trial_study(tmp_path_factory):
 @pytest.mark.parametrize("change, changed", [
     ({"sampler": "tpe"}, "sampler"),
     ({"pruner": "median"}, "pruner"),
-    ({"seed": 8}, "seed"),
+    ({"sampler_seed": 8}, "seed"),
     ({"objective": "acc,time"}, "objective"),
     ({"dataset": "synthetic100"}, "base.dataset"),
     ({"base": "other_base.json"}, "base.label_smoothing"),
@@ -153,7 +153,7 @@ def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files)
     base, _ = files
     space = tmp_path / "explode.json"
     space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [1e30, 0.1]}}))
-    run_study(HpoConfig(space=str(space), base=str(base), trials=3, sampler="random", seed=0, max_failures=10),
+    run_study(HpoConfig(space=str(space), base=str(base), trials=3, sampler="random", sampler_seed=0, max_failures=10),
               tmp_path / "hpo")
     _, study = load_run(tmp_path / "hpo")
     trials = study.get_trials()
@@ -166,7 +166,7 @@ def test_failed_trial_is_recorded_with_reason_and_study_goes_on(tmp_path, files)
 @pytest.mark.slow
 def test_two_workers_share_the_budget_without_duplicates(tmp_path, files):
     base, space = files
-    run_study(HpoConfig(space=str(space), base=str(base), trials=4, workers=2, seed=0), tmp_path / "hpo")
+    run_study(HpoConfig(space=str(space), base=str(base), trials=4, workers=2, sampler_seed=0), tmp_path / "hpo")
     _, study = load_run(tmp_path / "hpo")
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
@@ -180,7 +180,7 @@ def test_two_workers_share_the_budget_without_duplicates(tmp_path, files):
 @pytest.mark.slow
 def test_trial_of_a_dead_worker_is_failed_and_retried(tmp_path, files):
     base, space = files
-    cfg = HpoConfig(space=str(space), base=str(base), trials=2, seed=0)
+    cfg = HpoConfig(space=str(space), base=str(base), trials=2, sampler_seed=0)
     run = tmp_path / "hpo"
     run.mkdir()
     study = open_study(cfg, open_storage(cfg, run))
@@ -205,7 +205,7 @@ def test_kill_9_mid_trial_then_rerun_reaches_the_budget(tmp_path, files):
     slow = {**TINY_BASE, "subset": 2048, "epochs": 4}
     base.write_text(json.dumps(slow))
     cmd = [sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--config", str(base),
-           "--trials", "2", "--seed", "0", "--out", str(run)]
+           "--trials", "2", "--sampler-seed", "0", "--out", str(run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the first trial has finished an epoch
@@ -240,7 +240,7 @@ def test_tie_rule_prefers_less_training_work_whatever_the_clock_says():
 @pytest.mark.slow
 def test_trials_record_their_training_work_and_hold_out_training_images(tmp_path, files):
     base, space = files
-    run_study(HpoConfig(space=str(space), base=str(base), trials=1, seed=0), tmp_path / "hpo")
+    run_study(HpoConfig(space=str(space), base=str(base), trials=1, sampler_seed=0), tmp_path / "hpo")
     _, study = load_run(tmp_path / "hpo")
     (t,) = study.get_trials()
     a = t.user_attrs
@@ -253,7 +253,8 @@ def test_trials_record_their_training_work_and_hold_out_training_images(tmp_path
 @pytest.mark.slow
 def test_select_on_test_keeps_the_test_set_only_when_asked(tmp_path, files):
     base, space = files
-    run_study(HpoConfig(space=str(space), base=str(base), trials=1, seed=0, select_on_test=True), tmp_path / "hpo")
+    run_study(HpoConfig(space=str(space), base=str(base), trials=1, sampler_seed=0, select_on_test=True),
+              tmp_path / "hpo")
     _, study = load_run(tmp_path / "hpo")
     assert study.get_trials()[0].user_attrs["config"]["holdout"] == 0
 
@@ -263,14 +264,15 @@ def test_a_study_whose_trials_all_fail_raises_with_the_first_reason(tmp_path, fi
     space = tmp_path / "explode.json"
     space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [1e30]}}))
     with pytest.raises(TrialsFailed, match="2 failed trial.*TrainingDiverged: train loss is nan"):
-        run_study(HpoConfig(space=str(space), base=str(base), trials=5, max_failures=2, seed=0), tmp_path / "hpo")
+        run_study(HpoConfig(space=str(space), base=str(base), trials=5, max_failures=2, sampler_seed=0),
+                  tmp_path / "hpo")
     assert states(tmp_path / "hpo") == [TrialState.FAIL] * 2  # the bound stopped it, not the budget of 5
 
 
 @pytest.mark.slow
 def test_accuracy_and_time_objective_gives_a_pareto_front(tmp_path, files):
     base, space = files
-    study = run_study(HpoConfig(space=str(space), base=str(base), trials=3, objective="acc,time", seed=0,
+    study = run_study(HpoConfig(space=str(space), base=str(base), trials=3, objective="acc,time", sampler_seed=0,
                                 sampler="nsga2"), tmp_path / "hpo")
     trials = study.get_trials()
     assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in trials)

@@ -21,7 +21,7 @@ LAYERS = [
     ["effcifar", "effcifar.errors", "effcifar.allocator", "effcifar.atomic", "effcifar.rundir", "effcifar.config",
      "effcifar.data", "effcifar.device", "effcifar.memory", "effcifar.models", "effcifar.train", "effcifar.airbench"],
     ["effcifar.nas", "effcifar.nas.space", "effcifar.nas.ops", "effcifar.nas.network", "effcifar.nas.costs",
-     "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking"],
+     "effcifar.nas.table", "effcifar.nas.latency", "effcifar.nas.ranking", "effcifar.inference"],
     ["effcifar.studies"],
     ["effcifar.hpo", "effcifar.hpo.space", "effcifar.hpo.experiment", "effcifar.hpo.study",
      "effcifar.nas.samplers", "effcifar.nas.path_samplers", "effcifar.nas.evaluation", "effcifar.nas.shrinking",

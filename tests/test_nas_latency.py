@@ -117,7 +117,7 @@ def test_no_candidate_over_the_latency_limit_is_evaluated(supernet_run, tmp_path
     slowest = extreme_arch(table.ms, probe.space, largest=True)
     limit = (table.latency_of(table.fastest()) + table.latency_of(slowest)) / 2
     table.save(out / LATENCY_FILE)  # run_search reuses it (same device and setup), so the limit is exact
-    study = run_search(config(strategy=strategy, evaluations=8, max_latency_ms=limit), supernet_run, out)
+    study = run_search(config(strategy=strategy, trials=8, max_latency_ms=limit), supernet_run, out)
     assert LatencyTable.load(out / LATENCY_FILE) == table
     assert len(study.trials) == 8 and evaluations
     assert all(table.latency_of(arch) <= limit for arch in evaluations)
@@ -140,11 +140,11 @@ def test_impossible_latency_limit_is_a_config_error_before_any_file(supernet_run
 @pytest.mark.slow
 def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path, monkeypatch):
     out = tmp_path / "cli"
-    result = cli(str(supernet_run), "--strategy", "nsga2", "--cost", "latency", "--evaluations", "5",
-                 "--population", "4", "--mutations", "1", "--crossovers", "1", "--top-k-export", "2",
+    result = cli(str(supernet_run), "--strategy", "nsga2", "--cost", "latency", "--trials", "5",
+                 "--population", "4", "--mutations", "1", "--crossovers", "1", "--export", "2",
                  "--precision", "fp32", "--threads", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "latency table (cpu" in result.stdout and "Pareto front (accuracy vs latency)" in result.stdout
+    assert "latency table (cpu" in result.stdout and "Pareto front (held-out loss vs latency)" in result.stdout
     study = optuna.load_study(study_name="cli", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(out / "study.journal"))))
     done = complete(study)
@@ -153,7 +153,7 @@ def test_cli_nsga2_against_latency_records_two_objectives(supernet_run, tmp_path
     assert "latency_ms" in json.loads((out / "architecture_final.json").read_text())
     # Latency values were told to the study: resuming it against FLOPs, or with another table method, is refused.
     with pytest.raises(ConfigError, match="another supernet run, evaluation setup or objectives"):
-        run_search(config(strategy="nsga2", evaluations=6), supernet_run, out)
+        run_search(config(strategy="nsga2", trials=6), supernet_run, out)
     by_latency, by_flops = config(strategy="nsga2", cost="latency"), config(strategy="nsga2")
     before = [fingerprint(search_lib.setup_values(c, supernet_run)) for c in (by_latency, by_flops)]
     monkeypatch.setattr(search_lib, "LATENCY_VERSION", latency_lib.VERSION - 1)

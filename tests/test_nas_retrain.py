@@ -16,8 +16,9 @@ from effcifar.nas.network import Supernet
 from effcifar.nas.ranking import RankingReport, kendall_tau
 from effcifar.nas.retrain import base_config, nas_eval, retrain_top
 from effcifar.nas.search import SearchConfig, arch_key, run_search
+from effcifar.inference import load_model
 from effcifar.nas.space import ArchSpace
-from effcifar.train import TrainConfig, load_model, recipe_for
+from effcifar.train import TrainConfig, recipe_for
 
 from conftest import NARROW
 
@@ -41,9 +42,9 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def search_run(supernet_run) -> tuple[Path, Path]:
-    """(supernet run, search run): the tiny supernet, then 4 random evaluations (top 3 exported)."""
+    """(supernet run, search run): the tiny supernet, then 4 random trials (best 3 exported)."""
     search = supernet_run.parent / "search"
-    run_search(SearchConfig(strategy="random", evaluations=4, precision="fp32", threads=1, top_k_export=3),
+    run_search(SearchConfig(strategy="random", trials=4, precision="fp32", threads=1, export=3),
                supernet_run, search)
     return supernet_run, search
 
@@ -82,8 +83,8 @@ def test_train_arch_cli_and_load_model_round_trip(tmp_path):
     assert saved["arch"] == ARCH and ArchSpace.from_dict(saved["space"]) == ArchSpace.seed()
     arch_file.unlink()  # the run keeps its own copy
     model = load_model(out)
-    state = torch.load(out / "model.pt", weights_only=True)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    state = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(model.network.state_dict()[k], v) for k, v in state.items())
 
 
 @pytest.mark.slow
@@ -102,7 +103,7 @@ def test_arch_errors_are_one_line_and_name_the_file(tmp_path):
 
 def test_export_embeds_the_space(search_run):
     supernet_dir, search_dir = search_run
-    records = [json.loads((search_dir / "arch" / f"top_{i}.json").read_text()) for i in range(3)]
+    records = [json.loads((search_dir / "arch" / f"top_{rank}.json").read_text()) for rank in (1, 2, 3)]
     assert all(ArchSpace.from_dict(r["space"]) == ArchSpace.seed() for r in records)
     assert json.loads((search_dir / "architecture_final.json").read_text()) == records[0]
 
@@ -113,14 +114,14 @@ def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
     base = base_config(supernet_dir, None, {**TINY, "peak_epoch": "0.5"}, overrides_from_text=True)
     assert base.prep == NARROW["prep"] and base.holdout == 100 and base.epochs == 1
     rows = retrain_top(search_dir, 2, tmp_path / "retrain", base)
-    assert [r["rank"] for r in rows] == [0, 1]
+    assert [r["rank"] for r in rows] == [1, 2]
     table = json.loads((tmp_path / "retrain" / "retrain.json").read_text())
     assert table == rows and len((tmp_path / "retrain" / "retrain.tsv").read_text().splitlines()) == 3
-    for i, row in enumerate(rows):
-        record = json.loads((search_dir / "arch" / f"top_{i}.json").read_text())
+    for row in rows:
+        record = json.loads((search_dir / "arch" / f"top_{row['rank']}.json").read_text())
         assert row["trial"] == record["trial"] and row["supernet_acc"] == record["accuracy"]
         assert row["params"] == record["params"] and row["flops"] == record["flops"]
-        summary = json.loads((tmp_path / "retrain" / f"top_{i}" / "summary.json").read_text())
+        summary = json.loads((tmp_path / "retrain" / f"top_{row['rank']}" / "summary.json").read_text())
         assert summary["dataset"]["valid_split"] == "holdout"  # held-out images for the holdout column, test for test
         assert (row["standalone_holdout_acc"], row["standalone_test_acc"]) == (summary["final_valid_acc"],
                                                                                summary["test_acc"])
@@ -130,7 +131,7 @@ def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="finished with another config"):
         retrain_top(search_dir, 1, tmp_path / "retrain", base_config(supernet_dir, None, {**TINY, "peak_lr": "0.1"},
                                                                      overrides_from_text=True))
-    with pytest.raises(ConfigError, match="top_3.json: no such architecture file"):
+    with pytest.raises(ConfigError, match="top_4.json: no such architecture file"):
         retrain_top(search_dir, 4, tmp_path / "retrain", base)
 
 
@@ -138,12 +139,13 @@ def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
 def test_retrain_cli(search_run, tmp_path):
     supernet_dir, search_dir = search_run
     out = tmp_path / "r"
-    result = cli("retrain", str(search_dir), "--top", "1", "--epochs", "1", "--subset", "300", "--batch-size", "50",
+    result = cli("retrain", str(search_dir), "--best", "1", "--epochs", "1", "--subset", "300", "--batch-size", "50",
                  "--threads", "1", "--precision", "fp32", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "supernet (held out)" in result.stdout and len(json.loads((out / "retrain.json").read_text())) == 1
-    assert json.loads((out / "top_0" / "summary.json").read_text())["config"]["peak_epoch"] == pytest.approx(5 / 24)
-    result = cli("retrain", str(tmp_path), "--top", "1", cwd=tmp_path)
+    assert json.loads((out / "top_1" / "summary.json").read_text())["config"]["peak_epoch"] == pytest.approx(5 / 24)
+    result = cli("retrain", str(tmp_path), "--top", "1", cwd=tmp_path)  # the old name still works, with a warning
+    assert "option --top is deprecated" in result.stderr
     assert result.returncode == 2 and "not a search run" in result.stderr
 
 
@@ -151,7 +153,7 @@ def test_retrain_cli(search_run, tmp_path):
 def test_nas_eval_ranks_random_subnets(search_run, tmp_path, monkeypatch):
     supernet_dir, _ = search_run
     out = tmp_path / "nas_eval"
-    result = cli("nas-eval", str(supernet_dir), "--sample", "3", "--epochs", "1", "--subset", "300",
+    result = cli("nas-eval", str(supernet_dir), "--trials", "3", "--epochs", "1", "--subset", "300",
                  "--batch-size", "50", "--threads", "1", "--precision", "fp32", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Kendall tau" in result.stdout and "FLOPs" in result.stdout and "parameters" in result.stdout
@@ -177,7 +179,7 @@ def test_nas_eval_ranks_random_subnets(search_run, tmp_path, monkeypatch):
                                                           "precision": "fp32"})
     assert json.loads((out / "ranking.json").read_text())["standalone_acc"] == ranking["standalone_acc"]
     assert again.n == 3
-    result = cli("nas-eval", str(supernet_dir), "--sample", "3", cwd=tmp_path)
+    result = cli("nas-eval", str(supernet_dir), "--trials", "3", cwd=tmp_path)
     assert result.returncode == 2 and "--epochs: required" in result.stderr
 
 

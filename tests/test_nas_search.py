@@ -19,7 +19,7 @@ from effcifar.rundir import LOCK_FILE, locked
 from effcifar.studies import open_storage
 
 # Small generations so that a few trials reach mutation and crossover.
-SMALL = dict(population=4, top_k=2, mutations=1, crossovers=1, precision="fp32", threads=1, top_k_export=3)
+SMALL = dict(population=4, parents=2, mutations=1, crossovers=1, precision="fp32", threads=1, export=3)
 
 
 def config(**changes) -> SearchConfig:
@@ -35,7 +35,7 @@ def test_no_candidate_over_a_limit_is_evaluated(supernet_run, tmp_path, evaluati
     evaluator = CandidateEvaluator.from_run(supernet_run, config())
     limit = (evaluator.costs.flops_of(evaluator.costs.extreme(False)) + evaluator.costs.flops_of(
         evaluator.costs.extreme(True))) / 2
-    study = run_search(config(strategy=strategy, evaluations=8, max_flops=limit), supernet_run, tmp_path / "s")
+    study = run_search(config(strategy=strategy, trials=8, max_flops=limit), supernet_run, tmp_path / "s")
     assert len(study.trials) == 8 and evaluations
     assert all(evaluator.costs.flops_of(arch) <= limit for arch in evaluations)
     assert all(t.user_attrs["flops"] <= limit for t in complete(study))
@@ -66,9 +66,9 @@ def test_cache_shares_architectures_that_differ_only_in_inactive_convs(supernet_
 @pytest.mark.slow
 def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp_path, evaluations):
     out = tmp_path / "s"
-    run_search(config(strategy="random", evaluations=5), supernet_run, out)
+    run_search(config(strategy="random", trials=5), supernet_run, out)
     assert len(evaluations) == 5
-    study = run_search(config(strategy="random", evaluations=9), supernet_run, out)  # the same command resumes
+    study = run_search(config(strategy="random", trials=9), supernet_run, out)  # the same command resumes
     keys = [t.user_attrs["arch_key"] for t in complete(study)]
     assert len(study.trials) == 9 and len(evaluations) == len(set(keys))
     # A fresh evaluator synced from the study has every key cached.
@@ -76,10 +76,10 @@ def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp
     evaluator.sync(study.get_trials())
     assert all(evaluator.evaluate(t.params)[1] for t in complete(study)) and evaluator.evaluated == []
     with pytest.raises(ConfigError, match=r"another supernet run, evaluation setup or objectives \(bn_batches chan"):
-        run_search(config(strategy="random", evaluations=10, bn_batches=1), supernet_run, out)
+        run_search(config(strategy="random", trials=10, bn_batches=1), supernet_run, out)
     moved = tmp_path / "moved"  # a renamed search directory keeps its study (the name search.yaml records)
     out.rename(moved)
-    study = run_search(config(strategy="random", evaluations=10), supernet_run, moved)
+    study = run_search(config(strategy="random", trials=10), supernet_run, moved)
     assert study.study_name == "s" and len(study.trials) == 10
     assert optuna.study.get_all_study_names(open_storage(config(), moved)) == ["s"]
 
@@ -87,7 +87,7 @@ def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp
 @pytest.mark.slow
 def test_a_search_directory_in_use_is_refused(supernet_run, tmp_path):
     with locked(tmp_path / "s", "search"):
-        result = cli(str(supernet_run), "--evaluations", "2", "--out", str(tmp_path / "s"))
+        result = cli(str(supernet_run), "--trials", "2", "--out", str(tmp_path / "s"))
         assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".kind", LOCK_FILE]  # the refused search wrote nothing
     assert result.returncode == 2 and f"{tmp_path / 's'}: in use by another effcifar process (PID {os.getpid()})" \
         in result.stderr
@@ -95,17 +95,19 @@ def test_a_search_directory_in_use_is_refused(supernet_run, tmp_path):
 
 def test_export_then_import_round_trip(supernet_run, tmp_path):
     out = tmp_path / "s"
-    study = run_search(config(strategy="evolution", evaluations=6), supernet_run, out)
+    study = run_search(config(strategy="evolution", trials=6), supernet_run, out)
     space = ArchSpace.seed()
     records = export_top(study, out, 3)
     assert [r["loss"] for r in records] == sorted(r["loss"] for r in records)  # best first, by loss (the default)
-    for i, record in enumerate(records):
-        saved = json.loads((out / "arch" / f"top_{i}.json").read_text())
-        assert set(saved) >= {"arch", "accuracy", "top5", "flops", "params"} and saved == record
-        assert load_arch(out / "arch" / f"top_{i}.json", space) == study.trials[record["trial"]].params
+    assert [r["rank"] for r in records] == [1, 2, 3]  # ranks as users see them, in files too
+    for record in records:
+        saved = json.loads((out / "arch" / f"top_{record['rank']}.json").read_text())
+        assert set(saved) >= {"arch", "rank", "accuracy", "top5", "flops", "params"} and saved == record
+        assert load_arch(out / "arch" / f"top_{record['rank']}.json", space) == study.trials[record["trial"]].params
     assert json.loads((out / "architecture_final.json").read_text()) == records[0]
+    (out / "arch" / "top_0.json").write_text("{}")  # an export numbered from 0, as before
     export_top(study, out, 1)  # fewer: the stale files go
-    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_0.json"]
+    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_1.json"]
     plain = tmp_path / "nni.json"
     plain.write_text(json.dumps(records[0]["arch"]))
     assert load_arch(plain, space) == records[0]["arch"]
@@ -134,7 +136,7 @@ def test_config_checks_and_missing_supernet(tmp_path):
         build_config(SearchConfig, None, {"population": 10, "mutations": 8, "crossovers": 8})
     with pytest.raises(ConfigError, match="not a finished supernet run"):
         run_search(SearchConfig(), tmp_path / "nothing", tmp_path / "out")
-    assert SearchConfig().evaluations == 50 * 20
+    assert SearchConfig().trials == 50 * 20
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -145,12 +147,13 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_cli_end_to_end_tiny_search(supernet_run, tmp_path):
     out = tmp_path / "cli"
-    result = cli(str(supernet_run), "--strategy", "nsga2", "--evaluations", "5", "--population", "4",
-                 "--mutations", "1", "--crossovers", "1", "--top-k-export", "2", "--precision", "fp32",
+    result = cli(str(supernet_run), "--strategy", "nsga2", "--trials", "5", "--population", "4",
+                 "--mutations", "1", "--crossovers", "1", "--export", "2", "--precision", "fp32",
                  "--threads", "1", "--workers", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "top 2 of 5 trials" in result.stdout and "Pareto front" in result.stdout
-    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_0.json", "top_1.json"]
+    assert "best 2 of 5 trials, ranked by held-out loss" in " ".join(result.stdout.split())
+    assert "Pareto front (held-out loss vs flops)" in result.stdout
+    assert sorted(p.name for p in (out / "arch").iterdir()) == ["top_1.json", "top_2.json"]
     final = json.loads((out / "architecture_final.json").read_text())
     assert load_arch(out / "architecture_final.json", ArchSpace.seed()) == final["arch"]
     study = optuna.load_study(study_name="cli", storage=optuna.storages.JournalStorage(
@@ -160,7 +163,7 @@ def test_cli_end_to_end_tiny_search(supernet_run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--strategy", "bayes"], "field 'strategy': expected one of evolution, random, nsga2, got 'bayes'"),
-    (["--evaluations", "many"], "field 'evaluations': expected a value of type int"),
+    (["--trials", "many"], "field 'trials': expected a value of type int"),
 ])
 @pytest.mark.slow
 def test_cli_bad_input_is_one_line(supernet_run, tmp_path, args, message):
@@ -200,7 +203,7 @@ def test_joint_width_and_op_space_trains_and_searches(tmp_path):
     train_supernet(SupernetConfig(space="seed-widths", dataset="synthetic", subset=500, holdout=100, batch_size=50,
                                   bn_batches=2, panel_random=0, eval_batch_size=100, precision="fp32", threads=1,
                                   epochs=1, **NARROW), run, warn=lambda message: None)
-    study = run_search(config(strategy="random", evaluations=4), run, tmp_path / "search")
+    study = run_search(config(strategy="random", trials=4), run, tmp_path / "search")
     evaluator = CandidateEvaluator.from_run(run, config())
     widest, narrowest = evaluator.costs.extreme(True), evaluator.costs.extreme(False)
     assert widest["stage2.width"] == "1x" and narrowest["stage2.width"] == "0.5x"

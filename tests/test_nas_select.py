@@ -32,7 +32,7 @@ TINY = {"subset": 500, "batch_size": 50, "eval_batch_size": 100, "precision": "f
 def search_run(supernet_run) -> Path:
     """A random search of 12 evaluations over the tiny supernet."""
     search = supernet_run.parent / "search_for_select"
-    run_search(SearchConfig(strategy="random", evaluations=12, precision="fp32", threads=1, top_k_export=2),
+    run_search(SearchConfig(strategy="random", trials=12, precision="fp32", threads=1, export=2),
                supernet_run, search)
     return search
 

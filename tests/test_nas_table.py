@@ -183,7 +183,7 @@ def test_table_mode_refuses_training_options(tiny_supernet, capsys):
     assert err.count("\n") == 0 and "--epochs: does not apply with --table" in err
 
 
-@pytest.mark.parametrize("mode", [["--table", "nas-bench-macro"], ["--sample", "3", "--epochs", "1"]])
+@pytest.mark.parametrize("mode", [["--table", "nas-bench-macro"], ["--trials", "3", "--epochs", "1"]])
 def test_a_bad_score_is_one_line_naming_its_source(tiny_supernet, tmp_path, capsys, mode):
     out = tmp_path / "out"
     assert main(["nas-eval", str(tiny_supernet), *mode, "--score", "bogus", "--out", str(out)]) == 2
@@ -230,7 +230,7 @@ def test_a_rerun_reuses_the_scores_and_keeps_their_scoring_time(tiny_supernet, t
 ])
 def test_a_damaged_scores_file_is_one_line_naming_it(tiny_supernet, tmp_path, capsys, field, value, expected):
     path, out = ordered_tiny_table(tmp_path), tmp_path / "out"
-    command = ["nas-eval", str(tiny_supernet), "--table", str(path), "--sample", "0", "--out", str(out)]
+    command = ["nas-eval", str(tiny_supernet), "--table", str(path), "--trials", "0", "--out", str(out)]
     assert main(command) == 0
     capsys.readouterr()
     scores_file = out / "scores.json"

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "pipeline_tiny.yaml"
 # Files whose bytes are deterministic (CPU runs are bitwise reproducible; times are not compared).
 SAME_BYTES = ["hpo/best.json", "baseline/model.pt", "hpo_best/model.pt", "supernet/supernet.pt",
-              "search/arch/top_0.json", "search/arch/top_1.json", "select/answer.json", "select/trials/incumbent/model.pt"]
+              "search/arch/top_1.json", "search/arch/top_2.json", "select/answer.json",
+              "select/trials/incumbent/model.pt"]
 
 
 def effcifar(*args: str, **kwargs) -> subprocess.Popen:
@@ -79,7 +80,7 @@ def test_medium_preset_keeps_quicks_split_and_widths_at_larger_budgets():
     assert [medium.train[w] for w in WIDTHS] == [quick.train[w] for w in WIDTHS]
     assert medium.hpo["space"] == quick.hpo["space"]
     for section, field in (("train", "epochs"), ("hpo", "trials"), ("supernet", "epochs"),
-                           ("search", "evaluations")):
+                           ("search", "trials")):
         assert getattr(medium, section)[field] > getattr(quick, section)[field], (section, field)
     assert medium.trial_base().epochs > quick.trial_base().epochs
 
@@ -87,15 +88,15 @@ def test_medium_preset_keeps_quicks_split_and_widths_at_larger_budgets():
 def test_full_preset_is_the_seeds_scale():
     config = load_pipeline_config("full")
     assert config.hpo["trials"] >= 100 and config.supernet["epochs"] == 200 and config.subset == 0
-    assert config.search["evaluations"] == config.search["population"] * 20 and config.train["epochs"] == 24
+    assert config.search["trials"] == config.search["population"] * 20 and config.train["epochs"] == 24
     assert config.trial_base().epochs == 24 and config.supernet_config({}, "none").lr_factor == 0.3
 
 
 def test_layers_file_over_preset_and_command_line_over_file(tmp_path):
     file = tmp_path / "mine.yaml"
-    file.write_text("subset: 5000\nsearch: {evaluations: 50}\nhpo: {trial: {epochs: 3}}\n")
+    file.write_text("subset: 5000\nsearch: {trials: 50}\nhpo: {trial: {epochs: 3}}\n")
     config = load_pipeline_config("quick", file, {"search.population": "12", "hpo.trial.peak_epoch": "1"})
-    assert config.subset == 5000 and config.search["evaluations"] == 50 and config.search["population"] == 12
+    assert config.subset == 5000 and config.search["trials"] == 50 and config.search["population"] == 12
     assert config.search["strategy"] == "evolution"  # kept from the preset
     assert config.hpo["trial"] == {"epochs": 3, "peak_epoch": 1.0}
     assert config.trial_base().epochs == 3 and config.baseline_config().epochs == 4
@@ -116,9 +117,9 @@ def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet(
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"search.evalutions": "3"}, "command line: field 'search.evalutions': unknown (known: storage, heartbeat, study, "
-                                 "strategy, evaluations"),
-    ({"search.evaluations": "0"}, "command line, section search: field 'evaluations': expected a positive integer, got 0"),
+    ({"search.trails": "3"}, "command line: field 'search.trails': unknown (known: storage, heartbeat, study, "
+                             "strategy, trials"),
+    ({"search.trials": "0"}, "command line, section search: field 'trials': expected a positive integer, got 0"),
     ({"train.epochs": "x"}, "command line: field 'train.epochs': expected a value of type int, got 'x'"),
     ({"train.subset": "3"}, "field 'train.subset': set 'subset' at the top level"),
     ({"supernet.hparams": "b.json"}, "field 'supernet.hparams': set by the pipeline itself"),
@@ -126,7 +127,8 @@ def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet(
     ({"select.min_epochs": "9"}, "min_epochs: the first rung must fit the training budget; expected at most "
                                  "epochs = 4, got 9"),
     ({"select.max_flops": "1e6"}, "field 'select.max_flops': set by the pipeline itself"),
-    ({"nas_eval.sample": "1"}, "field 'nas_eval.sample': expected 0 (skip) or at least 2"),
+    ({"nas_eval.trials": "1"}, "field 'nas_eval.trials': expected 0 (skip) or at least 2"),
+    ({"seeds": "0"}, "command line: field 'seeds': expected a positive number of training seeds, got 0"),
     ({"hpo.trial.epochs": "0"}, "section hpo.trial: field 'epochs': expected a positive integer"),
     ({"hpo.space": "x"}, "field 'hpo.space': set the search space in a --config file"),
     ({"nonsense": "1"}, "command line: unknown field 'nonsense'"),
@@ -149,15 +151,60 @@ def test_bad_values_in_a_file_name_the_file(tmp_path):
         load_pipeline_config("huge")
 
 
+def test_top_level_seed_seeds_the_samplers_and_old_section_names_still_work(tmp_path, capsys):
+    config = load_pipeline_config("quick", None, {"seed": "5"})
+    assert (config.plan.hpo.sampler_seed, config.plan.search.sampler_seed, config.plan.baseline.seed) == (5, 5, 5)
+    assert load_pipeline_config("quick", None, {"seed": "5", "search.sampler_seed": "2"}).plan.search.sampler_seed == 2
+    file = tmp_path / "old.yaml"
+    file.write_text("search: {evaluations: 50, top_k: 3}\nnas_eval: {sample: 4}\n")
+    config = load_pipeline_config("quick", file)
+    assert (config.search["trials"], config.search["parents"], config.plan.nas_eval_trials) == (50, 3, 4)
+    error = capsys.readouterr().err
+    assert "field 'search.evaluations' is deprecated (it still works for now): use 'search.trials'" in error
+    assert "field 'nas_eval.sample' is deprecated" in error
+
+
+def test_final_runs_with_several_training_seeds(tmp_path):
+    from effcifar.pipeline import Pipeline
+    from effcifar.pipeline.stages import TrainingStage
+
+    from effcifar.data import make_synthetic
+
+    config = load_pipeline_config("quick", TINY, {"seeds": "2", "train.epochs": "1", "subset": "256",
+                                                  "holdout": "64", "train.batch_size": "64", "threads": "1",
+                                                  "precision": "fp32"})
+    pipeline = Pipeline(config, tmp_path / "p")
+    pipeline.data = make_synthetic(n_train=300, n_test=200)  # a small stand-in, loaded once
+    stage = pipeline.execute(TrainingStage(pipeline, "baseline", config.plan.baseline))
+    assert sorted(p.name for p in (tmp_path / "p" / "baseline").iterdir() if p.is_dir()) == ["seed_0", "seed_1"]
+    row = stage.result("baseline")
+    assert row["seeds"] == [0, 1] and len(row["test_accs"]) == 2 and row["test_acc"] == pytest.approx(
+        sum(row["test_accs"]) / 2) and "test_acc_sd" in row
+    resumed = Pipeline(config, tmp_path / "p")
+    resumed.data = pipeline.data
+    again = resumed.execute(TrainingStage(resumed, "baseline", config.plan.baseline))
+    assert again.result("baseline") == row  # finished: loaded, not trained again
+
+
+def test_trial_counts_name_failed_and_pruned_trials():
+    from types import SimpleNamespace
+
+    from effcifar.pipeline.stages import trial_counts
+
+    trials = [SimpleNamespace(state=SimpleNamespace(name=n)) for n in ("COMPLETE", "FAIL", "PRUNED", "COMPLETE")]
+    assert trial_counts(trials) == "4 trials (1 failed, 1 pruned)"
+    assert trial_counts(trials[:1]) == "1 trial"
+
+
 def test_nest():
     assert nest({"a.b": "1", "a.c.d": "2", "e": "3"}) == {"a": {"b": "1", "c": {"d": "2"}}, "e": "3"}
 
 
 @pytest.mark.slow
 def test_cli_bad_setting_exits_2_with_one_line_and_writes_nothing(tmp_path):
-    process = effcifar("pipeline", "--set", "search.evaluations=0", "--out", str(tmp_path / "run"))
+    process = effcifar("pipeline", "--set", "search.trials=0", "--out", str(tmp_path / "run"))
     output = finish_failing(process)
-    assert output.count("\n") == 1 and "error: command line, section search: field 'evaluations'" in output
+    assert output.count("\n") == 1 and "error: command line, section search: field 'trials'" in output
     assert not (tmp_path / "run").exists()
 
 
@@ -170,9 +217,9 @@ def finish_failing(process: subprocess.Popen) -> str:
 
 @pytest.mark.slow
 def test_show_config_prints_every_setting_loadable_again(tmp_path):
-    output = finish(effcifar("pipeline", "--preset", "quick", "--set", "search.evaluations=77", "--show-config"))
+    output = finish(effcifar("pipeline", "--preset", "quick", "--set", "search.trials=77", "--show-config"))
     settings = yaml.safe_load(output)
-    assert settings["search"]["evaluations"] == 77 and settings["hpo"]["space"]["peak_lr"]["_type"] == "loguniform"
+    assert settings["search"]["trials"] == 77 and settings["hpo"]["space"]["peak_lr"]["_type"] == "loguniform"
     file = tmp_path / "shown.yaml"
     file.write_text(output)
     assert load_pipeline_config("quick", file).to_dict() == settings
@@ -216,6 +263,10 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     assert "[8/8] nas_eval" in output and "test accuracy" in output and "selection: " in output
     html = (out / "report" / "report.html").read_text()
     assert "Not (yet) available" not in html and "Final results" in html
+    for section in ("What each step bought", "HPO best against the baseline", "Wall time per stage"):
+        assert section in html
+    assert "3 trials" in output and "search done in" in output  # the study stages count their trials
+    assert nas["seeds"] == [0] and nas["test_images"] == hpo_best["dataset"]["valid_images"]
     assert load_pipeline_config("quick", out / "pipeline.yaml").to_dict() == load_pipeline_config("quick", TINY).to_dict()
 
 
@@ -231,8 +282,8 @@ def test_running_again_skips_every_finished_stage(uninterrupted, tmp_path):
 @pytest.mark.slow
 def test_another_setting_is_refused_for_a_finished_stage(uninterrupted):
     out, _ = uninterrupted
-    output = finish_failing(pipeline(out, "--set", "search.evaluations=7"))
-    assert f"{out / 'search'}: stage 'search' was run with other settings (settings.evaluations differ)" in output
+    output = finish_failing(pipeline(out, "--set", "search.trials=7"))
+    assert f"{out / 'search'}: stage 'search' was run with other settings (settings.trials differ)" in output
     output = finish_failing(pipeline(out, "--set", "hpo.trials=4"))
     assert "stage 'hpo' was run with other settings (settings.hpo.trials differ)" in output
 
@@ -308,8 +359,8 @@ def test_live_view_shows_stage_units_time_left_and_best(tmp_path):
     lines = []
     monitor = LineMonitor(7)
     monitor.print = lines.append
-    monitor.stage_started("search", 5, True, "evaluations", 30, 12)
-    assert lines == ["[5/7] search (resumed: 12 of 30 evaluations done)"]
+    monitor.stage_started("search", 5, True, "trials", 30, 12)
+    assert lines == ["[5/7] search (resumed: 12 of 30 trials done)"]
 
 
 @pytest.mark.slow

@@ -1,16 +1,19 @@
 """The report: partial runs, a full pipeline directory of tiny real runs, the page in headless Chromium, the CLI."""
 
+import io
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
 
 from effcifar.data import make_synthetic
 from effcifar.errors import ConfigError
-from effcifar.hpo.study import HpoConfig, run_study
+from effcifar.hpo.study import HpoConfig, run_study, write_best
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.select import SelectConfig, select_from_search
 from effcifar.nas.supernet import SupernetConfig
@@ -41,14 +44,16 @@ def pipeline(tmp_path_factory) -> Path:
     files = tmp_path_factory.mktemp("hpo-files")
     (files / "base.json").write_text(json.dumps(tiny))
     (files / "space.json").write_text(json.dumps(TINY_SPACE))
-    run_study(HpoConfig(space=str(files / "space.json"), base=str(files / "base.json"), trials=3, seed=0,
+    run_study(HpoConfig(space=str(files / "space.json"), base=str(files / "base.json"), trials=3, sampler_seed=0,
                         pruner="none"), root / "hpo")
+    write_best(root / "hpo")
+    (root / "hpo" / "search_space.json").write_text(json.dumps(TINY_SPACE))  # as the pipeline keeps it
     supernet = SupernetConfig(dataset="synthetic", subset=300, holdout=100, batch_size=50, bn_batches=1,
                               panel_random=1, eval_batch_size=100, precision="fp32", threads=1, epochs=2,
                               shrink_at="1", shrink_samples=1, **NARROW)
     train_supernet(supernet, root / "supernet", warn=lambda message: None)
-    run_search(SearchConfig(population=4, top_k=2, mutations=1, crossovers=1, evaluations=8, precision="fp32",
-                            threads=1, top_k_export=2), root / "supernet", root / "search")
+    run_search(SearchConfig(population=4, parents=2, mutations=1, crossovers=1, trials=8, precision="fp32",
+                            threads=1, export=2), root / "supernet", root / "search")
     select_from_search(SelectConfig(pool=1), root / "search", root / "select",
                        TrainConfig(**{**tiny, "subset": 300, "holdout": 100, **NARROW}))
     for copy in ("hpo_best", "retrain/answer"):
@@ -81,8 +86,16 @@ def test_full_pipeline_draws_every_section(pipeline, tmp_path):
         assert drawn[stage].images == images, (stage, drawn[stage].notes)
         for name in images:
             assert (tmp_path / "out" / name).read_bytes().startswith(b"\x89PNG")
-    final = drawn["results.json"].table
+    titled = {s.title: s for s in report.sections}
+    final = titled["Final results"].table
     assert [row[0] for row in final] == ["method", "baseline", "hpo", "nas"] and final[3][1] == "94.00%"
+    assert "one seed" in " ".join(titled["Final results"].notes)
+    assert [row[0] for row in titled["What each step bought"].table[1:]] == [
+        "HPO best − baseline", "NAS answer − baseline", "NAS answer − HPO best"]
+    assert titled["HPO best against the baseline"].table[0] == ["hyper-parameter", "baseline", "HPO best", "searched"]
+    search_notes = " ".join(drawn["search"].notes)
+    assert "ranked by held-out loss" in search_notes and "Rank 1 (star): trial" in search_notes
+    assert "noise floor" in " ".join(drawn["nas_eval"].notes)
     text = report.path.read_text()
     assert "Not (yet) available" not in text and "Kendall τ = 1.000" in text and "Space shrunk after epoch 1" in text
     assert "http" not in text and "<script" not in text  # opens offline, needs no JavaScript
@@ -94,7 +107,7 @@ def test_partial_pipeline_names_what_is_missing(pipeline, tmp_path):
     path = write_report(root)
     assert path == root / "report" / "report.html"
     report = make_report(root)
-    assert [s.source.name for s in report.sections] == ["baseline", "hpo"]
+    assert [s.source.name for s in report.sections] == ["baseline", "hpo", "best.json"]
     missing = "\n".join(what for what, _ in report.missing)
     for name in ("results.json", "hpo_best/", "supernet/", "search/", "select/", "retrain/", "nas_eval/"):
         assert name in missing
@@ -128,6 +141,50 @@ def test_single_runs_and_an_unfinished_training_run(pipeline, tmp_path):
 def test_hpo_with_one_trial_says_why_importances_are_missing(pipeline, tmp_path):
     trials = load_study(HpoConfig, pipeline / "hpo" / "hpo.yaml").trials
     assert param_importances(trials[:1]) == ({}, "needs at least 2 complete trials, there is 1")
+
+
+def test_what_each_step_bought_with_several_training_seeds(pipeline, tmp_path):
+    root = partial(pipeline, tmp_path, "baseline", "hpo")
+    common = {"train_time": 10.0, "params": 1000, "flops": 2_000_000, "seeds": [0, 1], "test_images": 10000}
+    (root / "results.json").write_text(json.dumps([
+        {**common, "name": "baseline", "test_acc": 0.90, "test_accs": [0.89, 0.91], "test_acc_sd": 0.01414,
+         "run": "baseline"},
+        {**common, "name": "hpo", "test_acc": 0.93, "test_accs": [0.925, 0.935], "run": "hpo_best"},
+        {**common, "name": "nas", "test_acc": 0.93, "test_accs": [0.925, 0.935], "run": "hpo_best",
+         "answer": "incumbent"}]))
+    sections = {s.title: s for s in make_report(root).sections}
+    assert sections["Final results"].table[1] == ["baseline", "90.00% ± 1.41% (n=2)", "10.0", "1,000", "2.0"]
+    assert sections["Final results"].table[3][0] == "nas (incumbent)"
+    gains = sections["What each step bought"].table
+    assert gains[1] == ["HPO best − baseline", "+3.00", "± 0.71 s.d.", "2 training seeds, paired by seed"]
+    assert gains[3] == ["NAS answer − HPO best", "+0.00", "—", "the same run (the incumbent won the selection)"]
+
+
+def test_one_seed_differences_carry_the_test_sampling_error(pipeline, tmp_path):
+    root = partial(pipeline, tmp_path, "baseline")
+    (root / "results.json").write_text(json.dumps([{**r, "test_images": 10000} for r in RESULTS]))
+    gains = {s.title: s for s in make_report(root).sections}["What each step bought"]
+    assert gains.table[1] == ["HPO best − baseline", "+2.00", "± 0.38 s.e.",
+                              "one seed each: test-set sampling error only"]
+    assert "One training seed per final run" in " ".join(gains.notes)
+
+
+def test_wall_time_per_stage_from_the_stage_markers(pipeline, tmp_path):
+    root = partial(pipeline, tmp_path, "baseline", "hpo")
+    (root / "baseline" / "stage.json").write_text(json.dumps({"stage": "baseline", "fingerprint": "x",
+                                                              "finished": "2026-12-07T08:00:00", "seconds": 75.5}))
+    (root / "hpo" / "stage.json").write_text(json.dumps({"stage": "hpo", "fingerprint": "y", "finished": None}))
+    times = {s.title: s for s in make_report(root).sections}["Wall time per stage"].table
+    assert times == [["stage", "wall time", "state"], ["baseline", "1 min 15 s", "finished"],
+                     ["hpo", "—", "started, not finished"], ["all stages", "1 min 15 s", ""]]
+
+
+def test_hpo_best_beside_the_baseline(pipeline, tmp_path):
+    root = partial(pipeline, tmp_path, "baseline", "hpo")
+    table = {s.title: s for s in make_report(root).sections}["HPO best against the baseline"].table
+    best = json.loads((root / "hpo" / "best.json").read_text())
+    assert [row[0] for row in table[1:]] == list(TINY_SPACE)
+    assert table[1][1:3] == ["0.4", f"{best['peak_lr']:.4g}"] and table[1][3].startswith("loguniform")
 
 
 @pytest.mark.slow
@@ -176,5 +233,14 @@ def test_report_loads_in_headless_chromium(browser, pipeline, tmp_path):
     assert not broken
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not severe
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert "What each step bought" in text and "HPO best − baseline" in text
+    # the whole page, drawn: a screenshot with text and figures, not a blank or an error page
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1400, min(height, 12000))
     screenshot = tmp_path / "report.png"
-    assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 1000
+    assert browser.save_screenshot(str(screenshot))
+    pixels = matplotlib.image.imread(io.BytesIO(screenshot.read_bytes()))[..., :3]
+    dark = float(np.mean(pixels.mean(axis=2) < 0.4))  # text, axes and markers
+    colour = float(np.mean(pixels.max(axis=2) - pixels.min(axis=2) > 0.3))  # plotted data in colour
+    assert pixels.shape[0] > 2000 and 0.002 < dark < 0.5 and colour > 0.001, (pixels.shape, dark, colour)

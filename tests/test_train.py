@@ -8,7 +8,8 @@ import torch
 
 from effcifar.data import DeviceLoader, load_dataset, make_synthetic
 from effcifar.errors import TrainingDiverged
-from effcifar.train import TrainConfig, TrainHook, evaluate, load_model, lr_at, train
+from effcifar.inference import load_model
+from effcifar.train import TrainConfig, TrainHook, evaluate, lr_at, train
 
 TINY = dict(dataset="synthetic", prep=8, layer1=16, layer2=16, layer3=32, batch_size=64, subset=512,
             epochs=2, peak_epoch=1, eval_batch_size=500)

@@ -48,7 +48,7 @@ step hpo 100 $PY -m effcifar hpo run --space "$WORK/space.json" --base "$WORK/ba
 step hpo-status 20 $PY -m effcifar hpo status "$WORK/hpo"
 step supernet 60 $PY -m effcifar supernet train "${COMMON[@]}" "${NARROW[@]}" --subset "$((IMAGES / 2))" --holdout "$((IMAGES / 10))" \
   --epochs 2 --panel-random 2 --bn-batches 2 --quiet --out "$WORK/supernet"
-step search 60 $PY -m effcifar search "$WORK/supernet" --evaluations 12 --population 6 --top-k 3 --mutations 2 \
+step search 60 $PY -m effcifar search "$WORK/supernet" --trials 12 --population 6 --parents 3 --mutations 2 \
   --crossovers 2 --max-flops 3e7 --device "$DEVICE" --quiet --out "$WORK/search"
 step pipeline 120 $PY -m effcifar pipeline --config tests/data/pipeline_tiny.yaml --set dataset=cifar10 \
   --set "data_dir=$NPZ" --set "device=$DEVICE" --set threads=0 --quiet --out "$WORK/pipeline"

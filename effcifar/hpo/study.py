@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -52,7 +52,13 @@ SPACE_FILE = "search_space.json"  # an experiment file's inline space, kept in t
 
 @dataclass
 class HpoConfig(StorageConfig):
-    """One study. Trials = base TrainConfig (file) + the search space's sampled values; where it lives (StorageConfig)."""
+    """One study. Trials = base TrainConfig (file) + the search space's sampled values; where it lives (StorageConfig).
+
+    The trials' training seed is the base config's `seed`; `sampler_seed` seeds what the sampler suggests.
+    """
+
+    # Old field names, accepted with a warning (`effcifar.config.read_layer`).
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"seed": "sampler_seed"}
 
     space: str | None = setting(None, "NNI search space over TrainConfig fields (.json or .yaml)")
     base: str | None = setting(None, "TrainConfig file the sampled values override (default: the recipe)")
@@ -67,13 +73,14 @@ class HpoConfig(StorageConfig):
     pruner: str = setting("median", "stops poor trials early", PRUNERS)
     objective: str = setting("acc", "acc: maximise validation accuracy; acc,time: Pareto front with train time",
                              OBJECTIVES)
-    seed: int | None = setting(None, "sampler seed (reproducible suggestions)")
+    sampler_seed: int | None = setting(None, "seed of the sampler (reproducible suggestions; the trials' training "
+                                             "seed is the base config's seed)")
     tie: float = setting(0.1, "percentage points: among trials this close to the best, the least training work "
                               "(FLOPs x images x epochs) wins")
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
-        check_seed("seed", self.seed)
+        check_seed("sampler_seed", self.sampler_seed)
         if self.space is None:
             raise field_error("space", "a search space file (--space FILE)", None)
         for name, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS), ("objective", OBJECTIVES)):
@@ -131,14 +138,14 @@ def setup_values(config: HpoConfig, space: Mapping[str, Any], base: TrainConfig 
 def method_values(config: HpoConfig) -> dict[str, Any]:
     """How the study chooses its trials. With the setup, a resumed study must keep it; the budget, timeout,
     workers, tie rule, heartbeat and storage credentials may change."""
-    return {"sampler": config.sampler, "pruner": config.pruner, "seed": config.seed}
+    return {"sampler": config.sampler, "pruner": config.pruner, "seed": config.sampler_seed}  # key kept: old studies
 
 
 def open_study(config: HpoConfig, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
     """Create or load the study `config.study`; local worker i seeds its sampler with seed + i so workers do not
     repeat each other."""
     multi = config.objective == "acc,time"
-    sampler = optuna_sampler(config.sampler, None if config.seed is None else config.seed + worker)
+    sampler = optuna_sampler(config.sampler, None if config.sampler_seed is None else config.sampler_seed + worker)
     pruner = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
@@ -220,7 +227,7 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(config, open_storage(config, run_dir), worker)
-    run_trials(study, config, run_dir, config.trials, TrialRunner(config, study, run_dir), seed=config.seed,
+    run_trials(study, config, run_dir, config.trials, TrialRunner(config, study, run_dir), seed=config.sampler_seed,
                worker=worker, sampler=lambda seed: optuna_sampler(config.sampler, seed), deadline=deadline,
                on_trial=on_trial, max_failures=config.max_failures or config.trials)
 

@@ -79,6 +79,11 @@ class RankingReport:
         return cls(len(x), kendall_tau(x, y), spearman_rho(x, y), top_overlap(x, y))
 
 
+def score_label(score: str) -> str:
+    """The axis label of a supernet score: accuracy, or the negative held-out loss (higher is better for both)."""
+    return "supernet accuracy (held out)" if score == "accuracy" else "supernet score: −held-out loss"
+
+
 def scatter_plot(supernet_acc: Sequence[float], standalone_acc: Sequence[float], path: str | Path, *,
                  title: str = "", ylabel: str = "standalone accuracy", xlabel: str = "supernet accuracy") -> None:
     """Write a PNG of standalone against supernet accuracy, annotated with tau and rho, atomically."""

@@ -1,11 +1,11 @@
 """Standalone training of found architectures, and the supernet's ranking quality.
 
-`retrain_top("runs/search1", 3, "runs/search1/retrain")` trains the search's `arch/top_0.json`
-… `top_2.json` from scratch with the core trainer (`TrainConfig.arch`), one run directory
-each (`top_0/`, …), and writes `retrain.json` and `retrain.tsv`: supernet accuracy (held out,
+`retrain_top("runs/search1", 3, "runs/search1/retrain")` trains the search's `arch/top_1.json`
+… `top_3.json` (rank 1 the best) from scratch with the core trainer (`TrainConfig.arch`), one run
+directory each (`top_1/`, …), and writes `retrain.json` and `retrain.tsv`: supernet accuracy (held out,
 after BN recalibration) beside the standalone accuracy.
 
-`nas_eval("runs/supernet1", 20, 10, "runs/supernet1/nas_eval")` samples distinct random
+`nas_eval("runs/supernet1", 20, 10, "runs/supernet1/nas_eval")` draws 20 distinct random
 subnets, evaluates each on the supernet as the search does, trains each standalone
 (`subnet_{i}/`) and reports Kendall tau, Spearman rho and the top-20% overlap between the two
 accuracies in `ranking.json`, with a scatter plot `ranking.png`. Both accuracies are measured
@@ -47,7 +47,7 @@ from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.costs import CostTable, stratified_archs
 from effcifar.nas.ranking import (
-    RankingReport, compare_rankers, null_tau_sd, scatter_plot, tau_difference, verdict,
+    RankingReport, compare_rankers, null_tau_sd, scatter_plot, score_label, tau_difference, verdict,
 )
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
 from effcifar.nas.space import read_arch_file
@@ -102,23 +102,31 @@ def standalone_row(summary: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = None, base: TrainConfig | None = None,
+def arch_files(search_dir: Path, best: int) -> list[Path]:
+    """The search's exported files of ranks 1..best: arch/top_1.json .. (a search exported before ranks were
+    numbered from 1 has top_0.json .. instead)."""
+    first = 0 if (search_dir / "arch" / "top_0.json").is_file() else 1
+    return [search_dir / "arch" / f"top_{first + i}.json" for i in range(best)]
+
+
+def retrain_top(search_dir: str | Path, best: int, out_dir: str | Path | None = None, base: TrainConfig | None = None,
                 progress: Progress | None = None) -> list[dict[str, Any]]:
-    """Train arch/top_0..top-1 of a search from scratch into out_dir/top_{i}; write retrain.json/.tsv; return the rows.
+    """Train the search's `best` best architectures from scratch into out_dir/top_{rank}; write retrain.json/.tsv;
+    return the rows (rank 1: the best).
 
     `base` defaults to `base_config` of the search's supernet run; finished runs are reused.
     """
     search_dir = Path(search_dir)
     out = Path(out_dir) if out_dir is not None else search_dir / "retrain"
-    if top < 1:
-        raise ConfigError(f"--top: expected a positive integer, got {top}")
+    if best < 1:
+        raise ConfigError(f"--best: expected a positive integer, got {best}")
     supernet_dir = search_supernet_dir(search_dir)
     base = base or base_config(supernet_dir)
-    files = [search_dir / "arch" / f"top_{i}.json" for i in range(top)]
+    files = arch_files(search_dir, best)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise ConfigError(f"{missing[0]}: no such architecture file (the search exported "
-                          f"{sum(f.is_file() for f in files)} of the top {top}; lower --top)")
+                          f"{sum(f.is_file() for f in files)} of the best {best}; lower --best)")
     space = load_supernet_config(supernet_dir).space  # for files that do not embed their space
     configs = [dataclasses.replace(base, arch=str(f.resolve()), space=space) for f in files]
     for config in configs:
@@ -126,13 +134,13 @@ def retrain_top(search_dir: str | Path, top: int, out_dir: str | Path | None = N
     with locked(out, "retrain"):
         data = load_dataset(base.dataset, base.data_dir)
         rows = []
-        for i, (file, config) in enumerate(zip(files, configs)):
+        for rank, (file, config) in enumerate(zip(files, configs), 1):
             if progress is not None:
-                progress(f"top_{i}: {file}")
+                progress(f"top_{rank}: {file}")
             record = read_arch_file(file)
-            summary = train_once(config, out / f"top_{i}", data)
-            rows.append({"rank": i, "trial": record.get("trial", ""), "supernet_acc": record.get("accuracy", ""),
-                         **standalone_row(summary)})
+            summary = train_once(config, out / f"top_{rank}", data)
+            rows.append({"rank": rank, "trial": record.get("trial", ""), "supernet_loss": record.get("loss", ""),
+                         "supernet_acc": record.get("accuracy", ""), **standalone_row(summary)})
         atomic_write(out / "retrain.json", json.dumps(rows, indent=2) + "\n")
         write_tsv(out / "retrain.tsv", rows)
     return rows
@@ -188,11 +196,11 @@ def _train_job(config: TrainConfig, run_dir: Path) -> dict[str, Any]:
     return train_once(config, run_dir, _WORKER_DATA[key])
 
 
-def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | Path | None = None, seed: int = 0,
+def nas_eval(supernet_dir: str | Path, trials: int, epochs: int, out_dir: str | Path | None = None, seed: int = 0,
              config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
              overrides_from_text: bool = False, progress: Progress | None = None, repeats: int = 1,
              workers: int = 1, score: str = SearchConfig.score) -> RankingReport:
-    """Supernet vs standalone accuracy of `sample` subnets spread over FLOPs; ranking.json and ranking.png (resumable).
+    """Supernet vs standalone accuracy of `trials` subnets spread over FLOPs; ranking.json and ranking.png (resumable).
 
     Each subnet trains `repeats` times (training seeds seed, seed + 1, ...); their mean is the
     truth, and their agreement with each other is the truth's own ceiling. The trained subnets
@@ -203,14 +211,14 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     """
     supernet_dir = Path(supernet_dir)
     out = Path(out_dir) if out_dir is not None else supernet_dir / "nas_eval"
-    if sample < 2:
-        raise ConfigError(f"--sample: expected at least 2 subnets to rank, got {sample}")
+    if trials < 2:
+        raise ConfigError(f"--trials: expected at least 2 subnets to rank, got {trials}")
     if repeats < 1:
         raise ConfigError(f"--repeats: expected a positive number of training seeds, got {repeats}")
     if not 1 <= workers <= max_workers():
         raise ConfigError(f"--workers: expected 1 to {max_workers()} training processes on this machine, got {workers}")
-    if sample > MAX_SAMPLE:
-        raise ConfigError(f"--sample: expected at most {MAX_SAMPLE} subnets to train, got {sample}")
+    if trials > MAX_SAMPLE:
+        raise ConfigError(f"--trials: expected at most {MAX_SAMPLE} subnets to train, got {trials}")
     sconfig = load_supernet_config(supernet_dir)
     config = base_config(supernet_dir, config_file, {**(overrides or {}), "epochs": epochs}, overrides_from_text)
     config = dataclasses.replace(config, holdout=sconfig.holdout)  # both accuracies on the same held-out images
@@ -219,13 +227,13 @@ def nas_eval(supernet_dir: str | Path, sample: int, epochs: int, out_dir: str | 
     search.validate()
     with locked(out, "nas-eval"):
         evaluator = CandidateEvaluator.from_run(supernet_dir, search)
-        if sample > evaluator.space.size():
-            raise ConfigError(f"--sample: expected at most the {evaluator.space.size()} architectures of the space, "
-                              f"got {sample}")
-        archs = stratified_archs(evaluator.space, evaluator.costs, sample, random.Random(seed))
-        if len(archs) < sample:
-            raise ConfigError(f"--sample: found only {len(archs)} distinct architectures in the space, "
-                              f"{sample} were asked for")
+        if trials > evaluator.space.size():
+            raise ConfigError(f"--trials: expected at most the {evaluator.space.size()} architectures of the space, "
+                              f"got {trials}")
+        archs = stratified_archs(evaluator.space, evaluator.costs, trials, random.Random(seed))
+        if len(archs) < trials:
+            raise ConfigError(f"--trials: found only {len(archs)} distinct architectures in the space, "
+                              f"{trials} were asked for")
         jobs = []
         for i, arch in enumerate(archs):
             file = out / "archs" / f"subnet_{i}.json"
@@ -349,7 +357,7 @@ def write_ranking(out: Path, result: dict[str, Any], title: str, ylabel: str) ->
     result = _nan_as_null(result)
     atomic_write(out / "ranking.json", json.dumps(result, indent=2) + "\n")
     scatter_plot(result["supernet_score"], result["standalone_acc"], out / "ranking.png", ylabel=ylabel, title=title,
-                 xlabel="supernet accuracy" if result["score"] == "accuracy" else "supernet score (-loss)")
+                 xlabel=score_label(result["score"]))
     return result
 
 

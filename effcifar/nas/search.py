@@ -3,7 +3,7 @@
 `run_search(SearchConfig(...), "runs/supernet1", "runs/search1")` opens (or resumes) the study
 in the output directory's journal file (or the shared PostgreSQL `storage`), then draws
 architectures with the strategy's sampler (`effcifar.nas.samplers`: SPOS evolution, the seed's
-random tuner, or NSGA-II on accuracy against FLOPs or latency) until `evaluations` trials have finished.
+random tuner, or NSGA-II on the score against FLOPs or latency) until `trials` trials have finished.
 
 Each candidate takes the supernet's weights, its BN statistics are recalibrated (reset, then
 `bn_batches` augmented training batches forward in train mode without gradients, cumulative
@@ -27,9 +27,9 @@ each trial, so a resumed study, or several workers sharing it, never evaluate a 
 (unless two workers draw the same key at the same moment), and the samplers treat
 architectures with the same key as duplicates, so they are drawn again while new ones exist.
 
-`export_top` writes `arch/top_{i}.json` (the NNI-style `{key: choice}` under "arch", with
-accuracy, top-5, FLOPs, parameters, latency when measured, and the space's declaration under
-"space") and
+`export_top` writes `arch/top_{rank}.json`, rank 1 the best (the NNI-style `{key: choice}` under
+"arch", with its `rank`, score, loss, accuracy, top-5, FLOPs, parameters, latency when measured,
+and the space's declaration under "space") and
 `architecture_final.json` for the best; `effcifar.nas.space.load_arch` reads those files or a
 plain NNI `{key: choice}` dict back, and `load_arch_file` also the space they embed.
 """
@@ -41,7 +41,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import optuna
 import torch
@@ -77,12 +77,16 @@ CONFIG_FILE = "search.yaml"
 class SearchConfig(StorageConfig):
     """One architecture search; the defaults are the seed's SPOS evolution (50 x 20 generations)."""
 
+    # Old field names, accepted with a warning (`effcifar.config.read_layer`).
+    RENAMED_FIELDS: ClassVar[dict[str, str]] = {"evaluations": "trials", "top_k": "parents", "top_k_export": "export",
+                                                "seed": "sampler_seed"}
+
     strategy: str = setting("evolution", "how candidates are drawn: SPOS evolution, uniform random, or NSGA-II "
                                          "(score against `cost`)", STRATEGIES)
-    evaluations: int = setting(1000, "budget of finished trials, across restarts (evolution: population x "
-                                     "generations)")
+    trials: int = setting(1000, "budget of finished trials (candidates judged), across restarts (evolution: "
+                                "population x generations)")
     population: int = setting(50, "evolution and NSGA-II: candidates per generation")
-    top_k: int = setting(10, "evolution: the best candidates so far that parent the next generation")
+    parents: int = setting(10, "evolution: the best candidates so far that parent the next generation")
     mutations: int = setting(25, "evolution: children per generation made by mutating a parent")
     crossovers: int = setting(25, "evolution: children per generation made by crossing two parents")
     mutation_prob: float = setting(0.1, "evolution: probability that a mutation changes each choice")
@@ -99,8 +103,8 @@ class SearchConfig(StorageConfig):
     score: str = setting("loss", "judge candidates by (negative) held-out mean cross-entropy, or by accuracy",
                          tuple(SCORES))
     workers: int = execution(1, "search processes on this machine")
-    seed: int | None = setting(0, "sampler seed (worker i uses seed + i)")
-    top_k_export: int = setting(5, "architectures written to arch/top_{i}.json")
+    sampler_seed: int | None = setting(0, "seed of the sampler that draws candidates (worker i uses seed + i)")
+    export: int = setting(5, "best distinct architectures written to arch/top_1.json .. top_{export}.json")
     device: str = execution("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     precision: str = setting("auto", "autocast precision of the evaluations", PRECISIONS)
     eval_batch_size: int | None = execution(None, "images per evaluation batch (default: the supernet run's)")
@@ -108,11 +112,11 @@ class SearchConfig(StorageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
-        check_seed("seed", self.seed)
+        check_seed("sampler_seed", self.sampler_seed)
         if self.strategy not in STRATEGIES:
             raise field_error("strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
         check_workers(self.workers)
-        for name in ("evaluations", "population", "top_k", "top_k_export", "latency_batch"):
+        for name in ("trials", "population", "parents", "export", "latency_batch"):
             if getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
         for name in ("mutations", "crossovers", "threads", "eval_images"):
@@ -147,6 +151,12 @@ class SearchConfig(StorageConfig):
     def needs_latency(self) -> bool:
         """Whether the search measures a latency table: a latency limit or the latency objective."""
         return self.max_latency_ms is not None or "latency_ms" in self.objectives()
+
+
+def score_text(score: str, value: float) -> str:
+    """A candidate's score as users read it: "held-out loss 1.234" (the score is its negative) or "held-out accuracy
+    45.10%"."""
+    return f"held-out accuracy {value:.2%}" if score == "accuracy" else f"held-out loss {-value:.3f}"
 
 
 @dataclass(frozen=True)
@@ -303,7 +313,7 @@ def search_sampler(config: SearchConfig, space: ArchSpace, is_feasible: Callable
     """The strategy's sampler over the space, never proposing an infeasible architecture."""
     return arch_sampler(config.strategy, space.choices(), seed=seed, is_feasible=is_feasible,
                         canonical=functools.partial(arch_key, space), objectives=config.objectives(),
-                        population=config.population, top_k=config.top_k, mutations=config.mutations,
+                        population=config.population, top_k=config.parents, mutations=config.mutations,
                         crossovers=config.crossovers, mutation_prob=config.mutation_prob)
 
 
@@ -311,7 +321,8 @@ def open_search_study(config: SearchConfig, supernet_dir: Path, out_dir: Path, s
                       is_feasible: Callable[[Arch], bool], worker: int = 0) -> optuna.Study:
     """Create or load the study; a resumed study must have been made for the same supernet and evaluation."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = search_sampler(config, space, is_feasible, None if config.seed is None else config.seed + worker)
+    sampler = search_sampler(config, space, is_feasible,
+                             None if config.sampler_seed is None else config.sampler_seed + worker)
     directions = ["maximize", "minimize"] if config.strategy == "nsga2" else ["maximize"]
     storage = open_storage(config, out_dir)
     study = optuna.create_study(storage=storage, study_name=config.study or out_dir.name, sampler=sampler,
@@ -342,7 +353,7 @@ def run_worker(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
             raise
         return evaluate_trial(study, trial, arch, evaluator, config.objectives())
 
-    run_trials(study, config, out_dir, config.evaluations, objective, seed=config.seed, worker=worker,
+    run_trials(study, config, out_dir, config.trials, objective, seed=config.sampler_seed, worker=worker,
                sampler=lambda seed: search_sampler(config, evaluator.space, evaluator.is_feasible, seed),
                on_trial=on_trial)
 
@@ -388,7 +399,7 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
             threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker,
                           (replace(config, threads=threads), supernet_dir, out_dir), on_trial)
-        export_top(study, out_dir, config.top_k_export, evaluator.space, evaluator.latency)
+        export_top(study, out_dir, config.export, evaluator.space, evaluator.latency)
     return study
 
 
@@ -414,19 +425,21 @@ def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[st
 
 
 def top_records(study: optuna.Study, k: int, latency: LatencyTable | None = None) -> list[dict[str, Any]]:
-    """The records of the best k distinct architectures (best first), with their trial numbers.
+    """The records of the best k distinct architectures (best first), with their rank (1: the best), score (what
+    ranked them: the study's first objective) and trial number.
 
     With `latency`, each record has `latency_ms` from that table (the one in the search directory,
     so the figures agree with it even if an earlier run of the search used another).
     """
     ranked = ranked_results(study.get_trials(deepcopy=False))[:k]
     extra = (lambda record: {"latency_ms": latency.latency_of(record["arch"])}) if latency else (lambda record: {})
-    return [{**record, **extra(record), "score": t.values[0], "trial": t.number} for t, record in ranked]
+    return [{"rank": rank, **record, **extra(record), "score": t.values[0], "trial": t.number}
+            for rank, (t, record) in enumerate(ranked, 1)]
 
 
 def export_top(study: optuna.Study, out_dir: str | Path, k: int, space: ArchSpace | None = None,
                latency: LatencyTable | None = None) -> list[dict[str, Any]]:
-    """Write arch/top_{0..k-1}.json (top_0 is the best) and architecture_final.json; return the records written.
+    """Write arch/top_{1..k}.json (top_1 is the best) and architecture_final.json; return the records written.
 
     With `space`, each record also holds its declaration under "space", so the file alone
     rebuilds the network (`effcifar train --arch`); with `latency`, its `latency_ms`.
@@ -435,11 +448,11 @@ def export_top(study: optuna.Study, out_dir: str | Path, k: int, space: ArchSpac
     records = top_records(study, k, latency)
     if space is not None:
         records = [{**record, "space": space.to_dict()} for record in records]
-    for i, record in enumerate(records):
-        atomic_write(out_dir / "arch" / f"top_{i}.json", json.dumps(record, indent=2) + "\n")
-    for stale in (out_dir / "arch").glob("top_*.json"):
+    for record in records:
+        atomic_write(out_dir / "arch" / f"top_{record['rank']}.json", json.dumps(record, indent=2) + "\n")
+    for stale in (out_dir / "arch").glob("top_*.json"):  # of an earlier export (top_0: numbered from 0 before)
         index = stale.stem.removeprefix("top_")
-        if index.isdigit() and int(index) >= len(records):
+        if index.isdigit() and not 1 <= int(index) <= len(records):
             stale.unlink()
     if records:
         atomic_write(out_dir / "architecture_final.json", json.dumps(records[0], indent=2) + "\n")

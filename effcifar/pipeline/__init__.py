@@ -10,9 +10,9 @@ resumed or reported alone:
     hpo/       an HPO study over the `hpo.space`, trials validated on held-out images; best.json
     hpo_best/  best.json retrained at the `train` budget, test accuracy
     supernet/  a SPOS supernet with the HPO best's widths and learning rate
-    search/    evolutionary (or random, NSGA-II) search over it; arch/top_K.json
+    search/    evolutionary (or random, NSGA-II) search over it; arch/top_1.json (its best) ...
     retrain/   the top architectures from scratch with the HPO best's hyper-parameters
-    nas_eval/  (if `nas_eval.sample` > 0) supernet vs standalone ranking of random subnets
+    nas_eval/  (if `nas_eval.trials` > 0) supernet vs standalone ranking of random subnets
     results.json and report/report.html: baseline vs HPO best vs NAS best
 
 Final runs (baseline, hpo_best, retrain) train on all `subset` training images and report test

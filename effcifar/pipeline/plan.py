@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from effcifar.config import (
-    build_from_layers, check_seed, coerce_value, field_types, flat_values, read_config_file, renamed_key, shown,
+    build_from_layers, check_seed, coerce_value, field_types, flat_values, read_config_file, renamed_fields, renamed_key,
+    shown, warn_deprecated,
 )
 from effcifar.errors import ConfigError
 from effcifar.train import TrainConfig
 
 C = TypeVar("C")
 PRESETS = {"quick": ("quick",), "medium": ("quick", "medium"), "full": ("full",)}  # name -> its files, lowest first
-COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "device", "precision", "threads")
+COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "seeds", "device", "precision", "threads")
 STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "select", "retrain", "nas_eval")
 WIDTHS = ("prep", "layer1", "layer2", "layer3")
 
@@ -45,8 +46,10 @@ RESERVED = {"train": {"arch", "space"}, "hpo": {"base", "dataset"}, "supernet": 
             "select": {"max_flops", "max_params"}, "retrain": {"arch", "space"},
             "nas_eval": {"arch", "space"}}  # nas_eval's own `epochs` is each subnet's training
 # Section fields that are not fields of the section's class: name -> type.
-EXTRA_FIELDS: dict[str, dict[str, Any]] = {"nas_eval": {"sample": int, "epochs": int},
+EXTRA_FIELDS: dict[str, dict[str, Any]] = {"nas_eval": {"trials": int, "epochs": int},
                                            "hpo": {"space": dict, "trial": dict}}
+EXTRA_RENAMED = {"nas_eval": {"sample": "trials"}}  # old names of EXTRA_FIELDS, accepted with a warning
+SAMPLER_SEEDS = ("hpo", "search")  # sections whose sampler seed is the top-level `seed` unless they set it
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Plan:
     hpo: Any  # HpoConfig; its space and base are written into the stage's directory
     search: Any  # SearchConfig; its limits are set once the HPO best's network is known (`search_limits`)
     select: Any  # SelectConfig
-    nas_eval_sample: int
+    nas_eval_trials: int
     nas_eval_epochs: int
     nas_eval_overrides: dict[str, Any]  # TrainConfig fields over the HPO best
 
@@ -75,7 +78,8 @@ class PipelineConfig:
     data_dir: str | None = None
     subset: int = 0  # training images used by every stage (0: all)
     holdout: int = 5000  # of those, held out for the searches' validation
-    seed: int = 0
+    seed: int = 0  # the training seed of every run (the samplers' too, unless a section sets `sampler_seed`)
+    seeds: int = 1  # training seeds of each final run (baseline, HPO best, the NAS answer): seed, seed + 1, ...
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0
@@ -85,7 +89,7 @@ class PipelineConfig:
     search: dict[str, Any] = field(default_factory=dict)  # SearchConfig
     select: dict[str, Any] = field(default_factory=dict)  # SelectConfig (its limits are the search's)
     retrain: dict[str, Any] = field(default_factory=dict)  # TrainConfig over the HPO best
-    nas_eval: dict[str, Any] = field(default_factory=dict)  # sample, epochs + TrainConfig
+    nas_eval: dict[str, Any] = field(default_factory=dict)  # trials, epochs + TrainConfig
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +131,8 @@ class PipelineConfig:
                last: Mapping[str, Any] | None = None) -> C:
         """A stage config: common < extra < section < `last` (values the pipeline fixes)."""
         keys = set(field_types(cls))
+        if section in SAMPLER_SEEDS:  # the top-level seed seeds the section's sampler unless the section sets it
+            extra = [(self.sources.get("seed", "default pipeline config"), {"sampler_seed": self.seed}), *extra]
         layers = self._layers(section, keys, extra)
         if last:
             layers.append(("pipeline", dict(last), False))
@@ -204,17 +210,20 @@ class PipelineConfig:
         from effcifar.nas.select import check_inputs
 
         check_inputs(select, self.select_base(final, final))
-        for name, minimum in (("sample", 0), ("epochs", 1)):
+        for name, minimum in (("trials", 0), ("epochs", 1)):
             section = "nas_eval"
             value = getattr(self, section).get(name, minimum)
             if value < minimum:
                 raise ConfigError(f"{self.sources.get(f'{section}.{name}', 'pipeline config')}: field "
                                   f"'{section}.{name}': expected an integer >= {minimum}, got {shown(value)}")
-        if self.nas_eval.get("sample", 0) == 1:
-            raise ConfigError(f"{self.sources.get('nas_eval.sample')}: field 'nas_eval.sample': expected 0 (skip) "
+        if self.nas_eval.get("trials", 0) == 1:
+            raise ConfigError(f"{self.sources.get('nas_eval.trials')}: field 'nas_eval.trials': expected 0 (skip) "
                               f"or at least 2 subnets to rank, got 1")
+        if self.seeds < 1:
+            raise ConfigError(f"{self.sources.get('seeds', 'pipeline config')}: field 'seeds': expected a positive "
+                              f"number of training seeds, got {self.seeds}")
         names = set(field_types(TrainConfig))
-        return Plan(baseline, trial_base, hpo, search, select, self.nas_eval.get("sample", 0),
+        return Plan(baseline, trial_base, hpo, search, select, self.nas_eval.get("trials", 0),
                     self.nas_eval.get("epochs", 1),
                     {k: v for k, v in self.nas_eval.items() if k in names and k not in EXTRA_FIELDS["nas_eval"]})
 
@@ -266,9 +275,12 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: field '{key}': expected a mapping of {key} fields, got {shown(value)}")
         allowed = section_fields(key)
+        renamed = {**renamed_fields(sections[key]), **EXTRA_RENAMED.get(key, {})}
         target = values.setdefault(key, {})
         for name, item in value.items():
-            name = renamed_key(sections[key], name, source)  # an old name (TrainConfig's total_epoch) is mapped
+            if name in renamed and name not in COMMON:
+                warn_deprecated(f"field '{key}.{name}'", f"'{key}.{renamed[name]}'")
+                name = renamed[name]
             path = f"{key}.{name}"
             if name in COMMON:
                 raise ConfigError(f"{source}: field '{path}': set '{name}' at the top level (every stage shares it)")
@@ -295,7 +307,7 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
 
 
 def nest(overrides: Mapping[str, str]) -> dict[str, Any]:
-    """{"search.evaluations": "50", "hpo.trial.epochs": "2"} as nested mappings."""
+    """{"search.trials": "50", "hpo.trial.epochs": "2"} as nested mappings."""
     nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
         *parents, last = dotted.split(".")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,42 +158,86 @@ class Stage:
         """Read the outputs of a stage that finished before."""
 
 
-class TrainingStage(Stage):
-    """One training run (baseline, HPO best); `summary` is its summary.json."""
+def seed_runs(directory: Path, config: TrainConfig, seeds: int) -> list[tuple[Path, TrainConfig]]:
+    """(run directory, config) of each training seed of a final run: the directory itself for one seed, else
+    DIRECTORY/seed_S for the seeds S = config.seed, config.seed + 1, ..."""
+    if seeds == 1:
+        return [(directory, config)]
+    return [(directory / f"seed_{config.seed + i}", dataclasses.replace(config, seed=config.seed + i))
+            for i in range(seeds)]
 
-    kind, unit = "train", "steps"
-    restarts = True
 
-    def __init__(self, pipeline: Pipeline, name: str, config: TrainConfig, after: tuple[str, ...] = ()):
-        self.name, self.config, self.after = name, config, after
-        super().__init__(pipeline)
-        self.summary: dict[str, Any] = {}
+def train_seeds(stage: Stage, directory: Path, config: TrainConfig, seeds: int) -> list[dict[str, Any]]:
+    """The summaries of a final run's training seeds, each trained with progress lines unless it finished before
+    (with the same config: `train_once`)."""
+    from effcifar.nas.retrain import train_once
 
-    def settings(self) -> dict[str, Any]:
-        return result_values(self.config)
-
-    def run(self) -> str:
+    summaries = []
+    for run_dir, seed_config in seed_runs(directory, config, seeds):
+        if seeds > 1 and (run_dir / "summary.json").is_file():
+            summaries.append(train_once(seed_config, run_dir, stage.pipeline.dataset()))
+            continue
         best = 0.0
+        seed_text = f"seed {seed_config.seed}, " if seeds > 1 else ""
 
         def on_epoch(m: EpochMetrics) -> None:
             nonlocal best
             best = max(best, m.valid_acc)
-            self.monitor.line(f"epoch {m.epoch}: train acc {m.train_acc:.2%}, valid acc {m.valid_acc:.2%}, "
-                              f"{m.total_time:.0f} s")
+            stage.monitor.line(f"{seed_text}epoch {m.epoch}: train acc {m.train_acc:.2%}, valid acc "
+                               f"{m.valid_acc:.2%}, {m.total_time:.0f} s")
 
         def on_step(done: int, total: int) -> None:
-            self.monitor.advance(done, total, f"valid {best:.2%}")
+            stage.monitor.advance(done, total, f"valid {best:.2%}")
 
-        self.summary = train(self.config, self.directory, callbacks=[on_epoch], on_step=on_step,
-                             data=self.pipeline.dataset()).summary
-        return f"test acc {self.summary['test_acc']:.2%}, train time {self.summary['train_time']:.1f} s"
+        summaries.append(train(seed_config, run_dir, callbacks=[on_epoch], on_step=on_step,
+                               data=stage.pipeline.dataset()).summary)
+    return summaries
+
+
+def read_seed_summaries(directory: Path, config: TrainConfig, seeds: int) -> list[dict[str, Any]]:
+    """The summaries of a finished final run's training seeds."""
+    return [read_json(run_dir / "summary.json", "run summary") for run_dir, _ in seed_runs(directory, config, seeds)]
+
+
+def accuracy_text(summaries: list[dict[str, Any]]) -> str:
+    """Test accuracy of one seed, or the mean and standard deviation over several."""
+    accs = [s["test_acc"] for s in summaries]
+    if len(accs) == 1:
+        return f"test acc {accs[0]:.2%}"
+    return f"test acc {statistics.mean(accs):.2%} ± {statistics.stdev(accs):.2%} over {len(accs)} seeds"
+
+
+class TrainingStage(Stage):
+    """One final training run (baseline, HPO best), with `seeds` training seeds; `summary` is the first seed's
+    summary.json, `summaries` all of them."""
+
+    kind, unit = "train", "steps"
+
+    def __init__(self, pipeline: Pipeline, name: str, config: TrainConfig, after: tuple[str, ...] = ()):
+        self.name, self.config, self.after = name, config, after
+        super().__init__(pipeline)
+        self.seeds = pipeline.config.seeds
+        self.restarts = self.seeds == 1  # with several seeds, the seeds that finished are kept
+        self.summaries: list[dict[str, Any]] = []
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.summaries[0]
+
+    def settings(self) -> dict[str, Any]:
+        values = result_values(self.config)
+        return values if self.seeds == 1 else {**values, "seeds": self.seeds}
+
+    def run(self) -> str:
+        self.summaries = train_seeds(self, self.directory, self.config, self.seeds)
+        return f"{accuracy_text(self.summaries)}, train time {self.summary['train_time']:.1f} s"
 
     def load(self) -> None:
-        self.summary = read_json(self.directory / "summary.json", "run summary")
+        self.summaries = read_seed_summaries(self.directory, self.config, self.seeds)
 
     def result(self, name: str) -> dict[str, Any]:
         """Its row of the final table."""
-        return result_row(name, self.summary, self.directory.relative_to(self.pipeline.out))
+        return result_row(name, self.summaries, self.directory.relative_to(self.pipeline.out))
 
 
 class HpoStage(Stage):
@@ -238,11 +284,11 @@ class HpoStage(Stage):
             self.monitor.line(f"trial {t.number}: {t.state.name.lower()} {detail}")
             self.monitor.advance(done, self.config.trials, f"best {best:.2%}")
 
-        hpo.run_study(self.config, self.directory, on_trial=on_trial, inline_space=self.space)
+        study = hpo.run_study(self.config, self.directory, on_trial=on_trial, inline_space=self.space)
         _, chosen = hpo.write_best(self.directory, storage=self.config.storage)
         self.best = chosen.user_attrs["config"]
-        return (f"best: trial {chosen.number}, valid acc {chosen.user_attrs['accuracy']:.2%}, "
-                f"train time {chosen.user_attrs['train_time']:.1f} s")
+        return (f"{trial_counts(study.get_trials(deepcopy=False))}; best: trial {chosen.number}, valid acc "
+                f"{chosen.user_attrs['accuracy']:.2%}, train time {chosen.user_attrs['train_time']:.1f} s")
 
     def load(self) -> None:
         self.best = read_json(self.best_file, "HPO best")
@@ -283,7 +329,7 @@ class SupernetStage(Stage):
 class SearchStage(Stage):
     """The architecture search over the supernet; arch/top_K.json."""
 
-    name, kind, unit, after = "search", "search", "evaluations", ("supernet", "hpo_best")
+    name, kind, unit, after = "search", "search", "trials", ("supernet", "hpo_best")
 
     def __init__(self, pipeline: Pipeline, supernet: SupernetStage, hpo_best: TrainingStage):
         super().__init__(pipeline)
@@ -295,7 +341,7 @@ class SearchStage(Stage):
         return result_values(self.config)
 
     def total(self) -> int:
-        return self.config.evaluations
+        return self.config.trials
 
     def done(self) -> int:
         return trials_done(self.directory, self.config)
@@ -303,23 +349,27 @@ class SearchStage(Stage):
     def run(self) -> str:
         from effcifar.nas import search as search_lib
 
-        total = self.config.evaluations
-        best, done = 0.0, self.done_before
+        total, score = self.config.trials, self.config.score
+        attribute = search_lib.SCORES[score]  # the trial attribute that ranks candidates
+        best: float | None = None
+        done = self.done_before
 
         def on_trial(t: Any) -> None:
             nonlocal best, done
             done += 1
-            accuracy = t.user_attrs.get("accuracy")
-            if accuracy is not None:
-                best = max(best, accuracy)
-            self.monitor.advance(done, total, f"best {best:.2%}")
+            value = t.user_attrs.get(attribute)
+            if value is not None:
+                best = value if best is None else max(best, value)
+            best_text = "" if best is None else f"best {search_lib.score_text(score, best)}"
+            self.monitor.advance(done, total, best_text)
             if done % self.config.population == 0 or done == total:
-                self.monitor.line(f"{done} of {total} evaluations: best held-out {best:.2%}")
+                self.monitor.line(f"{done} of {total} trials: {best_text or 'none evaluated yet'}")
 
         study = search_lib.run_search(self.config, self.supernet_dir, self.directory, on_trial=on_trial)
         top = search_lib.top_records(study, 1)[0]
         limit = "" if self.config.max_flops is None else f", limit {self.config.max_flops / 1e6:,.1f} MFLOPs"
-        return f"best held-out accuracy {top['accuracy']:.2%} ({top['flops'] / 1e6:,.1f} MFLOPs{limit})"
+        return (f"{trial_counts(study.get_trials(deepcopy=False))}; best {search_lib.score_text(score, top['score'])}"
+                f" (accuracy {top['accuracy']:.2%}, {top['flops'] / 1e6:,.1f} MFLOPs{limit})")
 
 
 class SelectStage(Stage):
@@ -379,6 +429,7 @@ class RetrainStage(Stage):
     """
 
     name, kind, after = "retrain", "retrain", ("select", "hpo_best")
+    answer_dir = "answer"  # the answer's final run (or its seeds' runs), inside the stage's directory
 
     def __init__(self, pipeline: Pipeline, select: SelectStage, final: TrainConfig, supernet: SupernetStage,
                  hpo_best: TrainingStage):
@@ -389,10 +440,11 @@ class RetrainStage(Stage):
         self.rows: list[dict[str, Any]] = []
 
     def settings(self) -> dict[str, Any]:
-        return {"base": result_values(self.base)}
+        seeds = self.pipeline.config.seeds
+        return {"base": result_values(self.base)} | ({"seeds": seeds} if seeds > 1 else {})
 
     def total(self) -> int:
-        return 1
+        return self.pipeline.config.seeds
 
     def is_hpo_best(self) -> bool:
         """Whether the answer is the incumbent in the HPO best's own training config (widths, logits scale)."""
@@ -406,21 +458,25 @@ class RetrainStage(Stage):
         from effcifar.nas import retrain as retrain_lib
 
         chosen = self.select.result.chosen
+        seeds = self.pipeline.config.seeds
         if self.is_hpo_best():
-            run, summary = Path(self.hpo_best.name), self.hpo_best.summary
+            run, summaries = Path(self.hpo_best.name), self.hpo_best.summaries
             how = "the incumbent won: the HPO best's network and run"
         else:
-            run = Path(self.name) / "answer"
-            self.monitor.line(f"training {chosen['name']} on all subset images")
-            config = self.base if chosen["arch"] is not None else dataclasses.replace(  # the base network, scaled
+            run = Path(self.name) / self.answer_dir
+            base = self.base if chosen["arch"] is not None else dataclasses.replace(  # the base network, scaled
                 self.base, arch=None, **(chosen.get("widths") or {}))
-            summary = retrain_lib.train_once(config, self.pipeline.out / run, self.pipeline.dataset())
+            summaries = []
+            for i, (run_dir, config) in enumerate(seed_runs(self.pipeline.out / run, base, seeds)):
+                self.monitor.line(f"training {chosen['name']} on all subset images (seed {config.seed})")
+                summaries.append(retrain_lib.train_once(config, run_dir, self.pipeline.dataset()))
+                self.monitor.advance(i + 1, seeds)
             how = f"{chosen['name']} trained from scratch"
-        self.rows = [{**result_row("nas", summary, run), "answer": chosen["name"], "source": chosen["source"],
+        self.rows = [{**result_row("nas", summaries, run), "answer": chosen["name"], "source": chosen["source"],
                       "holdout_acc": chosen["holdout_acc"], "how": how, "verdict": self.select.result.sentence}]
         atomic_write(self.directory / "retrain.json", json.dumps(self.rows, indent=2) + "\n")
-        self.monitor.advance(1, 1)
-        return f"{how}: test acc {summary['test_acc']:.2%}"
+        self.monitor.advance(seeds, seeds)
+        return f"{how}: {accuracy_text(summaries)}"
 
     def load(self) -> None:
         self.rows = read_json(self.directory / "retrain.json", "retraining results")
@@ -431,7 +487,7 @@ class RetrainStage(Stage):
 
 
 class NasEvalStage(Stage):
-    """Supernet vs standalone ranking of random subnets (skipped when nas_eval.sample is 0)."""
+    """Supernet vs standalone ranking of random subnets (skipped when nas_eval.trials is 0)."""
 
     name, kind, unit, after = "nas_eval", "nas-eval", "subnets", ("supernet", "hpo")
 
@@ -439,32 +495,47 @@ class NasEvalStage(Stage):
         super().__init__(pipeline)
         plan = pipeline.plan
         self.supernet_dir, self.best_file = supernet.directory, hpo.best_file
-        self.sample, self.epochs, self.overrides = plan.nas_eval_sample, plan.nas_eval_epochs, plan.nas_eval_overrides
+        self.trials, self.epochs, self.overrides = plan.nas_eval_trials, plan.nas_eval_epochs, plan.nas_eval_overrides
 
     def settings(self) -> dict[str, Any]:
         computed = {k: v for k, v in self.overrides.items() if k not in execution_fields(TrainConfig)}
-        return {"sample": self.sample, "epochs": self.epochs, "overrides": computed, "seed": self.pipeline.config.seed}
+        return {"trials": self.trials, "epochs": self.epochs, "overrides": computed, "seed": self.pipeline.config.seed}
 
     def total(self) -> int:
-        return self.sample
+        return self.trials
 
     def skip_reason(self) -> str | None:
-        return "nas_eval.sample is 0" if self.sample == 0 else None
+        return "nas_eval.trials is 0" if self.trials == 0 else None
 
     def run(self) -> str:
         from effcifar.nas import retrain as retrain_lib
 
-        report = retrain_lib.nas_eval(self.supernet_dir, self.sample, self.epochs, self.directory,
+        report = retrain_lib.nas_eval(self.supernet_dir, self.trials, self.epochs, self.directory,
                                       self.pipeline.config.seed, self.best_file, self.overrides,
-                                      progress=self.pipeline.run_counter(self.sample))
-        self.monitor.advance(self.sample, self.sample)
+                                      progress=self.pipeline.run_counter(self.trials))
+        self.monitor.advance(self.trials, self.trials)
         return f"Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f} over {report.n} subnets"
 
 
-def result_row(name: str, summary: Mapping[str, Any], run: Path) -> dict[str, Any]:
-    """A final table row from a training run's summary."""
-    return {"name": name, "test_acc": summary["test_acc"], "train_time": summary["train_time"],
-            "params": summary["params"], "flops": summary["flops"], "run": str(run)}
+def result_row(name: str, summaries: list[Mapping[str, Any]], run: Path) -> dict[str, Any]:
+    """A final table row from the summaries of a final run's training seeds: the mean test accuracy and train time,
+    each seed's accuracy (`test_accs`, in the order of `seeds`), their standard deviation with several seeds, and
+    the number of test images (for the binomial standard error of one seed)."""
+    accs = [s["test_acc"] for s in summaries]
+    first = summaries[0]
+    row = {"name": name, "test_acc": statistics.mean(accs),
+           "train_time": statistics.mean(s["train_time"] for s in summaries), "params": first["params"],
+           "flops": first["flops"], "run": str(run), "seeds": [s["seed"] for s in summaries], "test_accs": accs,
+           "test_images": first["dataset"]["valid_images"]}
+    return row | ({"test_acc_sd": statistics.stdev(accs)} if len(accs) > 1 else {})
+
+
+def trial_counts(trials: list[Any]) -> str:
+    """"6 trials (1 failed, 1 pruned)": a study's trials and those that did not complete."""
+    counts = collections.Counter(t.state.name for t in trials)
+    others = ", ".join(f"{counts[state]} {word}" for state, word in (("FAIL", "failed"), ("PRUNED", "pruned"),
+                                                                     ("RUNNING", "running")) if counts[state])
+    return f"{len(trials)} trial{'' if len(trials) == 1 else 's'}" + (f" ({others})" if others else "")
 
 
 def trials_done(directory: Path, config: Any) -> int:
