@@ -838,7 +838,8 @@ def model_record(model: nn.Module, config: TrainConfig, mean: Sequence[float], s
     NAS subnet, its architecture and space. Plain data and tensors only, so `torch.load(weights_only=True)` reads
     it."""
     record = {"format": MODEL_FORMAT, "state_dict": model.state_dict(), "mean": [float(v) for v in mean],
-              "std": [float(v) for v in std], "classes": [str(c) for c in classes], "config": asdict(config)}
+              "std": [float(v) for v in std], "classes": [str(c) for c in classes],
+              "config": {**asdict(config), "arch": None}}  # the architecture itself, not its file's path, below
     if config.arch is not None:
         space, arch = config.architecture()
         record["arch"] = {"arch": dict(arch), "space": space.to_dict()}

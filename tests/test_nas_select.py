@@ -18,6 +18,7 @@ from effcifar.nas.select import (
 from effcifar.nas.costs import CostTable
 from effcifar.nas.network import build_standalone
 from effcifar.nas.space import ArchSpace, network_key
+from effcifar.studies import load_study
 from effcifar.train import TrainConfig
 
 from conftest import NARROW
@@ -143,6 +144,8 @@ def test_selection_prunes_at_rungs_keeps_the_incumbent_and_resumes(supernet_run,
                           "proposal_3"]
     for name in (INCUMBENT, "resnet_0.5x", "resnet_0.75x"):  # fixed arms: never pruned
         assert rows[name]["state"] == "COMPLETE" and rows[name]["epochs"] == 3 and rows[name]["curve_acc"] is None
+    reported = {t.params["candidate"]: t.intermediate_values for t in load_study(config, out).trials}
+    assert reported["resnet_0.5x"] == {} and len(reported[INCUMBENT]) == 3  # the curve takes no place at the rungs
     pruned = [r for r in rows.values() if r["state"] == "PRUNED"]
     assert pruned, "successive halving pruned no candidate"
     for r in pruned:  # a pruned arm stops at its rung

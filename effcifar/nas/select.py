@@ -9,9 +9,9 @@ supernet run's held-out split for the final budget, reporting held-out accuracy 
 epoch to Optuna's `SuccessiveHalvingPruner`: epochs are the resource, and from `min_epochs` on
 only the best 1/`reduction` of the candidates that reached a rung train on. The incumbent is a
 fixed arm that is never pruned, so a proposal must beat it at every rung to stay, and the answer
-can never be worse on held-out images than the network the user started with. So are the
-points of the width curve (the incumbent at fractions of its widths): a smaller proposal pays
-only where it lies above that curve.
+can never be worse on held-out images than the network the user started with. The points of
+the width curve (the incumbent at fractions of its widths) train the whole budget too, as the
+reference a smaller proposal must lie above to pay; they take no place at the rungs.
 
 The answer is the best candidate that finished the last rung, by held-out accuracy (fewer FLOPs
 on a tie). Test accuracy is recorded for every finished candidate and reported, never used to
@@ -49,7 +49,8 @@ from effcifar.train import EpochMetrics, TrainConfig, recipe_for, train
 
 PROPOSALS = ("search", "random")
 INCUMBENT = "incumbent"
-FIXED_ARMS = ("incumbent", "baseline", "width curve")  # sources of arms that train the whole budget, never pruned
+CURVE = "width curve"  # the source of the width curve's arms
+FIXED_ARMS = ("incumbent", "baseline", CURVE)  # sources of arms that train the whole budget, never pruned
 CONFIG_FILE = "select.yaml"
 SETUP_ATTR = "select:setup"
 RESULT_FILE = "select.json"
@@ -245,7 +246,7 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
         widths = scaled_widths(base, fraction)
         flops, params = baseline_costs(dataclasses.replace(base, **widths), num_classes)
         if meets(flops, params):
-            pool.append(Candidate(f"resnet_{fraction:g}x", None, "width curve", flops, params, widths=widths))
+            pool.append(Candidate(f"resnet_{fraction:g}x", None, CURVE, flops, params, widths=widths))
     exclude = {network_key(space, c.arch) for c in pool if c.arch is not None}
     if config.proposals == "search":
         archs = distinct_within((space.check(r["arch"]) for r in ranked), space, config.pool, within, exclude)
@@ -309,6 +310,8 @@ class CandidateRunner:
             accuracies.append(m.valid_acc)
             trial.set_user_attr("accuracies", list(accuracies))
             trial.set_user_attr("train_time", m.train_time)
+            if candidate.source == CURVE:  # a reference, not a competitor: it takes no place at the rungs
+                return
             trial.report(m.valid_acc, m.epoch)
             behind = trial.should_prune()  # asked of the incumbent too: it records the arm's value at each rung
             if behind and not candidate.fixed and m.epoch < config.epochs:  # a full run is complete
