@@ -81,6 +81,7 @@ def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module 'effcifar' has no attribute {name!r}")
     module, attribute = _API[name].split(":")
+    importlib.import_module("effcifar.nas")  # registers the subnet builder: a TrainConfig's `arch` trains its subnet
     value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value
     return value

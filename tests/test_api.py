@@ -33,3 +33,11 @@ def test_the_package_example_runs(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)  # the example names a file of the repository
     failures, tried = doctest.testmod(effcifar, optionflags=doctest.ELLIPSIS)
     assert tried > 10 and failures == 0
+
+
+def test_the_api_trains_an_architecture_file_without_importing_the_nas_package_by_hand():
+    """`effcifar.train_network` with a TrainConfig's `arch`: the subnet builder is registered by the API."""
+    code = "import effcifar; effcifar.train_network; from effcifar.train import subnet_builder; subnet_builder()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr

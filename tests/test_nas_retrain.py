@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import effcifar.nas.retrain as retrain_lib
-from effcifar.config import build_config
+from effcifar.config import build_config, flat_values
 from effcifar.errors import ConfigError
 from effcifar.nas.costs import CostTable
 from effcifar.nas.network import Supernet
@@ -202,3 +202,13 @@ def test_nas_eval_with_two_seeds_reports_the_truths_own_agreement(search_run, tm
     by_hand = kendall_tau(seeds[0], seeds[1])  # both orders of the pair give the same tau
     assert ceiling["tau"] == pytest.approx(by_hand) if by_hand == by_hand else ceiling["tau"] is None
     assert ranking["flops"] == sorted(ranking["flops"])  # stratified over FLOPs, smallest first
+
+
+def test_a_run_finished_before_the_renames_is_reused(tmp_path):
+    """A summary.json written with the old flat names (total_epoch, res_layer1) still matches its config."""
+    config = TrainConfig(**NARROW, epochs=2, peak_epoch=1)
+    old = {k: v for k, v in flat_values(config).items() if k != "epochs"} | {"total_epoch": 2}
+    (tmp_path / "summary.json").write_text(json.dumps({"config": old, "test_acc": 0.5}))
+    assert retrain_lib.train_once(config, tmp_path, data=None)["test_acc"] == 0.5
+    with pytest.raises(ConfigError, match="finished with another config"):
+        retrain_lib.train_once(TrainConfig(**NARROW, epochs=3, peak_epoch=1), tmp_path, data=None)

@@ -42,7 +42,7 @@ import torch
 
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, fingerprint, read_json, result_values
+from effcifar.config import build_config, build_from_layers, read_json, result_values
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.costs import CostTable, stratified_archs
@@ -84,8 +84,9 @@ def train_once(config: TrainConfig, run_dir: Path, data: CifarData) -> dict[str,
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = read_json(summary_path, "run summary")
-        done, wanted = result_values(TrainConfig(**summary["config"])), result_values(config)
-        if fingerprint(done) != fingerprint(wanted):
+        done = result_values(build_from_layers(TrainConfig, [(str(summary_path), summary["config"], False)]))
+        wanted = result_values(config)
+        if done != wanted:  # values compare as numbers (a peak_epoch of 1 is 1.0)
             changed = sorted(k for k in wanted if done.get(k) != wanted[k])
             raise ConfigError(f"{run_dir}: finished with another config ({', '.join(changed)} differ); "
                               f"use the same options or another --out")
