@@ -19,6 +19,13 @@ TINY_SPACE = {"peak_lr": {"_type": "loguniform", "_value": [0.01, 0.5]},
               "cutout": {"_type": "choice", "_value": [0, 4, 8]}}
 # Seed-space widths at which a supernet epoch on 500 synthetic images takes about a second.
 NARROW = {"prep": 8, "layer1": 16, "layer2": 24, "layer3": 32}
+# An architecture of the seed space with a skip in every stage style: zero, a mid-body skip and the whole body.
+ARCH = {"stage1.conv1": "conv3_pool", "stage1.conv2": "conv5", "stage1.conv3": "conv3", "stage1.conv4": "conv3",
+        "stage1.skip": "conv4_input",
+        "stage2.conv1": "conv5_stride2", "stage2.conv2": "conv3", "stage2.conv3": "conv5", "stage2.conv4": "conv5",
+        "stage2.skip": "zero",
+        "stage3.conv1": "conv3_stride2", "stage3.conv2": "conv3", "stage3.conv3": "conv5", "stage3.conv4": "conv3",
+        "stage3.skip": "conv4_output"}
 
 
 @pytest.fixture

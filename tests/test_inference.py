@@ -14,15 +14,8 @@ from effcifar.errors import ConfigError
 from effcifar.inference import Classifier, load_model
 from effcifar.train import TrainConfig, train
 
-from conftest import NARROW, TINY_BASE
+from conftest import ARCH, NARROW, TINY_BASE
 
-# The first stage of each stage style of the seed space (see tests/test_nas_retrain.py's ARCH).
-ARCH = {"stage1.conv1": "conv3_pool", "stage1.conv2": "conv5", "stage1.conv3": "conv3", "stage1.conv4": "conv3",
-        "stage1.skip": "conv4_input",
-        "stage2.conv1": "conv5_stride2", "stage2.conv2": "conv3", "stage2.conv3": "conv5", "stage2.conv4": "conv5",
-        "stage2.skip": "zero",
-        "stage3.conv1": "conv3_stride2", "stage3.conv2": "conv3", "stage3.conv3": "conv5", "stage3.conv4": "conv3",
-        "stage3.skip": "conv4_output"}
 ONE_EPOCH = {**TINY_BASE, "epochs": 1, "peak_epoch": 0.5, "threads": 1, "precision": "fp32"}
 
 

@@ -20,16 +20,9 @@ from effcifar.inference import load_model
 from effcifar.nas.space import ArchSpace
 from effcifar.train import TrainConfig, recipe_for
 
-from conftest import NARROW
+from conftest import ARCH, NARROW
 
 ROOT = Path(__file__).resolve().parents[1]
-# An architecture with a skip in every stage style: zero, a mid-body skip and the whole body.
-ARCH = {"stage1.conv1": "conv3_pool", "stage1.conv2": "conv5", "stage1.conv3": "conv3", "stage1.conv4": "conv3",
-        "stage1.skip": "conv4_input",
-        "stage2.conv1": "conv5_stride2", "stage2.conv2": "conv3", "stage2.conv3": "conv5", "stage2.conv4": "conv5",
-        "stage2.skip": "zero",
-        "stage3.conv1": "conv3_stride2", "stage3.conv2": "conv3", "stage3.conv3": "conv5", "stage3.conv4": "conv3",
-        "stage3.skip": "conv4_output"}
 # One epoch of 500 synthetic images (100 held out by the supernet run) at the narrow widths.
 TINY = {"subset": 500, "batch_size": 50, "eval_batch_size": 100, "precision": "fp32", "threads": 1,
         "epochs": "1"}
