@@ -383,7 +383,8 @@ class ArchSpace:
 
 def _width(value: Any, field: str, fail: Any) -> str | int:
     if isinstance(value, bool) or not (value in NETWORK_STAGES or (isinstance(value, int) and value > 0)):
-        raise fail(field, f"a positive channel count or one of {list(NETWORK_STAGES)} (taken from the hyper-parameters)", value)
+        raise fail(field, f"a positive channel count or one of {list(NETWORK_STAGES)} (taken from the "
+                          "hyper-parameters)", value)
     return value
 
 
