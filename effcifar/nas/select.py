@@ -209,6 +209,29 @@ def scaled_widths(base: TrainConfig, fraction: float) -> dict[str, int]:
     return {name: max(1, round(getattr(base, name) * fraction)) for name in NETWORK_STAGES}
 
 
+def fixed_arms(config: SelectConfig, space: ArchSpace, costs: CostTable, base: TrainConfig, num_classes: int,
+               within: Callable[[Arch], bool], inherited: Callable[[Arch], float | None]) -> list[Candidate]:
+    """The incumbent and the width curve, those within the limits (see `make_pool`)."""
+    def meets(flops: int, params: int) -> bool:
+        return ((config.max_flops is None or flops <= config.max_flops)
+                and (config.max_params is None or params <= config.max_params))
+
+    arms: list[Candidate] = []
+    if config.incumbent:
+        arch = resnet9_arch(space, base)
+        if arch is not None and within(arch):
+            arms.append(Candidate(INCUMBENT, arch, INCUMBENT, costs.flops_of(arch), costs.params_of(arch),
+                                  inherited_acc=inherited(arch)))
+        elif arch is None and meets(*(own := baseline_costs(base, num_classes))):
+            arms.append(Candidate(INCUMBENT, None, "baseline", *own))
+    for fraction in config.curve_fractions() if config.max_latency_ms is None else []:
+        widths = scaled_widths(base, fraction)
+        flops, params = baseline_costs(dataclasses.replace(base, **widths), num_classes)
+        if meets(flops, params):
+            arms.append(Candidate(f"resnet_{fraction:g}x", None, CURVE, flops, params, widths=widths))
+    return arms
+
+
 def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
               base: TrainConfig, num_classes: int, within: Callable[[Arch], bool] | None = None,
               inherited: Callable[[Arch], float] | None = None) -> list[Candidate]:
@@ -223,30 +246,15 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
     the space meets the limits (naming the smallest cost there is), or when fewer proposals exist
     than `pool` asks for.
     """
-    def meets(flops: int, params: int) -> bool:
-        return ((config.max_flops is None or flops <= config.max_flops)
-                and (config.max_params is None or params <= config.max_params))
-
-    within = within or (lambda arch: meets(costs.flops_of(arch), costs.params_of(arch)))
+    within = within or (lambda arch: ((config.max_flops is None or costs.flops_of(arch) <= config.max_flops)
+                                      and (config.max_params is None or costs.params_of(arch) <= config.max_params)))
     smallest = costs.extreme(False, space)
     if not within(smallest):
         raise ConfigError(f"no architecture within max_flops {config.max_flops} / max_params {config.max_params} / "
                           f"max_latency_ms {config.max_latency_ms}: the smallest has {costs.flops_of(smallest):,} "
                           f"FLOPs and {costs.params_of(smallest):,} parameters")
     score = inherited or (lambda arch: None)
-    pool: list[Candidate] = []
-    if config.incumbent:
-        arch = resnet9_arch(space, base)
-        if arch is not None and within(arch):
-            pool.append(Candidate(INCUMBENT, arch, INCUMBENT, costs.flops_of(arch), costs.params_of(arch),
-                                  inherited_acc=score(arch)))
-        elif arch is None and meets(*(own := baseline_costs(base, num_classes))):
-            pool.append(Candidate(INCUMBENT, None, "baseline", *own))
-    for fraction in config.curve_fractions() if config.max_latency_ms is None else []:
-        widths = scaled_widths(base, fraction)
-        flops, params = baseline_costs(dataclasses.replace(base, **widths), num_classes)
-        if meets(flops, params):
-            pool.append(Candidate(f"resnet_{fraction:g}x", None, CURVE, flops, params, widths=widths))
+    pool = fixed_arms(config, space, costs, base, num_classes, within, score)
     exclude = {network_key(space, c.arch) for c in pool if c.arch is not None}
     if config.proposals == "search":
         archs = distinct_within((space.check(r["arch"]) for r in ranked), space, config.pool, within, exclude)
