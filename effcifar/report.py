@@ -573,8 +573,7 @@ def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> 
     curves.set(xlabel="epoch (dotted: rungs)", ylabel="held-out accuracy", title="successive halving")
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.legend(fontsize="x-small", loc="lower right")
-    costs.set(xlabel="MFLOPs", ylabel="held-out accuracy (final)", title="finished candidates (star: the answer)",
-              xscale="log")
+    costs.set(xlabel="MFLOPs", ylabel="held-out accuracy (final)", title="finished candidates (star: the answer)")
     for ax in (curves, costs):
         ax.grid(alpha=0.3)
     save_figure(figure, out_dir, f"{prefix}_selection.png", section)
