@@ -9,7 +9,11 @@ space (an existing run directory is resumed or reused), score `--sample` table a
 (stratified over FLOPs; the same ones for every variant) and, with `--regret`, search it under the
 table's 30 M and 50 M FLOPs (our count is 2x the table's multiply-accumulates) with `--seeds`
 evolution seeds. Regret is the table's best accuracy under the limit minus the table accuracy of
-the search's top_0. `--top-sample N` also scores N architectures (stratified over FLOPs) of the
+the search's top-1. With `--select`, each search's answer is checked by training, as `effcifar
+select` does it: its `--pool` best distinct networks trained standalone with successive halving
+on held-out images (no incumbent or width curve: the ResNet-9 is not in this space), beside the
+control of as many random networks under the limit through the same halving; the regret of
+each answer is read from the table. `--top-sample N` also scores N architectures (stratified over FLOPs) of the
 table's best 10% (OUT/top10.json): the tau among the best networks over the main sample's 30 has
 a null standard deviation of 0.13, too wide to tell the supernet from FLOPs there.
 Prints one markdown table and writes OUT/results.json.
@@ -32,10 +36,12 @@ from effcifar.errors import EffcifarError
 from effcifar.nas.ranking import ranker_quality
 from effcifar.nas.retrain import rank_against_table
 from effcifar.nas.search import SearchConfig, run_search
+from effcifar.nas.select import SelectConfig, select_from_search
 from effcifar.nas.space import ArchSpace, read_arch_file
-from effcifar.nas.supernet import SupernetConfig
+from effcifar.nas.supernet import SupernetConfig, read_run_config
 from effcifar.nas.table import BenchmarkTable, read_table_json
 from effcifar.nas.trainer import train_supernet
+from effcifar.train import TrainConfig
 
 COMMON = {"space": "nas-bench-macro", "dataset": "cifar10", "subset": 10000, "holdout": 2000, "batch_size": 256,
           "epochs": 30, "peak_lr": 0.1, "lr_factor": 1.0, "schedule": "cosine", "label_smoothing": 0.1, "cutout": 0,
@@ -59,24 +65,56 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, dict(parse_assignment(item) for item in fields.split(",") if item)
 
 
+def selection_base(config: SupernetConfig, args: argparse.Namespace) -> TrainConfig:
+    """How the selection trains a candidate: the supernet's images, batch and augmentation, a standalone schedule
+    (a linear warm-up to `--select-lr` over one epoch, then linear decay over `--select-epochs`)."""
+    shared = {f: getattr(config, f) for f in ("dataset", "data_dir", "subset", "holdout", "batch_size", "crop_pad",
+                                             "flip", "cutout", "label_smoothing", "seed", "threads")}
+    return build_config(TrainConfig, None, {**shared, "space": "nas-bench-macro", "epochs": args.select_epochs,
+                                            "peak_epoch": 1, "peak_lr": args.select_lr, "precision": args.precision})
+
+
+def select(search_dir: Path, out: Path, limit: float, seed: int, proposals: str, base: TrainConfig,
+           table: BenchmarkTable, args: argparse.Namespace) -> dict[str, Any]:
+    """One selection over a search's results (or random proposals): its answer's and its pool's table accuracies."""
+    config = SelectConfig(pool=args.pool, proposals=proposals, incumbent=False, width_curve="",
+                          min_epochs=args.min_epochs, reduction=args.reduction, max_flops=limit, proposal_seed=seed)
+    result = select_from_search(config, search_dir, out, base)
+    table_acc = {r["name"]: table.rows[table.key_of(r["arch"])].mean_acc for r in result.rows}
+    return {"answer_table_acc": table_acc[result.answer], "pool_table_accs": list(table_acc.values()),
+            "holdout_accs": [r["holdout_acc"] for r in result.rows], "image_epochs": result.image_epochs,
+            "train_seconds": result.train_seconds}
+
+
 def regret(supernet_dir: Path, out: Path, table: BenchmarkTable, ratio: float, args: argparse.Namespace) -> dict:
-    """Per limit: the table accuracy of each seed's top_0, the median regret, and the reference points."""
+    """Per limit: each seed's top-1 table accuracy (and, with --select, the checked answer's and the random
+    control's), the median regrets, and the reference points."""
     rows = {}
+    base = selection_base(read_run_config(supernet_dir), args)
     for limit in LIMITS:
-        accs = []
+        accs, checked, random = [], [], []
         for seed in range(args.seeds):
             config = SearchConfig(strategy="evolution", trials=args.evaluations, population=args.population,
                                   parents=args.population // 4, mutations=args.population // 2,
                                   crossovers=args.population // 2, max_flops=limit * ratio, sampler_seed=seed,
                                   bn_batches=args.bn_batches, eval_images=args.eval_images, precision=args.precision,
                                   threads=2, export=1)
-            run_search(config, supernet_dir, out / f"search-{limit / 1e6:.0f}M-seed{seed}")
-            arch = read_arch_file(out / f"search-{limit / 1e6:.0f}M-seed{seed}" / "arch" / "top_1.json")["arch"]
+            search_dir = out / f"search-{limit / 1e6:.0f}M-seed{seed}"
+            run_search(config, supernet_dir, search_dir)
+            arch = read_arch_file(search_dir / "arch" / "top_1.json")["arch"]
             accs.append(table.rows[table.key_of(arch)].mean_acc)
+            if args.select:
+                for proposals, into in (("search", checked), ("random", random)):
+                    into.append(select(search_dir, out / f"select-{proposals}-{limit / 1e6:.0f}M-seed{seed}",
+                                       limit * ratio, seed, proposals, base, table, args))
         best, largest = table.best_under(limit), table.largest_under(limit)
-        rows[f"{limit / 1e6:.0f}M"] = {
-            "top0_table_acc": accs, "regret_median": best.mean_acc - statistics.median(accs),
-            "best": best.mean_acc, "largest_under_limit": largest.mean_acc}
+        row = {"top0_table_acc": accs, "regret_median": best.mean_acc - statistics.median(accs),
+               "best": best.mean_acc, "largest_under_limit": largest.mean_acc}
+        for name, runs in (("selection", checked), ("random", random)):
+            if runs:
+                row[name] = runs
+                row[f"{name}_regret_median"] = best.mean_acc - statistics.median(r["answer_table_acc"] for r in runs)
+        rows[f"{limit / 1e6:.0f}M"] = row
     return rows
 
 
@@ -114,6 +152,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--evaluations", type=int, default=200)
     parser.add_argument("--population", type=int, default=40)
+    parser.add_argument("--select", action="store_true",
+                        help="with --regret: check each search's answer by training, beside random proposals")
+    parser.add_argument("--pool", type=int, default=6, help="networks each selection trains")
+    parser.add_argument("--select-epochs", type=int, default=6, help="the selection's last rung, in epochs")
+    parser.add_argument("--min-epochs", type=int, default=2, help="the selection's first rung, in epochs")
+    parser.add_argument("--reduction", type=int, default=3, help="successive halving's reduction factor")
+    parser.add_argument("--select-lr", type=float, default=0.1, help="the candidates' peak learning rate")
     args = parser.parse_args()
     configure_allocator()  # as the effcifar command does at start-up, before any tensor
     common = {**COMMON, **dict(args.set)}
@@ -177,6 +222,27 @@ def main() -> None:
                   f"{top['score_seconds']:.0f} |")
         for ranker in next(iter(tops.values()))["rankers"][1:]:
             print(f"| {ranker['name']} (reference) | | {ranker['tau']:.3f} | {ranker['rho']:.3f} | | |")
+
+    for name, row in results.items():
+        if any("selection" in r for r in row.get("regret", {}).values()):
+            print_selection(name, row["regret"])
+
+
+def print_selection(name: str, regrets: dict[str, Any]) -> None:
+    """The checked answers beside the supernet's top-1 and the random control, as table accuracies per seed."""
+    pct = lambda accs: " / ".join(f"{a * 100:.2f}" for a in accs)  # noqa: E731
+    print(f"\n{name}: the search's answer checked by training (table accuracy %, per search seed)\n")
+    print("| limit | table's best | supernet top-1 | checked answer | best in its pool | random + halving | "
+          "median regret: top-1 / checked / random | selection work (image-epochs, s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for limit, row in regrets.items():
+        checked, random = row.get("selection", []), row.get("random", [])
+        work = " / ".join(f"{r['image_epochs'] / 1e3:,.0f}k, {r['train_seconds']:.0f}" for r in checked)
+        print(f"| {limit} | {row['best'] * 100:.2f} | {pct(row['top0_table_acc'])} | "
+              f"{pct(r['answer_table_acc'] for r in checked)} | {pct(max(r['pool_table_accs']) for r in checked)} | "
+              f"{pct(r['answer_table_acc'] for r in random)} | {row['regret_median'] * 100:.2f} / "
+              f"{row.get('selection_regret_median', float('nan')) * 100:.2f} / "
+              f"{row.get('random_regret_median', float('nan')) * 100:.2f} | {work} |")
 
 
 if __name__ == "__main__":
