@@ -31,7 +31,7 @@ from typing import Any
 
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config
+from effcifar.config import build_config, flat_values
 from effcifar.errors import EffcifarError
 from effcifar.nas.ranking import ranker_quality
 from effcifar.nas.retrain import rank_against_table
@@ -68,8 +68,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 def selection_base(config: SupernetConfig, args: argparse.Namespace) -> TrainConfig:
     """How the selection trains a candidate: the supernet's images, batch and augmentation, a standalone schedule
     (a linear warm-up to `--select-lr` over one epoch, then linear decay over `--select-epochs`)."""
-    shared = {f: getattr(config, f) for f in ("dataset", "data_dir", "subset", "holdout", "batch_size", "crop_pad",
-                                             "flip", "cutout", "label_smoothing", "seed", "threads")}
+    values = flat_values(config)
+    shared = {f: values[f] for f in ("dataset", "data_dir", "subset", "holdout", "batch_size", "crop_pad", "flip",
+                                     "cutout", "label_smoothing", "seed", "threads")}
     return build_config(TrainConfig, None, {**shared, "space": "nas-bench-macro", "epochs": args.select_epochs,
                                             "peak_epoch": 1, "peak_lr": args.select_lr, "precision": args.precision})
 
