@@ -173,6 +173,11 @@ def nested_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get(NESTED)]
 
 
+def group_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """(field, group dataclass) of each `nested` field of a config class that declares its group."""
+    return [(f, f.metadata[NESTED]) for f in dataclasses.fields(cls) if isinstance(f.metadata.get(NESTED), type)]
+
+
 def nested_keys(cls: type) -> dict[str, dict[str, Any]]:
     """Each `nested` field of a config class -> the keys (with their types) that a layer gives flat for it.
 
