@@ -52,9 +52,9 @@ def execution(default: Any, help: str = "", choices: Sequence[str] = ()) -> Any:
 def nested(help: str, group: type | None = None) -> Any:
     """A field holding a group of settings, so that a config's top level reads as what a user chooses.
 
-    `group` is the dataclass of the settings (the default is an instance of it, a mapping is converted); without
-    one the class lists the keys in `extra_field_types()` and picks the value (default None), as TrainConfig does
-    for its recipe's fields. Layers give the keys flat (`whiten: false`) or under the field's name (`recipe_fields:
+    `group` is the dataclass of the settings (the default is an instance of it, which layers' keys build); without
+    one the class lists the keys in `extra_field_types()` and converts their mapping (default None), as
+    TrainConfig does for its recipe's fields. Layers give the keys flat (`whiten: false`) or under the field's name (`recipe_fields:
     {whiten: false}`, as saved configs do); each flat key belongs to one field or group only (`nested_keys`).
     """
     default: dict[str, Any] = {"default_factory": group} if group is not None else {"default": None}
