@@ -71,8 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     configure_allocator()  # as every effcifar process does (EFFCIFAR_MALLOC=system turns it off)
     prep, l1, l2, l3 = (int(w) for w in args.widths.split(","))
-    config = SupernetConfig(prep=prep, layer1=l1, layer2=l2, layer3=l3, batch_size=args.batch_size,
-                            device=args.device, precision=args.precision)
+    config = SupernetConfig.of(prep=prep, layer1=l1, layer2=l2, layer3=l3, batch_size=args.batch_size,
+                               device=args.device, precision=args.precision)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     space, channels = ArchSpace.seed(), config.channels()

@@ -36,7 +36,7 @@ held-out images):
 Train a supernet, search it under a FLOPs limit, and let real training choose among its best
 networks and the ResNet-9 incumbent:
 
->>> supernet = effcifar.train_supernet(effcifar.SupernetConfig(**tiny, epochs=1, bn_batches=2, panel_random=0),
+>>> supernet = effcifar.train_supernet(effcifar.SupernetConfig.of(**tiny, epochs=1, bn_batches=2, panel_random=0),
 ...                                    out / "supernet", warn=lambda message: None)
 >>> search = effcifar.run_search(effcifar.SearchConfig(strategy="random", trials=4, threads=1,
 ...                                                    precision="fp32"), out / "supernet", out / "search")

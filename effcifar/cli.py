@@ -28,8 +28,8 @@ from effcifar import data as data_lib
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
 from effcifar.config import (
-    base_type, build_config, build_from_layers, field_help, field_types, read_config_file, read_json, renamed_fields,
-    warn_deprecated,
+    base_type, build_config, build_from_layers, field_help, field_types, group_fields, read_config_file, read_json,
+    renamed_fields, warn_deprecated,
 )
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.supernet import SupernetConfig
@@ -73,9 +73,10 @@ def add_deprecated_option(parser: Any, old: str, new: str, dest: str, **kwargs: 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, exclude: Collection[str] = (),
                        title: str | None = None, old_names: bool = True) -> None:
     """One --option per config field but `exclude` (underscores become dashes), its help from the field's
-    metadata (`effcifar.config.setting`); unset options stay out of the namespace. TrainConfig's recipe
-    fields come in a group per recipe, after the shared ones. With `old_names`, the class's renamed fields
-    (`RENAMED_FIELDS`) keep their old options as hidden aliases."""
+    metadata (`effcifar.config.setting`); unset options stay out of the namespace. A `nested` group's keys
+    (SupernetConfig's sampler, ...) and TrainConfig's recipe fields (one group per recipe) come after the
+    class's own. With `old_names`, the class's renamed fields (`RENAMED_FIELDS`) keep their old options as
+    hidden aliases."""
     defaults = cls()
     group = parser.add_argument_group(title or f"{cls.__name__} fields (override --config)")
     helps = {f.name: field_help(f) for f in dataclasses.fields(cls)}
@@ -96,6 +97,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, exclude: Coll
         if new not in exclude:
             add_deprecated_option(group, f"--{old.replace('_', '-')}", f"--{new.replace('_', '-')}", new,
                                   default=argparse.SUPPRESS)
+    for field, group_class in group_fields(cls):
+        add_config_options(parser, group_class, exclude, f"{field.name}: {field_help(field)}")
     if cls is TrainConfig:
         for recipe, fields_class in recipe_fields_classes().items():
             add_config_options(parser, fields_class, exclude, f"recipe {recipe} only (with --recipe {recipe})")

@@ -5,8 +5,9 @@ shared parts (see `effcifar.train`). Fields that change where or how fast a run 
 results, are declared with `execution(...)`; `fingerprint` is the one resume check of every stage
 (train, HPO, supernet, search, retrain, pipeline). A config is built as: defaults < file < overrides;
 a layer that sets a run's length alone scales the fields counted in its epochs (`keep_schedule_shape`).
-A field declared with `nested(...)` holds a config of its own (TrainConfig's recipe fields), whose keys a
-layer gives flat or under the field's name; a class's `RENAMED_FIELDS` old keys are accepted with a warning.
+A field declared with `nested(...)` holds a group of settings (TrainConfig's recipe fields, SupernetConfig's
+sampler, ...), whose keys a layer gives flat or under the field's name; a class's `RENAMED_FIELDS` old keys are
+accepted with a warning.
 Unknown keys, values of the wrong type and non-finite numbers are errors naming the file (or option),
 the field and what was expected; the dataclass's own `validate()` checks ranges and raises
 `ConfigError` with `field` set, and the source of that field is prefixed here. Files that are not
@@ -35,7 +36,7 @@ C = TypeVar("C")
 EXECUTION = "execution"  # field metadata key: the field does not change results
 HELP = "help"  # field metadata key: what the field means, for --help and the docs
 CHOICES = "choices"  # field metadata key: the values a field accepts, when they are a fixed list
-NESTED = "nested"  # field metadata key: the field holds a config of its own, whose keys layers give flat
+NESTED = "nested"  # field metadata key: the field holds a group of settings (its class, or True), keys given flat
 
 
 def setting(default: Any, help: str, choices: Sequence[str] = (), *, execution: bool = False) -> Any:
@@ -48,13 +49,17 @@ def execution(default: Any, help: str = "", choices: Sequence[str] = ()) -> Any:
     return setting(default, help, choices, execution=True)
 
 
-def nested(help: str) -> Any:
-    """A field holding a config of its own (default None: the class picks it), e.g. TrainConfig's recipe fields.
+def nested(help: str, group: type | None = None) -> Any:
+    """A field holding a group of settings, so that a config's top level reads as what a user chooses.
 
-    Layers give its keys flat (`whiten: false`) or under the field's name (`recipe_fields: {whiten: false}`, as
-    saved configs do); the class lists those keys in `extra_field_types()` and converts the mapping itself.
+    `group` is the dataclass of the settings (the default is an instance of it, which layers' keys build); without
+    one the class lists the keys in `extra_field_types()` and converts their mapping (default None), as
+    TrainConfig does for its recipe's fields. Layers give the keys flat (`whiten: false`) or under the field's name (`recipe_fields:
+    {whiten: false}`, as saved configs do); each flat key belongs to one field or group only (`nested_keys`).
     """
-    return dataclasses.field(default=None, metadata={HELP: help, CHOICES: (), EXECUTION: False, NESTED: True})
+    default: dict[str, Any] = {"default_factory": group} if group is not None else {"default": None}
+    metadata = {HELP: help, CHOICES: (), EXECUTION: False, NESTED: group or True}
+    return dataclasses.field(**default, metadata=metadata)
 
 
 def field_help(field: dataclasses.Field) -> str:
@@ -64,14 +69,22 @@ def field_help(field: dataclasses.Field) -> str:
 
 
 def execution_fields(cls: Any) -> set[str]:
-    """The names of a config class's (or instance's) `execution` fields."""
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get(EXECUTION)}
+    """The names of a config class's (or instance's) `execution` fields, a group's among them by their flat key."""
+    names = set()
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(EXECUTION):
+            names.add(f.name)
+        if isinstance(f.metadata.get(NESTED), type):
+            names |= execution_fields(f.metadata[NESTED])
+    return names
 
 
-def result_values(config: Any) -> dict[str, Any]:
-    """A config's fields that change its results (all but the `execution` ones), as plain data."""
+def result_values(config: Any, flat: bool = False) -> dict[str, Any]:
+    """A config's fields that change its results (all but the `execution` ones), as plain data; with `flat`, a
+    group's keys flat (what a config recorded before its settings were grouped, so its fingerprint stays)."""
     skip = execution_fields(config)
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    values = flat_values(config) if flat else dataclasses.asdict(config)
+    return {k: v for k, v in values.items() if k not in skip}
 
 
 def fingerprint(values: Any) -> str:
@@ -145,24 +158,55 @@ def renamed_fields(cls: type) -> dict[str, str]:
 
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved type of each key a layer of a config dataclass may set: its fields (a `nested` one as a
-    mapping) and the keys its `extra_field_types()` adds (TrainConfig: every recipe's own fields, old names)."""
-    hints = typing.get_type_hints(cls)
-    types_ = {f.name: dict if f.metadata.get(NESTED) else hints[f.name] for f in dataclasses.fields(cls)}
+    mapping, followed by its keys) and the keys its `extra_field_types()` adds (TrainConfig: old names)."""
+    hints, groups = typing.get_type_hints(cls), nested_keys(cls)
+    types_: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        types_[f.name] = dict if f.metadata.get(NESTED) else hints[f.name]
+        types_.update(groups.get(f.name, {}))
     extra = getattr(cls, "extra_field_types", None)
     return {**types_, **extra()} if extra is not None else types_
 
 
-def nested_field(cls: type) -> str | None:
-    """The name of a config class's `nested` field, if it has one."""
-    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get(NESTED)), None)
+def nested_names(cls: type) -> list[str]:
+    """The names of a config class's `nested` fields."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get(NESTED)]
+
+
+def group_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """(field, group dataclass) of each `nested` field of a config class that declares its group."""
+    return [(f, f.metadata[NESTED]) for f in dataclasses.fields(cls) if isinstance(f.metadata.get(NESTED), type)]
+
+
+def nested_keys(cls: type) -> dict[str, dict[str, Any]]:
+    """Each `nested` field of a config class -> the keys (with their types) that a layer gives flat for it.
+
+    A group's keys are its dataclass's fields; a field without one holds the class's `extra_field_types()` that
+    are not old names (TrainConfig: every recipe's own fields). A key of two groups, or of a group and a field,
+    could not say where its value goes: a TypeError, for the class's author.
+    """
+    owner = {f.name: cls.__name__ for f in dataclasses.fields(cls)}
+    groups: dict[str, dict[str, Any]] = {}
+    for f in dataclasses.fields(cls):
+        group = f.metadata.get(NESTED)
+        if not group:
+            continue
+        if isinstance(group, type):
+            groups[f.name] = field_types(group)
+        else:
+            groups[f.name] = {k: v for k, v in cls.extra_field_types().items() if k not in renamed_fields(cls)}
+        for key in groups[f.name]:
+            if key in owner:
+                raise TypeError(f"{cls.__name__}: key {key!r} belongs to both {owner[key]} and {f.name}")
+            owner[key] = f.name
+    return groups
 
 
 def flat_values(config: Any) -> dict[str, Any]:
-    """A config's values as plain data, a `nested` field's keys flat (as files and options give them)."""
+    """A config's values as plain data, its `nested` fields' keys flat (as files and options give them)."""
     values = dataclasses.asdict(config)
-    inner = nested_field(type(config))
-    if inner is not None:
-        values.update(values.pop(inner))
+    for name in nested_names(type(config)):
+        values.update(values.pop(name))
     return values
 
 
@@ -328,11 +372,7 @@ def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], b
             values = {**preset, **values}
             defaults.update(preset)
         keep_schedule_shape(cls, steps, defaults, values, origin)
-        inner = nested_field(cls)
-        if inner is not None:  # the flat keys of the nested field go into it; the class converts the mapping
-            own = {f.name for f in dataclasses.fields(cls)}
-            values[inner] = {key: values.pop(key) for key in list(values) if key not in own}
-        config = cls(**values)
+        config = cls(**group_values(cls, values))
         config.validate()  # type: ignore[attr-defined]
     except ConfigError as e:
         source = origin.get(getattr(e, "field", ""), "default config")
@@ -340,31 +380,55 @@ def build_from_layers(cls: type[C], layers: list[tuple[str, Mapping[str, Any], b
     return config
 
 
+def group_values(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat checked values as `cls(**...)` takes them: each group's keys in its field (a group's dataclass built,
+    a group without one as a mapping, which the class converts)."""
+    values, groups = dict(values), nested_keys(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in groups:
+            given = {key: values.pop(key) for key in list(values) if key in groups[f.name]}
+            group = f.metadata[NESTED]
+            values[f.name] = group(**given) if isinstance(group, type) else given
+    return values
+
+
 def read_layer(cls: type, source: str, mapping: Mapping[str, Any], from_text: bool) -> dict[str, Any]:
-    """One layer's values, each checked against its field's type: a `nested` field's keys flat, old names mapped."""
-    types_, inner = field_types(cls), nested_field(cls)
-    items = list(mapping.items())
-    below = mapping.get(inner) if inner is not None else None
-    if dataclasses.is_dataclass(below) and not isinstance(below, type):  # e.g. vars(config): the instance's values
-        below = dataclasses.asdict(below)
-    if isinstance(below, Mapping):  # the nested field's keys, as if flat
-        items = [(k, v) for k, v in items if k != inner] + list(below.items())
+    """One layer's values, each checked against its field's type: a group's keys flat, old names mapped."""
+    types_, groups = field_types(cls), nested_keys(cls)
     values: dict[str, Any] = {}
-    for key, value in items:
-        if key == inner:
-            raise ConfigError(f"{source}: field '{key}': expected a mapping of field names to values, got "
-                              f"{shown(value)}")
+    for key, value in layer_items(source, mapping, groups):
         key = renamed_key(cls, key, source)
-        if key not in types_:
+        if key not in types_ or key in groups:
             known = [k for k in types_ if k not in renamed_fields(cls)]
             raise ConfigError(f"{source}: unknown field {shown(key)} (known fields: {', '.join(known)})")
         if key in values:
-            raise ConfigError(f"{source}: field '{key}': given twice (under its old name too)")
+            raise ConfigError(f"{source}: field '{key}': given twice (under its old name or its group too)")
         try:
             values[key] = coerce_value(types_[key], value, from_text=from_text)
         except ValueError as e:
             raise ConfigError(f"{source}: field '{key}': expected {e}, got {shown(value)}") from None
     return values
+
+
+def layer_items(source: str, mapping: Mapping[str, Any], groups: Mapping[str, Mapping[str, Any]],
+                ) -> list[tuple[str, Any]]:
+    """A layer's (key, value) pairs with each group's keys flat, whether given flat or under the group's name."""
+    items = []
+    for key, value in mapping.items():
+        if key not in groups:
+            items.append((key, value))
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. vars(config): the instance
+            value = dataclasses.asdict(value)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: field '{key}': expected a mapping of field names to values, got "
+                              f"{shown(value)}")
+        stray = next((k for k in value if k not in groups[key]), None)
+        if stray is not None:
+            raise ConfigError(f"{source}: unknown field '{key}.{stray}' (known fields of {key}: "
+                              f"{', '.join(groups[key])})")
+        items += list(value.items())
+    return items
 
 
 def keep_schedule_shape(cls: type, steps: list[tuple[set[str], dict[str, Any]]], defaults: Mapping[str, Any],

@@ -41,8 +41,8 @@ def files(tmp_path):
 def supernet_run(tmp_path_factory) -> Path:
     """One epoch of a tiny supernet on synthetic data (500 training images, 100 held out)."""
     out = tmp_path_factory.mktemp("nas") / "supernet"
-    config = SupernetConfig(dataset="synthetic", subset=500, holdout=100, batch_size=50, bn_batches=2, panel_random=0,
-                            eval_batch_size=100, precision="fp32", threads=1, epochs=1, **NARROW)
+    config = SupernetConfig.of(dataset="synthetic", subset=500, holdout=100, batch_size=50, bn_batches=2,
+                               panel_random=0, eval_batch_size=100, precision="fp32", threads=1, epochs=1, **NARROW)
     train_supernet(config, out, warn=lambda message: None)
     return out
 

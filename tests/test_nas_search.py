@@ -200,9 +200,9 @@ def test_joint_width_and_op_space_trains_and_searches(tmp_path):
     from effcifar.nas.trainer import train_supernet
 
     run = tmp_path / "supernet"
-    train_supernet(SupernetConfig(space="seed-widths", dataset="synthetic", subset=500, holdout=100, batch_size=50,
-                                  bn_batches=2, panel_random=0, eval_batch_size=100, precision="fp32", threads=1,
-                                  epochs=1, **NARROW), run, warn=lambda message: None)
+    train_supernet(SupernetConfig.of(space="seed-widths", dataset="synthetic", subset=500, holdout=100, batch_size=50,
+                                     bn_batches=2, panel_random=0, eval_batch_size=100, precision="fp32", threads=1,
+                                     epochs=1, **NARROW), run, warn=lambda message: None)
     study = run_search(config(strategy="random", trials=4), run, tmp_path / "search")
     evaluator = CandidateEvaluator.from_run(run, config())
     widest, narrowest = evaluator.costs.extreme(True), evaluator.costs.extreme(False)

@@ -38,7 +38,7 @@ def tiny_config(**changes) -> SupernetConfig:
     values = dict(dataset="synthetic", subset=500, holdout=100, batch_size=50, bn_batches=2, panel_random=2,
                   eval_batch_size=100, precision="fp32", threads=1, epochs=2, **NARROW)
     values.update(changes)
-    return SupernetConfig(**values)
+    return SupernetConfig.of(**values)
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.Popen:
@@ -236,7 +236,8 @@ def test_schedules_and_hparams_layer(tmp_path):
     best = tmp_path / "best.json"
     best.write_text(json.dumps({"peak_lr": 0.2, "layer1": 96, "cutout": 4, "epochs": 40, "seed": 7}))
     config = load_config(None, {"hparams": str(best), "cutout": "6"}, overrides_from_text=True)
-    assert (config.peak_lr, config.layer1, config.cutout, config.seed, config.epochs) == (0.2, 96, 6, 0, 30)
+    values = (config.peak_lr, config.widths.layer1, config.augment.cutout, config.seed, config.epochs)
+    assert values == (0.2, 96, 6, 0, 30)
 
 
 def test_bn_recalibration_equals_the_batch_statistics():

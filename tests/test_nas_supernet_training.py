@@ -19,7 +19,7 @@ from conftest import NARROW
 def tiny_config(**changes) -> SupernetConfig:
     values = dict(dataset="synthetic", subset=300, holdout=100, batch_size=50, bn_batches=2, panel_random=0,
                   eval_batch_size=100, precision="fp32", threads=1, epochs=2, **NARROW)
-    return SupernetConfig(**{**values, **changes})
+    return SupernetConfig.of(**{**values, **changes})
 
 
 @pytest.mark.parametrize("space_name", ["seed", "nas-bench-macro"])

@@ -126,9 +126,9 @@ def tiny_supernet(tmp_path_factory) -> Path:
     """One epoch of a 4-architecture macro-style supernet on synthetic data."""
     root = tmp_path_factory.mktemp("table")
     (root / "space.yaml").write_text(yaml.safe_dump(TINY_SPACE))
-    config = SupernetConfig(space=str(root / "space.yaml"), dataset="synthetic", subset=400, holdout=100,
-                            batch_size=50, bn_batches=2, panel_random=0, eval_batch_size=100, precision="fp32",
-                            threads=1, epochs=1)
+    config = SupernetConfig.of(space=str(root / "space.yaml"), dataset="synthetic", subset=400, holdout=100,
+                               batch_size=50, bn_batches=2, panel_random=0, eval_batch_size=100, precision="fp32",
+                               threads=1, epochs=1)
     train_supernet(config, root / "supernet", warn=lambda message: None)
     return root / "supernet"
 

@@ -112,7 +112,7 @@ def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet(
     final = config.final_config(best, "best.json")
     assert (final.device, final.subset, final.layer1) == ("cpu", config.subset, 48)
     supernet = config.supernet_config(best, "best.json")
-    assert supernet.layer1 == 48 and supernet.hparams == "best.json" and supernet.holdout == config.holdout
+    assert supernet.widths.layer1 == 48 and supernet.hparams == "best.json" and supernet.holdout == config.holdout
     assert config.retrain_base(final, supernet).layer1 == 48
 
 

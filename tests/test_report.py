@@ -48,9 +48,9 @@ def pipeline(tmp_path_factory) -> Path:
                         pruner="none"), root / "hpo")
     write_best(root / "hpo")
     (root / "hpo" / "search_space.json").write_text(json.dumps(TINY_SPACE))  # as the pipeline keeps it
-    supernet = SupernetConfig(dataset="synthetic", subset=300, holdout=100, batch_size=50, bn_batches=1,
-                              panel_random=1, eval_batch_size=100, precision="fp32", threads=1, epochs=2,
-                              shrink_at="1", shrink_samples=1, **NARROW)
+    supernet = SupernetConfig.of(dataset="synthetic", subset=300, holdout=100, batch_size=50, bn_batches=1,
+                                 panel_random=1, eval_batch_size=100, precision="fp32", threads=1, epochs=2,
+                                 shrink_at="1", shrink_samples=1, **NARROW)
     train_supernet(supernet, root / "supernet", warn=lambda message: None)
     run_search(SearchConfig(population=4, parents=2, mutations=1, crossovers=1, trials=8, precision="fp32",
                             threads=1, export=2), root / "supernet", root / "search")

@@ -2,11 +2,13 @@
 
 A shared-weight subnet's BN statistics are a mixture over every path trained so far, so each
 judged path first gets statistics of its own (SPOS); the calibration batches are drawn with a
-generator of their own, so judging never moves the training's random state.
+generator of their own, so judging never moves the training's random state. A supernet run's
+settings for it are its `evaluation` group (`EvaluationFields`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -14,11 +16,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from effcifar.config import field_error, setting
 from effcifar.data import DeviceLoader
 from effcifar.nas.costs import CostTable
 from effcifar.nas.network import Supernet
 from effcifar.nas.path_samplers import PathSampler
 from effcifar.nas.space import Arch, ArchSpace
+
+
+@dataclass
+class EvaluationFields:
+    """How a supernet run judges its subnets (`SupernetConfig.evaluation`): the per-epoch panel's size and the
+    BN recalibration before each judgement (the panel's and shrinking's)."""
+
+    panel_random: int = setting(5, "seeded random subnets in the per-epoch panel (besides largest and smallest)")
+    bn_batches: int = setting(10, "training batches used to recalibrate BN before each evaluation")
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for a value out of its range."""
+        if self.panel_random < 0:
+            raise field_error("panel_random", "an integer >= 0", self.panel_random)
+        if self.bn_batches <= 0:
+            raise field_error("bn_batches", "a positive integer", self.bn_batches)
 
 
 def recalibrate_bn(model: nn.Module, batches: list[torch.Tensor], autocast: Callable[[], Any]) -> None:

@@ -1,18 +1,20 @@
 """Which paths each supernet training step trains: the path samplers, by name in a registry.
 
 `sampling: NAME` in a supernet config picks the sampler registered under NAME with
-`@path_sampler_rule(NAME)`; the config is checked against the registry and the trainer builds its
-sampler with `path_sampler(config, costs)`. A sampler draws with a generator of its own (its
-state is checkpointed), and under FLOPs limits only paths within them.
+`@path_sampler_rule(NAME)`; the samplers' settings are the config's `sampler` group (`SamplerFields`:
+the FLOPs range of every rule, and each rule's own). The config is checked against the registry and
+the trainer builds its sampler with `path_sampler(name, settings, seed, costs)`. A sampler draws with
+a generator of its own (its state is checkpointed), and under FLOPs limits only paths within them.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from typing import Any, Callable, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
-from effcifar.config import field_error
+from effcifar.config import field_error, setting
 from effcifar.errors import ConfigError
 from effcifar.nas.costs import CostTable
 from effcifar.nas.space import Arch, ArchSpace
@@ -22,14 +24,22 @@ EXTREME_DRAWS = 1_000  # feasible draws among which a sampler takes the largest/
 FAIR_DRAWS = 100  # fair groups drawn per step under FLOPs limits before the step takes uniform paths within them
 
 
-class SamplingSettings(Protocol):
-    """The fields of a supernet config that a path sampler reads."""
+@dataclass
+class SamplerFields:
+    """The path samplers' settings (`SupernetConfig.sampler`): the FLOPs range every rule keeps to, and the
+    settings of one rule only (named after it, checked by its `check`)."""
 
-    sampling: str
-    seed: int
-    flops_min: float | None
-    flops_max: float | None
-    sandwich_paths: int
+    flops_min: float | None = setting(None, "sample only paths with at least this many forward FLOPs per image")
+    flops_max: float | None = setting(None, "sample only paths with at most this many forward FLOPs per image")
+    sandwich_paths: int = setting(4, "paths per step with sampling sandwich (largest, smallest, the rest random)")
+
+    def validate(self) -> None:
+        """Raise ConfigError (with `field`) for a FLOPs limit that is not positive or a range that is empty."""
+        for name in ("flops_min", "flops_max"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise field_error(name, "a positive number of FLOPs or none", getattr(self, name))
+        if self.flops_min is not None and self.flops_max is not None and self.flops_min > self.flops_max:
+            raise field_error("flops_max", f"a number >= flops_min ({self.flops_min:g})", self.flops_max)
 
 
 Rule = TypeVar("Rule", bound="type[PathSampler]")
@@ -44,16 +54,17 @@ def path_sampler_rule(name: str) -> Callable[[Rule], Rule]:
     return register
 
 
-def check_sampling(settings: SamplingSettings) -> None:
-    """ConfigError (with `field`) unless `sampling` names a registered rule whose own settings are valid."""
-    if settings.sampling not in PATH_SAMPLERS:
-        raise field_error("sampling", f"one of {', '.join(PATH_SAMPLERS)}", settings.sampling)
-    PATH_SAMPLERS[settings.sampling].check(settings)
+def check_sampling(sampling: str, settings: SamplerFields) -> None:
+    """ConfigError (with `field`) unless `sampling` names a registered rule and the settings are valid for it."""
+    if sampling not in PATH_SAMPLERS:
+        raise field_error("sampling", f"one of {', '.join(PATH_SAMPLERS)}", sampling)
+    settings.validate()
+    PATH_SAMPLERS[sampling].check(settings)
 
 
-def path_sampler(settings: SamplingSettings, costs: CostTable) -> PathSampler:
-    """The sampler of the rule `settings.sampling`, seeded with `settings.seed`."""
-    return PATH_SAMPLERS[settings.sampling].from_settings(settings, costs)
+def path_sampler(sampling: str, settings: SamplerFields, seed: int, costs: CostTable) -> PathSampler:
+    """The sampler of the rule `sampling`, seeded with `seed`."""
+    return PATH_SAMPLERS[sampling].from_settings(settings, seed, costs)
 
 
 @path_sampler_rule("uniform")
@@ -70,13 +81,13 @@ class PathSampler:
         self.extremes: dict[tuple[bool, str], Arch] = {}  # (largest, space) -> path: computed once per space
 
     @classmethod
-    def check(cls, settings: SamplingSettings) -> None:
+    def check(cls, settings: SamplerFields) -> None:
         """ConfigError (with `field`) for a bad setting of this rule's own."""
 
     @classmethod
-    def from_settings(cls, settings: SamplingSettings, costs: CostTable) -> PathSampler:
-        """This rule's sampler for a supernet config."""
-        return cls(costs, settings.seed, settings.flops_min, settings.flops_max)
+    def from_settings(cls, settings: SamplerFields, seed: int, costs: CostTable) -> PathSampler:
+        """This rule's sampler for a supernet config's `sampler` settings."""
+        return cls(costs, seed, settings.flops_min, settings.flops_max)
 
     def step_paths(self, space: ArchSpace) -> list[Arch]:
         """The paths one training step trains (their gradients are averaged before the update)."""
@@ -155,7 +166,7 @@ class FairSampler(PathSampler):
 @path_sampler_rule("sandwich")
 class SandwichSampler(PathSampler):
     """BigNAS's sandwich rule: the largest and the smallest path (by FLOPs, within the limits) and `paths - 2`
-    uniform random ones (`paths`: the config's `sandwich_paths`)."""
+    uniform random ones (`paths`: the config's `sampler.sandwich_paths`)."""
 
     def __init__(self, costs: CostTable, seed: int, paths: int, flops_min: float | None = None,
                  flops_max: float | None = None):
@@ -163,14 +174,14 @@ class SandwichSampler(PathSampler):
         self.paths = paths
 
     @classmethod
-    def check(cls, settings: SamplingSettings) -> None:
+    def check(cls, settings: SamplerFields) -> None:
         if settings.sandwich_paths < 2:
             raise field_error("sandwich_paths", "an integer >= 2 (the largest and the smallest path)",
                               settings.sandwich_paths)
 
     @classmethod
-    def from_settings(cls, settings: SamplingSettings, costs: CostTable) -> PathSampler:
-        return cls(costs, settings.seed, settings.sandwich_paths, settings.flops_min, settings.flops_max)
+    def from_settings(cls, settings: SamplerFields, seed: int, costs: CostTable) -> PathSampler:
+        return cls(costs, seed, settings.sandwich_paths, settings.flops_min, settings.flops_max)
 
     def step_paths(self, space: ArchSpace) -> list[Arch]:
         return [self.extreme(True, space), self.extreme(False, space)] + [

@@ -42,7 +42,7 @@ import torch
 
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, build_from_layers, read_json, result_values
+from effcifar.config import build_config, build_from_layers, flat_values, read_json, result_values
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.costs import CostTable, stratified_archs
@@ -51,7 +51,6 @@ from effcifar.nas.ranking import (
 )
 from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_config
 from effcifar.nas.space import read_arch_file
-from effcifar.nas.supernet import SupernetConfig
 from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.rundir import locked
 from effcifar.studies import max_workers, pin_worker_gpu
@@ -65,8 +64,9 @@ def base_config(supernet_dir: str | Path, config_file: str | Path | None = None,
     """The standalone runs' TrainConfig: supernet run's shared fields < config file < overrides."""
     supernet_dir = Path(supernet_dir)
     sconfig = load_supernet_config(supernet_dir)
-    shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(SupernetConfig)} - {"space", "epochs"}
-    base = (str(supernet_dir / "config.yaml"), {name: getattr(sconfig, name) for name in sorted(shared)})
+    values = flat_values(sconfig)
+    shared = {f.name for f in fields(TrainConfig)} & set(values) - {"space", "epochs"}
+    base = (str(supernet_dir / "config.yaml"), {name: values[name] for name in sorted(shared)})
     return build_config(TrainConfig, config_file, overrides, overrides_from_text, base=base)
 
 

@@ -224,7 +224,8 @@ class CandidateEvaluator:
         train_config = replace(sconfig.train_config(),
                               eval_batch_size=config.eval_batch_size or sconfig.eval_batch_size)
         train_loader, valid_loader = device_loaders(train_config, data, device)
-        batches = calibration_batches(train_loader, config.bn_batches or sconfig.bn_batches, sconfig.seed + 1)
+        bn_batches = config.bn_batches or sconfig.evaluation.bn_batches
+        batches = calibration_batches(train_loader, bn_batches, sconfig.seed + 1)
         if config.eval_images:
             valid_loader = valid_loader.subset(config.eval_images, sconfig.seed)
         costs = CostTable.build(net.space, sconfig.channels(), data.num_classes)
@@ -291,7 +292,8 @@ def setup_values(config: SearchConfig, supernet_dir: Path) -> dict[str, Any]:
     method (version) count only when latency is an objective.
     """
     sconfig = load_supernet_config(supernet_dir)
-    values = {"supernet": str(supernet_dir.resolve()), "bn_batches": config.bn_batches or sconfig.bn_batches,
+    values = {"supernet": str(supernet_dir.resolve()),
+              "bn_batches": config.bn_batches or sconfig.evaluation.bn_batches,
               "precision": config.precision, "objectives": config.objectives()}
     if config.eval_images:  # absent when 0, so searches recorded before the field existed still resume
         values["eval_images"] = config.eval_images

@@ -1,11 +1,37 @@
-"""Search-space shrinking: after chosen epochs, each choice key loses the candidate whose subnets judge worst."""
+"""Search-space shrinking: after chosen epochs, each choice key loses the candidate whose subnets judge worst.
+
+A supernet run's settings for it are its `shrinking` group (`ShrinkingFields`); the trainer's
+`SpaceShrinking` hook applies them.
+"""
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from effcifar.config import field_error, setting
 from effcifar.nas.space import Arch, ArchSpace, skip_depth
+
+
+@dataclass
+class ShrinkingFields:
+    """When the space shrinks and on how many subnets each candidate is judged (`SupernetConfig.shrinking`)."""
+
+    shrink_at: str = setting("", "comma-separated epochs after which each key loses its worst candidate")
+    shrink_samples: int = setting(10, "each candidate is judged on at least this many subnets")
+
+    def epochs(self, run_epochs: int) -> list[int]:
+        """The epochs of `shrink_at` in a run of `run_epochs`, checked (ConfigError with `field`)."""
+        if self.shrink_samples <= 0:
+            raise field_error("shrink_samples", "a positive integer", self.shrink_samples)
+        try:
+            epochs = [int(e) for e in self.shrink_at.replace(" ", "").split(",") if e]
+        except ValueError:
+            raise field_error("shrink_at", "comma-separated epoch numbers, e.g. 10,20", self.shrink_at) from None
+        if any(not 1 <= e < run_epochs for e in epochs) or len(set(epochs)) != len(epochs):
+            raise field_error("shrink_at", f"distinct epochs in [1, {run_epochs - 1}]", self.shrink_at)
+        return sorted(epochs)
 
 
 def shrink_space(space: ArchSpace, samples: int, seed: int,

@@ -16,13 +16,16 @@ from typing import Any
 import torch
 
 from effcifar.config import (
-    build_config, execution, field_error, fingerprint, read_config_file, result_values, setting,
+    build_config, build_from_layers, execution, field_error, fingerprint, flat_values, nested, read_config_file,
+    result_values, setting,
 )
 from effcifar.errors import ConfigError
 from effcifar.models import NETWORK_STAGES
 from effcifar.nas.checkpoint import read_checkpoint
+from effcifar.nas.evaluation import EvaluationFields
 from effcifar.nas.network import Supernet
-from effcifar.nas.path_samplers import PATH_SAMPLERS, check_sampling
+from effcifar.nas.path_samplers import PATH_SAMPLERS, SamplerFields, check_sampling
+from effcifar.nas.shrinking import ShrinkingFields
 from effcifar.nas.space import ArchSpace
 from effcifar.train import AugmentFields, DataFields, ExecutionFields, OptimiserFields, TrainConfig, WidthFields
 
@@ -35,12 +38,18 @@ HPARAM_FIELDS = (
 
 
 @dataclass
-class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentFields, DataFields):
+class SupernetConfig(ExecutionFields, OptimiserFields, DataFields):
     """Everything a supernet run depends on; the defaults are the seed's SPOS setup.
 
     The learning rate is `lr_factor` x `peak_lr` (the seed trained the supernet at 0.3x the HPO
     learning rate), decayed per step to 0 over `epochs` (linear or cosine). Data, augmentation,
     optimiser, widths and execution are the core trainer's parts, with its checks.
+
+    The top level is what a user chooses; the rest are groups (`nested`), whose keys files, options
+    and the pipeline give flat (`bn_batches: 2`) or under the group (`evaluation: {bn_batches: 2}`, as
+    config.yaml saves them): `widths` and `augment` (an HPO best's, through `hparams`), `sampler` (the
+    path samplers' settings), `evaluation` (panel and BN recalibration) and `shrinking`. Build one
+    from flat settings with `SupernetConfig.of`.
     """
 
     holdout: int = setting(5000, "held-out training images for the panel and shrinking (never the test set)")
@@ -50,60 +59,48 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
     lr_factor: float = setting(0.3, "the learning rate is this times peak_lr")
     schedule: str = setting("linear", "how the learning rate decays to 0 over the epochs", SCHEDULES)
     warmup_epochs: float = setting(0.0, "the LR rises linearly from 0 over these epochs, then decays")
-    # path sampling and evaluation
-    flops_min: float | None = setting(None, "sample only paths with at least this many forward FLOPs per image")
-    flops_max: float | None = setting(None, "sample only paths with at most this many forward FLOPs per image")
-    panel_random: int = setting(5, "seeded random subnets in the per-epoch panel (besides largest and smallest)")
-    bn_batches: int = setting(10, "training batches used to recalibrate BN before each evaluation")
-    shrink_at: str = setting("", "comma-separated epochs after which each key loses its worst candidate")
-    shrink_samples: int = setting(10, "each candidate is judged on at least this many subnets")
     sampling: str = setting("sandwich", "paths per step: uniform (SPOS, one), fair (FairNAS, one per candidate), "
                                         "sandwich (BigNAS: largest, smallest, random)", tuple(PATH_SAMPLERS))
-    sandwich_paths: int = setting(4, "paths per step with sampling sandwich (largest, smallest, the rest random)")
     keep_checkpoints: int = execution(3, "checkpoints kept in the run directory (the newest)")
+    widths: WidthFields = nested("the widths of the stages and the logits scale", WidthFields)
+    augment: AugmentFields = nested("the training batches' augmentation", AugmentFields)
+    sampler: SamplerFields = nested("the path samplers' settings: the FLOPs range of sampled paths, each rule's own",
+                                    SamplerFields)
+    evaluation: EvaluationFields = nested("how subnets are judged: the per-epoch panel, BN recalibration",
+                                          EvaluationFields)
+    shrinking: ShrinkingFields = nested("search-space shrinking: when, and on how many subnets", ShrinkingFields)
+
+    @classmethod
+    def of(cls, **settings: Any) -> "SupernetConfig":
+        """A checked config from settings given flat (`layer1=16, bn_batches=2`), as files and options give them."""
+        return build_from_layers(cls, [("SupernetConfig.of", settings, False)])
 
     def train_config(self) -> TrainConfig:
         """The core-trainer config of the shared fields (used for its checks and its step)."""
-        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
-        return TrainConfig(**{name: getattr(self, name) for name in shared})
+        values = flat_values(self)
+        return TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig) if f.name in values})
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
         self.train_config().validate()
-        for name in ("epochs", "bn_batches", "shrink_samples", "keep_checkpoints"):
+        for name in ("epochs", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise field_error(name, "a positive integer", getattr(self, name))
         if self.holdout <= 0:
             raise field_error("holdout", "a positive number of held-out training images", self.holdout)
-        if self.panel_random < 0:
-            raise field_error("panel_random", "an integer >= 0", self.panel_random)
         if not 0 <= self.warmup_epochs < self.epochs:
             raise field_error("warmup_epochs", f"a number in [0, epochs={self.epochs})", self.warmup_epochs)
         if not self.lr_factor > 0:
             raise field_error("lr_factor", "a number > 0", self.lr_factor)
         if self.schedule not in SCHEDULES:
             raise field_error("schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
-        check_sampling(self)
-        for name in ("flops_min", "flops_max"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise field_error(name, "a positive number of FLOPs or none", getattr(self, name))
-        if self.flops_min is not None and self.flops_max is not None and self.flops_min > self.flops_max:
-            raise field_error("flops_max", f"a number >= flops_min ({self.flops_min:g})", self.flops_max)
-        self.shrink_epochs()
-
-    def shrink_epochs(self) -> list[int]:
-        """The epochs of `shrink_at`, checked."""
-        try:
-            epochs = [int(e) for e in self.shrink_at.replace(" ", "").split(",") if e]
-        except ValueError:
-            raise field_error("shrink_at", "comma-separated epoch numbers, e.g. 10,20", self.shrink_at) from None
-        if any(not 1 <= e < self.epochs for e in epochs) or len(set(epochs)) != len(epochs):
-            raise field_error("shrink_at", f"distinct epochs in [1, {self.epochs - 1}]", self.shrink_at)
-        return sorted(epochs)
+        check_sampling(self.sampling, self.sampler)
+        self.evaluation.validate()
+        self.shrinking.epochs(self.epochs)
 
     def channels(self) -> dict[str, int]:
         """Width of each named stage (what a space's `width: layer1` refers to)."""
-        return {s: getattr(self, s) for s in NETWORK_STAGES}
+        return {s: getattr(self.widths, s) for s in NETWORK_STAGES}
 
     def lr_at(self, epoch: float) -> float:
         """Learning rate at a fractional epoch: warm-up to lr_factor x peak_lr, then decayed to 0 at `epochs`."""
@@ -114,8 +111,9 @@ class SupernetConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentField
         return top * (1 - t) if self.schedule == "linear" else top * 0.5 * (1 + math.cos(math.pi * t))
 
     def fingerprint(self) -> str:
-        """What a resumed run must match: the fields that change results, and the space's content."""
-        return fingerprint({**result_values(self), "space": ArchSpace.load(self.space).to_dict()})
+        """What a resumed run must match: the fields that change results (flat, as runs saved before the groups
+        recorded them), and the space's content."""
+        return fingerprint({**result_values(self, flat=True), "space": ArchSpace.load(self.space).to_dict()})
 
 
 def load_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,

@@ -8,7 +8,7 @@ held-out training images after BN recalibration, so `logs.tsv` shows whether the
 
 Hooks (`TrainerHook`) are the seam for experiments: each is called before every step and after
 every epoch with the trainer. The product's own optional behaviour, search-space shrinking at the
-`shrink_at` epochs, is one (`SpaceShrinking`).
+`shrinking.shrink_at` epochs, is one (`SpaceShrinking`).
 
 Checkpoints (`effcifar.nas.checkpoint`) are written after every epoch and when the process gets
 SIGTERM/SIGINT; a run resumed from one ends bitwise-identical to an uninterrupted run on CPU.
@@ -136,7 +136,8 @@ class SupernetTrainer:
         self.train_loader, self.valid_loader = device_loaders(config.train_config(), self.data, self.device)
 
         seed_everything(config.seed)
-        self.net = Supernet(self.space, config.channels(), self.data.num_classes, config.logits_weight).to(self.device)
+        self.net = Supernet(self.space, config.channels(), self.data.num_classes,
+                            config.widths.logits_weight).to(self.device)
         if config.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if self.ranks.launched:
@@ -144,12 +145,13 @@ class SupernetTrainer:
         before_update = (lambda: average_gradients(self.net, self.ranks.world)) if self.ranks.launched else None
         self.step = TrainStep(self.net, config.train_config(), self.precision, before_update=before_update)
         self.costs = CostTable.build(self.space, config.channels(), self.data.num_classes)
-        self.sampler = path_sampler(config, self.costs)
+        self.sampler = path_sampler(config.sampling, config.sampler, config.seed, self.costs)
         self.sampler.sample(self.space)  # fail now, not after data loading on every rank, if no path is allowed
         self.sampler.rng.seed(config.seed)
-        shrink_epochs = config.shrink_epochs()
-        self.hooks = [*([SpaceShrinking(shrink_epochs, config.shrink_samples)] if shrink_epochs else []), *hooks]
-        self.bn_batches = calibration_batches(self.train_loader, config.bn_batches, config.seed + 1)
+        shrink_epochs = config.shrinking.epochs(config.epochs)
+        shrinking = [SpaceShrinking(shrink_epochs, config.shrinking.shrink_samples)] if shrink_epochs else []
+        self.hooks = [*shrinking, *hooks]
+        self.bn_batches = calibration_batches(self.train_loader, config.evaluation.bn_batches, config.seed + 1)
         self.progress = Progress()
         self.order: torch.Tensor | None = None  # the current epoch's data order
         self.epoch_sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, images
@@ -267,7 +269,8 @@ class SupernetTrainer:
     def panel(self) -> dict[str, float]:
         """Held-out accuracy of the reference subnets (largest, smallest, seeded random ones)."""
         c = self.config
-        archs = reference_panel(self.costs, self.space, c.panel_random, c.seed + 2, c.flops_min, c.flops_max)
+        archs = reference_panel(self.costs, self.space, c.evaluation.panel_random, c.seed + 2, c.sampler.flops_min,
+                                c.sampler.flops_max)
         return {name: self.evaluate(arch) for name, arch in archs.items()}
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -348,7 +351,7 @@ class SupernetTrainer:
         if self.out is not None and self.ranks.main:
             save_checkpoint({"model": self.net.state_dict(), "space": ArchSpace.load(self.config.space).to_dict(),
                              "choices": self.space.choices(), "channels": self.config.channels(),
-                             "num_classes": self.data.num_classes, "logits_weight": self.config.logits_weight},
+                             "num_classes": self.data.num_classes, "logits_weight": self.config.widths.logits_weight},
                             self.out / "supernet.pt")
             atomic_write(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
         return SupernetResult(self.net, self.space, self.progress.history, self.progress.shrink_log, summary, self.out)

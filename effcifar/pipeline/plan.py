@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from effcifar.config import (
-    build_from_layers, check_seed, coerce_value, field_types, flat_values, read_config_file, renamed_fields, renamed_key,
-    shown, warn_deprecated,
+    build_from_layers, check_seed, coerce_value, field_types, flat_values, nested_keys, read_config_file,
+    renamed_fields, renamed_key, shown, warn_deprecated,
 )
 from effcifar.errors import ConfigError
 from effcifar.train import TrainConfig
@@ -166,10 +166,10 @@ class PipelineConfig:
                                                   ("pipeline", {"hparams": best_source}, False)])
 
     def retrain_base(self, final: TrainConfig, supernet: Any) -> TrainConfig:
-        """Retraining: the HPO best at the final budget, in the supernet's widths, with `retrain` fields over it."""
-        values = dataclasses.asdict(final)
-        values.update({w: getattr(supernet, w) for w in WIDTHS})
-        values.update(logits_weight=supernet.logits_weight)
+        """Retraining: the HPO best at the final budget, in the supernet's widths, with `retrain` fields over it
+        (`supernet`: its SupernetConfig, or a TrainConfig standing in for it)."""
+        values, widths = dataclasses.asdict(final), flat_values(supernet)
+        values.update({w: widths[w] for w in (*WIDTHS, "logits_weight")})
         return self._build(TrainConfig, "retrain", extra=[("HPO best at the final budget", values)],
                            last={"holdout": 0})
 
@@ -255,6 +255,15 @@ def _coerce(annotation: Any, value: Any, from_text: bool, source: str, path: str
         raise ConfigError(f"{source}: field '{path}': expected {e}, got {shown(value)}") from None
 
 
+def group_items(keys: Mapping[str, Any], value: Any, from_text: bool, source: str, path: str) -> dict[str, Any]:
+    """A section's group given under its name (`supernet: {sampler: {flops_max: 1e8}}`), checked, its keys flat."""
+    items = _coerce(dict, value, from_text, source, path)
+    stray = next((k for k in items if k not in keys), None)
+    if stray is not None:
+        raise ConfigError(f"{source}: field '{path}.{stray}': unknown (known: {', '.join(keys)})")
+    return {k: _coerce(keys[k], v, from_text, source, f"{path}.{k}") for k, v in items.items()}
+
+
 def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, layer: Mapping[str, Any],
                 from_text: bool) -> None:
     """Put one layer (preset, file or command line) over `values`, checking every name and type."""
@@ -301,6 +310,10 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
                 target["trial"] = merged
             elif path == "hpo.space" and from_text:
                 raise ConfigError(f"{source}: field 'hpo.space': set the search space in a --config file")
+            elif name in nested_keys(sections[key]):
+                flat = group_items(nested_keys(sections[key])[name], item, from_text, source, path)
+                target.update(flat)
+                sources.update(dict.fromkeys((f"{key}.{k}" for k in flat), source))
             else:
                 target[name] = _coerce(allowed[name], item, from_text, source, path)
             sources[path] = source

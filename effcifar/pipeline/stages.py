@@ -304,7 +304,7 @@ class SupernetStage(Stage):
         self.config = pipeline.config.supernet_config(hpo.best, str(hpo.best_file))
 
     def settings(self) -> dict[str, Any]:
-        return result_values(self.config)
+        return result_values(self.config, flat=True)  # flat: as pipelines recorded them before the groups
 
     def run(self) -> str:
         from effcifar.nas.checkpoint import checkpoint_files
