@@ -552,14 +552,13 @@ def run_select(args: argparse.Namespace, console: Console) -> int:
 
     if args.front:
         try:
-            limits = [float(v) for v in args.front.replace(" ", "").split(",") if v]
-        except ValueError:
-            raise ConfigError(f"--front: expected comma-separated FLOPs limits, e.g. 12e6,30e6,48e6; got "
-                              f"{args.front!r}") from None
+            limits = select.front_limits(args.front)
+        except ValueError as e:
+            raise ConfigError(f"--front: expected {e}; got {args.front!r}") from None
         if config.max_flops is not None:
             raise ConfigError("--front gives the FLOPs limits: leave --max-flops out")
         results = select.select_front(config, args.search, out, base, limits, on_trial=on_trial)
-        for limit, result in zip(sorted(limits), results):
+        for limit, result in zip(limits, results):
             print_selection(console, result, f"under {limit / 1e6:g} MFLOPs", select.limit_dir(out, limit))
         console.print(f"wrote {out / select.FRONT_FILE}: one answer per limit", markup=False)
         return 0
