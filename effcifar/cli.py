@@ -737,8 +737,8 @@ def run_pipeline_command(args: argparse.Namespace, console: Console) -> int:
     from effcifar import pipeline
 
     overrides = parse_settings(args.set or [])
-    overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir), ("seeds", args.seeds))
-                      if v is not None})
+    overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir), ("seeds", args.seeds),
+                                        ("select.front", args.front)) if v is not None})
     config = pipeline.load_pipeline_config(args.preset, args.config, overrides)
     if args.show_config:
         print(f"# preset: {args.preset}")
@@ -949,6 +949,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seeds", metavar="N", help="train each final run (baseline, HPO best, the NAS answer) with this "
                                                 "many training seeds and report mean ± s.d. (default 1; the same as "
                                                 "--set seeds=N)")
+    p.add_argument("--front", metavar="LIMITS",
+                   help="comma-separated FLOPs limits, e.g. 12e6,30e6: the selection also answers under each (one "
+                        "verified answer per limit in select/front.json; the search runs under the largest); the "
+                        "final table keeps the answer at the default limit, the HPO best's FLOPs (the same as --set "
+                        "select.front=LIMITS)")
     p.add_argument("--dataset", help="cifar100 (the presets' default), cifar10, synthetic, ...")
     p.add_argument("--data-dir", help="folder or file of the dataset (default $EFFCIFAR_DATA, then ~/.cache/effcifar)")
     p.add_argument("--out", help="pipeline directory (default: runs/pipeline-PRESET-DATASET); the same command resumes")
