@@ -8,8 +8,10 @@ what exists is drawn, and what is missing is named with the command that produce
 What a directory can be (checked in this order):
 - a pipeline directory: any of the subdirectories `baseline`, `hpo`, `hpo_best`, `supernet`,
   `search`, `select`, `retrain`, `nas_eval`, or `results.json`. Each subdirectory is one of the kinds
-  below; `retrain` holds the NAS answer's run in `answer/` (or only `retrain.json` when the incumbent
-  won and the HPO best's run is the answer). A final run trained with several seeds holds one
+  below; `select` holds one selection, or a front (one per FLOPs limit in `flops_<M>M/`, `front.json`),
+  drawn per limit beside the final results ("What NAS bought, per FLOPs limit"); `retrain` holds the
+  NAS answer's run in `answer/` (or only `retrain.json` when the incumbent won and the HPO best's
+  run is the answer). A final run trained with several seeds holds one
   training run per seed (`baseline/seed_0/`, ...). `results.json` is the
   final table: `[{"name": "baseline"|"hpo"|"nas", "test_acc": float, "train_time": float,
   "params": int, "flops": int}, ...]` (accuracy as a fraction, train time in seconds; optionally
@@ -21,6 +23,7 @@ What a directory can be (checked in this order):
   accuracy trained from scratch); other keys (e.g. "archs") are allowed and ignored.
 - an HPO run: `hpo.yaml` and its study (`effcifar hpo run`).
 - a search run: `search.yaml` and its study (`effcifar search`).
+- a selection (`select.yaml`, `effcifar select`) or a front of them (`effcifar select --front`).
 - a supernet run: `logs.tsv` with a `valid_panel_mean` column (`effcifar supernet train`).
 - a training run: `logs.tsv` with a `valid_acc` column; `summary.json` (with `test_acc`) once it
   has finished (`effcifar train`).
