@@ -555,14 +555,13 @@ def run_select(args: argparse.Namespace, console: Console) -> int:
 
     if args.front:
         try:
-            limits = [float(v) for v in args.front.replace(" ", "").split(",") if v]
-        except ValueError:
-            raise ConfigError(f"--front: expected comma-separated FLOPs limits, e.g. 12e6,30e6,48e6; got "
-                              f"{args.front!r}") from None
+            limits = select.front_limits(args.front)
+        except ValueError as e:
+            raise ConfigError(f"--front: expected {e}; got {args.front!r}") from None
         if config.max_flops is not None:
             raise ConfigError("--front gives the FLOPs limits: leave --max-flops out")
         results = select.select_front(config, args.search, out, base, limits, on_trial=on_trial)
-        for limit, result in zip(sorted(limits), results):
+        for limit, result in zip(limits, results):
             print_selection(console, result, f"under {limit / 1e6:g} MFLOPs", select.limit_dir(out, limit))
         console.print(f"wrote {out / select.FRONT_FILE}: one answer per limit", markup=False)
         return 0
@@ -741,8 +740,8 @@ def run_pipeline_command(args: argparse.Namespace, console: Console) -> int:
     from effcifar import pipeline
 
     overrides = parse_settings(args.set or [])
-    overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir), ("seeds", args.seeds))
-                      if v is not None})
+    overrides.update({k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir), ("seeds", args.seeds),
+                                        ("select.front", args.front)) if v is not None})
     config = pipeline.load_pipeline_config(args.preset, args.config, overrides)
     if args.show_config:
         print(f"# preset: {args.preset}")
@@ -953,6 +952,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seeds", metavar="N", help="train each final run (baseline, HPO best, the NAS answer) with this "
                                                 "many training seeds and report mean ± s.d. (default 1; the same as "
                                                 "--set seeds=N)")
+    p.add_argument("--front", metavar="LIMITS",
+                   help="comma-separated FLOPs limits, e.g. 12e6,30e6: the selection also answers under each (one "
+                        "verified answer per limit in select/front.json; the search runs under the largest); the "
+                        "final table keeps the answer at the default limit, the HPO best's FLOPs (the same as --set "
+                        "select.front=LIMITS)")
     p.add_argument("--dataset", help="cifar100 (the presets' default), cifar10, synthetic, ...")
     p.add_argument("--data-dir", help="folder or file of the dataset (default $EFFCIFAR_DATA, then ~/.cache/effcifar)")
     p.add_argument("--out", help="pipeline directory (default: runs/pipeline-PRESET-DATASET); the same command resumes")

@@ -164,10 +164,22 @@ def verify(name: str, data_dir: str | os.PathLike | None = None) -> str:
     return f"{name}: {summary}, {checksum}, parses ({target})"
 
 
+SYNTHETIC_CLASSES = {"synthetic": 10, "synthetic100": 100}
+
+
+def dataset_classes(name: str) -> int:
+    """The number of classes of a dataset, known without loading it (a classifier head's size)."""
+    if name in SYNTHETIC_CLASSES:
+        return SYNTHETIC_CLASSES[name]
+    if name not in ARCHIVES:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+    return ARCHIVES[name].num_classes
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, download_missing: bool = True) -> CifarData:
     """Load a dataset by name from whatever local copy data_root holds, downloading the archive if allowed."""
-    if name in ("synthetic", "synthetic100"):
-        return make_synthetic(10 if name == "synthetic" else 100)
+    if name in SYNTHETIC_CLASSES:
+        return make_synthetic(SYNTHETIC_CLASSES[name])
     if name not in ARCHIVES:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
     spec = ARCHIVES[name]

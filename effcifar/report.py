@@ -8,8 +8,10 @@ what exists is drawn, and what is missing is named with the command that produce
 What a directory can be (checked in this order):
 - a pipeline directory: any of the subdirectories `baseline`, `hpo`, `hpo_best`, `supernet`,
   `search`, `select`, `retrain`, `nas_eval`, or `results.json`. Each subdirectory is one of the kinds
-  below; `retrain` holds the NAS answer's run in `answer/` (or only `retrain.json` when the incumbent
-  won and the HPO best's run is the answer). A final run trained with several seeds holds one
+  below; `select` holds one selection, or a front (one per FLOPs limit in `flops_<M>M/`, `front.json`),
+  drawn per limit beside the final results ("What NAS bought, per FLOPs limit"); `retrain` holds the
+  NAS answer's run in `answer/` (or only `retrain.json` when the incumbent won and the HPO best's
+  run is the answer). A final run trained with several seeds holds one
   training run per seed (`baseline/seed_0/`, ...). `results.json` is the
   final table: `[{"name": "baseline"|"hpo"|"nas", "test_acc": float, "train_time": float,
   "params": int, "flops": int}, ...]` (accuracy as a fraction, train time in seconds; optionally
@@ -21,6 +23,7 @@ What a directory can be (checked in this order):
   accuracy trained from scratch); other keys (e.g. "archs") are allowed and ignored.
 - an HPO run: `hpo.yaml` and its study (`effcifar hpo run`).
 - a search run: `search.yaml` and its study (`effcifar search`).
+- a selection (`select.yaml`, `effcifar select`) or a front of them (`effcifar select --front`).
 - a supernet run: `logs.tsv` with a `valid_panel_mean` column (`effcifar supernet train`).
 - a training run: `logs.tsv` with a `valid_acc` column; `summary.json` (with `test_acc`) once it
   has finished (`effcifar train`).
@@ -137,6 +140,8 @@ def run_kind(run_dir: Path) -> str | None:
         return "search"
     if (run_dir / "select.yaml").is_file():
         return "selection"
+    if (run_dir / "front.json").is_file() or any(run_dir.glob("flops_*M/select.yaml")):
+        return "front"
     columns = _tsv_columns(run_dir / "logs.tsv")
     if "valid_panel_mean" in columns:
         return "supernet"
@@ -580,6 +585,123 @@ def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> 
     return section
 
 
+def front_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
+    """What NAS bought under each FLOPs limit of a selection or a front (`run_dir`): the verified front against
+    FLOPs (each limit's answer, the width curve, the HPO best, the candidates behind them), a table, and one sentence
+    per limit. In a pipeline (`run_dir` is its select/), the default limit's sentence takes the final runs' seeds."""
+    from effcifar.nas.select import FIXED_ARMS, INCUMBENT, read_front
+
+    section = Section(title, run_dir)
+    front = read_front(run_dir)
+    if not front:
+        section.notes.append(f"No finished selection in {run_dir} yet.")
+        return section
+    results = run_dir.parent / RESULTS
+    final = {r.get("name"): r for r in read_results(results)} if run_dir.name == "select" and results.is_file() else {}
+    incumbent = next((r for _, _, result in reversed(front) for r in result.rows
+                      if r["name"] == INCUMBENT and r["holdout_acc"] is not None), None)
+    default = final.get("nas", {}).get("max_flops", front[0][0] if len(front) == 1 else None)
+    section.table.append(["FLOPs limit (M)", "answer", "source", "held out", "test", "MFLOPs", "vs HPO best (points "
+                          "held out)", "candidates"])
+    for limit, directory, result in front:
+        seeds = (final["nas"], final["hpo"]) if limit == default and {"nas", "hpo"} <= set(final) else None
+        section.notes.append(front_sentence(limit, result, incumbent, holdout_images(directory, result), seeds))
+        chosen = result.chosen
+        versus = None if incumbent is None else (chosen["holdout_acc"] - incumbent["holdout_acc"]) * 100
+        section.table.append(["none" if limit is None else f"{limit / 1e6:g}", chosen["name"], chosen["source"],
+                              f"{chosen['holdout_acc']:.2%}", "—" if chosen["test_acc"] is None
+                              else f"{chosen['test_acc']:.2%}", f"{chosen['flops'] / 1e6:,.2f}",
+                              "—" if versus is None else f"{versus:+.2f}", candidate_counts(result.rows)])
+    section.notes.append("Held-out accuracy (the training images set aside) chose every answer; test accuracy is "
+                         "only reported.")
+    figure = new_figure(8, 4.5)
+    ax = figure.add_subplot()
+    behind = [r for _, _, result in front for r in result.rows
+              if r["holdout_acc"] is not None and r["source"] not in FIXED_ARMS]
+    ax.scatter([r["flops"] / 1e6 for r in behind], [r["holdout_acc"] for r in behind], s=18, color="grey",
+               alpha=0.6, label="candidates (finished)")
+    curve = sorted({r["name"]: (r["flops"] / 1e6, r["holdout_acc"]) for _, _, result in front for r in result.rows
+                    if r["source"] in FIXED_ARMS and r["holdout_acc"] is not None}.values())
+    if curve:
+        ax.plot(*zip(*curve), "--o", color="black", lw=1, ms=4, label="ResNet-9 at scaled widths")
+    if incumbent is not None:
+        ax.scatter([incumbent["flops"] / 1e6], [incumbent["holdout_acc"]], s=90, marker="s", color="black",
+                   zorder=4, label="HPO best (incumbent)")
+    answers = [(result.chosen["flops"] / 1e6, result.chosen["holdout_acc"]) for _, _, result in front]
+    ax.step(*zip(*answers), where="post", color="tab:red", lw=1.5)
+    ax.scatter(*zip(*answers), s=200, marker="*", color="tab:red", edgecolors="black", zorder=5,
+               label="each limit's answer")
+    for i, (limit, _, _) in enumerate(front):
+        if limit is not None:
+            ax.axvline(limit / 1e6, color="tab:red", ls=":", lw=1, label="FLOPs limits" if i == 0 else None)
+    ax.set(xlabel="MFLOPs per image", ylabel="held-out accuracy (final)", title=f"{title}: the verified front")
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
+    save_figure(figure, out_dir, f"{prefix}_front.png", section)
+    return section
+
+
+def candidate_counts(rows: list[dict[str, Any]]) -> str:
+    """"5: 3 finished, 1 pruned, 1 failed": what happened to a selection's candidates."""
+    counts = collections.Counter("finished" if r["holdout_acc"] is not None else r["state"].lower() for r in rows)
+    return f"{len(rows)}: " + ", ".join(f"{n} {state}" for state, n in counts.items())
+
+
+def holdout_images(selection_dir: Path, result: Any) -> int | None:
+    """How many held-out images a selection measured its answer on (from the answer's summary.json), if known."""
+    path = selection_dir / "trials" / result.answer / "summary.json"
+    summary = read_json(path, "run summary") if path.is_file() else {}
+    images = summary.get("dataset", {}).get("valid_images") if isinstance(summary, dict) else None
+    return images if is_number(images) else None
+
+
+def front_sentence(limit: float | None, result: Any, incumbent: dict[str, Any] | None, images: int | None,
+                   seeds: tuple[dict[str, Any], dict[str, Any]] | None) -> str:
+    """What NAS bought under one FLOPs limit, in one sentence, with the evidence.
+
+    A searched answer is set against the HPO best (the incumbent): by held-out accuracy ± the sampling error of the
+    held-out images, or, where the answer's and the HPO best's final runs (`seeds`: the results rows) were trained
+    with several seeds, by their test accuracy ± the standard error of the per-seed differences.
+    """
+    from effcifar.nas.select import FIXED_ARMS
+
+    where = "With no FLOPs limit" if limit is None else f"Under {limit / 1e6:g} MFLOPs"
+    chosen = result.chosen
+    figure = lambda acc, flops: f"{acc:.2%} at {flops / 1e6:,.2f} MFLOPs"  # noqa: E731
+    evidence = " " + rung_evidence(result)
+    if chosen["source"] in FIXED_ARMS:
+        return (f"{where}: no candidate beat the tuned baseline under this limit: the baseline stands "
+                f"({chosen['name']}, {figure(chosen['holdout_acc'], chosen['flops'])} held out)." + evidence)
+    accs = [seed_accuracies(row) for row in seeds] if seeds is not None else []
+    if accs and len(accs[0]) == len(accs[1]) > 1 and seeds[0].get("seeds") == seeds[1].get("seeds"):
+        diffs = [(a - b) * 100 for a, b in zip(*accs)]
+        se = float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))
+        return (f"{where}: NAS network {chosen['name']} {figure(float(np.mean(accs[0])), seeds[0]['flops'])} vs HPO "
+                f"best {figure(float(np.mean(accs[1])), seeds[1]['flops'])}: {np.mean(diffs):+.2f} ± {se:.2f} s.e. "
+                f"points ({len(diffs)} seeds; test accuracy of the final runs, paired by seed)." + evidence)
+    if incumbent is None:
+        return (f"{where}: NAS network {chosen['name']} {figure(chosen['holdout_acc'], chosen['flops'])} held out; "
+                f"the HPO best was not trained on the held-out images (select.incumbent off): nothing to set it "
+                f"against." + evidence)
+    x, z = chosen["holdout_acc"], incumbent["holdout_acc"]
+    se_x, se_z = sampling_se(x, images), sampling_se(z, images)
+    spread = f" ± {math.hypot(se_x, se_z) * 100:.2f} s.e." if se_x is not None and se_z is not None else ""
+    return (f"{where}: NAS network {chosen['name']} {figure(x, chosen['flops'])} vs HPO best "
+            f"{figure(z, incumbent['flops'])}: {(x - z) * 100:+.2f}{spread} points (1 seed; held-out accuracy, "
+            f"± its sampling error on {images or 'the'} held-out images)." + evidence)
+
+
+def rung_evidence(result: Any) -> str:
+    """The candidates' held-out accuracy at the last rung, best first, and how many proposals were pruned at which."""
+    finished = sorted((r for r in result.rows if r["holdout_acc"] is not None), key=lambda r: -r["holdout_acc"])
+    held = ", ".join(f"{r['name']} {r['holdout_acc']:.2%}" for r in finished)
+    pruned = collections.Counter(r["epochs"] for r in result.rows if r["state"] == "PRUNED")
+    failed = sum(r["state"] == "FAIL" for r in result.rows)
+    cut = "; ".join(f"{n} pruned after epoch {epoch}" for epoch, n in sorted(pruned.items())) or "none pruned"
+    return (f"Held out at the last rung (epoch {result.rungs[-1]}): {held or 'none finished'}; proposals: {cut}"
+            + (f", {failed} failed" if failed else "") + ".")
+
+
 def retrain_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
     """The NAS answer's final run, or the note that the incumbent won and the HPO best's run is the answer."""
     if training_runs(run_dir):
@@ -760,11 +882,12 @@ def format_seconds(seconds: float) -> str:
 
 SECTIONS: dict[str, Callable[[str, Path, Path, str], Section]] = {
     "training": training_section, "hpo": hpo_section, "supernet": supernet_section, "search": search_section,
-    "ranking": ranking_section, "selection": selection_section, "retrain": retrain_section,
+    "ranking": ranking_section, "selection": selection_section, "retrain": retrain_section, "front": front_section,
 }
+FRONT_TITLE = "What NAS bought, per FLOPs limit"
 TITLES = {"training": "Training run", "hpo": "Hyper-parameter search", "supernet": "Supernet training",
           "search": "Architecture search", "ranking": "Supernet ranking quality",
-          "selection": "Selection by real training", "retrain": "The NAS answer, retrained"}
+          "selection": "Selection by real training", "retrain": "The NAS answer, retrained", "front": FRONT_TITLE}
 
 
 def guarded(build: Callable[..., Section], title: str, source: Path, *args: Any) -> Section:
@@ -783,6 +906,9 @@ def pipeline_sections(run_dir: Path, out_dir: Path) -> tuple[list[Section], list
         sections.append(guarded(gains_section, "What each step bought", run_dir / RESULTS, run_dir))
     else:
         missing.append((f"final results table ({RESULTS})", RESULTS_COMMAND))
+    select = run_dir / "select"
+    if select.is_dir() and run_kind(select) in ("selection", "front"):
+        sections.append(guarded(front_section, FRONT_TITLE, select, FRONT_TITLE, select, out_dir, "select"))
     for name, title, command in STAGES:
         stage = run_dir / name
         kind = run_kind(stage) if stage.is_dir() else None
@@ -792,6 +918,12 @@ def pipeline_sections(run_dir: Path, out_dir: Path) -> tuple[list[Section], list
             kind = "training"
         if kind is None or kind == "pipeline":
             missing.append((f"{title} ({name}/)", command.format(run=run_dir)))
+            continue
+        if kind == "front":  # one selection per FLOPs limit (the front itself is drawn beside the final results)
+            for limit in sorted(stage.glob("flops_*M/select.yaml"), key=lambda p: float(p.parent.name[6:-1])):
+                where = f"{title}, under {limit.parent.name[6:-1]} MFLOPs"
+                sections.append(guarded(selection_section, where, limit.parent, where, limit.parent, out_dir,
+                                        f"{name}_{limit.parent.name}"))
             continue
         sections.append(guarded(SECTIONS[kind], title, stage, title, stage, out_dir, name))
         if name == "hpo" and (stage / "best.json").is_file():

@@ -200,7 +200,7 @@ def test_a_front_has_one_answer_per_limit(supernet_run, search_run, tmp_path):
         assert (limit_dir(out, row["max_flops"]) / "select.json").is_file()
     assert INCUMBENT not in [r["name"] for r in results[0].rows]  # the ResNet is over the smaller limit
     assert select_front(config, search_run, out, base, limits) == results
-    with pytest.raises(ConfigError, match="distinct positive"):
+    with pytest.raises(ConfigError, match=r"distinct, positive"):
         select_front(config, search_run, tmp_path / "bad", base, [1e6, 1e6])
 
 

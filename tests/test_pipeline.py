@@ -132,6 +132,12 @@ def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet(
     ({"hpo.trial.epochs": "0"}, "section hpo.trial: field 'epochs': expected a positive integer"),
     ({"hpo.space": "x"}, "field 'hpo.space': set the search space in a --config file"),
     ({"nonsense": "1"}, "command line: unknown field 'nonsense'"),
+    ({"select.front": "12e6,x"}, "command line: field 'select.front': expected comma-separated FLOPs limits "
+                                 "(distinct, positive)"),
+    ({"select.front": "1e5"}, "command line: field 'select.front': no network of the supernet's space is within "
+                              "100,000 FLOPs; the smallest has"),
+    ({"select.front": "30e6", "search.max_flops": "none"}, "field 'select.front': a front needs the search's FLOPs "
+                                                           "limit, and search.max_flops is none"),
 ])
 def test_bad_settings_are_one_line_errors_naming_source_and_field(overrides, message):
     with pytest.raises(ConfigError) as error:
@@ -186,6 +192,20 @@ def test_final_runs_with_several_training_seeds(tmp_path):
     assert again.result("baseline") == row  # finished: loaded, not trained again
 
 
+def test_a_front_adds_limits_to_the_default_one_and_the_search_runs_under_the_largest(tmp_path):
+    config = load_pipeline_config("quick", TINY, {"select.front": "2.5e6, 6e6"})
+    assert config.plan.front == (2.5e6, 6e6)
+    assert config.select_limits(3_000_000) == [2.5e6, 3e6, 6e6] and config.select_limits(6_000_000) == [2.5e6, 6e6]
+    assert config.search_limits(3_000_000)["max_flops"] == 6e6
+    fixed = load_pipeline_config("quick", TINY, {"select.front": "6e6", "search.max_flops": "4e6"})
+    assert fixed.default_limit(3_000_000) == 4e6 and fixed.search_limits(3_000_000)["max_flops"] == 6e6
+    plain = load_pipeline_config("quick", TINY)
+    assert plain.select_limits(3_000_000) == [3e6] and plain.search_limits(3_000_000)["max_flops"] == 3e6
+    file = tmp_path / "front.yaml"  # as pipeline.yaml keeps it: a list of numbers
+    file.write_text(yaml.safe_dump(config.to_dict()))
+    assert load_pipeline_config("quick", file).plan.front == (2.5e6, 6e6)
+
+
 def test_trial_counts_name_failed_and_pruned_trials():
     from types import SimpleNamespace
 
@@ -228,6 +248,18 @@ def test_show_config_prints_every_setting_loadable_again(tmp_path):
 # ---- end to end -------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def front(tmp_path_factory) -> tuple[Path, str, dict[str, bytes]]:
+    """The tiny pipeline with a second FLOPs limit below the default one, killed once the selection under the
+    smaller limit has finished and resumed: (its directory, the resumed run's output, that selection's files as
+    they were before the kill)."""
+    out = tmp_path_factory.mktemp("front") / "run"
+    first = out / "select" / "flops_2.5M"
+    kill_when(pipeline(out, "--front", "2.5e6"), lambda: (first / "select.json").is_file())
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(first.glob("trials/*/model.pt"))}
+    return out, finish(pipeline(out, "--front", "2.5e6")), before
+
+
 @pytest.mark.slow
 def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     out, output = uninterrupted
@@ -268,6 +300,54 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     assert "3 trials" in output and "search done in" in output  # the study stages count their trials
     assert nas["seeds"] == [0] and nas["test_images"] == hpo_best["dataset"]["valid_images"]
     assert load_pipeline_config("quick", out / "pipeline.yaml").to_dict() == load_pipeline_config("quick", TINY).to_dict()
+
+
+@pytest.mark.slow
+def test_a_front_answers_under_each_limit_and_the_final_table_keeps_the_default_limits_answer(front):
+    out, output, _ = front
+    hpo_best = json.loads((out / "hpo_best" / "summary.json").read_text())
+    answers = json.loads((out / "select" / "front.json").read_text())
+    assert [a["max_flops"] for a in answers] == [2.5e6, hpo_best["flops"]]  # the default limit is one of them
+    assert all(a["flops"] <= a["max_flops"] for a in answers)
+    assert yaml.safe_load((out / "search" / "search.yaml").read_text())["max_flops"] == hpo_best["flops"]
+    default = out / "select" / f"flops_{hpo_best['flops'] / 1e6:g}M"
+    selection = json.loads((default / "select.json").read_text())
+    nas = json.loads((out / "results.json").read_text())[2]
+    assert nas["answer"] == selection["answer"] == answers[1]["name"] and nas["max_flops"] == hpo_best["flops"]
+    assert (out / "select" / "answer.json").read_bytes() == (default / "answer.json").read_bytes()
+    assert (nas["run"] == "hpo_best") == (selection["answer"] == "incumbent")
+    assert "front: " in output and "at the default limit, " in output
+
+
+@pytest.mark.slow
+def test_a_front_resumes_after_its_first_limit_without_training_it_again(front):
+    out, output, before = front
+    assert "[6/8] select (resumed: 4 of 9 candidates done)" in output
+    assert "under 2.5 MFLOPs: " not in output and "under 3.24435 MFLOPs: incumbent: complete" in output
+    assert before and all((out / name).read_bytes() == data for name, data in before.items())
+
+
+@pytest.mark.slow
+def test_the_report_says_what_nas_bought_under_each_limit(front):
+    from effcifar.report import FRONT_TITLE, make_report
+
+    out, _, _ = front
+    section = {s.title: s for s in make_report(out, out / "again").sections}[FRONT_TITLE]
+    sentences = [note for note in section.notes if note.startswith("Under ")]
+    assert [s.split(":")[0] for s in sentences] == ["Under 2.5 MFLOPs", "Under 3.24435 MFLOPs"]
+    for sentence in sentences:
+        assert ("vs HPO best" in sentence) != ("the baseline stands" in sentence)
+        assert "Held out at the last rung (epoch 2): " in sentence
+    assert [row[0] for row in section.table] == ["FLOPs limit (M)", "2.5", "3.24435"]
+    assert section.images == ["select_front.png"] and FRONT_TITLE in (out / "report" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_front_limit_nothing_meets_is_a_one_line_error_before_anything_trains(tmp_path):
+    output = finish_failing(pipeline(tmp_path / "run", "--front", "1e5,30e6"))
+    assert output.count("\n") == 1 and "error: command line: field 'select.front': no network of the supernet's " \
+        "space is within 100,000 FLOPs; the smallest has 958,784" in output
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

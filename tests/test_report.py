@@ -15,10 +15,12 @@ from effcifar.data import make_synthetic
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, run_study, write_best
 from effcifar.nas.search import SearchConfig, run_search
-from effcifar.nas.select import SelectConfig, select_from_search
+from effcifar.nas.select import SelectConfig, SelectionResult, select_from_search
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.nas.trainer import train_supernet
-from effcifar.report import load_study, make_report, param_importances, pareto_front, write_report
+from effcifar.report import (
+    FRONT_TITLE, front_sentence, load_study, make_report, param_importances, pareto_front, write_report,
+)
 from effcifar.train import TrainConfig, train
 
 from conftest import NARROW, TINY_BASE, TINY_SPACE
@@ -169,6 +171,44 @@ def test_one_seed_differences_carry_the_test_sampling_error(pipeline, tmp_path):
     assert "One training seed per final run" in " ".join(gains.notes)
 
 
+def test_what_nas_bought_with_one_limit_is_one_sentence(pipeline, tmp_path):
+    section = {s.title: s for s in make_report(pipeline, tmp_path / "out").sections}[FRONT_TITLE]
+    sentences = [note for note in section.notes if note.startswith("With no FLOPs limit: ")]  # select ran unlimited
+    assert len(sentences) == 1 and "Held out at the last rung (epoch 1): " in sentences[0]
+    assert ("vs HPO best" in sentences[0]) != ("the baseline stands" in sentences[0])
+    assert section.images == ["select_front.png"] and [row[0] for row in section.table] == ["FLOPs limit (M)", "none"]
+
+
+def selection(answer: str) -> SelectionResult:
+    """A selection of five candidates: the incumbent, a finished and two pruned proposals, a width-curve point."""
+    def row(name, source, acc, flops, epochs, state="COMPLETE"):
+        return {"name": name, "source": source, "holdout_acc": acc, "flops": flops, "epochs": epochs, "state": state}
+
+    rows = [row("incumbent", "incumbent", 0.40, 3_000_000, 4), row("proposal_0", "search", 0.42, 2_000_000, 4),
+            row("proposal_1", "search", None, 2_500_000, 1, "PRUNED"),
+            row("proposal_2", "search", None, 1_500_000, 3, "PRUNED"),
+            row("resnet_0.5x", "width curve", 0.35, 800_000, 4)]
+    return SelectionResult(answer, rows, [1, 3, 4], 0, 0.0, "")
+
+
+def test_each_limits_sentence_sets_the_answer_against_the_hpo_best_with_its_spread_and_evidence():
+    incumbent = selection("incumbent").rows[0]
+    evidence = ("Held out at the last rung (epoch 4): proposal_0 42.00%, incumbent 40.00%, resnet_0.5x 35.00%; "
+                "proposals: 1 pruned after epoch 1; 1 pruned after epoch 3.")
+    assert front_sentence(3e6, selection("proposal_0"), incumbent, 2000, None) == (
+        "Under 3 MFLOPs: NAS network proposal_0 42.00% at 2.00 MFLOPs vs HPO best 40.00% at 3.00 MFLOPs: +2.00 ± 1.55 "
+        "s.e. points (1 seed; held-out accuracy, ± its sampling error on 2000 held-out images). " + evidence)
+    for answer in ("incumbent", "resnet_0.5x"):
+        assert "Under 3 MFLOPs: no candidate beat the tuned baseline under this limit: the baseline stands (" + answer \
+            in front_sentence(3e6, selection(answer), incumbent, 2000, None)
+    common = {"seeds": [0, 1, 2], "flops": 2_000_000, "run": "retrain/answer"}
+    final = ({**common, "test_accs": [0.41, 0.43, 0.42]}, {**common, "test_accs": [0.40, 0.40, 0.41], "run": "hpo_best",
+                                                            "flops": 3_000_000})
+    assert front_sentence(3e6, selection("proposal_0"), incumbent, 2000, final) == (
+        "Under 3 MFLOPs: NAS network proposal_0 42.00% at 2.00 MFLOPs vs HPO best 40.33% at 3.00 MFLOPs: +1.67 ± 0.67 "
+        "s.e. points (3 seeds; test accuracy of the final runs, paired by seed). " + evidence)
+
+
 def test_wall_time_per_stage_from_the_stage_markers(pipeline, tmp_path):
     root = partial(pipeline, tmp_path, "baseline", "hpo")
     (root / "baseline" / "stage.json").write_text(json.dumps({"stage": "baseline", "fingerprint": "x",
@@ -227,7 +267,7 @@ def test_report_loads_in_headless_chromium(browser, pipeline, tmp_path):
     browser.get(path.as_uri())
     assert browser.execute_script("return document.readyState") == "complete"
     images = browser.find_elements(By.TAG_NAME, "img")
-    assert len(images) == sum(len(v) for v in STAGE_IMAGES.values())
+    assert len(images) == sum(len(v) for v in STAGE_IMAGES.values()) + 1  # and the front of what NAS bought
     broken = [i.get_attribute("src") for i in images
               if not browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)]
     assert not broken

@@ -56,6 +56,7 @@ SETUP_ATTR = "select:setup"
 RESULT_FILE = "select.json"
 ANSWER_FILE = "answer.json"
 FRONT_FILE = "front.json"
+FRONT_EXPECTED = "comma-separated FLOPs limits (distinct, positive), e.g. 12e6,30e6,48e6"
 
 
 @dataclass
@@ -209,27 +210,42 @@ def scaled_widths(base: TrainConfig, fraction: float) -> dict[str, int]:
     return {name: max(1, round(getattr(base, name) * fraction)) for name in NETWORK_STAGES}
 
 
+def meets_limits(config: SelectConfig, flops: int, params: int) -> bool:
+    """Whether a network of these costs is within the config's FLOPs and parameter limits."""
+    return ((config.max_flops is None or flops <= config.max_flops)
+            and (config.max_params is None or params <= config.max_params))
+
+
+def curve_arms(config: SelectConfig, base: TrainConfig, num_classes: int) -> list[Candidate]:
+    """The width curve's arms within the FLOPs and parameter limits (none under a latency limit: see `make_pool`)."""
+    arms = []
+    for fraction in config.curve_fractions() if config.max_latency_ms is None else []:
+        widths = scaled_widths(base, fraction)
+        flops, params = baseline_costs(dataclasses.replace(base, **widths), num_classes)
+        if meets_limits(config, flops, params):
+            arms.append(Candidate(f"resnet_{fraction:g}x", None, CURVE, flops, params, widths=widths))
+    return arms
+
+
 def fixed_arms(config: SelectConfig, space: ArchSpace, costs: CostTable, base: TrainConfig, num_classes: int,
                within: Callable[[Arch], bool], inherited: Callable[[Arch], float | None]) -> list[Candidate]:
     """The incumbent and the width curve, those within the limits (see `make_pool`)."""
-    def meets(flops: int, params: int) -> bool:
-        return ((config.max_flops is None or flops <= config.max_flops)
-                and (config.max_params is None or params <= config.max_params))
-
     arms: list[Candidate] = []
     if config.incumbent:
         arch = resnet9_arch(space, base)
         if arch is not None and within(arch):
             arms.append(Candidate(INCUMBENT, arch, INCUMBENT, costs.flops_of(arch), costs.params_of(arch),
                                   inherited_acc=inherited(arch)))
-        elif arch is None and meets(*(own := baseline_costs(base, num_classes))):
+        elif arch is None and meets_limits(config, *(own := baseline_costs(base, num_classes))):
             arms.append(Candidate(INCUMBENT, None, "baseline", *own))
-    for fraction in config.curve_fractions() if config.max_latency_ms is None else []:
-        widths = scaled_widths(base, fraction)
-        flops, params = baseline_costs(dataclasses.replace(base, **widths), num_classes)
-        if meets(flops, params):
-            arms.append(Candidate(f"resnet_{fraction:g}x", None, CURVE, flops, params, widths=widths))
-    return arms
+    return arms + curve_arms(config, base, num_classes)
+
+
+def pool_size(config: SelectConfig, base: TrainConfig, num_classes: int) -> int:
+    """How many candidates a selection trains, known before the search is read: the proposals, and the fixed arms
+    within the FLOPs and parameter limits (the incumbent at the base network's own cost)."""
+    incumbent = config.incumbent and meets_limits(config, *baseline_costs(base, num_classes))
+    return config.pool + incumbent + len(curve_arms(config, base, num_classes))
 
 
 def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
@@ -246,8 +262,7 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
     the space meets the limits (naming the smallest cost there is), or when fewer proposals exist
     than `pool` asks for.
     """
-    within = within or (lambda arch: ((config.max_flops is None or costs.flops_of(arch) <= config.max_flops)
-                                      and (config.max_params is None or costs.params_of(arch) <= config.max_params)))
+    within = within or (lambda arch: meets_limits(config, costs.flops_of(arch), costs.params_of(arch)))
     smallest = costs.extreme(False, space)
     if not within(smallest):
         raise ConfigError(f"no architecture within max_flops {config.max_flops} / max_params {config.max_params} / "
@@ -475,9 +490,7 @@ def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: st
     costs = CostTable.build(judge.space, {w: getattr(base, w) for w in judge.costs.channels}, data.num_classes)
 
     def within(arch: Arch) -> bool:  # FLOPs and parameters at the trained widths, latency by the search's table
-        return ((config.max_flops is None or costs.flops_of(arch) <= config.max_flops)
-                and (config.max_params is None or costs.params_of(arch) <= config.max_params)
-                and judge.is_feasible(arch))
+        return meets_limits(config, costs.flops_of(arch), costs.params_of(arch)) and judge.is_feasible(arch)
 
     ranked = top_records(study, len(study.trials))
     return run_selection(config, judge.space, costs, ranked, base, out_dir, data, on_trial, within,
@@ -489,30 +502,62 @@ def limit_dir(out_dir: Path, max_flops: float) -> Path:
     return out_dir / f"flops_{max_flops / 1e6:g}M"
 
 
+def limit_selection(config: SelectConfig, out_dir: Path, limit: float) -> tuple[Path, SelectConfig]:
+    """The directory and config of a front's selection under one FLOPs limit (in a shared database, a study named
+    after the front's and the limit's)."""
+    directory = limit_dir(out_dir, limit)
+    study = None if config.storage is None else f"{config.study or out_dir.name}-{directory.name}"
+    return directory, dataclasses.replace(config, max_flops=limit, study=study)
+
+
+def front_limits(value: str | Iterable[float]) -> list[float]:
+    """FLOPs limits from text ("12e6,30e6") or numbers, smallest first; a ValueError saying what was expected for
+    anything but distinct positive numbers (what `select --front` and the pipeline's `select.front` take)."""
+    items = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in items):
+        raise ValueError(FRONT_EXPECTED)
+    try:
+        limits = sorted(float(v) for v in items if v != "")
+    except ValueError:
+        raise ValueError(FRONT_EXPECTED) from None
+    if not limits or len(set(limits)) != len(limits) or not all(math.isfinite(v) and v > 0 for v in limits):
+        raise ValueError(FRONT_EXPECTED)
+    return limits
+
+
+def smallest_flops(space: ArchSpace, channels: Mapping[str, int], num_classes: int) -> int:
+    """The FLOPs of the space's smallest network at these widths: a FLOPs limit below it leaves nothing to select."""
+    costs = CostTable.build(space, channels, num_classes)
+    return costs.flops_of(costs.extreme(False))
+
+
 def select_front(config: SelectConfig, search_dir: str | Path, out_dir: str | Path, base: TrainConfig,
-                 limits: Iterable[float], on_trial: OnTrial | None = None,
-                 search_storage: str | None = None) -> list[SelectionResult]:
+                 limits: Iterable[float], on_trial: OnTrial | None = None, search_storage: str | None = None,
+                 on_limit: Callable[[float], None] | None = None) -> list[SelectionResult]:
     """The verified front: one selection per FLOPs limit (each in `limit_dir`, a study of its own), one answer each.
 
     The limits run from the smallest up, so a limit that nothing meets fails before anything
     trains. Each selection takes the search's best networks under its own limit and the incumbent
-    and width curve within it; a network under several limits trains in each. `front.json` lists
-    the answers (limit, candidate, held-out and test accuracy, FLOPs, parameters).
+    and width curve within it; a network under several limits trains in each. A limit's selection
+    that finished trains nothing again, one cut short resumes. `on_limit` hears of each limit as its
+    selection starts. `front.json` lists the answers (limit, candidate, held-out and test
+    accuracy, FLOPs, parameters).
     """
-    limits = sorted(float(limit) for limit in limits)
-    if not limits or len(set(limits)) != len(limits) or not all(limit > 0 for limit in limits):
-        raise ConfigError(f"front: expected distinct positive FLOPs limits, got {', '.join(map(str, limits)) or 'none'}")
-    out_dir = Path(out_dir)
+    limits = list(limits)
+    try:
+        limits = front_limits(limits)
+    except ValueError as e:
+        raise ConfigError(f"front: expected {e}; got {', '.join(map(str, limits)) or 'none'}") from None
     results = []
     for limit in limits:
-        directory = limit_dir(out_dir, limit)
-        study = None if config.storage is None else f"{config.study or out_dir.name}-{directory.name}"
-        results.append(select_from_search(dataclasses.replace(config, max_flops=limit, study=study), search_dir,
-                                          directory, base, on_trial, search_storage))
+        directory, limited = limit_selection(config, Path(out_dir), limit)
+        if on_limit is not None:
+            on_limit(limit)
+        results.append(select_from_search(limited, search_dir, directory, base, on_trial, search_storage))
     front = [{"max_flops": limit, **{k: r.chosen[k] for k in ("name", "source", "holdout_acc", "test_acc", "flops",
                                                               "params", "widths")}}
              for limit, r in zip(limits, results)]
-    atomic_write(out_dir / FRONT_FILE, json.dumps(front, indent=2) + "\n")
+    atomic_write(Path(out_dir) / FRONT_FILE, json.dumps(front, indent=2) + "\n")
     return results
 
 
@@ -571,6 +616,19 @@ def verdict(best: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> str:
         f", {(best['holdout_acc'] - best['curve_acc']) * 100:+.2f} above the width-scaled ResNet-9 at its FLOPs")
     return (f"selected {best['name']} ({figure(best)}) over the incumbent ResNet-9 ({figure(incumbent)}): "
             f"{(best['holdout_acc'] - incumbent['holdout_acc']) * 100:+.2f} points held out{curve}" + tail)
+
+
+def read_front(out_dir: str | Path) -> list[tuple[float | None, Path, SelectionResult]]:
+    """The finished selections of a directory, smallest FLOPs limit first, each as (its limit, its directory, its
+    result): a front's (its `limit_dir`s, with front.json or not yet) or a single selection's (limit None: none)."""
+    from effcifar.config import build_config
+
+    out_dir = Path(out_dir)
+    found = [out_dir] if (out_dir / RESULT_FILE).is_file() else [
+        d for d in out_dir.glob("flops_*M") if (d / RESULT_FILE).is_file()]
+    limits = [build_config(SelectConfig, d / CONFIG_FILE).max_flops for d in found]
+    return sorted(((limit, d, read_selection(d)) for limit, d in zip(limits, found)),
+                  key=lambda selection: -1.0 if selection[0] is None else selection[0])
 
 
 def read_selection(out_dir: str | Path) -> SelectionResult:

@@ -41,13 +41,15 @@ def _stage_classes() -> dict[str, type]:
 
 
 # Section fields the pipeline sets itself (from the top level or from earlier stages).
-# The selection's limits are the search's (by default the HPO best network's own FLOPs: `search_limits`).
+# The selection's limits are the default limit (by default the HPO best network's own FLOPs: `default_limit`) and
+# those of `select.front`; the search runs under the largest (`search_limits`).
 RESERVED = {"train": {"arch", "space"}, "hpo": {"base", "dataset"}, "supernet": {"hparams"}, "search": set(),
             "select": {"max_flops", "max_params"}, "retrain": {"arch", "space"},
             "nas_eval": {"arch", "space"}}  # nas_eval's own `epochs` is each subnet's training
 # Section fields that are not fields of the section's class: name -> type.
 EXTRA_FIELDS: dict[str, dict[str, Any]] = {"nas_eval": {"trials": int, "epochs": int},
-                                           "hpo": {"space": dict, "trial": dict}}
+                                           "hpo": {"space": dict, "trial": dict},
+                                           "select": {"front": list}}  # FLOPs limits, besides the default one
 EXTRA_RENAMED = {"nas_eval": {"sample": "trials"}}  # old names of EXTRA_FIELDS, accepted with a warning
 SAMPLER_SEEDS = ("hpo", "search")  # sections whose sampler seed is the top-level `seed` unless they set it
 
@@ -61,6 +63,7 @@ class Plan:
     hpo: Any  # HpoConfig; its space and base are written into the stage's directory
     search: Any  # SearchConfig; its limits are set once the HPO best's network is known (`search_limits`)
     select: Any  # SelectConfig
+    front: tuple[float, ...]  # `select.front`: FLOPs limits the selection also answers under, smallest first
     nas_eval_trials: int
     nas_eval_epochs: int
     nas_eval_overrides: dict[str, Any]  # TrainConfig fields over the HPO best
@@ -87,7 +90,7 @@ class PipelineConfig:
     hpo: dict[str, Any] = field(default_factory=dict)  # HpoConfig + space (NNI) + trial (TrainConfig for trials)
     supernet: dict[str, Any] = field(default_factory=dict)  # SupernetConfig
     search: dict[str, Any] = field(default_factory=dict)  # SearchConfig
-    select: dict[str, Any] = field(default_factory=dict)  # SelectConfig (its limits are the search's)
+    select: dict[str, Any] = field(default_factory=dict)  # SelectConfig + front (its limits: `select_limits`)
     retrain: dict[str, Any] = field(default_factory=dict)  # TrainConfig over the HPO best
     nas_eval: dict[str, Any] = field(default_factory=dict)  # trials, epochs + TrainConfig
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -177,13 +180,40 @@ class PipelineConfig:
         """The selection's candidates: trained as a retrained network is, but validated on the `holdout` images."""
         return dataclasses.replace(self.retrain_base(final, supernet), holdout=self.holdout)
 
+    def default_limit(self, network_flops: int) -> float | None:
+        """The FLOPs limit of the final table's NAS answer: the `search` section's `max_flops`, else the HPO best
+        network's own FLOPs, so that NAS competes at equal cost (`--set search.max_flops=none` lifts it)."""
+        return self.plan.search.max_flops if "search.max_flops" in self.sources else float(network_flops)
+
+    def select_limits(self, network_flops: int) -> list[float | None]:
+        """Every FLOPs limit the selection answers under, smallest first: the default limit and `select.front`."""
+        default = self.default_limit(network_flops)
+        return [default] if default is None else sorted({default, *self.plan.front})
+
     def search_limits(self, network_flops: int) -> dict[str, Any]:
-        """The search's cost limits: the `search` section's, else the HPO best network's own FLOPs, so that NAS
-        competes at equal cost (`--set search.max_flops=none` lifts it)."""
-        search = self.plan.search
-        if "search.max_flops" in self.sources:
-            return {"max_flops": search.max_flops, "max_params": search.max_params}
-        return {"max_flops": float(network_flops), "max_params": search.max_params}
+        """The search's cost limits: the largest of `select_limits`, so that its ranking covers every limit, and
+        the `search` section's parameter limit."""
+        return {"max_flops": self.select_limits(network_flops)[-1], "max_params": self.plan.search.max_params}
+
+    def check_front(self, front: tuple[float, ...], search: Any, supernet: Any) -> None:
+        """A one-line error before anything trains for a `select.front` nothing could meet: without a default limit
+        (`search.max_flops` none), or below the smallest network of the supernet's space. The widths of that
+        network are known here unless the HPO space tunes them; then the selection checks before it trains."""
+        from effcifar.data import dataset_classes
+        from effcifar.nas.select import smallest_flops
+        from effcifar.nas.space import ArchSpace
+
+        where = f"{self.sources.get('select.front', 'pipeline config')}: field 'select.front'"
+        if front and "search.max_flops" in self.sources and search.max_flops is None:
+            raise ConfigError(f"{where}: a front needs the search's FLOPs limit, and search.max_flops is none")
+        tuned = {w for w in WIDTHS if w in self.hpo.get("space", {}) and w not in self.supernet}
+        if not front or tuned:
+            return
+        channels = supernet.channels()
+        smallest = smallest_flops(ArchSpace.load(supernet.space), channels, dataset_classes(self.dataset))
+        if front[0] < smallest:
+            raise ConfigError(f"{where}: no network of the supernet's space is within {front[0]:,.0f} FLOPs; the "
+                              f"smallest has {smallest:,} (widths {'/'.join(str(channels[w]) for w in WIDTHS)})")
 
     @functools.cached_property
     def plan(self) -> Plan:
@@ -204,9 +234,11 @@ class PipelineConfig:
         hpo = self._build(_stage_classes()["hpo"], "hpo", last={"space": "search_space.json", "base": "base.yaml"})
         stand_in = dataclasses.asdict(baseline)  # the HPO best does not exist yet
         final = self.final_config(stand_in, "baseline")
-        self.supernet_config(stand_in, "baseline")
+        supernet = self.supernet_config(stand_in, "baseline")
         search = self._build(_stage_classes()["search"], "search")
         select = self._build(_stage_classes()["select"], "select")
+        front = tuple(self.select.get("front", ()))
+        self.check_front(front, search, supernet)
         from effcifar.nas.select import check_inputs
 
         check_inputs(select, self.select_base(final, final))
@@ -223,7 +255,7 @@ class PipelineConfig:
             raise ConfigError(f"{self.sources.get('seeds', 'pipeline config')}: field 'seeds': expected a positive "
                               f"number of training seeds, got {self.seeds}")
         names = set(field_types(TrainConfig))
-        return Plan(baseline, trial_base, hpo, search, select, self.nas_eval.get("trials", 0),
+        return Plan(baseline, trial_base, hpo, search, select, front, self.nas_eval.get("trials", 0),
                     self.nas_eval.get("epochs", 1),
                     {k: v for k, v in self.nas_eval.items() if k in names and k not in EXTRA_FIELDS["nas_eval"]})
 
@@ -314,9 +346,23 @@ def merge_layer(values: dict[str, Any], sources: dict[str, str], source: str, la
                 flat = group_items(nested_keys(sections[key])[name], item, from_text, source, path)
                 target.update(flat)
                 sources.update(dict.fromkeys((f"{key}.{k}" for k in flat), source))
+            elif path == "select.front":
+                target[name] = front_values(item, source)
             else:
                 target[name] = _coerce(allowed[name], item, from_text, source, path)
             sources[path] = source
+
+
+def front_values(value: Any, source: str) -> list[float]:
+    """`select.front` as FLOPs limits, smallest first, from text ("12e6,30e6") or numbers; empty or none: none."""
+    from effcifar.nas.select import front_limits
+
+    if value is None or value == [] or isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return []
+    try:
+        return front_limits(value if isinstance(value, (str, list)) else [value])
+    except ValueError as e:
+        raise ConfigError(f"{source}: field 'select.front': expected {e}, got {shown(value)}") from None
 
 
 def nest(overrides: Mapping[str, str]) -> dict[str, Any]:

@@ -327,14 +327,19 @@ class SupernetStage(Stage):
 
 
 class SearchStage(Stage):
-    """The architecture search over the supernet; arch/top_K.json."""
+    """The architecture search over the supernet, under the largest of the selection's FLOPs limits; arch/top_K.json.
+
+    `limits` are the selection's FLOPs limits, smallest first; `default_limit` the final table's among them.
+    """
 
     name, kind, unit, after = "search", "search", "trials", ("supernet", "hpo_best")
 
     def __init__(self, pipeline: Pipeline, supernet: SupernetStage, hpo_best: TrainingStage):
         super().__init__(pipeline)
         self.supernet_dir = supernet.directory
-        self.config = dataclasses.replace(pipeline.plan.search, **pipeline.config.search_limits(hpo_best.summary["flops"]),
+        flops = hpo_best.summary["flops"]
+        self.limits, self.default_limit = pipeline.config.select_limits(flops), pipeline.config.default_limit(flops)
+        self.config = dataclasses.replace(pipeline.plan.search, **pipeline.config.search_limits(flops),
                                           study=pipeline.study_name("search", pipeline.plan.search, "search.yaml"))
 
     def settings(self) -> dict[str, Any]:
@@ -373,52 +378,92 @@ class SearchStage(Stage):
 
 
 class SelectStage(Stage):
-    """The search's best networks under its limits and the incumbent ResNet-9, trained at rising fidelity on the
-    held-out images (`effcifar.nas.select`); `result` holds the answer."""
+    """The search's best networks under each FLOPs limit and the incumbent ResNet-9, trained at rising fidelity on the
+    held-out images (`effcifar.nas.select`): one selection in the stage's directory, or with several limits a front
+    (one selection per limit in select/flops_<M>M, front.json). `result` holds the answer at the default limit,
+    the final table's, whose answer.json is select/answer.json either way."""
 
     name, kind, unit, after = "select", "select", "candidates", ("search", "hpo")
 
     def __init__(self, pipeline: Pipeline, search: SearchStage, final: TrainConfig, supernet: SupernetStage):
         super().__init__(pipeline)
         self.search_dir, self.search_storage = search.directory, search.config.storage
+        self.limits = search.limits
         plan = pipeline.plan
-        self.config = dataclasses.replace(plan.select, max_flops=search.config.max_flops,
+        self.config = dataclasses.replace(plan.select, max_flops=search.default_limit,
                                           max_params=search.config.max_params,
                                           max_latency_ms=search.config.max_latency_ms,
                                           study=pipeline.study_name("select", plan.select, "select.yaml"))
         self.base = pipeline.config.select_base(final, supernet.config)
         self.result: Any = None
 
+    @property
+    def front(self) -> bool:
+        """Whether the stage answers under several FLOPs limits."""
+        return len(self.limits) > 1
+
+    def selections(self) -> list[tuple[Path, Any]]:
+        """(directory, SelectConfig) of each limit's selection, smallest limit first."""
+        from effcifar.nas.select import limit_selection
+
+        if not self.front:
+            return [(self.directory, self.config)]
+        return [limit_selection(self.config, self.directory, limit) for limit in self.limits]
+
     def settings(self) -> dict[str, Any]:
-        return {"select": result_values(self.config), "base": result_values(self.base)}
+        settings = {"select": result_values(self.config), "base": result_values(self.base)}
+        return settings | ({"front": self.limits} if self.front else {})
 
     def total(self) -> int:
-        return self.config.pool + self.config.incumbent + len(self.config.curve_fractions())
+        from effcifar.data import dataset_classes
+        from effcifar.nas.select import pool_size
+
+        classes = dataset_classes(self.base.dataset)
+        return sum(pool_size(config, self.base, classes) for _, config in self.selections())
 
     def done(self) -> int:
-        return trials_done(self.directory, self.config)
+        return sum(trials_done(directory, config, finished_count) for directory, config in self.selections())
 
     def run(self) -> str:
         from effcifar.nas import select
 
-        done = self.done_before
+        done, total, where = self.done_before, self.total(), ""
+
+        def on_limit(limit: float) -> None:
+            nonlocal where
+            where = f"under {limit / 1e6:g} MFLOPs: "
+            self.monitor.line(f"selection under {limit / 1e6:g} MFLOPs ({self.limits.index(limit) + 1} of "
+                              f"{len(self.limits)} limits)")
 
         def on_trial(t: Any) -> None:
             nonlocal done
             done += 1
             accuracies = ", ".join(f"{v:.2%}" for v in t.user_attrs.get("accuracies", []))
             detail = t.user_attrs.get("fail_reason") or f"held out by epoch: {accuracies}"
-            self.monitor.line(f"{t.params.get('candidate', '?')}: {t.state.name.lower()}, {detail}")
-            self.monitor.advance(done, self.total())
+            self.monitor.line(f"{where}{t.params.get('candidate', '?')}: {t.state.name.lower()}, {detail}")
+            self.monitor.advance(done, total)
 
-        self.result = select.select_from_search(self.config, self.search_dir, self.directory, self.base,
-                                                on_trial=on_trial, search_storage=self.search_storage)
-        return self.result.sentence
+        if not self.front:
+            self.result = select.select_from_search(self.config, self.search_dir, self.directory, self.base,
+                                                    on_trial=on_trial, search_storage=self.search_storage)
+            return self.result.sentence
+        results = select.select_front(self.config, self.search_dir, self.directory, self.base, self.limits,
+                                      on_trial=on_trial, search_storage=self.search_storage, on_limit=on_limit)
+        self.result = results[self.limits.index(self.config.max_flops)]
+        atomic_write(self.directory / select.ANSWER_FILE, (self.answer_dir() / select.ANSWER_FILE).read_text())
+        answers = ", ".join(f"{r.answer} under {limit / 1e6:g} MFLOPs" for limit, r in zip(self.limits, results))
+        return f"front: {answers}; at the default limit, {self.result.sentence}"
+
+    def answer_dir(self) -> Path:
+        """The directory of the selection under the default limit."""
+        from effcifar.nas.select import limit_dir
+
+        return limit_dir(self.directory, self.config.max_flops) if self.front else self.directory
 
     def load(self) -> None:
         from effcifar.nas import select
 
-        self.result = select.read_selection(self.directory)
+        self.result = select.read_selection(self.answer_dir())
 
 
 class RetrainStage(Stage):
@@ -473,7 +518,8 @@ class RetrainStage(Stage):
                 self.monitor.advance(i + 1, seeds)
             how = f"{chosen['name']} trained from scratch"
         self.rows = [{**result_row("nas", summaries, run), "answer": chosen["name"], "source": chosen["source"],
-                      "holdout_acc": chosen["holdout_acc"], "how": how, "verdict": self.select.result.sentence}]
+                      "holdout_acc": chosen["holdout_acc"], "max_flops": self.select.config.max_flops, "how": how,
+                      "verdict": self.select.result.sentence}]
         atomic_write(self.directory / "retrain.json", json.dumps(self.rows, indent=2) + "\n")
         self.monitor.advance(seeds, seeds)
         return f"{how}: {accuracy_text(summaries)}"
@@ -538,8 +584,9 @@ def trial_counts(trials: list[Any]) -> str:
     return f"{len(trials)} trial{'' if len(trials) == 1 else 's'}" + (f" ({others})" if others else "")
 
 
-def trials_done(directory: Path, config: Any) -> int:
-    """Trials of a stage's study (HPO or search) already counted against its budget; 0 if unknown yet.
+def trials_done(directory: Path, config: Any, count: Callable[[list[Any]], int] | None = None) -> int:
+    """Trials of a stage's study (HPO or search) already counted against its budget (or by `count`); 0 if unknown
+    yet.
 
     Only the run's own journal is read (read-only); a study in a shared database is counted as it runs.
     """
@@ -551,7 +598,12 @@ def trials_done(directory: Path, config: Any) -> int:
         study = load_study(config, directory)
     except ConfigError:  # the journal holds no study yet
         return 0
-    return budget_used(study.get_trials(deepcopy=False))
+    return (count or budget_used)(study.get_trials(deepcopy=False))
+
+
+def finished_count(trials: list[Any]) -> int:
+    """Trials that finished (complete, pruned or failed): a selection enqueues every candidate before it trains."""
+    return sum(t.state.is_finished() for t in trials)
 
 
 # ---------------------------------------------------------------------------------------------
