@@ -608,7 +608,7 @@ def front_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Sect
         section.notes.append(front_sentence(limit, result, incumbent, holdout_images(directory, result), seeds))
         chosen = result.chosen
         versus = None if incumbent is None else (chosen["holdout_acc"] - incumbent["holdout_acc"]) * 100
-        section.table.append(["none" if limit is None else f"{limit / 1e6:g}", chosen["name"], chosen["source"],
+        section.table.append(["none" if limit is None else f"{limit / 1e6:.4g}", chosen["name"], chosen["source"],
                               f"{chosen['holdout_acc']:.2%}", "—" if chosen["test_acc"] is None
                               else f"{chosen['test_acc']:.2%}", f"{chosen['flops'] / 1e6:,.2f}",
                               "—" if versus is None else f"{versus:+.2f}", candidate_counts(result.rows)])
@@ -665,7 +665,7 @@ def front_sentence(limit: float | None, result: Any, incumbent: dict[str, Any] |
     """
     from effcifar.nas.select import FIXED_ARMS
 
-    where = "With no FLOPs limit" if limit is None else f"Under {limit / 1e6:g} MFLOPs"
+    where = "With no FLOPs limit" if limit is None else f"Under {limit / 1e6:.4g} MFLOPs"
     chosen = result.chosen
     figure = lambda acc, flops: f"{acc:.2%} at {flops / 1e6:,.2f} MFLOPs"  # noqa: E731
     evidence = " " + rung_evidence(result)
