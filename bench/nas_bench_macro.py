@@ -105,7 +105,8 @@ def regret(supernet_dir: Path, out: Path, table: BenchmarkTable, ratio: float, a
             arch = read_arch_file(search_dir / "arch" / "top_1.json")["arch"]
             accs.append(table.rows[table.key_of(arch)].mean_acc)
             if args.select:
-                for proposals, into in (("search", checked), ("random", random)):
+                controls = (("random", random),) if seed < args.control_seeds else ()
+                for proposals, into in (("search", checked), *controls):
                     into.append(select(search_dir, out / f"select-{proposals}-{limit / 1e6:.0f}M-seed{seed}",
                                        limit * ratio, seed, proposals, base, table, args))
         best, largest = table.best_under(limit), table.largest_under(limit)
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=40)
     parser.add_argument("--select", action="store_true",
                         help="with --regret: check each search's answer by training, beside random proposals")
+    parser.add_argument("--control-seeds", type=int, default=3,
+                        help="the random control runs for the first this many search seeds")
     parser.add_argument("--pool", type=int, default=6, help="networks each selection trains")
     parser.add_argument("--select-epochs", type=int, default=6, help="the selection's last rung, in epochs")
     parser.add_argument("--min-epochs", type=int, default=2, help="the selection's first rung, in epochs")
