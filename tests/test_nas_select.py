@@ -12,7 +12,7 @@ from effcifar.models import NetConfig, ResNet, count_flops, count_parameters
 from effcifar.nas.retrain import base_config
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.select import (
-    FRONT_FILE, INCUMBENT, SelectConfig, curve_accuracy, limit_dir, make_pool, read_selection, resnet9_arch, rungs,
+    FRONT_FILE, INCUMBENT, SelectConfig, choose, curve_accuracy, limit_dir, make_pool, read_selection, resnet9_arch, rungs,
     select_from_search, select_front,
 )
 from effcifar.nas.costs import CostTable
@@ -125,6 +125,20 @@ def test_curve_accuracy_interpolates_in_log_flops():
     curve = [(10, 0.5), (40, 0.7)]
     assert curve_accuracy(curve, 20) == pytest.approx(0.6)
     assert curve_accuracy(curve, 5) is None and curve_accuracy(curve, 80) == 0.7 and curve_accuracy([], 10) is None
+
+
+def test_a_later_candidate_overturns_an_earlier_one_only_beyond_the_margin():
+    def row(name, acc, flops=10):
+        return {"name": name, "holdout_acc": acc, "flops": flops, "params": 1}
+
+    rows = [row("incumbent", 0.640), row("proposal_0", None), row("proposal_1", 0.653), row("proposal_2", 0.650)]
+    assert choose(rows)["name"] == "proposal_1"  # no margin: the best held-out accuracy
+    # 2,000 held-out images: the difference's standard error is ~1.5 points, so 1.3 points is noise at 1 s.e.
+    assert choose(rows, margin=1.0, holdout=2000)["name"] == "incumbent"
+    assert choose(rows, margin=0.5, holdout=2000)["name"] == "proposal_1"
+    assert choose(rows, margin=1.0, holdout=200_000)["name"] == "proposal_1"  # many images: a real lead
+    with pytest.raises(ConfigError, match="margin"):
+        SelectConfig(margin=-1).validate()
 
 
 def test_rungs_fit_the_budget():

@@ -72,6 +72,8 @@ class SelectConfig(StorageConfig):
                                            "none)")
     min_epochs: int = setting(1, "the first rung, in epochs; later rungs at min_epochs x reduction^k")
     reduction: int = setting(3, "successive halving's reduction factor: the best 1/reduction of a rung train on")
+    margin: float = setting(0.0, "standard errors of the held-out difference by which a candidate must lead to "
+                                 "overturn one earlier in the pool (the incumbent first, then the search's ranking)")
     max_flops: float | None = setting(None, "forward FLOPs per image; candidates above are not trained (none: no "
                                             "limit)")
     max_params: float | None = setting(None, "trainable parameters; candidates above are not trained (none: no limit)")
@@ -90,6 +92,8 @@ class SelectConfig(StorageConfig):
             raise field_error("min_epochs", "a positive integer", self.min_epochs)
         if self.reduction < 2:
             raise field_error("reduction", "an integer >= 2", self.reduction)
+        if not 0 <= self.margin < 10:
+            raise field_error("margin", "a number of standard errors in [0, 10)", self.margin)
         for name in ("max_flops", "max_params", "max_latency_ms"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise field_error(name, "a positive number or none", getattr(self, name))
@@ -447,7 +451,8 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
         else:
             threads = max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker, (config, pool, base, out_dir, threads), on_trial)
-        result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.epochs))
+        result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.epochs), config.margin,
+                           base.holdout)
         atomic_write(out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
         chosen = result.chosen
         atomic_write(out_dir / ANSWER_FILE, json.dumps({
@@ -561,8 +566,9 @@ def select_front(config: SelectConfig, search_dir: str | Path, out_dir: str | Pa
     return results
 
 
-def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: list[int]) -> SelectionResult:
-    """Every candidate's record and the answer: the best held-out accuracy at the last rung (fewer FLOPs on a tie)."""
+def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: list[int], margin: float = 0.0,
+              holdout: int = 0) -> SelectionResult:
+    """Every candidate's record and the answer (`choose`) among those that finished the last rung."""
     latest: dict[str, FrozenTrial] = {}
     for t in sorted(trials, key=lambda t: t.number):  # a retried candidate: its last trial counts
         if "candidate" in t.params and (t.state in FINISHED or t.state == TrialState.FAIL):
@@ -581,7 +587,7 @@ def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: lis
     if not finished:
         reasons = sorted({r["fail_reason"] for r in rows if r["fail_reason"]})
         raise ConfigError("no candidate finished the last rung" + (f" ({reasons[0]})" if reasons else ""))
-    best = max(finished, key=lambda r: (r["holdout_acc"], -r["flops"], -r["params"]))
+    best = choose(rows, margin, holdout)
     images = next((t.user_attrs["train_images"] for t in trials if "train_images" in t.user_attrs), 0)
     curve = sorted((r["flops"], r["holdout_acc"]) for r in finished if r["source"] in FIXED_ARMS)
     for r in rows:  # a pruned run stopped before summary.json: its images are those of any finished one
@@ -589,6 +595,26 @@ def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: lis
         r["curve_acc"] = curve_accuracy(curve, r["flops"]) if r["source"] not in FIXED_ARMS else None
     return SelectionResult(best["name"], rows, rung_epochs, sum(r["image_epochs"] for r in rows),
                            sum(r["train_time"] or 0.0 for r in rows), verdict(best, rows))
+
+
+def choose(rows: list[dict[str, Any]], margin: float = 0.0, holdout: int = 0) -> dict[str, Any]:
+    """The answer among the rows that finished the last rung: the best held-out accuracy (fewer FLOPs on a tie).
+
+    With `margin` > 0, the first finished row in pool order (the incumbent and fixed arms, then the
+    search's ranking) whose accuracy is within `margin` standard errors of the best one's: a later
+    candidate overturns an earlier one only when it leads by more than held-out sampling noise
+    (binomial standard error of the difference over `holdout` images).
+    """
+    finished = [r for r in rows if r["holdout_acc"] is not None]
+    best = max(finished, key=lambda r: (r["holdout_acc"], -r["flops"], -r["params"]))
+    if not margin or not holdout:
+        return best
+
+    def within_noise(r: dict[str, Any]) -> bool:
+        a, b = best["holdout_acc"], r["holdout_acc"]
+        return a - b <= margin * math.sqrt((a * (1 - a) + b * (1 - b)) / holdout)
+
+    return next(r for r in finished if within_noise(r))
 
 
 def curve_accuracy(curve: list[tuple[int, float]], flops: int) -> float | None:
