@@ -411,7 +411,10 @@ class SelectStage(Stage):
         return [limit_selection(self.config, self.directory, limit) for limit in self.limits]
 
     def settings(self) -> dict[str, Any]:
-        settings = {"select": result_values(self.config), "base": result_values(self.base)}
+        select = result_values(self.config)
+        if not select["margin"]:  # off, as in a run made before the margin existed: its stages still resume
+            del select["margin"]
+        settings = {"select": select, "base": result_values(self.base)}
         return settings | ({"front": self.limits} if self.front else {})
 
     def total(self) -> int:
