@@ -38,16 +38,16 @@ def controls(pipeline: Path) -> dict[str, Any]:
     """Train both controls of one pipeline directory (reusing finished runs) and return its row."""
     config = load_pipeline_config("quick", pipeline / "pipeline.yaml")
     select_config = build_config(SelectConfig, pipeline / "select" / "select.yaml")
-    base = build_config(TrainConfig, pipeline / "select" / "trials" / "incumbent" / "config.yaml")
-    final = dataclasses.replace(base, arch=None, holdout=0)
+    base = build_config(TrainConfig, pipeline / "hpo_best" / "config.yaml")  # the candidates train as the HPO best
     out = pipeline / "controls"
     random_config = dataclasses.replace(select_config, proposals="random", study=None, storage=None,
                                         proposal_seed=config.seed)
-    random_result = select_from_search(random_config, pipeline / "search", out / "random_select", base)
+    random_result = select_from_search(random_config, pipeline / "search", out / "random_select", base,
+                                       incumbent_run=pipeline / "hpo_best")
     data = load_dataset(base.dataset, base.data_dir)
-    random_final = train_once(dataclasses.replace(final, arch=str((out / "random_select" / "answer.json").resolve())),
+    random_final = train_once(dataclasses.replace(base, arch=str((out / "random_select" / "answer.json").resolve())),
                               out / "random_answer", data)
-    top1 = train_once(dataclasses.replace(final, arch=str((pipeline / "search" / "arch" / "top_1.json").resolve())),
+    top1 = train_once(dataclasses.replace(base, arch=str((pipeline / "search" / "arch" / "top_1.json").resolve())),
                       out / "top1", data)
     results = {r["name"]: r for r in read_json(pipeline / "results.json")}
     selection = read_selection(pipeline / "select")

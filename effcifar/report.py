@@ -649,7 +649,8 @@ def candidate_counts(rows: list[dict[str, Any]]) -> str:
 
 def holdout_images(selection_dir: Path, result: Any) -> int | None:
     """How many held-out images a selection measured its answer on (from the answer's summary.json), if known."""
-    path = selection_dir / "trials" / result.answer / "summary.json"
+    run = result.chosen.get("run")  # a replayed run (the HPO best's), else the candidate's own
+    path = (Path(run) if run else selection_dir / "trials" / result.answer) / "summary.json"
     summary = read_json(path, "run summary") if path.is_file() else {}
     images = summary.get("dataset", {}).get("valid_images") if isinstance(summary, dict) else None
     return images if is_number(images) else None

@@ -42,7 +42,8 @@ from effcifar import memory
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_torch_save, atomic_write
 from effcifar.config import (
-    build_from_layers, check_seed, execution, field_error, field_types, nested, read_json, save_config, setting,
+    build_from_layers, check_seed, execution, field_error, field_types, nested, read_json, result_values, save_config,
+    setting,
 )
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.device import (
@@ -532,6 +533,32 @@ def write_tsv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 def write_logs(path: Path, history: Sequence[EpochMetrics]) -> None:
     """Rewrite logs.tsv atomically with every epoch so far."""
     write_tsv(path, [asdict(m) for m in history])
+
+
+def read_logs(path: Path) -> list[EpochMetrics]:
+    """The epochs of a logs.tsv written by `write_logs`."""
+    lines = path.read_text().splitlines()
+    names = lines[0].split("\t")
+    kinds = {f.name: int if f.type in (int, "int") else float for f in dataclasses.fields(EpochMetrics)}
+    return [EpochMetrics(**{n: kinds[n](v) for n, v in zip(names, line.split("\t"))}) for line in lines[1:]]
+
+
+def finished_summary(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The summary.json of a run that finished in `run_dir` with `config`; None if no run finished there.
+
+    ConfigError if one finished with another config, naming the fields that differ.
+    """
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = read_json(path, "run summary")
+    done = result_values(build_from_layers(TrainConfig, [(str(path), summary["config"], False)]))
+    wanted = result_values(config)
+    changed = sorted(k for k in wanted if done.get(k) != wanted[k])  # values compare as numbers (1 is 1.0)
+    if changed:
+        raise ConfigError(f"{run_dir}: finished with another config ({', '.join(changed)} differ); "
+                          f"use the same options or another --out")
+    return summary
 
 
 class Recipe:

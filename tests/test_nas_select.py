@@ -19,7 +19,9 @@ from effcifar.nas.costs import CostTable
 from effcifar.nas.network import build_standalone
 from effcifar.nas.space import ArchSpace, network_key
 from effcifar.studies import load_study
-from effcifar.train import TrainConfig
+import dataclasses
+
+from effcifar.train import TrainConfig, read_logs, train
 
 from conftest import NARROW
 
@@ -181,6 +183,30 @@ def test_selection_prunes_at_rungs_keeps_the_incumbent_and_resumes(supernet_run,
     # another pool is refused
     with pytest.raises(ConfigError, match="another pool"):
         select_from_search(SelectConfig(pool=3, min_epochs=1, reduction=2), search_run, out, base)
+
+
+@pytest.mark.slow
+def test_the_hpo_best_run_stands_in_for_the_incumbent(supernet_run, search_run, tmp_path):
+    """A finished run of the candidates' own training is the incumbent's record: replayed to the pruner epoch by
+    epoch, not trained again, its work not counted twice; it matches the incumbent trained in the space."""
+    base, run = tiny_base(supernet_run), tmp_path / "hpo_best"
+    train(base, run)
+    config = SelectConfig(pool=1, min_epochs=1, reduction=2, width_curve="")
+    trained = select_from_search(config, search_run, tmp_path / "trained", base)
+    replayed = select_from_search(config, search_run, tmp_path / "replayed", base, incumbent_run=run)
+    assert not (tmp_path / "replayed" / "trials" / INCUMBENT).exists()
+    incumbent = replayed.rows[0]
+    assert incumbent["name"] == INCUMBENT and incumbent["run"] == str(run)
+    assert incumbent["accuracies"] == [m.valid_acc for m in read_logs(run / "logs.tsv")]
+    assert incumbent["accuracies"] == pytest.approx(trained.rows[0]["accuracies"], abs=1e-6)  # the same network
+    assert incumbent["test_acc"] == json.loads((run / "summary.json").read_text())["test_acc"]
+    reported = {t.params["candidate"]: t.intermediate_values for t in load_study(config, tmp_path / "replayed").trials}
+    assert list(reported[INCUMBENT].values()) == incumbent["accuracies"]  # the pruner saw every epoch
+    assert incumbent["image_epochs"] == 0 and replayed.image_epochs == replayed.rows[1]["image_epochs"] > 0
+    with pytest.raises(ConfigError, match=r"peak_lr differ"):  # trained otherwise: it cannot stand in
+        select_from_search(config, search_run, tmp_path / "other", dataclasses.replace(base, peak_lr=0.01),
+                           incumbent_run=run)
+    assert not (tmp_path / "other").exists()
 
 
 def test_selection_input_errors(supernet_run, search_run, tmp_path):

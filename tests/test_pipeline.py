@@ -21,7 +21,7 @@ TINY = ROOT / "tests" / "data" / "pipeline_tiny.yaml"
 # Files whose bytes are deterministic (CPU runs are bitwise reproducible; times are not compared).
 SAME_BYTES = ["hpo/best.json", "baseline/model.pt", "hpo_best/model.pt", "supernet/supernet.pt",
               "search/arch/top_1.json", "search/arch/top_2.json", "select/answer.json",
-              "select/trials/incumbent/model.pt"]
+              "select/trials/resnet_0.5x/model.pt"]
 
 
 def effcifar(*args: str, **kwargs) -> subprocess.Popen:
@@ -70,7 +70,8 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, str]:
 def test_presets_load_and_check_every_stage(preset):
     config = load_pipeline_config(preset)
     assert config.dataset == "cifar100" and config.hpo["space"] and config.plan.select.pool >= 1
-    assert config.baseline_config().holdout == 0 and config.trial_base().holdout == config.holdout
+    assert config.baseline_config().holdout == config.final_holdout == (config.holdout if config.subset else 0)
+    assert config.trial_base().holdout == config.holdout
 
 
 def test_medium_preset_keeps_quicks_split_and_widths_at_larger_budgets():
@@ -103,7 +104,7 @@ def test_layers_file_over_preset_and_command_line_over_file(tmp_path):
     # the HPO best goes back to the baseline's budget for the fields hpo.trial shortened
     best = {**vars(config.trial_base()), "peak_lr": 0.7}
     final = config.final_config(best, "best.json")
-    assert (final.epochs, final.peak_epoch, final.peak_lr, final.holdout) == (4, 1.0, 0.7, 0)
+    assert (final.epochs, final.peak_epoch, final.peak_lr, final.holdout) == (4, 1.0, 0.7, config.holdout)
 
 
 def test_the_top_level_wins_over_the_hpo_best_and_widths_come_from_the_supernet():
@@ -177,7 +178,7 @@ def test_final_runs_with_several_training_seeds(tmp_path):
     from effcifar.data import make_synthetic
 
     config = load_pipeline_config("quick", TINY, {"seeds": "2", "train.epochs": "1", "subset": "256",
-                                                  "holdout": "64", "train.batch_size": "64", "threads": "1",
+                                                  "holdout": "44", "train.batch_size": "64", "threads": "1",
                                                   "precision": "fp32"})
     pipeline = Pipeline(config, tmp_path / "p")
     pipeline.data = make_synthetic(n_train=300, n_test=200)  # a small stand-in, loaded once
@@ -274,17 +275,20 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
         assert (test_acc, params) == (summary["test_acc"], summary["params"])
     assert (out / "search" / "architecture_final.json").is_file() and (out / "nas_eval" / "ranking.png").is_file()
     assert (out / "retrain" / "retrain.json").is_file() and (out / "hpo" / "best.json").is_file()
-    # final runs test on the test set; the searches and the selection choose on held-out training images
+    # everything is scored on held-out training images after each epoch and tested once at the end; the searches and
+    # the selection choose on the held-out images, never on the test set
     for run in ("baseline", "hpo_best", runs["nas"]):
-        assert json.loads((out / run / "summary.json").read_text())["dataset"]["valid_split"] == "test"
-    incumbent = json.loads((out / "select" / "trials" / "incumbent" / "summary.json").read_text())
-    assert incumbent["dataset"]["valid_split"] == "holdout"
-    # the search's default limit is the HPO best network's own cost, and the incumbent (that network) is in the pool
+        assert json.loads((out / run / "summary.json").read_text())["dataset"]["valid_split"] == "holdout"
+    # the search's default limit is the HPO best network's own cost, and the incumbent (that network) is in the pool:
+    # the HPO best's own run, replayed to the selection's pruner, not trained again
     hpo_best = json.loads((out / "hpo_best" / "summary.json").read_text())
     assert yaml.safe_load((out / "search" / "search.yaml").read_text())["max_flops"] == hpo_best["flops"]
     selection = json.loads((out / "select" / "select.json").read_text())
-    assert selection["rows"][0]["name"] == "incumbent" and selection["rows"][0]["flops"] == hpo_best["flops"]
+    incumbent = selection["rows"][0]
+    assert incumbent["name"] == "incumbent" and incumbent["run"] == str(out / "hpo_best")
+    assert not (out / "select" / "trials" / "incumbent").exists() and incumbent["image_epochs"] == 0
     assert (incumbent["params"], incumbent["flops"]) == (hpo_best["params"], hpo_best["flops"])
+    assert incumbent["holdout_acc"] == hpo_best["final_valid_acc"] and incumbent["test_acc"] == hpo_best["test_acc"]
     assert all(r["flops"] <= hpo_best["flops"] for r in selection["rows"])
     nas = json.loads((out / "results.json").read_text())[2]
     assert nas["answer"] == selection["answer"] and nas["verdict"] == selection["sentence"]
@@ -375,7 +379,7 @@ def test_kill_anywhere_then_resume_ends_with_the_same_files(uninterrupted, tmp_p
     # killed during the second HPO trial, after the first supernet epoch, and between two selection candidates
     for ready in (lambda: (out / "hpo" / "trials" / "0001").is_dir(),
                   lambda: any((out / "supernet" / "checkpoints").glob("*")),
-                  lambda: (out / "select" / "trials" / "incumbent" / "summary.json").is_file()):
+                  lambda: (out / "select" / "trials" / "resnet_0.5x" / "summary.json").is_file()):
         kill_when(pipeline(out), ready)
     output = finish(pipeline(out))
     assert "[1/8] baseline: skipped (finished)" in output and "[6/8] select (resumed" in output

@@ -42,7 +42,7 @@ import torch
 
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, build_from_layers, flat_values, read_json, result_values
+from effcifar.config import build_config, flat_values, read_json
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.nas.costs import CostTable, stratified_archs
@@ -54,7 +54,7 @@ from effcifar.nas.space import read_arch_file
 from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.rundir import locked
 from effcifar.studies import max_workers, pin_worker_gpu
-from effcifar.train import TrainConfig, train, write_tsv
+from effcifar.train import TrainConfig, finished_summary, train, write_tsv
 
 Progress = Callable[[str], None]
 
@@ -81,17 +81,7 @@ def search_supernet_dir(search_dir: str | Path) -> Path:
 
 def train_once(config: TrainConfig, run_dir: Path, data: CifarData) -> dict[str, Any]:
     """The summary of `run_dir`: its finished run's if it has one (with the same config), else a new run's."""
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = read_json(summary_path, "run summary")
-        done = result_values(build_from_layers(TrainConfig, [(str(summary_path), summary["config"], False)]))
-        wanted = result_values(config)
-        if done != wanted:  # values compare as numbers (a peak_epoch of 1 is 1.0)
-            changed = sorted(k for k in wanted if done.get(k) != wanted[k])
-            raise ConfigError(f"{run_dir}: finished with another config ({', '.join(changed)} differ); "
-                              f"use the same options or another --out")
-        return summary
-    return train(config, run_dir, data=data).summary
+    return finished_summary(run_dir, config) or train(config, run_dir, data=data).summary
 
 
 def standalone_row(summary: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from effcifar.studies import (
     FINISHED, OnTrial, StorageConfig, check_setup, check_workers, open_storage, recorded_study, run_trials,
     start_workers, study_name,
 )
-from effcifar.train import EpochMetrics, TrainConfig, recipe_for, train
+from effcifar.train import EpochMetrics, TrainConfig, finished_summary, read_logs, recipe_for, train
 
 PROPOSALS = ("search", "random")
 INCUMBENT = "incumbent"
@@ -160,7 +160,8 @@ class Candidate:
 
     An arm with no `arch` trains the base config's own network: the incumbent where the space
     cannot express it (`source` "baseline"), or the base network at other `widths` (`source`
-    "width curve").
+    "width curve"). An arm with a `run` does not train: that finished run's held-out accuracies
+    are reported epoch by epoch as if it trained now, and its work is not counted again.
     """
 
     name: str  # incumbent, proposal_0, proposal_1, ... (proposals in the order they were proposed)
@@ -171,6 +172,7 @@ class Candidate:
     supernet_score: float | None = None  # the search's score (accuracy or -loss), for proposals from a search
     inherited_acc: float | None = None  # held-out accuracy with the supernet's weights (BN recalibrated), untrained
     widths: dict[str, int] | None = None  # the base network's widths for a width-curve arm
+    run: str | None = None  # a finished run of exactly this training (the HPO best's), replayed instead of trained
 
     @property
     def fixed(self) -> bool:
@@ -231,17 +233,26 @@ def curve_arms(config: SelectConfig, base: TrainConfig, num_classes: int) -> lis
     return arms
 
 
+def check_incumbent_run(run_dir: Path, base: TrainConfig) -> str:
+    """`run_dir` as a string if a run of exactly `base` (validated on held-out images) finished there; else ConfigError."""
+    if finished_summary(run_dir, base) is None:
+        raise ConfigError(f"{run_dir}: no finished training run (summary.json) to stand in for the incumbent")
+    return str(run_dir)
+
+
 def fixed_arms(config: SelectConfig, space: ArchSpace, costs: CostTable, base: TrainConfig, num_classes: int,
-               within: Callable[[Arch], bool], inherited: Callable[[Arch], float | None]) -> list[Candidate]:
+               within: Callable[[Arch], bool], inherited: Callable[[Arch], float | None],
+               incumbent_run: Path | None = None) -> list[Candidate]:
     """The incumbent and the width curve, those within the limits (see `make_pool`)."""
     arms: list[Candidate] = []
+    run = None if incumbent_run is None else check_incumbent_run(incumbent_run, base)
     if config.incumbent:
         arch = resnet9_arch(space, base)
         if arch is not None and within(arch):
             arms.append(Candidate(INCUMBENT, arch, INCUMBENT, costs.flops_of(arch), costs.params_of(arch),
-                                  inherited_acc=inherited(arch)))
+                                  inherited_acc=inherited(arch), run=run))
         elif arch is None and meets_limits(config, *(own := baseline_costs(base, num_classes))):
-            arms.append(Candidate(INCUMBENT, None, "baseline", *own))
+            arms.append(Candidate(INCUMBENT, None, "baseline", *own, run=run))
     return arms + curve_arms(config, base, num_classes)
 
 
@@ -254,7 +265,7 @@ def pool_size(config: SelectConfig, base: TrainConfig, num_classes: int) -> int:
 
 def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
               base: TrainConfig, num_classes: int, within: Callable[[Arch], bool] | None = None,
-              inherited: Callable[[Arch], float] | None = None) -> list[Candidate]:
+              inherited: Callable[[Arch], float] | None = None, incumbent_run: Path | None = None) -> list[Candidate]:
     """The incumbent and the width curve (those within the limits), then the proposals: distinct networks within them.
 
     The incumbent is the base network's architecture in the space, or, where the space cannot
@@ -262,7 +273,8 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
     `width_curve` fractions of its widths, fixed arms outside the space (left out under a latency
     limit, which only the space's latency table can check). `within` tells whether an architecture
     meets the limits (default: the config's FLOPs and parameter limits by `costs`); `inherited`
-    gives an architecture's accuracy with the supernet's weights. A ConfigError when nothing in
+    gives an architecture's accuracy with the supernet's weights; `incumbent_run`, a finished run of
+    the base config (on the same held-out split), stands in for the incumbent's training. A ConfigError when nothing in
     the space meets the limits (naming the smallest cost there is), or when fewer proposals exist
     than `pool` asks for.
     """
@@ -273,7 +285,7 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
                           f"max_latency_ms {config.max_latency_ms}: the smallest has {costs.flops_of(smallest):,} "
                           f"FLOPs and {costs.params_of(smallest):,} parameters")
     score = inherited or (lambda arch: None)
-    pool = fixed_arms(config, space, costs, base, num_classes, within, score)
+    pool = fixed_arms(config, space, costs, base, num_classes, within, score, incumbent_run)
     exclude = {network_key(space, c.arch) for c in pool if c.arch is not None}
     if config.proposals == "search":
         archs = distinct_within((space.check(r["arch"]) for r in ranked), space, config.pool, within, exclude)
@@ -345,11 +357,17 @@ class CandidateRunner:
                 raise optuna.TrialPruned(f"pruned after epoch {m.epoch}")
 
         try:
-            if self.data is None or self.data.name != config.dataset:
-                self.data = load_dataset(config.dataset, config.data_dir)
-            with locked(run_dir, "train"):
-                clear(run_dir)  # a retried candidate starts again
-                summary = train(config, run_dir, callbacks=[report], data=self.data).summary
+            if candidate.run is not None:  # trained already (a fixed arm: never pruned)
+                trial.set_user_attr("run_dir", candidate.run)
+                for m in read_logs(Path(candidate.run) / "logs.tsv"):
+                    report(m)
+                summary = finished_summary(Path(candidate.run), self.base)
+            else:
+                if self.data is None or self.data.name != config.dataset:
+                    self.data = load_dataset(config.dataset, config.data_dir)
+                with locked(run_dir, "train"):
+                    clear(run_dir)  # a retried candidate starts again
+                    summary = train(config, run_dir, callbacks=[report], data=self.data).summary
         except optuna.TrialPruned:
             trial.set_user_attr("epochs", len(accuracies))
             return self.study.tell(trial, state=TrialState.PRUNED)
@@ -418,18 +436,19 @@ def check_inputs(config: SelectConfig, base: TrainConfig) -> None:
 def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: list[dict[str, Any]],
                   base: TrainConfig, out_dir: str | Path, data: CifarData | None = None,
                   on_trial: OnTrial | None = None, within: Callable[[Arch], bool] | None = None,
-                  inherited: Callable[[Arch], float] | None = None) -> SelectionResult:
+                  inherited: Callable[[Arch], float] | None = None,
+                  incumbent_run: Path | None = None) -> SelectionResult:
     """Run (or resume) the selection in `out_dir`; write select.json and answer.json; return the result.
 
     `ranked` is the search's records best first (`effcifar.nas.search.top_records`), `base` the
     candidates' training (held-out validation required: `base.holdout` > 0), `costs` the space's
-    cost table at the base's widths; `within` and `inherited` as in `make_pool`. Nothing is
+    cost table at the base's widths; `within`, `inherited` and `incumbent_run` as in `make_pool`. Nothing is
     written before every check has passed.
     """
     check_inputs(config, base)
     out_dir = Path(out_dir)
     data = data or load_dataset(base.dataset, base.data_dir)
-    pool = make_pool(config, space, costs, ranked, base, data.num_classes, within, inherited)
+    pool = make_pool(config, space, costs, ranked, base, data.num_classes, within, inherited, incumbent_run)
     with locked(out_dir, "select"):
         storage = open_storage(config, out_dir)
         config = dataclasses.replace(config, study=study_name(storage, config, out_dir,
@@ -463,7 +482,8 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
 
 
 def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: str | Path, base: TrainConfig,
-                       on_trial: OnTrial | None = None, search_storage: str | None = None) -> SelectionResult:
+                       on_trial: OnTrial | None = None, search_storage: str | None = None,
+                       incumbent_run: Path | None = None) -> SelectionResult:
     """`run_selection` over a finished search run: its supernet's final space and widths, its ranked results.
 
     Each candidate also gets its accuracy with the supernet's weights (BN recalibrated, as the
@@ -499,7 +519,7 @@ def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: st
 
     ranked = top_records(study, len(study.trials))
     return run_selection(config, judge.space, costs, ranked, base, out_dir, data, on_trial, within,
-                         lambda arch: judge.evaluate(arch)[0].accuracy)
+                         lambda arch: judge.evaluate(arch)[0].accuracy, incumbent_run)
 
 
 def limit_dir(out_dir: Path, max_flops: float) -> Path:
@@ -538,14 +558,15 @@ def smallest_flops(space: ArchSpace, channels: Mapping[str, int], num_classes: i
 
 def select_front(config: SelectConfig, search_dir: str | Path, out_dir: str | Path, base: TrainConfig,
                  limits: Iterable[float], on_trial: OnTrial | None = None, search_storage: str | None = None,
-                 on_limit: Callable[[float], None] | None = None) -> list[SelectionResult]:
+                 on_limit: Callable[[float], None] | None = None,
+                 incumbent_run: Path | None = None) -> list[SelectionResult]:
     """The verified front: one selection per FLOPs limit (each in `limit_dir`, a study of its own), one answer each.
 
     The limits run from the smallest up, so a limit that nothing meets fails before anything
     trains. Each selection takes the search's best networks under its own limit and the incumbent
     and width curve within it; a network under several limits trains in each. A limit's selection
     that finished trains nothing again, one cut short resumes. `on_limit` hears of each limit as its
-    selection starts. `front.json` lists the answers (limit, candidate, held-out and test
+    selection starts; `incumbent_run` as in `make_pool`. `front.json` lists the answers (limit, candidate, held-out and test
     accuracy, FLOPs, parameters).
     """
     limits = list(limits)
@@ -558,7 +579,8 @@ def select_front(config: SelectConfig, search_dir: str | Path, out_dir: str | Pa
         directory, limited = limit_selection(config, Path(out_dir), limit)
         if on_limit is not None:
             on_limit(limit)
-        results.append(select_from_search(limited, search_dir, directory, base, on_trial, search_storage))
+        results.append(select_from_search(limited, search_dir, directory, base, on_trial, search_storage,
+                                          incumbent_run))
     front = [{"max_flops": limit, **{k: r.chosen[k] for k in ("name", "source", "holdout_acc", "test_acc", "flops",
                                                               "params", "widths")}}
              for limit, r in zip(limits, results)]
@@ -591,10 +613,10 @@ def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: lis
     images = next((t.user_attrs["train_images"] for t in trials if "train_images" in t.user_attrs), 0)
     curve = sorted((r["flops"], r["holdout_acc"]) for r in finished if r["source"] in FIXED_ARMS)
     for r in rows:  # a pruned run stopped before summary.json: its images are those of any finished one
-        r["image_epochs"] = r["epochs"] * images
+        r["image_epochs"] = 0 if r["run"] else r["epochs"] * images  # a replayed run's work was counted where it ran
         r["curve_acc"] = curve_accuracy(curve, r["flops"]) if r["source"] not in FIXED_ARMS else None
     return SelectionResult(best["name"], rows, rung_epochs, sum(r["image_epochs"] for r in rows),
-                           sum(r["train_time"] or 0.0 for r in rows), verdict(best, rows))
+                           sum(r["train_time"] or 0.0 for r in rows if not r["run"]), verdict(best, rows))
 
 
 def choose(rows: list[dict[str, Any]], margin: float = 0.0, holdout: int = 0) -> dict[str, Any]:

@@ -141,9 +141,16 @@ class PipelineConfig:
             layers.append(("pipeline", dict(last), False))
         return build_from_layers(cls, layers)
 
+    @property
+    def final_holdout(self) -> int:
+        """The final runs' held-out images: `holdout` when `subset` leaves them out of training anyway (the runs then
+        train on the same images as without, and are scored on them after each epoch, as every candidate is), else 0:
+        with `subset` 0 the final runs train on every training image."""
+        return self.holdout if self.subset else 0
+
     def baseline_config(self) -> TrainConfig:
-        """The recipe at the `train` budget, on all `subset` images, validated on the test set."""
-        return self._build(TrainConfig, "train", last={"holdout": 0})
+        """The recipe at the `train` budget on all `subset` images, validated on `final_holdout` images, then tested."""
+        return self._build(TrainConfig, "train", last={"holdout": self.final_holdout})
 
     def trial_base(self) -> TrainConfig:
         """What every HPO trial starts from: the baseline with `hpo.trial` over it, validated on held-out images."""
@@ -157,7 +164,7 @@ class PipelineConfig:
         restored = {k: baseline[k] for k in self.hpo.get("trial", {})}
         best = {k: v for k, v in best.items() if k not in COMMON}  # the current top-level values win
         return self._build(TrainConfig, None, extra=[(best_source, best), ("train (undoing hpo.trial)", restored)],
-                           last={"holdout": 0})
+                           last={"holdout": self.final_holdout})
 
     def supernet_config(self, best: Mapping[str, Any], best_source: str) -> Any:
         """The supernet run: the HPO best's widths, LR, weight decay and augmentation < the `supernet` section."""
@@ -174,10 +181,10 @@ class PipelineConfig:
         values, widths = dataclasses.asdict(final), flat_values(supernet)
         values.update({w: widths[w] for w in (*WIDTHS, "logits_weight")})
         return self._build(TrainConfig, "retrain", extra=[("HPO best at the final budget", values)],
-                           last={"holdout": 0})
+                           last={"holdout": self.final_holdout})
 
     def select_base(self, final: TrainConfig, supernet: Any) -> TrainConfig:
-        """The selection's candidates: trained as a retrained network is, but validated on the `holdout` images."""
+        """The selection's candidates: trained as a retrained network is, validated on the `holdout` images."""
         return dataclasses.replace(self.retrain_base(final, supernet), holdout=self.holdout)
 
     def default_limit(self, network_flops: int) -> float | None:

@@ -381,11 +381,13 @@ class SelectStage(Stage):
     """The search's best networks under each FLOPs limit and the incumbent ResNet-9, trained at rising fidelity on the
     held-out images (`effcifar.nas.select`): one selection in the stage's directory, or with several limits a front
     (one selection per limit in select/flops_<M>M, front.json). `result` holds the answer at the default limit,
-    the final table's, whose answer.json is select/answer.json either way."""
+    the final table's, whose answer.json is select/answer.json either way. When the candidates train exactly as
+    the HPO best did, its run is the incumbent's: replayed, not trained again."""
 
-    name, kind, unit, after = "select", "select", "candidates", ("search", "hpo")
+    name, kind, unit, after = "select", "select", "candidates", ("search", "hpo", "hpo_best")
 
-    def __init__(self, pipeline: Pipeline, search: SearchStage, final: TrainConfig, supernet: SupernetStage):
+    def __init__(self, pipeline: Pipeline, search: SearchStage, final: TrainConfig, supernet: SupernetStage,
+                 hpo_best: TrainingStage):
         super().__init__(pipeline)
         self.search_dir, self.search_storage = search.directory, search.config.storage
         self.limits = search.limits
@@ -395,6 +397,8 @@ class SelectStage(Stage):
                                           max_latency_ms=search.config.max_latency_ms,
                                           study=pipeline.study_name("select", plan.select, "select.yaml"))
         self.base = pipeline.config.select_base(final, supernet.config)
+        same = result_values(self.base) == result_values(hpo_best.config)
+        self.incumbent_run = seed_runs(hpo_best.directory, hpo_best.config, hpo_best.seeds)[0][0] if same else None
         self.result: Any = None
 
     @property
@@ -448,10 +452,12 @@ class SelectStage(Stage):
 
         if not self.front:
             self.result = select.select_from_search(self.config, self.search_dir, self.directory, self.base,
-                                                    on_trial=on_trial, search_storage=self.search_storage)
+                                                    on_trial=on_trial, search_storage=self.search_storage,
+                                                    incumbent_run=self.incumbent_run)
             return self.result.sentence
         results = select.select_front(self.config, self.search_dir, self.directory, self.base, self.limits,
-                                      on_trial=on_trial, search_storage=self.search_storage, on_limit=on_limit)
+                                      on_trial=on_trial, search_storage=self.search_storage, on_limit=on_limit,
+                                      incumbent_run=self.incumbent_run)
         self.result = results[self.limits.index(self.config.max_flops)]
         atomic_write(self.directory / select.ANSWER_FILE, (self.answer_dir() / select.ANSWER_FILE).read_text())
         answers = ", ".join(f"{r.answer} under {limit / 1e6:g} MFLOPs" for limit, r in zip(self.limits, results))
@@ -708,7 +714,7 @@ class Pipeline:
             hpo_best = self.execute(TrainingStage(self, "hpo_best", final, after=("hpo",)))
             supernet = self.execute(SupernetStage(self, hpo))
             search = self.execute(SearchStage(self, supernet, hpo_best))
-            select = self.execute(SelectStage(self, search, final, supernet))
+            select = self.execute(SelectStage(self, search, final, supernet, hpo_best))
             retrain = self.execute(RetrainStage(self, select, final, supernet, hpo_best))
             self.execute(NasEvalStage(self, supernet, hpo))
             results = [baseline.result("baseline"), hpo_best.result("hpo"), retrain.result("nas")]
