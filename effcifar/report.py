@@ -64,7 +64,7 @@ from effcifar.rundir import locked
 STAGES = (
     ("baseline", "Baseline training", "effcifar train --out {run}/baseline"),
     ("hpo", "Hyper-parameter search", "effcifar hpo run --out {run}/hpo"),
-    ("hpo_best", "HPO best, retrained", "effcifar train --config {run}/hpo/best.json --holdout 0 --out {run}/hpo_best"),
+    ("hpo_best", "HPO best, retrained", "effcifar train --config {run}/hpo/best.json --out {run}/hpo_best"),
     ("supernet", "Supernet training", "effcifar supernet train --out {run}/supernet"),
     ("search", "Architecture search", "effcifar search {run}/supernet --out {run}/search"),
     ("select", "Selection by real training", "effcifar select {run}/search --out {run}/select"),
@@ -649,8 +649,10 @@ def candidate_counts(rows: list[dict[str, Any]]) -> str:
 
 def holdout_images(selection_dir: Path, result: Any) -> int | None:
     """How many held-out images a selection measured its answer on (from the answer's summary.json), if known."""
+    from effcifar.nas.select import TRIALS_DIR
+
     run = result.chosen.get("run")  # a replayed run (the HPO best's), else the candidate's own
-    path = (Path(run) if run else selection_dir / "trials" / result.answer) / "summary.json"
+    path = (Path(run) if run else selection_dir / TRIALS_DIR / result.answer) / "summary.json"
     summary = read_json(path, "run summary") if path.is_file() else {}
     images = summary.get("dataset", {}).get("valid_images") if isinstance(summary, dict) else None
     return images if is_number(images) else None

@@ -269,7 +269,7 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
         assert marker["stage"] == stage and marker["finished"] and marker["seconds"] > 0
     assert [row[0] for row in accuracies(out)] == ["baseline", "hpo", "nas"]
     runs = {name: run for name, _, _, _, run in accuracies(out)}  # results.json: what each run measured
-    assert runs["baseline"] == "baseline" and runs["hpo"] == "hpo_best" and runs["nas"] in ("hpo_best", "retrain/answer")
+    assert runs["baseline"] == "baseline" and runs["hpo"] == "hpo_best" and runs["nas"].startswith(("hpo_best", "retrain/answer", "select/trials/"))
     for name, test_acc, params, _, run in accuracies(out):
         summary = json.loads((out / run / "summary.json").read_text())
         assert (test_acc, params) == (summary["test_acc"], summary["params"])
@@ -304,6 +304,21 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     assert "3 trials" in output and "search done in" in output  # the study stages count their trials
     assert nas["seeds"] == [0] and nas["test_images"] == hpo_best["dataset"]["valid_images"]
     assert load_pipeline_config("quick", out / "pipeline.yaml").to_dict() == load_pipeline_config("quick", TINY).to_dict()
+
+
+@pytest.mark.slow
+def test_a_searched_answer_is_its_selection_run_not_trained_again(tmp_path):
+    """Without the incumbent and the width curve a proposal wins; it trained in the selection exactly as the retrain
+    stage would train it, so that run is the NAS row's."""
+    out = tmp_path / "run"
+    finish(pipeline(out, "--set", "select.incumbent=false", "--set", "select.width_curve=", "--set", "hpo.trials=1",
+                    "--set", "nas_eval.trials=0"))
+    selection = json.loads((out / "select" / "select.json").read_text())
+    nas = json.loads((out / "results.json").read_text())[2]
+    assert selection["answer"].startswith("proposal_") and nas["run"] == f"select/trials/{selection['answer']}"
+    summary = json.loads((out / nas["run"] / "summary.json").read_text())
+    assert nas["test_acc"] == summary["test_acc"] and not (out / "retrain" / "answer").exists()
+    assert "run in the selection" in nas["how"]
 
 
 @pytest.mark.slow

@@ -56,6 +56,7 @@ SETUP_ATTR = "select:setup"
 RESULT_FILE = "select.json"
 ANSWER_FILE = "answer.json"
 FRONT_FILE = "front.json"
+TRIALS_DIR, ARCHS_DIR = "trials", "archs"  # each candidate's run, and its architecture file
 FRONT_EXPECTED = "comma-separated FLOPs limits (distinct, positive), e.g. 12e6,30e6,48e6"
 
 
@@ -339,10 +340,10 @@ class CandidateRunner:
     def __call__(self, trial: optuna.Trial) -> FrozenTrial:
         name = trial.suggest_categorical("candidate", list(self.pool))
         candidate = self.pool[name]
-        run_dir = self.out_dir / "trials" / name
+        run_dir = self.out_dir / TRIALS_DIR / name
         trial.set_user_attr("run_dir", str(run_dir.relative_to(self.out_dir)))
         config = dataclasses.replace(self.base, **(candidate.widths or {})) if candidate.arch is None else (
-            dataclasses.replace(self.base, arch=str((self.out_dir / "archs" / f"{name}.json").resolve())))
+            dataclasses.replace(self.base, arch=str((self.out_dir / ARCHS_DIR / f"{name}.json").resolve())))
         accuracies: list[float] = []
 
         def report(m: EpochMetrics) -> None:
@@ -458,7 +459,7 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
                     "pool, training config or halving schedule")
         for c in pool:
             if c.arch is not None:
-                atomic_write(out_dir / "archs" / f"{c.name}.json",
+                atomic_write(out_dir / ARCHS_DIR / f"{c.name}.json",
                              json.dumps({"arch": c.arch, "space": space.to_dict()}, indent=2) + "\n")
         save_config(config.without_password(), out_dir / CONFIG_FILE)
         if not study.get_trials(deepcopy=False):  # enqueued once, in pool order: the incumbent first

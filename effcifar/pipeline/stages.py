@@ -480,6 +480,8 @@ class RetrainStage(Stage):
 
     When the answer is the incumbent and the supernet kept the HPO best's widths, the answer is the
     HPO best's own network with its own settings: that run is its result and nothing trains again.
+    Likewise a searched answer whose run in the selection trained exactly as this stage would (one
+    seed, a pipeline with a `subset`): that run is its result.
     """
 
     name, kind, after = "retrain", "retrain", ("select", "hpo_best")
@@ -508,6 +510,24 @@ class RetrainStage(Stage):
         same = all(getattr(self.base, f) == getattr(final, f) for f in (*WIDTHS, "logits_weight"))
         return self.select.result.answer == INCUMBENT and same
 
+    def selection_run(self) -> tuple[Path, list[dict[str, Any]]] | None:
+        """(run, [summary]) of the answer's own run in the selection when it trained exactly as this stage would
+        train the answer (one seed; the same images, settings and seed: a pipeline with a `subset`), else None."""
+        from effcifar.nas.select import ARCHS_DIR, TRIALS_DIR
+        from effcifar.train import finished_summary
+
+        chosen, selection = self.select.result.chosen, self.select.answer_dir()
+        trial_dir = selection / TRIALS_DIR / chosen["name"]
+        if self.pipeline.config.seeds != 1 or chosen.get("run") or not (trial_dir / "summary.json").is_file():
+            return None
+        arch = None if chosen["arch"] is None else str((selection / ARCHS_DIR / f"{chosen['name']}.json").resolve())
+        config = dataclasses.replace(self.base, arch=arch, **(chosen.get("widths") or {}))
+        try:
+            summary = finished_summary(trial_dir, config)
+        except ConfigError:  # trained otherwise (a `retrain` section, no subset): it trains again
+            return None
+        return (trial_dir.relative_to(self.pipeline.out), [summary]) if summary is not None else None
+
     def run(self) -> str:
         from effcifar.nas import retrain as retrain_lib
 
@@ -516,6 +536,9 @@ class RetrainStage(Stage):
         if self.is_hpo_best():
             run, summaries = Path(self.hpo_best.name), self.hpo_best.summaries
             how = "the incumbent won: the HPO best's network and run"
+        elif (selected := self.selection_run()) is not None:
+            run, summaries = selected
+            how = f"{chosen['name']}'s run in the selection (trained exactly as a retrained answer would be)"
         else:
             run = Path(self.name) / self.answer_dir
             base = self.base if chosen["arch"] is not None else dataclasses.replace(  # the base network, scaled
