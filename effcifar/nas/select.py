@@ -73,8 +73,9 @@ class SelectConfig(StorageConfig):
                                            "none)")
     min_epochs: int = setting(1, "the first rung, in epochs; later rungs at min_epochs x reduction^k")
     reduction: int = setting(3, "successive halving's reduction factor: the best 1/reduction of a rung train on")
-    margin: float = setting(0.0, "standard errors of the held-out difference by which a candidate must lead to "
-                                 "overturn one earlier in the pool (the incumbent first, then the search's ranking)")
+    margin: float = setting(1.0, "standard errors of the held-out difference by which a candidate must lead to "
+                                 "overturn one earlier in the pool (the incumbent first, then the search's ranking; "
+                                 "0: the best held-out accuracy wins)")
     max_flops: float | None = setting(None, "forward FLOPs per image; candidates above are not trained (none: no "
                                             "limit)")
     max_params: float | None = setting(None, "trainable parameters; candidates above are not trained (none: no limit)")
