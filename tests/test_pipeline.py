@@ -74,10 +74,12 @@ def test_presets_load_and_check_every_stage(preset):
     assert config.trial_base().holdout == config.holdout
 
 
-def test_medium_preset_keeps_quicks_split_and_widths_at_larger_budgets():
-    """The seed space's measured truth (bench/tables/seed-quick-cifar10.json) ranks both presets' supernets."""
+def test_medium_preset_keeps_quicks_widths_at_larger_budgets_on_the_split_with_a_measured_truth():
+    """The seed space's measured truth (bench/tables/seed-quick-cifar10.json: 20,000 images, 2,000 held out) ranks
+    medium's supernet; quick trains on fewer images to finish in its 12 minutes."""
     quick, medium = load_pipeline_config("quick"), load_pipeline_config("medium")
-    assert (medium.subset, medium.holdout, medium.seed) == (quick.subset, quick.holdout, quick.seed)
+    assert (medium.subset, medium.holdout, medium.seed) == (20000, 2000, quick.seed) and quick.subset < medium.subset
+    assert medium.plan.select.curve_fractions() == [0.5, 0.75] and medium.plan.select.pool > quick.plan.select.pool
     assert [medium.train[w] for w in WIDTHS] == [quick.train[w] for w in WIDTHS]
     assert medium.hpo["space"] == quick.hpo["space"]
     for section, field in (("train", "epochs"), ("hpo", "trials"), ("supernet", "epochs"),
