@@ -840,7 +840,7 @@ def run_summary(loop: Loop, history: Sequence[EpochMetrics], stopped_early: bool
         "config": asdict(config),
         "dataset": {**loop.dataset,
                     "train_images": len(loop.train_loader.labels), "valid_images": len(loop.valid_loader.labels),
-                    "valid_split": "holdout" if config.holdout else "test"},
+                    "test_images": len(loop.test_loader.labels), "valid_split": "holdout" if config.holdout else "test"},
         "epochs_run": len(history),
         "stopped_early": stopped_early,
         "final_valid_acc": history[-1].valid_acc,

@@ -304,7 +304,7 @@ def test_tiny_pipeline_writes_every_stage_and_the_report(uninterrupted):
     for section in ("What each step bought", "HPO best against the baseline", "Wall time per stage"):
         assert section in html
     assert "3 trials" in output and "search done in" in output  # the study stages count their trials
-    assert nas["seeds"] == [0] and nas["test_images"] == hpo_best["dataset"]["valid_images"]
+    assert nas["seeds"] == [0] and nas["test_images"] == hpo_best["dataset"]["test_images"] == 2000  # the test set, not the held-out images
     assert load_pipeline_config("quick", out / "pipeline.yaml").to_dict() == load_pipeline_config("quick", TINY).to_dict()
 
 

@@ -99,6 +99,7 @@ def test_holdout_validates_on_training_images_and_tests_on_test(synthetic):
     result = train(TrainConfig(**TINY, holdout=300), data=synthetic)
     d = result.summary["dataset"]
     assert d["valid_split"] == "holdout" and d["valid_images"] == 300 and d["train_images"] == 512
+    assert d["test_images"] == len(synthetic.y_test)
     mean, std = synthetic.mean_std()  # the test accuracy is the model's on the test images, not the held-out ones
     test = DeviceLoader(synthetic.x_test, synthetic.y_test, batch_size=500, mean=mean, std=std,
                         device=torch.device("cpu"), channels_last=True)

@@ -595,6 +595,12 @@ class NasEvalStage(Stage):
         return f"Kendall tau {report.tau:.3f}, Spearman rho {report.rho:.3f} over {report.n} subnets"
 
 
+def test_images(summary: Mapping[str, Any]) -> int:
+    """The number of test images behind a run's test accuracy (a summary without it validated on the test set)."""
+    dataset = summary["dataset"]
+    return dataset.get("test_images", dataset["valid_images"])
+
+
 def result_row(name: str, summaries: list[Mapping[str, Any]], run: Path) -> dict[str, Any]:
     """A final table row from the summaries of a final run's training seeds: the mean test accuracy and train time,
     each seed's accuracy (`test_accs`, in the order of `seeds`), their standard deviation with several seeds, and
@@ -604,7 +610,7 @@ def result_row(name: str, summaries: list[Mapping[str, Any]], run: Path) -> dict
     row = {"name": name, "test_acc": statistics.mean(accs),
            "train_time": statistics.mean(s["train_time"] for s in summaries), "params": first["params"],
            "flops": first["flops"], "run": str(run), "seeds": [s["seed"] for s in summaries], "test_accs": accs,
-           "test_images": first["dataset"]["valid_images"]}
+           "test_images": test_images(first)}
     return row | ({"test_acc_sd": statistics.stdev(accs)} if len(accs) > 1 else {})
 
 
