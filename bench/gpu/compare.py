@@ -10,22 +10,20 @@ machine's image has no torchvision, so a two-line stand-in for Normalize is inst
 and the decoded data is written where airbench's loader looks for it (cifar10/train.pt,
 test.pt), so it never downloads. Every run trains on the same decoded images.
 
-Times: ours is summary.json's train_time (the epochs' training steps; evaluation excluded);
-the reference's is the wall time of `train94(verbose=False)` (whitening init + training, no
-evaluation), both after a warm-up run and with CUDA synchronised (resnet9: no warm-up, no compile). Accuracy: test set, each
-recipe's own final TTA (ours: multi-crop for airbench, flip for resnet9; airbench94: tta_level 2).
+Times, one definition for every recipe (`profile_recipes.region_row`): airbench94's own timed
+region — the whitening init, each epoch's training and the final TTA evaluation, by CUDA events —
+with the evaluations between epochs outside it; after a warm-up run (resnet9: no warm-up, no
+compile). Accuracy: test set, each recipe's own final TTA (ours: multi-crop for airbench, flip for
+resnet9; airbench94: tta_level 2).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import io
 import json
 import statistics
 import sys
 import tarfile
-import time
 import types
 from pathlib import Path
 from typing import Callable
@@ -34,7 +32,10 @@ import numpy as np
 import torch
 
 from effcifar.data import load_dataset
-from effcifar.train import TrainConfig, train
+from effcifar.train import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_recipes import Regions, gpu_parser, region_row, run_ours, run_reference  # noqa: E402
 
 
 def decode_pack(pack: Path, out: Path) -> Path:
@@ -84,27 +85,20 @@ def install_reference(sdist: Path, work: Path, x_train, y_train, x_test, y_test,
 
 
 def reference_run(airbench: types.ModuleType, work: Path, seed: int) -> tuple[float, float]:
-    """(test accuracy, seconds) of one airbench94 run from the copied package, in `work`.
+    """(test accuracy, timed seconds) of one airbench94 run from the copied package, in `work`.
 
     train94 opens `CifarLoader('cifar10')` itself, relative to the working directory, so it runs
     from `work`, where install_reference wrote cifar10/train.pt and test.pt."""
-    torch.manual_seed(seed)
-    with contextlib.chdir(work):
-        loader = airbench.CifarLoader("cifar10", train=True, batch_size=1024, aug={"flip": True, "translate": 2},
-                                      altflip=True)
-        test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model = airbench.train94(loader, verbose=False)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        return airbench.evaluate(model, test_loader, tta_level=2), seconds
+    regions = Regions(torch.device("cuda"))
+    row = region_row(run_reference(airbench, work, seed)(regions), regions)
+    return row["test_acc"], row["timed_s"]
 
 
 def ours_run(config: TrainConfig, data, out: Path) -> tuple[float, float]:
-    """(test accuracy, train seconds) of one of our runs; its run directory goes under `out`."""
-    s = train(config, out, data=data).summary
-    return s["test_acc"], s["train_time"]
+    """(test accuracy, timed seconds) of one of our runs; its run directory goes under `out`."""
+    regions = Regions(torch.device(config.device))
+    row = region_row(run_ours(config, data, out)(regions), regions)
+    return row["test_acc"], row["timed_s"]
 
 
 def repeat(name: str, runs: int, one: Callable[[int], tuple[float, float]], rows: dict, warmup: bool = True) -> None:
@@ -118,13 +112,7 @@ def repeat(name: str, runs: int, one: Callable[[int], tuple[float, float]], rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pack", type=Path, default=Path(".cache/gpu/cifar10_jpeg.npz"))
-    parser.add_argument("--reference", type=Path, default=Path(".cache/gpu/airbench-0.1.8.tar.gz"))
-    parser.add_argument("--work", type=Path, default=Path(".cache/gpu/work"))
-    parser.add_argument("--out", type=Path, default=Path(".cache/gpu/runs"))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a few steps at tiny widths on 2048 images (CPU dry run)")
+    parser = gpu_parser(__doc__, ".cache/gpu/runs", "a few steps at tiny widths on 2048 images (CPU dry run)")
     parser.add_argument("--airbench-runs", type=int, default=5)
     parser.add_argument("--reference-runs", type=int, default=5)
     parser.add_argument("--resnet9-runs", type=int, default=2)

@@ -1,0 +1,35 @@
+"""The GPU profile script: its CPU dry run (so a typo never costs GPU time) and its idle-time arithmetic."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench" / "gpu"))
+
+from profile_recipes import idle_share  # noqa: E402
+
+
+def test_idle_share_counts_the_gaps_between_overlapping_spans():
+    assert idle_share([]) is None
+    assert idle_share([(0, 10)]) == 0.0
+    assert idle_share([(0, 4), (2, 5), (8, 10)]) == pytest.approx(0.3)  # busy 0-5 and 8-10 of 10
+    assert idle_share([(6, 10), (0, 2), (1, 3)]) == pytest.approx(0.3)  # unsorted: busy 0-3 and 6-10
+
+
+@pytest.mark.slow
+def test_profile_dry_run_on_cpu_writes_every_table(tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "bench/gpu/profile_recipes.py", "--device", "cpu", "--tiny", "--out",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "airbench94: not profiled" in result.stdout
+    regions = json.loads((tmp_path / "regions.json").read_text())
+    ours = regions["ours"]
+    assert regions["device"] == "cpu" and ours["steps"] >= 1 and len(ours["epochs_s"]) == 1
+    assert ours["whitening_s"] > 0 and ours["tta_s"] > 0 and ours["epochs_s"][0] > 0 and ours["gpu_idle_share"] is None
+    assert "aten::conv2d" in (tmp_path / "ops_ours.txt").read_text()
+    assert (tmp_path / "summary.md").read_text().splitlines()[2].startswith("| ours | ")
