@@ -236,7 +236,7 @@ def curve_arms(config: SelectConfig, base: TrainConfig, num_classes: int) -> lis
 
 
 def check_incumbent_run(run_dir: Path, base: TrainConfig) -> str:
-    """`run_dir` as a string if a run of exactly `base` (validated on held-out images) finished there; else ConfigError."""
+    """`run_dir` as a string if a run of exactly `base` (held-out validation included) finished there, else ConfigError."""
     if finished_summary(run_dir, base) is None:
         raise ConfigError(f"{run_dir}: no finished training run (summary.json) to stand in for the incumbent")
     return str(run_dir)
@@ -276,9 +276,9 @@ def make_pool(config: SelectConfig, space: ArchSpace, costs: CostTable, ranked: 
     limit, which only the space's latency table can check). `within` tells whether an architecture
     meets the limits (default: the config's FLOPs and parameter limits by `costs`); `inherited`
     gives an architecture's accuracy with the supernet's weights; `incumbent_run`, a finished run of
-    the base config (on the same held-out split), stands in for the incumbent's training. A ConfigError when nothing in
-    the space meets the limits (naming the smallest cost there is), or when fewer proposals exist
-    than `pool` asks for.
+    the base config (on the same held-out split), stands in for the incumbent's training. A
+    ConfigError when nothing in the space meets the limits (naming the smallest cost there is), or
+    when fewer proposals exist than `pool` asks for.
     """
     within = within or (lambda arch: meets_limits(config, costs.flops_of(arch), costs.params_of(arch)))
     smallest = costs.extreme(False, space)
@@ -444,8 +444,8 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
 
     `ranked` is the search's records best first (`effcifar.nas.search.top_records`), `base` the
     candidates' training (held-out validation required: `base.holdout` > 0), `costs` the space's
-    cost table at the base's widths; `within`, `inherited` and `incumbent_run` as in `make_pool`. Nothing is
-    written before every check has passed.
+    cost table at the base's widths; `within`, `inherited` and `incumbent_run` as in `make_pool`.
+    Nothing is written before every check has passed.
     """
     check_inputs(config, base)
     out_dir = Path(out_dir)
@@ -568,8 +568,8 @@ def select_front(config: SelectConfig, search_dir: str | Path, out_dir: str | Pa
     trains. Each selection takes the search's best networks under its own limit and the incumbent
     and width curve within it; a network under several limits trains in each. A limit's selection
     that finished trains nothing again, one cut short resumes. `on_limit` hears of each limit as its
-    selection starts; `incumbent_run` as in `make_pool`. `front.json` lists the answers (limit, candidate, held-out and test
-    accuracy, FLOPs, parameters).
+    selection starts; `incumbent_run` as in `make_pool`. `front.json` lists the answers (limit,
+    candidate, held-out and test accuracy, FLOPs, parameters).
     """
     limits = list(limits)
     try:
