@@ -236,7 +236,7 @@ def curve_arms(config: SelectConfig, base: TrainConfig, num_classes: int) -> lis
 
 
 def check_incumbent_run(run_dir: Path, base: TrainConfig) -> str:
-    """`run_dir` as a string if a run of exactly `base` (held-out validation included) finished there, else ConfigError."""
+    """`run_dir` as a string if a run of exactly `base` (held-out split included) finished there, else ConfigError."""
     if finished_summary(run_dir, base) is None:
         raise ConfigError(f"{run_dir}: no finished training run (summary.json) to stand in for the incumbent")
     return str(run_dir)
