@@ -139,6 +139,10 @@ def test_a_later_candidate_overturns_an_earlier_one_only_beyond_the_margin():
     assert choose(rows, margin=1.0, holdout=2000)["name"] == "incumbent"
     assert choose(rows, margin=0.5, holdout=2000)["name"] == "proposal_1"
     assert choose(rows, margin=1.0, holdout=200_000)["name"] == "proposal_1"  # many images: a real lead
+    # champion and challengers: the first is overturned only by a real lead, not by whoever is near the best
+    rows = [row("proposal_0", 0.674), row("proposal_1", 0.6835), row("proposal_3", 0.672), row("proposal_5", 0.697)]
+    assert choose(rows, margin=1.0, holdout=2000)["name"] == "proposal_5"  # leads proposal_0 by 2.3 points
+    assert choose(rows, margin=2.0, holdout=2000)["name"] == "proposal_0"
     with pytest.raises(ConfigError, match="margin"):
         SelectConfig(margin=-1).validate()
 

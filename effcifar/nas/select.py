@@ -624,21 +624,20 @@ def summarise(trials: list[FrozenTrial], pool: list[Candidate], rung_epochs: lis
 def choose(rows: list[dict[str, Any]], margin: float = 0.0, holdout: int = 0) -> dict[str, Any]:
     """The answer among the rows that finished the last rung: the best held-out accuracy (fewer FLOPs on a tie).
 
-    With `margin` > 0, the first finished row in pool order (the incumbent and fixed arms, then the
-    search's ranking) whose accuracy is within `margin` standard errors of the best one's: a later
-    candidate overturns an earlier one only when it leads by more than held-out sampling noise
-    (binomial standard error of the difference over `holdout` images).
+    With `margin` > 0, champion and challengers in pool order (the incumbent and fixed arms, then
+    the search's ranking): the first finished row is the answer until a later one leads it by more
+    than `margin` standard errors of the difference (binomial, over `holdout` images), which then
+    is the answer in its place. A later candidate overturns an earlier one only beyond sampling noise.
     """
     finished = [r for r in rows if r["holdout_acc"] is not None]
-    best = max(finished, key=lambda r: (r["holdout_acc"], -r["flops"], -r["params"]))
     if not margin or not holdout:
-        return best
-
-    def within_noise(r: dict[str, Any]) -> bool:
-        a, b = best["holdout_acc"], r["holdout_acc"]
-        return a - b <= margin * math.sqrt((a * (1 - a) + b * (1 - b)) / holdout)
-
-    return next(r for r in finished if within_noise(r))
+        return max(finished, key=lambda r: (r["holdout_acc"], -r["flops"], -r["params"]))
+    answer = finished[0]
+    for r in finished[1:]:
+        a, b = r["holdout_acc"], answer["holdout_acc"]
+        if a - b > margin * math.sqrt((a * (1 - a) + b * (1 - b)) / holdout):
+            answer = r
+    return answer
 
 
 def curve_accuracy(curve: list[tuple[int, float]], flops: int) -> float | None:
