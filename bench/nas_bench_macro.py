@@ -9,8 +9,10 @@ space (an existing run directory is resumed or reused), score `--sample` table a
 (stratified over FLOPs; the same ones for every variant) and, with `--regret`, search it under the
 table's 30 M and 50 M FLOPs (our count is 2x the table's multiply-accumulates) with `--seeds`
 evolution seeds. Regret is the table's best accuracy under the limit minus the table accuracy of
-the search's top-1. With `--select`, each search's answer is checked by training, as `effcifar
-select` does it: its `--pool` best distinct networks trained standalone with successive halving
+the search's top-1; `best_rank` is where a table-best network sits in the search's own ranking (by
+supernet score, among the distinct networks it evaluated; null: never evaluated): the smallest
+pool that would have held it. With `--select`, each search's answer is checked by
+training, as `effcifar select` does it: its `--pool` best distinct networks trained standalone with successive halving
 on held-out images (no incumbent or width curve: the ResNet-9 is not in this space), beside the
 control of as many random networks under the limit through the same halving; the regret of
 each answer is read from the table. `--top-sample N` also scores N architectures (stratified over FLOPs) of the
@@ -35,7 +37,7 @@ from effcifar.config import build_config, flat_values
 from effcifar.errors import EffcifarError
 from effcifar.nas.ranking import ranker_quality
 from effcifar.nas.retrain import rank_against_table
-from effcifar.nas.search import SearchConfig, run_search
+from effcifar.nas.search import SearchConfig, ranked_results, run_search
 from effcifar.nas.select import SelectConfig, choose, select_from_search
 from effcifar.nas.space import ArchSpace, read_arch_file
 from effcifar.nas.supernet import SupernetConfig, read_run_config
@@ -96,7 +98,8 @@ def regret(supernet_dir: Path, out: Path, table: BenchmarkTable, ratio: float, a
     rows = {}
     base = selection_base(read_run_config(supernet_dir), args)
     for limit in LIMITS:
-        accs, checked, random = [], [], []
+        best, largest = table.best_under(limit), table.largest_under(limit)
+        accs, best_ranks, checked, random = [], [], [], []
         for seed in range(args.seeds):
             config = SearchConfig(strategy="evolution", trials=args.evaluations, population=args.population,
                                   parents=args.population // 4, mutations=args.population // 2,
@@ -104,16 +107,19 @@ def regret(supernet_dir: Path, out: Path, table: BenchmarkTable, ratio: float, a
                                   bn_batches=args.bn_batches, eval_images=args.eval_images, precision=args.precision,
                                   threads=2, export=1)
             search_dir = out / f"search-{limit / 1e6:.0f}M-seed{seed}"
-            run_search(config, supernet_dir, search_dir)
+            study = run_search(config, supernet_dir, search_dir)
             arch = read_arch_file(search_dir / "arch" / "top_1.json")["arch"]
             accs.append(table.rows[table.key_of(arch)].mean_acc)
+            ranking = [table.rows[table.key_of(record["arch"])].mean_acc
+                       for _, record in ranked_results(study.get_trials(deepcopy=False))]
+            best_ranks.append(next((rank for rank, acc in enumerate(ranking, 1) if acc >= best.mean_acc), None))
             if args.select:
                 controls = (("random", random),) if seed < args.control_seeds else ()
                 for proposals, into in (("search", checked), *controls):
                     into.append(select(search_dir, out / f"select-{proposals}-{limit / 1e6:.0f}M-seed{seed}",
                                        limit * ratio, seed, proposals, base, table, args))
-        best, largest = table.best_under(limit), table.largest_under(limit)
-        row = {"top0_table_acc": accs, "regret_median": best.mean_acc - statistics.median(accs),
+        row = {"top0_table_acc": accs, "best_rank": best_ranks,
+               "regret_median": best.mean_acc - statistics.median(accs),
                "best": best.mean_acc, "largest_under_limit": largest.mean_acc}
         for name, runs in (("selection", checked), ("random", random)):
             if runs:
@@ -239,13 +245,14 @@ def print_selection(name: str, regrets: dict[str, Any]) -> None:
     """The checked answers beside the supernet's top-1 and the random control, as table accuracies per seed."""
     pct = lambda accs: " / ".join(f"{a * 100:.2f}" for a in accs)  # noqa: E731
     print(f"\n{name}: the search's answer checked by training (table accuracy %, per search seed)\n")
-    print("| limit | table's best | supernet top-1 | checked answer | best in its pool | random + halving | "
-          "median regret: top-1 / checked / random | selection work (image-epochs, s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| limit | table's best | supernet top-1 | where the best ranked | checked answer | best in its pool | "
+          "random + halving | median regret: top-1 / checked / random | selection work (image-epochs, s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for limit, row in regrets.items():
         checked, random = row.get("selection", []), row.get("random", [])
         work = " / ".join(f"{r['image_epochs'] / 1e3:,.0f}k, {r['train_seconds']:.0f}" for r in checked)
-        print(f"| {limit} | {row['best'] * 100:.2f} | {pct(row['top0_table_acc'])} | "
+        ranks = " / ".join("never" if rank is None else str(rank) for rank in row.get("best_rank", []))
+        print(f"| {limit} | {row['best'] * 100:.2f} | {pct(row['top0_table_acc'])} | {ranks} | "
               f"{pct(r['answer_table_acc'] for r in checked)} | {pct(max(r['pool_table_accs']) for r in checked)} | "
               f"{pct(r['answer_table_acc'] for r in random)} | {row['regret_median'] * 100:.2f} / "
               f"{row.get('selection_regret_median', float('nan')) * 100:.2f} / "
