@@ -10,8 +10,8 @@ space (an existing run directory is resumed or reused), score `--sample` table a
 table's 30 M and 50 M FLOPs (our count is 2x the table's multiply-accumulates) with `--seeds`
 evolution seeds. Regret is the table's best accuracy under the limit minus the table accuracy of
 the search's top-1; `best_rank` is where a table-best network sits in the search's own ranking (by
-supernet score, among the distinct networks it evaluated; null: never evaluated): the smallest
-pool that would have held it. With `--select`, each search's answer is checked by
+supernet score, among the distinct architectures it evaluated; null: never evaluated); a pool counts
+distinct standalone networks, of which there are fewer, so a pool of that size would have held it. With `--select`, each search's answer is checked by
 training, as `effcifar select` does it: its `--pool` best distinct networks trained standalone with successive halving
 on held-out images (no incumbent or width curve: the ResNet-9 is not in this space), beside the
 control of as many random networks under the limit through the same halving; the regret of
