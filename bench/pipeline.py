@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--out", required=True, help="a new pipeline directory")
     parser.add_argument("--table-only", action="store_true", help="only print the table of a finished run")
+    parser.add_argument("--config", help="passed on to effcifar pipeline (a YAML file over the preset)")
     parser.add_argument("--set", action="append", default=[], help="passed on to effcifar pipeline")
     args = parser.parse_args()
     out = Path(args.out)
@@ -72,7 +73,8 @@ def main() -> None:
         if out.exists():
             sys.exit(f"{out} exists: the benchmark needs a fresh directory (nothing skipped)")
         command = [sys.executable, "-m", "effcifar", "pipeline", "--preset", args.preset, "--dataset", args.dataset,
-                   "--quiet", "--out", str(out), *(f"--set={s}" for s in args.set)]
+                   "--quiet", "--out", str(out), *(["--config", args.config] if args.config else []),
+                   *(f"--set={s}" for s in args.set)]
         out.parent.mkdir(parents=True, exist_ok=True)
         m = run_measured(command, out.parent / f"{out.name}.log", dict(os.environ))
         env = [f"{k}={os.environ[k]}" for k in ("PYTHONPATH", "EFFCIFAR_MALLOC", "GLIBC_TUNABLES") if k in os.environ]

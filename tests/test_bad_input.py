@@ -160,7 +160,7 @@ def test_unreadable_files(inputs, capsys, args, message):
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--study", "mine\n", "--out", "{tmp}/run"],
      "command line: field 'study': expected text on one line without control characters"),
     (["hpo", "best", "{tmp}/no_study", "--tie", "nan"], "--tie: expected a number of percentage points >= 0, got nan"),
-    (["pipeline", "--preset", "huge", "--out", "{tmp}/run"], "--preset: expected one of quick, medium, full, got 'huge'"),
+    (["pipeline", "--preset", "huge", "--out", "{tmp}/run"], "--preset: expected one of quick, medium, gpu, full, got 'huge'"),
     (["dashboard", "{tmp}/run", "--host", "0.0.0.0"], "--host 0.0.0.0: optuna-dashboard has no login, and anyone who "
                                                       "can reach it can edit and delete studies; add --allow-network"),
     (["dashboard", "{tmp}/run", "--port", "70000"], "--port 70000: expected a port number in 1..65535"),

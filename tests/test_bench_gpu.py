@@ -1,4 +1,4 @@
-"""The GPU profile script: its CPU dry run (so a typo never costs GPU time) and its idle-time arithmetic."""
+"""The GPU scripts' CPU dry runs (so a typo never costs GPU time): the profile, the gpu preset's pipeline; idle-time arithmetic."""
 
 import json
 import subprocess
@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench" / "gpu"))
@@ -33,3 +34,20 @@ def test_profile_dry_run_on_cpu_writes_every_table(tmp_path):
     assert ours["whitening_s"] > 0 and ours["tta_s"] > 0 and ours["epochs_s"][0] > 0 and ours["gpu_idle_share"] is None
     assert "aten::conv2d" in (tmp_path / "ops_ours.txt").read_text()
     assert (tmp_path / "summary.md").read_text().splitlines()[2].startswith("| ours | ")
+
+
+@pytest.mark.slow
+def test_gpu_pipeline_dry_run_on_cpu_tabulates_every_stage(tmp_path):
+    """bench/gpu/pipeline.sh with TINY=1: the gpu preset under the tests' tiny settings on synthetic data."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TINY": "1",
+           "GPU_CACHE": str(tmp_path / "cache"), "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "bench/gpu/pipeline.sh"], cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (tmp_path / "out" / "pipeline.md").read_text()
+    for stage in ("baseline", "hpo", "hpo_best", "supernet", "search", "select", "retrain"):
+        assert f"| {stage} | " in table and f"| {stage} | skipped" not in table, stage
+    assert "--preset gpu" in table and "| nas | " in table
+    settings = yaml.safe_load((tmp_path / "out" / "pipeline" / "pipeline.yaml").read_text())
+    assert settings["supernet"]["space"] == "seed-widths"  # the preset's own value under the tiny settings
+    assert (tmp_path / "out" / "pipeline" / "report" / "report.html").is_file()

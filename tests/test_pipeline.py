@@ -69,7 +69,8 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, str]:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_load_and_check_every_stage(preset):
     config = load_pipeline_config(preset)
-    assert config.dataset == "cifar100" and config.hpo["space"] and config.plan.select.pool >= 1
+    assert config.dataset == ("cifar10" if preset == "gpu" else "cifar100")
+    assert config.hpo["space"] and config.plan.select.pool >= 1
     assert config.baseline_config().holdout == config.final_holdout == (config.holdout if config.subset else 0)
     assert config.trial_base().holdout == config.holdout
 
@@ -86,6 +87,15 @@ def test_medium_preset_keeps_quicks_widths_at_larger_budgets_on_the_split_with_a
                            ("search", "trials")):
         assert getattr(medium, section)[field] > getattr(quick, section)[field], (section, field)
     assert medium.trial_base().epochs > quick.trial_base().epochs
+
+
+def test_gpu_preset_is_full_cifar10_at_cifar10_fasts_widths_and_budget_with_the_joint_space():
+    config = load_pipeline_config("gpu")
+    assert (config.dataset, config.subset, config.holdout) == ("cifar10", 0, 5000)
+    baseline = config.baseline_config()
+    assert (baseline.epochs, [getattr(baseline, w) for w in WIDTHS]) == (24, [64, 128, 256, 512])
+    assert config.trial_base().epochs == 8 and config.supernet["space"] == "seed-widths"
+    assert config.plan.select.curve_fractions() == [0.5, 0.75] and config.plan.select.min_epochs == 3
 
 
 def test_full_preset_is_the_seeds_scale():
@@ -156,7 +166,7 @@ def test_bad_values_in_a_file_name_the_file(tmp_path):
     file.write_text("hpo: {space: {peak_lr: {_type: uniform, _value: [1]}}}\n")
     with pytest.raises(ConfigError, match="peak_lr"):
         load_pipeline_config("quick", file)
-    with pytest.raises(ConfigError, match="--preset: expected one of quick, medium, full"):
+    with pytest.raises(ConfigError, match="--preset: expected one of quick, medium, gpu, full"):
         load_pipeline_config("huge")
 
 

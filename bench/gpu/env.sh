@@ -10,5 +10,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python3}
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
-# The shared CIFAR-10 pack decoded once into $GPU_CACHE/work/cifar10.npz.
-"$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --work "$GPU_CACHE/work" --decode-only
+# The shared CIFAR-10 pack decoded once into $GPU_CACHE/work/cifar10.npz (a CPU dry run has no pack).
+if [ -f "$GPU_CACHE/cifar10_jpeg.npz" ]; then
+  "$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --work "$GPU_CACHE/work" --decode-only
+fi
