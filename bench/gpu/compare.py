@@ -1,4 +1,4 @@
-"""On a GPU machine, in one run: our airbench recipe x5, the public airbench94 x5, our resnet9 24-epoch recipe x2.
+"""On a GPU machine, in one run: our airbench recipe x5, the public airbench94 x5, our resnet9 24-epoch recipe x5.
 
     python bench/gpu/compare.py --pack .cache/gpu/cifar10_jpeg.npz --reference .cache/gpu/airbench-0.1.8.tar.gz
     python bench/gpu/compare.py ... --device cpu --tiny     # CPU dry run of every piece that runs without CUDA
@@ -115,7 +115,7 @@ def main() -> None:
     parser = gpu_parser(__doc__, ".cache/gpu/runs", "a few steps at tiny widths on 2048 images (CPU dry run)")
     parser.add_argument("--airbench-runs", type=int, default=5)
     parser.add_argument("--reference-runs", type=int, default=5)
-    parser.add_argument("--resnet9-runs", type=int, default=2)
+    parser.add_argument("--resnet9-runs", type=int, default=5)
     parser.add_argument("--decode-only", action="store_true", help="decode the pack into WORK/cifar10.npz and stop")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
