@@ -1,11 +1,13 @@
 """Run a command as a child process and measure it: wall time, and the child's own CPU and system time and
 peak resident memory (wait4), which a process-wide malloc setting changes and an in-process timer does not see.
 
-Shared by the benchmarks that measure whole processes (train_step, pipeline).
+Shared by the benchmarks that measure whole processes (train_step, pipeline); and the variant syntax of the
+benchmarks that compare configurations side by side (nas_bench_macro, gpu/compare).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import time
@@ -48,3 +50,19 @@ def variant_env(variant: str, main_src: str | None = None) -> dict[str, str]:
     extra = {"ours-system": {"EFFCIFAR_MALLOC": "system"}, "ours-tunables": {"GLIBC_TUNABLES": OUTSIDE_TUNABLES},
              "main": {"PYTHONPATH": str(main_src)}}
     return env | extra.get(variant, {})
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """FIELD=VALUE as a pair; argparse turns the error into a one-line usage message."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    return field, value
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """NAME or NAME:FIELD=VALUE,FIELD=VALUE."""
+    name, _, fields = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:FIELD=VALUE,..., got {text!r}")
+    return name, dict(parse_assignment(item) for item in fields.split(",") if item)

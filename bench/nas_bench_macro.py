@@ -44,28 +44,13 @@ from effcifar.nas.supernet import SupernetConfig, read_run_config
 from effcifar.nas.table import BenchmarkTable, read_table_json
 from effcifar.nas.trainer import train_supernet
 from effcifar.train import TrainConfig
+from measure import parse_assignment, parse_variant
 
 COMMON = {"space": "nas-bench-macro", "dataset": "cifar10", "subset": 10000, "holdout": 2000, "batch_size": 256,
           "epochs": 30, "peak_lr": 0.1, "lr_factor": 1.0, "schedule": "cosine", "label_smoothing": 0.1, "cutout": 0,
           "precision": "bf16", "threads": 2, "panel_random": 1, "bn_batches": 4, "eval_batch_size": 500}
 MARGINS = (0.0, 1.0, 2.0)  # the selection's margins whose answers are read from each selection's results
 LIMITS = (30e6, 50e6)  # table FLOPs (multiply-accumulates): the two limits the search benchmark uses
-
-
-def parse_assignment(text: str) -> tuple[str, str]:
-    """FIELD=VALUE as a pair; argparse turns the error into a one-line usage message."""
-    field, sep, value = text.partition("=")
-    if not sep or not field:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    return field, value
-
-
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """NAME or NAME:FIELD=VALUE,FIELD=VALUE."""
-    name, _, fields = text.partition(":")
-    if not name:
-        raise argparse.ArgumentTypeError(f"expected NAME or NAME:FIELD=VALUE,..., got {text!r}")
-    return name, dict(parse_assignment(item) for item in fields.split(",") if item)
 
 
 def selection_base(config: SupernetConfig, args: argparse.Namespace) -> TrainConfig:

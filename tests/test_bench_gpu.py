@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -51,3 +52,42 @@ def test_gpu_pipeline_dry_run_on_cpu_tabulates_every_stage(tmp_path):
     settings = yaml.safe_load((tmp_path / "out" / "pipeline" / "pipeline.yaml").read_text())
     assert settings["supernet"]["space"] == "seed-widths"  # the preset's own value under the tiny settings
     assert (tmp_path / "out" / "pipeline" / "report" / "report.html").is_file()
+
+
+def jpeg_pack(path: Path, train: int, test: int) -> None:
+    """A pack laid out as the shared CIFAR-10 one (*_jpeg bytes, *_offsets, y_*, class_names), of random images."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays = {"class_names": np.array([f"class{i}" for i in range(10)])}
+    for split, count in (("train", train), ("test", test)):
+        blobs = []
+        for _ in range(count):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+            blobs.append(buffer.getvalue())
+        arrays[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        arrays[f"{split}_offsets"] = np.cumsum([0, *map(len, blobs)])
+        arrays[f"y_{split}"] = np.arange(count) % 10
+    np.savez(path, **arrays)
+
+
+@pytest.mark.slow
+def test_compare_dry_run_on_cpu_decodes_the_pack_and_times_every_arm(tmp_path):
+    """bench/gpu/compare.py --device cpu --tiny: the pack decoded, ours and its default variant, resnet9, the table."""
+    jpeg_pack(tmp_path / "pack.npz", train=2100, test=200)
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "bench/gpu/compare.py", "--device", "cpu", "--tiny", "--pack",
+                             str(tmp_path / "pack.npz"), "--reference", str(tmp_path / "absent.tar.gz"), "--work",
+                             str(tmp_path / "work"), "--out", str(tmp_path / "runs")],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "airbench94 reference: needs CUDA; not run" in result.stdout
+    table = json.loads((tmp_path / "runs" / "table.json").read_text())
+    assert list(table) == ["effcifar --recipe airbench", "effcifar --recipe airbench (no compile)",
+                           "effcifar resnet9 (24 epochs)"]
+    assert all(len(runs) == 1 and 0 <= runs[0][0] <= 1 and runs[0][1] > 0 for runs in table.values())
+    decoded = np.load(tmp_path / "work" / "cifar10.npz")
+    assert decoded["x_train"].shape == (2100, 32, 32, 3) and decoded["x_test"].shape == (200, 32, 32, 3)

@@ -1,7 +1,13 @@
-"""On a GPU machine, in one run: our airbench recipe x5, the public airbench94 x5, our resnet9 24-epoch recipe x5.
+"""On a GPU machine, in one run: our airbench recipe, its variants and the public airbench94, 5 seeds each, their runs
+interleaved; then our resnet9 24-epoch recipe x5.
 
     python bench/gpu/compare.py --pack .cache/gpu/cifar10_jpeg.npz --reference .cache/gpu/airbench-0.1.8.tar.gz
+    python bench/gpu/compare.py ... --variant "fp16:precision=fp16"   # more variants of ours (TrainConfig fields)
     python bench/gpu/compare.py ... --device cpu --tiny     # CPU dry run of every piece that runs without CUDA
+
+A variant is NAME:FIELD=VALUE,... over our airbench recipe (default: one, `no compile:compile=false`, since
+airbench94 runs without torch.compile). Seed by seed every airbench arm runs once in turn, after one warm-up
+run each, so that a drift of the shared machine reaches every arm alike.
 
 Nothing is downloaded: the data is the shared JPEG pack, decoded here; the reference is the
 PyPI sdist of airbench 0.1.8 (copied beforehand into an ignored folder), unpacked and imported from that
@@ -19,6 +25,7 @@ resnet9; airbench94: tta_level 2).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import statistics
@@ -31,10 +38,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from effcifar.config import build_config
 from effcifar.data import load_dataset
+from effcifar.errors import EffcifarError
 from effcifar.train import TrainConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from measure import parse_variant  # noqa: E402
 from profile_recipes import Regions, gpu_parser, region_row, run_ours, run_reference  # noqa: E402
 
 
@@ -101,49 +111,66 @@ def ours_run(config: TrainConfig, data, out: Path) -> tuple[float, float]:
     return row["test_acc"], row["timed_s"]
 
 
-def repeat(name: str, runs: int, one: Callable[[int], tuple[float, float]], rows: dict, warmup: bool = True) -> None:
-    """A warm-up run (unless `warmup` is off), then `runs` seeds; print each."""
+def interleaved(arms: dict[str, Callable[[int], tuple[float, float]]], runs: int, rows: dict,
+                warmup: bool = True) -> None:
+    """A warm-up run of each arm (cuDNN autotuning, torch.compile; not recorded), then seed by seed one run of each arm
+    in turn; print each."""
     if warmup:
-        one(100)  # cudnn autotuning, torch.compile; not recorded
+        for one in arms.values():
+            one(100)
     for seed in range(runs):
-        acc, seconds = one(seed)
-        rows.setdefault(name, []).append((acc, seconds))
-        print(f"{name:<28} seed {seed}  acc {acc:.4f}  time {seconds:.2f} s", flush=True)
+        for name, one in arms.items():
+            acc, seconds = one(seed)
+            rows.setdefault(name, []).append((acc, seconds))
+            print(f"{name:<40} seed {seed}  acc {acc:.4f}  time {seconds:.2f} s", flush=True)
 
 
 def main() -> None:
     parser = gpu_parser(__doc__, ".cache/gpu/runs", "a few steps at tiny widths on 2048 images (CPU dry run)")
-    parser.add_argument("--airbench-runs", type=int, default=5)
-    parser.add_argument("--reference-runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="seeds of each airbench arm (ours, variants, airbench94)")
     parser.add_argument("--resnet9-runs", type=int, default=5)
+    parser.add_argument("--variant", type=parse_variant, action="append",
+                        help="NAME:FIELD=VALUE,... our airbench recipe with these TrainConfig fields (repeatable; "
+                             "default: 'no compile:compile=false')")
     parser.add_argument("--decode-only", action="store_true", help="decode the pack into WORK/cifar10.npz and stop")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     decoded = decode_pack(args.pack, args.work / "cifar10.npz")
     if args.decode_only:
         return
-    data = load_dataset("cifar10", decoded)
-    common = dict(device=args.device, dataset="cifar10")
+    common = {"device": args.device, "dataset": "cifar10"}
     if args.tiny:
         common.update(subset=2048, epochs=1, peak_epoch=0.5, layer1=8, layer2=16, layer3=16, eval_batch_size=2000)
-        args.airbench_runs = args.reference_runs = args.resnet9_runs = 1
+        args.runs = args.resnet9_runs = 1
+    ours = {"effcifar --recipe airbench": TrainConfig.for_recipe("airbench", **common)}
+    for name, fields in args.variant or [("no compile", {"compile": "false"})]:
+        try:  # every variant checked before the first run
+            ours[f"effcifar --recipe airbench ({name})"] = build_config(
+                TrainConfig, None, {"recipe": "airbench", **{k: str(v) for k, v in common.items()}, **fields},
+                overrides_from_text=True, override_source=f"--variant {name}")
+        except EffcifarError as error:
+            parser.error(str(error))
+    data = load_dataset("cifar10", decoded)
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {card}; torch {torch.__version__}; data {data.source}", flush=True)
-    rows: dict[str, list[tuple[float, float]]] = {}
-    airbench = install_reference(args.reference, args.work, data.x_train, data.y_train, data.x_test, data.y_test,
-                                 data.classes)
-    print(f"reference airbench94 from {airbench.__file__}", flush=True)
-    repeat("effcifar --recipe airbench", args.airbench_runs,
-           lambda s: ours_run(TrainConfig.for_recipe("airbench", seed=s, **common), data, args.out / f"airbench-{s}"), rows)
+    arms: dict[str, Callable[[int], tuple[float, float]]] = {
+        name: (lambda s, c=config, i=i: ours_run(dataclasses.replace(c, seed=s), data, args.out / f"airbench{i}-{s}"))
+        for i, (name, config) in enumerate(ours.items())}
+    if device.type == "cuda" or args.reference.is_file():
+        airbench = install_reference(args.reference, args.work, data.x_train, data.y_train, data.x_test, data.y_test,
+                                     data.classes)
+        print(f"reference airbench94 from {airbench.__file__}", flush=True)
     if device.type == "cuda":
-        repeat("airbench94 (airbench==0.1.8)", args.reference_runs, lambda s: reference_run(airbench, args.work, s), rows)
+        arms["airbench94 (airbench==0.1.8)"] = lambda s: reference_run(airbench, args.work, s)
     else:
-        print("airbench94 reference: needs CUDA; imported and given the data only (dry run)")
+        print("airbench94 reference: needs CUDA; not run (dry run)")
+    rows: dict[str, list[tuple[float, float]]] = {}
+    interleaved(arms, args.runs, rows)
     resnet9 = dict(common, tta=True) if not args.tiny else dict(common, prep=8, tta=True)
-    repeat("effcifar resnet9 (24 epochs)", args.resnet9_runs,
-           lambda s: ours_run(TrainConfig(seed=s, **resnet9), data, args.out / f"resnet9-{s}"), rows,
-           warmup=False)  # no compile; a 24-epoch warm-up would cost more than it settles
+    interleaved({"effcifar resnet9 (24 epochs)": lambda s: ours_run(TrainConfig(seed=s, **resnet9), data,
+                                                                      args.out / f"resnet9-{s}")},
+                args.resnet9_runs, rows, warmup=False)  # no compile; a 24-epoch warm-up would cost more than it settles
     print(f"\n| recipe ({card}) | runs | mean acc | min | max | mean time s |\n|---|---|---|---|---|---|")
     for name, runs in rows.items():
         accs, times = zip(*runs)

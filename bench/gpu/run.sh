@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One run on a GPU machine: our airbench recipe x5, the public airbench94 (airbench==0.1.8) x5 and our
-# resnet9 24-epoch recipe x5 on the same decoded CIFAR-10; prints a table (see docs/benchmarks.md).
+# One run on a GPU machine: our airbench recipe, its variants and the public airbench94 (airbench==0.1.8), x5 each,
+# interleaved, and our resnet9 24-epoch recipe x5 on the same decoded CIFAR-10; prints a table (docs/benchmarks.md).
 # Reads only files copied beforehand into the ignored folder .cache/gpu/ (GPU_CACHE):
 #   cifar10_jpeg.npz        a copy of ../shared/data/cifar10_jpeg.npz (decoded here, with Pillow)
 #   airbench-0.1.8.tar.gz   pip download --no-deps --no-binary=:all: airbench==0.1.8 (unpacked, imported from there)
