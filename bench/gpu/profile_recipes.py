@@ -3,17 +3,18 @@
     python bench/gpu/profile_recipes.py --pack .cache/gpu/cifar10_jpeg.npz --reference .cache/gpu/airbench-0.1.8.tar.gz --out OUT
     python bench/gpu/profile_recipes.py --device cpu --tiny --out OUT     # CPU dry run of our side (synthetic data; tests)
 
-Each recipe runs once to warm up (torch.compile, cuDNN autotuning; its timed region is reported
-as the first run's), then once under torch.profiler. Per recipe it records the regions both recipes have, timed with CUDA events on a
-GPU (wall clock on CPU): the whitening init, each epoch's training (ours without the evaluation
-that follows each epoch), the evaluations between epochs (ours; airbench94 with verbose=False
-makes none) and the final TTA evaluation; the GPU's idle share between its first and last
-kernel (time the host kept it waiting); and host-device synchronisations (`*Synchronize` calls
-and `aten::_local_scalar_dense`, i.e. `.item()`) per training step. Files in OUT: `ops_<recipe>.txt`
-(the profiler's op and kernel table), `regions.json` (every figure) and `summary.md` (the table for
-docs/benchmarks.md); `--trace` adds chrome traces. The regions are labelled by wrapping functions
-of each recipe (ours: `effcifar.train.train_epoch`, the recipe's `evaluate`, `patch_whitening`;
-airbench94: `init_whitening_conv`, `evaluate` and the training loader's iteration).
+Each recipe runs once to warm up (torch.compile, cuDNN autotuning; its timed region is reported as
+the first run's), then once under torch.profiler. Per recipe it records the regions both recipes
+have, timed with CUDA events on a GPU (wall clock on CPU): the whitening init, each epoch's training
+(ours without the evaluation that follows each epoch), the evaluations between epochs (ours;
+airbench94 with verbose=False makes none) and the final TTA evaluation; the GPU's idle share between
+its first and last kernel (time the host kept it waiting); and host-device synchronisations
+(`*Synchronize` calls and `aten::_local_scalar_dense`, i.e. `.item()`) per training step. Files in
+OUT: `ops_<recipe>.txt` (the profiler's op and kernel table), `regions.json` (every figure) and
+`summary.md` (the table for docs/benchmarks.md); `--trace` adds chrome traces. The regions are
+labelled by wrapping functions of each recipe (ours: `effcifar.train.train_epoch`, the recipe's
+`evaluate`, `patch_whitening`; airbench94: `init_whitening_conv`, `evaluate` and the training
+loader's iteration).
 """
 
 from __future__ import annotations
@@ -220,8 +221,8 @@ def summary_table(card: str, rows: dict[str, dict[str, Any]]) -> str:
     for name, r in rows.items():
         idle = "n/a" if r["gpu_idle_share"] is None else f"{r['gpu_idle_share']:.1%}"
         per_step = "n/a" if r["syncs_per_step"] is None else f"{r['syncs_per_step']:.2f}"
-        lines.append(f"| {name} | {r['timed_s']:.3f} | {r['cold_timed_s']:.3f} | {r['whitening_s']:.3f} | {sum(r['epochs_s']):.3f} "
-                     f"({len(r['epochs_s'])}) | {r['tta_s']:.3f} | {r['evaluation_s']:.3f} | {idle} | {per_step} |")
+        lines.append(f"| {name} | {r['timed_s']:.3f} | {r['cold_timed_s']:.3f} | {r['whitening_s']:.3f} | "
+                     f"{sum(r['epochs_s']):.3f} ({len(r['epochs_s'])}) | {r['tta_s']:.3f} | {r['evaluation_s']:.3f} | {idle} | {per_step} |")
     return "\n".join(lines) + "\n"
 
 

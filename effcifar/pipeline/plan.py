@@ -23,7 +23,8 @@ from effcifar.errors import ConfigError
 from effcifar.train import TrainConfig
 
 C = TypeVar("C")
-PRESETS = {"quick": ("quick",), "medium": ("quick", "medium"), "gpu": ("quick", "gpu"), "full": ("full",)}  # name -> its files, lowest first
+# A preset's name -> its files, lowest first.
+PRESETS = {"quick": ("quick",), "medium": ("quick", "medium"), "gpu": ("quick", "gpu"), "full": ("full",)}
 COMMON = ("dataset", "data_dir", "subset", "holdout", "seed", "seeds", "device", "precision", "threads")
 STAGES = ("baseline", "hpo", "hpo_best", "supernet", "search", "select", "retrain", "nas_eval")
 WIDTHS = ("prep", "layer1", "layer2", "layer3")
@@ -268,7 +269,7 @@ class PipelineConfig:
 
 
 def preset_files(preset: str) -> list[Path]:
-    """The YAML files of a preset shipped with the package, each layered over the one before (medium and gpu: over quick)."""
+    """The YAML files of a preset shipped with the package, each over the one before (medium, gpu: over quick)."""
     if preset not in PRESETS:
         raise ConfigError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
     return [Path(str(resources.files("effcifar") / "presets" / f"{name}.yaml")) for name in PRESETS[preset]]
