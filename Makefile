@@ -1,16 +1,16 @@
 # Set-up lives here: `make demo` and `make test` create or update the project's own
-# virtual environment (.venv) and then run. Override e.g. `make demo DATASET=cifar10`.
+# virtual environment (.venv) and then run. Override e.g. `make demo DATASET=cifar10` (default: the preset's).
 PYTHON ?= python3
 VENV ?= .venv
 # The PyTorch build to install: torch==2.13.0 is CUDA-enabled from PyPI on Linux x86-64 (a
 # CPU-only wheel where one is provided locally). Set TORCH="torch" to take the newest release.
 TORCH ?= torch==2.13.0
-DATASET ?= cifar100
+DATASET ?=
 # The main job: the whole series at the quick preset (about 10 minutes on a 2-core CPU; PRESET=medium:
-# under an hour there; PRESET=gpu DATASET=cifar10: full CIFAR-10 on one GPU). Extra options go here, e.g. DEMO_ARGS="--set search.trials=100" or
+# under an hour there; PRESET=gpu: full CIFAR-10 on one GPU). Extra options go here, e.g. DEMO_ARGS="--set search.trials=100" or
 # DEMO_ARGS="--quiet".
 PRESET ?= quick
-DEMO_OUT ?= runs/pipeline-$(PRESET)-$(DATASET)
+DEMO_OUT ?=
 DEMO_ARGS ?=
 
 STAMP := $(VENV)/.effcifar-installed
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/effcifar pipeline --preset $(PRESET) --dataset $(DATASET) $(DEMO_ARGS) --out $(DEMO_OUT)
+	$(VENV)/bin/effcifar pipeline --preset $(PRESET) $(if $(DATASET),--dataset $(DATASET)) $(DEMO_ARGS) $(if $(DEMO_OUT),--out $(DEMO_OUT))
 
 # The tests in two tiers: `make test` is the fast tier (under 5 minutes on a 2-core CPU); `make test-slow` the
 # second (end-to-end, subprocess, kill -9 and resume, real-data, PostgreSQL and browser tests: the `slow` marker);
