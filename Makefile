@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 DATASET ?=
 # The main job: the whole series at the quick preset (about 10 minutes on a 2-core CPU; PRESET=medium:
-# under an hour there; PRESET=gpu: full CIFAR-10 on one GPU). Extra options go here, e.g. DEMO_ARGS="--set search.trials=100" or
+# about 30 minutes there; PRESET=gpu: full CIFAR-10 on one GPU). Extra options go here, e.g. DEMO_ARGS="--set search.trials=100" or
 # DEMO_ARGS="--quiet".
 PRESET ?= quick
 DEMO_OUT ?=
