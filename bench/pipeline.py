@@ -31,6 +31,9 @@ def stage_table(out: Path) -> list[str]:
             rows.append(f"| {stage} | skipped | |")
             continue
         seconds = json.loads(marker.read_text()).get("seconds")
+        if seconds is None:  # stage.json is written when a stage starts, its seconds when it finishes
+            rows.append(f"| {stage} | unfinished | |")
+            continue
         detail = ""
         if stage in summaries:
             detail = f"test {json.loads((out / summaries[stage]).read_text())['test_acc']:.2%}"
@@ -52,6 +55,8 @@ def stage_table(out: Path) -> list[str]:
             ranking = json.loads((out / "nas_eval" / "ranking.json").read_text())
             detail = f"Kendall tau {ranking['tau']:.3f} over {len(ranking['archs'])} subnets"
         rows.append(f"| {stage} | {seconds:.0f} s | {detail} |")
+    if not (out / "results.json").is_file():
+        return rows
     rows += ["", "| method | test accuracy | train time | params | MFLOPs |", "|---|---|---|---|---|"]
     for r in json.loads((out / "results.json").read_text()):
         rows.append(f"| {r['name']} | {r['test_acc']:.2%} | {r['train_time']:.1f} s | {r['params']:,} | "

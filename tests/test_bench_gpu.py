@@ -92,3 +92,22 @@ def test_compare_dry_run_on_cpu_decodes_the_pack_and_times_every_arm(tmp_path):
     assert all(len(runs) == 1 and 0 <= runs[0][0] <= 1 and runs[0][1] > 0 for runs in table.values())
     decoded = np.load(tmp_path / "work" / "cifar10.npz")
     assert decoded["x_train"].shape == (2100, 32, 32, 3) and decoded["x_test"].shape == (200, 32, 32, 3)
+
+
+def test_the_stage_table_of_a_stopped_pipeline_marks_the_stage_it_stopped_in(tmp_path):
+    """bench/pipeline.py's table (which bench/gpu/pipeline.sh prints when the time limit stops a run): a stage whose
+    stage.json has no seconds yet started and did not finish; the final table needs results.json."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "bench" / "pipeline.py")
+    bench_pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_pipeline)
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "stage.json").write_text(json.dumps({"started": "t", "seconds": 12.0}))
+    (tmp_path / "baseline" / "summary.json").write_text(json.dumps({"test_acc": 0.5}))
+    (tmp_path / "hpo").mkdir()
+    (tmp_path / "hpo" / "stage.json").write_text(json.dumps({"started": "t"}))
+    rows = bench_pipeline.stage_table(tmp_path)
+    assert "| baseline | 12 s | test 50.00% |" in rows and "| hpo | unfinished | |" in rows
+    assert "| supernet | skipped | |" in rows and not any(row.startswith("| method") for row in rows)

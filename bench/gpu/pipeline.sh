@@ -18,6 +18,7 @@ LIMIT=()
 status=0
 "${LIMIT[@]}" "$PYTHON" bench/pipeline.py --preset gpu "${ARGS[@]}" --out "$RUN" >"$OUT_DIR/pipeline.md" 2>&1 || status=$?
 if [ "$status" != 0 ]; then  # stopped or failed: the stages that finished, and the log's end
+  echo "the pipeline stopped (exit $status, 124: CALL_LIMIT_S) after $SECONDS s; its stages so far:" >>"$OUT_DIR/pipeline.md"
   "$PYTHON" bench/pipeline.py --table-only --out "$RUN" >>"$OUT_DIR/pipeline.md" 2>&1 || true
 fi
 cat "$OUT_DIR/pipeline.md"
