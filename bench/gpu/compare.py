@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from effcifar.atomic import atomic_write
 from effcifar.config import build_config
 from effcifar.data import load_dataset
 from effcifar.errors import EffcifarError
@@ -111,10 +112,11 @@ def ours_run(config: TrainConfig, data, out: Path) -> tuple[float, float]:
     return row["test_acc"], row["timed_s"]
 
 
-def interleaved(arms: dict[str, Callable[[int], tuple[float, float]]], runs: int, rows: dict,
+def interleaved(arms: dict[str, Callable[[int], tuple[float, float]]], runs: int, rows: dict, table: Path,
                 warmup: bool = True) -> None:
     """A warm-up run of each arm (cuDNN autotuning, torch.compile; not recorded), then seed by seed one run of each arm
-    in turn; print each."""
+    in turn; print each, and rewrite `table` (every row so far) after each, so a run stopped by a time limit keeps
+    what it measured."""
     if warmup:
         for one in arms.values():
             one(100)
@@ -122,6 +124,7 @@ def interleaved(arms: dict[str, Callable[[int], tuple[float, float]]], runs: int
         for name, one in arms.items():
             acc, seconds = one(seed)
             rows.setdefault(name, []).append((acc, seconds))
+            atomic_write(table, json.dumps(rows, indent=2) + "\n")
             print(f"{name:<40} seed {seed}  acc {acc:.4f}  time {seconds:.2f} s", flush=True)
 
 
@@ -166,17 +169,18 @@ def main() -> None:
     else:
         print("airbench94 reference: needs CUDA; not run (dry run)")
     rows: dict[str, list[tuple[float, float]]] = {}
-    interleaved(arms, args.runs, rows)
+    table = args.out / "table.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    interleaved(arms, args.runs, rows, table)
     resnet9 = dict(common, tta=True) if not args.tiny else dict(common, prep=8, tta=True)
     interleaved({"effcifar resnet9 (24 epochs)": lambda s: ours_run(TrainConfig(seed=s, **resnet9), data,
                                                                       args.out / f"resnet9-{s}")},
-                args.resnet9_runs, rows, warmup=False)  # no compile; a 24-epoch warm-up would cost more than it settles
+                args.resnet9_runs, rows, table, warmup=False)  # no compile; a 24-epoch warm-up would cost more than it settles
     print(f"\n| recipe ({card}) | runs | mean acc | min | max | mean time s |\n|---|---|---|---|---|---|")
     for name, runs in rows.items():
         accs, times = zip(*runs)
         print(f"| {name} | {len(runs)} | {statistics.mean(accs):.4f} | {min(accs):.4f} | {max(accs):.4f} | "
               f"{statistics.mean(times):.2f} |")
-    (args.out / "table.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

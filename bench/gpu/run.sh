@@ -20,6 +20,8 @@ fi
 # CALL_LIMIT_S: the time limit of the whole run; the comparison is stopped 15 s before it, so the log comes back.
 LIMIT=()
 [ "${CALL_LIMIT_S:-0}" -gt 0 ] && LIMIT=(timeout $((CALL_LIMIT_S - SECONDS - 15)))
+status=0
 "${LIMIT[@]}" "$PYTHON" bench/gpu/compare.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --reference "$GPU_CACHE/airbench-0.1.8.tar.gz" \
-  --work "$GPU_CACHE/work" --out "$GPU_CACHE/runs" "$@" 2>&1 | tee "$OUT_DIR/log.txt"
-cp "$GPU_CACHE/runs/table.json" "$OUT_DIR/table.json"
+  --work "$GPU_CACHE/work" --out "$GPU_CACHE/runs" "$@" 2>&1 | tee "$OUT_DIR/log.txt" || status=$?
+cp "$GPU_CACHE/runs/table.json" "$OUT_DIR/table.json" 2>/dev/null || true  # the rows so far when stopped
+exit "$status"
