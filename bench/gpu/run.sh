@@ -14,8 +14,9 @@ if [ "${SMOKE:-0}" = 1 ]; then  # the CUDA smoke of every command first (bench/g
   OUT=$OUT_DIR bash bench/gpu/smoke.sh "$GPU_CACHE/work/cifar10.npz" "${SMOKE_DEVICE:-cuda}"
 fi
 if [ "${PROFILE:-0}" = 1 ]; then  # one profiled run of each recipe first (bench/gpu/profile_recipes.py): $OUT_DIR/profile
-  "$PYTHON" bench/gpu/profile_recipes.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --reference "$GPU_CACHE/airbench-0.1.8.tar.gz" \
-    --work "$GPU_CACHE/work" --out "$OUT_DIR/profile" "$@" 2>&1 | tee "$OUT_DIR/profile.txt"
+  # at most PROFILE_LIMIT_S (4 minutes), so that the comparison still runs if it stalls
+  timeout "${PROFILE_LIMIT_S:-240}" "$PYTHON" bench/gpu/profile_recipes.py --pack "$GPU_CACHE/cifar10_jpeg.npz" --reference "$GPU_CACHE/airbench-0.1.8.tar.gz" \
+    --work "$GPU_CACHE/work" --out "$OUT_DIR/profile" "$@" 2>&1 | tee "$OUT_DIR/profile.txt" || true
 fi
 # CALL_LIMIT_S: the time limit of the whole run; the comparison is stopped 15 s before it, so the log comes back.
 LIMIT=()
