@@ -173,9 +173,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     interleaved(arms, args.runs, rows, table)
     resnet9 = dict(common, tta=True) if not args.tiny else dict(common, prep=8, tta=True)
-    interleaved({"effcifar resnet9 (24 epochs)": lambda s: ours_run(TrainConfig(seed=s, **resnet9), data,
-                                                                      args.out / f"resnet9-{s}")},
-                args.resnet9_runs, rows, table, warmup=False)  # no compile; a 24-epoch warm-up would cost more than it settles
+    resnet9_arm = {"effcifar resnet9 (24 epochs)":
+                   lambda s: ours_run(TrainConfig(seed=s, **resnet9), data, args.out / f"resnet9-{s}")}
+    # no warm-up: no compile, and a 24-epoch warm-up would cost more than it settles
+    interleaved(resnet9_arm, args.resnet9_runs, rows, table, warmup=False)
     print(f"\n| recipe ({card}) | runs | mean acc | min | max | mean time s |\n|---|---|---|---|---|---|")
     for name, runs in rows.items():
         accs, times = zip(*runs)
