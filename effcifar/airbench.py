@@ -167,15 +167,18 @@ def build_airbench_net(config: TrainConfig, num_classes: int, whiten_images: tor
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """BatchNorm biases at `bn_bias_lr` times the LR (weight decay divided by it, so its step is unchanged); the rest as usual.
+    """BatchNorm biases at `bn_bias_lr` times the LR (weight decay divided by it, so its step is unchanged); the
+    whitening conv's bias in a group of its own (first), which `AirbenchRecipe` freezes; the rest as usual.
 
     Parameters frozen now are included, so that a layer unfrozen later would still be optimised.
     """
     bn = [p for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.bias,)]
-    bn_ids = {id(p) for p in bn}
-    other = [p for p in model.parameters() if id(p) not in bn_ids]
+    whiten_bias = model[0].bias
+    special = {id(p) for p in [*bn, whiten_bias]}
+    other = [p for p in model.parameters() if id(p) not in special]
     scale = switches(config).bn_bias_lr
     return [
+        {"params": [whiten_bias], "lr_scale": 1.0, "weight_decay": config.base_wd},
         {"params": bn, "lr_scale": scale, "weight_decay": config.base_wd / scale},
         {"params": other, "lr_scale": 1.0, "weight_decay": config.base_wd},
     ]
@@ -208,7 +211,8 @@ def multicrop_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     size = x.shape[-1]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = [padded[..., :size, :size], padded[..., 2:, 2:]]
+    # copies in the layout of x: a compiled model sees the strides it was compiled for, not a window's
+    shifted = [torch.empty_like(x).copy_(window) for window in (padded[..., :size, :size], padded[..., 2:, 2:])]
     return 0.5 * mirror_logits(model, x) + 0.25 * sum(mirror_logits(model, s) for s in shifted)
 
 
@@ -235,7 +239,7 @@ class AirbenchRecipe(Recipe):
         super().__init__(config)
         self.switches = switches(config)
         self.lookahead: Lookahead | None = None
-        self.whiten_bias: nn.Parameter | None = None
+        self.whiten_bias_group: dict[str, Any] | None = None  # the optimiser's group of the whitening bias
 
     def augment(self) -> Augment:
         """Random translation; flips come from `alternate_flip_` unless `alt_flip` is off."""
@@ -247,15 +251,15 @@ class AirbenchRecipe(Recipe):
         images = None
         if train_loader is not None and self.switches.whiten:
             images = whitening_sample(train_loader, WHITEN_IMAGES, self.config.seed)
-        model = build_airbench_net(self.config, num_classes, images)
-        self.whiten_bias = model[0].bias
-        return model
+        return build_airbench_net(self.config, num_classes, images)
 
     def train_step(self, model: nn.Module, precision: str) -> TrainStep:
-        """SGD with the BatchNorm-bias LR group."""
+        """SGD with the BatchNorm-bias LR group and the whitening bias's own group."""
         if self.switches.lookahead:  # here the model sits on its device, in its memory format
             self.lookahead = Lookahead(model)
-        return TrainStep(model, self.config, precision, param_groups(model, self.config))
+        step = TrainStep(model, self.config, precision, param_groups(model, self.config))
+        self.whiten_bias_group = step.optimizer.param_groups[0]
+        return step
 
     def lr(self, epoch: float) -> float:
         """Triangular: LR_START * peak at 0, peak at peak_epoch, LR_END * peak at the last epoch."""
@@ -264,9 +268,13 @@ class AirbenchRecipe(Recipe):
                                [LR_START * c.peak_lr, c.peak_lr, LR_END * c.peak_lr]))
 
     def start_epoch(self, epoch: int, model: nn.Module, train_loader: DeviceLoader) -> None:
-        """Freeze the whitening bias after `whiten_bias_epochs` (when whitening); alternate the flips."""
-        if self.switches.whiten and self.whiten_bias is not None:
-            self.whiten_bias.requires_grad_(epoch <= self.switches.whiten_bias_epochs)
+        """Freeze the whitening bias after `whiten_bias_epochs` (when whitening); alternate the flips.
+
+        Frozen by a learning rate of 0, not `requires_grad`: a compiled network would be compiled
+        again (twice: training and evaluation) for a parameter that stops requiring gradients.
+        """
+        if self.switches.whiten and self.whiten_bias_group is not None:
+            self.whiten_bias_group["lr_scale"] = float(epoch <= self.switches.whiten_bias_epochs)
         if self.config.flip and self.switches.alt_flip:
             alternate_flip_(train_loader, epoch)
 
@@ -288,7 +296,8 @@ class AirbenchRecipe(Recipe):
 
     def evaluate(self, model: nn.Module, loader: DeviceLoader, autocast: Autocast, final: bool) -> tuple[float, float]:
         """(mean loss, accuracy) with this recipe's TTA."""
-        return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta, self.predict(final))
+        return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta, self.predict(final),
+                        one_shape=self.config.compile)
 
 
 def whitening_sample(loader: DeviceLoader, count: int, seed: int) -> torch.Tensor:

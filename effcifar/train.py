@@ -493,11 +493,14 @@ def mirror_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def evaluate(
     model: nn.Module, loader: DeviceLoader, autocast: Any, label_smoothing: float, tta: bool,
-    predict: Predict | None = None,
+    predict: Predict | None = None, *, one_shape: bool = False,
 ) -> tuple[float, float]:
     """(mean loss, accuracy) on a loader; with tta, logits of the image and its mirror are averaged.
 
     `predict`, if given, replaces the model call and `tta` (the airbench recipe's multi-crop TTA).
+    `one_shape` pads a short last batch with zero images and drops their logits, so that a compiled
+    model sees a single input shape and is not compiled again for the remainder (the network is in
+    eval mode, so the padding changes no other image's logits).
     """
     if predict is None:
         predict = mirror_logits if tta else plain_logits
@@ -506,7 +509,8 @@ def evaluate(
     correct = torch.zeros((), device=loader.labels.device, dtype=torch.long)
     with torch.inference_mode(), autocast():
         for x, y in loader:
-            logits = predict(model, x)
+            short = loader.batch_size - len(y) if one_shape else 0
+            logits = predict(model, F.pad(x, (0, 0, 0, 0, 0, 0, 0, short)) if short else x)[:len(y)]
             loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
     n = len(loader.labels)
@@ -619,7 +623,8 @@ class Recipe:
 
     def evaluate(self, model: nn.Module, loader: DeviceLoader, autocast: Autocast, final: bool) -> tuple[float, float]:
         """(mean loss, accuracy) on a loader; `final` marks the evaluation after the last epoch."""
-        return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta)
+        return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta,
+                        one_shape=self.config.compile)
 
 
 def recipe_class(name: str) -> type[Recipe]:

@@ -16,7 +16,7 @@ from effcifar.config import build_config
 from effcifar.data import DeviceLoader, make_synthetic
 from effcifar.errors import ConfigError
 from effcifar.inference import load_model
-from effcifar.train import TrainConfig, mirror_logits, train
+from effcifar.train import TrainConfig, evaluate, mirror_logits, train
 
 TINY = dict(dataset="synthetic", layer1=8, layer2=16, layer3=16, batch_size=128, subset=512, epochs=1,
             peak_epoch=0.3, eval_batch_size=500)
@@ -67,12 +67,21 @@ def test_whitening_outputs_are_decorrelated_and_frozen():
 def test_whitening_bias_freezes_after_its_epochs(synthetic):
     config = tiny(whiten_bias_epochs=1)
     recipe = AirbenchRecipe(config)
-    loader = loader_for(synthetic.x_train[:256], augment=recipe.augment())
+    loader = loader_for(synthetic.x_train[:256], labels=synthetic.y_train[:256], augment=recipe.augment())
     model = recipe.build_model(10, loader)
-    recipe.start_epoch(1, model, loader)
-    assert model[0].bias.requires_grad
-    recipe.start_epoch(2, model, loader)
-    assert not model[0].bias.requires_grad and not model[0].weight.requires_grad
+    step = recipe.train_step(model, "fp32")
+    x, y = next(iter(loader))
+
+    def changed_by_a_step(epoch):
+        recipe.start_epoch(epoch, model, loader)
+        before = [model[0].bias.detach().clone(), model[2][0].weight.detach().clone()]
+        step(x, y, lr=0.1)
+        return [not torch.equal(b, p) for b, p in zip(before, (model[0].bias, model[2][0].weight))]
+
+    assert changed_by_a_step(1) == [True, True]
+    assert changed_by_a_step(2) == [False, True]  # frozen; the next conv still learns
+    # by its learning rate: requires_grad stays as it was, so a compiled network is not compiled again
+    assert model[0].bias.requires_grad and not model[0].weight.requires_grad
 
 
 def test_whitening_uses_a_seeded_random_sample_not_the_first_images(synthetic):
@@ -146,6 +155,46 @@ def test_multicrop_tta_is_the_weighted_mean_of_explicit_crops():
         assert not torch.allclose(multicrop_logits(model, x), mirror_logits(model, x), atol=1e-3)
 
 
+def test_multicrop_tta_gives_the_shifted_images_the_layout_of_the_batch():
+    model = build_airbench_net(tiny(), 10, correlated_images(8)).eval()
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].stride()))
+    with torch.no_grad():
+        multicrop_logits(model, x)
+    assert len(seen) == 6 and set(seen) == {x.stride()}  # a compiled network is compiled for one layout
+
+
+def test_a_padded_last_batch_evaluates_alike(synthetic):
+    """`one_shape` (compiled runs) pads the last batch to the batch size: the same loss and accuracy."""
+    model = build_airbench_net(tiny(), 10, correlated_images(8)).eval()
+    loader = loader_for(synthetic.x_test[:300], labels=synthetic.y_test[:300])
+    loader.batch_size = 128  # batches of 128, 128 and 44
+    autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(len(args[0])))
+    plain = evaluate(model, loader, autocast, 0.2, True, multicrop_logits)
+    assert sorted(set(shapes)) == [44, 128]
+    shapes.clear()
+    padded = evaluate(model, loader, autocast, 0.2, True, multicrop_logits, one_shape=True)
+    assert set(shapes) == {128}
+    assert padded[1] == plain[1] and padded[0] == pytest.approx(plain[0], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_compiles_one_training_and_one_evaluation_graph(synthetic):
+    """Past the whitening bias's freeze, a short last evaluation batch and the multi-crop TTA's shifted images."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    result = train(tiny(epochs=3, whiten_bias_epochs=1, compile=True, eval_batch_size=128, threads=2),
+                   data=synthetic)  # 300 test images: batches of 128, 128 and 44
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert result.summary["test_acc"] > 0.15
+    torch._dynamo.reset()
+
+
 # ablation switches ------------------------------------------------------------------------------------
 
 def test_whiten_off_gives_a_trainable_default_first_conv():
@@ -188,8 +237,9 @@ def test_lookahead_switch_and_update():
 def test_bn_bias_lr_switch():
     model = build_airbench_net(tiny(), 10, None)
     groups = AirbenchRecipe(tiny()).train_step(model, "fp32").optimizer.param_groups
-    assert [g["lr_scale"] for g in groups] == [64.0, 1.0]
-    assert groups[0]["weight_decay"] == pytest.approx(groups[1]["weight_decay"] / 64)
+    assert [g["lr_scale"] for g in groups] == [1.0, 64.0, 1.0]  # the whitening bias, BatchNorm biases, the rest
+    assert groups[1]["weight_decay"] == pytest.approx(groups[2]["weight_decay"] / 64)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     step = AirbenchRecipe(tiny(bn_bias_lr=1.0)).train_step(model, "fp32")
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
     step(x, y, lr=0.1)
