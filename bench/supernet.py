@@ -83,7 +83,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     net = Supernet(space, channels, 10).to(device, memory_format=torch.channels_last)
-    supernet_step = TrainStep(net, train_config, precision)
+    supernet_step = TrainStep(net, train_config, precision, fused=False)
 
     def select(arch: dict[str, str]) -> None:
         sampler.sample(space)  # the real loop's sampling cost; the path itself is fixed for the comparison

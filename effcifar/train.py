@@ -423,15 +423,23 @@ def device_loaders(config: TrainConfig, data: CifarData, device: torch.device,
     return train_loader, DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size, **common)
 
 
+FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch has a fused SGD kernel (torch >= 2.4)
+
+
 class TrainStep:
     """One SGD step of the recipe: forward under autocast, label-smoothed loss, backward, update.
 
     Mixed precision: bf16 autocast needs no loss scaling; fp16 uses a GradScaler. With
-    `config.compile` the forward/backward runs through torch.compile.
+    `config.compile` the forward/backward runs through torch.compile. With `fused` the SGD update
+    is torch's fused kernel (on CPU and GPU): one kernel for all tensors, and with fp16 the
+    GradScaler's overflow check stays on the device (the unfused step reads it back every step, a
+    sync). A supernet turns it off: its paths give different parameters gradients from step to
+    step, and the fused kernel cannot start one parameter's momentum while others have theirs.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, precision: str,
-                 param_groups: list[dict[str, Any]] | None = None, before_update: Callable[[], None] | None = None):
+                 param_groups: list[dict[str, Any]] | None = None, before_update: Callable[[], None] | None = None,
+                 fused: bool = True):
         self.model = model
         self.before_update = before_update  # runs between backward and the optimiser step
         self.model_to_run = torch.compile(model) if config.compile else model
@@ -441,7 +449,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self.optimizer = torch.optim.SGD(  # a group's "lr_scale" multiplies the scheduled LR
             param_groups or model.parameters(), lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
-            weight_decay=config.base_wd,
+            weight_decay=config.base_wd, fused=fused and self.device_type in FUSED_SGD_DEVICES,
         )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:

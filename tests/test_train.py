@@ -5,11 +5,13 @@ import os
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from effcifar.data import DeviceLoader, load_dataset, make_synthetic
 from effcifar.errors import TrainingDiverged
 from effcifar.inference import load_model
-from effcifar.train import TrainConfig, TrainHook, evaluate, lr_at, train
+from effcifar.models import NetConfig, ResNet
+from effcifar.train import TrainConfig, TrainHook, TrainStep, evaluate, lr_at, train
 
 TINY = dict(dataset="synthetic", prep=8, layer1=16, layer2=16, layer3=32, batch_size=64, subset=512,
             epochs=2, peak_epoch=1, eval_batch_size=500)
@@ -136,3 +138,18 @@ def test_diverging_run_stops_with_a_clear_error(synthetic, tmp_path):
     with pytest.raises(TrainingDiverged, match="train loss is nan at epoch 1"):
         train(TrainConfig(**{**TINY, "peak_lr": 1e30, "epochs": 3}), tmp_path / "run", data=synthetic)
     assert len((tmp_path / "run" / "logs.tsv").read_text().splitlines()) == 2  # header + the epoch that diverged
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_a_training_step_never_waits_for_the_device(precision):
+    """No `.item()` in a step: with fp16 the GradScaler's overflow check stays on the device (fused SGD)."""
+    config = TrainConfig(**{**TINY, "precision": precision})
+    model = ResNet(NetConfig(channels=config.widths())).to(memory_format=torch.channels_last)
+    step = TrainStep(model, config, precision)
+    x, y = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.arange(8)
+    before = [p.detach().clone() for p in model.parameters()]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step(x, y, lr=0.1)
+    assert not [e.key for e in prof.key_averages() if "_local_scalar_dense" in e.key or "ynchronize" in e.key]
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.requires_grad)  # it learned

@@ -143,7 +143,8 @@ class SupernetTrainer:
         if self.ranks.launched:
             global_batch_norm(self.net, self.device)
         before_update = (lambda: average_gradients(self.net, self.ranks.world)) if self.ranks.launched else None
-        self.step = TrainStep(self.net, config.train_config(), self.precision, before_update=before_update)
+        self.step = TrainStep(self.net, config.train_config(), self.precision, before_update=before_update,
+                              fused=False)  # paths: a changing set of parameters with gradients
         self.costs = CostTable.build(self.space, config.channels(), self.data.num_classes)
         self.sampler = path_sampler(config.sampling, config.sampler, config.seed, self.costs)
         self.sampler.sample(self.space)  # fail now, not after data loading on every rank, if no path is allowed
