@@ -77,7 +77,7 @@ def jpeg_pack(path: Path, train: int, test: int) -> None:
 
 @pytest.mark.slow
 def test_compare_dry_run_on_cpu_decodes_the_pack_and_times_every_arm(tmp_path):
-    """bench/gpu/compare.py --device cpu --tiny: the pack decoded, ours and its default variant, resnet9, the table."""
+    """bench/gpu/compare.py --device cpu --tiny: the pack decoded, ours and its default variants, resnet9, the table."""
     jpeg_pack(tmp_path / "pack.npz", train=2100, test=200)
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "bench/gpu/compare.py", "--device", "cpu", "--tiny", "--pack",
@@ -88,7 +88,7 @@ def test_compare_dry_run_on_cpu_decodes_the_pack_and_times_every_arm(tmp_path):
     assert "airbench94 reference: needs CUDA; not run" in result.stdout
     table = json.loads((tmp_path / "runs" / "table.json").read_text())
     assert list(table) == ["effcifar --recipe airbench", "effcifar --recipe airbench (no compile)",
-                           "effcifar resnet9 (24 epochs)"]
+                           "effcifar --recipe airbench (fp16)", "effcifar resnet9 (24 epochs)"]
     assert all(len(runs) == 1 and 0 <= runs[0][0] <= 1 and runs[0][1] > 0 for runs in table.values())
     decoded = np.load(tmp_path / "work" / "cifar10.npz")
     assert decoded["x_train"].shape == (2100, 32, 32, 3) and decoded["x_test"].shape == (200, 32, 32, 3)

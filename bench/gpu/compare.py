@@ -2,11 +2,12 @@
 interleaved; then our resnet9 24-epoch recipe x5.
 
     python bench/gpu/compare.py --pack .cache/gpu/cifar10_jpeg.npz --reference .cache/gpu/airbench-0.1.8.tar.gz
-    python bench/gpu/compare.py ... --variant "fp16:precision=fp16"   # more variants of ours (TrainConfig fields)
+    python bench/gpu/compare.py ... --variant "batch 512:batch_size=512"   # other variants (TrainConfig fields)
     python bench/gpu/compare.py ... --device cpu --tiny     # CPU dry run of every piece that runs without CUDA
 
-A variant is NAME:FIELD=VALUE,... over our airbench recipe (default: one, `no compile:compile=false`, since
-airbench94 runs without torch.compile). Seed by seed every airbench arm runs once in turn, after one warm-up
+A variant is NAME:FIELD=VALUE,... over our airbench recipe (default: DEFAULT_VARIANTS, the two largest untested
+differences from airbench94, which runs without torch.compile and in fp16, where ours runs compiled in bf16 on
+cards that have it). Seed by seed every airbench arm runs once in turn, after one warm-up
 run each, so that a drift of the shared machine reaches every arm alike.
 
 Nothing is downloaded: the data is the shared JPEG pack, decoded here; the reference is the
@@ -128,13 +129,16 @@ def interleaved(arms: dict[str, Callable[[int], tuple[float, float]]], runs: int
             print(f"{name:<40} seed {seed}  acc {acc:.4f}  time {seconds:.2f} s", flush=True)
 
 
+DEFAULT_VARIANTS = [("no compile", {"compile": "false"}), ("fp16", {"precision": "fp16"})]
+
+
 def main() -> None:
     parser = gpu_parser(__doc__, ".cache/gpu/runs", "a few steps at tiny widths on 2048 images (CPU dry run)")
     parser.add_argument("--runs", type=int, default=5, help="seeds of each airbench arm (ours, variants, airbench94)")
     parser.add_argument("--resnet9-runs", type=int, default=5)
     parser.add_argument("--variant", type=parse_variant, action="append",
                         help="NAME:FIELD=VALUE,... our airbench recipe with these TrainConfig fields (repeatable; "
-                             "default: 'no compile:compile=false')")
+                             "default: 'no compile:compile=false' and 'fp16:precision=fp16')")
     parser.add_argument("--decode-only", action="store_true", help="decode the pack into WORK/cifar10.npz and stop")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -146,7 +150,7 @@ def main() -> None:
         common.update(subset=2048, epochs=1, peak_epoch=0.5, layer1=8, layer2=16, layer3=16, eval_batch_size=2000)
         args.runs = args.resnet9_runs = 1
     ours = {"effcifar --recipe airbench": TrainConfig.for_recipe("airbench", **common)}
-    for name, fields in args.variant or [("no compile", {"compile": "false"})]:
+    for name, fields in args.variant or DEFAULT_VARIANTS:
         try:  # every variant checked before the first run
             ours[f"effcifar --recipe airbench ({name})"] = build_config(
                 TrainConfig, None, {"recipe": "airbench", **{k: str(v) for k, v in common.items()}, **fields},
