@@ -423,7 +423,9 @@ def device_loaders(config: TrainConfig, data: CifarData, device: torch.device,
     return train_loader, DeviceLoader(x_valid, y_valid, batch_size=config.eval_batch_size, **common)
 
 
-FUSED_SGD_DEVICES = ("cpu", "cuda")  # where torch has a fused SGD kernel (torch >= 2.4)
+# Where torch has a fused SGD kernel (torch >= 2.4); for fp32 weights only: on CPU (torch 2.13) it leaves fp16 and
+# bf16 tensors unchanged but for their last few elements (the vectorised part is never written).
+FUSED_SGD_DEVICES = ("cpu", "cuda")
 
 
 class TrainStep:
@@ -449,7 +451,8 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self.optimizer = torch.optim.SGD(  # a group's "lr_scale" multiplies the scheduled LR
             param_groups or model.parameters(), lr=0.0, momentum=config.momentum, nesterov=config.nesterov,
-            weight_decay=config.base_wd, fused=fused and self.device_type in FUSED_SGD_DEVICES,
+            weight_decay=config.base_wd, fused=fused and self.device_type in FUSED_SGD_DEVICES and all(
+                p.dtype == torch.float32 for p in model.parameters()),  # see FUSED_SGD_DEVICES
         )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,7 +88,8 @@ def test_compare_dry_run_on_cpu_decodes_the_pack_and_times_every_arm(tmp_path):
     assert "airbench94 reference: needs CUDA; not run" in result.stdout
     table = json.loads((tmp_path / "runs" / "table.json").read_text())
     assert list(table) == ["effcifar --recipe airbench", "effcifar --recipe airbench (no compile)",
-                           "effcifar --recipe airbench (fp16)", "effcifar resnet9 (24 epochs)"]
+                           "effcifar --recipe airbench (fp16)", "effcifar --recipe airbench (fp16 weights, experiment)",
+                           "effcifar resnet9 (24 epochs)"]
     assert all(len(runs) == 1 and 0 <= runs[0][0] <= 1 and runs[0][1] > 0 for runs in table.values())
     decoded = np.load(tmp_path / "work" / "cifar10.npz")
     assert decoded["x_train"].shape == (2100, 32, 32, 3) and decoded["x_test"].shape == (200, 32, 32, 3)

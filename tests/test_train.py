@@ -153,3 +153,14 @@ def test_a_training_step_never_waits_for_the_device(precision):
             step(x, y, lr=0.1)
     assert not [e.key for e in prof.key_averages() if "_local_scalar_dense" in e.key or "ynchronize" in e.key]
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.requires_grad)  # it learned
+
+
+def test_a_step_changes_every_weight_of_a_network_kept_in_bf16():
+    """torch's fused SGD is for fp32 weights only: on CPU it leaves most of a bf16 tensor as it was."""
+    config = TrainConfig(**{**TINY, "precision": "fp32", "base_wd": 0.0})
+    model = ResNet(NetConfig(channels=config.widths())).to(torch.bfloat16)
+    step = TrainStep(model, config, "fp32")
+    before = [p.detach().clone() for p in model.parameters()]
+    step(torch.randn(8, 3, 32, 32, dtype=torch.bfloat16), torch.arange(8), lr=1.0)
+    unchanged = [(b == p).float().mean().item() for b, p in zip(before, model.parameters()) if p.ndim == 4]
+    assert max(unchanged) < 0.5, unchanged

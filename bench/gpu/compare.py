@@ -7,7 +7,8 @@ interleaved; then our resnet9 24-epoch recipe x5.
 
 A variant is NAME:FIELD=VALUE,... over our airbench recipe (default: DEFAULT_VARIANTS, the two largest untested
 differences from airbench94, which runs without torch.compile and in fp16, where ours runs compiled in bf16 on
-cards that have it). Seed by seed every airbench arm runs once in turn, after one warm-up
+cards that have it; and with them the third, an experiment of this script: fp16 weights instead of autocast,
+`half_weights`). Seed by seed every airbench arm runs once in turn, after one warm-up
 run each, so that a drift of the shared machine reaches every arm alike.
 
 Nothing is downloaded: the data is the shared JPEG pack, decoded here; the reference is the
@@ -26,7 +27,9 @@ resnet9; airbench94: tta_level 2).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import json
 import statistics
@@ -34,11 +37,12 @@ import sys
 import tarfile
 import types
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
+import effcifar.train as ours_train
 from effcifar.atomic import atomic_write
 from effcifar.config import build_config
 from effcifar.data import load_dataset
@@ -113,6 +117,43 @@ def ours_run(config: TrainConfig, data, out: Path) -> tuple[float, float]:
     return row["test_acc"], row["timed_s"]
 
 
+LOSS_SCALE = 1024.0  # a static loss scale for fp16 gradients: airbench94 sums its loss over the batch of 1024
+
+
+@contextlib.contextmanager
+def half_weights() -> Iterator[None]:
+    """Our runs inside it in airbench94's arithmetic instead of autocast: the network's weights and activations in
+    fp16, BatchNorm in fp32, the batches in fp16; the loss scaled by LOSS_SCALE and the gradients divided by it
+    before the update (no GradScaler), the optimiser step and lookahead rebuilt over the cast weights, SGD unfused
+    (torch's fused kernel is for fp32 weights, effcifar.train.FUSED_SGD_DEVICES). An experiment of this benchmark
+    (the arm HALF_WEIGHTS), not a product option: it becomes one if it closes the gap."""
+    original = ours_train.start_loop
+
+    def start_loop(config: TrainConfig, data: Any) -> ours_train.Loop:
+        loop = original(config, data)
+        loop.model.half()
+        for module in loop.model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.float()
+        for loader in {id(x): x for x in (loop.train_loader, loop.valid_loader, loop.test_loader)}.values():
+            loader.dtype, loader.mean, loader.inv_std = torch.half, loader.mean.half(), loader.inv_std.half()
+        step = loop.recipe.train_step(loop.model, "fp32")  # no autocast, no GradScaler: the network is fp16 already
+        params = list(loop.model.parameters())
+        step.backward = functools.partial(step.backward, weight=LOSS_SCALE)  # type: ignore[method-assign]
+        step.before_update = lambda: torch._foreach_div_([p.grad for p in params if p.grad is not None], LOSS_SCALE)
+        loop.step_fn = step
+        return loop
+
+    ours_train.start_loop = start_loop
+    try:
+        yield
+    finally:
+        ours_train.start_loop = original
+
+
+HALF_WEIGHTS = "fp16 weights, experiment"  # the arm: precision fp16 inside half_weights()
+
+
 def interleaved(arms: dict[str, Callable[[int], tuple[float, float]]], runs: int, rows: dict, table: Path,
                 warmup: bool = True) -> None:
     """A warm-up run of each arm (cuDNN autotuning, torch.compile; not recorded), then seed by seed one run of each arm
@@ -164,6 +205,14 @@ def main() -> None:
     arms: dict[str, Callable[[int], tuple[float, float]]] = {
         name: (lambda s, c=config, i=i: ours_run(dataclasses.replace(c, seed=s), data, args.out / f"airbench{i}-{s}"))
         for i, (name, config) in enumerate(ours.items())}
+    if not args.variant:
+        half = dataclasses.replace(ours["effcifar --recipe airbench"], precision="fp16")
+
+        def half_arm(seed: int) -> tuple[float, float]:
+            with half_weights():
+                return ours_run(dataclasses.replace(half, seed=seed), data, args.out / f"half-{seed}")
+
+        arms[f"effcifar --recipe airbench ({HALF_WEIGHTS})"] = half_arm
     if device.type == "cuda" or args.reference.is_file():
         airbench = install_reference(args.reference, args.work, data.x_train, data.y_train, data.x_test, data.y_test,
                                      data.classes)
