@@ -294,6 +294,10 @@ class AirbenchRecipe(Recipe):
             return plain_logits
         return multicrop_logits if final and self.switches.multicrop_tta else mirror_logits
 
+    def test_tta(self) -> str | None:
+        """Multi-crop, flip or none, as `predict(final=True)`."""
+        return "multi-crop" if self.config.tta and self.switches.multicrop_tta else super().test_tta()
+
     def evaluate(self, model: nn.Module, loader: DeviceLoader, autocast: Autocast, final: bool) -> tuple[float, float]:
         """(mean loss, accuracy) with this recipe's TTA."""
         return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta, self.predict(final),

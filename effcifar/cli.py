@@ -163,7 +163,7 @@ def train_and_show(config: TrainConfig, out: Path, args: argparse.Namespace, con
     rows = [
         ("dataset", f"{s['dataset']['name']} ({s['dataset']['train_images']} train images)"),
         ("epochs", f"{s['epochs_run']}" + (" (stopped early)" if s["stopped_early"] else "")),
-        ("test accuracy", f"{s['test_acc']:.2%}" + (" (flip TTA)" if config.tta else "")),
+        ("test accuracy", f"{s['test_acc']:.2%}" + (f" ({s['test_tta']} TTA)" if s["test_tta"] else "")),
         ("best valid accuracy", f"{s['best_valid_acc']:.2%} ({s['dataset']['valid_split']})"),
         ("train time", f"{s['train_time']:.1f} s"),
         ("total time", f"{s['total_time']:.1f} s"),

@@ -637,6 +637,10 @@ class Recipe:
         return evaluate(model, loader, autocast, self.config.label_smoothing, self.config.tta,
                         one_shape=self.config.compile)
 
+    def test_tta(self) -> str | None:
+        """The test-time augmentation of the final evaluation, in words (None: none), for summaries."""
+        return "flip" if self.config.tta else None
+
 
 def recipe_class(name: str) -> type[Recipe]:
     """The Recipe class registered as `name` in RECIPES, imported on first use."""
@@ -863,6 +867,7 @@ def run_summary(loop: Loop, history: Sequence[EpochMetrics], stopped_early: bool
         "final_valid_acc": history[-1].valid_acc,
         "best_valid_acc": max(m.valid_acc for m in history),
         "test_acc": test_acc,
+        "test_tta": loop.recipe.test_tta(),
         "train_time": loop.train_time,
         "total_time": time.perf_counter() - loop.start,
         "params": loop.params,

@@ -250,6 +250,9 @@ def test_tta_and_flip_switches_pick_the_documented_behaviour():
     assert AirbenchRecipe(tiny()).predict(final=True) is multicrop_logits
     assert AirbenchRecipe(tiny()).predict(final=False) is mirror_logits
     assert AirbenchRecipe(tiny(multicrop_tta=False)).predict(final=True) is mirror_logits
+    # summary.json and `effcifar train` name the TTA the test accuracy used
+    assert [AirbenchRecipe(tiny(**f)).test_tta() for f in ({}, {"multicrop_tta": False}, {"tta": False})] == [
+        "multi-crop", "flip", None]
     assert AirbenchRecipe(tiny(alt_flip=False)).augment().flip is True
     assert AirbenchRecipe(tiny(label_smoothing=0.0)).train_step(
         build_airbench_net(tiny(), 10, None), "fp32").label_smoothing == 0.0
