@@ -8,8 +8,8 @@ the first run's), then once under torch.profiler. Per recipe it records the regi
 have, timed with CUDA events on a GPU (wall clock on CPU): the whitening init, each epoch's training
 (ours without the evaluation that follows each epoch), the evaluations between epochs (ours;
 airbench94 with verbose=False makes none) and the final TTA evaluation; the GPU's idle share between
-its first and last kernel (time the host kept it waiting); and host-device synchronisations
-(`*Synchronize` calls and `aten::_local_scalar_dense`, i.e. `.item()`) per training step. Files in
+its first and last kernel (time the host kept it waiting); and host-device synchronisations per
+training step (on a GPU the CUDA runtime's `*Synchronize` calls; on CPU the `.item()` calls). Files in
 OUT: `ops_<recipe>.txt` (the profiler's op and kernel table), `regions.json` (every figure) and
 `summary.md` (the table for docs/benchmarks.md); `--trace` adds chrome traces. The regions are
 labelled by wrapping functions of each recipe (ours: `effcifar.train.train_epoch`, the recipe's
@@ -37,7 +37,10 @@ import effcifar.airbench as ours_airbench
 import effcifar.train as ours_train
 from effcifar.data import load_dataset
 
-SYNC_OPS = ("Synchronize", "aten::_local_scalar_dense")  # names (substrings) of the events that wait for the device
+# Events that wait for the device, by name (substring): on a GPU the CUDA runtime's *Synchronize calls (an `.item()`
+# of a GPU tensor makes one; airbench94's `.item()` of a CPU tensor makes none); on CPU, where nothing waits, the
+# `.item()` calls themselves, which would wait on a GPU.
+SYNC_OPS = {"cuda": "Synchronize", "cpu": "aten::_local_scalar_dense"}
 
 
 class Regions:
@@ -118,9 +121,9 @@ def gpu_idle_share(prof: profile) -> float | None:
                        if e.device_type == torch.autograd.DeviceType.CUDA])
 
 
-def sync_count(prof: profile) -> int:
-    """Host-side calls that wait for the device."""
-    return sum(1 for e in prof.events() if any(op in e.name for op in SYNC_OPS))
+def sync_count(prof: profile, device: torch.device) -> int:
+    """Host-side calls that wait for the device (SYNC_OPS)."""
+    return sum(1 for e in prof.events() if SYNC_OPS[device.type] in e.name)
 
 
 def region_row(run: Run, regions: Regions) -> dict[str, Any]:
@@ -154,7 +157,7 @@ def profiled(name: str, run: Callable[[Regions], Run], device: torch.device, out
     (out / f"ops_{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
     if trace:
         prof.export_chrome_trace(str(out / f"trace_{name}.json"))
-    syncs = sync_count(prof)
+    syncs = sync_count(prof, device)
     return {**region_row(result, regions), "cold_timed_s": cold_timed, "syncs": syncs,
             "syncs_per_step": syncs / result.steps if result.steps else None, "gpu_idle_share": gpu_idle_share(prof)}
 
