@@ -1,4 +1,4 @@
-"""The GPU scripts' CPU dry runs (so a typo never costs GPU time) and the profile's idle-time arithmetic."""
+"""The GPU scripts' CPU dry runs (so a typo never costs GPU time), the profile's idle-time arithmetic and the table."""
 
 import json
 import subprocess
@@ -12,6 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench" / "gpu"))
 
+from compare import summary_table  # noqa: E402
 from profile_recipes import idle_share  # noqa: E402
 
 
@@ -20,6 +21,13 @@ def test_idle_share_counts_the_gaps_between_overlapping_spans():
     assert idle_share([(0, 10)]) == 0.0
     assert idle_share([(0, 4), (2, 5), (8, 10)]) == pytest.approx(0.3)  # busy 0-5 and 8-10 of 10
     assert idle_share([(6, 10), (0, 2), (1, 3)]) == pytest.approx(0.3)  # unsorted: busy 0-3 and 6-10
+
+
+def test_the_comparison_table_gives_each_time_as_a_multiple_of_airbench94s():
+    rows = {"effcifar --recipe airbench": [(0.90, 2.9), (0.91, 3.1)], "airbench94 (airbench==0.1.8)": [(0.90, 2.5)]}
+    lines = summary_table("NVIDIA H100", rows).splitlines()
+    assert lines[-2].endswith("| 3.00 | 1.20x |") and lines[-1].endswith("| 2.50 | 1.00x |")
+    assert summary_table("cpu", {"ours": [(0.5, 1.0)]}).endswith("| 1.00 | n/a |")  # no reference run: no ratio
 
 
 @pytest.mark.slow

@@ -230,11 +230,21 @@ def main() -> None:
                    lambda s: ours_run(TrainConfig(seed=s, **resnet9), data, args.out / f"resnet9-{s}")}
     # no warm-up: no compile, and a 24-epoch warm-up would cost more than it settles
     interleaved(resnet9_arm, args.resnet9_runs, rows, table, warmup=False)
-    print(f"\n| recipe ({card}) | runs | mean acc | min | max | mean time s |\n|---|---|---|---|---|---|")
+    print(summary_table(card, rows))
+
+
+def summary_table(card: str, rows: dict[str, list[tuple[float, float]]]) -> str:
+    """Mean/min/max accuracy and mean time per arm, and each time as a multiple of airbench94's (the target: <= 1.0)."""
+    reference = next((runs for name, runs in rows.items() if name.startswith("airbench94")), None)
+    reference_time = statistics.mean(t for _, t in reference) if reference else None
+    lines = [f"\n| recipe ({card}) | runs | mean acc | min | max | mean time s | time / airbench94 |",
+             "|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         accs, times = zip(*runs)
-        print(f"| {name} | {len(runs)} | {statistics.mean(accs):.4f} | {min(accs):.4f} | {max(accs):.4f} | "
-              f"{statistics.mean(times):.2f} |")
+        ratio = f"{statistics.mean(times) / reference_time:.2f}x" if reference_time else "n/a"
+        lines.append(f"| {name} | {len(runs)} | {statistics.mean(accs):.4f} | {min(accs):.4f} | {max(accs):.4f} | "
+                     f"{statistics.mean(times):.2f} | {ratio} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
