@@ -957,7 +957,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         "verified answer per limit in select/front.json; the search runs under the largest); the "
                         "final table keeps the answer at the default limit, the HPO best's FLOPs (the same as --set "
                         "select.front=LIMITS)")
-    p.add_argument("--dataset", help="cifar100 (the presets' default), cifar10, synthetic, ...")
+    p.add_argument("--dataset", help="cifar100 (quick, medium and full), cifar10 (gpu), synthetic, ...")
     p.add_argument("--data-dir", help="folder or file of the dataset (default $EFFCIFAR_DATA, then ~/.cache/effcifar)")
     p.add_argument("--out", help="pipeline directory (default: runs/pipeline-PRESET-DATASET); the same command resumes")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no live view")

@@ -58,7 +58,7 @@ from effcifar.config import build_config, read_config_file, read_json, read_text
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.ranking import RankingReport, null_tau_sd, scatter_plot, score_label
 from effcifar.nas.samplers import GENERATION_ATTR
-from effcifar.rundir import locked
+from effcifar.rundir import locked, recorded_kind
 
 # Pipeline stages in report order: (subdirectory, title, command that produces it).
 STAGES = (
@@ -129,8 +129,13 @@ def _tsv_columns(path: Path) -> list[str]:
 
 
 def run_kind(run_dir: Path) -> str | None:
-    """'pipeline', 'ranking', 'hpo', 'search', 'supernet', 'training', or None for anything else."""
-    if (run_dir / RESULTS).is_file() or any((run_dir / name).is_dir() for name, _, _ in STAGES):
+    """'pipeline', 'ranking', 'hpo', 'search', 'supernet', 'training', or None for anything else.
+
+    A directory that records another command's kind (`effcifar.rundir`) is not a pipeline even when it holds
+    folders named like stages: `select`, `retrain` and `nas-eval` write into the search or supernet they read.
+    """
+    if recorded_kind(run_dir) in (None, "pipeline") and (
+            (run_dir / RESULTS).is_file() or any((run_dir / name).is_dir() for name, _, _ in STAGES)):
         return "pipeline"
     if (run_dir / "ranking.json").is_file():
         return "ranking"

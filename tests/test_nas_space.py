@@ -321,3 +321,14 @@ def test_width_extremes_are_the_most_and_fewest_flops_of_the_whole_space():
     assert len(flops) == space.size() == 256
     assert costs.flops_of(costs.extreme(True)) == flops[-1] and costs.flops_of(costs.extreme(False)) == flops[0]
     assert costs.extreme(True)["s1.width"] == "16" and costs.extreme(False)["s2.width"] == "4"
+
+
+def test_an_answer_outside_the_space_names_the_widths_to_train_instead(tmp_path, capsys):
+    """A selection won by a width-curve point writes `arch: null` and its widths: --arch says what to run instead."""
+    answer = tmp_path / "answer.json"
+    answer.write_text(json.dumps({"arch": None, "space": ArchSpace.load("seed").to_dict(), "name": "resnet_0.5x",
+                                  "widths": {"prep": 8, "layer1": 16, "layer2": 32, "layer3": 64}}))
+    assert main(["train", "--arch", str(answer), "--dataset", "synthetic", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'resnet_0.5x'" in err and "--prep 8, --layer1 16" in err, err
+    assert not (tmp_path / "run").exists()

@@ -140,6 +140,16 @@ def test_single_runs_and_an_unfinished_training_run(pipeline, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_search_holding_its_selection_and_retraining_is_still_a_search(pipeline, tmp_path):
+    search = tmp_path / "search"  # select, retrain and nas-eval write into the run they read, by default
+    shutil.copytree(pipeline / "search", search)
+    for stage in ("select", "retrain"):
+        shutil.copytree(pipeline / stage, search / stage)
+    report = make_report(search, tmp_path / "out")
+    assert [s.images for s in report.sections] == [["search_progress.png", "search_flops.png"]] and not report.missing
+
+
+@pytest.mark.slow
 def test_hpo_with_one_trial_says_why_importances_are_missing(pipeline, tmp_path):
     trials = load_study(HpoConfig, pipeline / "hpo" / "hpo.yaml").trials
     assert param_importances(trials[:1]) == ({}, "needs at least 2 complete trials, there is 1")

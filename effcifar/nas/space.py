@@ -545,6 +545,12 @@ def load_arch(path: str | Path, space: ArchSpace) -> Arch:
     against the space, and every problem is a ConfigError naming the file.
     """
     data = read_arch_file(path)
+    if "arch" in data and data["arch"] is None:  # a selection's answer that lies outside the space
+        widths = data.get("widths")
+        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in widths.items()) if isinstance(widths, dict) else ""
+        raise ConfigError(f"{path}: no architecture: the answer {data.get('name', '')!r} is the base network"
+                          f"{' at other widths' if shown else ''}, not a network of the space; train the base "
+                          f"config{' with ' + shown if shown else ''} instead of --arch")
     if isinstance(data.get("arch"), dict):
         data = data["arch"]
     arch = {key: value[0] if isinstance(value, list) and len(value) == 1 else value for key, value in data.items()}
