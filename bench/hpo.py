@@ -3,10 +3,10 @@
     python bench/hpo.py overhead [--storage postgresql://USER@HOST/DB]   # journal, and PostgreSQL if given
     EFFCIFAR_DATA=.cache/cifar10.npz python bench/hpo.py study --trials 20
 
-overhead: a study is pre-filled with 100 finished trials of the seed's space, then 10 more trials
+overhead: a study is pre-filled with 100 finished trials of the original series' space, then 10 more trials
 run through the real worker loop (budget lock, sampling, storage writes, one tiny training run
 each). Overhead per trial = wall time per trial - the training run's own total time.
-study: the seed's space without its epoch and width choices (1 epoch of narrow networks, 16/32/64/
+study: the original series' space without its epoch and width choices (1 epoch of narrow networks, 16/32/64/
 128, batch 128, on a 10,000-image subset of the training set, validated on a 5,000-image hold-out), TPE vs
 random with the same seed; best validation accuracy after 10 and 20 trials.
 """
@@ -54,7 +54,7 @@ def overhead(storage: str | None, work: Path) -> dict[str, float]:
     config = HpoConfig(space=str(SEED_SPACE), base=str(base), trials=110, pruner="none", sampler_seed=0,
                        storage=storage,
                        study=f"overhead-{uuid.uuid4().hex[:8]}")
-    # the seed's widths and epochs are pinned by a space of its other hyper-parameters
+    # the original series' widths and epochs are pinned by a space of its other hyper-parameters
     space = {k: v for k, v in json.loads(SEED_SPACE.read_text()).items()
              if k in ("peak_lr", "base_wd", "logits_weight", "cutout")}
     (work / "space.json").write_text(json.dumps(space))

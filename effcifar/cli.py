@@ -945,7 +945,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                         "(resumable)")
     p.add_argument("--preset", default="quick",
                    help="quick: about 10 minutes on a 2-core CPU; medium: about 30 minutes there; gpu: full CIFAR-10 "
-                        "in about 8 minutes on one GPU; full: the seed's scale, hours on a GPU (default: quick)")
+                        "in about 8 minutes on one GPU; full: the original series' scale, hours on a GPU (default: quick)")
     p.add_argument("--config", help="YAML/JSON file over the preset (same layout: top-level fields and stage sections)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override one value, e.g. --set search.trials=100 --set subset=0 (repeatable)")

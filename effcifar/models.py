@@ -1,4 +1,4 @@
-"""The seed's configurable ResNet family ("dictionary network") and its cost figures.
+"""The original series' configurable ResNet family ("dictionary network") and its cost figures.
 
 The network is cifar10-fast's ResNet-9 generalised: four stages (prep, layer1, layer2, layer3),
 each a conv3x3-BN-ReLU (+ maxpool2 for layer1-3) followed by `res_layers[stage]` residual blocks
@@ -83,7 +83,7 @@ def make_stage(c_in: int, c_out: int, pool: bool, res_layers: int, extra_layers:
 
 
 class ResNet(nn.Sequential):
-    """The seed's network family: prep, layer1-3, global max-pool, linear, logits scale."""
+    """The original series' network family: prep, layer1-3, global max-pool, linear, logits scale."""
 
     def __init__(self, cfg: NetConfig = NetConfig()):
         layers: dict[str, nn.Module] = {}

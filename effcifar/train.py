@@ -97,7 +97,7 @@ class OptimiserFields:
 
 @dataclass
 class WidthFields:
-    """The widths of the four stages (the seed's search-space names) and the logits scale."""
+    """The widths of the four stages (the original series' search-space names) and the logits scale."""
 
     logits_weight: float = setting(0.125, "the logits are multiplied by this before the loss")
     prep: int = setting(64, "channels of the first (prep) convolution")

@@ -1,4 +1,4 @@
-"""NNI experiment configs (v1 and v2 keys) read as study settings, so the seed's config.yml still works.
+"""NNI experiment configs (v1 and v2 keys) read as study settings, so the original series' config.yml still works.
 
 Only what a study can use is kept: the search space, trial budget, duration, concurrency, tuner
 (as an Optuna sampler) and its seed. Keys that describe NNI's own machinery (trial command,

@@ -153,7 +153,7 @@ class ArchSampler(optuna.samplers.BaseSampler):
 
 
 class RandomArchSampler(ArchSampler):
-    """The seed's random NAS tuner: uniform random feasible architectures, new ones while any are found."""
+    """The original series' random NAS tuner: uniform random feasible architectures, new ones while any are found."""
 
 
 class EvolutionSampler(ArchSampler):

@@ -2,7 +2,7 @@
 
 `run_search(SearchConfig(...), "runs/supernet1", "runs/search1")` opens (or resumes) the study
 in the output directory's journal file (or the shared PostgreSQL `storage`), then draws
-architectures with the strategy's sampler (`effcifar.nas.samplers`: SPOS evolution, the seed's
+architectures with the strategy's sampler (`effcifar.nas.samplers`: SPOS evolution, the original series'
 random tuner, or NSGA-II on the score against FLOPs or latency) until `trials` trials have finished.
 
 Each candidate takes the supernet's weights, its BN statistics are recalibrated (reset, then
@@ -75,7 +75,7 @@ CONFIG_FILE = "search.yaml"
 
 @dataclass
 class SearchConfig(StorageConfig):
-    """One architecture search; the defaults are the seed's SPOS evolution (50 x 20 generations)."""
+    """One architecture search; the defaults are the original series' SPOS evolution (50 x 20 generations)."""
 
     # Old field names, accepted with a warning (`effcifar.config.read_layer`).
     RENAMED_FIELDS: ClassVar[dict[str, str]] = {"evaluations": "trials", "top_k": "parents", "top_k_export": "export",

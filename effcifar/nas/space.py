@@ -3,7 +3,7 @@
 A space is a stem, stages and a head. Each stage has a downsampling `conv1` choice and body
 layers `conv2`…`convN` (each a choice). With a `skip` choice, the stage adds one body output
 back to conv1's output: `zero` (no body at all), `conv3_input` (after conv2), `conv4_input`
-(after conv3), … or `convN_output` (after the whole body) — the seed's SPOS space. Without
+(after conv3), … or `convN_output` (after the whole body) — the original series' SPOS space. Without
 one, the body layers run in sequence (a MobileNet-style macro space, such as NAS-Bench-Macro's).
 Every choice has a stable key such as `stage1.conv1` or `stage2.skip`; an architecture is a
 dict key -> candidate. Ops are named by a small grammar (see `op_spec`): `conv3`, `conv5_pool`,
@@ -126,7 +126,7 @@ _FRACTION = re.compile(r"(\d+(?:\.\d+)?)x$")
 class HeadSpec:
     """The classifier after the last stage: optional 1x1 conv + BN + ReLU, global pool, linear, logits scale.
 
-    The default is the seed's (global max-pool, bias-free linear, the config's `logits_weight`);
+    The default is the original series' (global max-pool, bias-free linear, the config's `logits_weight`);
     NAS-Bench-Macro's is a 1x1 conv to 1280 channels, average pool and a linear layer with bias.
     """
 
@@ -229,7 +229,7 @@ class ArchSpace:
 
     @classmethod
     def seed(cls) -> ArchSpace:
-        """The seed's SPOS space (Efficient-CIFAR-Series): 3 stages, 15 choices."""
+        """The original series' SPOS space (Efficient-CIFAR-Series): 3 stages, 15 choices."""
         return cls.from_dict(SEED_SPACE, "the seed space")
 
     @classmethod
@@ -280,7 +280,7 @@ class ArchSpace:
         return cls(stem_op, stem_width, tuple(stages), _head(spec.get("head", {}), fail))
 
     def to_dict(self) -> dict[str, Any]:
-        """The declaration, loadable again with `from_dict` (the head only where it is not the seed's)."""
+        """The declaration, loadable again with `from_dict` (the head only where it is not the original series')."""
         stages = []
         for s in self.stages:
             entry: dict[str, Any] = {"name": s.name, "width": s.width, "conv1": list(s.conv1)}

@@ -39,7 +39,7 @@ HPARAM_FIELDS = (
 
 @dataclass
 class SupernetConfig(ExecutionFields, OptimiserFields, DataFields):
-    """Everything a supernet run depends on; the defaults are the seed's SPOS setup.
+    """Everything a supernet run depends on; the defaults are the original series' SPOS setup.
 
     The learning rate is `lr_factor` x `peak_lr` (the seed trained the supernet at 0.3x the HPO
     learning rate), decayed per step to 0 over `epochs` (linear or cosine). Data, augmentation,
