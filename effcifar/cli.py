@@ -6,6 +6,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import os
 import signal
 import sys
 import threading
@@ -986,7 +987,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    console = Console()
+    # a log file or a pipe has no width: rich's 80 columns would cut the trial and result tables to 't…  s…'
+    console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
     stop_on_sigterm()
     try:
         configure_allocator()  # before any tensor; HPO/search workers and torchrun ranks do it too

@@ -332,6 +332,7 @@ def param_importances(complete: list[FrozenTrial]) -> tuple[dict[str, float], st
     """
     if len(complete) < 2:
         return {}, f"needs at least 2 complete trials, there is {len(complete)}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize"])  # in memory: importances for accuracy alone
     for t in complete:
         study.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,

@@ -144,6 +144,7 @@ def method_values(config: HpoConfig) -> dict[str, Any]:
 def open_study(config: HpoConfig, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
     """Create or load the study `config.study`; local worker i seeds its sampler with seed + i so workers do not
     repeat each other."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line: each trial has its own
     multi = config.objective == "acc,time"
     sampler = optuna_sampler(config.sampler, None if config.sampler_seed is None else config.sampler_seed + worker)
     pruner = {

@@ -324,6 +324,7 @@ def rungs(config: SelectConfig, epochs: int) -> list[int]:
 
 def open_select_study(config: SelectConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create or load the study: enqueued candidates, successive halving on the held-out accuracy per epoch."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=config.min_epochs, reduction_factor=config.reduction,
                                                     min_early_stopping_rate=0)
     return optuna.create_study(storage=storage, study_name=config.study, sampler=optuna.samplers.RandomSampler(0),
