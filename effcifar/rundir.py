@@ -69,7 +69,7 @@ def locked(directory: str | Path, kind: str) -> Iterator[Path]:
         (directory / LOCK_FILE).unlink(missing_ok=True)  # before the release: a waiter then sees it is gone
         os.close(fd)
         if created is not None and not after:
-            shutil.rmtree(created, ignore_errors=True)
+            remove_created(directory, created)
 
 
 def files(directory: Path) -> set[tuple[Path, int, int, int]]:
@@ -167,6 +167,19 @@ def first_missing(directory: Path) -> Path | None:
             break
         missing = path
     return missing
+
+
+def remove_created(directory: Path, created: Path) -> None:
+    """Remove a run directory that `locked` created and nothing was written to, and the folders it created above
+    it while they are empty: another command may have put its own run beside it meanwhile."""
+    shutil.rmtree(directory, ignore_errors=True)
+    for folder in directory.parents:
+        if not folder.is_relative_to(created):
+            break
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 def clear(directory: Path) -> None:

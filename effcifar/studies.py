@@ -35,7 +35,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import optuna
 import sqlalchemy
@@ -485,6 +485,7 @@ def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int,
     """Entry point of a worker process: die with the parent, the CLI's malloc settings, a GPU, then
     `target(*args, worker=index)`."""
     die_with_parent(parent)
+    signal.signal(signal.SIGTERM, _terminated)  # as Ctrl-C: the running trial is told failed ("interrupted")
     configure_allocator()
     pin_worker_gpu(index)
     try:
@@ -492,6 +493,30 @@ def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int,
     except EffcifarError as e:  # one line, like the command's own errors
         print(f"effcifar: worker {index}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # stopped with its command: no traceback
+        sys.exit(130)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("terminated")
+
+
+def stop_processes(processes: Iterable[multiprocessing.process.BaseProcess], grace: float = 10.0) -> None:
+    """SIGTERM the processes still running, wait up to `grace` seconds for them, then SIGKILL the rest.
+
+    A command that stops (Ctrl-C, SIGTERM, an error) stops its workers before it lets go of its run
+    directory's lock, so that no worker goes on writing a run directory another command may take.
+    """
+    alive = [p for p in processes if p.is_alive()]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in alive:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in alive:
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def start_workers(study: optuna.Study, count: int, target: Callable[..., None], args: tuple[Any, ...],
@@ -505,13 +530,17 @@ def start_workers(study: optuna.Study, count: int, target: Callable[..., None], 
     for w in workers:
         w.start()
     seen: set[int] = set()
-    while any(w.is_alive() for w in workers):
-        time.sleep(0.5)
-        if on_trial is not None:
-            for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
-                if t.number not in seen:
-                    seen.add(t.number)
-                    on_trial(t)
+    try:
+        while any(w.is_alive() for w in workers):
+            time.sleep(0.5)
+            if on_trial is not None:
+                for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
+                    if t.number not in seen:
+                        seen.add(t.number)
+                        on_trial(t)
+    except BaseException:  # Ctrl-C, SIGTERM or an error here: the workers end before the lock is released
+        stop_processes(workers)
+        raise
     for w in workers:
         w.join()
     failed = [w.exitcode for w in workers if w.exitcode]

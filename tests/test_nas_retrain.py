@@ -1,6 +1,9 @@
 """Standalone subnets (train --arch), retraining a search's top K, and the supernet's ranking quality."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +24,7 @@ from effcifar.nas.space import ArchSpace
 from effcifar.train import TrainConfig, recipe_for
 
 from conftest import ARCH, NARROW
+from test_studies import children, is_running, poll
 
 ROOT = Path(__file__).resolve().parents[1]
 # One epoch of 500 synthetic images (100 held out by the supernet run) at the narrow widths.
@@ -205,3 +209,36 @@ def test_a_run_finished_before_the_renames_is_reused(tmp_path):
     assert retrain_lib.train_once(config, tmp_path, data=None)["test_acc"] == 0.5
     with pytest.raises(ConfigError, match="finished with another config"):
         retrain_lib.train_once(TrainConfig(**NARROW, epochs=3, peak_epoch=1), tmp_path, data=None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_nas_eval_workers_end_with_their_command(search_run, tmp_path, sig):
+    """Its training processes die with a killed command, and a terminated one stops them (no queued run starts)
+    before it exits and lets go of its lock."""
+    supernet_dir, _ = search_run
+    proc = subprocess.Popen([sys.executable, "-m", "effcifar", "nas-eval", str(supernet_dir), "--trials", "4",
+                             "--epochs", "400", "--subset", "500", "--batch-size", "50", "--threads", "1",
+                             "--precision", "fp32", "--workers", "2", "--out", str(tmp_path / "ne")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    workers: list[int] = []
+    try:
+        def two_trainings_started() -> bool:
+            workers[:] = [p for p in children(proc.pid)
+                          if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+            return len(workers) >= 2 and len(list((tmp_path / "ne").glob("subnet_*/logs.tsv"))) == 2
+        assert poll(two_trainings_started, 120), "the two trainings did not start"
+        os.kill(proc.pid, sig)
+        assert proc.wait(30) == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
+        if sig == signal.SIGTERM:
+            assert not any(is_running(w) for w in workers), "the command ended before its workers"
+            assert not (tmp_path / "ne" / ".lock").exists()
+        assert poll(lambda: not any(is_running(w) for w in workers), 5), "a worker outlived its command"
+        assert sorted(p.name for p in (tmp_path / "ne").glob("subnet_*")) == ["subnet_0", "subnet_1"]  # none queued
+    finally:
+        for pid in [proc.pid, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()

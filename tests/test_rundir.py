@@ -87,6 +87,15 @@ def test_a_directory_left_empty_by_a_failure_is_removed_and_an_existing_one_kept
     assert (tmp_path / "old").is_dir() and not any((tmp_path / "old").iterdir())
 
 
+def test_a_failure_removes_only_its_own_directory_not_a_run_made_beside_it_meanwhile(tmp_path):
+    with pytest.raises(ValueError):
+        with locked(tmp_path / "new" / "a", "train"):  # creates new/ and new/a/
+            (tmp_path / "new" / "b").mkdir()  # another command's run, made while this one runs
+            (tmp_path / "new" / "b" / "summary.json").write_text("theirs")
+            raise ValueError("refused before writing anything")
+    assert not (tmp_path / "new" / "a").exists() and (tmp_path / "new" / "b" / "summary.json").read_text() == "theirs"
+
+
 def test_a_file_in_place_of_the_directory_is_refused(tmp_path):
     (tmp_path / "taken").write_text("mine")
     with pytest.raises(WriteError, match="taken: expected a run directory, got a file"):

@@ -172,7 +172,10 @@ def poll(condition, seconds: float) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
-def test_workers_die_with_their_killed_command(tmp_path, files):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_die_with_their_killed_command(tmp_path, files, sig):
+    """SIGKILL: the kernel ends the workers. SIGTERM: the command stops them before it lets go of its lock, marks
+    their trials failed and exits 130, with no trial left running."""
     base, space = files
     base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "epochs": 50}))  # trials outlast the test
     proc = subprocess.Popen([sys.executable, "-m", "effcifar", "hpo", "run", "--space", str(space), "--config", str(base),
@@ -185,8 +188,13 @@ def test_workers_die_with_their_killed_command(tmp_path, files):
                           if "spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
             return len(workers) == 2 and (tmp_path / "hpo" / "trials").is_dir()
         assert poll(two_workers_started, 120), "the workers did not start"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.kill(proc.pid, sig)
+        assert proc.wait(30) == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
+        if sig == signal.SIGTERM:  # stopped, not left to the kernel: none alive when the command has ended
+            assert not any(is_running(w) for w in workers), "the command ended before its workers"
+            assert not (tmp_path / "hpo" / ".lock").exists()
+            states = [t.state for t in load_study(StorageConfig(), tmp_path / "hpo").trials]
+            assert TrialState.RUNNING not in states and TrialState.FAIL in states, states
         assert poll(lambda: not any(is_running(w) for w in workers), 5), "a worker outlived its command"
     finally:
         for pid in [proc.pid, *workers]:

@@ -53,7 +53,7 @@ from effcifar.nas.search import CandidateEvaluator, SearchConfig, load_supernet_
 from effcifar.nas.space import read_arch_file
 from effcifar.nas.table import BenchmarkTable, table_key
 from effcifar.rundir import locked
-from effcifar.studies import max_workers, pin_worker_gpu
+from effcifar.studies import die_with_parent, max_workers, pin_worker_gpu, stop_processes
 from effcifar.train import TrainConfig, finished_summary, train, write_tsv
 
 Progress = Callable[[str], None]
@@ -158,21 +158,30 @@ def train_all(jobs: list[tuple[TrainConfig, Path]], workers: int = 1, data: Cifa
     index = multiprocessing.get_context("spawn").Value("i", 0)
     threads = max(1, (os.cpu_count() or 1) // workers)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_start_worker, initargs=(index, threads)) as pool:
+                                                initializer=_start_worker,
+                                                initargs=(index, threads, os.getpid())) as pool:
         futures = {pool.submit(_train_job, config, run_dir): i for i, (config, run_dir) in enumerate(jobs)}
         summaries: list[dict[str, Any]] = [{}] * len(jobs)
-        for done, future in enumerate(concurrent.futures.as_completed(futures)):
-            summaries[futures[future]] = future.result()
-            if progress is not None:
-                progress(f"trained {done + 1}/{len(jobs)}: {jobs[futures[future]][1]}")
+        try:
+            for done, future in enumerate(concurrent.futures.as_completed(futures)):
+                summaries[futures[future]] = future.result()
+                if progress is not None:
+                    progress(f"trained {done + 1}/{len(jobs)}: {jobs[futures[future]][1]}")
+        except BaseException:  # Ctrl-C, SIGTERM or a failed run: no queued run starts, the running ones stop
+            processes = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown forgets them
+            pool.shutdown(wait=False, cancel_futures=True)
+            stop_processes(processes)
+            raise
     return summaries
 
 
 _WORKER_DATA: dict[tuple[str, str | None], CifarData] = {}
 
 
-def _start_worker(counter: Any, threads: int) -> None:
-    """A training worker: the CLI's malloc settings; the next index pins its GPU; CPU threads split the cores."""
+def _start_worker(counter: Any, threads: int, parent: int) -> None:
+    """A training worker: it dies with its command; the CLI's malloc settings; the next index pins its GPU; CPU
+    threads split the cores."""
+    die_with_parent(parent)
     configure_allocator()
     with counter.get_lock():
         index, counter.value = counter.value, counter.value + 1
