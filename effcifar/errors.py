@@ -1,8 +1,27 @@
 """Typed errors. The CLI prints any `EffcifarError` as one line and exits non-zero."""
 
+import re
+
+# user:password@ in any URL (up to the last '@' of the word, so a password holding an unencoded '@' goes whole), and
+# the value of a query parameter whose name says it is a secret (password=, token=, ...; any case)
+_USERINFO = re.compile(r"(\w[\w+.-]*://[^\s:/@'\"]*):[^\s'\"]*@")
+_SECRET_PARAM = re.compile(r"([?&][^=\s&'\"]*(?:password|passwd|token|secret|api_?key)[^=\s&'\"]*=)[^&\s'\"#]*",
+                           re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it masked (`user:***@`, `password=***`)."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
+
 
 class EffcifarError(Exception):
-    """Base class for errors caused by user input or the environment, not by a bug."""
+    """Base class for errors caused by user input or the environment, not by a bug.
+
+    Its message never shows a URL's credentials (a mirror's, a storage's), wherever the value came from.
+    """
+
+    def __str__(self) -> str:
+        return redact(super().__str__())
 
 
 class ConfigError(EffcifarError):

@@ -67,7 +67,8 @@ class StorageConfig:
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for a bad storage URL or heartbeat."""
         if self.storage is not None and not is_storage_url(self.storage):
-            raise field_error("storage", "a postgresql://USER@HOST[:PORT]/DB URL", redact_url(self.storage))
+            raise field_error("storage", "a postgresql://USER@HOST[:PORT]/DB URL (an '@' in a password written "
+                                         "%40)", redact_url(self.storage))
         if not self.heartbeat >= 1:
             raise field_error("heartbeat", "a number of seconds >= 1", self.heartbeat)
 
@@ -93,7 +94,8 @@ def parse_url(url: str) -> sqlalchemy.engine.URL | None:
 def is_storage_url(url: str) -> bool:
     """Whether `url` is a PostgreSQL URL whose parts parse (a port, if given, is a number 0-65535)."""
     parsed = parse_url(url)
-    return parsed is not None and parsed.drivername in STORAGE_SCHEMES and 0 <= (parsed.port or 0) <= 65535
+    return (parsed is not None and parsed.drivername in STORAGE_SCHEMES and 0 <= (parsed.port or 0) <= 65535
+            and "@" not in (parsed.host or ""))  # else the password held an '@': its tail would be the host
 
 
 def is_password_key(name: str) -> bool:
@@ -108,10 +110,14 @@ def _redacted(url: str) -> tuple[str, list[str]]:
         return "<not a URL>", [url]
     keys = [k for k in parsed.query if is_password_key(k)]
     secrets = [parsed.password or ""]
+    host = parsed.host
+    if host and "@" in host:  # an unencoded '@' in the password: SQLAlchemy ends the password at the first '@'
+        tail, host = host.rsplit("@", 1)
+        secrets += [f"{parsed.password or ''}@{tail}", tail]
     for key in keys:
         value = parsed.query[key]
         secrets += [value] if isinstance(value, str) else list(value)
-    kept = sqlalchemy.engine.URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port,
+    kept = sqlalchemy.engine.URL.create(parsed.drivername, parsed.username, None, host, parsed.port,
                                         parsed.database, parsed.difference_update_query(keys).query)
     return kept.render_as_string(hide_password=True), [str(s) for s in secrets if s]
 

@@ -18,6 +18,7 @@ import torch
 
 from effcifar.cli import main
 from effcifar.config import save_config
+from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig
 
 from conftest import TINY_BASE, TINY_SPACE
@@ -135,7 +136,7 @@ def test_unreadable_files(inputs, capsys, args, message):
      "field 'subset': expected at most the 8000 training images of synthetic left after holdout=2000, got 9000"),
     (["hpo", "run", "--space", "{tmp}/space.json", "--dataset", "synthetic", "--storage",
       "postgresql://alice:secret-pw@db:notaport/hpo", "--out", "{tmp}/run"],
-     "field 'storage': expected a postgresql://USER@HOST[:PORT]/DB URL, got '<not a URL>'"),
+     "field 'storage': expected a postgresql://USER@HOST[:PORT]/DB URL (an '@' in a password written %40), got '<not a URL>'"),
     (["hpo", "run", "--space", "{tmp}/empty_space.json", "--dataset", "synthetic", "--out", "{tmp}/run"],
      "{tmp}/empty_space.json: expected at least one parameter"),
     (["hpo", "run", "--experiment", "{tmp}/inline.yml", "--config", "{tmp}/bad_base.json", "--out", "{tmp}/run"],
@@ -231,3 +232,15 @@ def test_sizes_beyond_the_device_are_refused_before_allocation(inputs, capsys, a
 ])
 def test_nothing_to_resume_or_read(inputs, capsys, args, message):
     run_bad(inputs, capsys, args, message)
+
+
+@pytest.mark.parametrize("message", [
+    "cannot download http://bob:SECRETPW@127.0.0.1:8090/cifar-10-python.tar.gz into data: refused",
+    "field 'hpo': expected a mapping, got 'postgresql://alice:SECRETPW@db/x'",
+    "got ['postgresql://alice:SE@CRETPW@db/x']",
+    "download of https://mirror.example/c.tar.gz?Token=SECRETPW&x=1 failed",
+])
+def test_no_error_message_shows_a_urls_credentials(message):
+    """Wherever a URL in a message came from (a mirror, a misplaced storage value), its secret is masked."""
+    shown = str(ConfigError(message))
+    assert "SECRETPW" not in shown and "CRETPW" not in shown and ("***@" in shown or "=***" in shown), shown

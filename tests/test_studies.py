@@ -38,6 +38,7 @@ SECRET = "123/SECRET?PW#x"
     ("mysql://alice:123/SECRETPW@db/x", "mysql://alice@db/x"),
     ("postgresql://alice:SECRETPW@db:notaport/x", "<not a URL>"),
     ("alice:SECRETPW", "<not a URL>"),
+    ("postgresql://alice:SE@CRETPW@db:5432/x", "postgresql://alice@db:5432/x"),  # an unencoded '@' in it
 ])
 def test_redaction_removes_the_password_sqlalchemy_would_send(url, redacted):
     assert redact_url(url) == redacted
@@ -48,6 +49,7 @@ def test_only_postgresql_urls_with_a_port_in_range_are_storage():
     assert is_storage_url("postgresql://alice:123/SECRETPW@localhost/x")
     assert not is_storage_url("postgresql://alice@localhost:99999/x")
     assert not is_storage_url("mysql://alice@localhost/x")
+    assert not is_storage_url("postgresql://alice:SE@CRETPW@db/x")  # its tail would be sent as the host
 
 
 @pytest.mark.parametrize("args", [
