@@ -1,8 +1,12 @@
 """Optuna's web dashboard for an HPO or search run: `effcifar dashboard runs/NAME` shows its study in a browser.
 
 optuna-dashboard has no login, and anyone who can reach it can edit and delete studies, so it listens
-on loopback; another address needs `allow_network` and comes with a warning. The study is opened as
-it exists: a directory or database without it is an error, never a new empty study.
+on loopback; another address needs `allow_network` and comes with a warning. On loopback it answers
+only requests addressed to this machine by name (the Host header), and edits only from its own pages
+(the Origin header): a web page elsewhere cannot drive it through the browser (DNS rebinding,
+cross-site requests). An edit (a note, a deleted trial or study) takes the run directory's lock, so
+it is refused while a command writes the run. The study is opened as it exists: a directory or
+database without it is an error, never a new empty study.
 """
 
 from __future__ import annotations
@@ -10,18 +14,23 @@ from __future__ import annotations
 import dataclasses
 import errno
 import ipaddress
+import threading
+import urllib.parse
 from pathlib import Path
 from socketserver import ThreadingMixIn
-from typing import Callable
+from typing import Any, Callable, Iterable
 from wsgiref.simple_server import WSGIServer, make_server
 
 import optuna_dashboard
 
 from effcifar.config import build_config
-from effcifar.errors import ConfigError
+from effcifar.errors import ConfigError, WriteError
 from effcifar.hpo.study import CONFIG_FILE as HPO_CONFIG, HpoConfig
 from effcifar.nas.search import CONFIG_FILE as SEARCH_CONFIG, SearchConfig
+from effcifar.rundir import locked
 from effcifar.studies import load_study, open_storage
+
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -53,6 +62,43 @@ def network_warning(host: str, port: int, allow_network: bool) -> str | None:
     return f"the dashboard on {host}:{port} is reachable from the network: {risk}"
 
 
+def loopback_names(host: str, port: int) -> set[str] | None:
+    """The Host headers a loopback server answers (this machine by name or address, with the port); None beyond
+    loopback, where the machine's names are not known here."""
+    if not is_loopback(host):
+        return None
+    return {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]")}
+
+
+def guarded(app: Callable[..., Iterable[bytes]], names: set[str] | None, run_dir: Path,
+            kind: str) -> Callable[..., Iterable[bytes]]:
+    """The dashboard's WSGI app behind the checks of the module docstring: 403 for another Host or a foreign
+    Origin, 409 for an edit while a command holds the run directory."""
+    edits = threading.Lock()  # one edit at a time takes the run directory's lock
+
+    def refuse(start_response: Callable[..., Any], status: str, reason: str) -> list[bytes]:
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [reason.encode() + b"\n"]
+
+    def app_guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if names is not None and environ.get("HTTP_HOST", "").lower() not in names:
+            return refuse(start_response, "403 Forbidden", "effcifar dashboard: this server answers requests to "
+                                                           "this machine only")
+        if environ.get("REQUEST_METHOD", "GET") in READ_METHODS:
+            return app(environ, start_response)
+        origin = environ.get("HTTP_ORIGIN")
+        if names is not None and origin is not None and urllib.parse.urlsplit(origin).netloc.lower() not in names:
+            return refuse(start_response, "403 Forbidden", "effcifar dashboard: edits come from its own pages only")
+        with edits:
+            try:
+                with locked(run_dir, kind):
+                    return list(app(environ, start_response))
+            except WriteError as e:
+                return refuse(start_response, "409 Conflict", f"effcifar dashboard: not edited: {e}")
+
+    return app_guarded
+
+
 def run_config(run_dir: Path, storage: str | None) -> HpoConfig | SearchConfig:
     """The saved config of an HPO or architecture-search run (where its study is stored, and its name)."""
     for name, cls in ((SEARCH_CONFIG, SearchConfig), (HPO_CONFIG, HpoConfig)):
@@ -76,7 +122,8 @@ def serve_dashboard(run_dir: str | Path, host: str = "127.0.0.1", port: int = 80
     run_dir = Path(run_dir)
     config = run_config(run_dir, storage)
     load_study(config, run_dir)  # it must exist; nothing is created
-    app = optuna_dashboard.wsgi(open_storage(config, run_dir, read_only=True))  # no URL to print
+    app = guarded(optuna_dashboard.wsgi(open_storage(config, run_dir, read_only=True)),  # no URL to print
+                  loopback_names(host, port), run_dir, "search" if isinstance(config, SearchConfig) else "hpo")
     try:
         server = make_server(host, port, app, server_class=ThreadingWSGIServer)
     except OSError as e:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,8 @@ from effcifar.errors import ConfigError
 from effcifar.hpo.study import HpoConfig, open_study
 from effcifar.nas.search import SearchConfig
 from effcifar.studies import open_storage
+
+from test_rundir import HOLDER
 
 SPACE = str(Path(__file__).resolve().parents[1] / "examples" / "search_space.json")
 ACCURACIES = (0.91, 0.93, 0.92)
@@ -198,3 +201,34 @@ def test_serves_an_architecture_search_run(tmp_path):
     study.add_trial(optuna.trial.create_trial(value=0.42, user_attrs={"accuracy": 0.42}))
     with serving(run, tmp_path) as (_, studies):
         assert [s["study_name"] for s in studies] == ["search1"]
+
+
+def request(port: int, method: str, path: str, host: str | None = None, origin: str | None = None) -> int:
+    """The status of one request to the local dashboard, with these Host and Origin headers."""
+    headers = {"Host": host or f"127.0.0.1:{port}", **({"Origin": origin} if origin else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+def test_pages_elsewhere_cannot_drive_it_and_edits_wait_for_the_runs_writer(server, run_dir):
+    """DNS rebinding (another Host), a cross-site edit (another Origin), an edit while a command writes the run."""
+    port, _ = server
+    evil = f"attacker.example:{port}"
+    assert request(port, "GET", "/api/studies", host=evil) == 403
+    assert request(port, "DELETE", "/api/studies/0", host=evil, origin=f"http://{evil}") == 403
+    assert request(port, "DELETE", "/api/studies/0", origin=f"http://{evil}") == 403
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(run_dir), "hpo"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert request(port, "DELETE", "/api/studies/0") == 409  # an `hpo run` holds the run directory
+    finally:
+        stop(holder)
+    with urllib.request.urlopen(f"http://localhost:{port}/api/studies", timeout=5) as response:  # the study stays
+        assert [s["study_name"] for s in json.load(response)["study_summaries"]] == ["hpo"]
+    assert request(port, "DELETE", "/api/studies/0", origin=f"http://localhost:{port}") == 204  # its own page
