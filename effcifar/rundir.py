@@ -10,8 +10,9 @@ command failed before writing anything) is removed too, so a refused input leave
 Each run directory records its kind (train, hpo, supernet, ...) in RUN/.kind when first locked, and
 a command of another kind is refused, so that no command replaces another's files. A pipeline's
 stages are directories of their own kinds inside it; a command that writes into one also takes the
-pipeline's lock, so it is refused while the pipeline runs (and the pipeline while it runs).
-Directories made before kinds were recorded take the kind of the next command that locks them.
+pipeline's lock, so it is refused while the pipeline runs (and the pipeline while it runs). Any
+directory inside a run that another command is writing is that command's (a study's trials): only
+it and its worker processes may lock one. Directories made before kinds were recorded take the kind of the next command that locks them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def locked(directory: str | Path, kind: str) -> Iterator[Path]:
         finally:
             _held[key] -= 1
         return
+    check_enclosing_runs(directory)
     parent = directory.parent
     if recorded_kind(parent) == "pipeline" and parent.resolve() not in _held:
         with locked(parent, "pipeline"), locked(directory, kind):  # one writer for the pipeline and its stages
@@ -70,6 +72,49 @@ def locked(directory: str | Path, kind: str) -> Iterator[Path]:
         os.close(fd)
         if created is not None and not after:
             remove_created(directory, created)
+
+
+def check_enclosing_runs(directory: Path) -> None:
+    """WriteError if a run directory around `directory` is being written by another command: a study's trial,
+    a pipeline's stage and the like belong to the command that runs them (this process or its workers may)."""
+    for folder in directory.resolve().parents:
+        if folder in _held or not (folder / LOCK_FILE).is_file():
+            continue
+        holder = lock_holder(folder)
+        if holder is not None and holder not in process_ancestors():
+            raise WriteError(f"{directory} is inside {folder}, which another effcifar process (PID {holder}) is "
+                             f"writing; wait for it to end or choose another run directory")
+
+
+def lock_holder(directory: Path) -> int | None:
+    """The id of the process holding the run directory's lock now (None: nobody; -1: a holder not yet named)."""
+    try:
+        fd = os.open(directory / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = holder_pid(fd)
+        return int(text) if text.isdigit() else -1
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def process_ancestors() -> set[int]:
+    """This process and its parents (read from /proc where there is one, else the parent alone)."""
+    found, pid = {os.getpid()}, os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rpartition(")")[2].split()[1])  # the field after the state; the name may hold spaces
+    return found
 
 
 def files(directory: Path) -> set[tuple[Path, int, int, int]]:

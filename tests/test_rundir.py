@@ -68,6 +68,25 @@ def test_train_on_a_directory_in_use_is_one_line_and_touches_nothing(holder):
     assert sorted(p.name for p in run.iterdir()) == [KIND_FILE, LOCK_FILE, "logs.tsv"] and (run / "logs.tsv").read_text() == "theirs"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("holder", ["hpo"], indirect=True)
+def test_a_directory_inside_a_run_another_command_writes_is_refused(holder):
+    """A running study's trial folder belongs to it: another command may not lock it (nor replace its files)."""
+    run, process = holder
+    trial = run / "trials" / "0000"
+    with pytest.raises(WriteError, match=rf"^{trial} is inside {run}, which another effcifar process "
+                                         rf"\(PID {process.pid}\) is writing"):
+        with locked(trial, "train"):
+            pass
+    r = effcifar("train", *TINY, "--out", str(trial), "--overwrite", "--quiet")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "is inside" in r.stderr, r.stderr
+    assert not (run / "trials").exists()  # nothing left behind
+    process.kill()
+    process.wait()
+    with locked(trial, "train"):  # once it has ended, the folder is free
+        pass
+
+
 def test_a_process_may_lock_a_directory_it_holds(tmp_path):
     with locked(tmp_path / "run", "train"):
         with locked(tmp_path / "run", "train"):
@@ -139,7 +158,7 @@ def test_a_stage_directory_of_a_running_pipeline_is_refused(holder, capsys):
     (pipeline / "baseline" / "summary.json").write_text("{}")
     assert main(["train", *TINY, "--out", str(pipeline / "baseline")]) == 2
     err = capsys.readouterr().err
-    assert f"{pipeline}: in use by another effcifar process (PID {process.pid})" in err, err
+    assert f"is inside {pipeline}, which another effcifar process (PID {process.pid}) is writing" in err, err
     assert (pipeline / "baseline" / "summary.json").read_text() == "{}"
 
 
