@@ -34,7 +34,7 @@ from effcifar.config import (
 )
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.supernet import SupernetConfig
-from effcifar.rundir import clear, files as rundir_files, locked
+from effcifar.rundir import files as rundir_files, locked, replacing
 from effcifar.train import EpochMetrics, TrainConfig, recipe_fields_classes, train
 
 NAS_EVAL_TRIALS = 20  # subnets trained standalone by nas-eval
@@ -137,7 +137,8 @@ def run_train(args: argparse.Namespace, console: Console) -> int:
             if not args.overwrite:
                 raise EffcifarError(f"{out}: holds a run already (a training run does not resume); choose another "
                                     f"--out, or add --overwrite to replace it")
-            clear(out)
+            with replacing(out):  # the old run stays if the new one fails
+                return train_and_show(config, out, args, console)
         return train_and_show(config, out, args, console)
 
 

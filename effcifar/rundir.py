@@ -29,6 +29,7 @@ from effcifar.errors import WriteError
 
 LOCK_FILE = ".lock"
 KIND_FILE = ".kind"
+REPLACED_DIR = ".replaced"  # a run being replaced (`replacing`), kept until its replacement has succeeded
 KINDS = ("train", "hpo", "supernet", "search", "select", "retrain", "nas-eval", "report", "pipeline")
 _held: dict[Path, int] = {}  # directories this process holds -> how many `locked` blocks hold them
 
@@ -225,6 +226,41 @@ def remove_created(directory: Path, created: Path) -> None:
             folder.rmdir()  # only when empty
         except OSError:
             break
+
+
+@contextlib.contextmanager
+def replacing(directory: Path) -> Iterator[None]:
+    """Replace the run in a directory this process holds, keeping the old one until the block has succeeded.
+
+    Its files move aside into RUN/.replaced (renames: no space needed) and come back if the block
+    fails (a full disk, a diverged run, Ctrl-C); they are removed once it succeeds. A replacement
+    killed midway leaves them there, and the next `replacing` first puts them back.
+    """
+    aside = directory / REPLACED_DIR
+    if aside.is_dir():
+        _put_back(directory, aside)
+    aside.mkdir()
+    for path in _run_files(directory):
+        path.rename(aside / path.name)
+    try:
+        yield
+    except BaseException:
+        _put_back(directory, aside)
+        raise
+    shutil.rmtree(aside)
+
+
+def _run_files(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name not in (LOCK_FILE, KIND_FILE, REPLACED_DIR)]
+
+
+def _put_back(directory: Path, aside: Path) -> None:
+    """Remove what a failed replacement wrote and move the replaced run back."""
+    for path in _run_files(directory):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for path in aside.iterdir():
+        path.rename(directory / path.name)
+    aside.rmdir()
 
 
 def clear(directory: Path) -> None:

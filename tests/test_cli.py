@@ -154,6 +154,13 @@ def test_train_into_a_run_directory_is_refused_unless_overwrite(tmp_path, capsys
     (out / "stale.txt").write_text("from before")
     assert main(["train", *tiny, "--seed", "1", "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert json.loads((out / "summary.json").read_text())["seed"] == 1 and not (out / "stale.txt").exists()
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".kind"}
+    # a replacement that fails (here it diverges) leaves the old run as it was, with none of its own files
+    assert main(["train", *tiny, "--seed", "2", "--epochs", "2", "--peak-lr", "1e30", "--out", str(out), "--quiet",
+                 "--overwrite"]) == 2
+    assert "train loss is" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".kind"} == kept
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []
 
 
 def test_old_option_names_still_work_with_one_notice_each(capsys):

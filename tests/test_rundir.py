@@ -11,7 +11,7 @@ import pytest
 
 from effcifar.cli import main
 from effcifar.errors import WriteError
-from effcifar.rundir import KIND_FILE, LOCK_FILE, locked
+from effcifar.rundir import KIND_FILE, LOCK_FILE, REPLACED_DIR, locked, replacing
 
 from test_cli import TINY, effcifar
 
@@ -113,6 +113,26 @@ def test_a_failure_removes_only_its_own_directory_not_a_run_made_beside_it_meanw
             (tmp_path / "new" / "b" / "summary.json").write_text("theirs")
             raise ValueError("refused before writing anything")
     assert not (tmp_path / "new" / "a").exists() and (tmp_path / "new" / "b" / "summary.json").read_text() == "theirs"
+
+
+def test_a_replaced_run_is_kept_until_its_replacement_succeeds(tmp_path):
+    run = tmp_path / "run"
+    with locked(run, "train"):
+        (run / "model.pt").write_text("old")
+        with pytest.raises(OSError):
+            with replacing(run):
+                assert not (run / "model.pt").exists()
+                (run / "logs.tsv").write_text("new, half written")
+                raise OSError(28, "No space left on device")
+        assert sorted(p.name for p in run.iterdir()) == [KIND_FILE, LOCK_FILE, "model.pt"]
+        assert (run / "model.pt").read_text() == "old"
+        (run / REPLACED_DIR).mkdir()  # a replacement killed midway: the old run aside, half a new one in place
+        (run / "model.pt").rename(run / REPLACED_DIR / "model.pt")
+        (run / "logs.tsv").write_text("new, half written")
+        with replacing(run):
+            (run / "model.pt").write_text("new")
+        assert sorted(p.name for p in run.iterdir()) == [KIND_FILE, LOCK_FILE, "model.pt"]
+        assert (run / "model.pt").read_text() == "new"
 
 
 def test_a_file_in_place_of_the_directory_is_refused(tmp_path):
