@@ -227,11 +227,27 @@ def is_record(line: bytes) -> bool:
         return False
 
 
-def storage_error(action: str, url: str, error: Exception) -> ConfigError:
+def storage_error(action: str, url: str, error: Exception, advice: str = "") -> ConfigError:
     """A one-line error about a database: the driver's first line, with every spelling of the password masked."""
     cause = error.__cause__ or error  # Optuna wraps the SQLAlchemy error, which wraps the driver's
-    reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
-    return ConfigError(f"{action} {redact_url(url)}: {redact_text(reason, url)}")
+    reason = (str(getattr(cause, "orig", None) or cause).strip().splitlines() or [type(cause).__name__])[0]
+    return ConfigError(f"{action} {redact_url(url)}: {redact_text(reason, url)}{'; ' + advice if advice else ''}")
+
+
+STORAGE_LOST = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                optuna.exceptions.StorageInternalError)  # what a database gone mid-study raises
+
+
+@contextlib.contextmanager
+def storage_lost_is_an_error(storage: str | None) -> Iterator[None]:
+    """Turn a study's database lost while it runs (the server stopped, the network cut) into a one-line error."""
+    try:
+        yield
+    except STORAGE_LOST as e:
+        if storage is None:
+            raise
+        raise storage_error("lost the study's database", storage, e,
+                            "once it answers again, run the same command to resume") from None
 
 
 def study_name(storage: optuna.storages.BaseStorage, config: StorageConfig, run_dir: Path,
@@ -384,15 +400,36 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def heartbeat(study: optuna.Study, trial: optuna.Trial) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     """Beat for the trial while it runs (PostgreSQL), so that the trials of a dead worker are failed and retried.
 
     study.optimize beats by itself; the ask-and-tell interface has no public heartbeat
-    (optuna/optuna#3293), so this is the one place that calls Optuna's internal helper.
+    (optuna/optuna#3293), so this is the one place that uses Optuna's internal helper. A lost
+    database ends the beating quietly: the trial's own next write reports it, once, in one line.
     """
-    from optuna.storages._heartbeat import get_heartbeat_thread
+    from optuna.storages._heartbeat import is_heartbeat_enabled
 
-    return get_heartbeat_thread(trial._trial_id, study._storage)
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        yield
+        return
+    interval, stop = storage.get_heartbeat_interval(), threading.Event()
+
+    def beat() -> None:
+        with contextlib.suppress(*STORAGE_LOST):
+            while True:
+                storage.record_heartbeat(trial._trial_id)
+                if stop.wait(interval):
+                    return
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager
@@ -417,7 +454,7 @@ def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget
     what an uninterrupted one would. `objective(trial)` runs one trial and tells the study; an
     interrupt fails the running trial before it propagates.
     """
-    with disk_full_is_an_error(run_dir):
+    with disk_full_is_an_error(run_dir), storage_lost_is_an_error(config.storage):
         while deadline is None or time.time() < deadline:
             with budget_lock(config, run_dir, study.study_name), warnings.catch_warnings():
                 # Optuna warns that heartbeats are meant for study.optimize; this loop beats itself.
@@ -526,24 +563,18 @@ def stop_processes(processes: Iterable[multiprocessing.process.BaseProcess], gra
 
 
 def start_workers(study: optuna.Study, count: int, target: Callable[..., None], args: tuple[Any, ...],
-                  on_trial: OnTrial | None = None) -> None:
+                  on_trial: OnTrial | None = None, storage: str | None = None) -> None:
     """Run `target(*args, worker=i)` in `count` spawned processes; report each finished trial; wait for them.
 
-    ConfigError if a worker exited with an error.
+    ConfigError if a worker exited with an error, or if the study's database (`storage`) was lost.
     """
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=_worker_main, args=(target, args, i, os.getpid())) for i in range(count)]
     for w in workers:
         w.start()
-    seen: set[int] = set()
     try:
-        while any(w.is_alive() for w in workers):
-            time.sleep(0.5)
-            if on_trial is not None:
-                for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
-                    if t.number not in seen:
-                        seen.add(t.number)
-                        on_trial(t)
+        with storage_lost_is_an_error(storage):
+            poll_workers(study, workers, on_trial)
     except BaseException:  # Ctrl-C, SIGTERM or an error here: the workers end before the lock is released
         stop_processes(workers)
         raise
@@ -552,3 +583,16 @@ def start_workers(study: optuna.Study, count: int, target: Callable[..., None], 
     failed = [w.exitcode for w in workers if w.exitcode]
     if failed:
         raise ConfigError(f"{len(failed)} of {len(workers)} workers exited with an error (exit codes {failed})")
+
+
+def poll_workers(study: optuna.Study, workers: list[multiprocessing.process.BaseProcess],
+                 on_trial: OnTrial | None) -> None:
+    """Until the workers have ended, report each trial they finish (twice a second)."""
+    seen: set[int] = set()
+    while any(w.is_alive() for w in workers):
+        time.sleep(0.5)
+        if on_trial is not None:
+            for t in study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL)):
+                if t.number not in seen:
+                    seen.add(t.number)
+                    on_trial(t)

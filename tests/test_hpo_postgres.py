@@ -3,11 +3,14 @@
 Set EFFCIFAR_TEST_POSTGRES to a database URL (with password) to run these; .ci/run does.
 """
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -178,3 +181,65 @@ def test_read_only_commands_create_no_study_in_the_database(tmp_path):
         assert f"{run}: no study '{name}' in postgresql://{USER}@{SERVER} (studies there:" in r.stderr
     assert name not in optuna.study.get_all_study_names(URL)
     assert sorted(p.name for p in run.iterdir()) == ["hpo.yaml"]
+
+
+class CuttableLink:
+    """A TCP forwarder to the test's PostgreSQL server that can be cut: the database lost mid-study, as a stopped
+    server or a broken network leave it (every connection through it closed at once)."""
+
+    def __init__(self, host: str, port: int):
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+                self.sockets += [client, server]
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def cut(self) -> None:
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_database_lost_mid_study_is_one_line_naming_how_to_resume(tmp_path, files, workers):
+    parts = urllib.parse.urlsplit(URL)
+    link = CuttableLink(parts.hostname, parts.port or 5432)
+    url = parts._replace(netloc=parts.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{link.port}").geturl()
+    base, space = files
+    base.write_text(json.dumps({**TINY_BASE, "subset": 2048, "epochs": 50}))  # a trial outlasts the test
+    command = [*hpo_command(files, tmp_path / "hpo", f"lost-{uuid.uuid4().hex[:8]}", 4, "--workers", str(workers))]
+    command[command.index(URL)] = url
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "hpo").glob("trials/*/logs.tsv")):  # a trial has trained an epoch
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        link.cut()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        link.cut()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and "lost the study's database postgresql://" in err, err
+    assert "run the same command to resume" in err
+    password = parts.password
+    assert password and password not in out and password not in err

@@ -268,7 +268,8 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
             run_worker(config, run_dir, deadline=deadline, on_trial=on_trial)
         else:
             threads = max(1, (os.cpu_count() or 1) // config.workers)
-            start_workers(study, config.workers, run_worker, (config, run_dir, threads, deadline), on_trial)
+            start_workers(study, config.workers, run_worker, (config, run_dir, threads, deadline), on_trial,
+                          config.storage)
     check_failures(study.get_trials(deepcopy=False), config.trials, config.max_failures or config.trials)
     return study
 

@@ -400,7 +400,7 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
         else:
             threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker,
-                          (replace(config, threads=threads), supernet_dir, out_dir), on_trial)
+                          (replace(config, threads=threads), supernet_dir, out_dir), on_trial, config.storage)
         export_top(study, out_dir, config.export, evaluator.space, evaluator.latency)
     return study
 

@@ -472,7 +472,8 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
                        on_trial=on_trial)
         else:
             threads = max(1, (os.cpu_count() or 1) // config.workers)
-            start_workers(study, config.workers, run_worker, (config, pool, base, out_dir, threads), on_trial)
+            start_workers(study, config.workers, run_worker, (config, pool, base, out_dir, threads), on_trial,
+                          config.storage)
         result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.epochs), config.margin,
                            base.holdout)
         atomic_write(out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
