@@ -34,7 +34,7 @@ from effcifar.config import (
 )
 from effcifar.errors import ConfigError, EffcifarError
 from effcifar.nas.supernet import SupernetConfig
-from effcifar.rundir import files as rundir_files, locked, replacing
+from effcifar.rundir import files as rundir_files, locked, recorded_kind, replacing
 from effcifar.train import EpochMetrics, TrainConfig, recipe_fields_classes, train
 
 NAS_EVAL_TRIALS = 20  # subnets trained standalone by nas-eval
@@ -132,10 +132,14 @@ def run_train(args: argparse.Namespace, console: Console) -> int:
     """effcifar train."""
     config = config_from_args(TrainConfig, args)
     out = Path(args.out) if args.out else default_run_dir(config.dataset)
+    made_by_train = recorded_kind(out) == "train"  # before `locked` records a kind in a directory that has none
     with locked(out, "train"):  # held from the check to the end of the run (train takes it again)
         if rundir_files(out):
+            if not made_by_train:  # a folder of the user's own: --overwrite replaces training runs only
+                raise EffcifarError(f"{out}: holds files that are not a training run; choose another --out")
             if not args.overwrite:
-                raise EffcifarError(f"{out}: holds a run already (a training run does not resume); choose another "
+                what = "an unfinished run" if not (out / "summary.json").is_file() else "a run already"
+                raise EffcifarError(f"{out}: holds {what} (a training run does not resume); choose another "
                                     f"--out, or add --overwrite to replace it")
             with replacing(out):  # the old run stays if the new one fails
                 return train_and_show(config, out, args, console)

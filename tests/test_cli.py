@@ -145,12 +145,19 @@ def test_train_into_a_run_directory_is_refused_unless_overwrite(tmp_path, capsys
 
     out = tmp_path / "run"
     tiny = [*TINY, "--threads", "1", "--precision", "fp32", "--subset", "128"]
-    out.mkdir()
-    (out / "model.pt").write_bytes(b"an earlier run's")
+    mine = tmp_path / "mine"  # a folder of the user's own is never emptied, --overwrite or not
+    (mine / "sub").mkdir(parents=True)
+    (mine / "important.txt").write_text("precious")
+    assert main(["train", *tiny, "--out", str(mine), "--quiet", "--overwrite"]) == 2
+    assert f"{mine}: holds files that are not a training run" in capsys.readouterr().err
+    assert (mine / "important.txt").read_text() == "precious" and (mine / "sub").is_dir()
+    assert sorted(p.name for p in mine.iterdir()) == ["important.txt", "sub"]
+    assert main(["train", *tiny, "--seed", "0", "--out", str(out), "--quiet"]) == 0
+    model = (out / "model.pt").read_bytes()
     assert main(["train", *tiny, "--seed", "1", "--out", str(out), "--quiet"]) == 2
     error = capsys.readouterr().err
     assert f"{out}: holds a run already" in error and "--overwrite" in error and len(error.splitlines()) == 1
-    assert (out / "model.pt").read_bytes() == b"an earlier run's"
+    assert (out / "model.pt").read_bytes() == model
     (out / "stale.txt").write_text("from before")
     assert main(["train", *tiny, "--seed", "1", "--out", str(out), "--quiet", "--overwrite"]) == 0
     assert json.loads((out / "summary.json").read_text())["seed"] == 1 and not (out / "stale.txt").exists()
