@@ -922,7 +922,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file of TrainConfig fields (e.g. a run's config.yaml or best.json)")
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<time>); one that holds files is refused "
                                  "unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (a training run cannot resume)")
+    p.add_argument("--overwrite", action="store_true", help="replace the training run in --out (it cannot resume); the old one stays until the new one succeeds")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
     add_config_options(p, TrainConfig)
     p.set_defaults(handler=run_train)

@@ -225,7 +225,46 @@ def test_selection_input_errors(supernet_run, search_run, tmp_path):
         select_from_search(SelectConfig(), supernet_run, tmp_path / "d", base)
     with pytest.raises(ConfigError, match=r"max_latency_ms: no architecture within 1e-09 ms; the fastest takes"):
         select_from_search(SelectConfig(max_latency_ms=1e-9), search_run, tmp_path / "e", base)
-    assert not any((tmp_path / name).exists() for name in "abcde")  # nothing written
+    with pytest.raises(ConfigError, match="recipe: .* expected resnet9, got airbench"):
+        select_from_search(SelectConfig(), search_run, tmp_path / "f",
+                           TrainConfig.for_recipe("airbench", **{**TINY, "dataset": "synthetic", "holdout": 100}))
+    assert not any((tmp_path / name).exists() for name in "abcdef")  # nothing written
+
+
+@pytest.mark.slow
+def test_an_interrupted_or_failed_candidate_trains_again_on_resume(supernet_run, search_run, tmp_path, monkeypatch):
+    """Ctrl-C during a candidate, then the same command: it trains again (no answer without it); a candidate that
+    fails makes the command fail, naming it, and is retried by the next resume."""
+    import effcifar.nas.select as select_lib
+
+    base, out = tiny_base(supernet_run), tmp_path / "s"
+    config = SelectConfig(pool=1, min_epochs=1, reduction=2, width_curve="")
+    real_train = select_lib.train
+
+    def interrupted(config, run_dir, **kwargs):
+        if run_dir.name == "proposal_0":
+            raise KeyboardInterrupt
+        return real_train(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(select_lib, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        select_from_search(config, search_run, out, base)
+    assert not (out / "answer.json").exists()
+
+    def failing(config, run_dir, **kwargs):
+        if run_dir.name == "proposal_0":
+            raise RuntimeError("CUDA out of memory")
+        return real_train(config, run_dir, **kwargs)
+
+    monkeypatch.setattr(select_lib, "train", failing)
+    with pytest.raises(ConfigError, match=r"1 of 2 candidates failed \(proposal_0: RuntimeError: CUDA out of memory\)"
+                                          r"; run the same command again to retry them"):
+        select_from_search(config, search_run, out, base)
+    assert not (out / "answer.json").exists()
+    monkeypatch.setattr(select_lib, "train", real_train)
+    result = select_from_search(config, search_run, out, base)
+    assert {r["name"]: r["state"] for r in result.rows}["proposal_0"] in ("COMPLETE", "PRUNED")
+    assert (out / "answer.json").is_file() and "did not finish" not in result.sentence
 
 
 @pytest.mark.slow

@@ -42,8 +42,8 @@ from effcifar.nas.costs import CostTable
 from effcifar.nas.space import Arch, ArchSpace, HeadSpec, network_key, width_channels
 from effcifar.rundir import clear, locked
 from effcifar.studies import (
-    FINISHED, OnTrial, StorageConfig, check_setup, check_workers, open_storage, recorded_study, run_trials,
-    start_workers, study_name,
+    FINISHED, OnTrial, StorageConfig, check_setup, check_workers, open_storage, recorded_study, retried_numbers,
+    run_trials, start_workers, study_name,
 )
 from effcifar.train import EpochMetrics, TrainConfig, finished_summary, read_logs, recipe_for, train
 
@@ -395,6 +395,18 @@ def run_worker(config: SelectConfig, pool: list[Candidate], base: TrainConfig, o
     run_trials(study, config, out_dir, len(pool), CandidateRunner(study, pool, base, out_dir), on_trial=on_trial)
 
 
+def requeue_failed(study: optuna.Study, pool: list[Candidate]) -> None:
+    """Enqueue again each candidate whose last trial failed (interrupted, or an error), once per resume."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    latest = {t.params["candidate"]: t for t in sorted(trials, key=lambda t: t.number) if "candidate" in t.params}
+    for c in pool:
+        t = latest.get(c.name)
+        if t is not None and t.state == TrialState.FAIL and t.number not in retried:
+            study.enqueue_trial({"candidate": c.name}, user_attrs={"source": c.source, "retry_of": t.number},
+                                skip_if_exists=False)
+
+
 def setup_values(config: SelectConfig, pool: list[Candidate], base: TrainConfig) -> dict[str, Any]:
     """What the recorded results mean: the candidates, their training and the halving schedule."""
     return {"pool": [(c.name, c.arch, c.widths) for c in pool], "base": result_values(base),
@@ -431,6 +443,9 @@ def check_inputs(config: SelectConfig, base: TrainConfig) -> None:
     base.validate()
     if not base.holdout:
         raise ConfigError("holdout: selection chooses on held-out training images; expected holdout > 0, got 0")
+    if base.recipe != TrainConfig.recipe:
+        raise ConfigError(f"recipe: the candidates are networks of the search space, which the {TrainConfig.recipe} "
+                          f"recipe builds; expected {TrainConfig.recipe}, got {base.recipe}")
     if config.min_epochs > base.epochs:
         raise ConfigError(f"min_epochs: the first rung must fit the training budget; expected at most "
                           f"epochs = {base.epochs}, got {config.min_epochs}")
@@ -467,6 +482,8 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
         if not study.get_trials(deepcopy=False):  # enqueued once, in pool order: the incumbent first
             for c in pool:
                 study.enqueue_trial({"candidate": c.name}, user_attrs={"source": c.source})
+        else:  # resumed: a candidate stopped midway (Ctrl-C, SIGTERM) or failed trains again
+            requeue_failed(study, pool)
         if config.workers == 1:
             run_trials(study, config, out_dir, len(pool), CandidateRunner(study, pool, base, out_dir, data),
                        on_trial=on_trial)
@@ -477,6 +494,11 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
         result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.epochs), config.margin,
                            base.holdout)
         atomic_write(out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
+        failed = [r for r in result.rows if r["state"] == TrialState.FAIL.name]
+        if failed:  # the answer would be unchecked against them: no answer.json, and the command fails
+            (out_dir / ANSWER_FILE).unlink(missing_ok=True)
+            raise ConfigError(f"{out_dir}: {len(failed)} of {len(result.rows)} candidates failed ({failed[0]['name']}: "
+                              f"{failed[0]['fail_reason']}); run the same command again to retry them")
         chosen = result.chosen
         atomic_write(out_dir / ANSWER_FILE, json.dumps({
             "arch": chosen["arch"], "space": space.to_dict(), "name": chosen["name"], "source": chosen["source"],
@@ -663,7 +685,10 @@ def verdict(best: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> str:
         return f"selected {best['name']}: {figure(best)}; no incumbent in the pool" + tail
     if best["name"] == INCUMBENT:
         return f"no proposal beat the incumbent ResNet-9 ({figure(best)}): the baseline stands" + tail
-    curve = "" if best.get("curve_acc") is None else (
+    if incumbent["holdout_acc"] is None:
+        return f"selected {best['name']} ({figure(best)}); the incumbent ResNet-9 did not finish" + tail
+    has_curve = any(r["source"] == CURVE and r["holdout_acc"] is not None for r in rows)
+    curve = "" if best.get("curve_acc") is None or not has_curve else (
         f", {(best['holdout_acc'] - best['curve_acc']) * 100:+.2f} above the width-scaled ResNet-9 at its FLOPs")
     return (f"selected {best['name']} ({figure(best)}) over the incumbent ResNet-9 ({figure(incumbent)}): "
             f"{(best['holdout_acc'] - incumbent['holdout_acc']) * 100:+.2f} points held out{curve}" + tail)
