@@ -590,10 +590,13 @@ def print_selection(console: Console, result: Any, what: str, out: Path) -> None
                       percent(r["holdout_acc"]), percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}")
     console.print(table)
     console.print(result.sentence, markup=False, soft_wrap=True)
-    use = (f"effcifar train --arch {out / 'answer.json'}" if result.chosen["arch"] is not None
-           else "the base network itself, outside the space: effcifar train with the base config")
+    from effcifar.nas.select import TRIALS_DIR
+
+    run = Path(result.chosen["run"] or out / TRIALS_DIR / result.answer)
     console.print(f"training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.0f} s; "
-                  f"wrote {out / 'select.json'} and {out / 'answer.json'} ({use})", markup=False, soft_wrap=True)
+                  f"wrote {out / 'select.json'} and {out / 'answer.json'}", markup=False, soft_wrap=True)
+    console.print(f"the answer's network, widths and hyper-parameters again (--holdout 0: on every training image): "
+                  f"effcifar train --config {run / 'config.yaml'} --holdout 0", markup=False, soft_wrap=True)
 
 
 def run_nas_eval(args: argparse.Namespace, console: Console) -> int:

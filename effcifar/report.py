@@ -68,8 +68,8 @@ STAGES = (
     ("supernet", "Supernet training", "effcifar supernet train --out {run}/supernet"),
     ("search", "Architecture search", "effcifar search {run}/supernet --out {run}/search"),
     ("select", "Selection by real training", "effcifar select {run}/search --out {run}/select"),
-    ("retrain", "The NAS answer, retrained", "effcifar train --arch {run}/select/answer.json --out {run}/retrain/answer"),
-    ("nas_eval", "Supernet ranking quality", "effcifar nas-eval {run}"),
+    ("retrain", "The NAS answer, retrained", "effcifar pipeline --out {run}"),
+    ("nas_eval", "Supernet ranking quality", "effcifar nas-eval {run}/supernet --trials 20 --epochs 10"),
 )
 RESULTS = "results.json"
 RESULTS_COMMAND = "effcifar pipeline"

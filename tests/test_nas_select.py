@@ -296,6 +296,15 @@ def test_select_cli(supernet_run, search_run, tmp_path):
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "incumbent" in result.stdout and (out / "select.json").is_file()
+    # the command it prints trains the answer's own network at its widths (not the default ones)
+    command = result.stdout.split("effcifar train ", 1)[1].split("\n", 1)[0].split()
+    again = subprocess.run([*args[:3], "train", *command, "--epochs", "1", "--out", str(tmp_path / "again"), "--quiet"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    answer = json.loads((out / "answer.json").read_text())
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert (summary["params"], summary["flops"]) == (answer["params"], answer["flops"])
+    assert {k: summary["config"][k] for k in answer["widths"]} == answer["widths"]
     bad = subprocess.run([*args[:-len(TINY)], "--reduction", "1"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and "reduction" in bad.stderr and "Traceback" not in bad.stderr
     front = subprocess.run([*args, "--front", "12e6,lots"], capture_output=True, text=True, env=env, timeout=60)

@@ -503,7 +503,9 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
         atomic_write(out_dir / ANSWER_FILE, json.dumps({
             "arch": chosen["arch"], "space": space.to_dict(), "name": chosen["name"], "source": chosen["source"],
             "accuracy": chosen["holdout_acc"], "flops": chosen["flops"], "params": chosen["params"],
-            "widths": chosen["widths"]}, indent=2) + "\n")
+            "widths": chosen["widths"] or base.widths(),  # the stage widths it was trained at
+            "config": str(Path(chosen["run"] or out_dir / TRIALS_DIR / chosen["name"]) / "config.yaml")},
+            indent=2) + "\n")
     return result
 
 
