@@ -150,9 +150,12 @@ def check_setup(study: optuna.Study, attr: str, values: Mapping[str, Any], where
     changed); record a new study's.
 
     The study keeps the `effcifar.config.fingerprint` of the values (`attr`) and the values (`attr:values`).
+    A study none of whose trials finished (say, all failed on a batch larger than the data) has no
+    results to protect: it takes the new values, so that the corrected command runs where it failed.
     """
     setup = fingerprint(values)
-    if study.user_attrs.get(attr, setup) != setup:
+    finished = any(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    if study.user_attrs.get(attr, setup) != setup and finished:
         recorded = study.user_attrs.get(f"{attr}:values")
         changed = changed_fields(recorded, json.loads(json.dumps(values))) if isinstance(recorded, dict) else []
         detail = f" ({', '.join(changed)} changed)" if changed else ""

@@ -241,6 +241,27 @@ def test_cli_bad_setting_exits_2_with_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_a_stage_that_failed_before_writing_anything_takes_the_corrected_settings(tmp_path):
+    """A value only the data can refuse (a batch larger than the training images) stops the baseline at its start;
+    the corrected command then runs there, instead of being refused as a resume with other settings."""
+    out = tmp_path / "run"
+    output = finish_failing(effcifar("pipeline", "--config", str(TINY), "--set", "train.batch_size=5000", "--quiet",
+                                     "--out", str(out)))
+    assert "field 'batch_size': expected at most the number of training images" in output
+    process = pipeline(out)
+    try:
+        lines = []
+        while not lines or "[2/8] hpo" not in lines[-1]:  # the baseline ran with the corrected settings
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert "other settings" not in "".join(lines) and (out / "baseline" / "summary.json").is_file()
+
+
 def finish_failing(process: subprocess.Popen) -> str:
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 2, output

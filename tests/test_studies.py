@@ -21,7 +21,8 @@ from effcifar.errors import ConfigError, DiskFull
 from effcifar.hpo.study import HpoConfig
 from effcifar.rundir import locked
 from effcifar.studies import (
-    JOURNAL, StorageConfig, is_storage_url, load_study, open_storage, redact_text, redact_url, run_trials, spellings,
+    JOURNAL, StorageConfig, check_setup, is_storage_url, load_study, open_storage, redact_text, redact_url, run_trials,
+    spellings,
 )
 
 from conftest import TINY_BASE
@@ -213,3 +214,13 @@ def test_a_journal_lock_left_by_a_killed_writer_does_not_stall_the_next(tmp_path
     journal_study(run, 2)
     assert time.monotonic() - started < 10  # Optuna would wait 30 s for the lock to go stale
     assert not (run / f"{JOURNAL}.lock").exists()
+
+
+def test_a_study_whose_trials_all_failed_takes_new_settings_and_one_with_results_refuses_them(tmp_path):
+    study = optuna.create_study(storage=open_storage(StorageConfig(), tmp_path), study_name="s")
+    check_setup(study, "setup", {"batch_size": 5000}, "run", "base config")
+    study.tell(study.ask(), state=TrialState.FAIL)  # every trial failed on the bad value: no result to protect
+    check_setup(study, "setup", {"batch_size": 500}, "run", "base config")
+    study.tell(study.ask(), 0.5)
+    with pytest.raises(ConfigError, match=r"another base config \(batch_size changed\)"):
+        check_setup(study, "setup", {"batch_size": 50}, "run", "base config")

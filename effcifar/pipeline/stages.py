@@ -18,7 +18,7 @@ from effcifar.atomic import atomic_write
 from effcifar.config import changed_fields, execution_fields, fingerprint, read_json, result_values, save_config
 from effcifar.errors import ConfigError
 from effcifar.pipeline.plan import STAGES, WIDTHS, PipelineConfig
-from effcifar.rundir import clear, locked
+from effcifar.rundir import clear, files, locked
 from effcifar.train import EpochMetrics, TrainConfig, train
 
 S = TypeVar("S", bound="Stage")
@@ -92,6 +92,9 @@ class StageRecord:
     def check(self) -> None:
         """Refuse a stage that was started with other settings."""
         if self.marker is not None and self.marker["fingerprint"] != self.fingerprint:
+            if not any(path.name != MARKER for path, *_ in files(self.directory)):  # it stopped before writing:
+                self.marker = None  # nothing to protect, so it starts afresh with these settings
+                return
             changed = changed_fields(self.marker.get("settings", {}), self.settings)
             raise ConfigError(f"{self.directory}: stage '{self.name}' was run with other settings "
                               f"({', '.join(changed) or 'unknown'} differ); use the same settings to resume, "
