@@ -480,7 +480,8 @@ def run_search(args: argparse.Namespace, console: Console) -> int:
 
     study = search.run_search(config, args.supernet, args.out, on_trial=None if args.quiet else on_trial)
     latency = LatencyTable.load(Path(args.out) / LATENCY_FILE) if config.needs_latency() else None
-    records = search.top_records(study, config.export, latency)  # run_search wrote them
+    exported = [Path(args.out) / "arch" / f"top_{rank}.json" for rank in range(1, config.export + 1)]
+    records = [read_json(path) for path in exported if path.is_file()]  # as run_search wrote them, within the limits
     by_loss = config.score == "loss"
     table = Table(title=f"effcifar search ({config.strategy}): best {len(records)} of {len(study.trials)} trials, "
                         f"ranked by held-out {'loss (lower is better)' if by_loss else 'accuracy'} after BN "

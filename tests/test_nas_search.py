@@ -82,6 +82,13 @@ def test_resumed_study_reuses_the_cache_and_never_re_evaluates(supernet_run, tmp
     study = run_search(config(strategy="random", trials=10), supernet_run, moved)
     assert study.study_name == "s" and len(study.trials) == 10
     assert optuna.study.get_all_study_names(open_storage(config(), moved)) == ["s"]
+    # resumed under a FLOPs limit: the trials above it stay in the study, but none is exported
+    flops = sorted(t.user_attrs["flops"] for t in complete(study))
+    limit = flops[len(flops) // 2]
+    run_search(config(strategy="random", trials=10, max_flops=limit), supernet_run, moved)
+    exported = [json.loads(p.read_text()) for p in (moved / "arch").glob("top_*.json")]
+    assert exported and all(r["flops"] <= limit for r in exported)
+    assert json.loads((moved / "architecture_final.json").read_text())["flops"] <= limit
 
 
 @pytest.mark.slow

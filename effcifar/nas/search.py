@@ -401,7 +401,7 @@ def run_search(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
             threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker,
                           (replace(config, threads=threads), supernet_dir, out_dir), on_trial, config.storage)
-        export_top(study, out_dir, config.export, evaluator.space, evaluator.latency)
+        export_top(study, out_dir, config.export, evaluator.space, evaluator.latency, evaluator.is_feasible)
     return study
 
 
@@ -426,28 +426,33 @@ def ranked_results(trials: list[FrozenTrial]) -> list[tuple[FrozenTrial, dict[st
                   key=lambda pair: (-pair[0].values[0], -pair[1]["top5"], pair[1]["flops"], pair[0].number))
 
 
-def top_records(study: optuna.Study, k: int, latency: LatencyTable | None = None) -> list[dict[str, Any]]:
+def top_records(study: optuna.Study, k: int, latency: LatencyTable | None = None,
+                within: Callable[[Mapping[str, str]], bool] | None = None) -> list[dict[str, Any]]:
     """The records of the best k distinct architectures (best first), with their rank (1: the best), score (what
     ranked them: the study's first objective) and trial number.
 
     With `latency`, each record has `latency_ms` from that table (the one in the search directory,
-    so the figures agree with it even if an earlier run of the search used another).
+    so the figures agree with it even if an earlier run of the search used another). With `within`
+    (the current limits), only architectures it accepts: a study resumed under a tighter limit keeps
+    the trials it ran before, but exports none above the limit.
     """
-    ranked = ranked_results(study.get_trials(deepcopy=False))[:k]
+    ranked = [pair for pair in ranked_results(study.get_trials(deepcopy=False))
+              if within is None or within(pair[1]["arch"])][:k]
     extra = (lambda record: {"latency_ms": latency.latency_of(record["arch"])}) if latency else (lambda record: {})
     return [{"rank": rank, **record, **extra(record), "score": t.values[0], "trial": t.number}
             for rank, (t, record) in enumerate(ranked, 1)]
 
 
 def export_top(study: optuna.Study, out_dir: str | Path, k: int, space: ArchSpace | None = None,
-               latency: LatencyTable | None = None) -> list[dict[str, Any]]:
+               latency: LatencyTable | None = None,
+               within: Callable[[Mapping[str, str]], bool] | None = None) -> list[dict[str, Any]]:
     """Write arch/top_{1..k}.json (top_1 is the best) and architecture_final.json; return the records written.
 
     With `space`, each record also holds its declaration under "space", so the file alone
     rebuilds the network (`effcifar train --arch`); with `latency`, its `latency_ms`.
     """
     out_dir = Path(out_dir)
-    records = top_records(study, k, latency)
+    records = top_records(study, k, latency, within)
     if space is not None:
         records = [{**record, "space": space.to_dict()} for record in records]
     for record in records:
