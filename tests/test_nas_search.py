@@ -189,9 +189,10 @@ def test_bn_recalibration_restores_a_subnet_whose_statistics_are_stale(supernet_
     net, loader, autocast = evaluator.net, evaluator.loader, evaluator.autocast
     arch = evaluator.costs.extreme(True, evaluator.space)  # the largest subnet
     calibrated = evaluator.evaluate(arch)[0].accuracy
+    scramble = torch.Generator().manual_seed(0)  # the same stale statistics whatever ran before in this process
     for module in net.modules():  # statistics from another path, or none at all: far from this path's
         if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-3, 3)
+            module.running_mean.uniform_(-3, 3, generator=scramble)
             module.running_var.fill_(0.01)
     stale = accuracy(net, loader, autocast)[0]
     restored = search_lib.evaluate_subnet(net, arch, evaluator.bn_batches, loader, autocast)[0]
