@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import reprlib
 import sys
 import types
@@ -131,6 +132,14 @@ def field_error(field: str, expected: str, value: Any) -> ConfigError:
 
 
 MAX_SEED = 2**32 - 1  # numpy's seeds are 0..2**32-1
+
+
+def check_threads(field: str, threads: int) -> None:
+    """0 (torch's default) up to 4 per CPU core of this machine, else a ConfigError with `field`: far more threads
+    than cores only slows a run down, and torch fails or stalls on thousands."""
+    most = 4 * (os.cpu_count() or 1)
+    if not 0 <= threads <= most:
+        raise field_error(field, f"0 (torch's default) to {most} threads on this machine", threads)
 
 
 def check_seed(field: str, seed: int | None) -> None:

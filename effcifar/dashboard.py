@@ -104,7 +104,10 @@ def run_config(run_dir: Path, storage: str | None) -> HpoConfig | SearchConfig:
     for name, cls in ((SEARCH_CONFIG, SearchConfig), (HPO_CONFIG, HpoConfig)):
         if (run_dir / name).is_file():
             config = build_config(cls, run_dir / name)
-            return config if storage is None else dataclasses.replace(config, storage=storage)
+            if storage is not None:
+                config = dataclasses.replace(config, storage=storage)
+                config.validate()  # a URL that is not PostgreSQL is refused before anything opens it
+            return config
     raise ConfigError(f"{run_dir}: not an HPO run directory or a search run directory (no {HPO_CONFIG} "
                       f"or {SEARCH_CONFIG})")
 

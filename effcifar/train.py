@@ -42,8 +42,8 @@ from effcifar import memory
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_torch_save, atomic_write
 from effcifar.config import (
-    build_from_layers, check_seed, execution, field_error, field_types, nested, read_json, result_values, save_config,
-    setting,
+    build_from_layers, check_seed, check_threads, execution, field_error, field_types, nested, read_json, result_values,
+    save_config, setting,
 )
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
 from effcifar.device import (
@@ -254,9 +254,10 @@ class TrainConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentFields, 
         for name in ["batch_size", "epochs", "eval_batch_size", *NETWORK_STAGES]:
             if getattr(self, name) <= 0:
                 raise field_error(name, "a positive integer", getattr(self, name))
-        for name in ("subset", "holdout", "crop_pad", "threads"):
+        for name in ("subset", "holdout", "crop_pad"):
             if getattr(self, name) < 0:
                 raise field_error(name, "an integer >= 0", getattr(self, name))
+        check_threads("threads", self.threads)
         if not 0 <= self.cutout <= 32:
             raise field_error("cutout", "an integer in [0, 32]", self.cutout)
         if self.crop_pad > 16:

@@ -232,3 +232,10 @@ def test_pages_elsewhere_cannot_drive_it_and_edits_wait_for_the_runs_writer(serv
     with urllib.request.urlopen(f"http://localhost:{port}/api/studies", timeout=5) as response:  # the study stays
         assert [s["study_name"] for s in json.load(response)["study_summaries"]] == ["hpo"]
     assert request(port, "DELETE", "/api/studies/0", origin=f"http://localhost:{port}") == 204  # its own page
+
+
+def test_a_storage_that_is_not_postgresql_is_refused_and_creates_nothing(run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="field 'storage': expected a postgresql://"):
+        serve_dashboard(run_dir, port=free_port(), storage="sqlite:///x.db")
+    assert not (tmp_path / "x.db").exists()

@@ -48,7 +48,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, check_seed, execution, field_error, save_config, setting
+from effcifar.config import build_config, check_seed, check_threads, execution, field_error, save_config, setting
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.device import PRECISIONS, check_device_name, resolve_device, resolve_precision
 from effcifar.errors import ConfigError
@@ -119,9 +119,10 @@ class SearchConfig(StorageConfig):
         for name in ("trials", "population", "parents", "export", "latency_batch"):
             if getattr(self, name) < 1:
                 raise field_error(name, "a positive integer", getattr(self, name))
-        for name in ("mutations", "crossovers", "threads", "eval_images"):
+        for name in ("mutations", "crossovers", "eval_images"):
             if getattr(self, name) < 0:
                 raise field_error(name, "an integer >= 0", getattr(self, name))
+        check_threads("threads", self.threads)
         if self.mutations + self.crossovers > self.population:
             raise field_error("population", f"at least mutations + crossovers = {self.mutations + self.crossovers}",
                               self.population)
