@@ -32,7 +32,7 @@ from effcifar.config import (
     base_type, build_config, build_from_layers, field_help, field_types, group_fields, read_config_file, read_json,
     renamed_fields, warn_deprecated,
 )
-from effcifar.errors import ConfigError, EffcifarError
+from effcifar.errors import ConfigError, EffcifarError, Interrupted
 from effcifar.nas.supernet import SupernetConfig
 from effcifar.rundir import files as rundir_files, locked, recorded_kind, replacing
 from effcifar.train import EpochMetrics, TrainConfig, recipe_fields_classes, train
@@ -1002,6 +1002,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         configure_allocator()  # before any tensor; HPO/search workers and torchrun ranks do it too
         return args.handler(args, console)
+    except Interrupted as e:  # stopped by a signal after saving what resumes it
+        print(f"effcifar {args.command}: {e}", file=sys.stderr)
+        return 130
     except EffcifarError as e:  # our errors are one line; anything else is a bug and keeps its traceback
         print(f"effcifar {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -40,5 +40,9 @@ class DiskFull(WriteError):
     """A write failed for want of space; whatever runs stops (every later write would fail too)."""
 
 
+class Interrupted(EffcifarError):
+    """A signal (Ctrl-C, SIGTERM) stopped the work after saving what resumes it; the CLI exits 130."""
+
+
 class TrainingDiverged(EffcifarError):
     """The training loss became NaN or infinite; the run stops at the end of that epoch."""

@@ -33,7 +33,7 @@ from effcifar.atomic import atomic_write
 from effcifar.config import field_error, save_config
 from effcifar.data import CifarData, load_dataset
 from effcifar.device import device_name, resolve_device, resolve_precision
-from effcifar.errors import ConfigError, EffcifarError, TrainingDiverged
+from effcifar.errors import ConfigError, Interrupted, TrainingDiverged
 from effcifar.nas.checkpoint import (
     StopSignal, checkpoint_files, latest_checkpoint, rng_states, save_checkpoint, set_rng_states,
 )
@@ -49,8 +49,12 @@ from effcifar.rundir import locked
 from effcifar.train import TrainStep, check_memory, device_loaders, library_versions, seed_everything, write_tsv
 
 
-class TrainingInterrupted(EffcifarError):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved and `--resume` continues the run."""
+class TrainingInterrupted(Interrupted):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved, and `resume_with` says how to continue (the command's way)."""
+
+    def __init__(self, stopped: str, resume_with: str = "continue with --resume"):
+        super().__init__(f"{stopped}; {resume_with}")
+        self.stopped = stopped
 
 
 class TrainerHook:
@@ -222,7 +226,7 @@ class SupernetTrainer:
                 self.save_checkpoint()
                 raise TrainingInterrupted(
                     f"stopped at epoch {self.progress.epoch + 1}, step {self.progress.step}; checkpoint saved"
-                    + (f" in {self.out / 'checkpoints'}; continue with --resume" if self.out is not None else ""))
+                    + (f" in {self.out / 'checkpoints'}" if self.out is not None else ""))
             for hook in self.hooks:
                 hook.before_step(self)
             x, y = self.batch()

@@ -311,7 +311,7 @@ class SupernetStage(Stage):
 
     def run(self) -> str:
         from effcifar.nas.checkpoint import checkpoint_files
-        from effcifar.nas.trainer import train_supernet
+        from effcifar.nas.trainer import TrainingInterrupted, train_supernet
 
         panel = ""
 
@@ -324,8 +324,11 @@ class SupernetStage(Stage):
             self.monitor.line(f"epoch {row['epoch']}: train acc {row['train_acc']:.2%}, {panel}")
 
         resume = bool(checkpoint_files(self.directory))
-        result = train_supernet(self.config, self.directory, resume=resume, data=self.pipeline.dataset(),
-                                on_step=on_step, on_epoch=on_epoch, warn=self.monitor.line)
+        try:
+            result = train_supernet(self.config, self.directory, resume=resume, data=self.pipeline.dataset(),
+                                    on_step=on_step, on_epoch=on_epoch, warn=self.monitor.line)
+        except TrainingInterrupted as e:  # the pipeline resumes it, not `supernet train --resume`
+            raise TrainingInterrupted(e.stopped, "run the same pipeline command to resume") from None
         return "final panel: " + ", ".join(f"{k[6:]} {v:.2%}" for k, v in result.summary["final_panel"].items())
 
 
