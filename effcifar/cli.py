@@ -877,7 +877,7 @@ def add_retrain_parsers(sub: Any) -> None:
         add_deprecated_option(p, old, count, dest, type=int)
         p.add_argument("--config", help="TrainConfig file (e.g. best.json) over the supernet run's hyper-parameters")
         p.add_argument("--out", help=f"where to write {written}")
-        add_config_options(p, TrainConfig)
+        add_config_options(p, TrainConfig, exclude=("arch",))  # the networks are the command's to choose
         p.set_defaults(handler=handler)
     p.add_argument("--table", help="rank against a benchmark table instead of training: 'nas-bench-macro' (built in) "
                                    "or a table file of that format; --trials architectures stratified over FLOPs "
@@ -907,7 +907,7 @@ def add_select_parser(sub: Any, command: str | None) -> None:
         from effcifar.nas.select import SelectConfig
 
         add_config_options(p, SelectConfig)
-    add_config_options(p, TrainConfig)
+    add_config_options(p, TrainConfig, exclude=("arch",))  # the candidates are the search's
     p.set_defaults(handler=run_select)
 
 
@@ -926,7 +926,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML or JSON file of TrainConfig fields (e.g. a run's config.yaml or best.json)")
     p.add_argument("--out", help="run directory (default: runs/<dataset>-<time>); one that holds files is refused "
                                  "unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace the training run in --out (it cannot resume); the old one stays until the new one succeeds")
+    p.add_argument("--overwrite", action="store_true", help="replace the training run in --out (it cannot resume); "
+                                                            "the old one stays until the new one succeeds")
     p.add_argument("--quiet", action="store_true", help="plain log lines, no progress bar")
     add_config_options(p, TrainConfig)
     p.set_defaults(handler=run_train)

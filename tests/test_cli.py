@@ -376,3 +376,9 @@ def test_hpo_run_whose_trials_all_fail_exits_with_the_reason(tmp_path):
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith("effcifar hpo: error: 2 failed trial") and "TrainingDiverged" in error
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", [["retrain", "runs/s"], ["nas-eval", "runs/n"], ["select", "runs/s"]])
+def test_commands_that_choose_the_networks_take_no_arch(command):
+    r = effcifar(*command, "--arch", "a.json")
+    assert r.returncode == 2 and "unrecognized arguments: --arch" in r.stderr
