@@ -8,6 +8,7 @@ in through `hparams` (a best.json): the fields of HPARAM_FIELDS.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -113,7 +114,11 @@ class SupernetConfig(ExecutionFields, OptimiserFields, DataFields):
     def fingerprint(self) -> str:
         """What a resumed run must match: the fields that change results (flat, as runs saved before the groups
         recorded them), and the space's content."""
-        return fingerprint({**result_values(self, flat=True), "space": ArchSpace.load(self.space).to_dict()})
+        return fingerprint(self.result_settings())
+
+    def result_settings(self) -> dict[str, Any]:
+        """The values `fingerprint` hashes, kept in checkpoints so that a refused resume names what changed."""
+        return json.loads(json.dumps({**result_values(self, flat=True), "space": ArchSpace.load(self.space).to_dict()}))
 
 
 def load_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None, *,

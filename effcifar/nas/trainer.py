@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_write
-from effcifar.config import field_error, save_config
+from effcifar.config import changed_fields, field_error, save_config
 from effcifar.data import CifarData, load_dataset
 from effcifar.device import device_name, resolve_device, resolve_precision
 from effcifar.errors import ConfigError, Interrupted, TrainingDiverged
@@ -283,7 +283,8 @@ class SupernetTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything the rest of the run depends on: the checkpoint."""
         return {
-            "fingerprint": self.config.fingerprint(), "model": self.net.state_dict(),
+            "fingerprint": self.config.fingerprint(), "settings": self.config.result_settings(),
+            "model": self.net.state_dict(),
             "optimizer": self.step.optimizer.state_dict(), "scaler": self.step.scaler.state_dict(),
             "sampler": self.sampler.state_dict(), "loader_generator": self.train_loader.generator.get_state(),
             "rng": rng_states(self.device), "order": self.order, "epoch_sums": self.epoch_sums.cpu(),
@@ -293,9 +294,12 @@ class SupernetTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint of a run with the same config (ConfigError otherwise)."""
         if state["fingerprint"] != self.config.fingerprint():
+            changed = changed_fields(state.get("settings") or {}, self.config.result_settings()) \
+                if state.get("settings") else []  # checkpoints from before settings were kept: no names
             raise ConfigError(
-                f"the checkpoint was made with a different config (fingerprint {state['fingerprint']} vs "
-                f"{self.config.fingerprint()}); resume with the run's own config.yaml or start a new --out")
+                "the checkpoint was made with other settings"
+                + (f" ({', '.join(changed)} changed)" if changed else f" (fingerprint {state['fingerprint']})")
+                + "; resume with the run's own config.yaml or start a new --out")
         self.space = self.space.restrict(state["space"])
         self.net.load_state_dict(state["model"])
         self.step.optimizer.load_state_dict(state["optimizer"])
