@@ -7,6 +7,7 @@ with a file or the network is a `DataError` whose message names the file and say
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import http.client
@@ -131,13 +132,20 @@ def download(
     root = data_root(data_dir)
     if root.is_file():
         raise DataError(f"cannot download {name} into {root}: it is a file; download needs a directory")
+    created = [p for p in (root, *root.parents) if not p.exists()]  # removed again if the download fails
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the data directory {root}: {e}") from e
     archive = root / spec.filename
     if not (archive.is_file() and _md5(archive) == spec.md5):
-        _fetch(archive_url(name), archive, spec.md5, timeout, progress)
+        try:
+            _fetch(archive_url(name), archive, spec.md5, timeout, progress)
+        except BaseException:  # a mistyped --data-dir leaves no empty folders behind
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only while empty
+            raise
     if not (root / spec.folder).is_dir():
         _extract(archive, spec, root)
     return archive

@@ -187,6 +187,14 @@ def test_wrong_md5_removes_download(mirror, monkeypatch, tmp_path):
     assert listing(cache) == []
 
 
+def test_a_failed_download_leaves_no_folder_it_made(mirror, monkeypatch, tmp_path):
+    """A mistyped --data-dir whose download fails: the folders made for it are gone again, those that were there kept."""
+    publish(mirror, monkeypatch, tmp_path, "cifar10", md5="0" * 32)
+    with pytest.raises(DataError, match="md5 mismatch"):
+        data.download("cifar10", tmp_path / "typo" / "deep")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_truncated_download_keeps_nothing(mirror, monkeypatch, tmp_path):
     publish(mirror, monkeypatch, tmp_path, "cifar10")
     mirror.extra_length = 1000
