@@ -549,7 +549,7 @@ def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> 
         return section
     result = read_selection(run_dir)
     section.notes.append(result.sentence)
-    section.notes.append(f"Candidates trained on the held-out split; held-out accuracy chose, test accuracy is only "
+    section.notes.append(f"Candidates trained on the training images less the held-out ones; held-out accuracy chose, test accuracy is only "
                          f"reported. Training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.0f} s.")
     figure = new_figure(10, 4)
     curves, costs = figure.subplots(1, 2)

@@ -116,8 +116,10 @@ def retrain_top(search_dir: str | Path, best: int, out_dir: str | Path | None = 
     files = arch_files(search_dir, best)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise ConfigError(f"{missing[0]}: no such architecture file (the search exported "
-                          f"{sum(f.is_file() for f in files)} of the best {best}; lower --best)")
+        exported = sum(f.is_file() for f in files)
+        raise ConfigError(f"{missing[0]}: no such architecture file (" + (
+            f"the search exported {exported} of the best {best}; lower --best)" if exported else
+            "the search has exported none: run it to the end first)"))
     space = load_supernet_config(supernet_dir).space  # for files that do not embed their space
     configs = [dataclasses.replace(base, arch=str(f.resolve()), space=space) for f in files]
     for config in configs:

@@ -59,7 +59,7 @@ from effcifar.nas.network import Supernet
 from effcifar.nas.samplers import STRATEGIES, arch_sampler, suggest_arch
 from effcifar.nas.space import Arch, ArchSpace, arch_key
 from effcifar.nas.supernet import SupernetConfig, load_supernet, read_run_config
-from effcifar.rundir import locked
+from effcifar.rundir import locked, recorded_kind
 from effcifar.studies import (
     OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, open_storage, recorded_study, run_trials,
     start_workers, study_name,
@@ -306,8 +306,11 @@ def setup_values(config: SearchConfig, supernet_dir: Path) -> dict[str, Any]:
 def load_supernet_config(supernet_dir: Path) -> SupernetConfig:
     """The supernet run's config, after checking the directory holds a finished run."""
     if not (supernet_dir / "supernet.pt").is_file() or not (supernet_dir / "config.yaml").is_file():
+        kind = recorded_kind(supernet_dir)
+        hint = (f"it is a {kind} run" if kind not in (None, "supernet") else
+                f"train one with `effcifar supernet train --out {supernet_dir}`, or finish it with --resume")
         raise ConfigError(f"{supernet_dir}: not a finished supernet run (expected supernet.pt and config.yaml; "
-                          f"train one with `effcifar supernet train --out {supernet_dir}`)")
+                          f"{hint})")
     return read_run_config(supernet_dir)
 
 
