@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,6 +410,9 @@ def test_running_again_skips_every_finished_stage(uninterrupted, tmp_path):
     output = finish(pipeline(out))
     assert output.count("skipped (finished)") == len(STAGES)
     assert all((out / f).read_bytes() == b for f, b in before.items())
+    moved = tmp_path / "moved"  # a pipeline directory copied elsewhere resumes there too
+    shutil.copytree(out, moved)
+    assert finish(pipeline(moved)).count("skipped (finished)") == len(STAGES)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from effcifar.train import EpochMetrics, TrainConfig, train
 
 S = TypeVar("S", bound="Stage")
 MARKER = "stage.json"
+ANSWER_IN_PIPELINE = "select/answer.json"  # what the retrain stage records of its architecture file
 RESULTS = "results.json"
 
 
@@ -503,7 +504,8 @@ class RetrainStage(Stage):
 
     def settings(self) -> dict[str, Any]:
         seeds = self.pipeline.config.seeds
-        return {"base": result_values(self.base)} | ({"seeds": seeds} if seeds > 1 else {})
+        base = {**result_values(self.base), "arch": ANSWER_IN_PIPELINE}  # not its absolute path: a copy resumes
+        return {"base": base} | ({"seeds": seeds} if seeds > 1 else {})
 
     def total(self) -> int:
         return self.pipeline.config.seeds
