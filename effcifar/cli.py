@@ -87,7 +87,8 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, exclude: Coll
         kind, _ = base_type(annotation)
         flags = [f"--{name.replace('_', '-')}"]
         default = "" if "default" in helps[name] else f" (default: {getattr(defaults, name)})"
-        text = f"{helps[name]}{NOTES.get(name, '')}{default}".replace("%", "%%")
+        note = NOTES.get(name, "") if issubclass(cls, TrainConfig) else ""  # TrainConfig's epochs, not a supernet's
+        text = f"{helps[name]}{note}{default}".replace("%", "%%")
         if kind is bool:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=text)
@@ -606,6 +607,9 @@ def run_nas_eval(args: argparse.Namespace, console: Console) -> int:
 
     if args.table is not None:
         return run_nas_eval_table(args, console)
+    for option, given in (("--bn-batches", args.bn_batches is not None), ("--eval-images", args.eval_images != 0)):
+        if given:
+            raise EffcifarError(f"{option}: applies with --table only (without it each subnet trains standalone)")
     out = Path(args.out) if args.out else Path(args.supernet) / "nas_eval"
     args.trials = NAS_EVAL_TRIALS if args.trials is None else args.trials
     overrides = train_overrides(args)  # --seed also seeds the sample; --epochs is each subnet's training

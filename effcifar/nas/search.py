@@ -126,6 +126,12 @@ class SearchConfig(StorageConfig):
         if self.mutations + self.crossovers > self.population:
             raise field_error("population", f"at least mutations + crossovers = {self.mutations + self.crossovers}",
                               self.population)
+        if self.strategy == "evolution" and self.parents > self.population:
+            raise field_error("parents", f"at most population = {self.population} with strategy evolution",
+                              self.parents)
+        if self.strategy == "evolution" and self.mutations + self.crossovers == 0:
+            raise field_error("mutations", "mutations + crossovers >= 1 with strategy evolution (none: it never "
+                                           "evolves; use strategy random)", self.mutations)
         if not 0 <= self.mutation_prob <= 1:
             raise field_error("mutation_prob", "a probability in [0, 1]", self.mutation_prob)
         for name in ("max_flops", "max_params", "max_latency_ms"):
