@@ -987,6 +987,8 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repor
         raise ConfigError(f"{run_dir}: not a run directory (expected a training, HPO, supernet, search or "
                           f"ranking run, or a pipeline directory with {', '.join(n for n, _, _ in STAGES)})")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    if out.is_dir() and recorded_kind(out) is None and any(out.iterdir()):  # a folder of the user's own
+        raise ConfigError(f"{out}: holds files that are not a report; choose another --out")
     with locked(out, "report"):
         if kind == "pipeline":  # a part that cannot be drawn becomes a remark
             sections, missing = pipeline_sections(run_dir, out)

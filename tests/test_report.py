@@ -238,6 +238,20 @@ def test_hpo_best_beside_the_baseline(pipeline, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_folder_of_the_users_own_is_not_written_into(tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(**{**TINY_BASE, "epochs": 1, "peak_epoch": 0.5, "threads": 1, "precision": "fp32"}), run,
+          data=make_synthetic(n_train=300, n_test=200))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"mine: holds files that are not a report; choose another --out"):
+        make_report(run, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert make_report(run, tmp_path / "new").path.is_file()  # a new or empty folder is fine, and so is a report's
+    assert make_report(run, tmp_path / "new").path.is_file()
+
+
 def test_not_a_run_directory_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not a run directory") as error:
         write_report(tmp_path)
