@@ -504,7 +504,8 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
             "arch": chosen["arch"], "space": space.to_dict(), "name": chosen["name"], "source": chosen["source"],
             "accuracy": chosen["holdout_acc"], "flops": chosen["flops"], "params": chosen["params"],
             "widths": chosen["widths"] or base.widths(),  # the stage widths it was trained at
-            "config": str(Path(chosen["run"] or out_dir / TRIALS_DIR / chosen["name"]) / "config.yaml")},
+            "config": os.path.relpath(Path(chosen["run"] or out_dir / TRIALS_DIR / chosen["name"]) / "config.yaml",
+                                      out_dir)},  # relative to answer.json's folder, which may move
             indent=2) + "\n")
     return result
 

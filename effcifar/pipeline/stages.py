@@ -267,7 +267,7 @@ class HpoStage(Stage):
         return self.config.trials
 
     def done(self) -> int:
-        return trials_done(self.directory, self.config)
+        return trials_done(self.directory, self.config, finished_count)  # failures do not use the budget
 
     def run(self) -> str:
         import optuna
@@ -648,8 +648,10 @@ def trials_done(directory: Path, config: Any, count: Callable[[list[Any]], int] 
 
 
 def finished_count(trials: list[Any]) -> int:
-    """Trials that finished (complete, pruned or failed): a selection enqueues every candidate before it trains."""
-    return sum(t.state.is_finished() for t in trials)
+    """Trials that completed or were pruned: a failed or interrupted one is tried again, so it is not done."""
+    from effcifar.studies import FINISHED
+
+    return sum(t.state in FINISHED for t in trials)
 
 
 # ---------------------------------------------------------------------------------------------
