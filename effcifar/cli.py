@@ -937,7 +937,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(handler=run_train)
 
     p = sub.add_parser("data", help="download, describe or verify a dataset")
-    p.add_argument("action", choices=["download", "info", "verify"])
+    p.add_argument("action", choices=["download", "info", "verify"],
+                   help="download: fetch and extract the official archive (md5 checked); info: where the copy is and "
+                        "what it holds; verify: check it (md5, parse, image counts)")
     p.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 (info also: synthetic, synthetic100)")
     p.add_argument("--data-dir", help="folder or file; default $EFFCIFAR_DATA, then ~/.cache/effcifar")
     p.set_defaults(handler=run_data)

@@ -983,6 +983,9 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repor
     """Draw every section the run directory allows; write the PNGs and report.html into out_dir."""
     run_dir = Path(run_dir)
     kind = run_kind(run_dir) if run_dir.is_dir() else None
+    if kind is None and recorded_kind(run_dir) is not None:  # e.g. a training run stopped in its first epoch
+        recorded = {"train": "training"}.get(recorded_kind(run_dir), recorded_kind(run_dir))
+        raise ConfigError(f"{run_dir}: a {recorded} run with nothing to draw yet (no epoch or trial finished)")
     if kind is None:
         raise ConfigError(f"{run_dir}: not a run directory (expected a training, HPO, supernet, search or "
                           f"ranking run, or a pipeline directory with {', '.join(n for n, _, _ in STAGES)})")

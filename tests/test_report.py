@@ -259,6 +259,11 @@ def test_not_a_run_directory_is_a_one_line_config_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "effcifar", "report", str(tmp_path)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a run directory" in r.stderr
+    stopped = tmp_path / "stopped"  # a training run stopped before its first epoch ended
+    stopped.mkdir()
+    (stopped / ".kind").write_text("train\n")
+    with pytest.raises(ConfigError, match=r"stopped: a training run with nothing to draw yet"):
+        write_report(stopped)
 
 
 @pytest.mark.slow
