@@ -304,11 +304,13 @@ def run_hpo_study(args: argparse.Namespace, console: Console, hpo: Any) -> int:
     """
     config, inline_space, base = hpo_config_from_args(args, hpo)
     start = hpo.trial_config(config, {}, 0, base)
-    if start.holdout:
-        console.print(f"trials validate on {start.holdout} held-out training images (holdout)")
-    else:
-        console_warning("trials validate on the test set (--select-on-test): the best is chosen on test images, "
-                        "so its test accuracy is no longer an unbiased estimate")
+
+    def on_start() -> None:  # once every check has passed: a refused command prints its error alone
+        if start.holdout:
+            console.print(f"trials validate on {start.holdout} held-out training images (holdout)")
+        else:
+            console_warning("trials validate on the test set (--select-on-test): the best is chosen on test images, "
+                            "so its test accuracy is no longer an unbiased estimate")
 
     def on_trial(t: Any) -> None:
         a = t.user_attrs
@@ -318,7 +320,8 @@ def run_hpo_study(args: argparse.Namespace, console: Console, hpo: Any) -> int:
                       markup=False, soft_wrap=True)
 
     try:
-        study = hpo.run_study(config, args.out, on_trial=on_trial, inline_space=inline_space, base=base)
+        study = hpo.run_study(config, args.out, on_trial=on_trial, inline_space=inline_space, base=base,
+                              on_start=on_start)
     except hpo.TrialsFailed:
         print_study(hpo.load_run(args.out, config.storage)[1], config.tie, console, hpo)
         raise

@@ -382,3 +382,9 @@ def test_hpo_run_whose_trials_all_fail_exits_with_the_reason(tmp_path):
 def test_commands_that_choose_the_networks_take_no_arch(command):
     r = effcifar(*command, "--arch", "a.json")
     assert r.returncode == 2 and "unrecognized arguments: --arch" in r.stderr
+
+
+def test_a_refused_hpo_run_prints_its_error_alone(tmp_path):
+    r = effcifar("hpo", "run", "--space", str(tmp_path / "missing.json"), "--dataset", "synthetic", "--out",
+                 str(tmp_path / "hpo"))
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -234,7 +234,8 @@ def run_worker(config: HpoConfig, run_dir: Path, threads: int = 0, deadline: flo
 
 
 def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None = None,
-              inline_space: Mapping[str, Any] | None = None, base: TrainConfig | None = None) -> optuna.Study:
+              inline_space: Mapping[str, Any] | None = None, base: TrainConfig | None = None,
+              on_start: Callable[[], None] | None = None) -> optuna.Study:
     """Run (or resume) a study in `run_dir` with `config.workers` trial processes; return the study.
 
     `inline_space` is an experiment file's `searchSpace`: checked with everything else, then kept in
@@ -242,6 +243,7 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
     with command-line options over it) replaces `config.base`, kept as base.yaml. Nothing is written
     before every check has passed; the run directory is locked while the study runs. A study that
     stops on failed trials (`max_failures`, or none complete) raises with the first failure's reason.
+    `on_start()` runs once every check has passed, before the first trial.
     """
     config.validate()
     run_dir = Path(run_dir)
@@ -263,6 +265,8 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
             config = dataclasses.replace(config, base=str(run_dir / BASE_FILE))
         save_config(config.without_password(), run_dir / CONFIG_FILE)  # never the database password
         fail_lost_trials(study, config)
+        if on_start is not None:
+            on_start()
         deadline = time.time() + config.timeout if config.timeout else None
         if config.workers == 1:
             run_worker(config, run_dir, deadline=deadline, on_trial=on_trial)
