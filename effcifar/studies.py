@@ -535,7 +535,10 @@ def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int,
     configure_allocator()
     pin_worker_gpu(index)
     try:
-        target(*args, worker=index)
+        try:
+            target(*args, worker=index)
+        finally:  # from here on a SIGTERM (its command stopping the workers) ends the process quietly
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     except EffcifarError as e:  # one line, like the command's own errors
         print(f"effcifar: worker {index}: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -544,6 +547,7 @@ def _worker_main(target: Callable[..., None], args: tuple[Any, ...], index: int,
 
 
 def _terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # once is enough: a second SIGTERM ends the process at once
     raise KeyboardInterrupt("terminated")
 
 

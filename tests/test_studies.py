@@ -206,6 +206,36 @@ def test_workers_die_with_their_killed_command(tmp_path, files, sig):
         proc.wait()
 
 
+WORKER_AT_EXIT = """
+import atexit, os, sys, time
+from effcifar.errors import ConfigError
+from effcifar.studies import _worker_main
+
+def target(worker):
+    def slow_exit():
+        open(sys.argv[1], "w").close()
+        time.sleep(10)
+    atexit.register(slow_exit)
+    raise ConfigError("this worker failed")
+
+_worker_main(target, (), 0, os.getppid())
+"""
+
+
+def test_a_worker_stopped_while_it_exits_ends_without_a_traceback(tmp_path):
+    """Its command stops every worker once one has failed; one already exiting ends quietly."""
+    exiting = tmp_path / "exiting"
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_AT_EXIT, str(exiting)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert poll(exiting.exists, 60), proc.communicate()
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and "error: this worker failed" in err, err
+    assert proc.returncode == -signal.SIGTERM
+
+
 def test_a_journal_lock_left_by_a_killed_writer_does_not_stall_the_next(tmp_path):
     run = tmp_path / "run"
     journal_study(run, 1)
