@@ -1001,11 +1001,23 @@ def stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
+def command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The (sub)command's own parser that `argv` names, e.g. that of `hpo run`."""
+    for word in argv:
+        commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if commands and word in commands[0].choices:
+            parser = commands[0].choices[word]
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, dispatch, and turn our errors into one line on stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's own usage, not the top level's
+        command_parser(parser, argv).error(f"unrecognized arguments: {' '.join(unknown)}")
     # a log file or a pipe has no width: rich's 80 columns would cut the trial and result tables to 't…  s…'
     console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
     stop_on_sigterm()

@@ -384,6 +384,14 @@ def test_commands_that_choose_the_networks_take_no_arch(command):
     assert r.returncode == 2 and "unrecognized arguments: --arch" in r.stderr
 
 
+@pytest.mark.parametrize("command", [["train"], ["hpo", "run", "--out", "x"], ["report", "runs/x"]])
+def test_an_unknown_option_is_named_with_its_commands_usage(command):
+    r = effcifar(*command, "--bogus")
+    name = " ".join(w for w in command if not w.startswith("-") and w not in ("x", "runs/x"))
+    assert r.returncode == 2 and r.stderr.startswith(f"usage: effcifar {name} "), r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"effcifar {name}: error: unrecognized arguments: --bogus"
+
+
 def test_a_refused_hpo_run_prints_its_error_alone(tmp_path):
     r = effcifar("hpo", "run", "--space", str(tmp_path / "missing.json"), "--dataset", "synthetic", "--out",
                  str(tmp_path / "hpo"))
