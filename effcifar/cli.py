@@ -155,7 +155,7 @@ def train_and_show(config: TrainConfig, out: Path, args: argparse.Namespace, con
     else:
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                    TimeRemainingColumn(), TextColumn("{task.description}")]
-        with Progress(*columns, console=console, transient=True) as progress:
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("", total=None)
 
             def on_epoch(m: EpochMetrics) -> None:
@@ -193,7 +193,7 @@ def run_data(args: argparse.Namespace, console: Console) -> int:
     if args.action == "download":
         columns = [TextColumn(f"[bold]{args.dataset}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    TimeRemainingColumn()]
-        with Progress(*columns, console=console, transient=True) as progress:
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("", total=None)
             path = data_lib.download(args.dataset, args.data_dir,
                                      progress=lambda done, total: progress.update(task, completed=done, total=total))
@@ -430,7 +430,7 @@ def run_supernet(args: argparse.Namespace, console: Console) -> int:
     else:
         columns = [TextColumn("[bold]supernet {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("steps"), TimeRemainingColumn()]
-        with Progress(*columns, console=console, transient=True) as progress:
+        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("", total=None, epoch="")
 
             def on_step(epoch: int, step: int, steps: int) -> None:
@@ -769,7 +769,7 @@ def run_pipeline_command(args: argparse.Namespace, console: Console) -> int:
     if args.quiet:
         result = pipeline.run_pipeline(config, out, LineMonitor(stages))
     else:
-        with Progress(*pipeline_columns(), console=console) as progress:
+        with Progress(*pipeline_columns(), console=console, disable=not console.is_terminal) as progress:
             result = pipeline.run_pipeline(config, out, RichMonitor(progress, stages))
     seeds = "one training seed each" if config.seeds == 1 else f"mean ± s.d. over {config.seeds} training seeds"
     table = Table(title=f"effcifar pipeline ({args.preset}, {config.dataset}): {out} (test accuracy: {seeds})")

@@ -392,6 +392,12 @@ def test_an_unknown_option_is_named_with_its_commands_usage(command):
     assert r.stderr.strip().splitlines()[-1] == f"effcifar {name}: error: unrecognized arguments: --bogus"
 
 
+def test_a_train_refused_by_its_data_prints_its_error_alone(tmp_path):
+    """Refused after the live view has started (only the data tells the batch is too large): no line on stdout."""
+    r = effcifar("train", *TINY, "--batch-size", "100000", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stdout == "" and "field 'batch_size'" in r.stderr, (r.stdout, r.stderr)
+
+
 def test_a_refused_hpo_run_prints_its_error_alone(tmp_path):
     r = effcifar("hpo", "run", "--space", str(tmp_path / "missing.json"), "--dataset", "synthetic", "--out",
                  str(tmp_path / "hpo"))
