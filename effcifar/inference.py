@@ -19,6 +19,7 @@ array([3, 3])
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from effcifar.config import build_from_layers
+from effcifar.device import resolve_device
 from effcifar.errors import ConfigError
 from effcifar.nas.network import build_standalone
 from effcifar.nas.space import ArchSpace
@@ -58,23 +60,45 @@ class Classifier(nn.Module):
 
     def images_tensor(self, images: Any) -> torch.Tensor:
         """Images (N, 32, 32, 3) or one (32, 32, 3), values 0..255, as a normalised float NCHW batch on the model's
-        device."""
-        x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-        if x.ndim == 3:
-            x = x.unsqueeze(0)
+        device.
+
+        ValueError for another shape, or for values outside 0..255 (negative, beyond 255, not finite), or for
+        float images in 0..1 (torchvision's ToTensor scale): a network trained on 0..255 would answer one
+        class for them, without an error.
+        """
+        if not isinstance(images, torch.Tensor):
+            images = torch.from_numpy(np.array(images))  # a copy: flipped views and read-only arrays are fine
+        shape = tuple(images.shape)
+        x = images.unsqueeze(0) if images.ndim == 3 else images
         if x.ndim != 4 or x.shape[-1] != 3 or tuple(x.shape[1:3]) != (32, 32):
+            hint = " (channels first? give them last: HWC)" if len(shape) >= 3 and shape[-3] == 3 else ""
             raise ValueError(f"expected images of shape (N, 32, 32, 3) or (32, 32, 3) (HWC, values 0..255), got "
-                             f"{tuple(x.shape)}")
+                             f"{shape}{hint}")
+        if x.dtype == torch.bool or x.is_complex():
+            raise ValueError(f"expected images of values 0..255 (uint8 or float), got {x.dtype}")
         x = x.to(self.mean.device).permute(0, 3, 1, 2).float()
+        if len(x):
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("expected image values in 0..255, got values that are not finite (NaN or inf)")
+            low, high = float(x.min()), float(x.max())
+            if not (0 <= low and high <= 255):
+                raise ValueError(f"expected image values in 0..255, got values in {low:.4g}..{high:.4g}")
+            if images.is_floating_point() and 0 < high <= 1:
+                raise ValueError(f"expected image values in 0..255, got floats in {low:.4g}..{high:.4g} (scaled to 0..1? "
+                                 f"multiply by 255, or give uint8 images)")
         return (x - self.mean) / self.std
 
     @torch.inference_mode()
     def predict_proba(self, images: Any, batch_size: int = 500) -> np.ndarray:
-        """Class probabilities, shape (N, classes), of images (see `images_tensor`)."""
+        """Class probabilities, shape (N, classes), of images (see `images_tensor`), `batch_size` at a time."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         x = self.images_tensor(images)
         self.eval()
         chunks = [torch.softmax(self.logits_of(self.network, x[i:i + batch_size]).float(), dim=1)
                   for i in range(0, len(x), batch_size)]
+        if not chunks:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
         return torch.cat(chunks).cpu().numpy()
 
     def predict(self, images: Any, batch_size: int = 500) -> np.ndarray:
@@ -94,12 +118,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
     Reads the file with `torch.load(weights_only=True)` (no code from the file runs). A model file
     written before effcifar recorded the normalisation and class names is refused with what to do.
     """
+    device = resolve_device(str(device))  # before the file: a GPU this machine lacks is no fault of the file
     file = model_file(path)
     try:
         record = torch.load(file, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise ConfigError(f"{file}: no model file (a finished `effcifar train` run has one)") from None
-    except Exception as e:  # unpickling errors of a damaged or foreign file
+        raise ConfigError(f"{file}: no model file (every finished training run has one: a train run, a "
+                          f"pipeline's final runs, a selection's trials/NAME)") from None
+    except pickle.UnpicklingError:  # objects beyond tensors and plain values: not a file effcifar train writes
+        raise ConfigError(f"{file}: not an effcifar model file (it holds objects a model file does not: a supernet "
+                          f"or a checkpoint?); give a run's {MODEL_FILE}") from None
+    except Exception as e:  # a damaged or foreign file
         raise ConfigError(f"{file}: not a readable model file ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:

@@ -76,5 +76,40 @@ def test_an_old_model_file_is_refused_saying_what_to_do(data, tmp_path):
         load_model(tmp_path / "nothing.pt")
 
 
+def test_images_a_network_trained_on_0_255_would_misread_are_refused_and_any_array_layout_is_read(data, tmp_path):
+    """Floats in 0..1 (torchvision's scale) would all be one class without an error; flipped views, read-only
+    arrays and empty batches are ordinary inputs."""
+    train(TrainConfig(**ONE_EPOCH), tmp_path / "run", data=data)
+    model = load_model(tmp_path / "run")
+    images = data.x_test[:8]
+    expected = model.predict(images)
+    for bad, message in [(images / 255.0, r"got floats in [0-9.]+\.\.[0-9.]+ \(scaled to 0\.\.1\? multiply by 255"),
+                         (images.astype(np.int64) + 1, r"got values in [0-9]+\.\.256"),
+                         (np.full((1, 32, 32, 3), np.nan, np.float32), "not finite"),
+                         (images.astype(bool), "uint8 or float"),
+                         (np.zeros((3, 32, 32), np.uint8), r"got \(3, 32, 32\) \(channels first\?")]:
+        with pytest.raises(ValueError, match=message):
+            model.predict(bad)
+    assert (model.predict(images.astype(np.float32)) == expected).all()
+    assert (model.predict(images[:, :, ::-1][:, :, ::-1]) == expected).all()  # a (double) flipped view
+    frozen = images.copy()
+    frozen.setflags(write=False)
+    assert (model.predict(frozen, batch_size=3) == expected).all()
+    assert model.predict_proba(images[:0]).shape == (0, 10) and model.predict(images[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="batch_size: expected a positive integer, got 0"):
+        model.predict(images, batch_size=0)
+
+
+def test_load_model_names_a_missing_gpu_and_a_file_that_is_not_a_model(data, tmp_path):
+    train(TrainConfig(**ONE_EPOCH), tmp_path / "run", data=data)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="field 'device': expected auto or cpu, or a GPU this machine has"):
+            load_model(tmp_path / "run", device="cuda")
+    torch.save({"module": torch.nn.Linear(2, 2)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="not an effcifar model file") as error:
+        load_model(tmp_path / "checkpoint.pt")
+    assert "weights_only" not in str(error.value)  # torch's hint to load unsafely is not passed on
+
+
 def test_load_model_is_public_api():
     assert "load_model" in effcifar.__all__ and effcifar.load_model is load_model

@@ -263,6 +263,29 @@ def test_a_stage_that_failed_before_writing_anything_takes_the_corrected_setting
     assert "other settings" not in "".join(lines) and (out / "baseline" / "summary.json").is_file()
 
 
+@pytest.mark.slow
+def test_an_hpo_stage_whose_trials_all_failed_takes_the_corrected_settings(tmp_path):
+    """Its trials diverged (a learning-rate range far too high): no result to protect, so the corrected command
+    resumes the pipeline there, its baseline kept, instead of being refused as a resume with other settings."""
+    out, failing = tmp_path / "run", tmp_path / "failing.yaml"
+    failing.write_text(TINY.read_text().replace("[0.05, 1.0]", "[1.0e+29, 1.0e+30]"))
+    output = finish_failing(effcifar("pipeline", "--config", str(failing), "--quiet", "--out", str(out)))
+    assert "failed trial" in output and "TrainingDiverged" in output
+    baseline = (out / "baseline" / "model.pt").read_bytes()
+    process = pipeline(out)
+    try:
+        lines = []
+        while not lines or "[3/8]" not in lines[-1]:  # the HPO stage finished with the corrected space
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert "other settings" not in "".join(lines) and (out / "hpo" / "best.json").is_file()
+    assert (out / "baseline" / "model.pt").read_bytes() == baseline
+
+
 def finish_failing(process: subprocess.Popen) -> str:
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 2, output

@@ -90,11 +90,11 @@ class StageRecord:
         """Whether the stage completed with these settings."""
         return self.marker is not None and self.marker.get("finished") is not None
 
-    def check(self) -> None:
-        """Refuse a stage that was started with other settings."""
+    def check(self, has_results: Callable[[], bool]) -> None:
+        """Refuse a stage that was started with other settings and has results (`has_results()`) they made."""
         if self.marker is not None and self.marker["fingerprint"] != self.fingerprint:
-            if not any(path.name != MARKER for path, *_ in files(self.directory)):  # it stopped before writing:
-                self.marker = None  # nothing to protect, so it starts afresh with these settings
+            if not has_results():  # say, it failed on a value only the data can refuse: nothing to protect,
+                self.marker = None  # so the corrected command goes on there with its settings
                 return
             changed = changed_fields(self.marker.get("settings", {}), self.settings)
             raise ConfigError(f"{self.directory}: stage '{self.name}' was run with other settings "
@@ -149,6 +149,10 @@ class Stage:
     def done(self) -> int:
         """Units that an unfinished stage completed before (asked only when it runs)."""
         return 0
+
+    def has_results(self) -> bool:
+        """Whether the stage's directory holds results of its settings (anything beside its marker)."""
+        return any(path.name != MARKER for path, *_ in files(self.directory))
 
     def skip_reason(self) -> str | None:
         """Why the stage is switched off, if it is."""
@@ -269,6 +273,9 @@ class HpoStage(Stage):
     def done(self) -> int:
         return trials_done(self.directory, self.config, finished_count)  # failures do not use the budget
 
+    def has_results(self) -> bool:
+        return study_has_results(self)
+
     def run(self) -> str:
         import optuna
 
@@ -357,6 +364,9 @@ class SearchStage(Stage):
 
     def done(self) -> int:
         return trials_done(self.directory, self.config)
+
+    def has_results(self) -> bool:
+        return study_has_results(self)
 
     def run(self) -> str:
         from effcifar.nas import search as search_lib
@@ -647,6 +657,16 @@ def trials_done(directory: Path, config: Any, count: Callable[[list[Any]], int] 
     return (count or budget_used)(study.get_trials(deepcopy=False))
 
 
+def study_has_results(stage: HpoStage | SearchStage) -> bool:
+    """Whether a study stage finished a trial: one whose trials all failed has nothing to protect from new settings.
+
+    A study in a shared database is judged by the stage's files, as `Stage.has_results`.
+    """
+    if stage.config.storage is not None:
+        return Stage.has_results(stage)
+    return trials_done(stage.directory, stage.config, finished_count) > 0
+
+
 def finished_count(trials: list[Any]) -> int:
     """Trials that completed or were pruned: a failed or interrupted one is tried again, so it is not done."""
     from effcifar.studies import FINISHED
@@ -716,7 +736,7 @@ class Pipeline:
         settings = {"settings": stage.settings(), "after": {a: self.fingerprints[a] for a in stage.after}}
         record = StageRecord(stage.name, STAGES.index(stage.name) + 1, stage.directory, settings,
                              read_marker(stage.directory))
-        record.check()
+        record.check(stage.has_results)
         self.fingerprints[stage.name] = record.fingerprint
         if record.finished:
             self.monitor.stage_skipped(stage.name, record.number, "finished")
