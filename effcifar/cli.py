@@ -245,7 +245,7 @@ def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[
     An inline NNI space is checked here and written into the run directory by `run_study`.
     """
     from effcifar.hpo.experiment import load_experiment, parse_duration
-    from effcifar.hpo.space import SearchSpace
+    from effcifar.hpo.space import trial_space
 
     if args.config is not None and args.experiment is None and is_experiment(read_config_file(args.config)):
         console_warning(f"{args.config}: an NNI experiment config: pass it with --experiment (--config now takes "
@@ -261,9 +261,11 @@ def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[
         exp = load_experiment(args.experiment)
         for warning in exp.warnings:
             console_warning(f"{args.experiment}: {warning}")
-        if exp.search_space is not None:  # an inline v2 space: kept in the run directory
+        if getattr(args, "space", None) is not None:  # --space wins over the file's space, inline or not
+            pass
+        elif exp.search_space is not None:  # an inline v2 space: kept in the run directory
             inline = exp.search_space
-            SearchSpace.from_dict(inline, f"{args.experiment}: key 'searchSpace'", field_types(TrainConfig))
+            trial_space(inline, f"{args.experiment}: key 'searchSpace'")
             values["space"] = str(Path(args.out) / hpo.SPACE_FILE)
         elif exp.search_space_file is not None:
             values["space"] = exp.search_space_file

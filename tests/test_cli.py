@@ -254,10 +254,28 @@ def test_hpo_run_from_nni_v2_config_then_status_best_export(tmp_path):
     assert len(json.loads((run / "trials.json").read_text())) == 2
 
 
+@pytest.mark.slow
+def test_space_option_wins_over_an_experiments_inline_space_and_no_input_file_is_written(tmp_path):
+    base, space, experiment = tmp_path / "base.json", tmp_path / "space.json", tmp_path / "config.yml"
+    base.write_text(json.dumps(TINY_BASE))
+    space.write_text(json.dumps({"peak_lr": {"_type": "choice", "_value": [0.1]}}))
+    experiment.write_text("searchSpace:\n  cutout: {_type: choice, _value: [0, 4]}\n  bogus: {_type: choice, _value: [1]}\n"
+                          "maxTrialNumber: 1\n")
+    before = space.read_bytes()
+    run = tmp_path / "hpo"
+    r = effcifar("hpo", "run", "--experiment", str(experiment), "--space", str(space), "--config", str(base),
+                 "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "peak_lr=0.1" in r.stdout and "cutout" not in r.stdout  # the --space file's parameter was searched
+    assert space.read_bytes() == before and not (run / "search_space.json").exists()
+
+
 @pytest.mark.parametrize("space, message", [
     ({"peak_lr": {"_type": "loguniform", "_value": [0.4, 0.1]}}, "key 'peak_lr'"),
     ({"peak_lrr": {"_type": "uniform", "_value": [0.1, 0.4]}}, "peak_lr"),
     ({"cutout": {"_type": "gaussian", "_value": [1, 2]}}, "key 'cutout'"),
+    ({"holdout": {"_type": "choice", "_value": [0]}}, "key 'holdout': the data every trial is measured on"),
+    ({"subset": {"_type": "choice", "_value": [256, 512]}}, "key 'subset': the data every trial is measured on"),
 ])
 @pytest.mark.slow
 def test_hpo_bad_space_is_one_line_and_writes_nothing(tmp_path, space, message):

@@ -24,7 +24,7 @@ from typing import Any
 
 import optuna
 
-from effcifar.config import base_type, coerce_value, read_config_file
+from effcifar.config import base_type, coerce_value, field_types, read_config_file
 from effcifar.errors import ConfigError
 
 NNI_TYPES = ("choice", "randint", "uniform", "quniform", "loguniform", "qloguniform",
@@ -282,3 +282,20 @@ class SearchSpace:
     def names(self) -> list[str]:
         """The config fields the space can set, nested ones included."""
         return [field for node in self.nodes for field in node_fields(node)]
+
+
+# What every trial of a study is measured on, so that their accuracies compare and the test set never picks the
+# best: the study's options or base config set these, never a parameter of the space.
+STUDY_FIELDS = ("dataset", "data_dir", "subset", "holdout")
+
+
+def trial_space(spec: dict[str, Any], source: str) -> SearchSpace:
+    """A validated space of HPO trials: its keys are TrainConfig fields other than STUDY_FIELDS."""
+    from effcifar.train import TrainConfig
+
+    space = SearchSpace.from_dict(spec, source, field_types(TrainConfig))
+    for field in STUDY_FIELDS:
+        if field in space.names():
+            raise ConfigError(f"{source}: key '{field}': the data every trial is measured on, not a parameter: set "
+                              f"it in the trials' base config (--config) or with --{field.replace('_', '-')}")
+    return space

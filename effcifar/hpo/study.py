@@ -33,7 +33,7 @@ from effcifar.config import (
 from effcifar.data import DATASET_NAMES, CifarData, load_dataset
 from effcifar.errors import ConfigError, DiskFull, EffcifarError
 from effcifar.hpo.experiment import SAMPLERS
-from effcifar.hpo.space import SearchSpace
+from effcifar.hpo.space import SearchSpace, trial_space
 from effcifar.rundir import locked
 from effcifar.studies import (
     OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, fail_lost_trials, load_study, open_storage,
@@ -103,7 +103,7 @@ class TrialsFailed(EffcifarError):
 
 def load_space(config: HpoConfig) -> SearchSpace:
     """The validated search space of a study: its names are TrainConfig fields (errors name the file and key)."""
-    return SearchSpace.from_file(config.space, fields=field_types(TrainConfig))
+    return trial_space(read_config_file(config.space), str(config.space))
 
 
 def default_holdout(subset: int) -> int:
@@ -245,10 +245,12 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
     stops on failed trials (`max_failures`, or none complete) raises with the first failure's reason.
     `on_start()` runs once every check has passed, before the first trial.
     """
-    config.validate()
     run_dir = Path(run_dir)
+    if inline_space is not None:  # kept in the run directory, never written over a file of the user's
+        config = dataclasses.replace(config, space=str(run_dir / SPACE_FILE))
+    config.validate()
     space = read_config_file(config.space) if inline_space is None else inline_space  # type: ignore[arg-type]
-    SearchSpace.from_dict(dict(space), config.space or SPACE_FILE, field_types(TrainConfig))
+    trial_space(dict(space), config.space or SPACE_FILE)
     trial_config(config, {}, 0, base)  # the base config
     with locked(run_dir, "hpo"), disk_full_is_an_error(run_dir):
         if inline_space is not None:

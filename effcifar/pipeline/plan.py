@@ -232,13 +232,13 @@ class PipelineConfig:
         """
         baseline = self.baseline_config()
         trial_base = self.trial_base()
-        from effcifar.hpo.space import SearchSpace
+        from effcifar.hpo.space import trial_space
 
         space = self.hpo.get("space")
         if not space:
             raise ConfigError(f"{self.sources.get('hpo', 'pipeline config')}: field 'hpo.space': expected an NNI "
                               f"search space (a mapping of TrainConfig fields to {{_type, _value}}), got {space!r}")
-        SearchSpace.from_dict(space, self.sources.get("hpo.space", "hpo.space"), field_types(TrainConfig))
+        trial_space(space, self.sources.get("hpo.space", "hpo.space"))
         hpo = self._build(_stage_classes()["hpo"], "hpo", last={"space": "search_space.json", "base": "base.yaml"})
         stand_in = dataclasses.asdict(baseline)  # the HPO best does not exist yet
         final = self.final_config(stand_in, "baseline")
