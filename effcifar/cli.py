@@ -228,7 +228,7 @@ def run_hpo(args: argparse.Namespace, console: Console) -> int:
     if args.action == "best":
         path, best = hpo.write_best(args.run, args.tie, args.storage)
         config, study = hpo.load_run(args.run, args.storage)
-        print_best(study, best, config.tie if args.tie is None else args.tie, path, console)
+        print_best(study, best, config.tie if args.tie is None else args.tie, path, console, hpo)
     elif args.action == "export":
         for path in hpo.export_trials(args.run, args.storage):
             console.print(f"wrote {path}")
@@ -318,7 +318,7 @@ def run_hpo_study(args: argparse.Namespace, console: Console, hpo: Any) -> int:
         a = t.user_attrs
         detail = a.get("fail_reason") or (f"valid acc {a['accuracy']:.2%}  work {format_work(a.get('work'))}  "
                                           f"train time {a['train_time']:.1f} s" if "accuracy" in a else "")
-        console.print(f"trial {t.number:4d}  {t.state.name:<8}  {format_params(t.params)}  {detail}",
+        console.print(f"trial {t.number:4d}  {t.state.name:<8}  {format_params(hpo.trial_values(t))}  {detail}",
                       markup=False, soft_wrap=True)
 
     try:
@@ -366,18 +366,19 @@ def print_study(study: Any, tie: float, console: Console, hpo: Any, top: int = 1
                          no_wrap=column in ("sampled values", "work"))
     for t in ranked:
         r = hpo.trial_record(t)
-        table.add_row(f"{r['number']}{'*' if r['number'] == chosen else ''}", r["state"], format_params(t.params),
+        values = format_params(hpo.trial_values(t))
+        table.add_row(f"{r['number']}{'*' if r['number'] == chosen else ''}", r["state"], values,
                       f"{r['accuracy']:.2%}", format_work(r["work"]) if r["work"] else "",
                       "" if r["train_time"] is None else f"{r['train_time']:.1f} s",  # a cut trial has no time
                       str(r["epochs"] or ""), f"{r['params']:,}" if r["params"] else "")
     console.print(table)
 
 
-def print_best(study: Any, best: Any, tie: float, path: Path, console: Console) -> None:
+def print_best(study: Any, best: Any, tie: float, path: Path, console: Console, hpo: Any) -> None:
     """The tie rule's pick and Optuna's best_trial (the highest accuracy), and why they differ when they do."""
     def line(t: Any) -> str:
         a = t.user_attrs
-        return (f"trial {t.number} ({format_params(t.params)}): valid acc {a['accuracy']:.2%}, "
+        return (f"trial {t.number} ({format_params(hpo.trial_values(t))}): valid acc {a['accuracy']:.2%}, "
                 f"work {format_work(a.get('work'))}, train time {a['train_time']:.1f} s")
 
     console.print(f"best by the tie rule: {line(best)} -> {path}", markup=False, soft_wrap=True)

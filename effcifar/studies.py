@@ -145,6 +145,9 @@ def redact_text(text: str, url: str) -> str:
     return text
 
 
+SETUP_SINCE = "setup_since"  # the number of the first trial made with the study's present settings
+
+
 def check_setup(study: optuna.Study, attr: str, values: Mapping[str, Any], where: str, what: str) -> None:
     """Refuse a study whose results were recorded under other `values` (a ConfigError naming those that
     changed); record a new study's.
@@ -154,15 +157,25 @@ def check_setup(study: optuna.Study, attr: str, values: Mapping[str, Any], where
     results to protect: it takes the new values, so that the corrected command runs where it failed.
     """
     setup = fingerprint(values)
-    finished = any(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    finished = any(t.state in FINISHED for t in trials)
     if study.user_attrs.get(attr, setup) != setup and finished:
         recorded = study.user_attrs.get(f"{attr}:values")
         changed = changed_fields(recorded, json.loads(json.dumps(values))) if isinstance(recorded, dict) else []
         detail = f" ({', '.join(changed)} changed)" if changed else ""
         raise ConfigError(f"{where}: the study was made with another {what}{detail}; resume with the same settings "
                           f"or choose another --out")
+    if study.user_attrs.get(attr, setup) != setup:  # the failed trials so far tried other values: left behind
+        study.set_user_attr(SETUP_SINCE, len(trials))
     study.set_user_attr(attr, setup)
     study.set_user_attr(f"{attr}:values", dict(values))
+
+
+def current_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials made with its present settings (`check_setup`): the failures of settings it replaced
+    count toward neither the budget nor `max_failures`, so the corrected command starts afresh."""
+    since = study.user_attrs.get(SETUP_SINCE, 0)
+    return [t for t in study.get_trials(deepcopy=False) if t.number >= since]
 
 
 def open_storage(config: StorageConfig, run_dir: Path, read_only: bool = False) -> optuna.storages.BaseStorage:
@@ -463,7 +476,7 @@ def run_trials(study: optuna.Study, config: StorageConfig, run_dir: Path, budget
                 # Optuna warns that heartbeats are meant for study.optimize; this loop beats itself.
                 warnings.simplefilter("ignore", UserWarning)
                 fail_lost_trials(study, config)
-                trials = study.get_trials(deepcopy=False)
+                trials = current_trials(study)
                 waiting = any(t.state == TrialState.WAITING for t in trials)  # retries hold a slot already
                 if not waiting and budget_spent(trials, budget, max_failures):
                     return

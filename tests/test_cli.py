@@ -396,6 +396,20 @@ def test_hpo_run_whose_trials_all_fail_exits_with_the_reason(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_hpo_run_whose_trials_all_failed_runs_afresh_with_a_corrected_space(tmp_path):
+    """The failures were the old space's: the corrected command is not refused, nor ended by them (max_failures)."""
+    run = tmp_path / "hpo"
+    r = effcifar("hpo", "run", "--space", str(tiny_space(tmp_path, (1e30, 1e31))), *TINY, "--trials", "2",
+                 "--max-failures", "2", "--out", str(run))
+    assert r.returncode == 2 and "2 trials (2 fail)" in r.stdout
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    r = effcifar("hpo", "run", "--space", str(tiny_space(fixed, (0.05, 0.2))), *TINY, "--trials", "2",
+                 "--max-failures", "2", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "4 trials (2 complete, 2 fail)" in r.stdout
+
+
 @pytest.mark.parametrize("command", [["retrain", "runs/s"], ["nas-eval", "runs/n"], ["select", "runs/s"]])
 def test_commands_that_choose_the_networks_take_no_arch(command):
     r = effcifar(*command, "--arch", "a.json")

@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from effcifar.config import build_config
 from effcifar.errors import ConfigError
 from effcifar.hpo.study import (
-    HpoConfig, TrialsFailed, default_holdout, load_run, open_study, run_study, select_best, write_best,
+    HpoConfig, TrialsFailed, default_holdout, export_trials, load_run, open_study, run_study, select_best,
+    trial_values, write_best,
 )
 from effcifar.studies import open_storage
 from effcifar.train import TrainConfig
@@ -51,6 +52,25 @@ def test_study_runs_trials_records_attributes_and_best_reloads(tmp_path, files):
     path, best = write_best(run)
     config = build_config(TrainConfig, path)  # usable as `effcifar train --config best.json`
     assert config.peak_lr == best.params["peak_lr"] and config.dataset == "synthetic"
+
+
+@pytest.mark.slow
+def test_trials_record_the_values_they_trained_with_not_optunas_draws(tmp_path, files):
+    """A quniform step and a nested choice: the export and best.json agree with each trial's config."""
+    base, space = files
+    space.write_text(json.dumps({"layer1": {"_type": "quniform", "_value": [8, 20, 4]},
+                                 "shape": {"_type": "choice", "_value": [
+                                     {"_name": "wide", "layer2": {"_type": "quniform", "_value": [16, 32, 8]}},
+                                     {"_name": "narrow", "layer2": 8}]}}))
+    run = tmp_path / "hpo"
+    run_study(HpoConfig(space=str(space), base=str(base), trials=3, sampler_seed=1, sampler="random"), run)
+    export_trials(run)
+    for record, t in zip(json.loads((run / "trials.json").read_text()), load_run(run)[1].get_trials()):
+        config = t.user_attrs["config"]
+        assert record["param:layer1"] == config["layer1"] in (8, 12, 16, 20)
+        assert record["param:layer2"] == config["layer2"] and record["param:shape"] in ("wide", "narrow")
+        assert trial_values(t) == {k.removeprefix("param:"): v for k, v in record.items() if k.startswith("param:")}
+    assert any(t.params["layer1"] != t.user_attrs["config"]["layer1"] for t in load_run(run)[1].get_trials())
 
 
 @pytest.mark.slow
@@ -316,7 +336,7 @@ def test_status_and_best_show_sampled_values_and_why_optuna_differs():
     console = Console(record=True, width=160)
     print_study(study, 0.1, console, hpo.study)
     best = select_best(study.trials, 0.1)
-    print_best(study, best, 0.1, Path("best.json"), console)
+    print_best(study, best, 0.1, Path("best.json"), console, hpo.study)
     text = " ".join(console.export_text().split())
     assert "1* COMPLETE peak_lr=0.12" in text and "peak_lr=0.31" in text and "9 TFLOP" in text
     assert "best by the tie rule: trial 1 (peak_lr=0.12)" in text

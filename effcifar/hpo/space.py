@@ -279,6 +279,22 @@ class SearchSpace:
             collect(trial, node, values)
         return values
 
+    def choice_names(self) -> list[str]:
+        """The Optuna names of the nested choices (e.g. `arch`, `arch/wide/block`): their values name an option."""
+        names: list[str] = []
+
+        def walk(node: Node) -> None:
+            if isinstance(node, NestedChoice):
+                names.append(node.name)
+                for body in node.options.values():
+                    for item in body.values():
+                        if isinstance(item, (Param, NestedChoice)):
+                            walk(item)
+
+        for node in self.nodes:
+            walk(node)
+        return names
+
     def names(self) -> list[str]:
         """The config fields the space can set, nested ones included."""
         return [field for node in self.nodes for field in node_fields(node)]

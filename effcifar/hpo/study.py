@@ -36,8 +36,8 @@ from effcifar.hpo.experiment import SAMPLERS
 from effcifar.hpo.space import SearchSpace, trial_space
 from effcifar.rundir import locked
 from effcifar.studies import (
-    OnTrial, StorageConfig, check_setup, check_workers, disk_full_is_an_error, fail_lost_trials, load_study, open_storage,
-    recorded_study, run_trials, start_workers, study_name,
+    OnTrial, StorageConfig, check_setup, check_workers, current_trials, disk_full_is_an_error, fail_lost_trials,
+    load_study, open_storage, recorded_study, run_trials, start_workers, study_name,
 )
 from effcifar.train import EpochMetrics, TrainConfig, train
 
@@ -188,7 +188,10 @@ class TrialRunner:
         trial_dir = self.run_dir / "trials" / f"{trial.number:04d}"
         trial.set_user_attr("run_dir", str(trial_dir.relative_to(self.run_dir)))
         try:
-            train_config = trial_config(self.config, self.space.suggest(trial), trial.number)
+            values = self.space.suggest(trial)
+            chosen = {name: trial.params[name] for name in self.space.choice_names() if name in trial.params}
+            trial.set_user_attr("values", chosen | values)  # as trained: rounded, cast (Optuna keeps the draws)
+            train_config = trial_config(self.config, values, trial.number)
             trial.set_user_attr("config", dataclasses.asdict(train_config))
 
             def report(m: EpochMetrics) -> None:
@@ -276,7 +279,7 @@ def run_study(config: HpoConfig, run_dir: str | Path, on_trial: OnTrial | None =
             threads = max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker, (config, run_dir, threads, deadline), on_trial,
                           config.storage)
-    check_failures(study.get_trials(deepcopy=False), config.trials, config.max_failures or config.trials)
+    check_failures(current_trials(study), config.trials, config.max_failures or config.trials)
     return study
 
 
@@ -324,6 +327,13 @@ def load_run(run_dir: str | Path, storage: str | None = None) -> tuple[HpoConfig
     return config, load_study(config, run_dir)
 
 
+def trial_values(t: FrozenTrial) -> dict[str, Any]:
+    """The values a trial trained with: each nested choice's option, then the fields after NNI's rounding and the
+    field's type (Optuna's `params` hold the raw draws, e.g. 19.7 for a quniform step of 4)."""
+    values = t.user_attrs.get("values")
+    return dict(t.params) if values is None else values  # a trial from before the values were recorded
+
+
 def trial_record(t: FrozenTrial) -> dict[str, Any]:
     """One trial as a flat record for tables and exports."""
     a = t.user_attrs
@@ -332,7 +342,7 @@ def trial_record(t: FrozenTrial) -> dict[str, Any]:
         "train_time": a.get("train_time"),
         "epochs": a.get("epochs"), "params": a.get("params"), "flops": a.get("flops"), "test_acc": a.get("test_acc"),
         "duration": t.duration.total_seconds() if t.duration else None, "run_dir": a.get("run_dir"),
-        "fail_reason": a.get("fail_reason"), **{f"param:{k}": v for k, v in t.params.items()},
+        "fail_reason": a.get("fail_reason"), **{f"param:{k}": v for k, v in trial_values(t).items()},
     }
 
 

@@ -42,8 +42,8 @@ from effcifar.nas.costs import CostTable
 from effcifar.nas.space import Arch, ArchSpace, HeadSpec, network_key, width_channels
 from effcifar.rundir import clear, locked
 from effcifar.studies import (
-    FINISHED, OnTrial, StorageConfig, check_setup, check_workers, open_storage, recorded_study, retried_numbers,
-    run_trials, start_workers, study_name,
+    FINISHED, OnTrial, StorageConfig, check_setup, check_workers, current_trials, open_storage, recorded_study,
+    retried_numbers, run_trials, start_workers, study_name,
 )
 from effcifar.train import EpochMetrics, TrainConfig, finished_summary, read_logs, recipe_for, train
 
@@ -397,7 +397,7 @@ def run_worker(config: SelectConfig, pool: list[Candidate], base: TrainConfig, o
 
 def requeue_failed(study: optuna.Study, pool: list[Candidate]) -> None:
     """Enqueue again each candidate whose last trial failed (interrupted, or an error), once per resume."""
-    trials = study.get_trials(deepcopy=False)
+    trials = current_trials(study)
     retried = retried_numbers(trials)
     latest = {t.params["candidate"]: t for t in sorted(trials, key=lambda t: t.number) if "candidate" in t.params}
     for c in pool:
@@ -479,7 +479,7 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
                 atomic_write(out_dir / ARCHS_DIR / f"{c.name}.json",
                              json.dumps({"arch": c.arch, "space": space.to_dict()}, indent=2) + "\n")
         save_config(config.without_password(), out_dir / CONFIG_FILE)
-        if not study.get_trials(deepcopy=False):  # enqueued once, in pool order: the incumbent first
+        if not current_trials(study):  # enqueued once, in pool order: the incumbent first
             for c in pool:
                 study.enqueue_trial({"candidate": c.name}, user_attrs={"source": c.source})
         else:  # resumed: a candidate stopped midway (Ctrl-C, SIGTERM) or failed trains again
@@ -491,7 +491,7 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
             threads = max(1, (os.cpu_count() or 1) // config.workers)
             start_workers(study, config.workers, run_worker, (config, pool, base, out_dir, threads), on_trial,
                           config.storage)
-        result = summarise(study.get_trials(deepcopy=False), pool, rungs(config, base.epochs), config.margin,
+        result = summarise(current_trials(study), pool, rungs(config, base.epochs), config.margin,
                            base.holdout)
         atomic_write(out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2) + "\n")
         failed = [r for r in result.rows if r["state"] == TrialState.FAIL.name]
