@@ -211,6 +211,23 @@ def nested_keys(cls: type) -> dict[str, dict[str, Any]]:
     return groups
 
 
+def check_types(config: Any) -> None:
+    """A ConfigError (with `field`) for the first field, its `nested` groups' included, whose value is not of its
+    declared type: a config built in Python (`TrainConfig(epochs="3")`, `tta="false"`) is refused as a file or an
+    option with that value would be, instead of failing deep in a run or meaning something else."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get(NESTED):
+            if dataclasses.is_dataclass(value):
+                check_types(value)
+            continue
+        try:
+            coerce_value(hints[f.name], value)
+        except ValueError as e:
+            raise field_error(f.name, str(e), value) from None
+
+
 def flat_values(config: Any) -> dict[str, Any]:
     """A config's values as plain data, its `nested` fields' keys flat (as files and options give them)."""
     values = dataclasses.asdict(config)

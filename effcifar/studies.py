@@ -43,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.allocator import configure_allocator
 from effcifar.atomic import DISK_FULL
-from effcifar.config import build_config, changed_fields, execution, field_error, fingerprint, setting
+from effcifar.config import build_config, changed_fields, check_types, execution, field_error, fingerprint, setting
 from effcifar.errors import ConfigError, DiskFull, EffcifarError
 from effcifar.rundir import holds
 
@@ -66,6 +66,7 @@ class StorageConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for a bad storage URL or heartbeat."""
+        check_types(self)
         if self.storage is not None and not is_storage_url(self.storage):
             raise field_error("storage", "a postgresql://USER@HOST[:PORT]/DB URL (an '@' in a password written "
                                          "%40)", redact_url(self.storage))

@@ -42,7 +42,7 @@ from effcifar import memory
 from effcifar.allocator import allocator_in_effect
 from effcifar.atomic import atomic_torch_save, atomic_write
 from effcifar.config import (
-    build_from_layers, check_seed, check_threads, execution, field_error, field_types, nested, read_json, result_values,
+    build_from_layers, check_seed, check_threads, check_types, execution, field_error, field_types, nested, read_json, result_values,
     save_config, setting,
 )
 from effcifar.data import DATASET_NAMES, Augment, CifarData, DeviceLoader, load_dataset
@@ -246,6 +246,7 @@ class TrainConfig(ExecutionFields, WidthFields, OptimiserFields, AugmentFields, 
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first value outside its range."""
+        check_types(self)
         check_seed("seed", self.seed)
         if self.recipe not in RECIPES:
             raise field_error("recipe", f"one of {', '.join(RECIPES)}", self.recipe)
@@ -387,10 +388,17 @@ def check_memory(config: TrainConfig, data: CifarData, device: torch.device, pre
                  build: Callable[[], nn.Module]) -> None:
     """Refuse a run whose network `build()` and data cannot fit on the device, before anything is allocated."""
     n_train, n_eval = split_sizes(data, config.subset, config.holdout)
+    check_batch_size(config.batch_size, n_train)  # a plainer reason than the memory a too-large batch would need
     data_bytes = (n_train + n_eval) * (3 * IMAGE_SIDE * IMAGE_SIDE + 8)  # uint8 as loaded (no padded copy), int64 labels
     need = memory.estimate(build, config.batch_size, config.eval_batch_size, data_bytes,
                            activation_bytes=2 if precision in ("bf16", "fp16") else 4)
     memory.check(need, device, "the widths (prep, layer1..3), batch_size, eval_batch_size or subset")
+
+
+def check_batch_size(batch_size: int, train_images: int) -> None:
+    """ConfigError (field 'batch_size') for a batch larger than the training images: no step could be taken."""
+    if batch_size > train_images:
+        raise field_error("batch_size", f"at most the number of training images ({train_images})", batch_size)
 
 
 def split_data(data: CifarData, subset: int, holdout: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -413,8 +421,7 @@ def device_loaders(config: TrainConfig, data: CifarData, device: torch.device,
                    augment: Augment | None = None) -> tuple[DeviceLoader, DeviceLoader]:
     """(training loader with `augment` (default: the config's crop/flip/Cutout), validation loader) on the device."""
     x_train, y_train, x_valid, y_valid = split_data(data, config.subset, config.holdout)
-    if len(y_train) < config.batch_size:
-        raise field_error("batch_size", f"at most the number of training images ({len(y_train)})", config.batch_size)
+    check_batch_size(config.batch_size, len(y_train))
     mean, std = data.mean_std()
     common = dict(mean=mean, std=std, device=device, channels_last=config.channels_last)
     train_loader = DeviceLoader(

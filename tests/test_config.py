@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from effcifar.airbench import AirbenchFields
 from effcifar.config import build_config, read_config_file, save_config
 from effcifar.device import resolve_device
 from effcifar.errors import ConfigError
+from effcifar.nas.search import SearchConfig
 from effcifar.train import ResNet9Fields, TrainConfig
 
 
@@ -48,6 +50,20 @@ def test_recipe_fields_are_given_flat_or_nested_and_only_with_their_recipe(tmp_p
     path.write_text("recipe_fields: 3\n")
     with pytest.raises(ConfigError, match="field 'recipe_fields': expected a mapping of field names to values"):
         build_config(TrainConfig, path)
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: TrainConfig(epochs="3"), "field 'epochs': expected a value of type int, got '3'"),
+    (lambda: TrainConfig(tta="false"), "field 'tta': expected a value of type bool, got 'false'"),
+    (lambda: TrainConfig(batch_size=64.5), "field 'batch_size': expected a value of type int, got 64.5"),
+    (lambda: TrainConfig(peak_lr=float("inf")), "field 'peak_lr': expected a finite number"),
+    (lambda: TrainConfig(recipe_fields={"res_layer1": "2"}), "field 'res_layer1': expected a value of type int"),
+    (lambda: SearchConfig(trials="4"), "field 'trials': expected a value of type int, got '4'"),
+])
+def test_a_config_built_in_python_is_type_checked_as_a_file_is(config, message):
+    """Not a TypeError deep in the run, nor a string 'false' that is true."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config().validate()
 
 
 def test_file_then_overrides(tmp_path):

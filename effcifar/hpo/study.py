@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
 from effcifar.config import (
-    build_config, check_seed, execution, field_error, field_types, read_config_file, result_values, save_config,
+    build_config, check_seed, check_types, execution, field_error, field_types, read_config_file, result_values, save_config,
     setting,
 )
 from effcifar.data import DATASET_NAMES, CifarData, load_dataset
@@ -80,6 +80,7 @@ class HpoConfig(StorageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
+        check_types(self)
         check_seed("sampler_seed", self.sampler_seed)
         if self.space is None:
             raise field_error("space", "a search space file (--space FILE)", None)

@@ -48,7 +48,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import build_config, check_seed, check_threads, execution, field_error, save_config, setting
+from effcifar.config import build_config, check_seed, check_threads, check_types, execution, field_error, save_config, setting
 from effcifar.data import DeviceLoader, load_dataset
 from effcifar.device import PRECISIONS, check_device_name, resolve_device, resolve_precision
 from effcifar.errors import ConfigError
@@ -112,6 +112,7 @@ class SearchConfig(StorageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
+        check_types(self)
         check_seed("sampler_seed", self.sampler_seed)
         if self.strategy not in STRATEGIES:
             raise field_error("strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)

@@ -34,7 +34,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from effcifar.atomic import atomic_write
-from effcifar.config import check_seed, execution, field_error, result_values, save_config, setting
+from effcifar.config import check_seed, check_types, execution, field_error, result_values, save_config, setting
 from effcifar.data import CifarData, load_dataset
 from effcifar.errors import ConfigError
 from effcifar.models import NETWORK_STAGES, count_flops, count_parameters
@@ -86,6 +86,7 @@ class SelectConfig(StorageConfig):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
+        check_types(self)
         if self.pool < 1:
             raise field_error("pool", "a positive integer", self.pool)
         if self.proposals not in PROPOSALS:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from effcifar.config import (
-    build_config, build_from_layers, execution, field_error, fingerprint, flat_values, nested, read_config_file,
+    build_config, build_from_layers, check_types, execution, field_error, fingerprint, flat_values, nested, read_config_file,
     result_values, setting,
 )
 from effcifar.errors import ConfigError
@@ -83,6 +83,7 @@ class SupernetConfig(ExecutionFields, OptimiserFields, DataFields):
 
     def validate(self) -> None:
         """Raise ConfigError (with `field`) for the first bad value."""
+        check_types(self)
         self.train_config().validate()
         for name in ("epochs", "keep_checkpoints"):
             if getattr(self, name) <= 0:
