@@ -321,7 +321,7 @@ def read_text(path: str | Path, what: str = "file") -> str:
     """A UTF-8 text file's content; a ConfigError names the file if it cannot be read or is not UTF-8."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
     except OSError as e:
         raise ConfigError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -340,14 +340,28 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
+def read_yaml(text: str) -> Any:
+    """YAML data, safely (no tags that build objects); a key given twice is a ValueError."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping (a key given twice is an error); errors name the file."""
     path = Path(path)
     text = read_text(path, "config file")
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        data = json.loads(text, object_pairs_hook=_unique_pairs) if kind == "JSON" else yaml.load(
-            text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_pairs) if kind == "JSON" else read_yaml(text)
+        except json.JSONDecodeError as e:  # as NNI reads a .json file: YAML next (JSON with # comments)
+            try:
+                data = read_yaml(text)
+            except (yaml.YAMLError, ValueError):
+                raise e from None
+    except yaml.MarkedYAMLError as e:  # the problem and where, not only PyYAML's first line ("while scanning ...")
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {e.problem or e.context}{where}") from None
     except (json.JSONDecodeError, yaml.YAMLError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0]
         raise ConfigError(f"{path}: not valid {kind}: {first_line}") from None

@@ -93,6 +93,7 @@ def test_json_and_roundtrip(tmp_path):
     ("dataset: imagenet\n", "field 'dataset': expected one of cifar10, cifar100, synthetic"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("peak_lr: [1\n", "not valid YAML"),
+    ("peak_lr: 0.1\n\tepochs: 2\n", "not valid YAML: found character '\\t' that cannot start any token (line 2, column 1)"),
 ])
 def test_bad_files_name_file_and_field(tmp_path, content, message):
     path = tmp_path / "bad.yaml"
@@ -112,6 +113,15 @@ def test_override_errors_name_the_option_source(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="nope.yaml: cannot read config file"):
         read_config_file("nope.yaml")
+
+
+def test_json_with_a_byte_order_mark_or_hash_comments_reads_as_nni_reads_it(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_bytes(b'\xef\xbb\xbf{\n  # the learning rate\n  "peak_lr": 0.1\n}\n')
+    assert read_config_file(path) == {"peak_lr": 0.1}
+    path.write_text('{"peak_lr": 0.1,, }')
+    with pytest.raises(ConfigError, match="space.json: not valid JSON: Expecting property name"):
+        read_config_file(path)
 
 
 @pytest.mark.parametrize("name, content", [
