@@ -238,29 +238,35 @@ def run_hpo(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[str, Any] | None, TrainConfig | None]:
-    """(config, inline space, base): --experiment (NNI experiment file) < options; the trials' base is
+def hpo_config_from_args(args: argparse.Namespace,
+                         hpo: Any) -> tuple[Any, dict[str, Any] | None, TrainConfig | None, list[str]]:
+    """(config, inline space, base, warnings): --experiment (NNI experiment file) < options; the trials' base is
     --config (a TrainConfig file) with the TrainConfig options over it, None when no option changes the file.
 
-    An inline NNI space is checked here and written into the run directory by `run_study`.
+    An inline NNI space is checked here and written into the run directory by `run_study`. The warnings
+    (ignored keys, old names) are shown once every check has passed, so that a refused command prints
+    its error alone.
     """
     from effcifar.hpo.experiment import load_experiment, parse_duration
     from effcifar.hpo.space import trial_space
 
+    warnings: list[str] = []
     if args.config is not None and args.experiment is None and is_experiment(read_config_file(args.config)):
-        console_warning(f"{args.config}: an NNI experiment config: pass it with --experiment (--config now takes "
+        warnings.append(f"{args.config}: an NNI experiment config: pass it with --experiment (--config now takes "
                         "the trials' base config)")
         args.experiment, args.config = args.config, None
     if args.base is not None:
-        console_warning("--base is deprecated: use --config (any run's config.yaml or an HPO best.json)")
+        warnings.append("--base is deprecated: use --config (any run's config.yaml or an HPO best.json)")
         args.config = args.config or args.base
     layers: list[tuple[str, dict[str, Any], bool]] = []
     inline = None
     if args.experiment:
         values: dict[str, Any] = {}
         exp = load_experiment(args.experiment)
-        for warning in exp.warnings:
-            console_warning(f"{args.experiment}: {warning}")
+        warnings += [f"{args.experiment}: {warning}" for warning in exp.warnings]
+        if exp.search_space is None and exp.search_space_file is None and getattr(args, "space", None) is None:
+            raise ConfigError(f"{args.experiment}: no search space (expected searchSpaceFile, searchSpacePath or "
+                              f"searchSpace; NNI annotations in trial code are not read), or give --space FILE")
         if getattr(args, "space", None) is not None:  # --space wins over the file's space, inline or not
             pass
         elif exp.search_space is not None:  # an inline v2 space: kept in the run directory
@@ -286,7 +292,7 @@ def hpo_config_from_args(args: argparse.Namespace, hpo: Any) -> tuple[Any, dict[
     trial_options = {k: v for k, v in vars(args).items() if k in set(field_types(TrainConfig)) - HPO_TRIAL_EXCLUDED}
     base = config_from_args(TrainConfig, argparse.Namespace(config=args.config, **trial_options)) \
         if trial_options else None
-    return config, inline, base
+    return config, inline, base, warnings
 
 
 def is_experiment(data: dict[str, Any]) -> bool:
@@ -304,10 +310,12 @@ def run_hpo_study(args: argparse.Namespace, console: Console, hpo: Any) -> int:
 
     A study that failed trials ended (or that completed none) exits non-zero with the first failure's reason.
     """
-    config, inline_space, base = hpo_config_from_args(args, hpo)
+    config, inline_space, base, warnings = hpo_config_from_args(args, hpo)
     start = hpo.trial_config(config, {}, 0, base)
 
     def on_start() -> None:  # once every check has passed: a refused command prints its error alone
+        for warning in warnings:
+            console_warning(warning)
         if start.holdout:
             console.print(f"trials validate on {start.holdout} held-out training images (holdout)")
         else:

@@ -430,6 +430,18 @@ def test_a_train_refused_by_its_data_prints_its_error_alone(tmp_path):
     assert r.returncode == 2 and r.stdout == "" and "field 'batch_size'" in r.stderr, (r.stdout, r.stderr)
 
 
+@pytest.mark.parametrize("experiment, message", [
+    ("authorName: me\nsearchSpaceFile: missing.json\n", "missing.json"),  # the ignored key's warning is not shown
+    ("authorName: me\nuseAnnotation: true\n", "config.yml: no search space (expected searchSpaceFile"),
+])
+def test_a_refused_nni_experiment_prints_its_error_alone(tmp_path, experiment, message):
+    (tmp_path / "config.yml").write_text(experiment)
+    r = effcifar("hpo", "run", "--experiment", str(tmp_path / "config.yml"), "--dataset", "synthetic", "--out",
+                 str(tmp_path / "hpo"))
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    assert message in r.stderr and not (tmp_path / "hpo").exists()
+
+
 def test_a_refused_hpo_run_prints_its_error_alone(tmp_path):
     r = effcifar("hpo", "run", "--space", str(tmp_path / "missing.json"), "--dataset", "synthetic", "--out",
                  str(tmp_path / "hpo"))

@@ -84,6 +84,9 @@ def test_parse_duration_errors(text):
     ({"experimentName": 7}, ["'experimentName'", "string"]),
     ({"advisor": {"name": "BOHB"}}, ["'advisor'", "--pruner hyperband"]),
     ({"trial": "python3 main.py"}, ["'trial'", "mapping"]),
+    ({"trialConcurrency": 10_000}, ["'trialConcurrency'", "worker processes on this machine"]),
+    ({"experimentType": "nas"}, ["'experimentType'", "expected hpo"]),
+    ({"max_trial_number": 3}, ["'max_trial_number'", "given twice"]),
 ])
 def test_errors(tmp_path, change, parts):
     path = write(tmp_path, {**V2, **change})
@@ -93,6 +96,16 @@ def test_errors(tmp_path, change, parts):
     assert message.startswith(f"{path}: ") and "\n" not in message
     for part in parts:
         assert part in message, message
+
+
+def test_keys_in_any_case_and_with_underscores_as_nni_v2_reads_them(tmp_path):
+    data = {"experiment_name": "x", "max_trial_number": 3, "MaxExperimentDuration": "1H", "experimentType": "hpo",
+            "search_space_file": "space.json", "description": "notes",
+            "tuner": {"Name": "Random", "class_args": {"optimize_mode": "maximize", "seed": 4},
+                      "includeIntermediateResults": True}}
+    exp = load_experiment(write(tmp_path, data))
+    assert (exp.name, exp.trials, exp.timeout, exp.sampler, exp.seed) == ("x", 3, 3600.0, "random", 4)
+    assert {w.split(":")[0] for w in exp.warnings} == {"description", "tuner.includeIntermediateResults"}
 
 
 def test_read_errors_name_the_file(tmp_path):

@@ -20,7 +20,7 @@ from effcifar.errors import ConfigError
 TUNERS = {"TPE": "tpe", "Random": "random", "Evolution": "nsga2"}  # NNI builtin name -> our sampler
 SAMPLERS = ("tpe", "random", "cmaes", "nsga2")
 SAMPLER_NAMES = {**{name.lower(): sampler for name, sampler in TUNERS.items()}, **{s: s for s in SAMPLERS}}
-DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*")
+DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*", re.IGNORECASE)  # NNI takes 1H too
 UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 TRAINER = "ignored; each trial runs effcifar's trainer"
 LOCAL = "ignored; trials run as worker processes on this machine (--workers)"
@@ -28,7 +28,8 @@ GPU = "ignored; each worker process uses one device (pin GPUs with CUDA_VISIBLE_
 NNI_ONLY = "ignored; there is no NNI manager here"
 OUTPUT = "ignored; a study writes everything to its run directory (--out)"
 IGNORED = {
-    "authorName": "ignored; NNI metadata", "useAnnotation": "ignored; the search space comes from a file",
+    "authorName": "ignored; NNI metadata", "description": "ignored; NNI metadata",
+    "useAnnotation": "ignored; the search space comes from a file", "multiPhase": NNI_ONLY,
     "trainingServicePlatform": LOCAL, "trainingService": LOCAL, "localConfig": LOCAL,
     "machineList": LOCAL, "remoteConfig": LOCAL, "trialCommand": TRAINER, "trialCodeDirectory": TRAINER,
     "trialGpuNumber": GPU, "logDir": OUTPUT, "experimentWorkingDirectory": OUTPUT, "logLevel": NNI_ONLY,
@@ -37,10 +38,10 @@ IGNORED = {
     "maxTrialDuration": "ignored; trials have no time limit (stop poor ones early with --pruner)",
     "assessor": "ignored; early stopping of poor trials is set with --pruner (median by default)",
 }
-SETTINGS = ("experimentName", "searchSpacePath", "searchSpaceFile", "searchSpace", "trialConcurrency",
+SETTINGS = ("experimentName", "experimentType", "searchSpacePath", "searchSpaceFile", "searchSpace", "trialConcurrency",
             "maxExecDuration", "maxExperimentDuration", "maxTrialNum", "maxTrialNumber", "tuner", "trial")
 SPACE_KEYS = ("searchSpacePath", "searchSpaceFile", "searchSpace")
-TUNER_KEYS = ("builtinTunerName", "name", "classArgs", "gpuIndices", "gpuNum")
+TUNER_KEYS = ("builtinTunerName", "name", "classArgs", "gpuIndices", "gpuNum", "includeIntermediateResults")
 CUSTOM_TUNER_KEYS = ("codeDir", "codeDirectory", "classFileName", "className")
 
 
@@ -67,7 +68,7 @@ def parse_duration(text: str | int | float, where: str) -> float:
         raise ConfigError(expected)
     if isinstance(text, str):
         match = DURATION.fullmatch(text)
-        seconds = float(match[1]) * UNIT_SECONDS[match[2]] if match else 0.0
+        seconds = float(match[1]) * UNIT_SECONDS[match[2].lower()] if match else 0.0
     else:
         seconds = float(text)
     if not 0 < seconds < float("inf"):
@@ -82,9 +83,31 @@ def positive_int(value: Any, where: str) -> int:
     return value
 
 
+def concurrency(value: Any, where: str) -> int:
+    """trialConcurrency as worker processes: 1 to `max_workers()` on this machine, or an error naming the key."""
+    from effcifar.studies import max_workers
+
+    if positive_int(value, where) > max_workers():
+        raise ConfigError(f"{where}: expected 1 to {max_workers()} worker processes on this machine, got {value!r}")
+    return value
+
+
 def first(data: dict[str, Any], *keys: str) -> tuple[str, Any] | None:
     """(key, value) of the first of these keys (v1 and v2 spellings) present in `data`."""
     return next(((key, data[key]) for key in keys if key in data), None)
+
+
+def nni_spelling(data: dict[str, Any], known: tuple[str, ...], where: str) -> dict[str, Any]:
+    """`data` with each key spelled as in `known` when it differs only in case and underscores, as NNI's v2
+    configs allow (max_trial_number, MaxTrialNumber); two spellings of one key are an error."""
+    canonical = {key.replace("_", "").lower(): key for key in known}
+    spelled: dict[str, Any] = {}
+    for key, value in data.items():
+        name = canonical.get(str(key).replace("_", "").lower(), key)
+        if name in spelled:
+            raise ConfigError(f"{where}: key '{key}': given twice (as '{name}' too)")
+        spelled[name] = value
+    return spelled
 
 
 def parse_tuner(tuner: Any, source: Path) -> tuple[str, int | None, list[str]]:
@@ -92,6 +115,7 @@ def parse_tuner(tuner: Any, source: Path) -> tuple[str, int | None, list[str]]:
     where = f"{source}: key 'tuner"
     if not isinstance(tuner, dict):
         raise ConfigError(f"{where}': expected a mapping with builtinTunerName (v1) or name (v2), got {tuner!r}")
+    tuner = nni_spelling(tuner, (*TUNER_KEYS, *CUSTOM_TUNER_KEYS), f"{source}: section 'tuner'")
     custom = [key for key in CUSTOM_TUNER_KEYS if key in tuner]
     if custom:
         raise ConfigError(f"{where}.{custom[0]}': custom tuner classes cannot run here; use builtinTunerName")
@@ -106,6 +130,9 @@ def parse_tuner(tuner: Any, source: Path) -> tuple[str, int | None, list[str]]:
         raise ConfigError(f"{where}.{name_key}': tuner {name!r} is not available here; expected one of {choices}")
     warnings = [f"tuner.{key}: ignored; the sampler runs on the CPU" for key in ("gpuIndices", "gpuNum")
                 if key in tuner]
+    if "includeIntermediateResults" in tuner:
+        warnings.append("tuner.includeIntermediateResults: ignored; the sampler learns from final accuracies (the "
+                        "pruner reads the per-epoch ones)")
     args = tuner.get("classArgs", {})
     if not isinstance(args, dict):
         raise ConfigError(f"{where}.classArgs': expected a mapping, got {args!r}")
@@ -140,8 +167,12 @@ def check_keys(data: dict[str, Any], source: Path) -> list[str]:
 def load_experiment(path: str | Path) -> ExperimentSettings:
     """Read an NNI experiment config (v1 or v2 keys); errors name the file and key."""
     path = Path(path)
-    data = read_config_file(path)
+    data = nni_spelling(read_config_file(path), (*SETTINGS, *IGNORED, "advisor"), str(path))
     warnings = check_keys(data, path)
+    kind = data.get("experimentType", "hpo")
+    if kind != "hpo":
+        raise ConfigError(f"{path}: key 'experimentType': expected hpo (architecture search is effcifar supernet and "
+                          f"search), got {kind!r}")
     spaces = [key for key in SPACE_KEYS if key in data]
     if len(spaces) > 1:
         raise ConfigError(f"{path}: keys {' and '.join(spaces)}: expected only one search space")
@@ -165,6 +196,6 @@ def load_experiment(path: str | Path) -> ExperimentSettings:
         search_space_file=space_file, search_space=space,
         trials=positive_int(trials[1], f"{path}: key '{trials[0]}'") if trials else None,
         timeout=parse_duration(duration[1], f"{path}: key '{duration[0]}'") if duration else None,
-        workers=positive_int(workers[1], f"{path}: key '{workers[0]}'") if workers else None,
+        workers=concurrency(workers[1], f"{path}: key '{workers[0]}'") if workers else None,
         sampler=sampler, seed=seed, name=name, warnings=warnings,
     )
