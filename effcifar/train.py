@@ -58,6 +58,7 @@ from effcifar.rundir import locked
 # it at load time; the recipe imports core. resnet9: cifar10-fast (the default); airbench: effcifar.airbench.
 RECIPES = {"resnet9": "effcifar.train:Recipe", "airbench": "effcifar.airbench:AirbenchRecipe"}
 ARCH_FILE = "arch.json"  # a NAS subnet run's architecture and space, in its run directory
+RUN_FILES = ("summary.json", "model.pt", "logs.tsv", ARCH_FILE)  # what a run writes besides config.yaml
 MODEL_FORMAT = "effcifar-model/1"  # model.pt: a `model_record`, not a bare state dict
 IMAGE_SIDE = 32
 SPLIT_SEED = 0  # subset and hold-out splits do not depend on the run's seed, so runs compare on the same images
@@ -814,11 +815,19 @@ def start_loop(config: TrainConfig, data: CifarData | None) -> Loop:
 
 
 def write_run_config(config: TrainConfig, out: Path) -> None:
-    """config.yaml, and for a NAS subnet its architecture and space (arch.json), wherever its file was."""
-    save_config(config, out / "config.yaml")
-    if config.arch is not None:
+    """config.yaml, and for a NAS subnet its architecture and space (arch.json), wherever its file was.
+
+    They replace the files of an earlier run in `out`, so that a run that fails leaves an unfinished run
+    (no summary), never its config beside another run's model and summary.
+    """
+    record = None
+    if config.arch is not None:  # read before an old arch.json in `out` goes: it may be the file named
         space, arch = config.architecture()
         record = {"arch": arch, "space": space.to_dict(), "source": config.arch}
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    save_config(config, out / "config.yaml")
+    if record is not None:
         atomic_write(out / ARCH_FILE, json.dumps(record, indent=2) + "\n")
 
 

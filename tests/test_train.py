@@ -140,6 +140,16 @@ def test_diverging_run_stops_with_a_clear_error(synthetic, tmp_path):
     assert len((tmp_path / "run" / "logs.tsv").read_text().splitlines()) == 2  # header + the epoch that diverged
 
 
+def test_a_run_that_fails_over_an_earlier_run_leaves_no_files_of_that_run(synthetic, tmp_path):
+    """Not the new config beside the old model and summary: an unfinished run, as the failure left it."""
+    train(TrainConfig(**TINY), tmp_path / "run", data=synthetic)
+    with pytest.raises(TrainingDiverged):
+        train(TrainConfig(**{**TINY, "peak_lr": 1e30}), tmp_path / "run", data=synthetic)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
+        "config.yaml", "logs.tsv"]
+    assert "peak_lr: 1.0e+30" in (tmp_path / "run" / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_a_training_step_never_waits_for_the_device(precision):
     """No `.item()` in a step: with fp16 the GradScaler's overflow check stays on the device (fused SGD)."""
