@@ -116,6 +116,29 @@ def test_nested_choice_runs_under_tpe():
     assert {"arch", "arch/deep/widths", "arch/deep/widths/narrow/layer3"} <= set(distributions)
 
 
+def test_suggest_nni_gives_nni_nested_parameters_where_siblings_share_keys():
+    """Two layers that each choose an op with the same keys (NNI's nested-space example): with any names the space
+    loads, `suggest_nni` gives each layer its own {"_name", keys}, and the flat `suggest` says where to look."""
+    op = {"_type": "choice", "_value": [{"_name": "empty"},
+                                        {"_name": "conv", "kernel": {"_type": "choice", "_value": [1, 3, 5]}},
+                                        {"_name": "pool", "size": {"_type": "choice", "_value": [2, 3]}}]}
+    space = SearchSpace.from_dict({"layer0": op, "layer1": op, "lr": {"_type": "uniform", "_value": [0.1, 0.2]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        params = space.suggest_nni(study.ask())
+        assert set(params) == {"layer0", "layer1", "lr"} and 0.1 <= params["lr"] <= 0.2
+        for layer in ("layer0", "layer1"):
+            chosen = params[layer]
+            seen.add(chosen["_name"])
+            assert set(chosen) == {"_name"} | {"empty": set(), "conv": {"kernel"}, "pool": {"size"}}[chosen["_name"]]
+    assert seen == {"empty", "conv", "pool"}
+    clash = next(t for t in iter(study.ask, None) if t.suggest_categorical("layer0", ["empty", "conv", "pool"]) ==
+                 t.suggest_categorical("layer1", ["empty", "conv", "pool"]) == "conv")
+    with pytest.raises(ConfigError, match="sets 'kernel', which another parameter of this trial set too"):
+        space.suggest(clash)
+
+
 def check_error(spec, *parts, fields=TYPES):
     """The space is rejected with a one-line message naming the source and these parts."""
     with pytest.raises(ConfigError) as e:

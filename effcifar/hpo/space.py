@@ -96,7 +96,8 @@ class Checker:
 
 
 def parse_mapping(checker: Checker, spec: Any, prefix: str) -> list[Node]:
-    """Validate `{name: {"_type", "_value"}}`; sibling parameters must set different fields."""
+    """Validate `{name: {"_type", "_value"}}`; sibling parameters of a config (known fields) must set different
+    fields."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{checker.source}: expected a mapping of parameter names to "
                           f"{{_type, _value}}, got {type(spec).__name__}")
@@ -105,7 +106,7 @@ def parse_mapping(checker: Checker, spec: Any, prefix: str) -> list[Node]:
     for key, item in spec.items():
         path = f"{prefix}{key}"
         node = parse_param(checker, str(key), path, item)
-        for field in node_fields(node):
+        for field in node_fields(node) if checker.fields is not None else ():  # any names: NNI's nested form
             if field in owner:
                 raise checker.error(path, f"sets field '{field}', which '{prefix}{owner[field]}' also sets")
             owner[field] = str(key)
@@ -236,14 +237,32 @@ def sample(trial: optuna.trial.BaseTrial, param: Param) -> Any:
 def collect(trial: optuna.trial.BaseTrial, node: Node, values: dict[str, Any]) -> None:
     """Sample a node into `values` (a nested choice: its chosen option's fields)."""
     if isinstance(node, Param):
-        values[node.field] = sample(trial, node)
+        put(values, node.field, sample(trial, node), node.name)
         return
     chosen = trial.suggest_categorical(node.name, list(node.options))
     for field, item in node.options[chosen].items():
         if isinstance(item, (Param, NestedChoice)):
             collect(trial, item, values)
         else:
-            values[field] = item
+            put(values, field, item, f"{node.name}/{chosen}/{field}")
+
+
+def put(values: dict[str, Any], field: str, value: Any, name: str) -> None:
+    """values[field] = value, unless another parameter set it already (possible only in a space of any names)."""
+    if field in values:
+        raise ConfigError(f"parameter '{name}': sets '{field}', which another parameter of this trial set too; "
+                          f"SearchSpace.suggest_nni(trial) gives each parameter its own place (NNI's nested form)")
+    values[field] = value
+
+
+def nni_value(trial: optuna.trial.BaseTrial, node: Node) -> Any:
+    """A node's value as NNI's get_next_parameter gives it: a nested choice as {"_name": option, key: value, ...}."""
+    if isinstance(node, Param):
+        return sample(trial, node)
+    chosen = trial.suggest_categorical(node.name, list(node.options))
+    body = node.options[chosen]
+    return {"_name": chosen, **{key: nni_value(trial, item) if isinstance(item, (Param, NestedChoice)) else item
+                                for key, item in body.items()}}
 
 
 @dataclass(frozen=True)
@@ -273,11 +292,16 @@ class SearchSpace:
         return cls(source, spec, tuple(parse_mapping(Checker(source, known), spec, "")))
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
-        """Sample every parameter: a flat {config field: value}."""
+        """Sample every parameter: a flat {config field: value} (a nested choice's option sets its keys)."""
         values: dict[str, Any] = {}
         for node in self.nodes:
             collect(trial, node, values)
         return values
+
+    def suggest_nni(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
+        """Sample every parameter in the form of NNI's `get_next_parameter()`: each key of the space keeps its
+        value, a nested choice {"_name": the option, its keys: values}. The same draws as `suggest`."""
+        return {key: nni_value(trial, node) for key, node in zip(self.spec, self.nodes)}
 
     def choice_names(self) -> list[str]:
         """The Optuna names of the nested choices (e.g. `arch`, `arch/wide/block`): their values name an option."""
