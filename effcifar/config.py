@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import reprlib
 import sys
 import types
@@ -306,6 +307,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's floats: PyYAML follows YAML 1.1, where 5e-4 and 1E+3 (no dot) are strings, and a config's
+# `base_wd: 5e-4` would be refused as text.
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)$"), list("-+0123456789."))
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

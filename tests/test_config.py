@@ -115,6 +115,14 @@ def test_missing_file():
         read_config_file("nope.yaml")
 
 
+def test_yaml_numbers_in_scientific_notation_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 5e-4 as text; a config's weight decay written so is a number here."""
+    path = tmp_path / "c.yaml"
+    path.write_text("base_wd: 5e-4\npeak_lr: 1E+0\nlabel_smoothing: 2.e-1\ndata_dir: '1e3'\n")
+    config = build_config(TrainConfig, path)
+    assert (config.base_wd, config.peak_lr, config.label_smoothing, config.data_dir) == (5e-4, 1.0, 0.2, "1e3")
+
+
 def test_json_with_a_byte_order_mark_or_hash_comments_reads_as_nni_reads_it(tmp_path):
     path = tmp_path / "space.json"
     path.write_bytes(b'\xef\xbb\xbf{\n  # the learning rate\n  "peak_lr": 0.1\n}\n')
