@@ -250,17 +250,8 @@ def test_a_stage_that_failed_before_writing_anything_takes_the_corrected_setting
     output = finish_failing(effcifar("pipeline", "--config", str(TINY), "--set", "train.batch_size=5000", "--quiet",
                                      "--out", str(out)))
     assert "field 'batch_size': expected at most the number of training images" in output
-    process = pipeline(out)
-    try:
-        lines = []
-        while not lines or "[2/8] hpo" not in lines[-1]:  # the baseline ran with the corrected settings
-            line = process.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    assert "other settings" not in "".join(lines) and (out / "baseline" / "summary.json").is_file()
+    output = resume_until(out, "[2/8] hpo")  # the baseline ran with the corrected settings
+    assert "other settings" not in output and (out / "baseline" / "summary.json").is_file()
 
 
 @pytest.mark.slow
@@ -272,18 +263,24 @@ def test_an_hpo_stage_whose_trials_all_failed_takes_the_corrected_settings(tmp_p
     output = finish_failing(effcifar("pipeline", "--config", str(failing), "--quiet", "--out", str(out)))
     assert "failed trial" in output and "TrainingDiverged" in output
     baseline = (out / "baseline" / "model.pt").read_bytes()
+    output = resume_until(out, "[3/8]")  # the HPO stage finished with the corrected space
+    assert "other settings" not in output and (out / "hpo" / "best.json").is_file()
+    assert (out / "baseline" / "model.pt").read_bytes() == baseline
+
+
+def resume_until(out: Path, text: str) -> str:
+    """Run the tiny pipeline in `out` until a line holds `text`, then kill it; its output so far."""
     process = pipeline(out)
     try:
-        lines = []
-        while not lines or "[3/8]" not in lines[-1]:  # the HPO stage finished with the corrected space
+        lines: list[str] = []
+        while not lines or text not in lines[-1]:
             line = process.stdout.readline()
             assert line, "".join(lines)
             lines.append(line)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    assert "other settings" not in "".join(lines) and (out / "hpo" / "best.json").is_file()
-    assert (out / "baseline" / "model.pt").read_bytes() == baseline
+    return "".join(lines)
 
 
 def finish_failing(process: subprocess.Popen) -> str:
