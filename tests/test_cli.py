@@ -197,7 +197,7 @@ def test_hpo_run_seed_is_the_trials_training_seed(tmp_path):
     space.write_text(json.dumps({"peak_lr": {"_type": "uniform", "_value": [0.1, 0.2]}}))
     args = build_parser("hpo").parse_args(["hpo", "run", "--space", str(space), *TINY, "--seed", "3",
                                            "--sampler-seed", "9", "--out", str(tmp_path / "hpo")])
-    config, _, base = hpo_config_from_args(args, hpo)
+    config, _, base, _ = hpo_config_from_args(args, hpo)
     assert config.sampler_seed == 9 and base.seed == 3
 
 
