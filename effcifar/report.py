@@ -129,7 +129,8 @@ def _tsv_columns(path: Path) -> list[str]:
 
 
 def run_kind(run_dir: Path) -> str | None:
-    """'pipeline', 'ranking', 'hpo', 'search', 'supernet', 'training', or None for anything else.
+    """'pipeline', 'ranking', 'hpo', 'search', 'selection', 'front', 'retrain', 'supernet', 'training', or None for
+    anything else.
 
     A directory that records another command's kind (`effcifar.rundir`) is not a pipeline even when it holds
     folders named like stages: `select`, `retrain` and `nas-eval` write into the search or supernet they read.
@@ -147,6 +148,8 @@ def run_kind(run_dir: Path) -> str | None:
         return "selection"
     if (run_dir / "front.json").is_file() or any(run_dir.glob("flops_*M/select.yaml")):
         return "front"
+    if (run_dir / "retrain.json").is_file():  # `effcifar retrain`: the search's best, trained from scratch
+        return "retrain"
     columns = _tsv_columns(run_dir / "logs.tsv")
     if "valid_panel_mean" in columns:
         return "supernet"
@@ -896,7 +899,7 @@ SECTIONS: dict[str, Callable[[str, Path, Path, str], Section]] = {
 FRONT_TITLE = "What NAS bought, per FLOPs limit"
 TITLES = {"training": "Training run", "hpo": "Hyper-parameter search", "supernet": "Supernet training",
           "search": "Architecture search", "ranking": "Supernet ranking quality",
-          "selection": "Selection by real training", "retrain": "The NAS answer, retrained", "front": FRONT_TITLE}
+          "selection": "Selection by real training", "retrain": "Architectures retrained from scratch", "front": FRONT_TITLE}
 
 
 def guarded(build: Callable[..., Section], title: str, source: Path, *args: Any) -> Section:

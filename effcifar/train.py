@@ -582,6 +582,12 @@ def finished_summary(run_dir: Path, config: TrainConfig) -> dict[str, Any] | Non
     if changed:
         raise ConfigError(f"{run_dir}: finished with another config ({', '.join(changed)} differ); "
                           f"use the same options or another --out")
+    if config.arch is not None:  # the file's path is the same, but it may hold another network now
+        space, arch = config.architecture()
+        recorded = read_json(run_dir / ARCH_FILE, "run architecture") if (run_dir / ARCH_FILE).is_file() else {}
+        if recorded.get("arch") != arch or recorded.get("space") != space.to_dict():
+            raise ConfigError(f"{run_dir}: finished with another architecture than {config.arch} holds now; "
+                              f"train into another --out")
     return summary
 
 

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,6 +134,19 @@ def test_retrain_top_k_then_resume(search_run, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_run_of_another_network_at_the_same_rank_is_not_reused(search_run, tmp_path):
+    """A search run further rewrites arch/top_1.json: the finished top_1 run belongs to the old network."""
+    supernet_dir, search_dir = search_run
+    search = tmp_path / "search"
+    shutil.copytree(search_dir, search)
+    base = base_config(supernet_dir, None, {**TINY, "peak_epoch": "0.5"}, overrides_from_text=True)
+    retrain_top(search, 1, tmp_path / "retrain", base)
+    shutil.copy(search / "arch" / "top_2.json", search / "arch" / "top_1.json")
+    with pytest.raises(ConfigError, match="top_1: finished with another architecture than .*top_1.json holds now"):
+        retrain_top(search, 1, tmp_path / "retrain", base)
+
+
 def test_retrain_cli(search_run, tmp_path):
     supernet_dir, search_dir = search_run
     out = tmp_path / "r"

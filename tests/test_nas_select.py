@@ -6,13 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from effcifar.errors import ConfigError
 from effcifar.models import NetConfig, ResNet, count_flops, count_parameters
 from effcifar.nas.retrain import base_config
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.select import (
-    FRONT_FILE, INCUMBENT, SelectConfig, choose, curve_accuracy, limit_dir, make_pool, read_selection, resnet9_arch, rungs,
+    FRONT_FILE, INCUMBENT, SelectConfig, baseline_costs, choose, curve_accuracy, limit_dir, make_pool, read_selection, resnet9_arch, rungs,
     select_from_search, select_front,
 )
 from effcifar.nas.costs import CostTable
@@ -187,6 +188,20 @@ def test_selection_prunes_at_rungs_keeps_the_incumbent_and_resumes(supernet_run,
     # another pool is refused
     with pytest.raises(ConfigError, match="another pool"):
         select_from_search(SelectConfig(pool=3, min_epochs=1, reduction=2), search_run, out, base)
+
+
+@pytest.mark.slow
+def test_a_selection_without_limits_keeps_the_searchs(supernet_run, tmp_path):
+    """The search ran under a FLOPs limit below the incumbent's cost: the selection answers under it too."""
+    base = tiny_base(supernet_run)
+    limit = baseline_costs(base, 10)[0] - 1
+    search = tmp_path / "search"
+    run_search(SearchConfig(strategy="random", trials=6, precision="fp32", threads=1, export=1, max_flops=limit),
+               supernet_run, search)
+    result = select_from_search(SelectConfig(pool=1, width_curve="", min_epochs=1, reduction=2), search,
+                                tmp_path / "select", dataclasses.replace(base, epochs=1, peak_epoch=0.5))
+    assert [r["name"] for r in result.rows] == ["proposal_0"] and result.rows[0]["flops"] <= limit
+    assert yaml.safe_load((tmp_path / "select" / "select.yaml").read_text())["max_flops"] == limit
 
 
 @pytest.mark.slow

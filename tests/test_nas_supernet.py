@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from effcifar.cli import main
+from effcifar.config import save_config
 from effcifar.data import make_synthetic
 from effcifar.errors import ConfigError
 from effcifar.nas.checkpoint import checkpoint_files, read_checkpoint, save_checkpoint
@@ -238,6 +239,9 @@ def test_schedules_and_hparams_layer(tmp_path):
     config = load_config(None, {"hparams": str(best), "cutout": "6"}, overrides_from_text=True)
     values = (config.peak_lr, config.widths.layer1, config.augment.cutout, config.seed, config.epochs)
     assert values == (0.2, 96, 6, 0, 30)
+    save_config(config, tmp_path / "config.yaml")  # as a run keeps it: every value, the hparams path beside them
+    best.unlink()  # a resume reads the run's config alone: a moved best.json does not block it
+    assert load_config(tmp_path / "config.yaml") == config
 
 
 def test_bn_recalibration_equals_the_batch_statistics():

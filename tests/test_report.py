@@ -17,6 +17,7 @@ from effcifar.hpo.study import HpoConfig, run_study, write_best
 from effcifar.nas.search import SearchConfig, run_search
 from effcifar.nas.select import SelectConfig, SelectionResult, select_from_search
 from effcifar.nas.supernet import SupernetConfig
+from effcifar.nas.retrain import retrain_top
 from effcifar.nas.trainer import train_supernet
 from effcifar.report import (
     FRONT_TITLE, front_sentence, load_study, make_report, param_importances, pareto_front, write_report,
@@ -147,6 +148,16 @@ def test_a_search_holding_its_selection_and_retraining_is_still_a_search(pipelin
         shutil.copytree(pipeline / stage, search / stage)
     report = make_report(search, tmp_path / "out")
     assert [s.images for s in report.sections] == [["search_progress.png", "search_flops.png"]] and not report.missing
+
+
+@pytest.mark.slow
+def test_a_retrain_run_of_its_own_is_reported(pipeline, tmp_path):
+    search = tmp_path / "search"
+    shutil.copytree(pipeline / "search", search)
+    retrain_top(search, 1, tmp_path / "retrain",
+                base=TrainConfig(**{**TINY_BASE, "epochs": 1, "peak_epoch": 0.5, "threads": 1, **NARROW}))
+    section = make_report(tmp_path / "retrain", tmp_path / "out").sections[0]
+    assert section.title == "Architectures retrained from scratch" and section.table[1][0] == "top_1"
 
 
 @pytest.mark.slow

@@ -514,7 +514,8 @@ def run_selection(config: SelectConfig, space: ArchSpace, costs: CostTable, rank
 def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: str | Path, base: TrainConfig,
                        on_trial: OnTrial | None = None, search_storage: str | None = None,
                        incumbent_run: Path | None = None) -> SelectionResult:
-    """`run_selection` over a finished search run: its supernet's final space and widths, its ranked results.
+    """`run_selection` over a finished search run: its supernet's final space and widths, its ranked results, under
+    the search's cost limits unless `config` sets any.
 
     Each candidate also gets its accuracy with the supernet's weights (BN recalibrated, as the
     search judged it), shown beside its accuracy from scratch. A latency limit uses the search's
@@ -534,6 +535,9 @@ def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: st
     search = build_config(SearchConfig, search_dir / SEARCH_CONFIG)
     if search_storage is not None:
         search = dataclasses.replace(search, storage=search_storage)
+    limits = ("max_flops", "max_params", "max_latency_ms")
+    if all(getattr(config, name) is None for name in limits):  # none given: the search's, not none at all
+        config = dataclasses.replace(config, **{name: getattr(search, name) for name in limits})
     study = load_study(search, search_dir)
     judge = CandidateEvaluator.from_run(search_supernet_dir(search_dir), dataclasses.replace(
         search, max_flops=None, max_params=None, max_latency_ms=config.max_latency_ms), search_dir)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from effcifar.config import (
-    build_config, build_from_layers, check_types, execution, field_error, fingerprint, flat_values, nested, read_config_file,
-    result_values, setting,
+    build_config, build_from_layers, check_types, execution, field_error, fingerprint, flat_values, nested, nested_names,
+    read_config_file, result_values, setting,
 )
 from effcifar.errors import ConfigError
 from effcifar.models import NETWORK_STAGES
@@ -127,7 +127,11 @@ def load_config(file: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults < hparams (best.json) < file < overrides."""
     hparams = (overrides or {}).get("hparams")
     if hparams is None and file is not None:
-        hparams = read_config_file(file).get("hparams")
+        given = read_config_file(file)
+        flat = {**given, **{k: v for group in nested_names(SupernetConfig) if isinstance(given.get(group), dict)
+                            for k, v in given[group].items()}}
+        if not all(k in flat for k in HPARAM_FIELDS):  # a run's config.yaml holds them all: best.json may be gone
+            hparams = given.get("hparams")
     base = None
     if hparams not in (None, "", "none", "null"):
         best = read_config_file(hparams)
