@@ -609,10 +609,11 @@ def print_selection(console: Console, result: Any, what: str, out: Path) -> None
     from effcifar.nas.select import TRIALS_DIR
 
     run = Path(result.chosen["run"] or out / TRIALS_DIR / result.answer)
-    console.print(f"training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.0f} s; "
+    console.print(f"training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.1f} s; "
                   f"wrote {out / 'select.json'} and {out / 'answer.json'}", markup=False, soft_wrap=True)
-    console.print(f"the answer's network, widths and hyper-parameters again (--holdout 0: on every training image): "
-                  f"effcifar train --config {run / 'config.yaml'} --holdout 0", markup=False, soft_wrap=True)
+    everything = "--holdout 0" + (" --subset 0" if read_config_file(run / "config.yaml").get("subset") else "")
+    console.print(f"the answer's network, widths and hyper-parameters again, on every training image: "
+                  f"effcifar train --config {run / 'config.yaml'} {everything}", markup=False, soft_wrap=True)
 
 
 def run_nas_eval(args: argparse.Namespace, console: Console) -> int:

@@ -1,6 +1,7 @@
 """Selection by real training: the incumbent, the pool under the limits, successive halving, the answer."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -243,7 +244,12 @@ def test_selection_input_errors(supernet_run, search_run, tmp_path):
     with pytest.raises(ConfigError, match="recipe: .* expected resnet9, got airbench"):
         select_from_search(SelectConfig(), search_run, tmp_path / "f",
                            TrainConfig.for_recipe("airbench", **{**TINY, "dataset": "synthetic", "holdout": 100}))
-    assert not any((tmp_path / name).exists() for name in "abcdef")  # nothing written
+    unfinished = tmp_path / "unfinished"  # as a search stopped by Ctrl-C leaves it: fewer trials than its budget
+    shutil.copytree(search_run, unfinished)
+    (unfinished / "search.yaml").write_text((unfinished / "search.yaml").read_text().replace("trials: 12", "trials: 40"))
+    with pytest.raises(ConfigError, match=r"the search has not finished \(12 of 40 trials\): run it to the end"):
+        select_from_search(SelectConfig(), unfinished, tmp_path / "g", base)
+    assert not any((tmp_path / name).exists() for name in "abcdefg")  # nothing written
 
 
 @pytest.mark.slow
@@ -313,7 +319,9 @@ def test_select_cli(supernet_run, search_run, tmp_path):
     assert "incumbent" in result.stdout and (out / "select.json").is_file()
     # the command it prints trains the answer's own network at its widths (not the default ones)
     command = result.stdout.split("effcifar train ", 1)[1].split("\n", 1)[0].split()
-    again = subprocess.run([*args[:3], "train", *command, "--epochs", "1", "--out", str(tmp_path / "again"), "--quiet"],
+    assert command[-4:] == ["--holdout", "0", "--subset", "0"]  # on every training image: the answer trained on 500
+    again = subprocess.run([*args[:3], "train", *command, "--subset", "500", "--epochs", "1", "--out",
+                            str(tmp_path / "again"), "--quiet"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     answer = json.loads((out / "answer.json").read_text())

@@ -368,7 +368,7 @@ def run_worker(config: SearchConfig, supernet_dir: str | Path, out_dir: str | Pa
 
     run_trials(study, config, out_dir, config.trials, objective, seed=config.sampler_seed, worker=worker,
                sampler=lambda seed: search_sampler(config, evaluator.space, evaluator.is_feasible, seed),
-               on_trial=on_trial)
+               on_trial=on_trial, max_failures=config.trials)  # a failed (interrupted) trial judged nothing
 
 
 def evaluate_trial(study: optuna.Study, trial: optuna.Trial, arch: Arch, evaluator: CandidateEvaluator,

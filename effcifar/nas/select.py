@@ -539,6 +539,10 @@ def select_from_search(config: SelectConfig, search_dir: str | Path, out_dir: st
     if all(getattr(config, name) is None for name in limits):  # none given: the search's, not none at all
         config = dataclasses.replace(config, **{name: getattr(search, name) for name in limits})
     study = load_study(search, search_dir)
+    judged = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    if judged < search.trials:  # its ranking would be a part of the one asked for
+        raise ConfigError(f"{search_dir}: the search has not finished ({judged} of {search.trials} trials): run it "
+                          f"to the end first")
     judge = CandidateEvaluator.from_run(search_supernet_dir(search_dir), dataclasses.replace(
         search, max_flops=None, max_params=None, max_latency_ms=config.max_latency_ms), search_dir)
     judge.sync(study.get_trials(deepcopy=False))

@@ -271,7 +271,7 @@ class HpoStage(Stage):
         return self.config.trials
 
     def done(self) -> int:
-        return trials_done(self.directory, self.config, finished_count)  # failures do not use the budget
+        return trials_done(self.directory, self.config)
 
     def has_results(self) -> bool:
         return study_has_results(self)
@@ -446,7 +446,7 @@ class SelectStage(Stage):
         return sum(pool_size(config, self.base, classes) for _, config in self.selections())
 
     def done(self) -> int:
-        return sum(trials_done(directory, config, finished_count) for directory, config in self.selections())
+        return sum(trials_done(directory, config) for directory, config in self.selections())
 
     def run(self) -> str:
         from effcifar.nas import select
@@ -640,13 +640,13 @@ def trial_counts(trials: list[Any]) -> str:
     return f"{len(trials)} trial{'' if len(trials) == 1 else 's'}" + (f" ({others})" if others else "")
 
 
-def trials_done(directory: Path, config: Any, count: Callable[[list[Any]], int] | None = None) -> int:
-    """Trials of a stage's study (HPO or search) already counted against its budget (or by `count`); 0 if unknown
-    yet.
+def trials_done(directory: Path, config: Any) -> int:
+    """Trials of a stage's study (HPO, search, selection) that completed or were pruned, as its budget counts them
+    (a failed or interrupted one is tried again); 0 if unknown yet.
 
     Only the run's own journal is read (read-only); a study in a shared database is counted as it runs.
     """
-    from effcifar.studies import JOURNAL, budget_used, load_study
+    from effcifar.studies import JOURNAL, load_study
 
     if config.storage is not None or not (directory / JOURNAL).is_file():
         return 0
@@ -654,7 +654,7 @@ def trials_done(directory: Path, config: Any, count: Callable[[list[Any]], int] 
         study = load_study(config, directory)
     except ConfigError:  # the journal holds no study yet
         return 0
-    return (count or budget_used)(study.get_trials(deepcopy=False))
+    return finished_count(study.get_trials(deepcopy=False))
 
 
 def study_has_results(stage: HpoStage | SearchStage) -> bool:
@@ -664,7 +664,7 @@ def study_has_results(stage: HpoStage | SearchStage) -> bool:
     """
     if stage.config.storage is not None:
         return Stage.has_results(stage)
-    return trials_done(stage.directory, stage.config, finished_count) > 0
+    return trials_done(stage.directory, stage.config) > 0
 
 
 def finished_count(trials: list[Any]) -> int:
