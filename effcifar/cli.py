@@ -596,18 +596,20 @@ def print_selection(console: Console, result: Any, what: str, out: Path) -> None
     """The candidates' table, the verdict and where the answer is."""
     table = Table(title=f"effcifar select: {len(result.rows)} candidates {what}, rungs at epochs "
                         f"{', '.join(map(str, result.rungs))} (held-out accuracy chooses; test is only reported)")
-    for column in ("candidate", "source", "state", "supernet weights", "epochs", "held out", "test", "MFLOPs",
-                   "params"):
+    from effcifar.nas.select import TRIALS_DIR, above_curve
+
+    for column in ("candidate", "source", "state", "supernet weights", "epochs", "held out", "vs width curve", "test",
+                   "MFLOPs", "params"):
         table.add_column(column, justify="left" if column in ("candidate", "source", "state") else "right")
     percent = lambda v: "—" if v is None else f"{v:.2%}"  # noqa: E731
     for r in result.rows:
         mark = " *" if r["name"] == result.answer else ""
+        curve = "—" if above_curve(r) is None else f"{above_curve(r) * 100:+.2f}"
         table.add_row(r["name"] + mark, r["source"], r["state"].lower(), percent(r["inherited_acc"]), str(r["epochs"]),
-                      percent(r["holdout_acc"]), percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}", f"{r['params']:,}")
+                      percent(r["holdout_acc"]), curve, percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}",
+                      f"{r['params']:,}")
     console.print(table)
     console.print(result.sentence, markup=False, soft_wrap=True)
-    from effcifar.nas.select import TRIALS_DIR
-
     run = Path(result.chosen["run"] or out / TRIALS_DIR / result.answer)
     console.print(f"training work: {result.image_epochs:,} image-epochs, {result.train_seconds:.1f} s; "
                   f"wrote {out / 'select.json'} and {out / 'answer.json'}", markup=False, soft_wrap=True)

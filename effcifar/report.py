@@ -544,7 +544,7 @@ def ranking_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Se
 
 def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> Section:
     """Every candidate's held-out accuracy by epoch (rungs marked), the table of candidates, and the answer."""
-    from effcifar.nas.select import FIXED_ARMS, INCUMBENT, read_selection
+    from effcifar.nas.select import FIXED_ARMS, INCUMBENT, above_curve, read_selection
 
     section = Section(title, run_dir)
     if not (run_dir / "select.json").is_file():
@@ -574,8 +574,7 @@ def selection_section(title: str, run_dir: Path, out_dir: Path, prefix: str) -> 
         mark = " (answer)" if r["name"] == result.answer else ""
         section.table.append([r["name"] + mark, r["source"], r["state"].lower(), percent(r.get("inherited_acc")),
                               " ".join(f"{v:.1%}" for v in r["accuracies"]), percent(r["holdout_acc"]),
-                              points(None if r["holdout_acc"] is None or r.get("curve_acc") is None
-                                     else r["holdout_acc"] - r["curve_acc"]),
+                              points(above_curve(r)),
                               percent(r["test_acc"]), f"{r['flops'] / 1e6:,.1f}"])
     curve = sorted((r["flops"] / 1e6, r["holdout_acc"]) for r in result.rows
                    if r["source"] in FIXED_ARMS and r["holdout_acc"] is not None)

@@ -316,7 +316,7 @@ def test_select_cli(supernet_run, search_run, tmp_path):
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
     result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "incumbent" in result.stdout and (out / "select.json").is_file()
+    assert "incumbent" in result.stdout and "vs width curve" in result.stdout and (out / "select.json").is_file()
     # the command it prints trains the answer's own network at its widths (not the default ones)
     command = result.stdout.split("effcifar train ", 1)[1].split("\n", 1)[0].split()
     assert command[-4:] == ["--holdout", "0", "--subset", "0"]  # on every training image: the answer trained on 500

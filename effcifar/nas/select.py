@@ -676,6 +676,13 @@ def choose(rows: list[dict[str, Any]], margin: float = 0.0, holdout: int = 0) ->
     return answer
 
 
+def above_curve(row: Mapping[str, Any]) -> float | None:
+    """How far a candidate's held-out accuracy lies above the width curve at its FLOPs (None: not measured)."""
+    if row["holdout_acc"] is None or row.get("curve_acc") is None:
+        return None
+    return row["holdout_acc"] - row["curve_acc"]
+
+
 def curve_accuracy(curve: list[tuple[int, float]], flops: int) -> float | None:
     """The width-scaled baseline's held-out accuracy at `flops`: linear in log FLOPs between its finished points,
     its widest point's beyond them, None below its narrowest (nothing to compare with)."""
@@ -700,8 +707,8 @@ def verdict(best: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> str:
     if incumbent["holdout_acc"] is None:
         return f"selected {best['name']} ({figure(best)}); the incumbent ResNet-9 did not finish" + tail
     has_curve = any(r["source"] == CURVE and r["holdout_acc"] is not None for r in rows)
-    curve = "" if best.get("curve_acc") is None or not has_curve else (
-        f", {(best['holdout_acc'] - best['curve_acc']) * 100:+.2f} above the width-scaled ResNet-9 at its FLOPs")
+    curve = "" if above_curve(best) is None or not has_curve else (
+        f", {above_curve(best) * 100:+.2f} above the width-scaled ResNet-9 at its FLOPs")
     return (f"selected {best['name']} ({figure(best)}) over the incumbent ResNet-9 ({figure(incumbent)}): "
             f"{(best['holdout_acc'] - incumbent['holdout_acc']) * 100:+.2f} points held out{curve}" + tail)
 
